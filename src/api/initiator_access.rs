@@ -1,0 +1,186 @@
+//! `InitiatorAccess`: one initiator's right to one target. Without one, a target serves nobody.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::disc_image::SecretRef;
+use super::field::{FieldErrors, FieldPath};
+use super::{rules, schema};
+
+/// Grants one initiator access to one IscsiTarget in the same namespace: an ACL with CHAP on every
+/// node that serves the target, until `expiresAt`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "discus.dev",
+    version = "v1alpha1",
+    kind = "InitiatorAccess",
+    namespaced,
+    status = "InitiatorAccessStatus",
+    shortname = "iacc",
+    category = "discus",
+    printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
+    printcolumn(name = "Initiator", type_ = "string", json_path = ".spec.initiatorIqn"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InitiatorAccessSpec {
+    /// The IscsiTarget, in the same namespace.
+    pub target_ref: TargetRef,
+    /// The initiator's iSCSI name, as it sends it at login.
+    #[schemars(schema_with = "schema::iscsi_name")]
+    pub initiator_iqn: String,
+    /// The LUNs the initiator may see; all of the target's LUNs when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::luns")]
+    pub luns: Option<Vec<u32>>,
+    /// Read-only access (the default). A grant never makes a read-only LUN writable.
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+    /// CHAP credentials; required when the target uses CHAP (its default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap: Option<ChapSpec>,
+    /// When the grant ends (RFC 3339). Every node then removes the ACL, which ends its sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::timestamp")]
+    pub expires_at: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetRef {
+    #[schemars(schema_with = "schema::object_name")]
+    pub name: String,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChapSpec {
+    /// The Secret with `username` and `password` (12 to 16 characters) and, for mutual CHAP,
+    /// `mutualUsername` and `mutualPassword`.
+    pub secret_ref: SecretRef,
+    /// Mutual CHAP: the target proves itself to the initiator too.
+    #[serde(default)]
+    pub mutual: bool,
+    /// Let discus create the Secret with strong random values when it does not exist.
+    #[serde(default)]
+    pub generate_secret: bool,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InitiatorAccessStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled` and `Expired`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// What the initiator needs to connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
+    /// One entry per storage node, each written by that node's agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
+    pub nodes: Vec<AccessNodeStatus>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// The target's IQN.
+    pub iqn: String,
+    /// Every portal of every node serving the target, `address:port`.
+    #[serde(default)]
+    pub portals: Vec<String>,
+    /// The LUNs this initiator sees.
+    #[serde(default)]
+    pub luns: Vec<ConnectionLun>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionLun {
+    pub lun: u32,
+    pub read_only: bool,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessNodeStatus {
+    pub node: String,
+    pub applied: bool,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionStatus {
+    /// The initiator's address.
+    pub address: String,
+    /// When the session was first seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// An InitiatorAccess spec that passed every rule.
+#[derive(Clone, Debug)]
+pub struct ValidGrant {
+    pub target: String,
+    pub initiator: String,
+    pub luns: Option<Vec<u32>>,
+    pub read_only: bool,
+    pub chap: Option<ChapSpec>,
+    pub expires_at: Option<Timestamp>,
+}
+
+impl InitiatorAccessSpec {
+    pub fn validate(&self) -> Result<ValidGrant, FieldErrors> {
+        let spec = FieldPath::root("spec");
+        let mut errors = FieldErrors::new();
+        errors.check(
+            &spec.child("targetRef").child("name"),
+            rules::object_name(&self.target_ref.name),
+        );
+        errors.check(&spec.child("initiatorIqn"), rules::iscsi_name(&self.initiator_iqn));
+        if let Some(luns) = &self.luns {
+            let path = spec.child("luns");
+            for (i, lun) in luns.iter().enumerate() {
+                errors.check(&path.index(i), rules::lun(*lun));
+                if luns[..i].contains(lun) {
+                    errors.push(path.index(i), format!("LUN {lun} is listed twice"));
+                }
+            }
+        }
+        if let Some(chap) = &self.chap {
+            errors.check(
+                &spec.child("chap").child("secretRef").child("name"),
+                rules::object_name(&chap.secret_ref.name),
+            );
+        }
+        let expires_at = self
+            .expires_at
+            .as_deref()
+            .and_then(|t| errors.check(&spec.child("expiresAt"), rules::timestamp(t)));
+        errors.into_result(ValidGrant {
+            target: self.target_ref.name.clone(),
+            initiator: self.initiator_iqn.clone(),
+            luns: self.luns.clone(),
+            read_only: self.read_only,
+            chap: self.chap.clone(),
+            expires_at,
+        })
+    }
+}

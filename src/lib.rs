@@ -1,0 +1,6 @@
+//! discus serves verified disc images as iSCSI targets from the storage nodes of a Kubernetes
+//! cluster, or from one server without a cluster.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod crds;

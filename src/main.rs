@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", discus::crds::render_yaml().unwrap());
+}

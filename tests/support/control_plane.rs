@@ -1,0 +1,282 @@
+//! A real Kubernetes control plane for tests: etcd and kube-apiserver built from pinned sources
+//! (`tools/build-control-plane`), started on loopback with RBAC on, like controller-runtime's
+//! envtest.
+//!
+//! `ControlPlane::start().await` gives a running apiserver, an admin kubeconfig and a client;
+//! dropping it stops both processes and removes every file. The processes are started under
+//! `setpriv --pdeathsig KILL`, so they die with the test process even when it is killed.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct ControlPlane {
+    dir: tempfile::TempDir,
+    processes: Vec<Child>,
+    bin: PathBuf,
+    /// An admin (`system:masters`) kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// `https://127.0.0.1:<port>`
+    pub server: String,
+}
+
+impl ControlPlane {
+    /// Builds (or takes from the cache) the binaries, starts etcd and kube-apiserver, and waits
+    /// until the apiserver is ready.
+    pub async fn start() -> Result<Self, Error> {
+        let bin = binaries()?;
+        let dir = tempfile::Builder::new().prefix("discus-control-plane-").tempdir()?;
+        let root = dir.path().to_owned();
+        let mut plane = Self {
+            dir,
+            processes: Vec::new(),
+            kubeconfig: root.join("admin.kubeconfig"),
+            server: String::new(),
+            bin,
+        };
+
+        let pki = Pki::generate(&root)?;
+        let etcd_client = free_port()?;
+        let etcd_peer = free_port()?;
+        let etcd_log = std::fs::File::create(root.join("etcd.log"))?;
+        plane.spawn(
+            "etcd",
+            &[
+                "--name=discus-test".into(),
+                format!("--data-dir={}", root.join("etcd").display()),
+                format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
+                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
+                format!("--initial-cluster=discus-test=http://127.0.0.1:{etcd_peer}"),
+                "--unsafe-no-fsync=true".into(),
+                "--log-level=warn".into(),
+            ],
+            etcd_log,
+        )?;
+        wait_for("etcd", || etcd_ready(etcd_client)).await?;
+
+        let port = free_port()?;
+        plane.server = format!("https://127.0.0.1:{port}");
+        let apiserver_log = std::fs::File::create(root.join("kube-apiserver.log"))?;
+        let p = |name: &str| root.join(name).display().to_string();
+        plane.spawn(
+            "kube-apiserver",
+            &[
+                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
+                "--bind-address=127.0.0.1".into(),
+                "--advertise-address=127.0.0.1".into(),
+                format!("--secure-port={port}"),
+                format!("--tls-cert-file={}", p("apiserver.crt")),
+                format!("--tls-private-key-file={}", p("apiserver.key")),
+                format!("--cert-dir={}", p("certs")),
+                format!("--client-ca-file={}", p("ca.crt")),
+                format!("--service-account-issuer=https://127.0.0.1:{port}"),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--authorization-mode=RBAC".into(),
+                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                "--disable-admission-plugins=ServiceAccount".into(),
+                "--endpoint-reconciler-type=none".into(),
+                "--allow-privileged=true".into(),
+                "--profiling=false".into(),
+                format!("--audit-log-path={}", p("audit.log")),
+                format!("--audit-policy-file={}", p("audit-policy.yaml")),
+            ],
+            apiserver_log,
+        )?;
+        std::fs::write(&plane.kubeconfig, pki.kubeconfig(&plane.server))?;
+
+        let client = plane.client().await?;
+        wait_for("kube-apiserver", || {
+            let client = client.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                (client.request_text(request).await.ok()? == "ok").then_some(())
+            }
+        })
+        .await?;
+        Ok(plane)
+    }
+
+    /// A client with the admin kubeconfig.
+    pub async fn client(&self) -> Result<kube::Client, Error> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
+    /// `kubectl` (of the same version as the apiserver) with the admin kubeconfig.
+    pub fn kubectl(&self) -> Command {
+        let mut command = Command::new(self.bin.join("kubectl"));
+        command.arg("--kubeconfig").arg(&self.kubeconfig);
+        command
+    }
+
+    /// The apiserver's audit log (one JSON event per line, metadata level, writes only).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
+    /// The log of a component (`etcd`, `kube-apiserver`), to show when a test fails.
+    pub fn log(&self, component: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{component}.log"))).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, name: &str, args: &[String], log: std::fs::File) -> Result<(), Error> {
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(self.bin.join(name))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
+        self.processes.push(child);
+        Ok(())
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // The apiserver first, so that it does not log etcd's disappearance.
+        for child in self.processes.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The directory with kube-apiserver, kubectl and etcd: `$DISCUS_CONTROL_PLANE`, or whatever
+/// `tools/build-control-plane` builds or finds in its cache.
+fn binaries() -> Result<PathBuf, Error> {
+    if let Some(dir) = std::env::var_os("DISCUS_CONTROL_PLANE") {
+        return Ok(PathBuf::from(dir));
+    }
+    let script = super::repo().join("tools/build-control-plane");
+    let output = Command::new(&script).stderr(Stdio::inherit()).output()?;
+    if !output.status.success() {
+        return Err(format!("{} failed ({})", script.display(), output.status).into());
+    }
+    Ok(PathBuf::from(String::from_utf8(output.stdout)?.trim()))
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn etcd_ready(port: u16) -> Option<()> {
+    let mut stream = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    response.starts_with("HTTP/1.0 200").then_some(())
+}
+
+async fn wait_for<F, Fut>(what: &str, mut probe: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<()>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < START_TIMEOUT {
+        if probe().await.is_some() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!("{what} was not ready after {START_TIMEOUT:?}").into())
+}
+
+/// The certificates and keys of a throwaway cluster: a CA, the apiserver's serving certificate,
+/// an admin client certificate and the service-account signing key.
+struct Pki {
+    ca_pem: String,
+    admin_cert_pem: String,
+    admin_key_pem: String,
+}
+
+impl Pki {
+    fn generate(dir: &Path) -> Result<Self, Error> {
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name = name(&[(DnType::CommonName, "discus-test-ca")]);
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+        // rustls needs the IP SAN to accept https://127.0.0.1.
+        let mut serving = CertificateParams::new(vec!["localhost".to_owned()])?;
+        serving.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
+        serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let serving_key = KeyPair::generate()?;
+        let serving_cert = serving.signed_by(&serving_key, &ca)?;
+
+        let mut admin = CertificateParams::new(Vec::<String>::new())?;
+        admin.distinguished_name =
+            name(&[(DnType::OrganizationName, "system:masters"), (DnType::CommonName, "admin")]);
+        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let admin_key = KeyPair::generate()?;
+        let admin_cert = admin.signed_by(&admin_key, &ca)?;
+
+        let sa_key = KeyPair::generate()?;
+        for (file, content) in [
+            ("ca.crt", ca.pem()),
+            ("apiserver.crt", serving_cert.pem()),
+            ("apiserver.key", serving_key.serialize_pem()),
+            ("sa.key", sa_key.serialize_pem()),
+            ("sa.pub", sa_key.public_key_pem()),
+            ("audit-policy.yaml", AUDIT_POLICY.to_owned()),
+        ] {
+            std::fs::write(dir.join(file), content)?;
+        }
+        Ok(Self {
+            ca_pem: ca.pem(),
+            admin_cert_pem: admin_cert.pem(),
+            admin_key_pem: admin_key.serialize_pem(),
+        })
+    }
+
+    fn kubeconfig(&self, server: &str) -> String {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
+             certificate-authority-data: {}\nusers:\n- name: admin\n  user:\n    client-certificate-data: {}\n    \
+             client-key-data: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: admin\n    \
+             namespace: default\ncurrent-context: test\n",
+            b64(&self.ca_pem),
+            b64(&self.admin_cert_pem),
+            b64(&self.admin_key_pem),
+        )
+    }
+}
+
+fn name(parts: &[(DnType, &str)]) -> DistinguishedName {
+    let mut name = DistinguishedName::new();
+    for (kind, value) in parts {
+        name.push(kind.clone(), *value);
+    }
+    name
+}
+
+/// Records every write at metadata level, so tests can count who wrote what.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection]\n- level: None\n";
