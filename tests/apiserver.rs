@@ -17,9 +17,13 @@ async fn crds_are_established() {
     let crds: Api<CustomResourceDefinition> = Api::all(client);
     for crd in discus::api::all_crds() {
         let name = crd.metadata.name.clone().expect("name");
-        crds.patch(&name, &PatchParams::apply("discus-test").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("{name} rejected: {e}"));
+        crds.patch(
+            &name,
+            &PatchParams::apply("discus-test").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{name} rejected: {e}"));
         tokio::time::timeout(
             Duration::from_secs(30),
             await_condition(crds.clone(), &name, conditions::is_crd_established()),

@@ -80,18 +80,19 @@ impl ChapCredentials {
     pub fn from_secret_data(data: &SecretData, mutual: bool) -> Result<Self, FieldErrors> {
         let root = FieldPath::root("data");
         let mut errors = FieldErrors::new();
-        let mut read = |key: &str, check: fn(&str) -> Result<(), rules::RuleError>| -> Option<String> {
-            let path = root.key(key);
-            let Some(bytes) = data.get(key) else {
-                errors.push(path, "is missing");
-                return None;
+        let mut read =
+            |key: &str, check: fn(&str) -> Result<(), rules::RuleError>| -> Option<String> {
+                let path = root.key(key);
+                let Some(bytes) = data.get(key) else {
+                    errors.push(path, "is missing");
+                    return None;
+                };
+                let Ok(text) = std::str::from_utf8(bytes) else {
+                    errors.push(path, "must be UTF-8 text");
+                    return None;
+                };
+                errors.check(&path, check(text)).map(|()| text.to_owned())
             };
-            let Ok(text) = std::str::from_utf8(bytes) else {
-                errors.push(path, "must be UTF-8 text");
-                return None;
-            };
-            errors.check(&path, check(text)).map(|()| text.to_owned())
-        };
         let username = read(USERNAME_KEY, rules::chap_username);
         let password = read(PASSWORD_KEY, rules::chap_secret);
         let mutual_account = if mutual {
@@ -157,21 +158,54 @@ mod tests {
     #[test]
     fn refuses_bad_credentials_naming_the_key() {
         let cases: &[(&[(&str, &str)], bool, &str)] = &[
-            (&[("password", "s3cret-s3cret")], false, "data[username]: is missing"),
-            (&[("username", "a,b"), ("password", "s3cret-s3cret")], false, "data[username]: must not contain ','"),
-            (&[("username", "a"), ("password", "short")], false, "data[password]: must be 12 to 16 characters, got 5"),
-            (&[("username", "a"), ("password", "seventeen-chars-x")], false, "data[password]: must be 12 to 16"),
-            (&[("username", "a"), ("password", "s3cret-s3cret\n")], false, "data[password]: must not contain control"),
-            (&[("username", "a"), ("password", "s3cret-s3cret")], true, "data[mutualUsername]: is missing"),
             (
-                &[("username", "a"), ("password", "s3cret-s3cret"), ("mutualUsername", "t"), ("mutualPassword", "s3cret-s3cret")],
+                &[("password", "s3cret-s3cret")],
+                false,
+                "data[username]: is missing",
+            ),
+            (
+                &[("username", "a,b"), ("password", "s3cret-s3cret")],
+                false,
+                "data[username]: must not contain ','",
+            ),
+            (
+                &[("username", "a"), ("password", "short")],
+                false,
+                "data[password]: must be 12 to 16 characters, got 5",
+            ),
+            (
+                &[("username", "a"), ("password", "seventeen-chars-x")],
+                false,
+                "data[password]: must be 12 to 16",
+            ),
+            (
+                &[("username", "a"), ("password", "s3cret-s3cret\n")],
+                false,
+                "data[password]: must not contain control",
+            ),
+            (
+                &[("username", "a"), ("password", "s3cret-s3cret")],
+                true,
+                "data[mutualUsername]: is missing",
+            ),
+            (
+                &[
+                    ("username", "a"),
+                    ("password", "s3cret-s3cret"),
+                    ("mutualUsername", "t"),
+                    ("mutualPassword", "s3cret-s3cret"),
+                ],
                 true,
                 "data[mutualPassword]: must differ from password",
             ),
         ];
         for (pairs, mutual, expected) in cases {
-            let errors = ChapCredentials::from_secret_data(&data(pairs), *mutual).expect_err(expected);
-            assert!(errors.to_string().contains(expected), "{errors} should contain {expected}");
+            let errors =
+                ChapCredentials::from_secret_data(&data(pairs), *mutual).expect_err(expected);
+            assert!(
+                errors.to_string().contains(expected),
+                "{errors} should contain {expected}"
+            );
         }
     }
 
@@ -180,7 +214,10 @@ mod tests {
         let secret = data(&[("username", "host-a"), ("password", "topsecretvalue")]);
         let creds = ChapCredentials::from_secret_data(&secret, false).expect("valid");
         assert!(!format!("{creds:?}").contains("topsecretvalue"));
-        let bad = data(&[("username", "host-a"), ("password", "topsecretvalue-too-long")]);
+        let bad = data(&[
+            ("username", "host-a"),
+            ("password", "topsecretvalue-too-long"),
+        ]);
         let errors = ChapCredentials::from_secret_data(&bad, false).expect_err("too long");
         assert!(!errors.to_string().contains("topsecretvalue"));
     }

@@ -12,7 +12,8 @@ use super::{quantity, rules, schema};
 
 const IMMUTABLE_CONTENT: &str =
     "is immutable: a served LUN must never change content under a client; create a new DiscImage";
-const IMMUTABLE_FORMAT: &str = "is immutable: it decides the bytes that are served; create a new DiscImage";
+const IMMUTABLE_FORMAT: &str =
+    "is immutable: it decides the bytes that are served; create a new DiscImage";
 
 /// A disc image that storage nodes download, verify and serve. Its content never changes:
 /// `source`, `sha256` and `format` are immutable, and a new image is a new DiscImage.
@@ -27,9 +28,22 @@ const IMMUTABLE_FORMAT: &str = "is immutable: it decides the bytes that are serv
     category = "discus",
     printcolumn(name = "Format", type_ = "string", json_path = ".status.format"),
     printcolumn(name = "Size", type_ = "string", json_path = ".status.virtualSize"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DiscImageSpec {
@@ -247,7 +261,10 @@ impl DiscImageSpec {
                 })
             }
             (None, Some(file)) => errors
-                .check(&source_path.child("file").child("path"), rules::node_path(&file.path))
+                .check(
+                    &source_path.child("file").child("path"),
+                    rules::node_path(&file.path),
+                )
                 .map(|()| ValidSource::File {
                     path: file.path.clone(),
                 }),
@@ -257,9 +274,10 @@ impl DiscImageSpec {
             }
         };
         errors.check(&spec.child("sha256"), rules::sha256_hex(&self.sha256));
-        let max_virtual_size = self.max_virtual_size.as_ref().and_then(|q| {
-            errors.check(&spec.child("maxVirtualSize"), quantity::parse_bytes(q))
-        });
+        let max_virtual_size = self
+            .max_virtual_size
+            .as_ref()
+            .and_then(|q| errors.check(&spec.child("maxVirtualSize"), quantity::parse_bytes(q)));
         let node_selector = super::label_selector(
             self.node_selector.as_ref(),
             &spec.child("nodeSelector"),

@@ -76,7 +76,11 @@ impl FieldErrors {
     }
 
     /// Records the error of a check that returns a `Result`, and passes the value on.
-    pub fn check<T, E: fmt::Display>(&mut self, path: &FieldPath, result: Result<T, E>) -> Option<T> {
+    pub fn check<T, E: fmt::Display>(
+        &mut self,
+        path: &FieldPath,
+        result: Result<T, E>,
+    ) -> Option<T> {
         match result {
             Ok(value) => Some(value),
             Err(error) => {
@@ -104,7 +108,11 @@ impl FieldErrors {
 
     /// `Ok(value)` when nothing was recorded.
     pub fn into_result<T>(self, value: T) -> Result<T, FieldErrors> {
-        if self.0.is_empty() { Ok(value) } else { Err(self) }
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self)
+        }
     }
 }
 

@@ -24,9 +24,22 @@ use super::{rules, schema};
     printcolumn(name = "Target", type_ = "string", json_path = ".spec.targetRef.name"),
     printcolumn(name = "Initiator", type_ = "string", json_path = ".spec.initiatorIqn"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".spec.expiresAt"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct InitiatorAccessSpec {
@@ -154,7 +167,10 @@ impl InitiatorAccessSpec {
             &spec.child("targetRef").child("name"),
             rules::object_name(&self.target_ref.name),
         );
-        errors.check(&spec.child("initiatorIqn"), rules::iscsi_name(&self.initiator_iqn));
+        errors.check(
+            &spec.child("initiatorIqn"),
+            rules::iscsi_name(&self.initiator_iqn),
+        );
         if let Some(luns) = &self.luns {
             let path = spec.child("luns");
             for (i, lun) in luns.iter().enumerate() {

@@ -13,8 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::field::{FieldErrors, FieldPath};
 use super::{rules, schema};
 
-const IMMUTABLE_IQN: &str =
-    "is immutable once set: initiators and boot configurations know the target by it; create a new IscsiTarget";
+const IMMUTABLE_IQN: &str = "is immutable once set: initiators and boot configurations know the target by it; create a new IscsiTarget";
 
 /// An iSCSI target served by every storage node its `nodeSelector` matches, with the same IQN and
 /// the same LUN serials everywhere, so multipath and iPXE see one device. Nobody may log in
@@ -30,10 +29,27 @@ const IMMUTABLE_IQN: &str =
     category = "discus",
     printcolumn(name = "IQN", type_ = "string", json_path = ".status.iqn"),
     printcolumn(name = "LUNs", type_ = "string", json_path = ".spec.luns[*].lun"),
-    printcolumn(name = "Nodes Ready", type_ = "string", json_path = ".status.readyNodes"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Nodes Ready",
+        type_ = "string",
+        json_path = ".status.readyNodes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("!has(oldSelf.iqn) || (has(self.iqn) && self.iqn == oldSelf.iqn)").message(IMMUTABLE_IQN).field_path(".iqn"))]
 #[serde(rename_all = "camelCase")]
@@ -228,7 +244,10 @@ impl IscsiTargetSpec {
             if !seen.insert(lun.lun) {
                 lun_errors.push(
                     path.child("lun"),
-                    format!("LUN {} is listed twice: LUN numbers are unique within a target", lun.lun),
+                    format!(
+                        "LUN {} is listed twice: LUN numbers are unique within a target",
+                        lun.lun
+                    ),
                 );
             }
             lun_errors.check(&path.child("image"), rules::object_name(&lun.image));

@@ -41,9 +41,10 @@ fn label_selector(
         let path = expressions.index(i);
         let values = requirement.values.as_ref().map_or(0, Vec::len);
         match requirement.operator.as_str() {
-            "In" | "NotIn" if values == 0 => {
-                errors.push(path.child("values"), "must not be empty for operators In and NotIn")
-            }
+            "In" | "NotIn" if values == 0 => errors.push(
+                path.child("values"),
+                "must not be empty for operators In and NotIn",
+            ),
             "Exists" | "DoesNotExist" if values > 0 => errors.push(
                 path.child("values"),
                 "must be empty for operators Exists and DoesNotExist",

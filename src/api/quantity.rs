@@ -14,8 +14,22 @@ pub enum QuantityError {
     Overflow,
 }
 
-const BINARY: [(&str, u32); 6] = [("Ki", 1), ("Mi", 2), ("Gi", 3), ("Ti", 4), ("Pi", 5), ("Ei", 6)];
-const DECIMAL: [(&str, u32); 6] = [("k", 3), ("M", 6), ("G", 9), ("T", 12), ("P", 15), ("E", 18)];
+const BINARY: [(&str, u32); 6] = [
+    ("Ki", 1),
+    ("Mi", 2),
+    ("Gi", 3),
+    ("Ti", 4),
+    ("Pi", 5),
+    ("Ei", 6),
+];
+const DECIMAL: [(&str, u32); 6] = [
+    ("k", 3),
+    ("M", 6),
+    ("G", 9),
+    ("T", 12),
+    ("P", 15),
+    ("E", 18),
+];
 
 /// Parses a quantity into a positive number of bytes.
 pub fn parse_bytes(quantity: &Quantity) -> Result<u64, QuantityError> {
@@ -46,11 +60,15 @@ pub fn parse_bytes(quantity: &Quantity) -> Result<u64, QuantityError> {
         1
     } else if let Some(exponent) = suffix.strip_prefix(['e', 'E']) {
         let exponent: u32 = exponent.parse().map_err(|_| syntax())?;
-        10u128.checked_pow(exponent).ok_or(QuantityError::Overflow)?
+        10u128
+            .checked_pow(exponent)
+            .ok_or(QuantityError::Overflow)?
     } else {
         return Err(syntax());
     };
-    let scaled = digits.checked_mul(multiplier).ok_or(QuantityError::Overflow)?;
+    let scaled = digits
+        .checked_mul(multiplier)
+        .ok_or(QuantityError::Overflow)?;
     if scaled % divisor != 0 {
         return Err(QuantityError::Fraction(text.to_owned()));
     }

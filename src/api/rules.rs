@@ -20,7 +20,8 @@ pub const EUI_PATTERN: &str = r"^eui[.][0-9a-f]{16}$";
 pub const NAA_PATTERN: &str = r"^naa[.]([0-9a-f]{16}|[0-9a-f]{32})$";
 pub const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
 /// An object name as Kubernetes accepts it (RFC 1123 subdomain).
-pub const DNS_SUBDOMAIN_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const DNS_SUBDOMAIN_PATTERN: &str =
+    "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 pub const DNS_SUBDOMAIN_MAX_BYTES: usize = 253;
 pub const CHAP_USERNAME_MAX_BYTES: usize = 255;
 /// RFC 3720 §8.2.1 asks for at least 96 random bits; the Microsoft initiator accepts at most 16.
@@ -66,7 +67,9 @@ pub enum RuleError {
     IscsiNameFormat,
     #[error("must be a SHA-256 digest: 64 lower-case hex digits")]
     Sha256,
-    #[error("must be a lower-case RFC 1123 name: a-z, 0-9, '-' and '.', starting and ending with a letter or digit")]
+    #[error(
+        "must be a lower-case RFC 1123 name: a-z, 0-9, '-' and '.', starting and ending with a letter or digit"
+    )]
     DnsSubdomain,
     #[error("must not contain ','")]
     ChapUsernameComma,
@@ -129,7 +132,11 @@ pub fn iscsi_name(name: &str) -> Result<(), RuleError> {
 }
 
 pub fn sha256_hex(value: &str) -> Result<(), RuleError> {
-    if SHA256.is_match(value) { Ok(()) } else { Err(RuleError::Sha256) }
+    if SHA256.is_match(value) {
+        Ok(())
+    } else {
+        Err(RuleError::Sha256)
+    }
 }
 
 /// A reference to another object by name.
@@ -224,7 +231,11 @@ pub fn node_path(path: &str) -> Result<(), RuleError> {
 }
 
 pub fn lun(number: u32) -> Result<(), RuleError> {
-    if number <= MAX_LUN { Ok(()) } else { Err(RuleError::LunRange(number)) }
+    if number <= MAX_LUN {
+        Ok(())
+    } else {
+        Err(RuleError::LunRange(number))
+    }
 }
 
 pub fn block_size(size: u32) -> Result<(), RuleError> {
@@ -236,9 +247,7 @@ pub fn block_size(size: u32) -> Result<(), RuleError> {
 }
 
 pub fn ip_address(address: &str) -> Result<IpAddr, RuleError> {
-    address
-        .parse()
-        .map_err(|_| RuleError::IpAddress)
+    address.parse().map_err(|_| RuleError::IpAddress)
 }
 
 pub fn port(port: u32) -> Result<u16, RuleError> {
@@ -260,7 +269,13 @@ mod tests {
 
     #[test]
     fn patterns_compile() {
-        for p in [IQN_PATTERN, EUI_PATTERN, NAA_PATTERN, SHA256_PATTERN, DNS_SUBDOMAIN_PATTERN] {
+        for p in [
+            IQN_PATTERN,
+            EUI_PATTERN,
+            NAA_PATTERN,
+            SHA256_PATTERN,
+            DNS_SUBDOMAIN_PATTERN,
+        ] {
             Regex::new(p).expect(p);
         }
     }
@@ -325,13 +340,25 @@ mod tests {
         assert_eq!(chap_username(""), Err(RuleError::Empty));
         assert_eq!(chap_username("a,b"), Err(RuleError::ChapUsernameComma));
         assert_eq!(chap_username("a\nb"), Err(RuleError::ControlCharacters));
-        assert!(matches!(chap_username(&"u".repeat(256)), Err(RuleError::TooLong { .. })));
+        assert!(matches!(
+            chap_username(&"u".repeat(256)),
+            Err(RuleError::TooLong { .. })
+        ));
         assert_eq!(chap_username(&"u".repeat(255)), Ok(()));
         assert_eq!(chap_secret("twelve-chars"), Ok(()));
         assert_eq!(chap_secret("sixteen-chars-ok"), Ok(()));
-        assert_eq!(chap_secret("elevenchars"), Err(RuleError::ChapSecretLength(11)));
-        assert_eq!(chap_secret("seventeen-chars-x"), Err(RuleError::ChapSecretLength(17)));
-        assert_eq!(chap_secret("twelve-char\n"), Err(RuleError::ControlCharacters));
+        assert_eq!(
+            chap_secret("elevenchars"),
+            Err(RuleError::ChapSecretLength(11))
+        );
+        assert_eq!(
+            chap_secret("seventeen-chars-x"),
+            Err(RuleError::ChapSecretLength(17))
+        );
+        assert_eq!(
+            chap_secret("twelve-char\n"),
+            Err(RuleError::ControlCharacters)
+        );
         // Characters, not bytes: the Microsoft initiator counts characters.
         assert_eq!(chap_secret("ééééééééééééé"), Ok(()));
     }
@@ -340,9 +367,18 @@ mod tests {
     fn url_rules() {
         assert!(http_url("https://images.example.com/debian.iso").is_ok());
         assert!(http_url("http://10.0.0.5:8080/a.qcow2").is_ok());
-        assert_eq!(http_url("ftp://example.com/a.iso").err(), Some(RuleError::UrlScheme));
-        assert_eq!(http_url("file:///etc/shadow").err(), Some(RuleError::UrlScheme));
-        assert_eq!(http_url("https://user:pw@example.com/a").err(), Some(RuleError::UrlCredentials));
+        assert_eq!(
+            http_url("ftp://example.com/a.iso").err(),
+            Some(RuleError::UrlScheme)
+        );
+        assert_eq!(
+            http_url("file:///etc/shadow").err(),
+            Some(RuleError::UrlScheme)
+        );
+        assert_eq!(
+            http_url("https://user:pw@example.com/a").err(),
+            Some(RuleError::UrlCredentials)
+        );
         assert!(matches!(http_url("not a url"), Err(RuleError::Url(_))));
     }
 
@@ -350,7 +386,10 @@ mod tests {
     fn path_rules() {
         assert_eq!(node_path("/srv/images/a.iso"), Ok(()));
         assert_eq!(node_path("images/a.iso"), Err(RuleError::PathNotAbsolute));
-        assert_eq!(node_path("/srv/images/../../etc/shadow"), Err(RuleError::PathDotDot));
+        assert_eq!(
+            node_path("/srv/images/../../etc/shadow"),
+            Err(RuleError::PathDotDot)
+        );
         assert_eq!(node_path("/srv/a\0b"), Err(RuleError::ControlCharacters));
         assert_eq!(node_path("/srv/..hidden"), Ok(()));
     }

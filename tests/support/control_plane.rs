@@ -36,7 +36,9 @@ impl ControlPlane {
     /// until the apiserver is ready.
     pub async fn start() -> Result<Self, Error> {
         let bin = binaries()?;
-        let dir = tempfile::Builder::new().prefix("discus-control-plane-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("discus-control-plane-")
+            .tempdir()?;
         let root = dir.path().to_owned();
         let mut plane = Self {
             dir,
@@ -131,7 +133,8 @@ impl ControlPlane {
 
     /// The log of a component (`etcd`, `kube-apiserver`), to show when a test fails.
     pub fn log(&self, component: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{component}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("{component}.log")))
+            .unwrap_or_default()
     }
 
     fn spawn(&mut self, name: &str, args: &[String], log: std::fs::File) -> Result<(), Error> {
@@ -223,15 +226,19 @@ impl Pki {
 
         // rustls needs the IP SAN to accept https://127.0.0.1.
         let mut serving = CertificateParams::new(vec!["localhost".to_owned()])?;
-        serving.subject_alt_names.push(SanType::IpAddress([127, 0, 0, 1].into()));
+        serving
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
         serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;
         let serving_cert = serving.signed_by(&serving_key, &ca)?;
 
         let mut admin = CertificateParams::new(Vec::<String>::new())?;
-        admin.distinguished_name =
-            name(&[(DnType::OrganizationName, "system:masters"), (DnType::CommonName, "admin")]);
+        admin.distinguished_name = name(&[
+            (DnType::OrganizationName, "system:masters"),
+            (DnType::CommonName, "admin"),
+        ]);
         admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let admin_key = KeyPair::generate()?;
         let admin_cert = admin.signed_by(&admin_key, &ca)?;

@@ -1,0 +1,198 @@
+//! Grants: which initiators may log in to the served targets, with which credentials and LUNs.
+
+use std::collections::BTreeMap;
+
+use kube::Resource;
+
+use super::targets::Placement;
+use super::{
+    AclConfig, DesiredState, Inputs, Kind, MappedLun, ObjectKey, Problem, Reason, age_order,
+    object_key,
+};
+use crate::api::InitiatorAccess;
+use crate::api::chap::ChapCredentials;
+use crate::api::initiator_access::ValidGrant;
+
+pub(super) fn resolve(
+    inputs: &Inputs<'_>,
+    placements: &BTreeMap<ObjectKey, Placement>,
+    state: &mut DesiredState,
+) {
+    // Oldest first: of two grants for one initiator on one target, the older one wins.
+    for grant in age_order(inputs.grants) {
+        let key = object_key(grant.meta());
+        if let Err((reason, message)) = apply(inputs, placements, grant, &key, state) {
+            state.problems.push(Problem {
+                kind: Kind::InitiatorAccess,
+                key,
+                reason,
+                message,
+            });
+        }
+    }
+}
+
+/// Adds the grant's ACL to its target, or says why it cannot. `Ok` also covers the grants that
+/// rightly have no ACL here: expired, or for a target this node does not serve.
+fn apply(
+    inputs: &Inputs<'_>,
+    placements: &BTreeMap<ObjectKey, Placement>,
+    grant: &InitiatorAccess,
+    key: &ObjectKey,
+    state: &mut DesiredState,
+) -> Result<(), (Reason, String)> {
+    let valid = grant
+        .spec
+        .validate()
+        .map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
+    if let Some(expires_at) = valid.expires_at {
+        if expires_at <= inputs.now {
+            state.expired.push(key.clone());
+            return Ok(());
+        }
+        state.next_expiry = Some(state.next_expiry.map_or(expires_at, |t| t.min(expires_at)));
+    }
+
+    let target_key = key.sibling(&valid.target);
+    let index = match placements.get(&target_key) {
+        None => {
+            return Err((
+                Reason::TargetNotFound,
+                format!("IscsiTarget {} not found", valid.target),
+            ));
+        }
+        Some(Placement::NotHere) => return Ok(()),
+        Some(Placement::Blocked(why)) => {
+            return Err((
+                Reason::TargetNotServed,
+                format!(
+                    "IscsiTarget {} is not served on node {}: {why}",
+                    valid.target, inputs.node.name
+                ),
+            ));
+        }
+        Some(Placement::Served(index)) => *index,
+    };
+    let target = &state.targets[index];
+
+    if let Some(existing) = target
+        .acls
+        .iter()
+        .find(|acl| acl.initiator == valid.initiator)
+    {
+        return Err((
+            Reason::DuplicateGrant,
+            format!(
+                "InitiatorAccess {} already gives {} access to IscsiTarget {}, and is older; \
+                 list every LUN in one grant",
+                existing.grant.name, valid.initiator, valid.target
+            ),
+        ));
+    }
+    let chap = credentials(inputs, key, &valid, target.chap_required, &valid.target)?;
+    let luns = mapped_luns(&valid, target)?;
+    let target = &mut state.targets[index];
+    target.acls.push(AclConfig {
+        initiator: valid.initiator,
+        grant: key.clone(),
+        chap,
+        luns,
+    });
+    target.acls.sort_by(|a, b| a.initiator.cmp(&b.initiator));
+    Ok(())
+}
+
+fn credentials(
+    inputs: &Inputs<'_>,
+    key: &ObjectKey,
+    grant: &ValidGrant,
+    chap_required: bool,
+    target: &str,
+) -> Result<Option<ChapCredentials>, (Reason, String)> {
+    let chap = match (&grant.chap, chap_required) {
+        (None, false) => return Ok(None),
+        (None, true) => {
+            return Err((
+                Reason::ChapRequired,
+                format!(
+                    "spec.chap: IscsiTarget {target} requires CHAP; name a Secret in spec.chap.secretRef \
+                     (or set the target's authentication to none)"
+                ),
+            ));
+        }
+        (Some(_), false) => {
+            return Err((
+                Reason::ChapNotUsed,
+                format!(
+                    "spec.chap: IscsiTarget {target} has authentication none, so these credentials would \
+                     not be checked; remove spec.chap or set the target's authentication to chap"
+                ),
+            ));
+        }
+        (Some(chap), true) => chap,
+    };
+    let secret_key = key.sibling(&chap.secret_ref.name);
+    let Some(data) = inputs.secrets.get(&secret_key) else {
+        return Err(if chap.generate_secret {
+            (
+                Reason::SecretPending,
+                format!("Secret {} is not generated yet", chap.secret_ref.name),
+            )
+        } else {
+            (
+                Reason::SecretNotFound,
+                format!(
+                    "spec.chap.secretRef: Secret {} not found",
+                    chap.secret_ref.name
+                ),
+            )
+        });
+    };
+    ChapCredentials::from_secret_data(data, chap.mutual)
+        .map(Some)
+        .map_err(|errors| {
+            (
+                Reason::SecretInvalid,
+                format!("Secret {}: {errors}", chap.secret_ref.name),
+            )
+        })
+}
+
+/// The target's LUNs the grant names (all when it names none). A grant never makes a read-only
+/// LUN writable: each mapped LUN is read-only when either the grant or the LUN is.
+fn mapped_luns(
+    grant: &ValidGrant,
+    target: &super::TargetConfig,
+) -> Result<Vec<MappedLun>, (Reason, String)> {
+    let read_only = |lun: &super::LunConfig| grant.read_only || lun.read_only;
+    match &grant.luns {
+        None => Ok(target
+            .luns
+            .iter()
+            .map(|lun| MappedLun {
+                lun: lun.lun,
+                read_only: read_only(lun),
+            })
+            .collect()),
+        Some(numbers) => {
+            let mut mapped = Vec::new();
+            for number in numbers {
+                let Some(lun) = target.luns.iter().find(|l| l.lun == *number) else {
+                    return Err((
+                        Reason::LunNotFound,
+                        format!(
+                            "spec.luns: IscsiTarget {} has no LUN {number}",
+                            target.owner.name
+                        ),
+                    ));
+                };
+                mapped.push(MappedLun {
+                    lun: *number,
+                    read_only: read_only(lun),
+                });
+            }
+            mapped.sort_by_key(|m| m.lun);
+            Ok(mapped)
+        }
+    }
+}

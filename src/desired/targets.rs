@@ -1,0 +1,292 @@
+//! Targets: which ones this node serves, with which portals and LUNs.
+
+use std::collections::BTreeMap;
+
+use kube::Resource;
+use kube::core::SelectorExt;
+use sha2::{Digest, Sha256};
+
+use super::{
+    Backing, DesiredState, Inputs, Kind, LunConfig, ObjectKey, Problem, Reason, TargetConfig,
+    age_order, object_key,
+};
+use crate::api::iscsi_target::{DeviceType, Portal, ValidLun, ValidTarget};
+use crate::api::{IscsiTarget, rules};
+
+/// What became of a target on this node; grants follow their target.
+pub(super) enum Placement {
+    /// Served: the index into `DesiredState::targets`.
+    Served(usize),
+    /// Its `nodeSelector` does not select this node.
+    NotHere,
+    /// It should be served here but cannot be; the message says why.
+    Blocked(String),
+}
+
+/// Validates every DiscImage, reports the invalid ones, and marks those this node prefetches.
+/// Returns, per image, `Ok` or why it is invalid.
+pub(super) fn index_images(
+    inputs: &Inputs<'_>,
+    state: &mut DesiredState,
+) -> BTreeMap<ObjectKey, Result<(), String>> {
+    let mut images = BTreeMap::new();
+    for image in inputs.images {
+        let key = object_key(image.meta());
+        let validity = match image.spec.validate() {
+            Ok(valid) => {
+                if valid
+                    .node_selector
+                    .is_some_and(|selector| selector.matches(&inputs.node.labels))
+                {
+                    state.needed_images.insert(key.clone());
+                }
+                Ok(())
+            }
+            Err(errors) => {
+                state.problems.push(Problem {
+                    kind: Kind::DiscImage,
+                    key: key.clone(),
+                    reason: Reason::InvalidSpec,
+                    message: errors.to_string(),
+                });
+                Err(errors.to_string())
+            }
+        };
+        images.insert(key, validity);
+    }
+    images
+}
+
+/// Decides every target's placement, oldest first so that the oldest claim on an IQN wins.
+pub(super) fn resolve(
+    inputs: &Inputs<'_>,
+    images: &BTreeMap<ObjectKey, Result<(), String>>,
+    state: &mut DesiredState,
+) -> BTreeMap<ObjectKey, Placement> {
+    let mut placements = BTreeMap::new();
+    let mut iqn_owners: BTreeMap<String, ObjectKey> = BTreeMap::new();
+    for target in age_order(inputs.targets) {
+        let key = object_key(target.meta());
+        let placement = place(inputs, images, target, &key, &mut iqn_owners, state);
+        placements.insert(key, placement);
+    }
+    placements
+}
+
+fn place(
+    inputs: &Inputs<'_>,
+    images: &BTreeMap<ObjectKey, Result<(), String>>,
+    target: &IscsiTarget,
+    key: &ObjectKey,
+    iqn_owners: &mut BTreeMap<String, ObjectKey>,
+    state: &mut DesiredState,
+) -> Placement {
+    let mut problems = Vec::new();
+    let mut problem = |reason: Reason, message: String| {
+        problems.push(Problem {
+            kind: Kind::IscsiTarget,
+            key: key.clone(),
+            reason,
+            message,
+        })
+    };
+
+    let valid = match target.spec.validate() {
+        Ok(valid) => valid,
+        Err(errors) => {
+            problem(Reason::InvalidSpec, errors.to_string());
+            return block(problems, state);
+        }
+    };
+    let iqn = match effective_iqn(&valid, key, &inputs.settings.iqn_authority) {
+        Ok(iqn) => iqn,
+        Err(message) => {
+            problem(Reason::InvalidSpec, message);
+            return block(problems, state);
+        }
+    };
+    // Claims are settled before placement, so the same target wins on every node.
+    if let Some(owner) = iqn_owners.get(&iqn) {
+        problem(
+            Reason::IqnConflict,
+            format!("IQN {iqn} is already used by IscsiTarget {owner}, which is older"),
+        );
+        return block(problems, state);
+    }
+    iqn_owners.insert(iqn.clone(), key.clone());
+
+    if valid
+        .node_selector
+        .as_ref()
+        .is_some_and(|selector| !selector.matches(&inputs.node.labels))
+    {
+        return Placement::NotHere;
+    }
+    for lun in &valid.luns {
+        state.needed_images.insert(key.sibling(&lun.image));
+    }
+
+    if !inputs.settings.cdrom_supported
+        && let Some(lun) = valid
+            .luns
+            .iter()
+            .find(|l| l.device_type == DeviceType::Cdrom)
+    {
+        problem(
+            Reason::UnsupportedDeviceType,
+            format!(
+                "LUN {}: deviceType cdrom needs the tgt backend; this node's backend presents disks only",
+                lun.lun
+            ),
+        );
+    }
+    let portals = portals(&valid, inputs);
+    if portals.is_empty() {
+        problem(
+            Reason::NoPortal,
+            format!(
+                "node {} has no InternalIP address; list spec.portals",
+                inputs.node.name
+            ),
+        );
+    }
+
+    let mut luns = Vec::new();
+    for lun in &valid.luns {
+        let image = key.sibling(&lun.image);
+        match (images.get(&image), inputs.ready.get(&image)) {
+            (None, _) => problem(
+                Reason::ImageNotFound,
+                format!("LUN {}: DiscImage {} not found", lun.lun, lun.image),
+            ),
+            (Some(Err(why)), _) => problem(
+                Reason::ImageInvalid,
+                format!("LUN {}: DiscImage {} is invalid: {why}", lun.lun, lun.image),
+            ),
+            (Some(Ok(())), None) => problem(
+                Reason::ImageNotReady,
+                format!(
+                    "LUN {}: DiscImage {} is not ready on node {}",
+                    lun.lun, lun.image, inputs.node.name
+                ),
+            ),
+            (Some(Ok(())), Some(ready)) => {
+                luns.push(lun_config(lun, image, ready, target, key, inputs))
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return block(problems, state);
+    }
+    luns.sort_by_key(|l| l.lun);
+    state.targets.push(TargetConfig {
+        iqn,
+        owner: key.clone(),
+        portals,
+        chap_required: valid.authentication == crate::api::iscsi_target::Authentication::Chap,
+        luns,
+        acls: Vec::new(),
+    });
+    Placement::Served(state.targets.len() - 1)
+}
+
+fn block(problems: Vec<Problem>, state: &mut DesiredState) -> Placement {
+    let summary = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.reason, p.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    state.problems.extend(problems);
+    Placement::Blocked(summary)
+}
+
+/// `spec.iqn`, or `<authority>:<namespace>.<name>`.
+fn effective_iqn(target: &ValidTarget, key: &ObjectKey, authority: &str) -> Result<String, String> {
+    match &target.iqn {
+        Some(iqn) => Ok(iqn.clone()),
+        None => {
+            let iqn = format!("{authority}:{}.{}", key.namespace, key.name);
+            rules::iscsi_name(&iqn)
+                .map(|()| iqn.clone())
+                .map_err(|e| format!("spec.iqn: the default IQN {iqn} {e}; set spec.iqn"))
+        }
+    }
+}
+
+fn portals(target: &ValidTarget, inputs: &Inputs<'_>) -> Vec<Portal> {
+    if !target.portals.is_empty() {
+        return target.portals.clone();
+    }
+    inputs
+        .node
+        .addresses
+        .iter()
+        .map(|&address| Portal {
+            address,
+            port: rules::DEFAULT_ISCSI_PORT,
+        })
+        .collect()
+}
+
+fn lun_config(
+    lun: &ValidLun,
+    image: ObjectKey,
+    ready: &super::ReadyImage,
+    target: &IscsiTarget,
+    key: &ObjectKey,
+    inputs: &Inputs<'_>,
+) -> LunConfig {
+    let (backing, serial) = if lun.read_only {
+        (
+            Backing::Image(ready.path.clone()),
+            serial(&["image", &ready.served_sha256, &lun.lun.to_string()]),
+        )
+    } else {
+        // A writable copy diverges from every other node's, so it must never look like the
+        // same device to multipath: its identity includes the target's uid and the node.
+        let uid = target.meta().uid.as_deref().unwrap_or("");
+        let identity = serial(&[
+            "writable",
+            &key.to_string(),
+            uid,
+            &inputs.node.name,
+            &lun.lun.to_string(),
+        ]);
+        (
+            Backing::WritableCopy {
+                seed: ready.path.clone(),
+                name: format!(
+                    "{}.{}.lun{}-{}",
+                    key.namespace,
+                    key.name,
+                    lun.lun,
+                    &identity[..12]
+                ),
+            },
+            identity,
+        )
+    };
+    LunConfig {
+        lun: lun.lun,
+        image,
+        backing,
+        size_bytes: ready.size_bytes,
+        serial,
+        read_only: lun.read_only,
+        block_size: lun.block_size,
+        device_type: lun.device_type,
+    }
+}
+
+/// A SCSI unit serial number: 32 hex digits of a SHA-256 over the parts. 32 fits every backend
+/// (tgt keeps at most 36, LIO fewer than 254) and makes collisions negligible.
+pub(super) fn serial(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"discus-lun-serial-v1");
+    for part in parts {
+        hash.update([0u8]);
+        hash.update(part.as_bytes());
+    }
+    let digest = hash.finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
