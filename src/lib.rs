@@ -5,3 +5,5 @@
 pub mod api;
 pub mod crds;
 pub mod desired;
+pub mod manifests;
+pub mod validate;

@@ -155,9 +155,12 @@ mod tests {
         assert_eq!(creds.mutual.expect("mutual").username, "target");
     }
 
+    /// Secret data, whether mutual CHAP is asked for, and the expected error.
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a str);
+
     #[test]
     fn refuses_bad_credentials_naming_the_key() {
-        let cases: &[(&[(&str, &str)], bool, &str)] = &[
+        let cases: &[Case<'_>] = &[
             (
                 &[("password", "s3cret-s3cret")],
                 false,

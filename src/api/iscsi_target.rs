@@ -28,7 +28,7 @@ const IMMUTABLE_IQN: &str = "is immutable once set: initiators and boot configur
     shortname = "itgt",
     category = "discus",
     printcolumn(name = "IQN", type_ = "string", json_path = ".status.iqn"),
-    printcolumn(name = "LUNs", type_ = "string", json_path = ".spec.luns[*].lun"),
+    printcolumn(name = "LUNs", type_ = "integer", json_path = ".status.lunCount"),
     printcolumn(
         name = "Nodes Ready",
         type_ = "string",
@@ -154,6 +154,9 @@ pub struct IscsiTargetStatus {
     /// Every portal on every node, `address:port`, for discovery and multipath.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub portals: Vec<String>,
+    /// The number of LUNs (a printer column cannot count a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun_count: Option<i32>,
     /// Nodes serving the target out of nodes that should, for example `2/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_nodes: Option<String>,

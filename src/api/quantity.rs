@@ -85,7 +85,7 @@ pub fn format_bytes(bytes: u64) -> Quantity {
     if bytes > 0 {
         for (suffix, power) in BINARY.iter().rev() {
             let unit = 1024u64.pow(*power);
-            if bytes % unit == 0 {
+            if bytes.is_multiple_of(unit) {
                 text = format!("{}{suffix}", bytes / unit);
                 break;
             }

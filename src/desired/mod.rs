@@ -174,7 +174,7 @@ pub fn object_key(meta: &ObjectMeta) -> ObjectKey {
 
 /// Orders objects oldest first, then by namespace and name, so that "the older wins" is stable
 /// (and deterministic where there are no timestamps, as in manifest folders).
-fn age_order<'a, T: kube::Resource>(objects: &'a [T]) -> Vec<&'a T> {
+fn age_order<T: kube::Resource>(objects: &[T]) -> Vec<&T> {
     let mut sorted: Vec<&T> = objects.iter().collect();
     sorted.sort_by_cached_key(|o| {
         (
