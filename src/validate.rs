@@ -49,6 +49,15 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
+impl Report {
+    fn merge(&mut self, other: Report) {
+        self.files += other.files;
+        self.objects += other.objects;
+        self.skipped += other.skipped;
+        self.findings.extend(other.findings);
+    }
+}
+
 /// Checks every manifest under `paths`.
 pub fn validate_paths(paths: &[PathBuf]) -> Report {
     let mut report = Report::default();
@@ -67,8 +76,20 @@ pub fn validate_paths(paths: &[PathBuf]) -> Report {
             Err(error) => report.findings.push(file_finding(&file, error.to_string())),
         }
     }
-    Checker::new().check(&documents, &mut report);
+    report.merge(validate_documents(&documents));
     report
+}
+
+/// Checks documents already read, each with the file it came from.
+pub fn validate_documents(documents: &[(PathBuf, Value)]) -> Report {
+    let mut report = Report::default();
+    CHECKER.with(|checker| checker.check(documents, &mut report));
+    report
+}
+
+thread_local! {
+    // Compiling the CRDs' CEL rules is the expensive part; do it once per thread.
+    static CHECKER: Checker = Checker::new();
 }
 
 fn file_finding(file: &Path, message: String) -> Finding {
