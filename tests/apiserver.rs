@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::wait::{await_condition, conditions};
 use support::control_plane::ControlPlane;
-use support::repo;
+use support::{files_in, header, repo};
 
 /// A control plane with the discus CRDs applied (server-side, as users should) and established.
 async fn plane_with_crds() -> ControlPlane {
@@ -67,24 +67,6 @@ fn apply(plane: &ControlPlane, namespace: &str, file: &Path) -> Output {
             file,
         ],
     )
-}
-
-fn header(file: &Path, key: &str) -> String {
-    let text = std::fs::read_to_string(file).expect("manifest");
-    let prefix = format!("# {key}: ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("{} has no `{prefix}` header", file.display()))
-        .to_owned()
-}
-
-fn manifests(folder: &str) -> Vec<PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(repo().join(folder))
-        .expect("folder")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
-    files
 }
 
 #[tokio::test]
@@ -219,7 +201,7 @@ async fn every_invalid_manifest_is_rejected_with_its_rule() {
     let plane = plane_with_crds().await;
     ok(&plane, &["create", "namespace", "invalid"]);
     let mut failures = Vec::new();
-    for file in manifests("tests/manifests/invalid") {
+    for file in files_in("tests/manifests/invalid") {
         let expected = header(&file, "apiserver");
         let output = apply(&plane, "invalid", &file);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -258,7 +240,7 @@ async fn immutable_fields_cannot_change() {
     ok(&plane, &["create", "namespace", "updates"]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut failures = Vec::new();
-    for file in manifests("tests/manifests/invalid-updates") {
+    for file in files_in("tests/manifests/invalid-updates") {
         let text = std::fs::read_to_string(&file).expect("read");
         let documents: Vec<&str> = text.split("\n---\n").collect();
         let [before, after] = documents.as_slice() else {

@@ -3,9 +3,7 @@
 
 mod support;
 
-use std::path::Path;
-
-use support::{discus, repo};
+use support::{discus, files_in, header, repo};
 
 #[test]
 fn crds_in_the_repository_are_what_discus_crds_prints() {
@@ -82,24 +80,9 @@ fn the_examples_are_valid() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("all valid"));
 }
 
-/// The expectation headers of a test manifest: `# key: value`.
-pub fn header(file: &Path, key: &str) -> String {
-    let text = std::fs::read_to_string(file).expect("manifest");
-    let prefix = format!("# {key}: ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("{} has no `{prefix}` header", file.display()))
-        .to_owned()
-}
-
 #[test]
 fn every_invalid_manifest_is_refused_with_its_rule() {
-    let folder = repo().join("tests/manifests/invalid");
-    let mut files: Vec<_> = std::fs::read_dir(&folder)
-        .expect("folder")
-        .map(|e| e.expect("entry").path())
-        .collect();
-    files.sort();
+    let files = files_in("tests/manifests/invalid");
     assert!(files.len() >= 40, "one manifest per rule");
     let mut failures = Vec::new();
     for file in &files {

@@ -101,17 +101,18 @@ pub enum RuleError {
     Timestamp(String),
 }
 
+/// A string of 1 to `max` bytes.
+fn length(value: &str, max: usize) -> Result<(), RuleError> {
+    match value.len() {
+        0 => Err(RuleError::Empty),
+        len if len > max => Err(RuleError::TooLong { max, len }),
+        _ => Ok(()),
+    }
+}
+
 /// Checks an iSCSI name (target or initiator). The order of checks gives the most specific message.
 pub fn iscsi_name(name: &str) -> Result<(), RuleError> {
-    if name.is_empty() {
-        return Err(RuleError::Empty);
-    }
-    if name.len() > ISCSI_NAME_MAX_BYTES {
-        return Err(RuleError::TooLong {
-            max: ISCSI_NAME_MAX_BYTES,
-            len: name.len(),
-        });
-    }
+    length(name, ISCSI_NAME_MAX_BYTES)?;
     if name.contains('/') {
         return Err(RuleError::IscsiNameSlash);
     }
@@ -141,15 +142,7 @@ pub fn sha256_hex(value: &str) -> Result<(), RuleError> {
 
 /// A reference to another object by name.
 pub fn object_name(name: &str) -> Result<(), RuleError> {
-    if name.is_empty() {
-        return Err(RuleError::Empty);
-    }
-    if name.len() > DNS_SUBDOMAIN_MAX_BYTES {
-        return Err(RuleError::TooLong {
-            max: DNS_SUBDOMAIN_MAX_BYTES,
-            len: name.len(),
-        });
-    }
+    length(name, DNS_SUBDOMAIN_MAX_BYTES)?;
     if DNS_SUBDOMAIN.is_match(name) {
         Ok(())
     } else {
@@ -158,15 +151,7 @@ pub fn object_name(name: &str) -> Result<(), RuleError> {
 }
 
 pub fn chap_username(name: &str) -> Result<(), RuleError> {
-    if name.is_empty() {
-        return Err(RuleError::Empty);
-    }
-    if name.len() > CHAP_USERNAME_MAX_BYTES {
-        return Err(RuleError::TooLong {
-            max: CHAP_USERNAME_MAX_BYTES,
-            len: name.len(),
-        });
-    }
+    length(name, CHAP_USERNAME_MAX_BYTES)?;
     // tgtadm passes parameters as a comma-joined list and silently cuts a username at a comma.
     if name.contains(',') {
         return Err(RuleError::ChapUsernameComma);
@@ -191,12 +176,7 @@ pub fn chap_secret(secret: &str) -> Result<(), RuleError> {
 }
 
 pub fn http_url(value: &str) -> Result<url::Url, RuleError> {
-    if value.len() > URL_MAX_BYTES {
-        return Err(RuleError::TooLong {
-            max: URL_MAX_BYTES,
-            len: value.len(),
-        });
-    }
+    length(value, URL_MAX_BYTES)?;
     let url = url::Url::parse(value).map_err(|e| RuleError::Url(e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(RuleError::UrlScheme);
@@ -212,12 +192,7 @@ pub fn http_url(value: &str) -> Result<url::Url, RuleError> {
 
 /// A path on the storage node. Where it may point is decided by the agent's configured roots.
 pub fn node_path(path: &str) -> Result<(), RuleError> {
-    if path.len() > PATH_MAX_BYTES {
-        return Err(RuleError::TooLong {
-            max: PATH_MAX_BYTES,
-            len: path.len(),
-        });
-    }
+    length(path, PATH_MAX_BYTES)?;
     if !path.starts_with('/') {
         return Err(RuleError::PathNotAbsolute);
     }

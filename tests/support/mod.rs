@@ -14,3 +14,23 @@ pub fn repo() -> PathBuf {
 pub fn discus() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_discus"))
 }
+
+/// An expectation header of a test manifest: the value of its `# key: value` line.
+pub fn header(file: &std::path::Path, key: &str) -> String {
+    let text = std::fs::read_to_string(file).expect("manifest");
+    let prefix = format!("# {key}: ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{} has no `{prefix}` header", file.display()))
+        .to_owned()
+}
+
+/// The files of a folder of the repository, in name order.
+pub fn files_in(folder: &str) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo().join(folder))
+        .unwrap_or_else(|e| panic!("{folder}: {e}"))
+        .map(|entry| entry.expect("entry").path())
+        .collect();
+    files.sort();
+    files
+}
