@@ -22,6 +22,7 @@ const IMMUTABLE_FORMAT: &str =
     group = "discus.dev",
     version = "v1alpha1",
     kind = "DiscImage",
+    doc = "A disc image that storage nodes download, verify against its SHA-256, and serve through IscsiTargets.",
     namespaced,
     status = "DiscImageStatus",
     shortname = "dimg",

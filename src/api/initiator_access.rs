@@ -17,6 +17,7 @@ use super::{rules, schema};
     group = "discus.dev",
     version = "v1alpha1",
     kind = "InitiatorAccess",
+    doc = "One initiator's access to one IscsiTarget: an ACL with CHAP on every node serving the target, until expiresAt.",
     namespaced,
     status = "InitiatorAccessStatus",
     shortname = "iacc",

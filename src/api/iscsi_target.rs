@@ -23,6 +23,7 @@ const IMMUTABLE_IQN: &str = "is immutable once set: initiators and boot configur
     group = "discus.dev",
     version = "v1alpha1",
     kind = "IscsiTarget",
+    doc = "An iSCSI target: LUNs backed by DiscImages, served by the storage nodes its nodeSelector matches. Nobody may log in until an InitiatorAccess grants it.",
     namespaced,
     status = "IscsiTargetStatus",
     shortname = "itgt",
