@@ -3,7 +3,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod cli;
 pub mod crds;
 pub mod desired;
+pub mod images;
 pub mod manifests;
+pub mod telemetry;
 pub mod validate;

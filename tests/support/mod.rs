@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each suite uses a different part
 
 pub mod control_plane;
+pub mod http;
 
 use std::path::PathBuf;
 

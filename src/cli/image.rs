@@ -1,0 +1,119 @@
+//! `discus image fetch`: import one image into a node's store, for pre-seeding and tests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::api::disc_image::ImageFormat;
+use crate::api::{quantity, rules};
+use crate::images::{
+    self, FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig, Source,
+};
+
+#[derive(Subcommand)]
+pub enum ImageCommand {
+    /// Download (or copy) an image, verify its SHA-256, inspect it, convert it to raw if needed,
+    /// and store it. Prints one JSON object:
+    /// {"path","format","virtualSize","sha256","servedSha256"}.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["url", "file"])))]
+pub struct FetchArgs {
+    /// An http or https URL.
+    #[arg(long)]
+    url: Option<String>,
+    /// A file on this machine.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// The SHA-256 the image must have (64 lower-case hex digits).
+    #[arg(long)]
+    sha256: String,
+    /// auto, iso, raw, qcow2, vhdx or vmdk.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    format: ImageFormat,
+    /// The node's data directory; images go to DATA_DIR/images.
+    #[arg(long, default_value = "/var/lib/discus")]
+    data_dir: PathBuf,
+    /// Refuse images larger than this once unpacked (for example 20Gi).
+    #[arg(long, default_value = "128Gi", value_parser = parse_size)]
+    max_virtual_size: u64,
+    /// Allow downloads from loopback addresses.
+    #[arg(long)]
+    allow_loopback: bool,
+}
+
+fn parse_format(value: &str) -> Result<ImageFormat, String> {
+    serde_json::from_value(serde_json::Value::String(value.to_owned()))
+        .map_err(|_| "must be one of auto, iso, raw, qcow2, vhdx or vmdk".to_owned())
+}
+
+fn parse_size(value: &str) -> Result<u64, String> {
+    quantity::parse_bytes(&Quantity(value.to_owned())).map_err(|e| e.to_string())
+}
+
+pub fn run(command: ImageCommand) -> ExitCode {
+    match command {
+        ImageCommand::Fetch(args) => match super::runtime()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(fetch(args)))
+        {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => super::fail(&message),
+        },
+    }
+}
+
+async fn fetch(args: FetchArgs) -> Result<String, String> {
+    rules::sha256_hex(&args.sha256).map_err(|e| format!("--sha256 {e}"))?;
+    let (source, file_roots) = match (args.url, args.file) {
+        (Some(url), None) => {
+            let url = rules::http_url(&url).map_err(|e| format!("--url {e}"))?;
+            (
+                Source::Http {
+                    url,
+                    auth: HttpAuth::default(),
+                },
+                Vec::new(),
+            )
+        }
+        (None, Some(path)) => {
+            // The operator names the file: its own folder is the root it may be read from.
+            let real =
+                std::fs::canonicalize(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let root = real
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/"));
+            (Source::File { path: real }, vec![root])
+        }
+        _ => return Err("give exactly one of --url and --file".into()),
+    };
+    let importer = Importer::new(ImporterConfig {
+        data_dir: args.data_dir,
+        file_roots,
+        fetch: FetchOptions {
+            allow_loopback: args.allow_loopback,
+            ..FetchOptions::default()
+        },
+        qemu: images::qemu::QemuImg::default(),
+    })
+    .map_err(|e| e.to_string())?;
+    let request = ImportRequest {
+        source,
+        sha256: args.sha256,
+        format: args.format,
+        max_virtual_size: args.max_virtual_size,
+    };
+    let stored = importer
+        .import(&request, &mut images::ProgressReporter::silent())
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::to_string(&stored).map_err(|e| e.to_string())
+}

@@ -1,0 +1,90 @@
+//! The `discus` command line.
+
+mod image;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "discus",
+    version,
+    about = "Serve verified disc images as iSCSI targets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions as multi-document YAML.
+    Crds,
+    /// Check manifest files or folders the way the apiserver and the agent will.
+    ///
+    /// Prints one line per problem, `file: Kind/namespace/name: field.path: what is wrong`, and
+    /// exits with 1 when there is any; exits with 0 when every manifest is valid.
+    Validate {
+        /// Files or folders (searched recursively for *.yaml, *.yml and *.json).
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        paths: Vec<PathBuf>,
+    },
+    /// Work with the image store of a node.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_for_cli();
+    match cli.command {
+        Command::Crds => match crate::crds::render_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => fail(&error),
+        },
+        Command::Validate { paths } => validate(&paths),
+        Command::Image { command } => image::run(command),
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("discus: {error}");
+    ExitCode::FAILURE
+}
+
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    let report = crate::validate::validate_paths(paths);
+    for finding in &report.findings {
+        println!("{finding}");
+    }
+    eprintln!(
+        "{} file(s), {} discus object(s) and Secret(s) checked, {} other object(s) skipped: {}",
+        report.files,
+        report.objects,
+        report.skipped,
+        match report.findings.len() {
+            0 => "all valid".to_owned(),
+            n => format!("{n} problem(s)"),
+        }
+    );
+    if report.findings.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A multi-threaded runtime for the commands that do I/O.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}

@@ -1,0 +1,770 @@
+//! Images end to end: real files made with qemu-img and xorriso, a real HTTP server on loopback
+//! that misbehaves on request, real qemu-img conversions. Every failure ends in a clear error and
+//! an empty store; every success in the exact raw bytes of the original.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use discus::api::disc_image::ImageFormat;
+use discus::images::{
+    FetchOptions, HttpAuth, ImportError, ImportRequest, Importer, ImporterConfig, ProgressReporter,
+    Source, progress,
+};
+use sha2::{Digest, Sha256};
+use support::http::{Behavior, HttpServer};
+
+const MIB: usize = 1 << 20;
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn sha256_file(path: &Path) -> String {
+    sha256(&std::fs::read(path).expect("read"))
+}
+
+/// 8 MiB that look like a disk: pseudo-random data with runs of zeros.
+fn disk_bytes() -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 * MIB);
+    let mut block = Sha256::digest(b"discus");
+    for i in 0..(8 * MIB / 32) {
+        if (i / 4096) % 3 == 1 {
+            bytes.extend_from_slice(&[0u8; 32]);
+        } else {
+            block = Sha256::digest(block);
+            bytes.extend_from_slice(&block);
+        }
+    }
+    bytes
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} must be installed (.ci/run installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A node's image store, with fast retries for the fault tests.
+struct Node {
+    dir: tempfile::TempDir,
+    importer: Importer,
+}
+
+impl Node {
+    fn new(file_roots: Vec<PathBuf>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let importer = Importer::new(ImporterConfig {
+            data_dir: dir.path().join("data"),
+            file_roots,
+            fetch: FetchOptions {
+                allow_loopback: true,
+                read_timeout: Duration::from_millis(700),
+                connect_timeout: Duration::from_secs(2),
+                attempts: 3,
+                first_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+                ..FetchOptions::default()
+            },
+            qemu: discus::images::qemu::QemuImg::default(),
+        })
+        .expect("importer");
+        Self { dir, importer }
+    }
+
+    async fn import(
+        &self,
+        source: Source,
+        sha256: &str,
+        format: ImageFormat,
+    ) -> Result<discus::images::StoredImage, ImportError> {
+        let request = ImportRequest {
+            source,
+            sha256: sha256.to_owned(),
+            format,
+            max_virtual_size: 1 << 30,
+        };
+        self.importer
+            .import(&request, &mut ProgressReporter::silent())
+            .await
+    }
+
+    async fn fetch(
+        &self,
+        server: &HttpServer,
+        path: &str,
+        sha256: &str,
+    ) -> Result<discus::images::StoredImage, ImportError> {
+        let url = server.url(path).parse().expect("url");
+        self.import(
+            Source::Http {
+                url,
+                auth: HttpAuth::default(),
+            },
+            sha256,
+            ImageFormat::Auto,
+        )
+        .await
+    }
+
+    /// Nothing stored, nothing half-written.
+    fn assert_empty(&self) {
+        for sub in ["images", "index", "tmp"] {
+            let dir = self.dir.path().join("data").join(sub);
+            let entries: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
+            assert!(
+                entries.is_empty(),
+                "{} is not empty: {entries:?}",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// The original raw disk and the same disk in every format, made with the real tools.
+struct Samples {
+    dir: tempfile::TempDir,
+    raw: Vec<u8>,
+}
+
+impl Samples {
+    fn make() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raw = disk_bytes();
+        let p = |name: &str| dir.path().join(name).display().to_string();
+        std::fs::write(p("disk.raw"), &raw).expect("write");
+        for (format, name, options) in [
+            ("qcow2", "disk.qcow2", None),
+            ("vhdx", "disk.vhdx", None),
+            ("vmdk", "disk.vmdk", None),
+            (
+                "vmdk",
+                "disk-stream.vmdk",
+                Some("subformat=streamOptimized"),
+            ),
+        ] {
+            let mut args = vec!["convert", "-f", "raw", "-O", format];
+            if let Some(options) = options {
+                args.extend(["-o", options]);
+            }
+            let (source, target) = (p("disk.raw"), p(name));
+            args.extend([source.as_str(), target.as_str()]);
+            run("qemu-img", &args);
+        }
+        let content = dir.path().join("iso-root");
+        std::fs::create_dir(&content).expect("mkdir");
+        std::fs::write(content.join("README.TXT"), b"discus test disc\n").expect("write");
+        run(
+            "xorriso",
+            &[
+                "-as",
+                "mkisofs",
+                "-quiet",
+                "-V",
+                "DISCUS",
+                "-o",
+                &p("disc.iso"),
+                &content.display().to_string(),
+            ],
+        );
+        Self { dir, raw }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn bytes(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.path(name)).expect("sample")
+    }
+}
+
+#[tokio::test]
+async fn every_format_becomes_the_raw_bytes_of_the_original() {
+    let samples = Samples::make();
+    let node = Node::new(vec![samples.dir.path().to_owned()]);
+    let raw_digest = sha256(&samples.raw);
+    for (name, format) in [
+        ("disk.raw", "raw"),
+        ("disk.qcow2", "qcow2"),
+        ("disk.vhdx", "vhdx"),
+        ("disk.vmdk", "vmdk"),
+        ("disk-stream.vmdk", "vmdk"),
+    ] {
+        let path = samples.path(name);
+        let digest = sha256_file(&path);
+        let stored = node
+            .import(
+                Source::File { path: path.clone() },
+                &digest,
+                ImageFormat::Auto,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(stored.format, format, "{name}");
+        assert_eq!(stored.sha256, digest);
+        assert_eq!(
+            stored.served_sha256, raw_digest,
+            "{name} must serve the original raw bytes"
+        );
+        assert_eq!(stored.virtual_size, samples.raw.len() as u64);
+        assert_eq!(
+            sha256_file(&stored.path),
+            raw_digest,
+            "{name}: the stored file itself"
+        );
+    }
+    let iso = samples.path("disc.iso");
+    let digest = sha256_file(&iso);
+    let stored = node
+        .import(Source::File { path: iso }, &digest, ImageFormat::Iso)
+        .await
+        .expect("iso");
+    assert_eq!(
+        (stored.format.as_str(), stored.served_sha256.as_str()),
+        ("iso", digest.as_str())
+    );
+    // Same digest, same file: the raw original and its conversions share one stored image.
+    let images: Vec<_> = std::fs::read_dir(node.dir.path().join("data/images"))
+        .expect("images")
+        .collect();
+    assert_eq!(images.len(), 2, "{images:?}");
+}
+
+#[tokio::test]
+async fn an_http_import_hashes_as_it_downloads_and_stores_the_verified_raw_image() {
+    let samples = Samples::make();
+    let server = HttpServer::start().await;
+    server.route(
+        "/disk.qcow2",
+        samples.bytes("disk.qcow2"),
+        Behavior::normal(),
+    );
+    let node = Node::new(Vec::new());
+    let digest = sha256(&samples.bytes("disk.qcow2"));
+    let (mut reporter, progress) = progress::channel();
+    let request = ImportRequest {
+        source: Source::Http {
+            url: server.url("/disk.qcow2").parse().expect("url"),
+            auth: HttpAuth::default(),
+        },
+        sha256: digest.clone(),
+        format: ImageFormat::Qcow2,
+        max_virtual_size: 1 << 30,
+    };
+    let stored = node
+        .importer
+        .import(&request, &mut reporter)
+        .await
+        .expect("import");
+    assert_eq!(stored.served_sha256, sha256(&samples.raw));
+    assert_eq!(progress.borrow().phase, progress::Phase::Ready);
+    assert_eq!(progress.borrow().bytes_done, samples.raw.len() as u64);
+
+    // Stored once, found again: no second download.
+    let again = node
+        .importer
+        .import(&request, &mut ProgressReporter::silent())
+        .await
+        .expect("again");
+    assert_eq!(again, stored);
+    assert_eq!(server.requests("/disk.qcow2").len(), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_resumes_where_it_stopped() {
+    let body = disk_bytes();
+    let server = HttpServer::start().await;
+    server.route(
+        "/a.raw",
+        body.clone(),
+        Behavior {
+            drop_after: Some((3 * MIB as u64, 2)),
+            ..Behavior::normal()
+        },
+    );
+    let node = Node::new(Vec::new());
+    let stored = node
+        .fetch(&server, "/a.raw", &sha256(&body))
+        .await
+        .expect("resumed");
+    assert_eq!(sha256_file(&stored.path), sha256(&body));
+    let ranges: Vec<_> = server
+        .requests("/a.raw")
+        .into_iter()
+        .map(|r| r.range)
+        .collect();
+    assert_eq!(
+        ranges,
+        [
+            None,
+            Some(format!("bytes={}-", 3 * MIB)),
+            Some(format!("bytes={}-", 6 * MIB))
+        ]
+    );
+    let if_range = server.requests("/a.raw")[1]
+        .headers
+        .iter()
+        .any(|(k, v)| k == "if-range" && v == "\"v1\"");
+    assert!(if_range, "resume only if the file did not change");
+}
+
+#[tokio::test]
+async fn a_server_that_cannot_resume_is_read_again_from_zero() {
+    let body = disk_bytes();
+    let server = HttpServer::start().await;
+    server.route(
+        "/a.raw",
+        body.clone(),
+        Behavior {
+            ranges: false,
+            drop_after: Some((MIB as u64, 1)),
+            ..Behavior::default()
+        },
+    );
+    let node = Node::new(Vec::new());
+    let stored = node
+        .fetch(&server, "/a.raw", &sha256(&body))
+        .await
+        .expect("restarted");
+    assert_eq!(sha256_file(&stored.path), sha256(&body));
+    assert_eq!(server.requests("/a.raw").len(), 2);
+}
+
+/// Each fault ends in an error that says what happened, and an empty store.
+#[tokio::test]
+async fn faults_end_in_a_clear_error_and_an_empty_store() {
+    let body = disk_bytes();
+    let digest = sha256(&body);
+    let server = HttpServer::start().await;
+    let cases: Vec<(&str, Behavior, &str)> = vec![
+        (
+            "/short",
+            Behavior {
+                announce_delta: 4096,
+                ..Behavior::normal()
+            },
+            "416",
+        ),
+        (
+            "/short-no-range",
+            Behavior {
+                announce_delta: 4096,
+                ..Behavior::default()
+            },
+            "the connection ended after 8388608 of 8392704 bytes, 3 times in a row",
+        ),
+        (
+            "/long",
+            Behavior {
+                announce_delta: -4096,
+                ..Behavior::normal()
+            },
+            "the image's SHA-256 is",
+        ),
+        (
+            "/missing",
+            Behavior {
+                status: Some(404),
+                ..Behavior::default()
+            },
+            "the server answered 404 Not Found",
+        ),
+        (
+            "/broken",
+            Behavior {
+                status: Some(500),
+                ..Behavior::default()
+            },
+            "the server answered 500 Internal Server Error (3 attempts)",
+        ),
+        (
+            "/loop",
+            Behavior {
+                redirect: Some("/loop".into()),
+                ..Behavior::default()
+            },
+            "more than 5 redirects",
+        ),
+        (
+            "/stall",
+            Behavior {
+                stall: true,
+                ..Behavior::normal()
+            },
+            "timed out waiting for the server (3 attempts)",
+        ),
+        (
+            "/metadata",
+            Behavior {
+                redirect: Some("http://169.254.169.254/latest/meta-data/".into()),
+                ..Behavior::default()
+            },
+            "refusing to fetch from 169.254.169.254 (link-local",
+        ),
+    ];
+    for (path, behavior, _) in &cases {
+        server.route(path, body.clone(), behavior.clone());
+    }
+    for (path, _, expected) in cases {
+        let node = Node::new(Vec::new());
+        let error = node
+            .fetch(&server, path, &digest)
+            .await
+            .expect_err(path)
+            .to_string();
+        assert!(error.contains(expected), "{path}: {error}");
+        node.assert_empty();
+    }
+    assert_eq!(server.requests("/missing").len(), 1, "a 404 is final");
+    assert_eq!(server.requests("/broken").len(), 3, "a 500 is retried");
+}
+
+#[tokio::test]
+async fn a_wrong_digest_names_both_digests_and_keeps_nothing() {
+    let body = disk_bytes();
+    let server = HttpServer::start().await;
+    server.route("/a.raw", body.clone(), Behavior::normal());
+    let node = Node::new(Vec::new());
+    let wrong = "0".repeat(64);
+    let error = node
+        .fetch(&server, "/a.raw", &wrong)
+        .await
+        .expect_err("mismatch")
+        .to_string();
+    assert!(
+        error.contains(&sha256(&body)) && error.contains(&wrong),
+        "{error}"
+    );
+    node.assert_empty();
+}
+
+#[tokio::test]
+async fn loopback_is_refused_unless_allowed_even_by_name() {
+    let server = HttpServer::start().await;
+    server.route("/a.raw", b"x".to_vec(), Behavior::normal());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let importer = Importer::new(ImporterConfig {
+        data_dir: dir.path().to_owned(),
+        file_roots: Vec::new(),
+        fetch: FetchOptions::default(),
+        qemu: discus::images::qemu::QemuImg::default(),
+    })
+    .expect("importer");
+    for url in [
+        server.url("/a.raw"),
+        format!("http://localhost:{}/a.raw", server.addr.port()),
+    ] {
+        let request = ImportRequest {
+            source: Source::Http {
+                url: url.parse().expect("url"),
+                auth: HttpAuth::default(),
+            },
+            sha256: sha256(b"x"),
+            format: ImageFormat::Raw,
+            max_virtual_size: 1 << 30,
+        };
+        let error = importer
+            .import(&request, &mut ProgressReporter::silent())
+            .await
+            .expect_err(&url)
+            .to_string();
+        assert!(
+            error.starts_with("refusing to fetch from 127.0.0.1 (loopback)")
+                || error.contains("(loopback)"),
+            "{url}: {error}"
+        );
+    }
+    assert!(server.requests("/a.raw").is_empty(), "no request was sent");
+}
+
+#[tokio::test]
+async fn headers_from_the_secret_are_sent() {
+    let server = HttpServer::start().await;
+    server.route("/private.raw", b"private".to_vec(), Behavior::normal());
+    let node = Node::new(Vec::new());
+    let auth = HttpAuth {
+        ca_bundle: None,
+        headers: vec![(
+            "Authorization".into(),
+            discus::api::chap::Password::new("Bearer t0ken".into()),
+        )],
+    };
+    let url = server.url("/private.raw").parse().expect("url");
+    node.import(
+        Source::Http { url, auth },
+        &sha256(b"private"),
+        ImageFormat::Raw,
+    )
+    .await
+    .expect("import");
+    let sent = &server.requests("/private.raw")[0].headers;
+    assert!(
+        sent.iter()
+            .any(|(k, v)| k == "authorization" && v == "Bearer t0ken"),
+        "{sent:?}"
+    );
+}
+
+#[tokio::test]
+async fn hostile_images_are_refused_before_qemu_img_reads_them() {
+    let samples = Samples::make();
+    let dir = samples.dir.path();
+    let p = |name: &str| dir.join(name).display().to_string();
+    let sentinel = p("host-secret.raw");
+    std::fs::write(&sentinel, vec![7u8; 1 << 20]).expect("sentinel");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &sentinel,
+            &p("backing.qcow2"),
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", p("external.raw")),
+            &p("data-file.qcow2"),
+            "1M",
+        ],
+    );
+    std::fs::write(
+        p("descriptor.vmdk"),
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\n\
+             RW 2048 FLAT \"{sentinel}\" 0\n"
+        ),
+    )
+    .expect("descriptor");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", &p("huge.qcow2"), "1T"],
+    );
+
+    let node = Node::new(vec![dir.to_owned()]);
+    for (name, declared, expected) in [
+        ("backing.qcow2", ImageFormat::Auto, "has a backing file"),
+        ("data-file.qcow2", ImageFormat::Auto, "external data file"),
+        (
+            "descriptor.vmdk",
+            ImageFormat::Auto,
+            "descriptor that refers to other files",
+        ),
+        (
+            "disk.qcow2",
+            ImageFormat::Raw,
+            "spec.format is raw but the image is qcow2",
+        ),
+        (
+            "disk.vhdx",
+            ImageFormat::Qcow2,
+            "spec.format is qcow2 but the image is vhdx",
+        ),
+        (
+            "huge.qcow2",
+            ImageFormat::Auto,
+            "virtual size is 1099511627776 bytes, more than maxVirtualSize",
+        ),
+    ] {
+        let path = samples.path(name);
+        let digest = sha256_file(&path);
+        let error = node
+            .import(Source::File { path }, &digest, declared)
+            .await
+            .expect_err(name)
+            .to_string();
+        assert!(error.contains(expected), "{name}: {error}");
+        node.assert_empty();
+    }
+}
+
+/// Through the command, under strace: no hostile image makes anything open the file it names.
+#[test]
+fn no_file_outside_the_store_is_opened_for_a_hostile_image() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let sentinel = p("host-secret.raw");
+    std::fs::write(&sentinel, vec![7u8; 1 << 20]).expect("sentinel");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            &sentinel,
+            &p("backing.qcow2"),
+        ],
+    );
+    std::fs::write(
+        p("descriptor.vmdk"),
+        format!("# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"{sentinel}\" 0\n"),
+    )
+    .expect("descriptor");
+    for name in ["backing.qcow2", "descriptor.vmdk"] {
+        let trace = p(&format!("{name}.strace"));
+        let digest = sha256_file(Path::new(&p(name)));
+        let output = Command::new("strace")
+            .args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o", &trace])
+            .arg(env!("CARGO_BIN_EXE_discus"))
+            .args([
+                "image",
+                "fetch",
+                "--file",
+                &p(name),
+                "--sha256",
+                &digest,
+                "--data-dir",
+                &p("data"),
+            ])
+            .output()
+            .expect("strace must be installed (.ci/run installs it)");
+        assert_eq!(
+            output.status.code(),
+            Some(1),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let opened = std::fs::read_to_string(&trace).expect("trace");
+        assert!(
+            opened.contains(&p(name)),
+            "{name}: the trace saw the image itself opened"
+        );
+        assert!(
+            !opened.contains(&sentinel),
+            "{name}: {sentinel} was opened:\n{opened}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "",
+            "nothing printed on stdout on failure"
+        );
+        assert!(
+            std::fs::read_dir(p("data/images"))
+                .expect("images")
+                .next()
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
+async fn file_sources_stay_inside_their_roots() {
+    let samples = Samples::make();
+    let root = samples.path("allowed");
+    std::fs::create_dir(&root).expect("mkdir");
+    std::os::unix::fs::symlink(samples.path("disk.raw"), root.join("link.raw")).expect("symlink");
+    let node = Node::new(vec![root.clone()]);
+    let digest = sha256(&samples.raw);
+    for path in [
+        samples.path("disk.raw"),
+        root.join("link.raw"),
+        root.join("../disk.raw"),
+    ] {
+        let error = node
+            .import(
+                Source::File { path: path.clone() },
+                &digest,
+                ImageFormat::Raw,
+            )
+            .await
+            .expect_err("outside");
+        assert!(
+            error
+                .to_string()
+                .contains("is outside the allowed file roots"),
+            "{}: {error}",
+            path.display()
+        );
+    }
+    let none = Node::new(Vec::new());
+    let error = none
+        .import(
+            Source::File {
+                path: samples.path("disk.raw"),
+            },
+            &digest,
+            ImageFormat::Raw,
+        )
+        .await
+        .expect_err("off");
+    assert!(
+        error
+            .to_string()
+            .contains("file sources are not allowed on this node"),
+        "{error}"
+    );
+    node.assert_empty();
+}
+
+#[test]
+fn the_command_prints_one_json_object_and_fails_cleanly() {
+    let samples = Samples::make();
+    let data = samples.path("data");
+    let digest = sha256_file(&samples.path("disk.vhdx"));
+    let output = support::discus()
+        .args(["image", "fetch", "--file"])
+        .arg(samples.path("disk.vhdx"))
+        .args(["--sha256", &digest, "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let raw = sha256(&samples.raw);
+    assert_eq!(json["format"], "vhdx");
+    assert_eq!(json["sha256"], digest);
+    assert_eq!(json["servedSha256"], raw);
+    assert_eq!(json["virtualSize"], samples.raw.len());
+    assert_eq!(
+        json["path"],
+        data.join(format!("images/{raw}.raw")).display().to_string()
+    );
+
+    let output = support::discus()
+        .args(["image", "fetch", "--file"])
+        .arg(samples.path("disk.qcow2"))
+        .args(["--sha256", &"f".repeat(64), "--data-dir"])
+        .arg(samples.path("data2"))
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(output.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("discus: the image's SHA-256 is "),
+        "{stderr}"
+    );
+    for sub in ["images", "index", "tmp"] {
+        assert!(
+            std::fs::read_dir(samples.path("data2").join(sub))
+                .expect("dir")
+                .next()
+                .is_none()
+        );
+    }
+}
