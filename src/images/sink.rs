@@ -1,6 +1,7 @@
-//! Where downloaded and copied bytes go: a thread that hashes them with SHA-256 and writes them to
-//! a staging file in one pass, while the network keeps receiving. The digest is ready the moment
-//! the last byte is written; the file is never read again to hash it.
+//! Where downloaded and copied bytes go: one thread hashes them with SHA-256 while another writes
+//! them to a staging file, and the network keeps receiving meanwhile. Each byte is hashed once,
+//! as it arrives: the digest is ready the moment the last byte is written, and the file is never
+//! read again to hash it. The hash is the floor of an import; everything else runs beside it.
 
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 
 use super::store::Staging;
 
+#[derive(Clone)]
 enum Message {
     Data(Bytes),
     /// Start again from zero (a server that cannot resume).
@@ -27,89 +29,144 @@ pub struct Written {
     pub bytes: u64,
 }
 
-pub struct Sink {
-    tx: Option<mpsc::Sender<Message>>,
-    thread: Option<std::thread::JoinHandle<io::Result<Written>>>,
+/// What the workers share: why one failed, and whether the sink was abandoned.
+#[derive(Clone, Default)]
+struct Shared {
     failure: Arc<Mutex<Option<io::Error>>>,
-    /// Set when the sink is dropped unfinished: the thread stops writing at once.
     abandoned: Arc<AtomicBool>,
+}
+
+/// A thread that applies every message to its state, then hands the state back.
+struct Worker<T> {
+    tx: Option<mpsc::Sender<Message>>,
+    thread: Option<std::thread::JoinHandle<io::Result<T>>>,
+}
+
+impl<T: Send + 'static> Worker<T> {
+    fn spawn<S: Send + 'static>(
+        name: &str,
+        mut state: S,
+        apply: fn(&mut S, Message) -> io::Result<()>,
+        finish: fn(S) -> io::Result<T>,
+        shared: Shared,
+    ) -> io::Result<Self> {
+        // Enough to ride out a brief stall on either side without buffering much.
+        let (tx, mut rx) = mpsc::channel::<Message>(64);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let result = (|| {
+                    while let Some(message) = rx.blocking_recv() {
+                        if shared.abandoned.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        apply(&mut state, message)?;
+                    }
+                    finish(state)
+                })();
+                if let Err(error) = &result
+                    && let Ok(mut slot) = shared.failure.lock()
+                {
+                    slot.get_or_insert_with(|| io::Error::new(error.kind(), error.to_string()));
+                }
+                result
+            })?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    async fn send(&self, message: Message) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(message).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Closes the queue and waits for the thread (blocking: call it where blocking is fine).
+    fn join(&mut self) -> io::Result<T> {
+        self.tx.take();
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| io::Error::other("the image worker is gone"))?;
+        thread
+            .join()
+            .map_err(|_| io::Error::other("an image worker panicked"))?
+    }
+}
+
+fn hash(state: &mut Sha256, message: Message) -> io::Result<()> {
+    match message {
+        Message::Data(data) => state.update(&data),
+        Message::Reset => *state = Sha256::new(),
+    }
+    Ok(())
+}
+
+fn write((staging, bytes): &mut (Staging, u64), message: Message) -> io::Result<()> {
+    match message {
+        Message::Data(data) => {
+            staging.file_mut().write_all(&data)?;
+            *bytes += data.len() as u64;
+        }
+        Message::Reset => {
+            staging.file_mut().set_len(0)?;
+            staging.file_mut().rewind()?;
+            *bytes = 0;
+        }
+    }
+    Ok(())
+}
+
+pub struct Sink {
+    hasher: Worker<String>,
+    writer: Worker<(Staging, u64)>,
+    shared: Shared,
     dir: PathBuf,
 }
 
-/// An unfinished sink is abandoned: its thread stops and its staging file is removed before
+/// An unfinished sink is abandoned: its threads stop and its staging file is removed before
 /// `drop` returns, so a failed import leaves nothing behind.
 impl Drop for Sink {
     fn drop(&mut self) {
-        self.abandoned.store(true, Ordering::Relaxed);
-        self.tx.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.shared.abandoned.store(true, Ordering::Relaxed);
+        let _ = self.hasher.join();
+        let _ = self.writer.join();
     }
 }
 
 impl Sink {
-    /// Starts writing into `staging`.
+    /// Starts hashing and writing into `staging`.
     pub fn start(staging: Staging) -> io::Result<Self> {
-        // Enough to keep the writer busy while the network stalls briefly, without buffering much.
-        let (tx, mut rx) = mpsc::channel::<Message>(64);
-        let failure = Arc::new(Mutex::new(None));
         let dir = staging
             .path()
             .parent()
             .map(Path::to_owned)
             .unwrap_or_default();
-        let report = Arc::clone(&failure);
-        let abandoned = Arc::new(AtomicBool::new(false));
-        let stop = Arc::clone(&abandoned);
-        let thread = std::thread::Builder::new()
-            .name("discus-sink".into())
-            .spawn(move || {
-                let mut staging = staging;
-                let mut hash = Sha256::new();
-                let mut bytes = 0u64;
-                let result = (|| {
-                    while let Some(message) = rx.blocking_recv() {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        match message {
-                            Message::Data(data) => {
-                                hash.update(&data);
-                                staging.file_mut().write_all(&data)?;
-                                bytes += data.len() as u64;
-                            }
-                            Message::Reset => {
-                                staging.file_mut().set_len(0)?;
-                                staging.file_mut().rewind()?;
-                                hash = Sha256::new();
-                                bytes = 0;
-                            }
-                        }
-                    }
-                    staging.file_mut().flush()
-                })();
-                match result {
-                    Ok(()) => Ok(Written {
-                        staging,
-                        sha256: hex::encode(hash.finalize()),
-                        bytes,
-                    }),
-                    Err(error) => {
-                        let kind = error.kind();
-                        let message = error.to_string();
-                        if let Ok(mut slot) = report.lock() {
-                            *slot = Some(error);
-                        }
-                        Err(io::Error::new(kind, message))
-                    }
-                }
-            })?;
+        let shared = Shared::default();
+        let hasher = Worker::spawn(
+            "discus-hash",
+            Sha256::new(),
+            hash,
+            |state| Ok(hex::encode(state.finalize())),
+            shared.clone(),
+        )?;
+        let writer = Worker::spawn(
+            "discus-write",
+            (staging, 0u64),
+            write,
+            |(mut staging, bytes)| {
+                staging.file_mut().flush()?;
+                Ok((staging, bytes))
+            },
+            shared.clone(),
+        )?;
         Ok(Self {
-            tx: Some(tx),
-            thread: Some(thread),
-            failure,
-            abandoned,
+            hasher,
+            writer,
+            shared,
             dir,
         })
     }
@@ -128,26 +185,39 @@ impl Sink {
     }
 
     async fn send(&self, message: Message) -> io::Result<()> {
-        if let Some(tx) = &self.tx
-            && tx.send(message).await.is_ok()
-        {
+        if self.hasher.send(message.clone()).await && self.writer.send(message).await {
             return Ok(());
         }
-        // The writer stopped: say why.
-        let failure = self.failure.lock().ok().and_then(|mut slot| slot.take());
+        // A worker stopped: say why.
+        let failure = self
+            .shared
+            .failure
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take());
         Err(failure.unwrap_or_else(|| io::Error::other("the image writer stopped")))
     }
 
-    /// Waits for every byte to be written and returns the file with its digest.
+    /// Waits for every byte to be hashed and written, and returns the file with its digest.
     pub async fn finish(mut self) -> io::Result<Written> {
-        self.tx.take();
-        let thread = self
-            .thread
-            .take()
-            .ok_or_else(|| io::Error::other("the image writer is gone"))?;
-        tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .map_err(io::Error::other)?
-            .map_err(|_| io::Error::other("the image writer panicked"))?
+        let mut hasher = Worker {
+            tx: self.hasher.tx.take(),
+            thread: self.hasher.thread.take(),
+        };
+        let mut writer = Worker {
+            tx: self.writer.tx.take(),
+            thread: self.writer.thread.take(),
+        };
+        tokio::task::spawn_blocking(move || {
+            let sha256 = hasher.join()?;
+            let (staging, bytes) = writer.join()?;
+            Ok(Written {
+                staging,
+                sha256,
+                bytes,
+            })
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 }
