@@ -558,6 +558,57 @@ async fn hostile_images_are_refused_before_qemu_img_reads_them() {
         "qemu-img",
         &["create", "-f", "qcow2", &p("huge.qcow2"), "1T"],
     );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=0123456789abcdef",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            &p("encrypted.qcow2"),
+            "1M",
+        ],
+    );
+    for (format, name) in [
+        ("vdi", "disk.vdi"),
+        ("vpc", "disk.vhd"),
+        ("qed", "disk.qed"),
+    ] {
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                format,
+                &p("disk.raw"),
+                &p(name),
+            ],
+        );
+    }
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=fixed",
+            &p("disk.raw"),
+            &p("fixed.vhd"),
+        ],
+    );
+    std::fs::write(
+        p("differencing.vhdx"),
+        vhdx_with_parent(&samples.bytes("disk.vhdx")),
+    )
+    .expect("write");
 
     let node = Node::new(vec![dir.to_owned()]);
     for (name, declared, expected) in [
@@ -583,6 +634,36 @@ async fn hostile_images_are_refused_before_qemu_img_reads_them() {
             ImageFormat::Auto,
             "virtual size is 1099511627776 bytes, more than maxVirtualSize",
         ),
+        (
+            "encrypted.qcow2",
+            ImageFormat::Auto,
+            "the image is encrypted (qcow2 encryption)",
+        ),
+        (
+            "disk.vdi",
+            ImageFormat::Auto,
+            "the image is VirtualBox VDI, which discus does not serve",
+        ),
+        (
+            "disk.vhd",
+            ImageFormat::Auto,
+            "the image is a dynamic VHD, which discus does not serve",
+        ),
+        (
+            "fixed.vhd",
+            ImageFormat::Auto,
+            "the image is a fixed VHD, which discus does not serve",
+        ),
+        (
+            "disk.qed",
+            ImageFormat::Auto,
+            "the image is qed, which discus does not serve",
+        ),
+        (
+            "differencing.vhdx",
+            ImageFormat::Auto,
+            "the VHDX image is a differencing disk",
+        ),
     ] {
         let path = samples.path(name);
         let digest = sha256_file(&path);
@@ -594,6 +675,36 @@ async fn hostile_images_are_refused_before_qemu_img_reads_them() {
         assert!(error.contains(expected), "{name}: {error}");
         node.assert_empty();
     }
+}
+
+/// A real VHDX with the HasParent flag of its file parameters set, as a differencing disk has.
+fn vhdx_with_parent(vhdx: &[u8]) -> Vec<u8> {
+    const METADATA_REGION: [u8; 16] = [
+        0x06, 0xA2, 0x7C, 0x8B, 0x90, 0x47, 0x9A, 0x4B, 0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88,
+        0x6E,
+    ];
+    const FILE_PARAMETERS: [u8; 16] = [
+        0x37, 0x67, 0xA1, 0xCA, 0x36, 0xFA, 0x43, 0x4D, 0xB3, 0xB6, 0x33, 0xF0, 0xAA, 0x44, 0xE7,
+        0x6B,
+    ];
+    let le64 =
+        |at: usize| u64::from_le_bytes(vhdx[at..at + 8].try_into().expect("8 bytes")) as usize;
+    let le32 =
+        |at: usize| u32::from_le_bytes(vhdx[at..at + 4].try_into().expect("4 bytes")) as usize;
+    let table = 192 * 1024;
+    let region = (0..le32(table + 8))
+        .map(|i| table + 16 + i * 32)
+        .find(|&at| vhdx[at..at + 16] == METADATA_REGION)
+        .map(|at| le64(at + 16))
+        .expect("metadata region");
+    let item = (0..64)
+        .map(|i| region + 32 + i * 32)
+        .find(|&at| vhdx[at..at + 16] == FILE_PARAMETERS)
+        .map(|at| le32(at + 16))
+        .expect("file parameters");
+    let mut out = vhdx.to_vec();
+    out[region + item + 4] |= 0b10;
+    out
 }
 
 /// Through the command, under strace: no hostile image makes anything open the file it names.
@@ -767,4 +878,79 @@ fn the_command_prints_one_json_object_and_fails_cleanly() {
                 .is_none()
         );
     }
+}
+
+/// A CA and a certificate for 127.0.0.1 it signed, as PEM.
+fn test_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    leaf.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().expect("key");
+    let cert = leaf.signed_by(&key, &ca).expect("leaf");
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn https_sources_are_trusted_through_the_ca_bundle_only() {
+    let (ca, cert, key) = test_pki();
+    let server = HttpServer::start_tls(&cert, &key).await;
+    server.route("/a.iso", b"over tls".to_vec(), Behavior::normal());
+    let url: url::Url = server.url("/a.iso").parse().expect("url");
+    assert_eq!(url.scheme(), "https");
+    let node = Node::new(Vec::new());
+
+    let trusted = HttpAuth {
+        ca_bundle: Some(ca.into_bytes()),
+        headers: Vec::new(),
+    };
+    node.import(
+        Source::Http {
+            url: url.clone(),
+            auth: trusted,
+        },
+        &sha256(b"over tls"),
+        ImageFormat::Raw,
+    )
+    .await
+    .expect("a server the CA bundle vouches for");
+
+    let untrusted = Node::new(Vec::new());
+    let error = untrusted
+        .import(
+            Source::Http {
+                url: url.clone(),
+                auth: HttpAuth::default(),
+            },
+            &sha256(b"over tls"),
+            ImageFormat::Raw,
+        )
+        .await
+        .expect_err("unknown issuer")
+        .to_string();
+    assert!(
+        error.contains("TLS: invalid peer certificate") && error.contains("(1 attempts)"),
+        "{error}"
+    );
+    untrusted.assert_empty();
+
+    let garbage = HttpAuth {
+        ca_bundle: Some(b"not a certificate".to_vec()),
+        headers: Vec::new(),
+    };
+    let error = untrusted
+        .import(
+            Source::Http { url, auth: garbage },
+            &sha256(b"x"),
+            ImageFormat::Raw,
+        )
+        .await
+        .expect_err("bad bundle");
+    assert!(
+        error.to_string().starts_with("caBundleSecretRef: "),
+        "{error}"
+    );
 }

@@ -447,18 +447,43 @@ struct Download {
     validator: Option<HeaderValue>,
 }
 
+/// The first error of type `T` in the chain, looking inside `io::Error`s too (whose `source`
+/// skips the error they wrap).
+fn find_in_chain<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        next = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
+    }
+    None
+}
+
 fn classify(error: &reqwest::Error) -> Retry {
     // A refused destination surfaces as a connect error carrying our FetchError.
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(FetchError::Forbidden { address, why, hint }) = e.downcast_ref::<FetchError>() {
-            return Retry::Permanent(FetchError::Forbidden {
-                address: *address,
-                why,
-                hint,
-            });
-        }
-        source = e.source();
+    if let Some(FetchError::Forbidden { address, why, hint }) = find_in_chain::<FetchError>(error) {
+        return Retry::Permanent(FetchError::Forbidden {
+            address: *address,
+            why,
+            hint,
+        });
+    }
+    // A certificate the trust roots do not vouch for will not be vouched for on the next try.
+    if let Some(tls) = find_in_chain::<rustls::Error>(error) {
+        return Retry::Permanent(FetchError::Transport {
+            url: error.url().map(redacted).unwrap_or_default(),
+            message: format!("TLS: {tls}"),
+            attempts: 1,
+        });
     }
     if error.is_redirect() {
         let message =

@@ -104,11 +104,15 @@ pub struct Importer {
     file_roots: Vec<PathBuf>,
 }
 
-/// Downloads may exceed the virtual size by the image format's own metadata; this bounds it.
-fn download_limit(max_virtual_size: u64) -> u64 {
-    max_virtual_size
-        .saturating_add(max_virtual_size / 8)
-        .saturating_add(64 << 20)
+/// The most bytes a download may bring: an ISO or raw image is exactly its virtual size; other
+/// formats may exceed it by their own metadata, which this bounds.
+fn download_limit(format: ImageFormat, max_virtual_size: u64) -> u64 {
+    match format {
+        ImageFormat::Iso | ImageFormat::Raw => max_virtual_size,
+        _ => max_virtual_size
+            .saturating_add(max_virtual_size / 8)
+            .saturating_add(64 << 20),
+    }
 }
 
 impl Importer {
@@ -137,7 +141,7 @@ impl Importer {
             progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
             return Ok(stored);
         }
-        let limit = download_limit(request.max_virtual_size);
+        let limit = download_limit(request.format, request.max_virtual_size);
         let sink = Sink::start(self.store.staging()?)?;
         let received = match &request.source {
             Source::Http { url, auth } => {

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 /// How the server answers one path.
 #[derive(Clone, Debug, Default)]
@@ -55,6 +56,7 @@ pub struct HttpServer {
     routes: Arc<Mutex<Vec<Route>>>,
     log: Arc<Mutex<Vec<Logged>>>,
     task: tokio::task::JoinHandle<()>,
+    scheme: &'static str,
 }
 
 impl Drop for HttpServer {
@@ -65,16 +67,41 @@ impl Drop for HttpServer {
 
 impl HttpServer {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// An HTTPS server with this certificate chain and key (PEM).
+    pub async fn start_tls(chain_pem: &str, key_pem: &str) -> Self {
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .expect("chain");
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server config");
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        let tls_on = tls.is_some();
         let routes: Arc<Mutex<Vec<Route>>> = Arc::default();
         let log: Arc<Mutex<Vec<Logged>>> = Arc::default();
         let (r, l) = (Arc::clone(&routes), Arc::clone(&log));
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (r, l) = (Arc::clone(&r), Arc::clone(&l));
+                let (r, l, tls) = (Arc::clone(&r), Arc::clone(&l), tls.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, r, l).await;
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => serve(stream, r, l).await,
+                            Err(_) => Ok(()),
+                        },
+                        None => serve(stream, r, l).await,
+                    };
                 });
             }
         });
@@ -83,6 +110,7 @@ impl HttpServer {
             routes,
             log,
             task,
+            scheme: if tls_on { "https" } else { "http" },
         }
     }
 
@@ -96,7 +124,7 @@ impl HttpServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub fn requests(&self, path: &str) -> Vec<Logged> {
@@ -110,8 +138,8 @@ impl HttpServer {
     }
 }
 
-async fn serve(
-    mut stream: TcpStream,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     routes: Arc<Mutex<Vec<Route>>>,
     log: Arc<Mutex<Vec<Logged>>>,
 ) -> std::io::Result<()> {
@@ -218,8 +246,8 @@ async fn serve(
     stream.shutdown().await
 }
 
-async fn write_head(
-    stream: &mut TcpStream,
+async fn write_head<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: &str,
     headers: &[(&str, String)],
 ) -> std::io::Result<()> {
@@ -231,8 +259,8 @@ async fn write_head(
     stream.write_all(head.as_bytes()).await
 }
 
-async fn respond(
-    stream: &mut TcpStream,
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: &str,
     headers: &[(&str, String)],
     body: &[u8],
