@@ -435,11 +435,23 @@ async fn a_wrong_digest_names_both_digests_and_keeps_nothing() {
     server.route("/a.raw", body.clone(), Behavior::normal());
     let node = Node::new(Vec::new());
     let wrong = "0".repeat(64);
+    let (mut reporter, progress) = progress::channel();
+    let request = ImportRequest {
+        source: Source::Http {
+            url: server.url("/a.raw").parse().expect("url"),
+            auth: HttpAuth::default(),
+        },
+        sha256: wrong.clone(),
+        format: ImageFormat::Auto,
+        max_virtual_size: 1 << 30,
+    };
     let error = node
-        .fetch(&server, "/a.raw", &wrong)
+        .importer
+        .import(&request, &mut reporter)
         .await
         .expect_err("mismatch")
         .to_string();
+    assert_eq!(progress.borrow().phase, progress::Phase::Failed);
     assert!(
         error.contains(&sha256(&body)) && error.contains(&wrong),
         "{error}"

@@ -130,8 +130,21 @@ impl Importer {
         &self.store
     }
 
-    /// Imports one image, or finds it already stored. On any error nothing is left behind.
+    /// Imports one image, or finds it already stored. On any error nothing is left behind and
+    /// the last progress is `Failed`.
     pub async fn import(
+        &self,
+        request: &ImportRequest,
+        progress: &mut ProgressReporter,
+    ) -> Result<StoredImage, ImportError> {
+        let result = self.import_steps(request, progress).await;
+        if result.is_err() {
+            progress.update(Phase::Failed, 0, None);
+        }
+        result
+    }
+
+    async fn import_steps(
         &self,
         request: &ImportRequest,
         progress: &mut ProgressReporter,
