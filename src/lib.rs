@@ -3,9 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod backend;
 pub mod cli;
 pub mod crds;
 pub mod desired;
+pub mod fsutil;
 pub mod images;
 pub mod manifests;
 pub mod telemetry;

@@ -43,6 +43,8 @@ pub struct Settings {
     pub iqn_authority: String,
     /// Whether the backend can present a LUN as a CD/DVD drive (tgt can, LIO cannot).
     pub cdrom_supported: bool,
+    /// Where writable copies of images live.
+    pub writable_dir: PathBuf,
 }
 
 impl Default for Settings {
@@ -50,6 +52,7 @@ impl Default for Settings {
         Self {
             iqn_authority: DEFAULT_IQN_AUTHORITY.to_owned(),
             cdrom_supported: false,
+            writable_dir: PathBuf::from("/var/lib/discus/writable"),
         }
     }
 }
@@ -133,8 +136,17 @@ pub enum Backing {
     /// The verified image itself, shared by every read-only LUN that serves it.
     Image(PathBuf),
     /// A writable copy of the image, private to one LUN of one target on this node, so that
-    /// writes never reach the verified image.
-    WritableCopy { seed: PathBuf, name: String },
+    /// writes never reach the verified image. Made from `seed` when it does not exist.
+    WritableCopy { seed: PathBuf, path: PathBuf },
+}
+
+impl Backing {
+    /// The file the backend serves.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Image(path) | Self::WritableCopy { path, .. } => path,
+        }
+    }
 }
 
 /// One initiator's access to a target.

@@ -82,6 +82,10 @@ pub enum Reason {
     SecretInvalid,
     /// An older grant already gives this initiator access to this target.
     DuplicateGrant,
+    /// The backend cannot do what the resource asks (for example per-initiator LUNs on tgt).
+    BackendLimit,
+    /// The target software holds an object of that name that discus did not create.
+    ForeignObject,
 }
 
 impl Reason {
@@ -103,6 +107,8 @@ impl Reason {
             Self::SecretPending => "SecretPending",
             Self::SecretInvalid => "SecretInvalid",
             Self::DuplicateGrant => "DuplicateGrant",
+            Self::BackendLimit => "BackendLimit",
+            Self::ForeignObject => "ForeignObject",
         }
     }
 
@@ -117,7 +123,9 @@ impl Reason {
             | Self::ChapRequired
             | Self::ChapNotUsed
             | Self::SecretInvalid
-            | Self::DuplicateGrant => true,
+            | Self::DuplicateGrant
+            | Self::BackendLimit
+            | Self::ForeignObject => true,
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady

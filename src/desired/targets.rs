@@ -255,13 +255,13 @@ fn lun_config(
         (
             Backing::WritableCopy {
                 seed: ready.path.clone(),
-                name: format!(
-                    "{}.{}.lun{}-{}",
+                path: inputs.settings.writable_dir.join(format!(
+                    "{}.{}.lun{}-{}.raw",
                     key.namespace,
                     key.name,
                     lun.lun,
                     &identity[..12]
-                ),
+                )),
             },
             identity,
         )

@@ -348,14 +348,26 @@ fn a_writable_lun_gets_a_private_copy_with_a_per_node_identity() {
     elsewhere_world.node.name = "storage-2".into();
     let elsewhere = elsewhere_world.compute();
     let (a, b) = (&here.targets[0].luns[0], &elsewhere.targets[0].luns[0]);
-    let Backing::WritableCopy { seed, name } = &a.backing else {
+    let Backing::WritableCopy { seed, path } = &a.backing else {
         panic!("copy: {:?}", a.backing)
     };
     assert_eq!(
         seed,
         &PathBuf::from(format!("/var/lib/discus/images/{DIGEST_A}.raw"))
     );
-    assert!(name.starts_with("lab.rw.lun0-"), "{name}");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("file name");
+    assert!(
+        path.starts_with("/var/lib/discus/writable"),
+        "{}",
+        path.display()
+    );
+    assert!(
+        name.starts_with("lab.rw.lun0-") && name.ends_with(".raw"),
+        "{name}"
+    );
     assert_ne!(
         a.serial, b.serial,
         "divergent copies must not look like one multipath device"

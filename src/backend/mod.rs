@@ -1,0 +1,80 @@
+//! Target backends: what the target software holds now, the difference to the desired target
+//! set, and applying it — LIO through configfs, or the userspace target tgt.
+//!
+//! Every backend follows the same cycle, driven by the sync loop: `observe` reads the current
+//! state into a typed model; `plan` (pure) turns desired and observed into an ordered, minimal
+//! list of operations plus what the backend cannot do; `apply` carries out one operation. After
+//! applying, the loop observes again: what is still planned has not converged.
+
+pub mod tgt;
+
+use std::fmt;
+use std::future::Future;
+
+use crate::desired::{Problem, TargetConfig};
+
+/// What a backend can present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// LUNs as CD/DVD drives.
+    pub cdrom: bool,
+}
+
+/// An initiator logged in to a target.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Session {
+    pub target: String,
+    pub initiator: String,
+    /// The initiator's address, when the backend knows it.
+    pub address: Option<String>,
+}
+
+/// Operations in order, and what cannot be realised on this backend (reported as problems of the
+/// resources concerned; the rest is applied regardless).
+#[derive(Debug)]
+pub struct Plan<Op> {
+    pub ops: Vec<Op>,
+    pub refused: Vec<Problem>,
+}
+
+impl<Op> Default for Plan<Op> {
+    fn default() -> Self {
+        Self {
+            ops: Vec::new(),
+            refused: Vec::new(),
+        }
+    }
+}
+
+/// What an operation is about, so that failures and unfinished work land on the right resource.
+pub trait Operation: fmt::Display + fmt::Debug + Send + Sync {
+    /// The target's IQN, for operations on one target.
+    fn target(&self) -> Option<&str>;
+    /// The initiator, for operations on one grant.
+    fn initiator(&self) -> Option<&str>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{operation}: {message}")]
+    Failed { operation: String, message: String },
+    #[error("the target software is unreachable: {0}")]
+    Unreachable(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub trait Backend: Send + Sync {
+    type Observed: Send + Sync;
+    type Op: Operation;
+
+    fn name(&self) -> &'static str;
+    fn capabilities(&self) -> Capabilities;
+    /// The LUN number initiators see for an API LUN number.
+    fn device_lun(&self, lun: u32) -> u32;
+    fn observe(&self) -> impl Future<Output = Result<Self::Observed, BackendError>> + Send;
+    /// Pure: the same inputs give the same plan.
+    fn plan(&self, desired: &[TargetConfig], observed: &Self::Observed) -> Plan<Self::Op>;
+    fn apply(&self, op: &Self::Op) -> impl Future<Output = Result<(), BackendError>> + Send;
+    fn sessions(&self, observed: &Self::Observed) -> Vec<Session>;
+}
