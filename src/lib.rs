@@ -10,5 +10,8 @@ pub mod desired;
 pub mod fsutil;
 pub mod images;
 pub mod manifests;
+pub mod standalone;
+pub mod status;
+pub mod sync;
 pub mod telemetry;
 pub mod validate;

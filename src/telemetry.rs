@@ -1,13 +1,14 @@
-//! Logs: human-readable on a terminal, JSON lines otherwise, level from `RUST_LOG`.
+//! Logs: to stderr, level from `RUST_LOG` or the command's default.
 
 use tracing_subscriber::EnvFilter;
 
-/// Logs for command-line use: warnings and errors to stderr unless `RUST_LOG` says otherwise.
-pub fn init_for_cli() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Logs `default_level` and above (or what `RUST_LOG` says) to stderr.
+pub fn init(default_level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("discus={default_level},warn")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -196,6 +196,9 @@ pub struct DiscImageNodeStatus {
     pub bytes_done: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_total: Option<i64>,
+    /// Why it is not ready on this node (a condition reason: `ImageNotReady`, `BackendLimit`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

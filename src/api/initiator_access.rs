@@ -125,6 +125,9 @@ pub struct Connection {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionLun {
     pub lun: u32,
+    /// The LUN number to connect to, when it differs from `lun` (on tgt, `lun` + 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_lun: Option<u32>,
     pub read_only: bool,
 }
 
@@ -135,6 +138,9 @@ pub struct AccessNodeStatus {
     pub applied: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<SessionStatus>,
+    /// Why it is not ready on this node (a condition reason: `ImageNotReady`, `BackendLimit`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -178,6 +178,9 @@ pub struct TargetNodeStatus {
     pub luns: Vec<LunStatus>,
     #[serde(default)]
     pub sessions: i32,
+    /// Why it is not ready on this node (a condition reason: `ImageNotReady`, `BackendLimit`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -186,6 +189,10 @@ pub struct TargetNodeStatus {
 #[serde(rename_all = "camelCase")]
 pub struct LunStatus {
     pub lun: u32,
+    /// The LUN number initiators see, when it differs from `lun` (tgt's LUN 0 is its controller,
+    /// so API LUN n is tgt LUN n + 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_lun: Option<u32>,
     /// The SCSI unit serial number, the same on every node serving the same image.
     pub serial: String,
     pub size: Quantity,

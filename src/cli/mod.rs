@@ -1,6 +1,7 @@
 //! The `discus` command line.
 
 mod image;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,12 +37,24 @@ enum Command {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// Serve the resources of a folder of manifests from this machine, without a cluster.
+    Serve(serve::ServeArgs),
+    /// Show the status `discus serve` wrote: one line per resource.
+    Status {
+        /// The data directory `discus serve` uses.
+        #[arg(long, default_value = "/var/lib/discus")]
+        data_dir: PathBuf,
+    },
 }
 
 /// Runs the command line and returns the process's exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init_for_cli();
+    crate::telemetry::init(if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     match cli.command {
         Command::Crds => match crate::crds::render_yaml() {
             Ok(yaml) => {
@@ -52,6 +65,18 @@ pub fn run() -> ExitCode {
         },
         Command::Validate { paths } => validate(&paths),
         Command::Image { command } => image::run(command),
+        Command::Serve(args) => serve::run(args),
+        Command::Status { data_dir } => {
+            print!("{}", crate::standalone::status_table(&data_dir));
+            let waiting = crate::standalone::not_ready_messages(&data_dir);
+            if !waiting.is_empty() {
+                println!();
+                for message in waiting {
+                    println!("{message}");
+                }
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 

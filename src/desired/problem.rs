@@ -86,6 +86,9 @@ pub enum Reason {
     BackendLimit,
     /// The target software holds an object of that name that discus did not create.
     ForeignObject,
+    /// The image could not be imported, and trying again will not help (a wrong digest, a
+    /// hostile or unsupported image, a source outside the allowed roots).
+    ImportFailed,
 }
 
 impl Reason {
@@ -109,7 +112,35 @@ impl Reason {
             Self::DuplicateGrant => "DuplicateGrant",
             Self::BackendLimit => "BackendLimit",
             Self::ForeignObject => "ForeignObject",
+            Self::ImportFailed => "ImportFailed",
         }
+    }
+
+    /// Every reason, for reading one back from status.
+    pub const ALL: [Reason; 19] = [
+        Self::InvalidSpec,
+        Self::IqnConflict,
+        Self::NoPortal,
+        Self::UnsupportedDeviceType,
+        Self::ImageNotFound,
+        Self::ImageInvalid,
+        Self::ImageNotReady,
+        Self::TargetNotFound,
+        Self::TargetNotServed,
+        Self::LunNotFound,
+        Self::ChapRequired,
+        Self::ChapNotUsed,
+        Self::SecretNotFound,
+        Self::SecretPending,
+        Self::SecretInvalid,
+        Self::DuplicateGrant,
+        Self::BackendLimit,
+        Self::ForeignObject,
+        Self::ImportFailed,
+    ];
+
+    pub fn parse(name: &str) -> Option<Reason> {
+        Self::ALL.into_iter().find(|r| r.as_str() == name)
     }
 
     /// Whether only a person can fix it (kstatus `Stalled`), as opposed to something that may
@@ -125,7 +156,8 @@ impl Reason {
             | Self::SecretInvalid
             | Self::DuplicateGrant
             | Self::BackendLimit
-            | Self::ForeignObject => true,
+            | Self::ForeignObject
+            | Self::ImportFailed => true,
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady

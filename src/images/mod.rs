@@ -8,6 +8,7 @@
 pub mod fetch;
 pub mod file;
 pub mod inspect;
+pub mod manager;
 pub mod progress;
 pub mod qemu;
 mod sink;
@@ -245,4 +246,20 @@ async fn hash_file(staging: store::Staging) -> Result<(store::Staging, String, u
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+/// Makes the private, writable copy of an image a writable LUN serves, so that writes never
+/// reach the verified image (on file systems that can, the copy shares blocks until written).
+pub fn copy_for_writing(seed: &std::path::Path, target: &std::path::Path) -> std::io::Result<()> {
+    let dir = target.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let copy = tempfile::Builder::new().prefix(".copy-").tempfile_in(dir)?;
+    std::fs::copy(seed, copy.path())?;
+    let file = copy.as_file();
+    let mut permissions = file.metadata()?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
+    file.set_permissions(permissions)?;
+    file.sync_all()?;
+    copy.persist(target).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod http;
+pub mod sandbox;
 
 use std::path::PathBuf;
 

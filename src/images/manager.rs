@@ -1,0 +1,119 @@
+//! Imports in the background, one per source digest, so that a sync never waits for a download:
+//! it asks for what the node needs and reads where each import stands.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use super::{ImportError, ImportRequest, Importer, Progress, StoredImage, progress};
+
+/// Where an image stands on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageState {
+    Ready(StoredImage),
+    InProgress(Progress),
+    /// The import failed. `retry_at` is set when trying again may help (a network fault).
+    Failed {
+        message: String,
+        retry_at: Option<Instant>,
+    },
+}
+
+enum Job {
+    Running(watch::Receiver<Progress>),
+    Done(Result<StoredImage, (String, Option<Instant>)>),
+}
+
+pub struct ImageManager {
+    importer: Arc<Importer>,
+    jobs: Arc<Mutex<BTreeMap<String, Job>>>,
+    /// Woken whenever an import finishes, so the sync loop can run again.
+    finished: Arc<Notify>,
+    retry_delay: Duration,
+}
+
+impl ImageManager {
+    pub fn new(importer: Arc<Importer>) -> Self {
+        Self {
+            importer,
+            jobs: Arc::default(),
+            finished: Arc::new(Notify::new()),
+            retry_delay: Duration::from_secs(60),
+        }
+    }
+
+    pub fn importer(&self) -> &Importer {
+        &self.importer
+    }
+
+    /// Notified each time an import ends.
+    pub fn finished(&self) -> Arc<Notify> {
+        Arc::clone(&self.finished)
+    }
+
+    /// Where the image stands; starts (or restarts, after a transient failure) its import.
+    pub fn ensure(&self, request: &ImportRequest) -> ImageState {
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return ImageState::Failed {
+                message: "the image manager is broken".into(),
+                retry_at: None,
+            };
+        };
+        match jobs.get(&request.sha256) {
+            Some(Job::Running(progress)) => {
+                return ImageState::InProgress(progress.borrow().clone());
+            }
+            // Found again only if it is still in the store (garbage collection may have run).
+            Some(Job::Done(Ok(stored))) if stored.path.exists() => {
+                return ImageState::Ready(stored.clone());
+            }
+            Some(Job::Done(Err((message, retry_at))))
+                if retry_at.is_none_or(|at| Instant::now() < at) =>
+            {
+                return ImageState::Failed {
+                    message: message.clone(),
+                    retry_at: *retry_at,
+                };
+            }
+            _ => {}
+        }
+        // Already stored (by an earlier run or `discus image fetch`): no job needed.
+        if let Ok(Some(stored)) = self.importer.store().lookup(&request.sha256) {
+            jobs.insert(request.sha256.clone(), Job::Done(Ok(stored.clone())));
+            return ImageState::Ready(stored);
+        }
+        let (mut reporter, receiver) = progress::channel();
+        let initial = receiver.borrow().clone();
+        jobs.insert(request.sha256.clone(), Job::Running(receiver));
+        let (importer, jobs, finished, request) = (
+            Arc::clone(&self.importer),
+            Arc::clone(&self.jobs),
+            Arc::clone(&self.finished),
+            request.clone(),
+        );
+        let retry_delay = self.retry_delay;
+        tokio::spawn(async move {
+            let result = importer.import(&request, &mut reporter).await;
+            let done = result.map_err(|error: ImportError| {
+                tracing::warn!(sha256 = %request.sha256, %error, "image import failed");
+                let retry_at = error.is_transient().then(|| Instant::now() + retry_delay);
+                (error.to_string(), retry_at)
+            });
+            if let Ok(mut jobs) = jobs.lock() {
+                jobs.insert(request.sha256.clone(), Job::Done(done));
+            }
+            finished.notify_one();
+        });
+        ImageState::InProgress(initial)
+    }
+
+    /// Whether any import is still running.
+    pub fn busy(&self) -> bool {
+        self.jobs
+            .lock()
+            .map(|jobs| jobs.values().any(|j| matches!(j, Job::Running(_))))
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,479 @@
+//! Status: each node's entry for each resource, from a sync report, and the resource's kstatus
+//! conditions from the entries of every node.
+//!
+//! Conditions follow kstatus: `Ready` always; `Reconciling` while work is under way; `Stalled`
+//! when only a person can fix it; `Expired` for grants past their time. A condition's
+//! `lastTransitionTime` moves only when its status changes, so unchanged status writes nothing.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+
+use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
+use crate::api::initiator_access::{AccessNodeStatus, Connection, ConnectionLun, SessionStatus};
+use crate::api::iscsi_target::{LunStatus, TargetNodeStatus};
+use crate::api::quantity::format_bytes;
+use crate::api::{
+    DiscImage, DiscImageStatus, InitiatorAccess, InitiatorAccessStatus, IscsiTarget,
+    IscsiTargetStatus,
+};
+use crate::desired::{Kind, ObjectKey, Problem, Reason, object_key};
+use crate::images::manager::ImageState;
+use crate::sync::NodeReport;
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+pub const EXPIRED: &str = "Expired";
+
+/// One condition as wanted now.
+struct Wanted {
+    kind: &'static str,
+    status: bool,
+    reason: String,
+    message: String,
+}
+
+/// The conditions, keeping each one's transition time while its status stays the same.
+fn conditions(
+    previous: &[Condition],
+    wanted: Vec<Wanted>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    wanted
+        .into_iter()
+        .map(|w| {
+            let status = if w.status { "True" } else { "False" }.to_owned();
+            let since = previous
+                .iter()
+                .find(|c| c.type_ == w.kind && c.status == status)
+                .map_or(Time(now), |c| c.last_transition_time.clone());
+            Condition {
+                type_: w.kind.to_owned(),
+                status,
+                reason: w.reason,
+                message: w.message,
+                last_transition_time: since,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+/// Ready, and Reconciling or Stalled when not ready, from a summary.
+fn kstatus(ready: bool, reason: &str, message: &str, stalled: bool) -> Vec<Wanted> {
+    let reason = reason.to_owned();
+    let message = message.to_owned();
+    let mut wanted = vec![Wanted {
+        kind: READY,
+        status: ready,
+        reason: reason.clone(),
+        message: message.clone(),
+    }];
+    if !ready {
+        wanted.push(Wanted {
+            kind: if stalled { STALLED } else { RECONCILING },
+            status: true,
+            reason,
+            message,
+        });
+    }
+    wanted
+}
+
+fn stalls(reason: Option<&str>) -> bool {
+    reason.and_then(Reason::parse).is_some_and(Reason::stalls)
+}
+
+/// The first problem's reason and every problem's message.
+fn summary(problems: &[&Problem]) -> Option<(String, String)> {
+    let first = problems.first()?;
+    let message = problems
+        .iter()
+        .map(|p| p.message.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some((first.reason.to_string(), message))
+}
+
+// --- DiscImage ------------------------------------------------------------------------------
+
+/// This node's entry for an image: its phase here, or nothing when the node does not need it.
+pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNodeStatus> {
+    let key = object_key(image.meta());
+    let problems: Vec<&Problem> = report.problems_of(Kind::DiscImage, &key).collect();
+    let mut entry = DiscImageNodeStatus {
+        node: report.node.clone(),
+        ..DiscImageNodeStatus::default()
+    };
+    if let Some((reason, message)) = summary(&problems) {
+        entry.phase = ImagePhase::Failed;
+        entry.reason = Some(reason);
+        entry.message = Some(message);
+        return Some(entry);
+    }
+    match report.images.get(&key)? {
+        ImageState::Ready(stored) => {
+            entry.phase = ImagePhase::Ready;
+            entry.bytes_done = i64::try_from(stored.virtual_size).ok();
+            entry.bytes_total = entry.bytes_done;
+        }
+        ImageState::InProgress(progress) => {
+            entry.phase = progress.phase;
+            entry.bytes_done = i64::try_from(progress.bytes_done).ok();
+            entry.bytes_total = progress.bytes_total.and_then(|t| i64::try_from(t).ok());
+        }
+        ImageState::Failed { message, .. } => {
+            entry.phase = ImagePhase::Failed;
+            entry.message = Some(message.clone());
+        }
+    }
+    Some(entry)
+}
+
+/// An image's whole status from every node's entry.
+pub fn image_status(
+    image: &DiscImage,
+    entries: Vec<DiscImageNodeStatus>,
+    report: &NodeReport,
+    previous: Option<&DiscImageStatus>,
+    now: Timestamp,
+) -> DiscImageStatus {
+    let key = object_key(image.meta());
+    let stored = match report.images.get(&key) {
+        Some(ImageState::Ready(stored)) => Some(stored),
+        _ => None,
+    };
+    let ready = !entries.is_empty() && entries.iter().all(|e| e.phase == ImagePhase::Ready);
+    let failed = entries.iter().find(|e| e.phase == ImagePhase::Failed);
+    let (reason, message, stalled) = if ready {
+        (
+            "Ready".to_owned(),
+            format!("verified and stored on {} node(s)", entries.len()),
+            false,
+        )
+    } else if let Some(failed) = failed {
+        let reason = failed
+            .reason
+            .clone()
+            .unwrap_or_else(|| Reason::ImportFailed.to_string());
+        let stalled = stalls(Some(&reason));
+        (reason, failed.message.clone().unwrap_or_default(), stalled)
+    } else if let Some(entry) = entries.first() {
+        let phase = format!("{:?}", entry.phase);
+        let progress = match (entry.bytes_done, entry.bytes_total) {
+            (Some(done), Some(total)) => {
+                format!("{phase} on {}: {done} of {total} bytes", entry.node)
+            }
+            _ => format!("{phase} on {}", entry.node),
+        };
+        (phase, progress, false)
+    } else {
+        (
+            "NotNeeded".to_owned(),
+            "no node needs this image yet".to_owned(),
+            false,
+        )
+    };
+    let generation = image.meta().generation;
+    DiscImageStatus {
+        observed_generation: generation,
+        conditions: conditions(
+            previous.map_or(&[][..], |p| &p.conditions),
+            kstatus(ready, &reason, &message, stalled),
+            generation,
+            now,
+        ),
+        format: stored
+            .and_then(|s| serde_json::from_value(serde_json::Value::String(s.format.clone())).ok()),
+        virtual_size: stored.map(|s| format_bytes(s.virtual_size)),
+        sha256: stored.map(|s| s.sha256.clone()),
+        served_sha256: stored.map(|s| s.served_sha256.clone()),
+        nodes: entries,
+    }
+}
+
+// --- IscsiTarget ----------------------------------------------------------------------------
+
+/// This node's entry for a target, or nothing when it is not placed here.
+pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetNodeStatus> {
+    let key = object_key(target.meta());
+    let problems: Vec<&Problem> = report.problems_of(Kind::IscsiTarget, &key).collect();
+    let served = report.desired.targets.iter().find(|t| t.owner == key);
+    let mut entry = TargetNodeStatus {
+        node: report.node.clone(),
+        ..TargetNodeStatus::default()
+    };
+    if let Some((reason, message)) = summary(&problems) {
+        entry.reason = Some(reason);
+        entry.message = Some(message);
+        return Some(entry);
+    }
+    let served = served?;
+    entry.portals = served.portals.iter().map(ToString::to_string).collect();
+    entry.luns = served
+        .luns
+        .iter()
+        .map(|l| LunStatus {
+            lun: l.lun,
+            device_lun: report
+                .device_luns
+                .get(&l.lun)
+                .copied()
+                .filter(|d| *d != l.lun),
+            serial: l.serial.clone(),
+            size: format_bytes(l.size_bytes),
+        })
+        .collect();
+    entry.sessions = report
+        .sessions
+        .iter()
+        .filter(|s| s.target == served.iqn)
+        .count() as i32;
+    let unsettled: Vec<&str> = report
+        .unsettled
+        .iter()
+        .filter(|u| u.target.as_deref() == Some(served.iqn.as_str()) || u.target.is_none())
+        .map(|u| u.message.as_str())
+        .collect();
+    if unsettled.is_empty() {
+        entry.ready = true;
+    } else {
+        entry.reason = Some("NotConverged".into());
+        entry.message = Some(unsettled.join("; "));
+    }
+    Some(entry)
+}
+
+pub fn target_status(
+    target: &IscsiTarget,
+    entries: Vec<TargetNodeStatus>,
+    report: &NodeReport,
+    previous: Option<&IscsiTargetStatus>,
+    now: Timestamp,
+) -> IscsiTargetStatus {
+    let key = object_key(target.meta());
+    let served = report.desired.targets.iter().find(|t| t.owner == key);
+    let ready_count = entries.iter().filter(|e| e.ready).count();
+    let ready = !entries.is_empty() && ready_count == entries.len();
+    let (reason, message, stalled) = if ready {
+        (
+            "Ready".to_owned(),
+            format!("served by {ready_count} node(s)"),
+            false,
+        )
+    } else if let Some(entry) = entries.iter().find(|e| !e.ready) {
+        let reason = entry
+            .reason
+            .clone()
+            .unwrap_or_else(|| "NotConverged".into());
+        let message = format!(
+            "{}: {}",
+            entry.node,
+            entry.message.clone().unwrap_or_default()
+        );
+        (reason, message, stalls(entry.reason.as_deref()))
+    } else {
+        (
+            "NoNode".to_owned(),
+            "no storage node matches spec.nodeSelector".to_owned(),
+            false,
+        )
+    };
+    let mut portals: Vec<String> = entries
+        .iter()
+        .flat_map(|e| e.portals.iter().cloned())
+        .collect();
+    portals.sort();
+    portals.dedup();
+    let generation = target.meta().generation;
+    IscsiTargetStatus {
+        observed_generation: generation,
+        conditions: conditions(
+            previous.map_or(&[][..], |p| &p.conditions),
+            kstatus(ready, &reason, &message, stalled),
+            generation,
+            now,
+        ),
+        iqn: served
+            .map(|t| t.iqn.clone())
+            .or_else(|| target.spec.iqn.clone()),
+        portals,
+        lun_count: i32::try_from(target.spec.luns.len()).ok(),
+        ready_nodes: Some(format!("{ready_count}/{}", entries.len())),
+        nodes: entries,
+    }
+}
+
+// --- InitiatorAccess ------------------------------------------------------------------------
+
+/// This node's entry for a grant, or nothing when its target is not placed here.
+pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<AccessNodeStatus> {
+    let key = object_key(grant.meta());
+    let problems: Vec<&Problem> = report.problems_of(Kind::InitiatorAccess, &key).collect();
+    let mut entry = AccessNodeStatus {
+        node: report.node.clone(),
+        ..AccessNodeStatus::default()
+    };
+    if report.desired.expired.contains(&key) {
+        entry.reason = Some(EXPIRED.into());
+        entry.message = Some(format!(
+            "expired at {}",
+            grant.spec.expires_at.clone().unwrap_or_default()
+        ));
+        return Some(entry);
+    }
+    if let Some((reason, message)) = summary(&problems) {
+        entry.reason = Some(reason);
+        entry.message = Some(message);
+        return Some(entry);
+    }
+    let target = report
+        .desired
+        .targets
+        .iter()
+        .find(|t| t.acls.iter().any(|a| a.grant == key))?;
+    let initiator = grant.spec.initiator_iqn.as_str();
+    entry.sessions = report
+        .sessions
+        .iter()
+        .filter(|s| s.target == target.iqn && s.initiator == initiator)
+        .map(|s| {
+            let address = s.address.clone().unwrap_or_default();
+            let since = report
+                .session_since
+                .get(&(s.target.clone(), s.initiator.clone(), address.clone()))
+                .map(ToString::to_string);
+            SessionStatus { address, since }
+        })
+        .collect();
+    let unsettled: Vec<&str> = report
+        .unsettled
+        .iter()
+        .filter(|u| {
+            u.target.is_none()
+                || (u.target.as_deref() == Some(target.iqn.as_str())
+                    && (u.initiator.is_none() || u.initiator.as_deref() == Some(initiator)))
+        })
+        .map(|u| u.message.as_str())
+        .collect();
+    if unsettled.is_empty() {
+        entry.applied = true;
+    } else {
+        entry.reason = Some("NotConverged".into());
+        entry.message = Some(unsettled.join("; "));
+    }
+    Some(entry)
+}
+
+pub fn grant_status(
+    grant: &InitiatorAccess,
+    entries: Vec<AccessNodeStatus>,
+    report: &NodeReport,
+    previous: Option<&InitiatorAccessStatus>,
+    now: Timestamp,
+) -> InitiatorAccessStatus {
+    let key = object_key(grant.meta());
+    let expired = report.desired.expired.contains(&key);
+    let applied = entries.iter().filter(|e| e.applied).count();
+    let ready = !expired && !entries.is_empty() && applied == entries.len();
+    let (reason, message, stalled) = if expired {
+        (
+            EXPIRED.to_owned(),
+            format!(
+                "expired at {}",
+                grant.spec.expires_at.clone().unwrap_or_default()
+            ),
+            false,
+        )
+    } else if ready {
+        (
+            "Ready".to_owned(),
+            format!("applied on {applied} node(s)"),
+            false,
+        )
+    } else if let Some(entry) = entries.iter().find(|e| !e.applied) {
+        let reason = entry
+            .reason
+            .clone()
+            .unwrap_or_else(|| "NotConverged".into());
+        let message = format!(
+            "{}: {}",
+            entry.node,
+            entry.message.clone().unwrap_or_default()
+        );
+        (reason, message, stalls(entry.reason.as_deref()))
+    } else {
+        (
+            Reason::TargetNotServed.to_string(),
+            format!(
+                "IscsiTarget {} is not served on any node",
+                grant.spec.target_ref.name
+            ),
+            false,
+        )
+    };
+    let mut wanted = kstatus(ready, &reason, &message, stalled);
+    if expired {
+        // An expired grant is finished, not in progress: only Ready and Expired.
+        wanted.truncate(1);
+        wanted.push(Wanted {
+            kind: EXPIRED,
+            status: true,
+            reason: EXPIRED.into(),
+            message,
+        });
+    }
+    let connection = ready
+        .then(|| {
+            let target = report
+                .desired
+                .targets
+                .iter()
+                .find(|t| t.acls.iter().any(|a| a.grant == key))?;
+            let acl = target.acls.iter().find(|a| a.grant == key)?;
+            Some(Connection {
+                iqn: target.iqn.clone(),
+                portals: target.portals.iter().map(ToString::to_string).collect(),
+                luns: acl
+                    .luns
+                    .iter()
+                    .map(|m| ConnectionLun {
+                        lun: m.lun,
+                        device_lun: report
+                            .device_luns
+                            .get(&m.lun)
+                            .copied()
+                            .filter(|d| *d != m.lun),
+                        read_only: m.read_only,
+                    })
+                    .collect(),
+            })
+        })
+        .flatten();
+    let generation = grant.meta().generation;
+    InitiatorAccessStatus {
+        observed_generation: generation,
+        conditions: conditions(
+            previous.map_or(&[][..], |p| &p.conditions),
+            wanted,
+            generation,
+            now,
+        ),
+        connection,
+        nodes: entries,
+    }
+}
+
+/// Whether a status says Ready.
+pub fn is_ready(conditions: &[Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True")
+}
+
+/// The key of the resource a status belongs to, for callers that index statuses.
+pub fn key_of<K: Resource>(resource: &K) -> ObjectKey {
+    object_key(resource.meta())
+}

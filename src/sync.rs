@@ -1,0 +1,451 @@
+//! The whole-node sync: the same loop for `discus serve` and the Kubernetes agent.
+//!
+//! Level-triggered: every pass computes the complete desired state of the node from all the
+//! resources, diffs it against what the backend holds, applies only the difference, and observes
+//! again to see what converged. One pass at a time (one writer per node); images download in the
+//! background and a finished import asks for another pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+
+use crate::api::chap::{Password, SecretData};
+use crate::api::disc_image::{ValidImage, ValidSource};
+use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
+use crate::backend::{Backend, Operation, Session};
+use crate::desired::{
+    self, Backing, DesiredState, Inputs, Kind, NodeFacts, ObjectKey, Problem, ReadyImage, Reason,
+    Settings,
+};
+use crate::images::manager::{ImageManager, ImageState};
+use crate::images::{self, HttpAuth, ImportRequest, Source};
+
+/// Everything declared: the input of a sync.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    pub images: Vec<DiscImage>,
+    pub targets: Vec<IscsiTarget>,
+    pub grants: Vec<InitiatorAccess>,
+    pub secrets: BTreeMap<ObjectKey, SecretData>,
+}
+
+/// Work that did not converge: an operation that failed, or one still planned after applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsettled {
+    pub target: Option<String>,
+    pub initiator: Option<String>,
+    pub message: String,
+}
+
+/// What one pass found and did on this node: the input of status.
+#[derive(Debug, Default)]
+pub struct NodeReport {
+    pub node: String,
+    pub backend: &'static str,
+    pub desired: DesiredState,
+    /// The desired state's problems, what the backend refused, and images that cannot be had.
+    pub problems: Vec<Problem>,
+    pub unsettled: Vec<Unsettled>,
+    pub sessions: Vec<Session>,
+    /// When each session (target, initiator, address) was first seen.
+    pub session_since: BTreeMap<(String, String, String), Timestamp>,
+    pub images: BTreeMap<ObjectKey, ImageState>,
+    /// API LUN → the LUN initiators see.
+    pub device_luns: BTreeMap<u32, u32>,
+}
+
+impl NodeReport {
+    pub fn problems_of(&self, kind: Kind, key: &ObjectKey) -> impl Iterator<Item = &Problem> {
+        self.problems
+            .iter()
+            .filter(move |p| p.kind == kind && p.key == *key)
+    }
+
+    pub fn unsettled_of<'a>(
+        &'a self,
+        iqn: &'a str,
+        initiator: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Unsettled> {
+        self.unsettled.iter().filter(move |u| {
+            u.target.as_deref() == Some(iqn)
+                && (initiator.is_none() || u.initiator.as_deref() == initiator)
+        })
+    }
+}
+
+pub struct Syncer<B: Backend> {
+    backend: B,
+    images: ImageManager,
+    node: NodeFacts,
+    settings: Settings,
+    default_max_virtual_size: u64,
+    /// Fetch every declared image, not only those a target placed here needs (one server that
+    /// is the only node).
+    prefetch_all: bool,
+    session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
+}
+
+impl<B: Backend> Syncer<B> {
+    pub fn new(
+        backend: B,
+        images: ImageManager,
+        node: NodeFacts,
+        mut settings: Settings,
+        default_max_virtual_size: u64,
+    ) -> Self {
+        settings.cdrom_supported = backend.capabilities().cdrom;
+        Self {
+            backend,
+            images,
+            node,
+            settings,
+            default_max_virtual_size,
+            prefetch_all: false,
+            session_since: Mutex::default(),
+        }
+    }
+
+    /// Fetches every declared image, as a single server should.
+    pub fn prefetch_all(mut self) -> Self {
+        self.prefetch_all = true;
+        self
+    }
+
+    pub fn images(&self) -> &ImageManager {
+        &self.images
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// One pass. Never fails: what goes wrong is in the report, for status.
+    pub async fn sync(&self, resources: &Resources, now: Timestamp) -> NodeReport {
+        let mut report = NodeReport {
+            node: self.node.name.clone(),
+            backend: self.backend.name(),
+            ..NodeReport::default()
+        };
+
+        // What is stored already; the desired state says which of the rest this node needs.
+        let requests = self.import_requests(resources, &mut report);
+        let mut ready = BTreeMap::new();
+        for (key, request) in &requests {
+            if let Ok(Some(stored)) = self.images.importer().store().lookup(&request.sha256) {
+                ready.insert(key.clone(), ready_image(&stored));
+                report.images.insert(key.clone(), ImageState::Ready(stored));
+            }
+        }
+        let mut state = desired::desired_state(&self.inputs(resources, &ready, now));
+        let mut newly_ready = false;
+        let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
+            requests.keys().cloned().collect()
+        } else {
+            state.needed_images.clone()
+        };
+        for key in &wanted {
+            if let Some(request) = requests.get(key)
+                && !ready.contains_key(key)
+            {
+                let image_state = self.images.ensure(request);
+                if let ImageState::Ready(stored) = &image_state {
+                    ready.insert(key.clone(), ready_image(stored));
+                    newly_ready = true;
+                }
+                report.images.insert(key.clone(), image_state);
+            }
+        }
+        if newly_ready {
+            // An image turned out to be stored: compute again with it.
+            state = desired::desired_state(&self.inputs(resources, &ready, now));
+        }
+        for (key, image) in &report.images {
+            if let ImageState::Failed { message, retry_at } = image {
+                report.problems.push(Problem {
+                    kind: Kind::DiscImage,
+                    key: key.clone(),
+                    reason: if retry_at.is_some() {
+                        Reason::ImageNotReady
+                    } else {
+                        Reason::ImportFailed
+                    },
+                    message: message.clone(),
+                });
+            }
+        }
+        self.make_writable_copies(&mut state, &mut report).await;
+
+        self.reconcile(&state, &mut report).await;
+        report.problems.extend(state.problems.iter().cloned());
+        self.collect_garbage(&requests, &state);
+        report.desired = state;
+        report
+    }
+
+    fn inputs<'a>(
+        &'a self,
+        r: &'a Resources,
+        ready: &'a BTreeMap<ObjectKey, ReadyImage>,
+        now: Timestamp,
+    ) -> Inputs<'a> {
+        Inputs {
+            images: &r.images,
+            targets: &r.targets,
+            grants: &r.grants,
+            secrets: &r.secrets,
+            node: &self.node,
+            ready,
+            settings: &self.settings,
+            now,
+        }
+    }
+
+    /// An import request for every valid DiscImage (the invalid ones are the desired state's
+    /// problems); those whose Secrets are missing become problems here.
+    fn import_requests(
+        &self,
+        resources: &Resources,
+        report: &mut NodeReport,
+    ) -> BTreeMap<ObjectKey, ImportRequest> {
+        let mut requests = BTreeMap::new();
+        for image in &resources.images {
+            let key = desired::object_key(image.meta());
+            let Ok(valid) = image.spec.validate() else {
+                continue;
+            };
+            match self.request(&key, valid, &resources.secrets) {
+                Ok(request) => {
+                    requests.insert(key, request);
+                }
+                Err(message) => report.problems.push(Problem {
+                    kind: Kind::DiscImage,
+                    key,
+                    reason: Reason::SecretNotFound,
+                    message,
+                }),
+            }
+        }
+        requests
+    }
+
+    fn request(
+        &self,
+        key: &ObjectKey,
+        image: ValidImage,
+        secrets: &BTreeMap<ObjectKey, SecretData>,
+    ) -> Result<ImportRequest, String> {
+        let source = match image.source {
+            ValidSource::File { path } => Source::File { path: path.into() },
+            ValidSource::Http {
+                url,
+                ca_bundle,
+                headers,
+            } => {
+                let mut auth = HttpAuth::default();
+                if let Some(reference) = ca_bundle {
+                    let data = secrets.get(&key.sibling(&reference.name)).ok_or_else(|| {
+                        format!(
+                            "spec.source.http.caBundleSecretRef: Secret {} not found",
+                            reference.name
+                        )
+                    })?;
+                    let pem = data.get(&reference.key).ok_or_else(|| {
+                        format!(
+                            "spec.source.http.caBundleSecretRef: Secret {} has no key {}",
+                            reference.name, reference.key
+                        )
+                    })?;
+                    auth.ca_bundle = Some(pem.clone());
+                }
+                if let Some(reference) = headers {
+                    let data = secrets.get(&key.sibling(&reference.name)).ok_or_else(|| {
+                        format!(
+                            "spec.source.http.headersSecretRef: Secret {} not found",
+                            reference.name
+                        )
+                    })?;
+                    for (name, value) in data {
+                        let value = String::from_utf8(value.clone()).map_err(|_| {
+                            format!(
+                                "spec.source.http.headersSecretRef: the value of {name} is not text"
+                            )
+                        })?;
+                        auth.headers.push((name.clone(), Password::new(value)));
+                    }
+                }
+                Source::Http { url, auth }
+            }
+        };
+        Ok(ImportRequest {
+            source,
+            sha256: image.sha256,
+            format: image.format,
+            max_virtual_size: image
+                .max_virtual_size
+                .unwrap_or(self.default_max_virtual_size),
+        })
+    }
+
+    /// Copies the image of every writable LUN that has no copy yet; a LUN whose copy cannot be
+    /// made keeps its target out, with the reason.
+    async fn make_writable_copies(&self, state: &mut DesiredState, report: &mut NodeReport) {
+        let mut failed = Vec::new();
+        for target in &state.targets {
+            for lun in &target.luns {
+                let Backing::WritableCopy { seed, path } = &lun.backing else {
+                    continue;
+                };
+                if path.exists() {
+                    continue;
+                }
+                let (seed, path) = (seed.clone(), path.clone());
+                let copied =
+                    tokio::task::spawn_blocking(move || images::copy_for_writing(&seed, &path))
+                        .await;
+                if let Err(message) = copied
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    failed.push((
+                        target.iqn.clone(),
+                        target.owner.clone(),
+                        format!("LUN {}: cannot make its writable copy: {message}", lun.lun),
+                    ));
+                }
+            }
+        }
+        for (iqn, owner, message) in failed {
+            state.targets.retain(|t| t.iqn != iqn);
+            report.problems.push(Problem {
+                kind: Kind::IscsiTarget,
+                key: owner,
+                reason: Reason::ImageNotReady,
+                message,
+            });
+        }
+    }
+
+    /// Observe, plan, apply, observe again.
+    async fn reconcile(&self, state: &DesiredState, report: &mut NodeReport) {
+        for target in &state.targets {
+            for lun in &target.luns {
+                report
+                    .device_luns
+                    .insert(lun.lun, self.backend.device_lun(lun.lun));
+            }
+        }
+        let observed = match self.backend.observe().await {
+            Ok(observed) => observed,
+            Err(error) => {
+                report
+                    .unsettled
+                    .extend(state.targets.iter().map(|t| Unsettled {
+                        target: Some(t.iqn.clone()),
+                        initiator: None,
+                        message: format!("{} backend: {error}", self.backend.name()),
+                    }));
+                return;
+            }
+        };
+        let plan = self.backend.plan(&state.targets, &observed);
+        let mut broken: BTreeSet<String> = BTreeSet::new();
+        for op in &plan.ops {
+            // After a failure on a target, its later operations would build on a missing step.
+            if op.target().is_some_and(|t| broken.contains(t)) {
+                continue;
+            }
+            tracing::info!(backend = self.backend.name(), "{op}");
+            if let Err(error) = self.backend.apply(op).await {
+                tracing::warn!(backend = self.backend.name(), %error, "{op} failed");
+                if let Some(target) = op.target() {
+                    broken.insert(target.to_owned());
+                }
+                report.unsettled.push(Unsettled {
+                    target: op.target().map(str::to_owned),
+                    initiator: op.initiator().map(str::to_owned),
+                    message: error.to_string(),
+                });
+            }
+        }
+        report.problems.extend(plan.refused);
+        match self.backend.observe().await {
+            Ok(after) => {
+                for op in self.backend.plan(&state.targets, &after).ops {
+                    let already = report.unsettled.iter().any(|u| {
+                        u.target.as_deref() == op.target()
+                            && u.initiator.as_deref() == op.initiator()
+                    });
+                    if !already {
+                        report.unsettled.push(Unsettled {
+                            target: op.target().map(str::to_owned),
+                            initiator: op.initiator().map(str::to_owned),
+                            message: format!("not converged: {op}"),
+                        });
+                    }
+                }
+                report.sessions = self.backend.sessions(&after);
+            }
+            Err(error) => report.unsettled.push(Unsettled {
+                target: None,
+                initiator: None,
+                message: format!("{} backend: {error}", self.backend.name()),
+            }),
+        }
+        let now = Timestamp::now();
+        if let Ok(mut since) = self.session_since.lock() {
+            let live: BTreeSet<(String, String, String)> = report
+                .sessions
+                .iter()
+                .map(|s| {
+                    (
+                        s.target.clone(),
+                        s.initiator.clone(),
+                        s.address.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            since.retain(|k, _| live.contains(k));
+            for key in live {
+                since.entry(key).or_insert(now);
+            }
+            report.session_since = since.clone();
+        }
+    }
+
+    /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a
+    /// complete set of resources, so an empty list here really means "nothing declared".
+    fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
+        let store = self.images.importer().store();
+        let mut needed: BTreeSet<String> = BTreeSet::new();
+        for request in requests.values() {
+            match store.lookup(&request.sha256) {
+                Ok(Some(stored)) => {
+                    needed.insert(stored.served_sha256);
+                }
+                Ok(None) => {}
+                // When the index cannot be read, keep everything.
+                Err(_) => return,
+            }
+        }
+        for target in &state.targets {
+            for lun in &target.luns {
+                if let Some(stem) = lun.backing.path().file_stem().and_then(|s| s.to_str()) {
+                    needed.insert(stem.to_owned());
+                }
+            }
+        }
+        if let Err(error) = store.collect_garbage(&needed) {
+            tracing::warn!(%error, "garbage collection failed");
+        }
+    }
+}
+
+fn ready_image(stored: &images::StoredImage) -> ReadyImage {
+    ReadyImage {
+        path: stored.path.clone(),
+        size_bytes: stored.virtual_size,
+        served_sha256: stored.served_sha256.clone(),
+    }
+}

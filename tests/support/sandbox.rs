@@ -1,0 +1,147 @@
+//! A host of its own for a test: new mount, network and PID namespaces, with a private
+//! `/var/lib/discus` and `/run/tgtd`, and only a loopback interface. Servers started inside
+//! (discus, tgtd) bind to that loopback, cannot collide with other tests, and die with the
+//! sandbox: its PID 1 is a `sleep` held by the test process, and when that goes, the kernel ends
+//! every process of the namespace.
+//!
+//! Commands run through `nsenter`, which forks the program into the sandbox's PID namespace (a
+//! multi-threaded program cannot join one without a fork); `Sandbox::kill` ends the program
+//! itself, not only the nsenter in front of it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Sandbox {
+    holder: Child,
+    /// The host PID of the sandbox's PID 1.
+    pid: u32,
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        for mount_point in ["/var/lib/discus", "/run/tgtd"] {
+            std::fs::create_dir_all(mount_point).expect("mount point");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("discus-sandbox-")
+            .tempdir()
+            .expect("tempdir");
+        for sub in ["data", "run-tgtd"] {
+            std::fs::create_dir(dir.path().join(sub)).expect("mkdir");
+        }
+        let holder = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .args([
+                "unshare",
+                "--mount",
+                "--net",
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--propagation",
+                "private",
+            ])
+            .args(["sleep", "infinity"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        let pid = sleeper_of(holder.id());
+        let sandbox = Self { holder, pid, dir };
+        let data = sandbox.dir.path().join("data");
+        let run = sandbox.dir.path().join("run-tgtd");
+        sandbox.must(&["ip", "link", "set", "lo", "up"]);
+        sandbox.must(&[
+            "mount",
+            "--bind",
+            &data.display().to_string(),
+            "/var/lib/discus",
+        ]);
+        sandbox.must(&["mount", "--bind", &run.display().to_string(), "/run/tgtd"]);
+        sandbox
+    }
+
+    /// A command that runs in the sandbox's namespaces and dies with it.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .args(["-t", &self.pid.to_string(), "-m", "-n", "-p", "--"])
+            .arg(program);
+        command
+    }
+
+    /// Kills (SIGKILL) the program a `command` started, and reaps the nsenter in front of it.
+    pub fn kill(&self, child: &mut Child) {
+        let nsenter = child.id();
+        let inner = std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
+            .unwrap_or_default();
+        for pid in inner.split_whitespace() {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Runs a command to completion and fails the test if it fails.
+    pub fn must(&self, args: &[&str]) -> String {
+        let output = self
+            .command(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("runs");
+        assert!(
+            output.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// The sandbox's `/var/lib/discus`, as the test sees it.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A scratch folder of the test's, visible inside the sandbox at the same path.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("scratch");
+        path
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // PID 1 goes, and the kernel ends every process of the sandbox with it.
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// The child `unshare --fork` made: the sandbox's PID 1.
+fn sleeper_of(unshare: u32) -> u32 {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            // Wait until it runs `sleep` in its namespaces.
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" {
+                return pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("the sandbox did not start");
+}
