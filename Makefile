@@ -2,7 +2,15 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: test lint crds check-crds
+.PHONY: demo demo-stop test lint crds
+
+## Serves examples/standalone/ on this machine and proves it with an initiator (as root).
+demo:
+	tools/demo
+
+## Stops what `make demo` serves.
+demo-stop:
+	tools/demo-stop
 
 ## Everything CI checks: formatting, lints, the dependency graph, the CRDs, and every test
 ## (unit, CLI, and against a real kube-apiserver built from pinned sources).

@@ -232,18 +232,26 @@ impl Host {
     }
 }
 
-/// A DiscImage, a target with it as LUN 0, a grant for INITIATOR with CHAP, and its Secret.
-fn served(image: &Path, digest: &str, extra_lun: &str) -> String {
+/// The DiscImage `disk` from a file.
+fn image_manifest(image: &Path, digest: &str) -> String {
     format!(
         "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: disk, namespace: lab}}\n\
-         spec: {{source: {{file: {{path: {}}}}}, sha256: {digest}, format: raw}}\n---\n\
+         spec: {{source: {{file: {{path: {}}}}}, sha256: {digest}, format: raw}}\n",
+        image.display()
+    )
+}
+
+/// The DiscImage, a target with it as LUN 0, a grant for INITIATOR with CHAP, and its Secret.
+fn served(image: &Path, digest: &str, extra_lun: &str) -> String {
+    format!(
+        "{}---\n\
          apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: boot, namespace: lab}}\n\
          spec:\n  iqn: iqn.2026-11.dev.discus:boot\n  luns:\n  - {{lun: 0, image: disk}}\n{extra_lun}---\n\
          apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: client, namespace: lab}}\n\
          spec: {{targetRef: {{name: boot}}, initiatorIqn: {INITIATOR}, chap: {{secretRef: {{name: client-chap}}}}}}\n---\n\
          apiVersion: v1\nkind: Secret\nmetadata: {{name: client-chap, namespace: lab}}\n\
          stringData: {{username: client, password: client-secret}}\n",
-        image.display()
+        image_manifest(image, digest)
     )
 }
 
@@ -732,4 +740,51 @@ fn bad_manifests_are_reported_and_the_good_ones_served_regardless() {
         )
         .is_ok()
     );
+}
+
+#[test]
+fn a_target_removed_under_io_goes_away_whole() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 8 << 20);
+    host.manifest(
+        "lab.yaml",
+        &served(&image, &digest, "  - {lun: 1, image: disk}\n"),
+    );
+    let mut server = host.start();
+    host.wait_for("the target", || {
+        host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+    });
+    let mut load = host
+        .sandbox
+        .command("iscsi-perf")
+        .args([
+            "-i",
+            INITIATOR,
+            "-t",
+            "60",
+            &format!("iscsi://client%client-secret@{PORTAL}/iqn.2026-11.dev.discus:boot/2"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    host.wait_for("I/O under way", || {
+        host.tgtadm(&["--mode", "target", "--op", "show"])
+            .contains("I_T nexus:")
+    });
+
+    // The whole target goes while the initiator reads from it.
+    host.manifest("lab.yaml", &image_manifest(&image, &digest));
+    host.wait_for("the target to be gone", || {
+        !host
+            .tgtadm(&["--mode", "target", "--op", "show"])
+            .contains("iqn.2026-11.dev.discus:boot")
+    });
+    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
+    assert!(
+        !show.contains("LUN:"),
+        "nothing half-deleted is left:\n{show}"
+    );
+    host.sandbox.kill(&mut load);
+    host.sandbox.kill(&mut server);
 }
