@@ -966,3 +966,47 @@ async fn https_sources_are_trusted_through_the_ca_bundle_only() {
         "{error}"
     );
 }
+
+/// A store on a file system too small for the image: refused before writing, nothing left.
+#[test]
+fn free_space_is_checked_before_writing() {
+    let sandbox = support::sandbox::Sandbox::new();
+    let small = sandbox.scratch("small");
+    sandbox.must(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=1m",
+        "tmpfs",
+        &small.display().to_string(),
+    ]);
+    let image = sandbox.scratch("images").join("disk.raw");
+    std::fs::write(&image, disk_bytes()).expect("image");
+    let output = sandbox
+        .command(env!("CARGO_BIN_EXE_discus"))
+        .args([
+            "image",
+            "fetch",
+            "--file",
+            &image.display().to_string(),
+            "--sha256",
+            &sha256_file(&image),
+        ])
+        .args(["--data-dir", &small.join("data").display().to_string()])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("not enough free space for 8388608 bytes"),
+        "{stderr}"
+    );
+    let leftovers = sandbox.must(&[
+        "find",
+        &small.join("data").display().to_string(),
+        "-type",
+        "f",
+    ]);
+    assert_eq!(leftovers, "", "nothing left in the store");
+}
