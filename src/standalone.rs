@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::api::{self, FieldErrors};
 use crate::backend::Backend;
+use crate::backend::lio::{self, LioBackend};
 use crate::backend::tgt::{TgtBackend, TgtConfig};
 use crate::desired::{NodeFacts, ObjectKey, Settings};
 use crate::images::manager::ImageManager;
@@ -153,8 +154,20 @@ pub async fn serve(options: ServeOptions) -> Result<Outcome, ServeError> {
         writable_dir: options.data_dir.join("writable"),
         ..Settings::default()
     };
-    match choose_backend(options.backend)? {
-        BackendChoice::Tgt => {
+    match choose_backend(options.backend) {
+        BackendChoice::Lio => {
+            let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
+            let syncer = Syncer::new(
+                backend,
+                images,
+                node,
+                settings,
+                options.default_max_virtual_size,
+            )
+            .prefetch_all();
+            run(syncer, &options).await
+        }
+        BackendChoice::Tgt | BackendChoice::Auto => {
             let mut config = TgtConfig::new(options.data_dir.join("tgt"));
             config.control_port = options.tgt_control_port;
             let backend = TgtBackend::start(config).await?;
@@ -168,30 +181,26 @@ pub async fn serve(options: ServeOptions) -> Result<Outcome, ServeError> {
             .prefetch_all();
             run(syncer, &options).await
         }
-        BackendChoice::Lio | BackendChoice::Auto => Err(ServeError::Setup(
-            "the LIO backend is not available yet in this version; use --backend tgt".into(),
-        )),
     }
 }
 
-/// `auto`: LIO where the kernel has configfs target support — once discus has its LIO backend;
-/// until then tgt, and the log says why.
-fn choose_backend(choice: BackendChoice) -> Result<BackendChoice, ServeError> {
-    match choice {
-        BackendChoice::Auto => {
-            let lio = Path::new("/sys/kernel/config/target").exists();
-            tracing::info!(
-                configfs_target = lio,
-                "backend: tgt (the LIO backend is not part of this version{})",
-                if lio {
-                    ", although this kernel has configfs target support"
-                } else {
-                    ""
-                }
-            );
-            Ok(BackendChoice::Tgt)
-        }
-        other => Ok(other),
+/// `auto`: LIO where the kernel has configfs target support, else tgt; the log says which and why.
+fn choose_backend(choice: BackendChoice) -> BackendChoice {
+    if choice != BackendChoice::Auto {
+        return choice;
+    }
+    if lio::available() {
+        tracing::info!(
+            "backend: lio (the kernel has configfs target support at {})",
+            lio::CONFIGFS
+        );
+        BackendChoice::Lio
+    } else {
+        tracing::info!(
+            "backend: tgt ({} is absent: no target modules loaded, or configfs not mounted)",
+            lio::CONFIGFS
+        );
+        BackendChoice::Tgt
     }
 }
 

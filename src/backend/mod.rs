@@ -6,6 +6,7 @@
 //! list of operations plus what the backend cannot do; `apply` carries out one operation. After
 //! applying, the loop observes again: what is still planned has not converged.
 
+pub mod lio;
 pub mod tgt;
 
 use std::fmt;

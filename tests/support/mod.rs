@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod http;
+pub mod lio_vm;
 pub mod sandbox;
 
 use std::path::PathBuf;

@@ -1,0 +1,98 @@
+//! The LIO backend: the kernel's own iSCSI target, written directly through configfs.
+//!
+//! No targetcli, no saveconfig: every sync reads what the kernel holds, plans the difference to
+//! the declared state, and applies it. After a reboot configfs is empty and the first sync
+//! rebuilds everything from the declared state.
+
+mod model;
+mod plan;
+mod read;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use model::LioState;
+pub use plan::{LioOp, storage_name};
+
+use super::{Backend, BackendError, Capabilities, Plan, Session};
+use crate::desired::TargetConfig;
+
+pub const CONFIGFS: &str = "/sys/kernel/config/target";
+
+/// Whether this kernel has configfs target support.
+pub fn available() -> bool {
+    Path::new(CONFIGFS).exists()
+}
+
+pub struct LioBackend {
+    configfs: Arc<write::Configfs>,
+}
+
+impl LioBackend {
+    pub fn new(root: PathBuf) -> Result<Self, BackendError> {
+        if !root.join("core").exists() {
+            return Err(BackendError::Unreachable(format!(
+                "{} has no target support: load target_core_mod, target_core_file and iscsi_target_mod, and mount configfs",
+                root.display()
+            )));
+        }
+        Ok(Self {
+            configfs: Arc::new(write::Configfs { root }),
+        })
+    }
+}
+
+impl Backend for LioBackend {
+    type Observed = LioState;
+    type Op = LioOp;
+
+    fn name(&self) -> &'static str {
+        "lio"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        // The kernel's backstores present disks only.
+        Capabilities { cdrom: false }
+    }
+
+    fn device_lun(&self, lun: u32) -> u32 {
+        lun
+    }
+
+    async fn observe(&self) -> Result<LioState, BackendError> {
+        let configfs = Arc::clone(&self.configfs);
+        tokio::task::spawn_blocking(move || read::read(&configfs.root))
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+            .map_err(BackendError::Io)
+    }
+
+    fn plan(&self, desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
+        plan::plan(desired, observed)
+    }
+
+    async fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
+        let (configfs, op) = (Arc::clone(&self.configfs), op.clone());
+        tokio::task::spawn_blocking(move || configfs.apply(&op))
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+    }
+
+    fn sessions(&self, observed: &LioState) -> Vec<Session> {
+        observed
+            .targets
+            .iter()
+            .filter_map(|t| Some((t, t.tpg()?)))
+            .flat_map(|(t, tpg)| {
+                tpg.acls.iter().flat_map(move |acl| {
+                    acl.sessions.iter().map(move |address| Session {
+                        target: t.iqn.clone(),
+                        initiator: acl.initiator.clone(),
+                        address: Some(address.clone()),
+                    })
+                })
+            })
+            .collect()
+    }
+}

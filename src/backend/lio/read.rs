@@ -1,0 +1,200 @@
+//! Reads configfs into the typed model. Blocking: callers run it on a blocking thread.
+
+use std::io;
+use std::path::Path;
+
+use super::model::{Acl, LioState, LioTarget, MappedLun, StorageObject, Tpg, TpgLun};
+use crate::api::chap::Password;
+
+/// The TPG attributes discus sets, and so reads.
+pub const ATTRIBUTES: [&str; 6] = [
+    "generate_node_acls",
+    "authentication",
+    "demo_mode_write_protect",
+    "prod_mode_write_protect",
+    "cache_dynamic_acls",
+    "demo_mode_discovery",
+];
+
+fn text(path: &Path) -> String {
+    // configfs appends a newline to what it shows.
+    std::fs::read_to_string(path)
+        .map(|t| t.strip_suffix('\n').map(str::to_owned).unwrap_or(t))
+        .unwrap_or_default()
+}
+
+fn dirs(path: &Path) -> io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    match std::fs::read_dir(path) {
+        Ok(entries) => {
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    names.push(entry.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The link targets in a folder (LUN links, mapped LUN links), as the last components of their
+/// paths.
+fn links(path: &Path) -> io::Result<Vec<Vec<String>>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        if entry.file_type()?.is_symlink() {
+            let target = std::fs::read_link(entry.path())?;
+            found.push(
+                target
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect(),
+            );
+        }
+    }
+    Ok(found)
+}
+
+pub fn read(root: &Path) -> io::Result<LioState> {
+    let mut state = LioState::default();
+    let core = root.join("core");
+    for hba in dirs(&core)? {
+        // `alua` and the like hold no storage objects.
+        if !hba.contains('_') {
+            continue;
+        }
+        for name in dirs(&core.join(&hba))? {
+            let dir = core.join(&hba).join(&name);
+            if !dir.join("info").exists() {
+                continue;
+            }
+            state.storage.push(storage_object(&dir, &hba, &name));
+        }
+        state.hbas.push(hba);
+    }
+    let iscsi = root.join("iscsi");
+    for iqn in dirs(&iscsi)? {
+        if iqn == "discovery_auth" {
+            continue;
+        }
+        let mut target = LioTarget {
+            iqn: iqn.clone(),
+            tpgs: Vec::new(),
+        };
+        for tpgt in dirs(&iscsi.join(&iqn))? {
+            let Some(tag) = tpgt.strip_prefix("tpgt_").and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            target.tpgs.push(tpg(&iscsi.join(&iqn).join(&tpgt), tag)?);
+        }
+        state.targets.push(target);
+    }
+    Ok(state)
+}
+
+fn storage_object(dir: &Path, hba: &str, name: &str) -> StorageObject {
+    let info = text(&dir.join("info"));
+    // "… SectorSize: 512 …\n TCM FILEIO ID: 0  File: /path  Size: 1048576  Mode: O_DSYNC …"
+    let tokens: Vec<&str> = info.split_whitespace().collect();
+    let field = |key: &str| {
+        tokens
+            .windows(2)
+            .find(|pair| pair[0] == key)
+            .map(|pair| pair[1].to_owned())
+    };
+    StorageObject {
+        hba: hba.to_owned(),
+        name: name.to_owned(),
+        enabled: text(&dir.join("enable")) == "1",
+        file: field("File:"),
+        size: field("Size:").and_then(|s| s.parse().ok()),
+        buffered: info.contains("Buffered-WCE"),
+        serial: text(&dir.join("wwn/vpd_unit_serial"))
+            .trim_start_matches("T10 VPD Unit Serial Number:")
+            .trim()
+            .to_owned(),
+        block_size: text(&dir.join("attrib/block_size")).parse().unwrap_or(0),
+    }
+}
+
+fn tpg(dir: &Path, tag: u16) -> io::Result<Tpg> {
+    let mut tpg = Tpg {
+        tag,
+        enabled: text(&dir.join("enable")) == "1",
+        alias: text(&dir.join("param/TargetAlias")),
+        attributes: ATTRIBUTES
+            .iter()
+            .map(|a| ((*a).to_owned(), text(&dir.join("attrib").join(a))))
+            .collect(),
+        portals: dirs(&dir.join("np"))?,
+        ..Tpg::default()
+    };
+    for lun in dirs(&dir.join("lun"))? {
+        let Some(index) = lun.strip_prefix("lun_").and_then(|i| i.parse().ok()) else {
+            continue;
+        };
+        let storage = links(&dir.join("lun").join(&lun))?
+            .into_iter()
+            .find_map(|parts| {
+                let n = parts.len();
+                (n >= 2).then(|| (parts[n - 2].clone(), parts[n - 1].clone()))
+            });
+        tpg.luns.push(TpgLun { index, storage });
+    }
+    for initiator in dirs(&dir.join("acls"))? {
+        tpg.acls
+            .push(acl(&dir.join("acls").join(&initiator), &initiator)?);
+    }
+    Ok(tpg)
+}
+
+fn acl(dir: &Path, initiator: &str) -> io::Result<Acl> {
+    let secret = |file: &str| {
+        let value = text(&dir.join("auth").join(file));
+        (!value.is_empty() && value != "NULL").then(|| Password::new(value))
+    };
+    let mut acl = Acl {
+        initiator: initiator.to_owned(),
+        userid: text(&dir.join("auth/userid")),
+        password: secret("password"),
+        userid_mutual: text(&dir.join("auth/userid_mutual")),
+        password_mutual: secret("password_mutual"),
+        ..Acl::default()
+    };
+    for name in ["userid", "userid_mutual"] {
+        let value = if name == "userid" {
+            &mut acl.userid
+        } else {
+            &mut acl.userid_mutual
+        };
+        if value == "NULL" {
+            value.clear();
+        }
+    }
+    for lun in dirs(dir)? {
+        let Some(index) = lun.strip_prefix("lun_").and_then(|i| i.parse().ok()) else {
+            continue;
+        };
+        let tpg_lun = links(&dir.join(&lun))?
+            .into_iter()
+            .find_map(|parts| parts.last()?.strip_prefix("lun_")?.parse().ok());
+        acl.mapped.push(MappedLun {
+            index,
+            tpg_lun,
+            write_protect: text(&dir.join(&lun).join("write_protect")) == "1",
+        });
+    }
+    // "   Address 10.0.2.2 TCP  StatSN: 0x…" for each logged-in connection.
+    acl.sessions = text(&dir.join("info"))
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Address "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    Ok(acl)
+}

@@ -1,0 +1,210 @@
+//! Carries out one planned operation on configfs. Blocking: callers run it on a blocking thread.
+//!
+//! Every value is written in one `write(2)` without a newline (configfs stores CHAP strings
+//! verbatim). `EEXIST` on a `mkdir` the plan asked for means it is already there: success, and the
+//! next observation checks its content. `EBUSY` and `ENOTEMPTY` mean the order was wrong: a bug,
+//! reported loudly, never retried blindly.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::plan::{HBA, LioOp, StorageSpec};
+use crate::backend::BackendError;
+
+pub struct Configfs {
+    pub root: PathBuf,
+}
+
+fn failed(op: &LioOp, path: &Path, error: &io::Error) -> BackendError {
+    let hint = match error.raw_os_error() {
+        Some(code)
+            if code == rustix::io::Errno::BUSY.raw_os_error()
+                || code == rustix::io::Errno::NOTEMPTY.raw_os_error() =>
+        {
+            " — the kernel refused because something still uses it: discus removed things in the wrong order (a bug, please report it)"
+        }
+        _ => "",
+    };
+    tracing::error!(%op, path = %path.display(), %error, "configfs refused an operation");
+    BackendError::Failed {
+        operation: op.to_string(),
+        message: format!("{}: {error}{hint}", path.display()),
+    }
+}
+
+impl Configfs {
+    fn iscsi(&self) -> PathBuf {
+        self.root.join("iscsi")
+    }
+
+    fn tpg(&self, iqn: &str) -> PathBuf {
+        self.iscsi().join(iqn).join("tpgt_1")
+    }
+
+    fn acl(&self, iqn: &str, initiator: &str) -> PathBuf {
+        self.tpg(iqn).join("acls").join(initiator)
+    }
+
+    pub fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
+        let mkdir = |path: &Path| match std::fs::create_dir(path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other.map_err(|e| failed(op, path, &e)),
+        };
+        let rmdir = |path: &Path| match std::fs::remove_dir(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other.map_err(|e| failed(op, path, &e)),
+        };
+        let write =
+            |path: &Path, value: &str| write_value(path, value).map_err(|e| failed(op, path, &e));
+        let link = |target: &Path, path: &Path| match std::os::unix::fs::symlink(target, path) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            other => other.map_err(|e| failed(op, path, &e)),
+        };
+        let unlink_all = |dir: &Path| -> Result<(), BackendError> {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(failed(op, dir, &e)),
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if entry.file_type().is_ok_and(|t| t.is_symlink()) {
+                    std::fs::remove_file(entry.path())
+                        .map_err(|e| failed(op, &entry.path(), &e))?;
+                }
+            }
+            Ok(())
+        };
+        match op {
+            LioOp::CreateHba => mkdir(&self.root.join("core").join(HBA)),
+            LioOp::CreateStorage(spec) => self.create_storage(op, spec),
+            LioOp::DeleteStorage { hba, name } => {
+                rmdir(&self.root.join("core").join(hba).join(name))
+            }
+            LioOp::CreateTarget { iqn } => {
+                // The first `mkdir iscsi` loads iscsi_target_mod.
+                mkdir(&self.iscsi())?;
+                mkdir(&self.iscsi().join(iqn))
+            }
+            LioOp::CreateTpg { iqn, alias } => {
+                mkdir(&self.tpg(iqn))?;
+                write(&self.tpg(iqn).join("param/TargetAlias"), alias)
+            }
+            LioOp::SetAttribute { iqn, name, value } => {
+                write(&self.tpg(iqn).join("attrib").join(name), value)
+            }
+            LioOp::EnableTpg { iqn, enable } => write(
+                &self.tpg(iqn).join("enable"),
+                if *enable { "1" } else { "0" },
+            ),
+            LioOp::AddPortal { iqn, portal } => mkdir(&self.tpg(iqn).join("np").join(portal)),
+            LioOp::RemovePortal { iqn, portal } => rmdir(&self.tpg(iqn).join("np").join(portal)),
+            LioOp::AddLun { iqn, lun, storage } => {
+                let dir = self.tpg(iqn).join("lun").join(format!("lun_{lun}"));
+                mkdir(&dir)?;
+                link(
+                    &self.root.join("core").join(HBA).join(storage),
+                    &dir.join("discus"),
+                )
+            }
+            LioOp::RemoveLun { iqn, lun } => {
+                let dir = self.tpg(iqn).join("lun").join(format!("lun_{lun}"));
+                unlink_all(&dir)?;
+                rmdir(&dir)
+            }
+            LioOp::CreateAcl { iqn, initiator } => mkdir(&self.acl(iqn, initiator)),
+            LioOp::DeleteAcl { iqn, initiator } => rmdir(&self.acl(iqn, initiator)),
+            LioOp::SetAuth {
+                iqn,
+                initiator,
+                field,
+                value,
+            } => write(
+                &self.acl(iqn, initiator).join("auth").join(field.file()),
+                value.expose(),
+            ),
+            LioOp::MapLun {
+                iqn,
+                initiator,
+                lun,
+                write_protect,
+            } => {
+                let dir = self.acl(iqn, initiator).join(format!("lun_{lun}"));
+                mkdir(&dir)?;
+                link(
+                    &self.tpg(iqn).join("lun").join(format!("lun_{lun}")),
+                    &dir.join("lun"),
+                )?;
+                write(
+                    &dir.join("write_protect"),
+                    if *write_protect { "1" } else { "0" },
+                )
+            }
+            LioOp::UnmapLun {
+                iqn,
+                initiator,
+                lun,
+            } => {
+                let dir = self.acl(iqn, initiator).join(format!("lun_{lun}"));
+                unlink_all(&dir)?;
+                rmdir(&dir)
+            }
+            LioOp::SetWriteProtect {
+                iqn,
+                initiator,
+                lun,
+                write_protect,
+            } => write(
+                &self
+                    .acl(iqn, initiator)
+                    .join(format!("lun_{lun}"))
+                    .join("write_protect"),
+                if *write_protect { "1" } else { "0" },
+            ),
+            LioOp::DeleteTpg { iqn } => rmdir(&self.tpg(iqn)),
+            LioOp::DeleteTarget { iqn } => rmdir(&self.iscsi().join(iqn)),
+        }
+    }
+
+    /// mkdir → control → udev_path → enable → serial and block size, all before any LUN links it.
+    fn create_storage(&self, op: &LioOp, spec: &StorageSpec) -> Result<(), BackendError> {
+        let dir = self.root.join("core").join(HBA).join(&spec.name);
+        match std::fs::create_dir(&dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(failed(op, &dir, &e)),
+            _ => {}
+        }
+        let file = spec.file.display().to_string();
+        let mut control = format!("fd_dev_name={file},fd_dev_size={}", spec.size);
+        if spec.buffered {
+            control.push_str(",fd_buffered_io=1");
+        }
+        let steps: [(&str, String); 5] = [
+            ("control", control),
+            ("udev_path", file),
+            ("enable", "1".into()),
+            ("wwn/vpd_unit_serial", spec.serial.clone()),
+            ("attrib/block_size", spec.block_size.to_string()),
+        ];
+        for (attribute, value) in steps {
+            let path = dir.join(attribute);
+            match write_value(&path, &value) {
+                // Enabling twice says EEXIST: it is enabled.
+                Err(e) if attribute == "enable" && e.kind() == io::ErrorKind::AlreadyExists => {}
+                other => other.map_err(|e| failed(op, &path, &e))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One write, no newline.
+fn write_value(path: &Path, value: &str) -> io::Result<()> {
+    let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+    let written = file.write(value.as_bytes())?;
+    if written != value.len() {
+        return Err(io::Error::other(format!(
+            "configfs took {written} of {} bytes",
+            value.len()
+        )));
+    }
+    Ok(())
+}

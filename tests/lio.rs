@@ -1,0 +1,499 @@
+//! The LIO backend against a real kernel: Debian's, booted under qemu (tests/support/lio_vm.rs),
+//! with discus serving inside the guest and real initiators (libiscsi, qemu-img) on the host.
+//! One boot serves a group of scenarios.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use support::lio_vm::LioVm;
+
+const INITIATOR: &str = "iqn.2026-11.dev.discus:test-client";
+
+/// discus in the guest, serving the shared manifests.
+const SERVE: &str = "discus serve --backend lio --manifests /host/manifests --data-dir /var/lib/discus \
+                     --file-root /host/images --node-name guest --address 0.0.0.0";
+
+fn image(vm: &LioVm, name: &str, size: usize) -> (String, String) {
+    let mut bytes = Vec::with_capacity(size);
+    let mut block = Sha256::digest(name.as_bytes());
+    while bytes.len() < size {
+        block = Sha256::digest(block);
+        bytes.extend_from_slice(&block);
+    }
+    bytes.truncate(size);
+    std::fs::write(vm.share().join("images").join(name), &bytes).expect("image");
+    (
+        format!("/host/images/{name}"),
+        hex::encode(Sha256::digest(&bytes)),
+    )
+}
+
+fn manifest(vm: &LioVm, name: &str, yaml: &str) {
+    let path = vm.share().join("manifests").join(name);
+    let part = path.with_extension("part");
+    std::fs::write(&part, yaml).expect("manifest");
+    std::fs::rename(part, path).expect("manifest");
+}
+
+fn status(vm: &LioVm, kind: &str, name: &str) -> Value {
+    std::fs::read(vm.share().join(format!("status/{kind}/lab/{name}.json")))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn condition(vm: &LioVm, kind: &str, name: &str, condition: &str) -> (String, String) {
+    let status = status(vm, kind, name);
+    let found = status
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|c| c.iter().find(|c| c["type"] == condition).cloned())
+        .unwrap_or_default();
+    (
+        found["status"].as_str().unwrap_or("").to_owned(),
+        found["message"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+fn wait_for(vm: &LioVm, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let (_, log) = vm.sh("cat /tmp/serve.log 2>/dev/null | tail -40");
+    panic!("timed out waiting for {what}; serve log:\n{log}");
+}
+
+/// A target with LUN 0 (and more), a grant for `initiator` with CHAP from Secret `chap`.
+fn target_yaml(name: &str, iqn: &str, luns: &[(u32, &str)], authentication: &str) -> String {
+    let luns: Vec<String> = luns
+        .iter()
+        .map(|(lun, image)| format!("{{lun: {lun}, image: {image}}}"))
+        .collect();
+    format!(
+        "---\napiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: {name}, namespace: lab}}\n\
+         spec: {{iqn: '{iqn}', luns: [{}], authentication: {authentication}}}\n",
+        luns.join(", ")
+    )
+}
+
+fn image_yaml(name: &str, path: &str, digest: &str) -> String {
+    format!(
+        "---\napiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: {name}, namespace: lab}}\n\
+         spec: {{source: {{file: {{path: {path}}}}}, sha256: {digest}, format: raw}}\n"
+    )
+}
+
+fn grant_yaml(name: &str, target: &str, initiator: &str, extra: &str) -> String {
+    format!(
+        "---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: {name}, namespace: lab}}\n\
+         spec: {{targetRef: {{name: {target}}}, initiatorIqn: '{initiator}'{extra}}}\n"
+    )
+}
+
+fn secret_yaml(name: &str, pairs: &[(&str, &str)]) -> String {
+    let data: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: '{v}'")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: lab}}\nstringData: {{{}}}\n",
+        data.join(", ")
+    )
+}
+
+fn inquiry(
+    vm: &LioVm,
+    iqn: &str,
+    lun: u32,
+    initiator: &str,
+    chap: Option<(&str, &str)>,
+) -> Result<String, String> {
+    let credentials = chap.map(|(u, p)| format!("{u}%{p}@")).unwrap_or_default();
+    let output = std::process::Command::new("iscsi-inq")
+        .args([
+            "-i",
+            initiator,
+            &format!("iscsi://{credentials}{}/{iqn}/{lun}", vm.portal()),
+        ])
+        .output()
+        .expect("iscsi-inq runs");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+fn read_lun(vm: &LioVm, out: &Path, iqn: &str, lun: u32, user: &str, password: &str) -> String {
+    let options = format!(
+        "driver=iscsi,transport=tcp,portal={},target={iqn},lun={lun},user={user},password={password},initiator-name={INITIATOR}",
+        vm.portal()
+    );
+    let output = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "--image-opts", &options])
+        .arg(out)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    hex::encode(Sha256::digest(std::fs::read(out).expect("read back")))
+}
+
+/// The configfs view of the guest, for drift and count checks.
+fn configfs(vm: &LioVm, command: &str) -> String {
+    vm.must(&format!("cd /sys/kernel/config/target && {command}"))
+}
+
+#[test]
+fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
+    let vm = LioVm::boot();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let (path, digest) = image(&vm, "disk.raw", 4 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let mutual_iqn = "iqn.2026-11.dev.discus:mutual";
+    let other = "iqn.2026-11.dev.discus:other-client";
+    let expiring = "iqn.2026-11.dev.discus:expiring-client";
+    let expires_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(40);
+    let mut yaml = image_yaml("disk", &path, &digest);
+    yaml.push_str(&target_yaml("boot", iqn, &[(0, "disk")], "chap"));
+    yaml.push_str(&grant_yaml(
+        "client",
+        "boot",
+        INITIATOR,
+        ", chap: {secretRef: {name: chap}}",
+    ));
+    yaml.push_str(&grant_yaml(
+        "other",
+        "boot",
+        other,
+        ", chap: {secretRef: {name: chap}}",
+    ));
+    yaml.push_str(&grant_yaml(
+        "expiring",
+        "boot",
+        expiring,
+        &format!(", chap: {{secretRef: {{name: chap}}}}, expiresAt: '{expires_at}'"),
+    ));
+    yaml.push_str(&secret_yaml(
+        "chap",
+        &[("username", "client"), ("password", "client-secret")],
+    ));
+    yaml.push_str(&target_yaml("mutual", mutual_iqn, &[(0, "disk")], "chap"));
+    yaml.push_str(&grant_yaml(
+        "mutual-client",
+        "mutual",
+        INITIATOR,
+        ", chap: {secretRef: {name: mutual-chap}, mutual: true}",
+    ));
+    yaml.push_str(&secret_yaml(
+        "mutual-chap",
+        &[
+            ("username", "mclient"),
+            ("password", "mclient-secret"),
+            ("mutualUsername", "mtarget"),
+            ("mutualPassword", "mtarget-secret"),
+        ],
+    ));
+    manifest(&vm, "lab.yaml", &yaml);
+    vm.must(&format!(
+        "{SERVE} --resync-seconds 1 > /tmp/serve.log 2>&1 &"
+    ));
+    wait_for(&vm, "every grant applied", || {
+        ["client", "other", "expiring", "mutual-client"]
+            .iter()
+            .all(|g| condition(&vm, "InitiatorAccess", g, "Ready").0 == "True")
+    });
+
+    // A read-only image LUN: read back whole with its digest; every write refused, DATA PROTECT.
+    assert_eq!(
+        read_lun(
+            &vm,
+            &scratch.path().join("read.raw"),
+            iqn,
+            0,
+            "client",
+            "client-secret"
+        ),
+        digest
+    );
+    let writes = std::process::Command::new("iscsi-test-cu")
+        .args([
+            "-i",
+            INITIATOR,
+            "--dataloss",
+            "-V",
+            "-t",
+            "ALL.Write10.Simple",
+        ])
+        .arg(format!(
+            "iscsi://client%client-secret@{}/{iqn}/0",
+            vm.portal()
+        ))
+        .output()
+        .expect("iscsi-test-cu runs");
+    let report = String::from_utf8_lossy(&writes.stdout);
+    assert!(
+        report.contains("sense key DATA PROTECTION(0x07)"),
+        "{report}"
+    );
+    assert!(
+        !report.contains("[OK] WRITE10"),
+        "a write succeeded: {report}"
+    );
+    // The same serial for the same image wherever it is served.
+    let grant = status(&vm, "IscsiTarget", "boot");
+    let serial = grant
+        .pointer("/status/nodes/0/luns/0/serial")
+        .and_then(Value::as_str)
+        .expect("serial")
+        .to_owned();
+    let vpd = std::process::Command::new("iscsi-inq")
+        .args([
+            "-e",
+            "1",
+            "-c",
+            "128",
+            "-i",
+            INITIATOR,
+            &format!("iscsi://client%client-secret@{}/{iqn}/0", vm.portal()),
+        ])
+        .output()
+        .expect("runs");
+    assert!(
+        String::from_utf8_lossy(&vpd.stdout).contains(&serial),
+        "{}",
+        String::from_utf8_lossy(&vpd.stdout)
+    );
+
+    // CHAP: right secret in, wrong secret, no secret and an ungranted initiator out.
+    assert!(inquiry(&vm, iqn, 0, INITIATOR, Some(("client", "client-secret"))).is_ok());
+    let wrong =
+        inquiry(&vm, iqn, 0, INITIATOR, Some(("client", "wrong-secret1"))).expect_err("wrong");
+    assert!(wrong.contains("Authentication failure"), "{wrong}");
+    assert!(inquiry(&vm, iqn, 0, INITIATOR, None).is_err());
+    let stranger = inquiry(
+        &vm,
+        iqn,
+        0,
+        "iqn.2026-11.dev.discus:stranger",
+        Some(("client", "client-secret")),
+    )
+    .expect_err("no ACL");
+    assert!(
+        stranger.contains("Authorization failure") || stranger.contains("Target not found"),
+        "{stranger}"
+    );
+    // Mutual CHAP: the target proves itself.
+    let mutual = |target_password: &str| {
+        std::process::Command::new("iscsi-inq")
+            .env("LIBISCSI_CHAP_TARGET_USERNAME", "mtarget")
+            .env("LIBISCSI_CHAP_TARGET_PASSWORD", target_password)
+            .args([
+                "-i",
+                INITIATOR,
+                &format!(
+                    "iscsi://mclient%mclient-secret@{}/{mutual_iqn}/0",
+                    vm.portal()
+                ),
+            ])
+            .output()
+            .expect("runs")
+    };
+    assert!(mutual("mtarget-secret").status.success());
+    assert!(!mutual("not-the-secret").status.success());
+
+    // Revoking one grant and expiring another end their live sessions; the others never notice.
+    let session = |initiator: &str| {
+        std::process::Command::new("iscsi-perf")
+            .args([
+                "-i",
+                initiator,
+                "-t",
+                "120",
+                &format!("iscsi://client%client-secret@{}/{iqn}/0", vm.portal()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iscsi-perf runs")
+    };
+    let (mut other_session, mut expiring_session) = (session(other), session(expiring));
+    wait_for(&vm, "both sessions", || {
+        let info = configfs(&vm, &format!("cat iscsi/{iqn}/tpgt_1/acls/*/info"));
+        info.matches("TARG_SESS_STATE_LOGGED_IN").count() >= 2
+    });
+    manifest(
+        &vm,
+        "lab.yaml",
+        &yaml.replace(
+            &grant_yaml("other", "boot", other, ", chap: {secretRef: {name: chap}}"),
+            "",
+        ),
+    );
+    wait_for(&vm, "the revoked grant's ACL and session to go", || {
+        !configfs(&vm, &format!("ls iscsi/{iqn}/tpgt_1/acls")).contains(other)
+    });
+    assert!(
+        inquiry(&vm, iqn, 0, other, Some(("client", "client-secret"))).is_err(),
+        "new logins refused"
+    );
+    wait_for(&vm, "the grant to expire", || {
+        condition(&vm, "InitiatorAccess", "expiring", "Expired").0 == "True"
+    });
+    assert!(!configfs(&vm, &format!("ls iscsi/{iqn}/tpgt_1/acls")).contains(expiring));
+    assert!(inquiry(&vm, iqn, 0, expiring, Some(("client", "client-secret"))).is_err());
+    assert!(inquiry(&vm, iqn, 0, INITIATOR, Some(("client", "client-secret"))).is_ok());
+    for child in [&mut other_session, &mut expiring_session] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    // Drift: a mapped LUN removed, an attribute changed, and a target discus did not make.
+    let acl = format!("iscsi/{iqn}/tpgt_1/acls/{INITIATOR}");
+    configfs(&vm, &format!("rm {acl}/lun_0/lun && rmdir {acl}/lun_0"));
+    configfs(
+        &vm,
+        &format!("echo 0 > iscsi/{iqn}/tpgt_1/attrib/demo_mode_write_protect"),
+    );
+    configfs(
+        &vm,
+        "mkdir -p iscsi/iqn.2001-04.com.example:not-discus/tpgt_1",
+    );
+    wait_for(&vm, "discus to restore its objects", || {
+        let restored = configfs(
+            &vm,
+            &format!("ls {acl}; cat iscsi/{iqn}/tpgt_1/attrib/demo_mode_write_protect"),
+        );
+        restored.contains("lun_0") && restored.trim_end().ends_with('1')
+    });
+    assert_eq!(
+        read_lun(
+            &vm,
+            &scratch.path().join("again.raw"),
+            iqn,
+            0,
+            "client",
+            "client-secret"
+        ),
+        digest
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        configfs(&vm, "ls iscsi").contains("iqn.2001-04.com.example:not-discus"),
+        "the unmarked target is left alone"
+    );
+}
+
+/// What discus makes in configfs, counted: targets, storage objects, LUN links, ACLs, mappings.
+fn census(vm: &LioVm) -> (usize, usize, usize, usize, usize) {
+    let count = |command: &str| {
+        configfs(vm, &format!("{command} 2>/dev/null | wc -l"))
+            .trim()
+            .parse()
+            .unwrap_or(usize::MAX)
+    };
+    (
+        count("ls -d iscsi/iqn.*"),
+        count("ls -d core/fileio_3260/discus-*"),
+        count("ls -d iscsi/*/tpgt_1/lun/lun_*"),
+        count("ls -d iscsi/*/tpgt_1/acls/*"),
+        count("ls -d iscsi/*/tpgt_1/acls/*/lun_*"),
+    )
+}
+
+/// `count` targets with a LUN and two grants each; the second grant of target `moved` goes to
+/// another initiator.
+fn many_targets(vm: &LioVm, count: usize, moved: Option<usize>) -> String {
+    let (path, digest) = image(vm, "small.raw", 1 << 20);
+    let mut yaml = image_yaml("small", &path, &digest);
+    yaml.push_str(&secret_yaml(
+        "chap",
+        &[("username", "client"), ("password", "client-secret")],
+    ));
+    for i in 0..count {
+        yaml.push_str(&target_yaml(
+            &format!("t{i}"),
+            &format!("iqn.2026-11.dev.discus:t{i}"),
+            &[(0, "small")],
+            "chap",
+        ));
+        for g in 0..2 {
+            let client = if moved == Some(i) && g == 1 { 9 } else { g };
+            yaml.push_str(&grant_yaml(
+                &format!("g{i}-{g}"),
+                &format!("t{i}"),
+                &format!("iqn.2026-11.dev.discus:client-{client}"),
+                ", chap: {secretRef: {name: chap}}",
+            ));
+        }
+    }
+    yaml
+}
+
+#[test]
+fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
+    let mut vm = LioVm::boot();
+    let targets = 300;
+    manifest(&vm, "lab.yaml", &many_targets(&vm, targets, None));
+
+    // Killed at several points of a large sync: each restart converges, nothing doubled or orphaned.
+    let full = (targets, targets, targets, 2 * targets, 2 * targets);
+    let mut interrupted = Vec::new();
+    for reached in [20, 120, 220] {
+        // SIGKILL as soon as the sync has built `reached` targets: mid-sync, whatever the speed.
+        vm.must(&format!(
+            "{SERVE} > /tmp/serve.log 2>&1 & pid=$!; \
+             until [ $(ls /sys/kernel/config/target/iscsi 2>/dev/null | grep -c '^iqn') -ge {reached} ]; do sleep 0.02; done; \
+             kill -9 $pid"
+        ));
+        interrupted.push(census(&vm));
+    }
+    assert!(
+        interrupted.iter().any(|c| c.0 > 0 && *c != full),
+        "no kill landed in the middle of a sync: {interrupted:?}"
+    );
+    vm.must(&format!("{SERVE} --once > /tmp/once.log 2>&1"));
+    assert_eq!(census(&vm), full);
+
+    // A power cut: configfs is empty after boot, and one sync restores everything.
+    vm.reboot();
+    assert_eq!(census(&vm).0, 0, "configfs starts empty");
+    let start = std::time::Instant::now();
+    vm.must(&format!("{SERVE} --once > /tmp/once.log 2>&1"));
+    eprintln!(
+        "cold sync of {targets} targets after a reboot: {:?}",
+        start.elapsed()
+    );
+    assert_eq!(census(&vm), full);
+
+    // One grant's change is a handful of operations, not a rewrite.
+    let yaml = many_targets(&vm, targets, Some(7));
+    manifest(&vm, "lab.yaml", &yaml);
+    let log = vm.must(&format!(
+        "RUST_LOG=discus=info {SERVE} --once 2>&1 | grep 'discus::sync' || true"
+    ));
+    let operations: Vec<&str> = log.lines().collect();
+    assert!(
+        !operations.is_empty() && operations.len() <= 6,
+        "one grant changed, operations: {operations:#?}"
+    );
+    assert!(
+        operations
+            .iter()
+            .all(|o| o.contains("t7") || o.contains("client-1") || o.contains("client-9")),
+        "{operations:#?}"
+    );
+}

@@ -1,0 +1,436 @@
+//! Real kernel LIO for tests, on machines whose own kernel has none: Debian's kernel booted under
+//! qemu (TCG) with the target modules, discus inside, initiators on the host.
+//!
+//! - The kernel package is fetched with `apt-get download` and unpacked once, into
+//!   `~/.cache/discus/lio-kernel-<version>/` (never relied on: it is rebuilt when absent).
+//! - The initramfs is a static busybox, the modules LIO needs (`crc32c_generic` included, or every
+//!   login fails), 9p to share a folder with the host, and the discus binary of this test run with
+//!   the libraries it links.
+//! - The guest listens on 0.0.0.0:3260; the host reaches it through a forward on 127.0.0.1.
+//! - The host hands manifests and images over the shared folder and runs commands in the guest
+//!   through it (`inbox/`, `outbox/`); discus writes its status into it.
+//!
+//! One boot serves a group of scenarios; dropping the VM stops qemu, which also dies with the test.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// The modules LIO, virtio networking and 9p need, in load order.
+const MODULES: &[&str] = &[
+    "crc32c_generic",
+    "configfs",
+    "scsi_common",
+    "crct10dif_common",
+    "crct10dif_generic",
+    "crc-t10dif",
+    "target_core_mod",
+    "target_core_file",
+    "iscsi_target_mod",
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "netfs",
+    "fscache",
+    "9pnet",
+    "9pnet_virtio",
+    "9p",
+];
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/local/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do insmod /modules/$m.ko || echo "insmod $m failed"; done
+mount -t configfs none /sys/kernel/config
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.0.2.15/24 dev eth0
+ip route add default via 10.0.2.2
+mkdir -p /host /var/lib/discus /tmp
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host
+ln -s /host/status /var/lib/discus/status
+mkdir -p /run
+echo ready > /host/ready
+# Commands from the host: inbox/<n> is run with sh, its output and exit code go to outbox/.
+while true; do
+  for job in /host/inbox/*; do
+    [ -e "$job" ] || continue
+    n=$(basename "$job")
+    mv "$job" /tmp/job-$n
+    sh /tmp/job-$n > /host/outbox/$n.out 2>&1
+    echo $? > /host/outbox/$n.rc.part
+    mv /host/outbox/$n.rc.part /host/outbox/$n.rc
+  done
+  sleep 0.05
+done
+"#;
+
+pub struct LioVm {
+    qemu: Option<Child>,
+    dir: tempfile::TempDir,
+    /// The host port forwarded to the guest's 3260.
+    pub port: u16,
+    jobs: AtomicU64,
+    kernel: PathBuf,
+    initrd: PathBuf,
+}
+
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} must be installed (.ci/run installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Debian's current kernel package, unpacked once: (vmlinuz, the folder with the modules).
+fn kernel() -> (PathBuf, PathBuf) {
+    let depends = Command::new("apt-cache")
+        .args(["depends", "linux-image-amd64"])
+        .output()
+        .expect("apt-cache");
+    let package = String::from_utf8_lossy(&depends.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: ").map(str::to_owned))
+        .expect("linux-image-amd64 depends on a kernel package");
+    let release = package.trim_start_matches("linux-image-").to_owned();
+    let cache = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".cache/discus")
+        .join(format!("lio-kernel-{release}"));
+    let vmlinuz = cache.join("vmlinuz");
+    let modules = cache.join("modules");
+    if vmlinuz.exists()
+        && MODULES
+            .iter()
+            .all(|m| modules.join(format!("{m}.ko")).exists())
+    {
+        return (vmlinuz, modules);
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let download = Command::new("apt-get")
+        .args(["download", &package])
+        .current_dir(work.path())
+        .output()
+        .expect("apt-get download");
+    assert!(
+        download.status.success(),
+        "apt-get download {package}: {}",
+        String::from_utf8_lossy(&download.stderr)
+    );
+    let deb = std::fs::read_dir(work.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("the .deb");
+    let root = work.path().join("root");
+    run(
+        "dpkg-deb",
+        &[
+            "-x",
+            &deb.display().to_string(),
+            &root.display().to_string(),
+        ],
+    );
+    let partial = cache.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(partial.join("modules")).expect("cache");
+    std::fs::copy(
+        root.join(format!("boot/vmlinuz-{release}")),
+        partial.join("vmlinuz"),
+    )
+    .expect("vmlinuz");
+    let tree = root.join(format!("lib/modules/{release}/kernel"));
+    for module in MODULES {
+        let found = find(&tree, &format!("{module}.ko"))
+            .unwrap_or_else(|| panic!("{module}.ko in {package}"));
+        std::fs::copy(found, partial.join(format!("modules/{module}.ko"))).expect("module");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::rename(&partial, &cache).expect("cache");
+    (vmlinuz, modules)
+}
+
+fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// The initramfs: busybox, init, modules, discus and its libraries, as an uncompressed cpio.
+fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
+    let root = dir.join("initramfs");
+    for sub in [
+        "bin",
+        "modules",
+        "usr/local/bin",
+        "lib/x86_64-linux-gnu",
+        "lib64",
+        "proc",
+        "sys",
+        "dev",
+        "etc",
+    ] {
+        std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("busybox-static must be installed");
+    std::fs::write(root.join("init"), INIT).expect("init");
+    std::fs::write(root.join("modules.order"), MODULES.join("\n")).expect("order");
+    for module in MODULES {
+        std::fs::copy(
+            modules.join(format!("{module}.ko")),
+            root.join(format!("modules/{module}.ko")),
+        )
+        .expect("module");
+    }
+    run(
+        "objcopy",
+        &[
+            "--strip-debug",
+            &discus.display().to_string(),
+            &root.join("usr/local/bin/discus").display().to_string(),
+        ],
+    );
+    for library in ["libgcc_s.so.1", "libm.so.6", "libc.so.6"] {
+        std::fs::copy(
+            Path::new("/lib/x86_64-linux-gnu").join(library),
+            root.join("lib/x86_64-linux-gnu").join(library),
+        )
+        .expect("library");
+    }
+    std::fs::copy(
+        "/lib64/ld-linux-x86-64.so.2",
+        root.join("lib64/ld-linux-x86-64.so.2"),
+    )
+    .expect("loader");
+    for file in ["init", "bin/busybox", "usr/local/bin/discus"] {
+        let mut permissions = std::fs::metadata(root.join(file))
+            .expect("file")
+            .permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(root.join(file), permissions).expect("chmod");
+    }
+    let mut files = Vec::new();
+    collect(&root, &root, &mut files);
+    let image = dir.join("initrd.cpio");
+    let mut cpio = Command::new("cpio")
+        .args([
+            "-o",
+            "-H",
+            "newc",
+            "--quiet",
+            "-F",
+            &image.display().to_string(),
+        ])
+        .current_dir(&root)
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cpio must be installed");
+    {
+        use std::io::Write;
+        let mut stdin = cpio.stdin.take().expect("stdin");
+        for file in &files {
+            writeln!(stdin, "{file}").expect("list");
+        }
+    }
+    assert!(cpio.wait().expect("cpio").success());
+    image
+}
+
+fn collect(root: &Path, dir: &Path, files: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).expect("dir").filter_map(Result::ok) {
+        let path = entry.path();
+        if let Ok(relative) = path.strip_prefix(root) {
+            files.push(relative.display().to_string());
+        }
+        if path.is_dir() {
+            collect(root, &path, files);
+        }
+    }
+}
+
+impl LioVm {
+    /// Boots a guest with the discus of this test run, and waits until it is ready.
+    pub fn boot() -> Self {
+        let (kernel, modules) = kernel();
+        let dir = tempfile::Builder::new()
+            .prefix("discus-lio-vm-")
+            .tempdir()
+            .expect("tempdir");
+        let initrd = initramfs(
+            dir.path(),
+            &modules,
+            Path::new(env!("CARGO_BIN_EXE_discus")),
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut vm = Self {
+            qemu: None,
+            dir,
+            port,
+            jobs: AtomicU64::new(0),
+            kernel,
+            initrd,
+        };
+        vm.start();
+        vm
+    }
+
+    /// The folder shared with the guest, seen from the host (the guest sees it as /host).
+    pub fn share(&self) -> PathBuf {
+        self.dir.path().join("share")
+    }
+
+    fn start(&mut self) {
+        let share = self.share();
+        for sub in ["manifests", "images", "status", "inbox", "outbox"] {
+            std::fs::create_dir_all(share.join(sub)).expect("share");
+        }
+        let _ = std::fs::remove_file(share.join("ready"));
+        let console = std::fs::File::create(self.dir.path().join("console.log")).expect("console");
+        let qemu = Command::new("setpriv")
+            .args([
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-smp",
+                "2",
+                "-m",
+                "1536",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&self.initrd)
+            .args([
+                "-append",
+                "console=ttyS0 quiet panic=-1",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ])
+            .args([
+                "-netdev",
+                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:3260", self.port),
+            ])
+            .args(["-device", "virtio-net-pci,netdev=n0"])
+            .args([
+                "-virtfs",
+                &format!(
+                    "local,path={},mount_tag=host,security_model=none,id=host",
+                    share.display()
+                ),
+            ])
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86 must be installed");
+        self.qemu = Some(qemu);
+        let start = Instant::now();
+        while !share.join("ready").exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "the guest did not boot:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the guest and boots it again: configfs starts empty, as after a power cut.
+    pub fn reboot(&mut self) {
+        if let Some(mut qemu) = self.qemu.take() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+        }
+        self.start();
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// Runs a shell command in the guest and returns (exit code, output).
+    pub fn sh(&self, command: &str) -> (i32, String) {
+        let n = self.jobs.fetch_add(1, Ordering::SeqCst);
+        let share = self.share();
+        let part = share.join(format!("inbox/.{n}"));
+        std::fs::write(&part, command).expect("job");
+        std::fs::rename(&part, share.join(format!("inbox/{n}"))).expect("job");
+        let rc = share.join(format!("outbox/{n}.rc"));
+        let start = Instant::now();
+        while !rc.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "the guest did not run {command:?}:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let code = std::fs::read_to_string(&rc)
+            .expect("rc")
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        let output =
+            std::fs::read_to_string(share.join(format!("outbox/{n}.out"))).unwrap_or_default();
+        (code, output)
+    }
+
+    /// Runs a command in the guest and fails the test if it fails.
+    pub fn must(&self, command: &str) -> String {
+        let (code, output) = self.sh(command);
+        assert_eq!(code, 0, "{command} failed in the guest:\n{output}");
+        output
+    }
+
+    /// The iSCSI portal the host reaches the guest's target at.
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LioVm {
+    fn drop(&mut self) {
+        if let Some(mut qemu) = self.qemu.take() {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+        }
+    }
+}
