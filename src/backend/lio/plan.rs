@@ -651,3 +651,397 @@ fn build(
         plan.ops.push(LioOp::EnableTpg { iqn, enable: true });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::super::model::{MappedLun, StorageObject, TpgLun};
+    use super::*;
+    use crate::api::chap::{ChapAccount, ChapCredentials};
+    use crate::api::iscsi_target::{DeviceType, Portal};
+    use crate::desired::{Backing, MappedLun as Mapping, ObjectKey};
+
+    const IQN: &str = "iqn.2026-11.dev.discus:lab.boot";
+
+    fn lun(n: u32) -> LunConfig {
+        LunConfig {
+            lun: n,
+            image: ObjectKey::new("lab", "img"),
+            backing: Backing::Image(PathBuf::from(format!("/data/images/{n}.raw"))),
+            size_bytes: 1 << 20,
+            serial: format!("{n:032x}"),
+            read_only: true,
+            block_size: None,
+            device_type: DeviceType::Disk,
+        }
+    }
+
+    fn acl(initiator: &str, grant: &str, luns: &[u32], mutual: bool) -> AclConfig {
+        let account = |u: &str, p: &str| ChapAccount {
+            username: u.into(),
+            password: Password::new(p.into()),
+        };
+        AclConfig {
+            initiator: initiator.into(),
+            grant: ObjectKey::new("lab", grant),
+            chap: Some(ChapCredentials {
+                initiator: account(grant, "secret-secret"),
+                mutual: mutual.then(|| account("target", "other-secret")),
+            }),
+            luns: luns
+                .iter()
+                .map(|&lun| Mapping {
+                    lun,
+                    read_only: true,
+                })
+                .collect(),
+        }
+    }
+
+    fn target(luns: Vec<LunConfig>, acls: Vec<AclConfig>) -> TargetConfig {
+        TargetConfig {
+            iqn: IQN.into(),
+            owner: ObjectKey::new("lab", "boot"),
+            portals: vec![Portal {
+                address: IpAddr::from([0, 0, 0, 0]),
+                port: 3260,
+            }],
+            chap_required: true,
+            luns,
+            acls,
+        }
+    }
+
+    /// configfs as a model, for the planner's unit tests (the kernel is tested in tests/lio.rs).
+    fn simulate(state: &mut LioState, ops: &[LioOp]) {
+        fn tpg<'a>(state: &'a mut LioState, iqn: &str) -> &'a mut Tpg {
+            let target = state
+                .targets
+                .iter_mut()
+                .find(|t| t.iqn == iqn)
+                .expect("target");
+            target.tpgs.iter_mut().find(|t| t.tag == 1).expect("tpg")
+        }
+        fn acl<'a>(state: &'a mut LioState, iqn: &str, initiator: &str) -> &'a mut Acl {
+            tpg(state, iqn)
+                .acls
+                .iter_mut()
+                .find(|a| a.initiator == initiator)
+                .expect("acl")
+        }
+        for op in ops {
+            match op.clone() {
+                LioOp::CreateHba => state.hbas.push(HBA.into()),
+                LioOp::CreateStorage(s) => state.storage.push(StorageObject {
+                    hba: HBA.into(),
+                    name: s.name,
+                    enabled: true,
+                    file: Some(s.file.display().to_string()),
+                    size: Some(s.size),
+                    buffered: s.buffered,
+                    serial: s.serial,
+                    block_size: s.block_size,
+                }),
+                LioOp::DeleteStorage { name, .. } => {
+                    let used = state
+                        .targets
+                        .iter()
+                        .flat_map(|t| &t.tpgs)
+                        .flat_map(|t| &t.luns)
+                        .any(|l| l.storage.as_ref().is_some_and(|(_, so)| *so == name));
+                    assert!(!used, "EBUSY: {name} is still linked");
+                    state.storage.retain(|s| s.name != name);
+                }
+                LioOp::CreateTarget { iqn } => state.targets.push(LioTarget {
+                    iqn,
+                    tpgs: Vec::new(),
+                }),
+                LioOp::CreateTpg { iqn, alias } => {
+                    let target = state
+                        .targets
+                        .iter_mut()
+                        .find(|t| t.iqn == iqn)
+                        .expect("target");
+                    target.tpgs.push(Tpg {
+                        tag: 1,
+                        alias,
+                        ..Tpg::default()
+                    });
+                }
+                LioOp::SetAttribute { iqn, name, value } => {
+                    let tpg = tpg(state, &iqn);
+                    tpg.attributes.retain(|(n, _)| n != name);
+                    tpg.attributes.push((name.into(), value.into()));
+                }
+                LioOp::EnableTpg { iqn, enable } => tpg(state, &iqn).enabled = enable,
+                LioOp::AddPortal { iqn, portal } => tpg(state, &iqn).portals.push(portal),
+                LioOp::RemovePortal { iqn, portal } => {
+                    tpg(state, &iqn).portals.retain(|p| *p != portal)
+                }
+                LioOp::AddLun { iqn, lun, storage } => {
+                    assert!(
+                        state.storage.iter().any(|s| s.name == storage),
+                        "ENODEV: {storage} missing"
+                    );
+                    tpg(state, &iqn).luns.push(TpgLun {
+                        index: lun,
+                        storage: Some((HBA.into(), storage)),
+                    });
+                }
+                LioOp::RemoveLun { iqn, lun } => {
+                    let tpg = tpg(state, &iqn);
+                    assert!(
+                        !tpg.acls
+                            .iter()
+                            .any(|a| a.mapped.iter().any(|m| m.tpg_lun == Some(lun))),
+                        "EBUSY: LUN {lun} mapped"
+                    );
+                    tpg.luns.retain(|l| l.index != lun);
+                }
+                LioOp::CreateAcl { iqn, initiator } => tpg(state, &iqn).acls.push(Acl {
+                    initiator,
+                    ..Acl::default()
+                }),
+                LioOp::DeleteAcl { iqn, initiator } => {
+                    let tpg = tpg(state, &iqn);
+                    assert!(
+                        tpg.acls
+                            .iter()
+                            .find(|a| a.initiator == initiator)
+                            .is_some_and(|a| a.mapped.is_empty()),
+                        "ENOTEMPTY"
+                    );
+                    tpg.acls.retain(|a| a.initiator != initiator);
+                }
+                LioOp::SetAuth {
+                    iqn,
+                    initiator,
+                    field,
+                    value,
+                } => {
+                    let acl = acl(state, &iqn, &initiator);
+                    match field {
+                        AuthField::Userid => acl.userid = value.expose().into(),
+                        AuthField::Password => acl.password = Some(value),
+                        AuthField::UseridMutual => acl.userid_mutual = value.expose().into(),
+                        AuthField::PasswordMutual => acl.password_mutual = Some(value),
+                    }
+                }
+                LioOp::MapLun {
+                    iqn,
+                    initiator,
+                    lun,
+                    write_protect,
+                } => {
+                    assert!(
+                        tpg(state, &iqn).luns.iter().any(|l| l.index == lun),
+                        "EINVAL: no LUN {lun}"
+                    );
+                    acl(state, &iqn, &initiator).mapped.push(MappedLun {
+                        index: lun,
+                        tpg_lun: Some(lun),
+                        write_protect,
+                    });
+                }
+                LioOp::UnmapLun {
+                    iqn,
+                    initiator,
+                    lun,
+                } => acl(state, &iqn, &initiator)
+                    .mapped
+                    .retain(|m| m.index != lun),
+                LioOp::SetWriteProtect {
+                    iqn,
+                    initiator,
+                    lun,
+                    write_protect,
+                } => {
+                    let acl = acl(state, &iqn, &initiator);
+                    acl.mapped
+                        .iter_mut()
+                        .find(|m| m.index == lun)
+                        .expect("mapping")
+                        .write_protect = write_protect;
+                }
+                LioOp::DeleteTpg { iqn } => {
+                    let tpg = tpg(state, &iqn);
+                    assert!(
+                        tpg.luns.is_empty() && tpg.acls.is_empty() && tpg.portals.is_empty(),
+                        "ENOTEMPTY"
+                    );
+                    let target = state
+                        .targets
+                        .iter_mut()
+                        .find(|t| t.iqn == iqn)
+                        .expect("target");
+                    target.tpgs.clear();
+                }
+                LioOp::DeleteTarget { iqn } => state.targets.retain(|t| t.iqn != iqn),
+            }
+        }
+    }
+
+    fn converge(desired: &[TargetConfig], state: &mut LioState) -> Vec<String> {
+        let first = plan(desired, state);
+        simulate(state, &first.ops);
+        let again = plan(desired, state);
+        assert!(again.ops.is_empty(), "not converged: {:?}", again.ops);
+        first.ops.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_target_is_built_top_down_and_enabled_last() {
+        let mut state = LioState::default();
+        let ops = converge(
+            &[target(
+                vec![lun(0)],
+                vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], false)],
+            )],
+            &mut state,
+        );
+        let position = |prefix: &str| {
+            ops.iter()
+                .position(|o| o.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} in {ops:#?}"))
+        };
+        assert!(position("create HBA") < position("create storage object"));
+        assert!(position("create storage object") < position("add LUN"));
+        assert!(position("create target") < position("create TPG"));
+        assert!(position("set generate_node_acls=0") < position("enable"));
+        assert!(position("add LUN") < position("map LUN"));
+        assert!(position("create ACL") < position("set CHAP userid"));
+        assert_eq!(
+            ops.last().map(String::as_str),
+            Some(format!("enable {IQN}").as_str())
+        );
+        let tpg = state.targets[0].tpg().expect("tpg");
+        assert_eq!(tpg.alias, "discus:lab/boot");
+        assert!(
+            tpg.attributes
+                .contains(&("authentication".into(), "1".into()))
+        );
+        assert!(
+            tpg.acls[0].mapped[0].write_protect,
+            "read-only mappings are write-protected"
+        );
+        assert!(
+            state.storage[0].buffered,
+            "read-only images are served through the page cache"
+        );
+    }
+
+    #[test]
+    fn removing_a_target_tears_it_down_bottom_up_disabling_first() {
+        let mut state = LioState::default();
+        converge(
+            &[target(
+                vec![lun(0), lun(1)],
+                vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0, 1], true)],
+            )],
+            &mut state,
+        );
+        let ops = converge(&[], &mut state);
+        assert_eq!(ops[0], format!("disable {IQN}"));
+        let storage_deleted = ops
+            .iter()
+            .rposition(|o| !o.starts_with("delete storage object"))
+            .map(|i| ops.len() - i - 1);
+        assert_eq!(storage_deleted, Some(2), "storage goes last: {ops:#?}");
+        assert_eq!(ops[ops.len() - 3], format!("delete target {IQN}"));
+        assert!(state.targets.is_empty() && state.storage.is_empty());
+    }
+
+    #[test]
+    fn one_grant_changed_touches_that_grant_only() {
+        let a = acl("iqn.1993-08.org.debian:01:a", "a", &[0], false);
+        let b = acl("iqn.1993-08.org.debian:01:b", "b", &[0], false);
+        let mut state = LioState::default();
+        converge(&[target(vec![lun(0)], vec![a.clone(), b])], &mut state);
+        let c = acl("iqn.1993-08.org.debian:01:c", "c", &[0], false);
+        let ops = converge(&[target(vec![lun(0)], vec![a, c])], &mut state);
+        assert!(
+            ops.iter().all(|o| o.contains(":b") || o.contains(":c")),
+            "{ops:#?}"
+        );
+        assert_eq!(
+            ops.len(),
+            2 + 1 + 2 + 1,
+            "unmap+delete b, create c, userid+password, map: {ops:#?}"
+        );
+    }
+
+    #[test]
+    fn a_changed_image_remakes_its_storage_object_without_touching_the_acl() {
+        let a = acl("iqn.1993-08.org.debian:01:a", "a", &[0], false);
+        let mut state = LioState::default();
+        converge(&[target(vec![lun(0)], vec![a.clone()])], &mut state);
+        let mut changed = lun(0);
+        changed.backing = Backing::Image(PathBuf::from("/data/images/other.raw"));
+        changed.serial = "f".repeat(32);
+        let ops = converge(&[target(vec![changed], vec![a])], &mut state);
+        assert_eq!(
+            ops.iter()
+                .map(|o| o.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>(),
+            [
+                "unmap LUN",
+                "remove LUN",
+                "delete storage",
+                "create storage",
+                "add LUN",
+                "map LUN"
+            ]
+        );
+    }
+
+    #[test]
+    fn drift_is_repaired_and_unmarked_targets_are_refused_not_touched() {
+        let a = acl("iqn.1993-08.org.debian:01:a", "a", &[0], false);
+        let mut state = LioState::default();
+        converge(&[target(vec![lun(0)], vec![a.clone()])], &mut state);
+        state.targets[0].tpgs[0].acls[0].mapped.clear();
+        state.targets[0].tpgs[0]
+            .attributes
+            .retain(|(n, _)| n != "demo_mode_write_protect");
+        let ops = converge(&[target(vec![lun(0)], vec![a.clone()])], &mut state);
+        assert_eq!(ops.len(), 2, "{ops:#?}");
+
+        let mut foreign = LioState::default();
+        foreign.targets.push(LioTarget {
+            iqn: IQN.into(),
+            tpgs: vec![Tpg {
+                tag: 1,
+                alias: "LIO Target".into(),
+                ..Tpg::default()
+            }],
+        });
+        let plan = plan(&[target(vec![lun(0)], vec![a])], &foreign);
+        assert!(
+            plan.ops.iter().all(|o| o.target().is_none()),
+            "{:?}",
+            plan.ops
+        );
+        assert_eq!(plan.refused[0].reason, Reason::ForeignObject);
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_operations() {
+        let plan = plan(
+            &[target(
+                vec![lun(0)],
+                vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], true)],
+            )],
+            &LioState::default(),
+        );
+        let shown = format!(
+            "{:?} {}",
+            plan.ops,
+            plan.ops.iter().map(ToString::to_string).collect::<String>()
+        );
+        assert!(
+            !shown.contains("secret-secret") && !shown.contains("other-secret"),
+            "{shown}"
+        );
+    }
+}
