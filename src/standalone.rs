@@ -219,7 +219,14 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             tracing::warn!("{problem}");
         }
         let now = Timestamp::now();
+        let started = std::time::Instant::now();
         let report = syncer.sync(&loaded.resources, now).await;
+        tracing::debug!(
+            targets = report.desired.targets.len(),
+            unsettled = report.unsettled.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "sync pass done"
+        );
         let written = write_statuses(&status_dir, &loaded, &report, &previous, now);
         let all_ready = written.values().all(|object| {
             object
