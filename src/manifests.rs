@@ -78,7 +78,16 @@ pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestError> {
 }
 
 pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
-    let documents: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    // serde-saphyr's default budget stops at 1,024 documents; a folder describing a thousand
+    // targets with their grants has more. Alias and anchor limits (billion laughs) stay as they are.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = 1_000_000;
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 200_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let documents: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())?;
     Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
 }
 
@@ -240,6 +249,14 @@ mod tests {
         .expect("parses");
         assert_eq!(documents.len(), 2);
         assert_eq!(documents[1]["kind"], "DiscImage");
+    }
+
+    #[test]
+    fn thousands_of_documents_in_one_file_are_read() {
+        let text: String = (0..5000)
+            .map(|i| format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{i}}}\n"))
+            .collect();
+        assert_eq!(parse_documents(&text).expect("parses").len(), 5000);
     }
 
     #[test]

@@ -319,15 +319,6 @@ fn read_statuses(dir: &Path) -> BTreeMap<PathBuf, Value> {
     statuses
 }
 
-fn previous_status<T: serde::de::DeserializeOwned>(
-    previous: &BTreeMap<PathBuf, Value>,
-    path: &Path,
-) -> Option<T> {
-    previous
-        .get(path)
-        .and_then(|v| serde_json::from_value(v.get("status")?.clone()).ok())
-}
-
 fn document(kind: &str, key: &ObjectKey, status: Value) -> Value {
     json!({
         "apiVersion": api::API_VERSION,
@@ -348,50 +339,49 @@ fn write_statuses(
 ) -> BTreeMap<PathBuf, Value> {
     let mut current = BTreeMap::new();
     let r = &loaded.resources;
+    let mut put = |kind: &str, key: ObjectKey, status: &dyn Fn(Option<&Value>) -> Value| {
+        let path = status_path(dir, kind, &key);
+        let value = status(previous.get(&path).and_then(|v| v.get("status")));
+        current.insert(path, document(kind, &key, value));
+    };
+    fn previous_of<T: serde::de::DeserializeOwned>(value: Option<&Value>) -> Option<T> {
+        value.and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
     for image in &r.images {
-        let path = status_path(dir, "DiscImage", &status::key_of(image));
-        let entries = status::image_entry(image, report).into_iter().collect();
-        let status = status::image_status(
-            image,
-            entries,
-            report,
-            previous_status(previous, &path).as_ref(),
-            now,
-        );
-        current.insert(
-            path,
-            document("DiscImage", &status::key_of(image), json!(status)),
-        );
+        put("DiscImage", status::key_of(image), &|old| {
+            let entries = status::image_entry(image, report).into_iter().collect();
+            json!(status::image_status(
+                image,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
     }
     for target in &r.targets {
-        let path = status_path(dir, "IscsiTarget", &status::key_of(target));
-        let entries = status::target_entry(target, report).into_iter().collect();
-        let status = status::target_status(
-            target,
-            entries,
-            report,
-            previous_status(previous, &path).as_ref(),
-            now,
-        );
-        current.insert(
-            path,
-            document("IscsiTarget", &status::key_of(target), json!(status)),
-        );
+        put("IscsiTarget", status::key_of(target), &|old| {
+            let entries = status::target_entry(target, report).into_iter().collect();
+            json!(status::target_status(
+                target,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
     }
     for grant in &r.grants {
-        let path = status_path(dir, "InitiatorAccess", &status::key_of(grant));
-        let entries = status::grant_entry(grant, report).into_iter().collect();
-        let status = status::grant_status(
-            grant,
-            entries,
-            report,
-            previous_status(previous, &path).as_ref(),
-            now,
-        );
-        current.insert(
-            path,
-            document("InitiatorAccess", &status::key_of(grant), json!(status)),
-        );
+        put("InitiatorAccess", status::key_of(grant), &|old| {
+            let entries = status::grant_entry(grant, report).into_iter().collect();
+            json!(status::grant_status(
+                grant,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
     }
     for (id, errors) in &loaded.invalid {
         if !matches!(
@@ -434,7 +424,7 @@ fn write_statuses(
                 .parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
                 .and_then(|()| {
-                    crate::fsutil::write_atomic(
+                    crate::fsutil::write_replace(
                         path,
                         &serde_json::to_vec_pretty(object).unwrap_or_default(),
                     )

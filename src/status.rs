@@ -231,12 +231,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
         .iter()
         .filter(|s| s.target == served.iqn)
         .count() as i32;
-    let unsettled: Vec<&str> = report
-        .unsettled
-        .iter()
-        .filter(|u| u.target.as_deref() == Some(served.iqn.as_str()) || u.target.is_none())
-        .map(|u| u.message.as_str())
-        .collect();
+    let unsettled = report.unsettled_messages(&served.iqn, None);
     if unsettled.is_empty() {
         entry.ready = true;
     } else {
@@ -348,16 +343,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
             SessionStatus { address, since }
         })
         .collect();
-    let unsettled: Vec<&str> = report
-        .unsettled
-        .iter()
-        .filter(|u| {
-            u.target.is_none()
-                || (u.target.as_deref() == Some(target.iqn.as_str())
-                    && (u.initiator.is_none() || u.initiator.as_deref() == Some(initiator)))
-        })
-        .map(|u| u.message.as_str())
-        .collect();
+    let unsettled = report.unsettled_messages(&target.iqn, Some(initiator));
     if unsettled.is_empty() {
         entry.applied = true;
     } else {

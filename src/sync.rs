@@ -63,15 +63,18 @@ impl NodeReport {
             .filter(move |p| p.kind == kind && p.key == *key)
     }
 
-    pub fn unsettled_of<'a>(
-        &'a self,
-        iqn: &'a str,
-        initiator: Option<&'a str>,
-    ) -> impl Iterator<Item = &'a Unsettled> {
-        self.unsettled.iter().filter(move |u| {
-            u.target.as_deref() == Some(iqn)
-                && (initiator.is_none() || u.initiator.as_deref() == initiator)
-        })
+    /// What did not converge for a target (`initiator: None`) or for one grant on it: its own
+    /// work, and work that concerns every target (a backend that cannot be reached).
+    pub fn unsettled_messages(&self, iqn: &str, initiator: Option<&str>) -> Vec<&str> {
+        self.unsettled
+            .iter()
+            .filter(|u| match (&u.target, &u.initiator) {
+                (None, _) => true,
+                (Some(target), None) => target == iqn,
+                (Some(target), Some(who)) => target == iqn && initiator == Some(who.as_str()),
+            })
+            .map(|u| u.message.as_str())
+            .collect()
     }
 }
 
@@ -370,6 +373,12 @@ impl<B: Backend> Syncer<B> {
             }
         }
         report.problems.extend(plan.refused);
+        if plan.ops.is_empty() {
+            // Nothing was changed: what was observed is what holds.
+            report.sessions = self.backend.sessions(&observed);
+            self.record_sessions(report);
+            return;
+        }
         match self.backend.observe().await {
             Ok(after) => {
                 for op in self.backend.plan(&state.targets, &after).ops {
@@ -393,6 +402,11 @@ impl<B: Backend> Syncer<B> {
                 message: format!("{} backend: {error}", self.backend.name()),
             }),
         }
+        self.record_sessions(report);
+    }
+
+    /// When each live session was first seen, for status.
+    fn record_sessions(&self, report: &mut NodeReport) {
         let now = Timestamp::now();
         if let Ok(mut since) = self.session_since.lock() {
             let live: BTreeSet<(String, String, String)> = report

@@ -63,25 +63,33 @@ fn links(path: &Path) -> io::Result<Vec<Vec<String>>> {
 pub fn read(root: &Path) -> io::Result<LioState> {
     let mut state = LioState::default();
     let core = root.join("core");
+    let mut objects = Vec::new();
     for hba in dirs(&core)? {
         // `alua` and the like hold no storage objects.
         if !hba.contains('_') {
             continue;
         }
         for name in dirs(&core.join(&hba))? {
-            let dir = core.join(&hba).join(&name);
-            if !dir.join("info").exists() {
-                continue;
-            }
-            state.storage.push(storage_object(&dir, &hba, &name));
+            objects.push((hba.clone(), name));
         }
         state.hbas.push(hba);
     }
+    state.storage = parallel(objects, |(hba, name)| {
+        let dir = core.join(&hba).join(&name);
+        Ok(dir
+            .join("info")
+            .exists()
+            .then(|| storage_object(&dir, &hba, &name)))
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     let iscsi = root.join("iscsi");
-    for iqn in dirs(&iscsi)? {
-        if iqn == "discovery_auth" {
-            continue;
-        }
+    let iqns: Vec<String> = dirs(&iscsi)?
+        .into_iter()
+        .filter(|i| i != "discovery_auth")
+        .collect();
+    state.targets = parallel(iqns, |iqn| {
         let mut target = LioTarget {
             iqn: iqn.clone(),
             tpgs: Vec::new(),
@@ -92,9 +100,47 @@ pub fn read(root: &Path) -> io::Result<LioState> {
             };
             target.tpgs.push(tpg(&iscsi.join(&iqn).join(&tpgt), tag)?);
         }
-        state.targets.push(target);
-    }
+        Ok(target)
+    })?;
     Ok(state)
+}
+
+/// Reads many independent parts of configfs on a few threads, keeping their order: with
+/// hundreds of targets, reading is most of a sync's work.
+fn parallel<T: Send, R: Send>(
+    items: Vec<T>,
+    read: impl Fn(T) -> io::Result<R> + Sync,
+) -> io::Result<Vec<R>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    if threads == 1 || items.len() < 32 {
+        return items.into_iter().map(read).collect();
+    }
+    let size = items.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<T>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        chunks.push(items.by_ref().take(size).collect());
+    }
+    let read = &read;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || chunk.into_iter().map(read).collect::<io::Result<Vec<R>>>())
+            })
+            .collect();
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(
+                handle
+                    .join()
+                    .map_err(|_| io::Error::other("a configfs reader panicked"))??,
+            );
+        }
+        Ok(all)
+    })
 }
 
 fn storage_object(dir: &Path, hba: &str, name: &str) -> StorageObject {
