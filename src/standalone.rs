@@ -19,7 +19,7 @@ use crate::images::manager::ImageManager;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
 use crate::manifests::{self, Manifest, ObjectId};
 use crate::status;
-use crate::sync::{NodeReport, Resources, Syncer};
+use crate::sync::{NodeReport, Pass, Resources, Syncer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -73,8 +73,61 @@ pub struct Loaded {
     pub unreadable: Vec<String>,
 }
 
+/// One document of a file: a manifest discus reads, or why it cannot.
+type Decoded = Result<(ObjectId, Manifest), (ObjectId, FieldErrors)>;
+
+/// Modification and change times, size and inode: a file whose stamp is unchanged is not read again.
+type Stamp = (std::time::SystemTime, std::time::SystemTime, u64, u64);
+
+/// What one file held, decoded, and how to tell whether it changed since.
+struct ParsedFile {
+    stamp: Stamp,
+    documents: Result<Vec<Decoded>, String>,
+}
+
+/// Decoded manifests by file, so that a change to one file does not parse them all again.
+#[derive(Default)]
+pub struct ManifestCache {
+    files: BTreeMap<PathBuf, ParsedFile>,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let changed = std::time::UNIX_EPOCH
+        + Duration::new(meta.ctime().max(0) as u64, meta.ctime_nsec().max(0) as u32);
+    Some((meta.modified().ok()?, changed, meta.len(), meta.ino()))
+}
+
+fn parse_file(file: &Path) -> ParsedFile {
+    let documents = manifests::read_documents(file)
+        .map_err(|e| e.to_string())
+        .map(|documents| {
+            documents
+                .iter()
+                .filter_map(|document| {
+                    let id = ObjectId::of(document);
+                    match manifests::decode(document) {
+                        Ok(Manifest::Other) => None,
+                        Ok(manifest) => Some(Ok((id, manifest))),
+                        Err(errors) => Some(Err((id, errors))),
+                    }
+                })
+                .collect()
+        });
+    ParsedFile {
+        stamp: stamp(file).unwrap_or((std::time::UNIX_EPOCH, std::time::UNIX_EPOCH, 0, 0)),
+        documents,
+    }
+}
+
 /// Reads every manifest under `folder`. Nothing in it stops the others from being read.
 pub fn load(folder: &Path) -> Loaded {
+    load_cached(folder, &mut ManifestCache::default())
+}
+
+/// Like `load`, parsing again only the files that changed since the cache saw them.
+pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
     let mut loaded = Loaded::default();
     let files = match manifests::collect_files(&[folder.to_owned()]) {
         Ok(files) => files,
@@ -83,22 +136,31 @@ pub fn load(folder: &Path) -> Loaded {
             return loaded;
         }
     };
+    cache.files.retain(|path, _| files.contains(path));
     let mut seen = BTreeSet::new();
     for file in files {
-        let documents = match manifests::read_documents(&file) {
+        let fresh = cache
+            .files
+            .get(&file)
+            .is_some_and(|parsed| Some(parsed.stamp) == stamp(&file));
+        if !fresh {
+            cache.files.insert(file.clone(), parse_file(&file));
+        }
+        let Some(parsed) = cache.files.get(&file) else {
+            continue;
+        };
+        let documents = match &parsed.documents {
             Ok(documents) => documents,
             Err(error) => {
-                loaded.unreadable.push(error.to_string());
+                loaded.unreadable.push(error.clone());
                 continue;
             }
         };
         for document in documents {
-            let id = ObjectId::of(&document);
-            let manifest = match manifests::decode(&document) {
-                Ok(Manifest::Other) => continue,
-                Ok(manifest) => manifest,
-                Err(errors) => {
-                    loaded.invalid.push((id, errors));
+            let (id, manifest) = match document {
+                Ok(decoded) => decoded,
+                Err((id, errors)) => {
+                    loaded.invalid.push((id.clone(), errors.clone()));
                     continue;
                 }
             };
@@ -111,18 +173,18 @@ pub fn load(folder: &Path) -> Loaded {
                         file.display()
                     ),
                 );
-                loaded.invalid.push((id, errors));
+                loaded.invalid.push((id.clone(), errors));
                 continue;
             }
             let r = &mut loaded.resources;
             match manifest {
-                Manifest::DiscImage(o) => r.images.push(o),
-                Manifest::IscsiTarget(o) => r.targets.push(o),
-                Manifest::InitiatorAccess(o) => r.grants.push(o),
+                Manifest::DiscImage(o) => r.images.push(o.clone()),
+                Manifest::IscsiTarget(o) => r.targets.push(o.clone()),
+                Manifest::InitiatorAccess(o) => r.grants.push(o.clone()),
                 Manifest::Secret(o) => {
                     r.secrets.insert(
                         crate::desired::object_key(&o.metadata),
-                        api::chap::secret_data(&o),
+                        api::chap::secret_data(o),
                     );
                 }
                 Manifest::Other => {}
@@ -213,14 +275,16 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::Setup(format!("cannot handle SIGTERM: {e}")))?;
     tracing::info!(backend = syncer.backend().name(), manifests = %options.manifests.display(), "serving");
+    let mut cache = ManifestCache::default();
+    let mut pass = Pass::Full;
     loop {
-        let loaded = load(&options.manifests);
+        let loaded = load_cached(&options.manifests, &mut cache);
         for problem in &loaded.unreadable {
             tracing::warn!("{problem}");
         }
         let now = Timestamp::now();
         let started = std::time::Instant::now();
-        let report = syncer.sync(&loaded.resources, now).await;
+        let report = syncer.sync(&loaded.resources, now, pass).await;
         tracing::debug!(
             targets = report.desired.targets.len(),
             unsettled = report.unsettled.len(),
@@ -253,14 +317,13 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
         }
         // Sleep until something changes: the folder, an import, the clock of a grant, or drift
         // worth correcting.
-        let wake = report
-            .desired
-            .next_expiry
-            .map(|at| {
-                let wait = at.duration_since(Timestamp::now());
-                Duration::try_from(wait).unwrap_or(Duration::ZERO) + Duration::from_millis(10)
-            })
-            .map_or(options.resync, |d| d.min(options.resync));
+        let expiry = report.desired.next_expiry.map(|at| {
+            let wait = at.duration_since(Timestamp::now());
+            Duration::try_from(wait).unwrap_or(Duration::ZERO) + Duration::from_millis(10)
+        });
+        let wake = expiry.map_or(options.resync, |d| d.min(options.resync));
+        // A change reads only what it touches; the periodic pass reads everything, for drift.
+        pass = Pass::Changes;
         tokio::select! {
             _ = changes.recv() => {
                 // Let an editor finish writing before reading again.
@@ -268,7 +331,11 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
                 while changes.try_recv().is_ok() {}
             }
             () = finished.notified() => {}
-            () = tokio::time::sleep(wake) => {}
+            () = tokio::time::sleep(wake) => {
+                if expiry.is_none_or(|e| e >= options.resync) {
+                    pass = Pass::Full;
+                }
+            }
             _ = tokio::signal::ctrl_c() => return Ok(Outcome::Stopped),
             _ = terminate.recv() => return Ok(Outcome::Stopped),
         }

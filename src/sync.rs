@@ -14,7 +14,8 @@ use kube::Resource;
 use crate::api::chap::{Password, SecretData};
 use crate::api::disc_image::{ValidImage, ValidSource};
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::backend::{Backend, Operation, Session};
+use crate::backend::{Backend, BackendError, Operation, Session};
+use crate::desired::TargetConfig;
 use crate::desired::{
     self, Backing, DesiredState, Inputs, Kind, NodeFacts, ObjectKey, Problem, ReadyImage, Reason,
     Settings,
@@ -88,6 +89,25 @@ pub struct Syncer<B: Backend> {
     /// is the only node).
     prefetch_all: bool,
     session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
+    memory: Mutex<Memory>,
+}
+
+/// Why a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Read everything: the first pass, and the periodic one that finds drift.
+    Full,
+    /// Something declared changed (a file, an image, the clock of a grant): read only the
+    /// targets the change touches, when the backend can.
+    Changes,
+}
+
+/// What the previous pass left for the next.
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    targets: Option<Vec<TargetConfig>>,
+    converged: bool,
+    sessions: Vec<Session>,
 }
 
 impl<B: Backend> Syncer<B> {
@@ -107,6 +127,7 @@ impl<B: Backend> Syncer<B> {
             default_max_virtual_size,
             prefetch_all: false,
             session_since: Mutex::default(),
+            memory: Mutex::default(),
         }
     }
 
@@ -125,7 +146,7 @@ impl<B: Backend> Syncer<B> {
     }
 
     /// One pass. Never fails: what goes wrong is in the report, for status.
-    pub async fn sync(&self, resources: &Resources, now: Timestamp) -> NodeReport {
+    pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
         let mut report = NodeReport {
             node: self.node.name.clone(),
             backend: self.backend.name(),
@@ -180,7 +201,7 @@ impl<B: Backend> Syncer<B> {
         }
         self.make_writable_copies(&mut state, &mut report).await;
 
-        self.reconcile(&state, &mut report).await;
+        self.reconcile(&state, &mut report, pass).await;
         report.problems.extend(state.problems.iter().cloned());
         self.collect_garbage(&requests, &state);
         report.desired = state;
@@ -330,8 +351,9 @@ impl<B: Backend> Syncer<B> {
         }
     }
 
-    /// Observe, plan, apply, observe again.
-    async fn reconcile(&self, state: &DesiredState, report: &mut NodeReport) {
+    /// Observe, plan, apply, observe again — everything, or, after a change, only the targets
+    /// it touched (when the backend can, and the last pass converged).
+    async fn reconcile(&self, state: &DesiredState, report: &mut NodeReport, pass: Pass) {
         for target in &state.targets {
             for lun in &target.luns {
                 report
@@ -339,20 +361,61 @@ impl<B: Backend> Syncer<B> {
                     .insert(lun.lun, self.backend.device_lun(lun.lun));
             }
         }
-        let observed = match self.backend.observe().await {
-            Ok(observed) => observed,
-            Err(error) => {
-                report
-                    .unsettled
-                    .extend(state.targets.iter().map(|t| Unsettled {
-                        target: Some(t.iqn.clone()),
-                        initiator: None,
-                        message: format!("{} backend: {error}", self.backend.name()),
-                    }));
+        let memory = self.memory.lock().map(|m| m.clone()).unwrap_or_default();
+        let scope: Option<BTreeSet<String>> =
+            (pass == Pass::Changes && self.backend.scoped() && memory.converged)
+                .then_some(memory.targets.as_ref())
+                .flatten()
+                .map(|before| {
+                    let now: BTreeMap<&str, &TargetConfig> =
+                        state.targets.iter().map(|t| (t.iqn.as_str(), t)).collect();
+                    let then: BTreeMap<&str, &TargetConfig> =
+                        before.iter().map(|t| (t.iqn.as_str(), t)).collect();
+                    now.keys()
+                        .chain(then.keys())
+                        .filter(|iqn| now.get(*iqn) != then.get(*iqn))
+                        .map(|iqn| (*iqn).to_owned())
+                        .collect()
+                });
+        let desired: Vec<TargetConfig> = match &scope {
+            Some(iqns) => state
+                .targets
+                .iter()
+                .filter(|t| iqns.contains(&t.iqn))
+                .cloned()
+                .collect(),
+            None => state.targets.clone(),
+        };
+        if let Some(iqns) = &scope {
+            tracing::debug!(targets = iqns.len(), "sync scoped to the changed targets");
+        }
+        let observe = || async {
+            match &scope {
+                Some(iqns) if iqns.is_empty() => None,
+                Some(iqns) => Some(self.backend.observe_scoped(&desired, iqns).await),
+                None => Some(self.backend.observe().await),
+            }
+        };
+
+        let observed = match observe().await {
+            // Nothing changed since a converged pass: nothing to read, nothing to do.
+            None => {
+                report.sessions = memory.sessions.clone();
+                self.record_sessions(report);
+                return;
+            }
+            Some(Ok(observed)) => observed,
+            Some(Err(error)) => {
+                report.unsettled.extend(desired.iter().map(|t| Unsettled {
+                    target: Some(t.iqn.clone()),
+                    initiator: None,
+                    message: format!("{} backend: {error}", self.backend.name()),
+                }));
+                self.remember(state, report, &memory, scope.as_ref());
                 return;
             }
         };
-        let plan = self.backend.plan(&state.targets, &observed);
+        let plan = self.backend.plan(&desired, &observed);
         let mut broken: BTreeSet<String> = BTreeSet::new();
         for op in &plan.ops {
             // After a failure on a target, its later operations would build on a missing step.
@@ -373,15 +436,17 @@ impl<B: Backend> Syncer<B> {
             }
         }
         report.problems.extend(plan.refused);
-        if plan.ops.is_empty() {
+        let after = if plan.ops.is_empty() {
             // Nothing was changed: what was observed is what holds.
-            report.sessions = self.backend.sessions(&observed);
-            self.record_sessions(report);
-            return;
-        }
-        match self.backend.observe().await {
+            Ok(observed)
+        } else {
+            observe()
+                .await
+                .unwrap_or_else(|| Err(BackendError::Unreachable("nothing to observe".into())))
+        };
+        match after {
             Ok(after) => {
-                for op in self.backend.plan(&state.targets, &after).ops {
+                for op in self.backend.plan(&desired, &after).ops {
                     let already = report.unsettled.iter().any(|u| {
                         u.target.as_deref() == op.target()
                             && u.initiator.as_deref() == op.initiator()
@@ -402,7 +467,35 @@ impl<B: Backend> Syncer<B> {
                 message: format!("{} backend: {error}", self.backend.name()),
             }),
         }
+        self.remember(state, report, &memory, scope.as_ref());
         self.record_sessions(report);
+    }
+
+    /// Keeps what the next pass needs to scope itself: the targets as applied, whether they
+    /// converged, and the sessions of the targets this pass did not read.
+    fn remember(
+        &self,
+        state: &DesiredState,
+        report: &mut NodeReport,
+        before: &Memory,
+        scope: Option<&BTreeSet<String>>,
+    ) {
+        if let Some(iqns) = scope {
+            let kept = before
+                .sessions
+                .iter()
+                .filter(|s| !iqns.contains(&s.target))
+                .cloned();
+            report.sessions.extend(kept);
+            report.sessions.sort();
+        }
+        if let Ok(mut memory) = self.memory.lock() {
+            *memory = Memory {
+                targets: Some(state.targets.clone()),
+                converged: report.unsettled.is_empty(),
+                sessions: report.sessions.clone(),
+            };
+        }
     }
 
     /// When each live session was first seen, for status.

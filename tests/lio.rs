@@ -496,4 +496,49 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
             .all(|o| o.contains("t7") || o.contains("client-1") || o.contains("client-9")),
         "{operations:#?}"
     );
+
+    // In a running discus, a change reads and touches only the targets it concerns. (Manifests
+    // in the guest's own folder: inotify sees nothing on the 9p share.)
+    vm.must(
+        "mkdir -p /manifests && cp /host/manifests/lab.yaml /manifests/ && \
+         RUST_LOG=discus=debug discus serve --backend lio --manifests /manifests --data-dir /var/lib/discus \
+         --file-root /host/images --node-name guest --address 0.0.0.0 --resync-seconds 3600 > /tmp/running.log 2>&1 &",
+    );
+    wait_for(&vm, "the first pass", || {
+        vm.sh("grep -q 'sync pass done' /tmp/running.log").0 == 0
+    });
+    std::fs::write(
+        vm.share().join("images/extra.yaml"),
+        grant_yaml(
+            "extra",
+            "t42",
+            "iqn.2026-11.dev.discus:client-7",
+            ", chap: {secretRef: {name: chap}}",
+        ),
+    )
+    .expect("manifest");
+    vm.must("cp /host/images/extra.yaml /manifests/extra.tmp && mv /manifests/extra.tmp /manifests/extra.yaml");
+    wait_for(&vm, "the new grant", || {
+        condition(&vm, "InitiatorAccess", "extra", "Ready").0 == "True"
+    });
+    let log = vm.must("cat /tmp/running.log");
+    assert!(
+        log.contains("sync scoped to the changed targets targets=1"),
+        "{log}"
+    );
+    let touched: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("discus::sync") && l.contains(" INFO "))
+        .collect();
+    assert!(
+        touched.len() <= 6
+            && touched
+                .iter()
+                .all(|l| l.contains("t42") && l.contains("client-7")),
+        "{touched:#?}"
+    );
+    assert_eq!(
+        census(&vm),
+        (targets, targets, targets, 2 * targets + 1, 2 * targets + 1)
+    );
 }

@@ -74,6 +74,22 @@ pub trait Backend: Send + Sync {
     /// The LUN number initiators see for an API LUN number.
     fn device_lun(&self, lun: u32) -> u32;
     fn observe(&self) -> impl Future<Output = Result<Self::Observed, BackendError>> + Send;
+    /// Whether `observe_scoped` reads less than everything. A backend whose objects are shared
+    /// between targets (tgt: its accounts and portals) cannot plan from a part of its state.
+    fn scoped(&self) -> bool {
+        false
+    }
+    /// Reads what the targets `iqns` use — everything those of them in `desired` will use
+    /// included — and nothing else, so that a change to a few targets costs the same with ten
+    /// targets as with a thousand. The plan of a scoped observation touches those targets only.
+    fn observe_scoped(
+        &self,
+        desired: &[TargetConfig],
+        iqns: &std::collections::BTreeSet<String>,
+    ) -> impl Future<Output = Result<Self::Observed, BackendError>> + Send {
+        let _ = (desired, iqns);
+        self.observe()
+    }
     /// Pure: the same inputs give the same plan.
     fn plan(&self, desired: &[TargetConfig], observed: &Self::Observed) -> Plan<Self::Op>;
     fn apply(&self, op: &Self::Op) -> impl Future<Output = Result<(), BackendError>> + Send;

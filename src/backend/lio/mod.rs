@@ -9,6 +9,7 @@ mod plan;
 mod read;
 mod write;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -63,6 +64,26 @@ impl Backend for LioBackend {
     async fn observe(&self) -> Result<LioState, BackendError> {
         let configfs = Arc::clone(&self.configfs);
         tokio::task::spawn_blocking(move || read::read(&configfs.root))
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+            .map_err(BackendError::Io)
+    }
+
+    fn scoped(&self) -> bool {
+        true
+    }
+
+    async fn observe_scoped(
+        &self,
+        desired: &[TargetConfig],
+        iqns: &BTreeSet<String>,
+    ) -> Result<LioState, BackendError> {
+        let storage: BTreeSet<String> = desired
+            .iter()
+            .flat_map(|t| t.luns.iter().map(|l| storage_name(&t.iqn, l.lun)))
+            .collect();
+        let (configfs, iqns) = (Arc::clone(&self.configfs), iqns.clone());
+        tokio::task::spawn_blocking(move || read::read_scoped(&configfs.root, &iqns, &storage))
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
             .map_err(BackendError::Io)

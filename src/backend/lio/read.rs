@@ -1,5 +1,6 @@
 //! Reads configfs into the typed model. Blocking: callers run it on a blocking thread.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
 
@@ -61,34 +62,36 @@ fn links(path: &Path) -> io::Result<Vec<Vec<String>>> {
 }
 
 pub fn read(root: &Path) -> io::Result<LioState> {
+    read_parts(root, None)
+}
+
+/// Reads the targets `iqns` and the storage objects they link or `storage` names, and the list
+/// of HBAs: enough to plan changes to those targets alone.
+pub fn read_scoped(
+    root: &Path,
+    iqns: &BTreeSet<String>,
+    storage: &BTreeSet<String>,
+) -> io::Result<LioState> {
+    read_parts(root, Some((iqns, storage)))
+}
+
+fn read_parts(
+    root: &Path,
+    scope: Option<(&BTreeSet<String>, &BTreeSet<String>)>,
+) -> io::Result<LioState> {
     let mut state = LioState::default();
-    let core = root.join("core");
-    let mut objects = Vec::new();
-    for hba in dirs(&core)? {
-        // `alua` and the like hold no storage objects.
-        if !hba.contains('_') {
-            continue;
-        }
-        for name in dirs(&core.join(&hba))? {
-            objects.push((hba.clone(), name));
-        }
-        state.hbas.push(hba);
-    }
-    state.storage = parallel(objects, |(hba, name)| {
-        let dir = core.join(&hba).join(&name);
-        Ok(dir
-            .join("info")
-            .exists()
-            .then(|| storage_object(&dir, &hba, &name)))
-    })?
-    .into_iter()
-    .flatten()
-    .collect();
     let iscsi = root.join("iscsi");
-    let iqns: Vec<String> = dirs(&iscsi)?
-        .into_iter()
-        .filter(|i| i != "discovery_auth")
-        .collect();
+    let iqns: Vec<String> = match scope {
+        Some((iqns, _)) => iqns
+            .iter()
+            .filter(|i| iscsi.join(i).is_dir())
+            .cloned()
+            .collect(),
+        None => dirs(&iscsi)?
+            .into_iter()
+            .filter(|i| i != "discovery_auth")
+            .collect(),
+    };
     state.targets = parallel(iqns, |iqn| {
         let mut target = LioTarget {
             iqn: iqn.clone(),
@@ -102,6 +105,53 @@ pub fn read(root: &Path) -> io::Result<LioState> {
         }
         Ok(target)
     })?;
+    let core = root.join("core");
+    // The storage objects the scoped targets link, and those they will.
+    let wanted: Option<BTreeSet<String>> = scope.map(|(_, storage)| {
+        let linked = state
+            .targets
+            .iter()
+            .flat_map(|t| &t.tpgs)
+            .flat_map(|t| &t.luns);
+        storage
+            .iter()
+            .cloned()
+            .chain(linked.filter_map(|l| l.storage.as_ref().map(|(_, so)| so.clone())))
+            .collect()
+    });
+    let mut objects = Vec::new();
+    for hba in dirs(&core)? {
+        // `alua` and the like hold no storage objects.
+        if !hba.contains('_') {
+            continue;
+        }
+        match &wanted {
+            Some(names) => {
+                objects.extend(
+                    names
+                        .iter()
+                        .filter(|n| core.join(&hba).join(n).is_dir())
+                        .map(|n| (hba.clone(), n.clone())),
+                );
+            }
+            None => objects.extend(
+                dirs(&core.join(&hba))?
+                    .into_iter()
+                    .map(|name| (hba.clone(), name)),
+            ),
+        }
+        state.hbas.push(hba);
+    }
+    state.storage = parallel(objects, |(hba, name)| {
+        let dir = core.join(&hba).join(&name);
+        Ok(dir
+            .join("info")
+            .exists()
+            .then(|| storage_object(&dir, &hba, &name)))
+    })?
+    .into_iter()
+    .flatten()
+    .collect();
     Ok(state)
 }
 
