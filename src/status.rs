@@ -200,7 +200,7 @@ pub fn image_status(
 pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetNodeStatus> {
     let key = object_key(target.meta());
     let problems: Vec<&Problem> = report.problems_of(Kind::IscsiTarget, &key).collect();
-    let served = report.desired.targets.iter().find(|t| t.owner == key);
+    let served = report.served_target(&key);
     let mut entry = TargetNodeStatus {
         node: report.node.clone(),
         ..TargetNodeStatus::default()
@@ -226,11 +226,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
             size: format_bytes(l.size_bytes),
         })
         .collect();
-    entry.sessions = report
-        .sessions
-        .iter()
-        .filter(|s| s.target == served.iqn)
-        .count() as i32;
+    entry.sessions = report.sessions_on(&served.iqn).count() as i32;
     let unsettled = report.unsettled_messages(&served.iqn, None);
     if unsettled.is_empty() {
         entry.ready = true;
@@ -249,7 +245,7 @@ pub fn target_status(
     now: Timestamp,
 ) -> IscsiTargetStatus {
     let key = object_key(target.meta());
-    let served = report.desired.targets.iter().find(|t| t.owner == key);
+    let served = report.served_target(&key);
     let ready_count = entries.iter().filter(|e| e.ready).count();
     let ready = !entries.is_empty() && ready_count == entries.len();
     let (reason, message, stalled) = if ready {
@@ -324,16 +320,11 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         entry.message = Some(message);
         return Some(entry);
     }
-    let target = report
-        .desired
-        .targets
-        .iter()
-        .find(|t| t.acls.iter().any(|a| a.grant == key))?;
+    let (target, _) = report.grant_acl(&key)?;
     let initiator = grant.spec.initiator_iqn.as_str();
     entry.sessions = report
-        .sessions
-        .iter()
-        .filter(|s| s.target == target.iqn && s.initiator == initiator)
+        .sessions_on(&target.iqn)
+        .filter(|s| s.initiator == initiator)
         .map(|s| {
             let address = s.address.clone().unwrap_or_default();
             let since = report
@@ -413,12 +404,7 @@ pub fn grant_status(
     }
     let connection = ready
         .then(|| {
-            let target = report
-                .desired
-                .targets
-                .iter()
-                .find(|t| t.acls.iter().any(|a| a.grant == key))?;
-            let acl = target.acls.iter().find(|a| a.grant == key)?;
+            let (target, acl) = report.grant_acl(&key)?;
             Some(Connection {
                 iqn: target.iqn.clone(),
                 portals: target.portals.iter().map(ToString::to_string).collect(),

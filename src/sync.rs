@@ -55,13 +55,108 @@ pub struct NodeReport {
     pub images: BTreeMap<ObjectKey, ImageState>,
     /// API LUN → the LUN initiators see.
     pub device_luns: BTreeMap<u32, u32>,
+    /// The targets (IQNs) this pass read and reconciled; `None` when it covered all of them.
+    /// Every other target is as the previous pass left it.
+    pub scope: Option<BTreeSet<String>>,
+    /// Lookups for status, built once a pass: statuses of thousands of resources must not each
+    /// search the whole report.
+    index: ReportIndex,
+}
+
+#[derive(Debug, Default)]
+struct ReportIndex {
+    target_by_owner: BTreeMap<ObjectKey, usize>,
+    acl_by_grant: BTreeMap<ObjectKey, (usize, usize)>,
+    problems: BTreeMap<(Kind, ObjectKey), Vec<usize>>,
+    sessions: BTreeMap<String, Vec<usize>>,
 }
 
 impl NodeReport {
+    /// Builds the lookups once the report is complete.
+    fn index(&mut self) {
+        let mut index = ReportIndex::default();
+        for (t, target) in self.desired.targets.iter().enumerate() {
+            index.target_by_owner.insert(target.owner.clone(), t);
+            for (a, acl) in target.acls.iter().enumerate() {
+                index.acl_by_grant.insert(acl.grant.clone(), (t, a));
+            }
+        }
+        for (i, problem) in self.problems.iter().enumerate() {
+            index
+                .problems
+                .entry((problem.kind, problem.key.clone()))
+                .or_default()
+                .push(i);
+        }
+        for (i, session) in self.sessions.iter().enumerate() {
+            index
+                .sessions
+                .entry(session.target.clone())
+                .or_default()
+                .push(i);
+        }
+        self.index = index;
+    }
+
     pub fn problems_of(&self, kind: Kind, key: &ObjectKey) -> impl Iterator<Item = &Problem> {
-        self.problems
-            .iter()
-            .filter(move |p| p.kind == kind && p.key == *key)
+        self.index
+            .problems
+            .get(&(kind, key.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.problems.get(*i))
+    }
+
+    /// The target an IscsiTarget became on this node.
+    pub fn served_target(&self, owner: &ObjectKey) -> Option<&TargetConfig> {
+        self.index
+            .target_by_owner
+            .get(owner)
+            .and_then(|t| self.desired.targets.get(*t))
+    }
+
+    /// The target and ACL a grant became on this node.
+    pub fn grant_acl(&self, grant: &ObjectKey) -> Option<(&TargetConfig, &desired::AclConfig)> {
+        let (t, a) = self.index.acl_by_grant.get(grant)?;
+        let target = self.desired.targets.get(*t)?;
+        Some((target, target.acls.get(*a)?))
+    }
+
+    /// The sessions on a target.
+    pub fn sessions_on(&self, iqn: &str) -> impl Iterator<Item = &Session> {
+        self.index
+            .sessions
+            .get(iqn)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.sessions.get(*i))
+    }
+
+    /// Whether this pass left a served target exactly as the previous pass did — outside its
+    /// scope, without a problem, with nothing unsettled node-wide — so that its status is the
+    /// previous one, unless its own declaration changed.
+    pub fn untouched_target(&self, owner: &ObjectKey) -> bool {
+        self.served_target(owner)
+            .is_some_and(|target| self.untouched(&target.iqn))
+            && self.problems_of(Kind::IscsiTarget, owner).next().is_none()
+    }
+
+    /// Like `untouched_target`, for a grant and the target it applies to.
+    pub fn untouched_grant(&self, grant: &ObjectKey) -> bool {
+        self.grant_acl(grant)
+            .is_some_and(|(target, _)| self.untouched(&target.iqn))
+            && self
+                .problems_of(Kind::InitiatorAccess, grant)
+                .next()
+                .is_none()
+            && !self.desired.expired.contains(grant)
+    }
+
+    fn untouched(&self, iqn: &str) -> bool {
+        self.scope
+            .as_ref()
+            .is_some_and(|scope| !scope.contains(iqn))
+            && self.unsettled.iter().all(|u| u.target.is_some())
     }
 
     /// What did not converge for a target (`initiator: None`) or for one grant on it: its own
@@ -108,6 +203,8 @@ struct Memory {
     targets: Option<Vec<TargetConfig>>,
     converged: bool,
     sessions: Vec<Session>,
+    /// What the backend refused, by target IQN.
+    refused: Vec<(String, Problem)>,
 }
 
 impl<B: Backend> Syncer<B> {
@@ -147,6 +244,7 @@ impl<B: Backend> Syncer<B> {
 
     /// One pass. Never fails: what goes wrong is in the report, for status.
     pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
+        let started = std::time::Instant::now();
         let mut report = NodeReport {
             node: self.node.name.clone(),
             backend: self.backend.name(),
@@ -200,11 +298,16 @@ impl<B: Backend> Syncer<B> {
             }
         }
         self.make_writable_copies(&mut state, &mut report).await;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "desired state computed"
+        );
 
         self.reconcile(&state, &mut report, pass).await;
         report.problems.extend(state.problems.iter().cloned());
         self.collect_garbage(&requests, &state);
         report.desired = state;
+        report.index();
         report
     }
 
@@ -389,6 +492,7 @@ impl<B: Backend> Syncer<B> {
         if let Some(iqns) = &scope {
             tracing::debug!(targets = iqns.len(), "sync scoped to the changed targets");
         }
+        report.scope = scope.clone();
         let observe = || async {
             match &scope {
                 Some(iqns) if iqns.is_empty() => None,
@@ -401,6 +505,9 @@ impl<B: Backend> Syncer<B> {
             // Nothing changed since a converged pass: nothing to read, nothing to do.
             None => {
                 report.sessions = memory.sessions.clone();
+                report
+                    .problems
+                    .extend(memory.refused.iter().map(|(_, p)| p.clone()));
                 self.record_sessions(report);
                 return;
             }
@@ -411,7 +518,7 @@ impl<B: Backend> Syncer<B> {
                     initiator: None,
                     message: format!("{} backend: {error}", self.backend.name()),
                 }));
-                self.remember(state, report, &memory, scope.as_ref());
+                self.remember(state, report, &memory, scope.as_ref(), Vec::new());
                 return;
             }
         };
@@ -435,7 +542,12 @@ impl<B: Backend> Syncer<B> {
                 });
             }
         }
-        report.problems.extend(plan.refused);
+        report.problems.extend(plan.refused.iter().cloned());
+        let refused = plan
+            .refused
+            .into_iter()
+            .map(|problem| (refused_target(&desired, &problem), problem))
+            .collect();
         let after = if plan.ops.is_empty() {
             // Nothing was changed: what was observed is what holds.
             Ok(observed)
@@ -467,18 +579,20 @@ impl<B: Backend> Syncer<B> {
                 message: format!("{} backend: {error}", self.backend.name()),
             }),
         }
-        self.remember(state, report, &memory, scope.as_ref());
+        self.remember(state, report, &memory, scope.as_ref(), refused);
         self.record_sessions(report);
     }
 
     /// Keeps what the next pass needs to scope itself: the targets as applied, whether they
-    /// converged, and the sessions of the targets this pass did not read.
+    /// converged, and what the backend said of the targets this pass did not read — their
+    /// sessions, and what it refused — which this pass reports as still true.
     fn remember(
         &self,
         state: &DesiredState,
         report: &mut NodeReport,
         before: &Memory,
         scope: Option<&BTreeSet<String>>,
+        mut refused: Vec<(String, Problem)>,
     ) {
         if let Some(iqns) = scope {
             let kept = before
@@ -488,12 +602,21 @@ impl<B: Backend> Syncer<B> {
                 .cloned();
             report.sessions.extend(kept);
             report.sessions.sort();
+            let kept: Vec<(String, Problem)> = before
+                .refused
+                .iter()
+                .filter(|(iqn, _)| !iqns.contains(iqn))
+                .cloned()
+                .collect();
+            report.problems.extend(kept.iter().map(|(_, p)| p.clone()));
+            refused.extend(kept);
         }
         if let Ok(mut memory) = self.memory.lock() {
             *memory = Memory {
                 targets: Some(state.targets.clone()),
                 converged: report.unsettled.is_empty(),
                 sessions: report.sessions.clone(),
+                refused,
             };
         }
     }
@@ -554,5 +677,87 @@ fn ready_image(stored: &images::StoredImage) -> ReadyImage {
         path: stored.path.clone(),
         size_bytes: stored.virtual_size,
         served_sha256: stored.served_sha256.clone(),
+    }
+}
+
+/// The IQN of the target a refusal is about: the target itself, or the one a grant applies to.
+fn refused_target(targets: &[TargetConfig], problem: &Problem) -> String {
+    targets
+        .iter()
+        .find(|t| match problem.kind {
+            Kind::IscsiTarget => t.owner == problem.key,
+            _ => t.acls.iter().any(|a| a.grant == problem.key),
+        })
+        .map(|t| t.iqn.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str, grants: &[&str]) -> TargetConfig {
+        TargetConfig {
+            iqn: format!("iqn.2026-11.dev.discus:{name}"),
+            owner: ObjectKey::new("lab", name),
+            portals: Vec::new(),
+            chap_required: false,
+            luns: Vec::new(),
+            acls: grants
+                .iter()
+                .map(|g| desired::AclConfig {
+                    initiator: format!("iqn.2026-11.dev.discus:{g}"),
+                    grant: ObjectKey::new("lab", *g),
+                    chap: None,
+                    luns: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn report(scope: Option<&[&str]>) -> NodeReport {
+        let mut report = NodeReport {
+            scope: scope.map(|s| {
+                s.iter()
+                    .map(|t| format!("iqn.2026-11.dev.discus:{t}"))
+                    .collect()
+            }),
+            ..NodeReport::default()
+        };
+        report.desired.targets = vec![target("a", &["a1"]), target("b", &["b1", "b2"])];
+        report.problems.push(Problem {
+            kind: Kind::InitiatorAccess,
+            key: ObjectKey::new("lab", "b2"),
+            reason: Reason::SecretNotFound,
+            message: "spec.chap.secretRef: Secret chap not found".into(),
+        });
+        report.index();
+        report
+    }
+
+    #[test]
+    fn only_what_a_scoped_pass_did_not_read_is_untouched() {
+        let key = |name: &str| ObjectKey::new("lab", name);
+        let scoped = report(Some(&["a"]));
+        assert!(!scoped.untouched_target(&key("a")), "in scope");
+        assert!(!scoped.untouched_grant(&key("a1")), "its target in scope");
+        assert!(scoped.untouched_target(&key("b")));
+        assert!(scoped.untouched_grant(&key("b1")));
+        assert!(!scoped.untouched_grant(&key("b2")), "it has a problem");
+        assert!(!scoped.untouched_target(&key("c")), "not served");
+
+        let full = report(None);
+        assert!(
+            !full.untouched_target(&key("b")),
+            "a full pass reads everything"
+        );
+
+        let mut unsettled = report(Some(&["a"]));
+        unsettled.unsettled.push(Unsettled {
+            target: None,
+            initiator: None,
+            message: "lio backend: configfs is gone".into(),
+        });
+        assert!(!unsettled.untouched_target(&key("b")), "trouble node-wide");
     }
 }

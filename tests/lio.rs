@@ -498,15 +498,29 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
     );
 
     // In a running discus, a change reads and touches only the targets it concerns. (Manifests
-    // in the guest's own folder: inotify sees nothing on the 9p share.)
+    // in the guest's own folder: inotify sees nothing on the 9p share.) One more target is
+    // declared whose IQN a target discus did not make already holds: refused, and still refused
+    // after passes that do not read it.
+    let squatted = "iqn.2026-11.dev.discus:squatted";
+    configfs(&vm, &format!("mkdir -p iscsi/{squatted}/tpgt_1"));
+    std::fs::write(
+        vm.share().join("images/squat.yaml"),
+        target_yaml("squatted", squatted, &[(0, "small")], "none"),
+    )
+    .expect("manifest");
+    let foreign = |vm: &LioVm| {
+        let (ready, message) = condition(vm, "IscsiTarget", "squatted", "Ready");
+        ready == "False" && message.contains("discus did not create")
+    };
     vm.must(
-        "mkdir -p /manifests && cp /host/manifests/lab.yaml /manifests/ && \
+        "mkdir -p /manifests && cp /host/manifests/lab.yaml /host/images/squat.yaml /manifests/ && \
          RUST_LOG=discus=debug discus serve --backend lio --manifests /manifests --data-dir /var/lib/discus \
          --file-root /host/images --node-name guest --address 0.0.0.0 --resync-seconds 3600 > /tmp/running.log 2>&1 &",
     );
     wait_for(&vm, "the first pass", || {
         vm.sh("grep -q 'sync pass done' /tmp/running.log").0 == 0
     });
+    assert!(foreign(&vm), "{}", status(&vm, "IscsiTarget", "squatted"));
     std::fs::write(
         vm.share().join("images/extra.yaml"),
         grant_yaml(
@@ -537,8 +551,16 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
                 .all(|l| l.contains("t42") && l.contains("client-7")),
         "{touched:#?}"
     );
+    assert!(foreign(&vm), "{}", status(&vm, "IscsiTarget", "squatted"));
+    assert_eq!(condition(&vm, "IscsiTarget", "t0", "Ready").0, "True");
     assert_eq!(
         census(&vm),
-        (targets, targets, targets, 2 * targets + 1, 2 * targets + 1)
+        (
+            targets + 1,
+            targets,
+            targets,
+            2 * targets + 1,
+            2 * targets + 1
+        )
     );
 }

@@ -1,0 +1,302 @@
+//! Status as files: `status/<Kind>/<namespace>/<name>.json`, written when it changes, and the
+//! table `discus status` prints from them.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::api;
+use crate::desired::ObjectKey;
+use crate::manifests::{self, ObjectId};
+use crate::status;
+use crate::sync::NodeReport;
+
+use super::folder::Loaded;
+
+/// `status/<Kind>/<namespace>/<name>.json`
+fn status_path(dir: &Path, kind: &str, key: &ObjectKey) -> PathBuf {
+    dir.join(kind)
+        .join(&key.namespace)
+        .join(format!("{}.json", key.name))
+}
+
+pub(super) fn read_statuses(dir: &Path) -> BTreeMap<PathBuf, Value> {
+    let mut statuses = BTreeMap::new();
+    let Ok(files) = manifests::collect_files(&[dir.to_owned()]) else {
+        return statuses;
+    };
+    for file in files {
+        if let Some(value) = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+        {
+            statuses.insert(file, value);
+        }
+    }
+    statuses
+}
+
+fn document(kind: &str, key: &ObjectKey, status: Value) -> Value {
+    json!({
+        "apiVersion": api::API_VERSION,
+        "kind": kind,
+        "metadata": {"name": key.name, "namespace": key.namespace},
+        "status": status,
+    })
+}
+
+/// Writes every resource's status (atomically, and only when it changed) and removes the files
+/// of resources that are gone. Returns what the folder now holds.
+///
+/// A status is computed again only where something it depends on may have changed: after a
+/// change that touched one target, the thousands of others keep theirs without being looked at.
+pub(super) fn write_statuses(
+    dir: &Path,
+    loaded: &Loaded,
+    report: &NodeReport,
+    mut previous: BTreeMap<PathBuf, Value>,
+    now: Timestamp,
+) -> BTreeMap<PathBuf, Value> {
+    let mut current = BTreeMap::new();
+    let mut computed = Vec::new();
+    let r = &loaded.resources;
+    let mut put =
+        |kind: &str, key: ObjectKey, untouched: bool, status: &dyn Fn(Option<&Value>) -> Value| {
+            let path = status_path(dir, kind, &key);
+            let keep = untouched
+                && previous.get(&path).is_some_and(is_ready)
+                && !loaded.changed.contains(&ObjectId {
+                    kind: kind.to_owned(),
+                    key: key.clone(),
+                });
+            if keep && let Some(old) = previous.remove(&path) {
+                current.insert(path, old);
+                return;
+            }
+            let value = status(previous.get(&path).and_then(|v| v.get("status")));
+            current.insert(path.clone(), document(kind, &key, value));
+            computed.push(path);
+        };
+    fn previous_of<T: serde::de::DeserializeOwned>(value: Option<&Value>) -> Option<T> {
+        value.and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+    for image in &r.images {
+        put("DiscImage", status::key_of(image), false, &|old| {
+            let entries = status::image_entry(image, report).into_iter().collect();
+            json!(status::image_status(
+                image,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
+    }
+    for target in &r.targets {
+        let key = status::key_of(target);
+        let untouched = report.untouched_target(&key);
+        put("IscsiTarget", key, untouched, &|old| {
+            let entries = status::target_entry(target, report).into_iter().collect();
+            json!(status::target_status(
+                target,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
+    }
+    for grant in &r.grants {
+        let key = status::key_of(grant);
+        let untouched = report.untouched_grant(&key);
+        put("InitiatorAccess", key, untouched, &|old| {
+            let entries = status::grant_entry(grant, report).into_iter().collect();
+            json!(status::grant_status(
+                grant,
+                entries,
+                report,
+                previous_of(old).as_ref(),
+                now
+            ))
+        });
+    }
+    for (id, errors) in &loaded.invalid {
+        if !matches!(
+            id.kind.as_str(),
+            "DiscImage" | "IscsiTarget" | "InitiatorAccess"
+        ) {
+            tracing::warn!("{id}: {errors}");
+            continue;
+        }
+        let path = status_path(dir, &id.kind, &id.key);
+        let message = errors.to_string();
+        let old = previous.get(&path);
+        let since = old
+            .and_then(|v| v.pointer("/status/conditions/0/lastTransitionTime"))
+            .filter(|_| {
+                old.and_then(|v| v.pointer("/status/conditions/0/message")) == Some(&json!(message))
+            })
+            .cloned()
+            .unwrap_or_else(|| json!(now.to_string()));
+        let condition = |kind: &str| json!({"type": kind, "status": "True", "reason": "InvalidSpec", "message": message, "lastTransitionTime": since});
+        let mut ready = condition("Ready");
+        ready["status"] = json!("False");
+        current.insert(
+            path.clone(),
+            document(
+                &id.kind,
+                &id.key,
+                json!({"conditions": [ready, condition("Stalled")]}),
+            ),
+        );
+        computed.push(path);
+    }
+    for path in computed {
+        let Some(object) = current.get(&path) else {
+            continue;
+        };
+        if previous.get(&path) != Some(object) {
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| {
+                    crate::fsutil::write_replace(
+                        &path,
+                        &serde_json::to_vec_pretty(object).unwrap_or_default(),
+                    )
+                });
+            if let Err(error) = written {
+                tracing::warn!(path = %path.display(), %error, "cannot write status");
+            }
+        }
+    }
+    for path in previous.keys() {
+        if !current.contains_key(path) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    current
+}
+
+/// Whether every status says Ready.
+pub(super) fn all_ready(statuses: &BTreeMap<PathBuf, Value>) -> bool {
+    statuses.values().all(is_ready)
+}
+
+/// A status document's Ready condition.
+fn ready_condition(object: &Value) -> Option<&Value> {
+    object
+        .pointer("/status/conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")
+}
+
+fn is_ready(object: &Value) -> bool {
+    ready_condition(object).is_some_and(|c| c["status"] == "True")
+}
+
+/// `discus status`: every resource's status, as a table.
+pub fn status_table(data_dir: &Path) -> String {
+    let statuses = read_statuses(&data_dir.join("status"));
+    let mut rows = vec![
+        ["RESOURCE", "READY", "REASON", "PORTALS", "SESSIONS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for object in statuses.values() {
+        let text = |pointer: &str| {
+            object
+                .pointer(pointer)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let ready = ready_condition(object).cloned().unwrap_or_default();
+        let kind = text("/kind");
+        let portals = match kind.as_str() {
+            "IscsiTarget" => object.pointer("/status/portals"),
+            "InitiatorAccess" => object.pointer("/status/connection/portals"),
+            _ => None,
+        }
+        .and_then(Value::as_array)
+        .map(|p| {
+            p.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+        let nodes = object
+            .pointer("/status/nodes")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        let sessions = match kind.as_str() {
+            "IscsiTarget" => nodes
+                .iter()
+                .filter_map(|n| n["sessions"].as_i64())
+                .sum::<i64>()
+                .to_string(),
+            "InitiatorAccess" => nodes
+                .iter()
+                .filter_map(|n| n["sessions"].as_array())
+                .map(Vec::len)
+                .sum::<usize>()
+                .to_string(),
+            _ => String::new(),
+        };
+        rows.push(vec![
+            format!(
+                "{kind}/{}/{}",
+                text("/metadata/namespace"),
+                text("/metadata/name")
+            ),
+            ready["status"].as_str().unwrap_or("Unknown").to_owned(),
+            ready["reason"].as_str().unwrap_or("").to_owned(),
+            portals,
+            sessions,
+        ]);
+    }
+    let widths: Vec<usize> = (0..5)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The messages of every resource that is not Ready, for `discus status` to explain.
+pub fn not_ready_messages(data_dir: &Path) -> Vec<String> {
+    read_statuses(&data_dir.join("status"))
+        .values()
+        .filter_map(|object| {
+            let ready = ready_condition(object)?;
+            (ready["status"] != "True").then(|| {
+                format!(
+                    "{}/{}/{}: {}",
+                    object["kind"].as_str().unwrap_or(""),
+                    object
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                    object
+                        .pointer("/metadata/name")
+                        .and_then(Value::as_str)
+                        .unwrap_or(""),
+                    ready["message"].as_str().unwrap_or("")
+                )
+            })
+        })
+        .collect()
+}
