@@ -2,6 +2,7 @@
 //! cluster, or from one server without a cluster.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod api;
 pub mod backend;
 pub mod cli;
@@ -10,6 +11,7 @@ pub mod desired;
 pub mod fsutil;
 pub mod images;
 pub mod manifests;
+pub mod node_runtime;
 pub mod standalone;
 pub mod status;
 pub mod sync;

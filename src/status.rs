@@ -118,6 +118,10 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
             entry.phase = ImagePhase::Ready;
             entry.bytes_done = i64::try_from(stored.virtual_size).ok();
             entry.bytes_total = entry.bytes_done;
+            entry.format =
+                serde_json::from_value(serde_json::Value::String(stored.format.clone())).ok();
+            entry.virtual_size = Some(format_bytes(stored.virtual_size));
+            entry.served_sha256 = Some(stored.served_sha256.clone());
         }
         ImageState::InProgress(progress) => {
             entry.phase = progress.phase;
@@ -136,15 +140,10 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
 pub fn image_status(
     image: &DiscImage,
     entries: Vec<DiscImageNodeStatus>,
-    report: &NodeReport,
     previous: Option<&DiscImageStatus>,
     now: Timestamp,
 ) -> DiscImageStatus {
-    let key = object_key(image.meta());
-    let stored = match report.images.get(&key) {
-        Some(ImageState::Ready(stored)) => Some(stored),
-        _ => None,
-    };
+    let stored = entries.iter().find(|e| e.phase == ImagePhase::Ready);
     let ready = !entries.is_empty() && entries.iter().all(|e| e.phase == ImagePhase::Ready);
     let failed = entries.iter().find(|e| e.phase == ImagePhase::Failed);
     let (reason, message, stalled) = if ready {
@@ -185,11 +184,10 @@ pub fn image_status(
             generation,
             now,
         ),
-        format: stored
-            .and_then(|s| serde_json::from_value(serde_json::Value::String(s.format.clone())).ok()),
-        virtual_size: stored.map(|s| format_bytes(s.virtual_size)),
-        sha256: stored.map(|s| s.sha256.clone()),
-        served_sha256: stored.map(|s| s.served_sha256.clone()),
+        format: stored.and_then(|s| s.format),
+        virtual_size: stored.and_then(|s| s.virtual_size.clone()),
+        sha256: stored.map(|_| image.spec.sha256.clone()),
+        served_sha256: stored.and_then(|s| s.served_sha256.clone()),
         nodes: entries,
     }
 }
@@ -237,15 +235,14 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
     Some(entry)
 }
 
+/// A target's whole status from every node's entry; `iqn` is the IQN it is served under.
 pub fn target_status(
     target: &IscsiTarget,
     entries: Vec<TargetNodeStatus>,
-    report: &NodeReport,
+    iqn: Option<String>,
     previous: Option<&IscsiTargetStatus>,
     now: Timestamp,
 ) -> IscsiTargetStatus {
-    let key = object_key(target.meta());
-    let served = report.served_target(&key);
     let ready_count = entries.iter().filter(|e| e.ready).count();
     let ready = !entries.is_empty() && ready_count == entries.len();
     let (reason, message, stalled) = if ready {
@@ -287,9 +284,7 @@ pub fn target_status(
             generation,
             now,
         ),
-        iqn: served
-            .map(|t| t.iqn.clone())
-            .or_else(|| target.spec.iqn.clone()),
+        iqn,
         portals,
         lun_count: i32::try_from(target.spec.luns.len()).ok(),
         ready_nodes: Some(format!("{ready_count}/{}", entries.len())),
@@ -320,7 +315,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         entry.message = Some(message);
         return Some(entry);
     }
-    let (target, _) = report.grant_acl(&key)?;
+    let (target, acl) = report.grant_acl(&key)?;
     let initiator = grant.spec.initiator_iqn.as_str();
     entry.sessions = report
         .sessions_on(&target.iqn)
@@ -337,6 +332,23 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
     let unsettled = report.unsettled_messages(&target.iqn, Some(initiator));
     if unsettled.is_empty() {
         entry.applied = true;
+        entry.connection = Some(Connection {
+            iqn: target.iqn.clone(),
+            portals: target.portals.iter().map(ToString::to_string).collect(),
+            luns: acl
+                .luns
+                .iter()
+                .map(|m| ConnectionLun {
+                    lun: m.lun,
+                    device_lun: report
+                        .device_luns
+                        .get(&m.lun)
+                        .copied()
+                        .filter(|d| *d != m.lun),
+                    read_only: m.read_only,
+                })
+                .collect(),
+        });
     } else {
         entry.reason = Some("NotConverged".into());
         entry.message = Some(unsettled.join("; "));
@@ -344,15 +356,14 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
     Some(entry)
 }
 
+/// A grant's whole status from every node's entry; `expired` says whether it is past its time.
 pub fn grant_status(
     grant: &InitiatorAccess,
     entries: Vec<AccessNodeStatus>,
-    report: &NodeReport,
+    expired: bool,
     previous: Option<&InitiatorAccessStatus>,
     now: Timestamp,
 ) -> InitiatorAccessStatus {
-    let key = object_key(grant.meta());
-    let expired = report.desired.expired.contains(&key);
     let applied = entries.iter().filter(|e| e.applied).count();
     let ready = !expired && !entries.is_empty() && applied == entries.len();
     let (reason, message, stalled) = if expired {
@@ -402,28 +413,7 @@ pub fn grant_status(
             message,
         });
     }
-    let connection = ready
-        .then(|| {
-            let (target, acl) = report.grant_acl(&key)?;
-            Some(Connection {
-                iqn: target.iqn.clone(),
-                portals: target.portals.iter().map(ToString::to_string).collect(),
-                luns: acl
-                    .luns
-                    .iter()
-                    .map(|m| ConnectionLun {
-                        lun: m.lun,
-                        device_lun: report
-                            .device_luns
-                            .get(&m.lun)
-                            .copied()
-                            .filter(|d| *d != m.lun),
-                        read_only: m.read_only,
-                    })
-                    .collect(),
-            })
-        })
-        .flatten();
+    let connection = ready.then(|| merge_connections(&entries)).flatten();
     let generation = grant.meta().generation;
     InitiatorAccessStatus {
         observed_generation: generation,
@@ -436,6 +426,34 @@ pub fn grant_status(
         connection,
         nodes: entries,
     }
+}
+
+/// One connection from every node's: the same target and LUNs, every node's portals.
+fn merge_connections(entries: &[AccessNodeStatus]) -> Option<Connection> {
+    let mut connections = entries.iter().filter_map(|e| e.connection.as_ref());
+    let mut merged = connections.next()?.clone();
+    for other in connections {
+        merged.portals.extend(other.portals.iter().cloned());
+    }
+    merged.portals.sort();
+    merged.portals.dedup();
+    Some(merged)
+}
+
+/// The conditions of an object that is not even well-formed: not Ready, Stalled, with why.
+pub fn invalid_conditions(
+    previous: &[Condition],
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let reason = Reason::InvalidSpec.to_string();
+    conditions(
+        previous,
+        kstatus(false, &reason, message, true),
+        generation,
+        now,
+    )
 }
 
 /// Whether a status says Ready.

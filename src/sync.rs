@@ -174,10 +174,40 @@ impl NodeReport {
     }
 }
 
+/// When the next pass is due without any change: at the next grant's expiry, or after `resync`
+/// for a full pass that catches drift.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextPass {
+    pub after: std::time::Duration,
+    pub pass: Pass,
+}
+
+impl NodeReport {
+    pub fn next_pass(&self, resync: std::time::Duration) -> NextPass {
+        let expiry = self.desired.next_expiry.map(|at| {
+            let wait = at.duration_since(Timestamp::now());
+            // Just past the instant, so the pass sees the grant expired.
+            std::time::Duration::try_from(wait).unwrap_or_default()
+                + std::time::Duration::from_millis(10)
+        });
+        match expiry {
+            Some(expiry) if expiry < resync => NextPass {
+                after: expiry,
+                pass: Pass::Changes,
+            },
+            _ => NextPass {
+                after: resync,
+                pass: Pass::Full,
+            },
+        }
+    }
+}
+
 pub struct Syncer<B: Backend> {
     backend: B,
     images: ImageManager,
-    node: NodeFacts,
+    /// The node's name, labels and addresses: they change when its Node does.
+    node: Mutex<NodeFacts>,
     settings: Settings,
     default_max_virtual_size: u64,
     /// Fetch every declared image, not only those a target placed here needs (one server that
@@ -219,7 +249,7 @@ impl<B: Backend> Syncer<B> {
         Self {
             backend,
             images,
-            node,
+            node: Mutex::new(node),
             settings,
             default_max_virtual_size,
             prefetch_all: false,
@@ -242,11 +272,23 @@ impl<B: Backend> Syncer<B> {
         &self.backend
     }
 
+    pub fn node_facts(&self) -> NodeFacts {
+        self.node.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    /// The node's labels or addresses changed: the next pass places targets by the new ones.
+    pub fn set_node_facts(&self, facts: NodeFacts) {
+        if let Ok(mut node) = self.node.lock() {
+            *node = facts;
+        }
+    }
+
     /// One pass. Never fails: what goes wrong is in the report, for status.
     pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
         let started = std::time::Instant::now();
+        let node = self.node_facts();
         let mut report = NodeReport {
-            node: self.node.name.clone(),
+            node: node.name.clone(),
             backend: self.backend.name(),
             ..NodeReport::default()
         };
@@ -260,7 +302,7 @@ impl<B: Backend> Syncer<B> {
                 report.images.insert(key.clone(), ImageState::Ready(stored));
             }
         }
-        let mut state = desired::desired_state(&self.inputs(resources, &ready, now));
+        let mut state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
         let mut newly_ready = false;
         let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
             requests.keys().cloned().collect()
@@ -281,7 +323,7 @@ impl<B: Backend> Syncer<B> {
         }
         if newly_ready {
             // An image turned out to be stored: compute again with it.
-            state = desired::desired_state(&self.inputs(resources, &ready, now));
+            state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
         }
         for (key, image) in &report.images {
             if let ImageState::Failed { message, retry_at } = image {
@@ -315,6 +357,7 @@ impl<B: Backend> Syncer<B> {
         &'a self,
         r: &'a Resources,
         ready: &'a BTreeMap<ObjectKey, ReadyImage>,
+        node: &'a NodeFacts,
         now: Timestamp,
     ) -> Inputs<'a> {
         Inputs {
@@ -322,7 +365,7 @@ impl<B: Backend> Syncer<B> {
             targets: &r.targets,
             grants: &r.grants,
             secrets: &r.secrets,
-            node: &self.node,
+            node,
             ready,
             settings: &self.settings,
             now,
@@ -647,26 +690,16 @@ impl<B: Backend> Syncer<B> {
     /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a
     /// complete set of resources, so an empty list here really means "nothing declared".
     fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
-        let store = self.images.importer().store();
-        let mut needed: BTreeSet<String> = BTreeSet::new();
-        for request in requests.values() {
-            match store.lookup(&request.sha256) {
-                Ok(Some(stored)) => {
-                    needed.insert(stored.served_sha256);
-                }
-                Ok(None) => {}
-                // When the index cannot be read, keep everything.
-                Err(_) => return,
-            }
-        }
-        for target in &state.targets {
-            for lun in &target.luns {
-                if let Some(stem) = lun.backing.path().file_stem().and_then(|s| s.to_str()) {
-                    needed.insert(stem.to_owned());
-                }
-            }
-        }
-        if let Err(error) = store.collect_garbage(&needed) {
+        let needed = images::Needed {
+            sources: requests.values().map(|r| r.sha256.clone()).collect(),
+            served: state
+                .targets
+                .iter()
+                .flat_map(|target| &target.luns)
+                .filter_map(|lun| lun.backing.path().file_stem()?.to_str().map(str::to_owned))
+                .collect(),
+        };
+        if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");
         }
     }

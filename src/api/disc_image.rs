@@ -196,6 +196,15 @@ pub struct DiscImageNodeStatus {
     pub bytes_done: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_total: Option<i64>,
+    /// Once ready: the format this node detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ImageFormat>,
+    /// Once ready: the size of the raw image served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<Quantity>,
+    /// Once ready: the digest of the raw bytes this node serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_sha256: Option<String>,
     /// Why it is not ready on this node (a condition reason: `ImageNotReady`, `BackendLimit`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -212,6 +221,8 @@ pub enum ImagePhase {
     Converting,
     Ready,
     Failed,
+    /// The node's agent is not reporting: nobody knows.
+    Unknown,
 }
 
 /// A DiscImage spec that passed every rule.

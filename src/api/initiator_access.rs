@@ -136,6 +136,9 @@ pub struct ConnectionLun {
 pub struct AccessNodeStatus {
     pub node: String,
     pub applied: bool,
+    /// Once applied: how to reach the target on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sessions: Vec<SessionStatus>,
     /// Why it is not ready on this node (a condition reason: `ImageNotReady`, `BackendLimit`, …).

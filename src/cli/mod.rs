@@ -1,6 +1,8 @@
 //! The `discus` command line.
 
+mod agent;
 mod image;
+mod node_args;
 mod serve;
 
 use std::path::PathBuf;
@@ -39,6 +41,8 @@ enum Command {
     },
     /// Serve the resources of a folder of manifests from this machine, without a cluster.
     Serve(serve::ServeArgs),
+    /// Run as a storage node's agent in a Kubernetes cluster (the DaemonSet's command).
+    Agent(agent::AgentArgs),
     /// Show the status `discus serve` wrote: one line per resource.
     Status {
         /// The data directory `discus serve` uses.
@@ -50,11 +54,13 @@ enum Command {
 /// Runs the command line and returns the process's exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init(if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    });
+    crate::telemetry::init(
+        if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+            "info"
+        } else {
+            "warn"
+        },
+    );
     match cli.command {
         Command::Crds => match crate::crds::render_yaml() {
             Ok(yaml) => {
@@ -66,6 +72,7 @@ pub fn run() -> ExitCode {
         Command::Validate { paths } => validate(&paths),
         Command::Image { command } => image::run(command),
         Command::Serve(args) => serve::run(args),
+        Command::Agent(args) => agent::run(args),
         Command::Status { data_dir } => {
             print!("{}", crate::standalone::status_table(&data_dir));
             let waiting = crate::standalone::not_ready_messages(&data_dir);

@@ -176,6 +176,22 @@ pub fn desired_state(inputs: &Inputs<'_>) -> DesiredState {
     state
 }
 
+/// The IQN a target is served under, when its spec is valid.
+pub fn target_iqn(target: &IscsiTarget, authority: &str) -> Option<String> {
+    let valid = target.spec.validate().ok()?;
+    targets::effective_iqn(&valid, &object_key(&target.metadata), authority).ok()
+}
+
+/// Whether a grant is past its `expiresAt` at `now`.
+pub fn grant_expired(grant: &InitiatorAccess, now: Timestamp) -> bool {
+    grant
+        .spec
+        .validate()
+        .ok()
+        .and_then(|valid| valid.expires_at)
+        .is_some_and(|at| at <= now)
+}
+
 /// The key of an object: its namespace (`default` when absent, as kubectl does) and name.
 pub fn object_key(meta: &ObjectMeta) -> ObjectKey {
     ObjectKey::new(

@@ -201,7 +201,11 @@ fn block(problems: Vec<Problem>, state: &mut DesiredState) -> Placement {
 }
 
 /// `spec.iqn`, or `<authority>:<namespace>.<name>`.
-fn effective_iqn(target: &ValidTarget, key: &ObjectKey, authority: &str) -> Result<String, String> {
+pub(super) fn effective_iqn(
+    target: &ValidTarget,
+    key: &ObjectKey,
+    authority: &str,
+) -> Result<String, String> {
     match &target.iqn {
         Some(iqn) => Ok(iqn.clone()),
         None => {

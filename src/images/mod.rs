@@ -23,7 +23,7 @@ use url::Url;
 pub use fetch::{FetchOptions, HttpAuth};
 pub use inspect::Format;
 pub use progress::{Phase, Progress, ProgressReporter};
-pub use store::{Store, StoredImage};
+pub use store::{Needed, Store, StoredImage};
 
 use crate::api::disc_image::ImageFormat;
 use sink::Sink;

@@ -9,7 +9,10 @@
 //! A file reaches `images/` only by a rename after its digest was checked, so a half-written or
 //! unverified image is never served. Work in progress holds a lock on its file; at start-up every
 //! unlocked file in `tmp/` is a leftover of interrupted work and is removed. Garbage collection
-//! removes what the caller says is no longer needed, and nothing else.
+//! removes what the caller says is no longer needed, and nothing else. Committing an image and
+//! collecting garbage both hold the store's lock (`store.lock`), so an import that finishes while
+//! a collection runs — in this process or another — is judged by its index record, never by a
+//! half-written pair of files.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
@@ -92,6 +95,14 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// What the node still needs: sources (by their verified digest; whatever each became is kept)
+/// and served files (by their served digest, for LUNs already pointing at them).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub sources: BTreeSet<String>,
+    pub served: BTreeSet<String>,
+}
+
 /// What garbage collection removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Collected {
@@ -137,6 +148,21 @@ impl Store {
         self.index_dir().join(format!("{sha256}.json"))
     }
 
+    /// The store-wide lock, held while the set of committed images changes. Released on drop.
+    fn lock(&self) -> Result<File, StoreError> {
+        let path = self.root.join("store.lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .at(&path)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(io::Error::from)
+            .at(&path)?;
+        Ok(file)
+    }
+
     /// A new file in `tmp/`, locked for as long as it lives.
     pub fn staging(&self) -> Result<Staging, StoreError> {
         let dir = self.tmp_dir();
@@ -174,17 +200,9 @@ impl Store {
 
     /// The stored image a verified source became, if it is still in the store.
     pub fn lookup(&self, sha256: &str) -> Result<Option<StoredImage>, StoreError> {
-        let path = self.record_path(sha256);
-        let text = match fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).at(&path),
+        let Some(record) = self.record(sha256)? else {
+            return Ok(None);
         };
-        let record: Record =
-            serde_json::from_slice(&text).map_err(|source| StoreError::Record {
-                path: path.clone(),
-                source,
-            })?;
         let image = self.image_path(&record.served_sha256);
         match fs::metadata(&image) {
             Ok(meta) if meta.len() == record.virtual_size => Ok(Some(StoredImage {
@@ -196,6 +214,18 @@ impl Store {
             })),
             Ok(_) | Err(_) => Ok(None),
         }
+    }
+
+    fn record(&self, sha256: &str) -> Result<Option<Record>, StoreError> {
+        let path = self.record_path(sha256);
+        let text = match fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).at(&path),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|source| StoreError::Record { path, source })
     }
 
     /// Moves a verified raw file into `images/` and records what the source became. The file
@@ -214,6 +244,7 @@ impl Store {
         let mut permissions = served.file().metadata().at(&staged)?.permissions();
         permissions.set_readonly(true);
         served.file().set_permissions(permissions).at(&staged)?;
+        let _lock = self.lock()?;
         // Another import of the same bytes may have won the race; the content is the same.
         served
             .file
@@ -266,12 +297,20 @@ impl Store {
         Ok(digests)
     }
 
-    /// Removes every image whose served digest is not in `needed`, and the index records that
-    /// lead to it. The caller knows what the node needs; the store never guesses.
-    pub fn collect_garbage(&self, needed: &BTreeSet<String>) -> Result<Collected, StoreError> {
+    /// Removes every image that no needed source became and no needed served digest names, and
+    /// the index records that lead to nothing. The caller knows what the node needs; the store
+    /// never guesses.
+    pub fn collect_garbage(&self, needed: &Needed) -> Result<Collected, StoreError> {
+        let _lock = self.lock()?;
+        let mut keep = needed.served.clone();
+        for source in &needed.sources {
+            if let Some(record) = self.record(source)? {
+                keep.insert(record.served_sha256);
+            }
+        }
         let mut collected = Collected::default();
         for digest in self.served_digests()? {
-            if needed.contains(&digest) {
+            if keep.contains(&digest) {
                 continue;
             }
             let path = self.image_path(&digest);
@@ -378,7 +417,10 @@ mod tests {
             .commit(staged(&store, b"drop!"), "src-drop", "drop", Format::Qcow2)
             .expect("commit");
         let collected = store
-            .collect_garbage(&["keep".to_owned()].into())
+            .collect_garbage(&Needed {
+                sources: ["src-keep".to_owned()].into(),
+                served: BTreeSet::new(),
+            })
             .expect("gc");
         assert_eq!(
             collected,
@@ -390,6 +432,27 @@ mod tests {
         assert!(store.lookup("src-keep").expect("lookup").is_some());
         assert!(store.lookup("src-drop").expect("lookup").is_none());
         assert!(!dir.path().join("index/src-drop.json").exists());
+    }
+
+    #[test]
+    fn an_image_committed_after_the_caller_looked_is_kept_when_its_source_is_needed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        // The caller decided what it needs before this import finished.
+        let needed = Needed {
+            sources: ["src".to_owned()].into(),
+            served: ["in-use".to_owned()].into(),
+        };
+        store
+            .commit(staged(&store, b"late"), "src", "late", Format::Iso)
+            .expect("commit");
+        store
+            .commit(staged(&store, b"used"), "other", "in-use", Format::Raw)
+            .expect("commit");
+        let collected = store.collect_garbage(&needed).expect("gc");
+        assert_eq!(collected, Collected::default());
+        assert!(store.lookup("src").expect("lookup").is_some());
+        assert!(store.lookup("other").expect("lookup").is_some());
     }
 
     #[test]

@@ -1,20 +1,14 @@
 //! `discus serve`: one storage server without a cluster. The same resources and the same sync
 //! loop as the Kubernetes agent, read from a folder of manifests; status goes to files.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
 use crate::backend::Backend;
-use crate::backend::lio::{self, LioBackend};
-use crate::backend::tgt::{TgtBackend, TgtConfig};
-use crate::desired::{NodeFacts, Settings};
-use crate::images::manager::ImageManager;
-use crate::images::{FetchOptions, Importer, ImporterConfig};
+pub use crate::node_runtime::BackendChoice;
+use crate::node_runtime::{self, NodeConfig, NodeLoop};
 use crate::sync::{Pass, Syncer};
 
 mod folder;
@@ -24,37 +18,19 @@ pub use folder::{Loaded, ManifestCache, load, load_cached};
 use status_files::{all_ready, read_statuses, write_statuses};
 pub use status_files::{not_ready_messages, status_table};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendChoice {
-    Auto,
-    Lio,
-    Tgt,
-}
-
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
     pub manifests: PathBuf,
-    pub data_dir: PathBuf,
-    pub backend: BackendChoice,
-    pub node_name: String,
-    pub node_labels: BTreeMap<String, String>,
-    /// Where targets without portals listen.
-    pub addresses: Vec<IpAddr>,
-    pub file_roots: Vec<PathBuf>,
-    pub allow_loopback: bool,
+    /// The node this server is; every image is fetched (it is the only node).
+    pub node: NodeConfig,
     pub once: bool,
     pub resync: Duration,
-    pub iqn_authority: String,
-    pub default_max_virtual_size: u64,
-    pub tgt_control_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Images(#[from] crate::images::ImportError),
-    #[error(transparent)]
-    Backend(#[from] crate::backend::BackendError),
+    Node(#[from] node_runtime::SetupError),
     #[error("{0}")]
     Setup(String),
 }
@@ -70,73 +46,17 @@ pub enum Outcome {
 
 /// Runs `discus serve` until a signal (or, with `--once`, after one complete sync).
 pub async fn serve(options: ServeOptions) -> Result<Outcome, ServeError> {
-    let importer = Importer::new(ImporterConfig {
-        data_dir: options.data_dir.clone(),
-        file_roots: options.file_roots.clone(),
-        fetch: FetchOptions {
-            allow_loopback: options.allow_loopback,
-            ..FetchOptions::default()
-        },
-        qemu: crate::images::qemu::QemuImg::default(),
-    })?;
-    let images = ImageManager::new(Arc::new(importer));
-    let node = NodeFacts {
-        name: options.node_name.clone(),
-        labels: options.node_labels.clone(),
-        addresses: options.addresses.clone(),
-    };
-    let settings = Settings {
-        iqn_authority: options.iqn_authority.clone(),
-        writable_dir: options.data_dir.join("writable"),
-        ..Settings::default()
-    };
-    match choose_backend(options.backend) {
-        BackendChoice::Lio => {
-            let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
-            let syncer = Syncer::new(
-                backend,
-                images,
-                node,
-                settings,
-                options.default_max_virtual_size,
-            )
-            .prefetch_all();
-            run(syncer, &options).await
-        }
-        BackendChoice::Tgt | BackendChoice::Auto => {
-            let mut config = TgtConfig::new(options.data_dir.join("tgt"));
-            config.control_port = options.tgt_control_port;
-            let backend = TgtBackend::start(config).await?;
-            let syncer = Syncer::new(
-                backend,
-                images,
-                node,
-                settings,
-                options.default_max_virtual_size,
-            )
-            .prefetch_all();
-            run(syncer, &options).await
-        }
-    }
+    let mut config = options.node.clone();
+    config.prefetch_all = true;
+    node_runtime::start(config, ServeLoop(&options)).await?
 }
 
-/// `auto`: LIO where the kernel has configfs target support, else tgt; the log says which and why.
-fn choose_backend(choice: BackendChoice) -> BackendChoice {
-    if choice != BackendChoice::Auto {
-        return choice;
-    }
-    if lio::available() {
-        tracing::info!(
-            "backend: lio (the kernel has configfs target support at {})",
-            lio::CONFIGFS
-        );
-        BackendChoice::Lio
-    } else {
-        tracing::info!(
-            "backend: tgt ({} is absent: no target modules loaded, or configfs not mounted)",
-            lio::CONFIGFS
-        );
-        BackendChoice::Tgt
+struct ServeLoop<'a>(&'a ServeOptions);
+
+impl NodeLoop for ServeLoop<'_> {
+    type Output = Result<Outcome, ServeError>;
+    async fn run<B: Backend + 'static>(self, syncer: Syncer<B>) -> Self::Output {
+        run(syncer, self.0).await
     }
 }
 
@@ -144,7 +64,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
     let (changes_tx, mut changes) = tokio::sync::mpsc::unbounded_channel::<()>();
     let _watcher = watch_folder(&options.manifests, changes_tx);
     let finished = syncer.images().finished();
-    let status_dir = options.data_dir.join("status");
+    let status_dir = options.node.data_dir.join("status");
     let mut previous = read_statuses(&status_dir);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::Setup(format!("cannot handle SIGTERM: {e}")))?;
@@ -161,7 +81,14 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
         let now = Timestamp::now();
         let report = syncer.sync(&loaded.resources, now, pass).await;
         let syncing = started.elapsed() - loading;
-        let written = write_statuses(&status_dir, &loaded, &report, previous, now);
+        let written = write_statuses(
+            &status_dir,
+            &loaded,
+            &report,
+            &options.node.iqn_authority,
+            previous,
+            now,
+        );
         tracing::debug!(
             targets = report.desired.targets.len(),
             unsettled = report.unsettled.len(),
@@ -185,13 +112,9 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             });
         }
         // Sleep until something changes: the folder, an import, the clock of a grant, or drift
-        // worth correcting.
-        let expiry = report.desired.next_expiry.map(|at| {
-            let wait = at.duration_since(Timestamp::now());
-            Duration::try_from(wait).unwrap_or(Duration::ZERO) + Duration::from_millis(10)
-        });
-        let wake = expiry.map_or(options.resync, |d| d.min(options.resync));
-        // A change reads only what it touches; the periodic pass reads everything, for drift.
+        // worth correcting. A change reads only what it touches; the periodic pass reads
+        // everything, for drift.
+        let next = report.next_pass(options.resync);
         pass = Pass::Changes;
         tokio::select! {
             _ = changes.recv() => {
@@ -200,11 +123,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
                 while changes.try_recv().is_ok() {}
             }
             () = finished.notified() => {}
-            () = tokio::time::sleep(wake) => {
-                if expiry.is_none_or(|e| e >= options.resync) {
-                    pass = Pass::Full;
-                }
-            }
+            () = tokio::time::sleep(next.after) => pass = next.pass,
             _ = tokio::signal::ctrl_c() => return Ok(Outcome::Stopped),
             _ = terminate.recv() => return Ok(Outcome::Stopped),
         }

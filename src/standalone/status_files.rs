@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::api;
-use crate::desired::ObjectKey;
+use crate::desired::{self, ObjectKey};
 use crate::manifests::{self, ObjectId};
 use crate::status;
 use crate::sync::NodeReport;
@@ -56,6 +57,7 @@ pub(super) fn write_statuses(
     dir: &Path,
     loaded: &Loaded,
     report: &NodeReport,
+    iqn_authority: &str,
     mut previous: BTreeMap<PathBuf, Value>,
     now: Timestamp,
 ) -> BTreeMap<PathBuf, Value> {
@@ -88,7 +90,6 @@ pub(super) fn write_statuses(
             json!(status::image_status(
                 image,
                 entries,
-                report,
                 previous_of(old).as_ref(),
                 now
             ))
@@ -102,7 +103,7 @@ pub(super) fn write_statuses(
             json!(status::target_status(
                 target,
                 entries,
-                report,
+                desired::target_iqn(target, iqn_authority),
                 previous_of(old).as_ref(),
                 now
             ))
@@ -111,12 +112,13 @@ pub(super) fn write_statuses(
     for grant in &r.grants {
         let key = status::key_of(grant);
         let untouched = report.untouched_grant(&key);
+        let expired = report.desired.expired.contains(&key);
         put("InitiatorAccess", key, untouched, &|old| {
             let entries = status::grant_entry(grant, report).into_iter().collect();
             json!(status::grant_status(
                 grant,
                 entries,
-                report,
+                expired,
                 previous_of(old).as_ref(),
                 now
             ))
@@ -131,25 +133,16 @@ pub(super) fn write_statuses(
             continue;
         }
         let path = status_path(dir, &id.kind, &id.key);
-        let message = errors.to_string();
-        let old = previous.get(&path);
-        let since = old
-            .and_then(|v| v.pointer("/status/conditions/0/lastTransitionTime"))
-            .filter(|_| {
-                old.and_then(|v| v.pointer("/status/conditions/0/message")) == Some(&json!(message))
-            })
-            .cloned()
-            .unwrap_or_else(|| json!(now.to_string()));
-        let condition = |kind: &str| json!({"type": kind, "status": "True", "reason": "InvalidSpec", "message": message, "lastTransitionTime": since});
-        let mut ready = condition("Ready");
-        ready["status"] = json!("False");
+        let previous_conditions: Vec<Condition> = previous
+            .get(&path)
+            .and_then(|v| v.pointer("/status/conditions"))
+            .and_then(|c| serde_json::from_value(c.clone()).ok())
+            .unwrap_or_default();
+        let conditions =
+            status::invalid_conditions(&previous_conditions, &errors.to_string(), None, now);
         current.insert(
             path.clone(),
-            document(
-                &id.kind,
-                &id.key,
-                json!({"conditions": [ready, condition("Stalled")]}),
-            ),
+            document(&id.kind, &id.key, json!({ "conditions": conditions })),
         );
         computed.push(path);
     }

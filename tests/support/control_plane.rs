@@ -6,7 +6,7 @@
 //! dropping it stops both processes and removes every file. The processes are started under
 //! `setpriv --pdeathsig KILL`, so they die with the test process even when it is killed.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ use rcgen::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::sandbox::Sandbox;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -25,6 +27,8 @@ pub struct ControlPlane {
     dir: tempfile::TempDir,
     processes: Vec<Child>,
     bin: PathBuf,
+    /// The host of its own it runs in, if any (it goes with the control plane).
+    sandbox: Option<Sandbox>,
     /// An admin (`system:masters`) kubeconfig.
     pub kubeconfig: PathBuf,
     /// `https://127.0.0.1:<port>`
@@ -35,6 +39,16 @@ impl ControlPlane {
     /// Builds (or takes from the cache) the binaries, starts etcd and kube-apiserver, and waits
     /// until the apiserver is ready.
     pub async fn start() -> Result<Self, Error> {
+        Self::start_at(None, IpAddr::from([127, 0, 0, 1])).await
+    }
+
+    /// Like `start`, in a sandbox of its own, serving on `address` (the sandbox's address on a
+    /// test LAN), so that other sandboxes can reach it.
+    pub async fn start_in(sandbox: Sandbox, address: IpAddr) -> Result<Self, Error> {
+        Self::start_at(Some(sandbox), address).await
+    }
+
+    async fn start_at(sandbox: Option<Sandbox>, address: IpAddr) -> Result<Self, Error> {
         let bin = binaries()?;
         let dir = tempfile::Builder::new()
             .prefix("discus-control-plane-")
@@ -46,9 +60,10 @@ impl ControlPlane {
             kubeconfig: root.join("admin.kubeconfig"),
             server: String::new(),
             bin,
+            sandbox,
         };
 
-        let pki = Pki::generate(&root)?;
+        let pki = Pki::generate(&root, address)?;
         let etcd_client = free_port()?;
         let etcd_peer = free_port()?;
         let etcd_log = std::fs::File::create(root.join("etcd.log"))?;
@@ -57,34 +72,34 @@ impl ControlPlane {
             &[
                 "--name=discus-test".into(),
                 format!("--data-dir={}", root.join("etcd").display()),
-                format!("--listen-client-urls=http://127.0.0.1:{etcd_client}"),
-                format!("--advertise-client-urls=http://127.0.0.1:{etcd_client}"),
-                format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer}"),
-                format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer}"),
-                format!("--initial-cluster=discus-test=http://127.0.0.1:{etcd_peer}"),
+                format!("--listen-client-urls=http://{address}:{etcd_client}"),
+                format!("--advertise-client-urls=http://{address}:{etcd_client}"),
+                format!("--listen-peer-urls=http://{address}:{etcd_peer}"),
+                format!("--initial-advertise-peer-urls=http://{address}:{etcd_peer}"),
+                format!("--initial-cluster=discus-test=http://{address}:{etcd_peer}"),
                 "--unsafe-no-fsync=true".into(),
                 "--log-level=warn".into(),
             ],
             etcd_log,
         )?;
-        wait_for("etcd", || etcd_ready(etcd_client)).await?;
+        wait_for("etcd", || etcd_ready(address, etcd_client)).await?;
 
         let port = free_port()?;
-        plane.server = format!("https://127.0.0.1:{port}");
+        plane.server = format!("https://{address}:{port}");
         let apiserver_log = std::fs::File::create(root.join("kube-apiserver.log"))?;
         let p = |name: &str| root.join(name).display().to_string();
         plane.spawn(
             "kube-apiserver",
             &[
-                format!("--etcd-servers=http://127.0.0.1:{etcd_client}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                format!("--etcd-servers=http://{address}:{etcd_client}"),
+                format!("--bind-address={address}"),
+                format!("--advertise-address={address}"),
                 format!("--secure-port={port}"),
                 format!("--tls-cert-file={}", p("apiserver.crt")),
                 format!("--tls-private-key-file={}", p("apiserver.key")),
                 format!("--cert-dir={}", p("certs")),
                 format!("--client-ca-file={}", p("ca.crt")),
-                format!("--service-account-issuer=https://127.0.0.1:{port}"),
+                format!("--service-account-issuer=https://{address}:{port}"),
                 format!("--service-account-key-file={}", p("sa.pub")),
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 "--authorization-mode=RBAC".into(),
@@ -110,6 +125,32 @@ impl ControlPlane {
         })
         .await?;
         Ok(plane)
+    }
+
+    /// Applies the discus CRDs (server-side, as users should) and waits until they are
+    /// established.
+    pub async fn install_crds(&self) -> Result<(), Error> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        use kube::api::{Api, Patch, PatchParams};
+        use kube::runtime::wait::{await_condition, conditions};
+        let crds: Api<CustomResourceDefinition> = Api::all(self.client().await?);
+        for crd in discus::api::all_crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            crds.patch(
+                &name,
+                &PatchParams::apply("discus-test").force(),
+                &Patch::Apply(&crd),
+            )
+            .await
+            .map_err(|e| format!("{name} rejected: {e}"))?;
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                await_condition(crds.clone(), &name, conditions::is_crd_established()),
+            )
+            .await
+            .map_err(|_| format!("{name} not established in time"))??;
+        }
+        Ok(())
     }
 
     /// A client with the admin kubeconfig.
@@ -138,9 +179,17 @@ impl ControlPlane {
     }
 
     fn spawn(&mut self, name: &str, args: &[String], log: std::fs::File) -> Result<(), Error> {
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--"])
-            .arg(self.bin.join(name))
+        let mut command = match &self.sandbox {
+            Some(sandbox) => sandbox.command(self.bin.join(name)),
+            None => {
+                let mut command = Command::new("setpriv");
+                command
+                    .args(["--pdeathsig", "KILL", "--"])
+                    .arg(self.bin.join(name));
+                command
+            }
+        };
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -180,8 +229,8 @@ fn free_port() -> Result<u16, Error> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-async fn etcd_ready(port: u16) -> Option<()> {
-    let mut stream = tokio::net::TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port)))
+async fn etcd_ready(address: IpAddr, port: u16) -> Option<()> {
+    let mut stream = tokio::net::TcpStream::connect(SocketAddr::from((address, port)))
         .await
         .ok()?;
     stream
@@ -217,7 +266,7 @@ struct Pki {
 }
 
 impl Pki {
-    fn generate(dir: &Path) -> Result<Self, Error> {
+    fn generate(dir: &Path, address: IpAddr) -> Result<Self, Error> {
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         ca_params.distinguished_name = name(&[(DnType::CommonName, "discus-test-ca")]);
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -229,6 +278,9 @@ impl Pki {
         serving
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        if !address.is_loopback() {
+            serving.subject_alt_names.push(SanType::IpAddress(address));
+        }
         serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;

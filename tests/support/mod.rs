@@ -4,6 +4,7 @@
 pub mod control_plane;
 pub mod http;
 pub mod lio_vm;
+pub mod network;
 pub mod sandbox;
 
 use std::path::PathBuf;

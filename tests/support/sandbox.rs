@@ -114,6 +114,11 @@ impl Sandbox {
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// The host PID of the sandbox's PID 1: what `ip link set … netns` takes.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
 }
 
 impl Drop for Sandbox {

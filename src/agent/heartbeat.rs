@@ -1,0 +1,56 @@
+//! Heartbeats: every agent renews a Lease of its own node, as kubelets do, so that the lease
+//! holder can tell a node whose agent stopped from one that merely has nothing to say.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::stores::HEARTBEAT_LABEL;
+
+/// The hashed node name used in the Lease's name and label (Lease names are DNS labels; node
+/// names need not fit).
+pub fn node_hash(node: &str) -> String {
+    hex::encode(Sha256::digest(node.as_bytes()))[..16].to_owned()
+}
+
+pub fn lease_name(node: &str) -> String {
+    format!("discus-node-{}", node_hash(node))
+}
+
+/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`.
+pub async fn run(
+    client: Client,
+    namespace: String,
+    node: String,
+    every: Duration,
+    valid_for: Duration,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &namespace);
+    let name = lease_name(&node);
+    let params = PatchParams::apply("discus-heartbeat").force();
+    loop {
+        let body = json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": name,
+                "labels": {HEARTBEAT_LABEL: node_hash(&node)},
+            },
+            "spec": {
+                "holderIdentity": node,
+                "leaseDurationSeconds": valid_for.as_secs(),
+                "renewTime": MicroTime(Timestamp::now()),
+            },
+        });
+        if let Err(error) = api.patch(&name, &params, &Patch::Apply(&body)).await {
+            tracing::warn!(%error, "cannot renew this node's heartbeat");
+        }
+        tokio::time::sleep(every).await;
+    }
+}

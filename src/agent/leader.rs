@@ -1,0 +1,364 @@
+//! The lease holder: one agent at a time writes what no single node can — each resource's
+//! top-level `observedGeneration` and conditions, merged from every node's entry — under a field
+//! manager of its own, and only when it changed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::core::error_boundary::InvalidObject;
+use kube::{Client, Resource};
+use kube_lease_manager::LeaseManagerBuilder;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::desired::{self, Kind, ObjectKey, object_key};
+use crate::status;
+
+use super::apply_status;
+use super::liveness::{Liveness, NodeEntry, Tracker};
+use super::node_status::field_manager;
+use super::stores::{Stores, Wakers};
+
+/// The field manager of everything the lease holder writes.
+pub const MANAGER: &str = "discus-leader";
+/// The Lease whose holder aggregates.
+pub const LEASE: &str = "discus-leader";
+const CONCURRENT_WRITES: usize = 16;
+
+#[derive(Clone, Debug)]
+pub struct LeaderOptions {
+    pub lease_namespace: String,
+    /// Unique among agents: the node name.
+    pub identity: String,
+    /// How long a silent holder keeps the lease.
+    pub lease_seconds: u64,
+    pub iqn_authority: String,
+    /// A node whose heartbeat is silent this long is lost…
+    pub node_lost_after: Duration,
+    /// …and, this much later, gone: its entries are removed.
+    pub prune_after: Duration,
+}
+
+/// Competes for the lease for ever; while holding it, aggregates whenever something changed.
+pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: LeaderOptions) {
+    let manager = loop {
+        let built = LeaseManagerBuilder::new(client.clone(), LEASE)
+            .with_namespace(&options.lease_namespace)
+            .with_identity(&options.identity)
+            .with_duration(options.lease_seconds)
+            .with_grace((options.lease_seconds / 3).max(1))
+            .build()
+            .await;
+        match built {
+            Ok(manager) => break manager,
+            Err(error) => {
+                tracing::warn!(%error, "cannot take part in the leader election; retrying");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    };
+    let (mut leading, _election) = manager.watch().await;
+    let aggregator = Aggregator::new(
+        client,
+        options.iqn_authority.clone(),
+        Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
+    );
+    stores.ready().await;
+    let mut was_holding = false;
+    loop {
+        let holding = *leading.borrow_and_update();
+        if holding != was_holding {
+            tracing::info!(identity = %options.identity, holding, "leader lease");
+            was_holding = holding;
+        }
+        if !holding {
+            if leading.changed().await.is_err() {
+                tracing::warn!("the leader election stopped");
+                return;
+            }
+            continue;
+        }
+        let wait = aggregator
+            .aggregate(&stores, Timestamp::now())
+            .await
+            .unwrap_or(Duration::from_secs(60));
+        tokio::select! {
+            changed = leading.changed() => if changed.is_err() { return },
+            () = wakers.aggregate.notified() => {
+                // Entries from several nodes often land together.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+pub struct Aggregator {
+    client: Client,
+    iqn_authority: String,
+    liveness: std::sync::Mutex<Tracker>,
+    /// What was last written per object and manager, until the store shows it (`Null`: an
+    /// entry removed).
+    in_flight: std::sync::Mutex<HashMap<(Kind, ObjectKey, String), Value>>,
+}
+
+struct Write {
+    kind: Kind,
+    key: ObjectKey,
+    manager: String,
+    /// `None` drops what the manager owned.
+    status: Option<Value>,
+}
+
+/// The lease holder's writes, in the making.
+struct Writes<'a> {
+    kind: Kind,
+    in_flight: &'a mut HashMap<(Kind, ObjectKey, String), Value>,
+    writes: Vec<Write>,
+}
+
+impl Writes<'_> {
+    /// Queues a write unless the same is already in flight.
+    fn push(&mut self, key: &ObjectKey, manager: String, status: Option<Value>) {
+        let flight = (self.kind, key.clone(), manager);
+        let value = status.clone().unwrap_or(Value::Null);
+        if self.in_flight.get(&flight) == Some(&value) {
+            return;
+        }
+        self.writes.push(Write {
+            kind: self.kind,
+            key: flight.1,
+            manager: flight.2,
+            status,
+        });
+    }
+
+    /// Nothing to write for this object and manager: what was in flight has landed.
+    fn landed(&mut self, key: &ObjectKey, manager: &str) {
+        self.in_flight
+            .remove(&(self.kind, key.clone(), manager.to_owned()));
+    }
+}
+
+impl Aggregator {
+    pub fn new(client: Client, iqn_authority: String, liveness: Tracker) -> Self {
+        Self {
+            client,
+            iqn_authority,
+            liveness: std::sync::Mutex::new(liveness),
+            in_flight: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Writes every top-level status that changed, marks the entries of lost nodes and removes
+    /// those of gone ones; returns when something will change by itself (a grant expiring, a
+    /// node turning lost or gone).
+    pub async fn aggregate(&self, stores: &Stores, now: Timestamp) -> Option<Duration> {
+        let (writes, next) = self.plan(stores, now);
+        futures::stream::iter(writes)
+            .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
+            .await;
+        next
+    }
+
+    /// The writes due now, and how long until something changes by itself.
+    fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Option<Duration>) {
+        let clock = Instant::now();
+        let Ok(mut liveness) = self.liveness.lock() else {
+            return (Vec::new(), None);
+        };
+        liveness.observe(stores.heartbeats().iter().map(|l| l.as_ref()), clock);
+        let live = |node: &str| liveness.of(node, clock);
+        let Ok(mut in_flight) = self.in_flight.lock() else {
+            return (Vec::new(), None);
+        };
+        let mut nodes: BTreeSet<String> = BTreeSet::new();
+        let mut next_expiry: Option<Timestamp> = None;
+        let mut writes = Vec::new();
+        {
+            let mut kind = Writes {
+                kind: Kind::DiscImage,
+                in_flight: &mut in_flight,
+                writes: Vec::new(),
+            };
+            for guarded in stores.images() {
+                match &guarded.0 {
+                    Ok(image) => {
+                        let status = image.status.clone().unwrap_or_default();
+                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
+                        let entries = judge(&mut kind, image.meta(), status.nodes.clone(), &live);
+                        let top = status::image_status(image, entries, Some(&status), now);
+                        top_level_write(&mut kind, image.meta(), &top, &status);
+                    }
+                    Err(invalid) => invalid_write(&mut kind, invalid),
+                }
+            }
+            writes.append(&mut kind.writes);
+        }
+        {
+            let mut kind = Writes {
+                kind: Kind::IscsiTarget,
+                in_flight: &mut in_flight,
+                writes: Vec::new(),
+            };
+            for guarded in stores.targets() {
+                match &guarded.0 {
+                    Ok(target) => {
+                        let status = target.status.clone().unwrap_or_default();
+                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
+                        let entries = judge(&mut kind, target.meta(), status.nodes.clone(), &live);
+                        let iqn = desired::target_iqn(target, &self.iqn_authority);
+                        let top = status::target_status(target, entries, iqn, Some(&status), now);
+                        top_level_write(&mut kind, target.meta(), &top, &status);
+                    }
+                    Err(invalid) => invalid_write(&mut kind, invalid),
+                }
+            }
+            writes.append(&mut kind.writes);
+        }
+        {
+            let mut kind = Writes {
+                kind: Kind::InitiatorAccess,
+                in_flight: &mut in_flight,
+                writes: Vec::new(),
+            };
+            for guarded in stores.grants() {
+                match &guarded.0 {
+                    Ok(grant) => {
+                        let status = grant.status.clone().unwrap_or_default();
+                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
+                        let expired = desired::grant_expired(grant, now);
+                        if !expired
+                            && let Some(at) = grant.spec.validate().ok().and_then(|v| v.expires_at)
+                        {
+                            next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
+                        }
+                        let entries = judge(&mut kind, grant.meta(), status.nodes.clone(), &live);
+                        let top = status::grant_status(grant, entries, expired, Some(&status), now);
+                        top_level_write(&mut kind, grant.meta(), &top, &status);
+                    }
+                    Err(invalid) => invalid_write(&mut kind, invalid),
+                }
+            }
+            writes.append(&mut kind.writes);
+        }
+        let next_change = liveness
+            .next_change(nodes.iter().map(String::as_str), clock)
+            .map(|at| at.saturating_duration_since(clock));
+        let expiry = next_expiry
+            .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
+            .map(|d| d + Duration::from_millis(10));
+        (writes, [expiry, next_change].into_iter().flatten().min())
+    }
+
+    async fn write(&self, write: Write) {
+        let mut body = json!({
+            "apiVersion": crate::api::API_VERSION,
+            "kind": write.kind.as_str(),
+            "metadata": {"name": write.key.name, "namespace": write.key.namespace},
+        });
+        if let Some(status) = &write.status {
+            body["status"] = status.clone();
+        }
+        match apply_status(&self.client, write.kind, &write.key, &write.manager, &body).await {
+            Ok(()) => {
+                if let Ok(mut in_flight) = self.in_flight.lock() {
+                    in_flight.insert(
+                        (write.kind, write.key, write.manager),
+                        write.status.unwrap_or(Value::Null),
+                    );
+                }
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(error) => {
+                tracing::warn!(kind = write.kind.as_str(), object = %write.key, %error, "cannot write status");
+            }
+        }
+    }
+}
+
+/// The entries to aggregate: a live node's as it wrote it, a lost node's marked (in the object
+/// too, as that node's manager), a gone node's removed.
+fn judge<E: NodeEntry + Serialize>(
+    writes: &mut Writes<'_>,
+    meta: &ObjectMeta,
+    entries: Vec<E>,
+    live: &dyn Fn(&str) -> Liveness,
+) -> Vec<E> {
+    let key = object_key(meta);
+    let mut kept = Vec::new();
+    for entry in entries {
+        let manager = field_manager(entry.node());
+        match live(entry.node()) {
+            Liveness::Live => {
+                writes.landed(&key, &manager);
+                kept.push(entry);
+            }
+            Liveness::Lost(message) => {
+                if entry.is_marked_lost() {
+                    writes.landed(&key, &manager);
+                    kept.push(entry);
+                } else {
+                    let mut marked = entry;
+                    marked.mark_lost(&message);
+                    writes.push(&key, manager, Some(json!({"nodes": [&marked]})));
+                    kept.push(marked);
+                }
+            }
+            Liveness::Gone => writes.push(&key, manager, None),
+        }
+    }
+    kept
+}
+
+/// The top-level status, written when it differs from the object's.
+fn top_level_write<S: Serialize>(
+    writes: &mut Writes<'_>,
+    meta: &ObjectMeta,
+    wanted: &S,
+    current: &S,
+) {
+    let key = object_key(meta);
+    let (wanted, current) = (top_level(wanted), top_level(current));
+    if wanted == current {
+        writes.landed(&key, MANAGER);
+    } else {
+        writes.push(&key, MANAGER.to_owned(), Some(wanted));
+    }
+}
+
+/// An object that is not even well-formed: not Ready, Stalled, with why.
+fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
+    let key = object_key(&invalid.metadata);
+    let previous: Vec<Condition> = writes
+        .in_flight
+        .get(&(writes.kind, key.clone(), MANAGER.to_owned()))
+        .and_then(|v| v.get("conditions"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let conditions = status::invalid_conditions(
+        &previous,
+        &invalid.error,
+        invalid.metadata.generation,
+        Timestamp::now(),
+    );
+    writes.push(
+        &key,
+        MANAGER.to_owned(),
+        Some(json!({ "conditions": conditions })),
+    );
+}
+
+/// A status without the node entries: what the lease holder owns.
+fn top_level<S: Serialize>(status: &S) -> Value {
+    let mut value = serde_json::to_value(status).unwrap_or(Value::Null);
+    if let Some(fields) = value.as_object_mut() {
+        fields.remove("nodes");
+    }
+    value
+}

@@ -1,0 +1,368 @@
+//! The agent's view of the cluster: a reflector per kind in every watched namespace, the Secrets
+//! there, its own Node, and the heartbeat Leases. A change that matters to the sync — a spec, an
+//! object created or deleted, a Secret, the Node's labels or addresses — wakes the sync loop; a
+//! status change wakes only the lease holder, so that agents writing status do not wake each
+//! other's syncs.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Secret};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
+use crate::desired::{NodeFacts, object_key};
+use crate::manifests::ObjectId;
+use crate::sync::Resources;
+
+/// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
+pub const HEARTBEAT_LABEL: &str = "discus.dev/heartbeat";
+
+/// What wakes whom.
+#[derive(Clone, Default)]
+pub struct Wakers {
+    /// Something the desired state depends on changed.
+    pub sync: Arc<Notify>,
+    /// Something the lease holder aggregates changed (status entries, heartbeats, specs).
+    pub aggregate: Arc<Notify>,
+}
+
+impl Wakers {
+    fn both(&self) {
+        self.sync.notify_one();
+        self.aggregate.notify_one();
+    }
+}
+
+pub struct Stores {
+    images: Vec<Store<DeserializeGuard<DiscImage>>>,
+    targets: Vec<Store<DeserializeGuard<IscsiTarget>>>,
+    grants: Vec<Store<DeserializeGuard<InitiatorAccess>>>,
+    secrets: Vec<Store<Secret>>,
+    node: Store<Node>,
+    heartbeats: Store<Lease>,
+    node_name: String,
+}
+
+/// What the stores hold at one moment.
+#[derive(Default)]
+pub struct Snapshot {
+    pub resources: Resources,
+    /// Objects that are not even well-formed, with why.
+    pub invalid: Vec<(ObjectId, String)>,
+}
+
+impl Stores {
+    /// Starts every watch (as background tasks); `namespaces` empty means all of them. Heartbeat
+    /// Leases live in `lease_namespace`.
+    pub fn start(
+        client: &Client,
+        namespaces: &[String],
+        node_name: &str,
+        lease_namespace: &str,
+        wakers: &Wakers,
+    ) -> Self {
+        let namespaces: Vec<Option<String>> = if namespaces.is_empty() {
+            vec![None]
+        } else {
+            namespaces.iter().cloned().map(Some).collect()
+        };
+        let mut stores = Self {
+            images: Vec::new(),
+            targets: Vec::new(),
+            grants: Vec::new(),
+            secrets: Vec::new(),
+            node: spawn_reflector(
+                Api::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+                NodeChanges::default(),
+                wakers.clone(),
+            ),
+            heartbeats: spawn_reflector(
+                Api::namespaced(client.clone(), lease_namespace),
+                watcher::Config::default().labels(HEARTBEAT_LABEL),
+                Heartbeats,
+                wakers.clone(),
+            ),
+            node_name: node_name.to_owned(),
+        };
+        for namespace in &namespaces {
+            stores.images.push(spawn_reflector(
+                namespaced_api(client, namespace),
+                watcher::Config::default(),
+                SpecChanges::default(),
+                wakers.clone(),
+            ));
+            stores.targets.push(spawn_reflector(
+                namespaced_api(client, namespace),
+                watcher::Config::default(),
+                SpecChanges::default(),
+                wakers.clone(),
+            ));
+            stores.grants.push(spawn_reflector(
+                namespaced_api(client, namespace),
+                watcher::Config::default(),
+                SpecChanges::default(),
+                wakers.clone(),
+            ));
+            stores.secrets.push(spawn_reflector(
+                namespaced_api(client, namespace),
+                watcher::Config::default(),
+                EveryChange,
+                wakers.clone(),
+            ));
+        }
+        stores
+    }
+
+    /// Waits until every store has listed once: before that, an empty store would look like
+    /// "nothing is declared" and the sync would remove every target. Says which watches it is
+    /// still waiting for, so that a missing permission or CRD is visible.
+    pub async fn ready(&self) {
+        loop {
+            let waiting = self.not_ready();
+            if waiting.is_empty() {
+                return;
+            }
+            tracing::info!(watches = ?waiting, "waiting for watches to list");
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+    }
+
+    fn not_ready(&self) -> Vec<&'static str> {
+        let mut waiting = Vec::new();
+        let mut check = |name: &'static str, ready: bool| {
+            if !ready {
+                waiting.push(name);
+            }
+        };
+        check("DiscImage", self.images.iter().all(listed));
+        check("IscsiTarget", self.targets.iter().all(listed));
+        check("InitiatorAccess", self.grants.iter().all(listed));
+        check("Secret", self.secrets.iter().all(listed));
+        check("Node", listed(&self.node));
+        check("Lease", listed(&self.heartbeats));
+        waiting
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let r = &mut snapshot.resources;
+        r.images = valid(&self.images, &mut snapshot.invalid);
+        r.targets = valid(&self.targets, &mut snapshot.invalid);
+        r.grants = valid(&self.grants, &mut snapshot.invalid);
+        for store in &self.secrets {
+            for secret in store.state() {
+                r.secrets.insert(
+                    object_key(&secret.metadata),
+                    crate::api::chap::secret_data(&secret),
+                );
+            }
+        }
+        snapshot
+    }
+
+    /// The node's labels and InternalIP addresses, once its Node is known.
+    pub fn node_facts(&self) -> Option<NodeFacts> {
+        let node = self.node.state().into_iter().next()?;
+        Some(node_facts(&self.node_name, &node))
+    }
+
+    pub fn heartbeats(&self) -> Vec<Arc<Lease>> {
+        self.heartbeats.state()
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
+        self.images.iter().flat_map(Store::state)
+    }
+
+    pub fn targets(&self) -> impl Iterator<Item = Arc<DeserializeGuard<IscsiTarget>>> + '_ {
+        self.targets.iter().flat_map(Store::state)
+    }
+
+    pub fn grants(&self) -> impl Iterator<Item = Arc<DeserializeGuard<InitiatorAccess>>> + '_ {
+        self.grants.iter().flat_map(Store::state)
+    }
+}
+
+/// Whether a store has listed once (a dropped writer counts: its watch is gone for good).
+fn listed<K: Resource + Clone>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store.wait_until_ready().now_or_never().is_some()
+}
+
+fn namespaced_api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The well-formed objects of some stores; the others go to `invalid`.
+fn valid<K: Resource<DynamicType = ()> + Clone>(
+    stores: &[Store<DeserializeGuard<K>>],
+    invalid: &mut Vec<(ObjectId, String)>,
+) -> Vec<K> {
+    let mut objects = Vec::new();
+    for store in stores {
+        for guarded in store.state() {
+            match &guarded.0 {
+                Ok(object) => objects.push(object.clone()),
+                Err(error) => invalid.push((
+                    ObjectId {
+                        kind: K::kind(&()).into_owned(),
+                        key: object_key(&error.metadata),
+                    },
+                    error.error.clone(),
+                )),
+            }
+        }
+    }
+    objects
+}
+
+pub fn node_facts(name: &str, node: &Node) -> NodeFacts {
+    let addresses: Vec<IpAddr> = node
+        .status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect();
+    NodeFacts {
+        name: name.to_owned(),
+        labels: node.labels().clone(),
+        addresses,
+    }
+}
+
+/// Decides, for each watch event, whom it wakes.
+trait Relevance<K>: Send + 'static {
+    fn wake(&mut self, event: &watcher::Event<K>, wakers: &Wakers);
+}
+
+/// DiscImage, IscsiTarget, InitiatorAccess: a new generation (the spec changed), a new or deleted
+/// object wakes the sync; any change (status included) wakes the lease holder.
+#[derive(Default)]
+struct SpecChanges {
+    generations: HashMap<String, Option<i64>>,
+}
+
+impl<K: Resource> Relevance<K> for SpecChanges {
+    fn wake(&mut self, event: &watcher::Event<K>, wakers: &Wakers) {
+        match event {
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                let uid = object.meta().uid.clone().unwrap_or_default();
+                let generation = object.meta().generation;
+                if self.generations.insert(uid, generation) != Some(generation) {
+                    wakers.sync.notify_one();
+                }
+                wakers.aggregate.notify_one();
+            }
+            watcher::Event::Delete(object) => {
+                self.generations
+                    .remove(object.meta().uid.as_deref().unwrap_or_default());
+                wakers.both();
+            }
+            watcher::Event::Init => {}
+            watcher::Event::InitDone => wakers.both(),
+        }
+    }
+}
+
+/// Secrets: every change can matter (a rotated CHAP password).
+struct EveryChange;
+
+impl<K> Relevance<K> for EveryChange {
+    fn wake(&mut self, event: &watcher::Event<K>, wakers: &Wakers) {
+        if !matches!(event, watcher::Event::Init) {
+            wakers.both();
+        }
+    }
+}
+
+/// The Node: only its labels and addresses matter, not the kubelet's heartbeats in its status.
+#[derive(Default)]
+struct NodeChanges {
+    last: Option<(std::collections::BTreeMap<String, String>, Vec<IpAddr>)>,
+}
+
+impl Relevance<Node> for NodeChanges {
+    fn wake(&mut self, event: &watcher::Event<Node>, wakers: &Wakers) {
+        let facts = match event {
+            watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                let facts = node_facts("", node);
+                Some((facts.labels, facts.addresses))
+            }
+            watcher::Event::Delete(_) => None,
+            watcher::Event::Init => return,
+            watcher::Event::InitDone => {
+                wakers.both();
+                return;
+            }
+        };
+        if facts != self.last {
+            self.last = facts;
+            wakers.both();
+        }
+    }
+}
+
+/// Heartbeats concern the lease holder only.
+struct Heartbeats;
+
+impl Relevance<Lease> for Heartbeats {
+    fn wake(&mut self, event: &watcher::Event<Lease>, wakers: &Wakers) {
+        if !matches!(event, watcher::Event::Init) {
+            wakers.aggregate.notify_one();
+        }
+    }
+}
+
+/// A store kept by a background watch (with backoff on errors, never giving up), waking
+/// whoever `relevance` says.
+fn spawn_reflector<K, R>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut relevance: R,
+    wakers: Wakers,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    R: Relevance<K>,
+{
+    let (reader, writer) = reflector::store();
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    let stream = watcher(api, config)
+        .default_backoff()
+        // Nobody reads who wrote which field; thousands of objects' managedFields cost memory.
+        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => relevance.wake(&event, &wakers),
+                Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying"),
+            }
+        }
+    });
+    reader
+}

@@ -1,0 +1,72 @@
+//! `discus agent` and its options.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::node_args::{NodeArgs, seconds};
+use crate::agent::{self, AgentOptions};
+use crate::desired::NodeFacts;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The Node this agent runs on (in a DaemonSet: from the downward API, spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Watch only these namespaces (comma-separated); default: all.
+    #[arg(long, env = "DISCUS_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// The namespace of the agents' Leases: the agent's own.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "discus-system")]
+    lease_namespace: String,
+    /// How long the status aggregator keeps its lease without renewing it, in seconds.
+    #[arg(long, default_value = "15", value_parser = seconds)]
+    leader_lease_seconds: Duration,
+    /// How often this node's heartbeat is renewed, in seconds.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    heartbeat_seconds: Duration,
+    /// A node whose heartbeat is silent this long is marked lost in status, in seconds.
+    #[arg(long, default_value = "40", value_parser = seconds)]
+    node_lost_seconds: Duration,
+    /// A lost node's status entries are removed this long after it was marked lost, in seconds.
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    prune_seconds: Duration,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+pub fn run(args: AgentArgs) -> ExitCode {
+    let resync = args.node.resync();
+    // Labels and addresses come from the Node object, once its watch has listed it.
+    let facts = NodeFacts {
+        name: args.node_name,
+        ..NodeFacts::default()
+    };
+    let node = match args.node.config(facts) {
+        Ok(node) => node,
+        Err(error) => return super::fail(&error),
+    };
+    let options = AgentOptions {
+        node,
+        namespaces: args
+            .namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        lease_namespace: args.lease_namespace,
+        lease_seconds: args.leader_lease_seconds.as_secs(),
+        heartbeat: args.heartbeat_seconds,
+        node_lost_after: args.node_lost_seconds,
+        prune_after: args.prune_seconds,
+        resync,
+    };
+    let runtime = match super::runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => return super::fail(&error),
+    };
+    match runtime.block_on(agent::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => super::fail(&error),
+    }
+}

@@ -1,0 +1,73 @@
+//! The options every command that runs a storage node shares (`serve`, `agent`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+use crate::api::{quantity, rules};
+use crate::desired::NodeFacts;
+use crate::node_runtime::{BackendChoice, NodeConfig};
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Images, status and backend state live here.
+    #[arg(long, default_value = "/var/lib/discus")]
+    data_dir: PathBuf,
+    /// auto picks LIO where the kernel has it, else tgt.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendChoice,
+    /// Allow `file` image sources under this folder (repeatable).
+    #[arg(long = "file-root")]
+    file_roots: Vec<PathBuf>,
+    /// Allow HTTP image sources on loopback addresses.
+    #[arg(long)]
+    allow_loopback: bool,
+    /// How often to look for drift even when nothing changed, in seconds.
+    #[arg(long, default_value = "30")]
+    resync_seconds: u64,
+    /// The prefix of default target IQNs.
+    #[arg(long, default_value = crate::desired::DEFAULT_IQN_AUTHORITY)]
+    iqn_authority: String,
+    /// maxVirtualSize for images that do not set one.
+    #[arg(long, default_value = "128Gi", value_parser = parse_size)]
+    max_virtual_size: u64,
+    /// The control port of discus's own tgtd.
+    #[arg(long, default_value_t = crate::backend::tgt::DEFAULT_CONTROL_PORT)]
+    tgt_control_port: u16,
+}
+
+impl NodeArgs {
+    /// The node's configuration, or which option is wrong.
+    pub fn config(self, node: NodeFacts) -> Result<NodeConfig, String> {
+        rules::iscsi_name(&self.iqn_authority).map_err(|e| format!("--iqn-authority {e}"))?;
+        Ok(NodeConfig {
+            data_dir: self.data_dir,
+            backend: self.backend,
+            node,
+            file_roots: self.file_roots,
+            allow_loopback: self.allow_loopback,
+            iqn_authority: self.iqn_authority,
+            default_max_virtual_size: self.max_virtual_size,
+            tgt_control_port: self.tgt_control_port,
+            prefetch_all: false,
+        })
+    }
+
+    pub fn resync(&self) -> Duration {
+        Duration::from_secs(self.resync_seconds.max(1))
+    }
+}
+
+fn parse_size(value: &str) -> Result<u64, String> {
+    quantity::parse_bytes(&Quantity(value.to_owned())).map_err(|e| e.to_string())
+}
+
+/// Seconds, at least one.
+pub fn seconds(value: &str) -> Result<Duration, String> {
+    match value.parse::<u64>() {
+        Ok(0) | Err(_) => Err("must be a whole number of seconds, at least 1".to_owned()),
+        Ok(n) => Ok(Duration::from_secs(n)),
+    }
+}

@@ -1,0 +1,124 @@
+//! What runs on a storage node whoever declares its resources (a folder for `discus serve`, the
+//! apiserver for `discus agent`): the image store, the backend the kernel offers, the syncer.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::backend::lio::{self, LioBackend};
+use crate::backend::tgt::{TgtBackend, TgtConfig};
+use crate::desired::{NodeFacts, Settings};
+use crate::images::manager::ImageManager;
+use crate::images::{FetchOptions, Importer, ImporterConfig};
+use crate::sync::Syncer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Auto,
+    Lio,
+    Tgt,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    pub backend: BackendChoice,
+    pub node: NodeFacts,
+    pub file_roots: Vec<PathBuf>,
+    pub allow_loopback: bool,
+    pub iqn_authority: String,
+    pub default_max_virtual_size: u64,
+    pub tgt_control_port: u16,
+    /// Fetch every declared image, not only those a target placed here needs.
+    pub prefetch_all: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Images(#[from] crate::images::ImportError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+}
+
+/// The loop a syncer runs in, whatever its backend.
+pub trait NodeLoop {
+    type Output;
+    fn run<B: Backend + 'static>(self, syncer: Syncer<B>) -> impl Future<Output = Self::Output>;
+}
+
+/// Opens the image store and the backend, and runs `node_loop` with a syncer over them.
+pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::Output, SetupError> {
+    let importer = Importer::new(ImporterConfig {
+        data_dir: config.data_dir.clone(),
+        file_roots: config.file_roots.clone(),
+        fetch: FetchOptions {
+            allow_loopback: config.allow_loopback,
+            ..FetchOptions::default()
+        },
+        qemu: crate::images::qemu::QemuImg::default(),
+    })?;
+    let images = ImageManager::new(Arc::new(importer));
+    let settings = Settings {
+        iqn_authority: config.iqn_authority.clone(),
+        writable_dir: config.data_dir.join("writable"),
+        ..Settings::default()
+    };
+    Ok(match choose_backend(config.backend) {
+        BackendChoice::Lio => {
+            let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
+            node_loop
+                .run(syncer(backend, images, settings, &config))
+                .await
+        }
+        BackendChoice::Tgt | BackendChoice::Auto => {
+            let mut tgt = TgtConfig::new(config.data_dir.join("tgt"));
+            tgt.control_port = config.tgt_control_port;
+            let backend = TgtBackend::start(tgt).await?;
+            node_loop
+                .run(syncer(backend, images, settings, &config))
+                .await
+        }
+    })
+}
+
+fn syncer<B: Backend>(
+    backend: B,
+    images: ImageManager,
+    settings: Settings,
+    config: &NodeConfig,
+) -> Syncer<B> {
+    let syncer = Syncer::new(
+        backend,
+        images,
+        config.node.clone(),
+        settings,
+        config.default_max_virtual_size,
+    );
+    if config.prefetch_all {
+        syncer.prefetch_all()
+    } else {
+        syncer
+    }
+}
+
+/// `auto`: LIO where the kernel has configfs target support, else tgt; the log says which and why.
+fn choose_backend(choice: BackendChoice) -> BackendChoice {
+    if choice != BackendChoice::Auto {
+        return choice;
+    }
+    if lio::available() {
+        tracing::info!(
+            "backend: lio (the kernel has configfs target support at {})",
+            lio::CONFIGFS
+        );
+        BackendChoice::Lio
+    } else {
+        tracing::info!(
+            "backend: tgt ({} is absent: no target modules loaded, or configfs not mounted)",
+            lio::CONFIGFS
+        );
+        BackendChoice::Tgt
+    }
+}
