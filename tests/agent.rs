@@ -1,6 +1,8 @@
 //! `discus agent` on a real control plane: agents with node identities of their own, each in a
 //! host of its own (its own network namespace, /var/lib/discus and tgtd) on a private LAN with
-//! the apiserver, report per node; real initiators read the images from every node.
+//! the apiserver, report per node; real initiators read the images from every node. The agents
+//! authenticate as the shipped ServiceAccount with the shipped roles (deploy/rbac/), and the
+//! apiserver's audit log tells what they did.
 
 mod support;
 
@@ -15,17 +17,22 @@ use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::control_plane::ControlPlane;
+use support::kstatus::{self, Kstatus};
 use support::network::Lan;
 use support::sandbox::Sandbox;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:demo-client";
 const DEMO_ISO_SHA256: &str = "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795";
+const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
+const DEMO_IQN: &str = "iqn.2026-11.dev.discus:demo";
 
 /// A control plane and storage nodes on one LAN.
 struct Cluster {
     lan: Lan,
     plane: ControlPlane,
     client: kube::Client,
+    /// The agents' credentials: the shipped ServiceAccount's token.
+    agent_kubeconfig: std::path::PathBuf,
     agents: Vec<Agent>,
 }
 
@@ -56,12 +63,32 @@ impl Cluster {
                 .await
                 .expect("namespace");
         }
-        Self {
+        let mut cluster = Self {
             lan,
             plane,
             client,
+            agent_kubeconfig: Default::default(),
             agents: Vec::new(),
-        }
+        };
+        let rbac = support::repo().join("deploy/rbac");
+        cluster.kubectl(&[
+            "apply",
+            "-f",
+            &rbac.join("agent.yaml").display().to_string(),
+        ]);
+        cluster.kubectl(&[
+            "apply",
+            "-n",
+            "demo",
+            "-f",
+            &rbac.join("secrets-in-namespace.yaml").display().to_string(),
+        ]);
+        cluster.agent_kubeconfig = cluster
+            .plane
+            .service_account_kubeconfig("discus-system", "discus-agent")
+            .await
+            .expect("service account token");
+        cluster
     }
 
     /// A storage node at `.<number>` with the demo ISO in its `/var/lib/discus/demo`, and its
@@ -103,8 +130,98 @@ impl Cluster {
             sandbox,
             process: None,
         };
-        agent.start(&self.plane.kubeconfig);
+        agent.start(&self.agent_kubeconfig);
         self.agents.push(agent);
+    }
+
+    fn agent(&mut self, name: &str) -> &mut Agent {
+        self.agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .expect("such an agent")
+    }
+
+    fn agent_ref(&self, name: &str) -> &Agent {
+        self.agents
+            .iter()
+            .find(|a| a.name == name)
+            .expect("such an agent")
+    }
+
+    /// Applies manifests (YAML text) as a user would, with kubectl.
+    fn apply(&self, yaml: &str) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), yaml).expect("write");
+        self.kubectl(&[
+            "apply",
+            "--server-side",
+            "--field-manager=discus-test",
+            "-f",
+            file.path().to_str().expect("utf-8"),
+        ]);
+    }
+
+    /// Who holds the leader Lease.
+    async fn leader(&self) -> Option<String> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), "discus-system");
+        leases
+            .get_opt("discus-leader")
+            .await
+            .ok()
+            .flatten()?
+            .spec?
+            .holder_identity
+            .filter(|h| !h.is_empty())
+    }
+
+    /// The nodes of an object's `status.nodes`, with their reasons.
+    async fn entries(&self, kind: &str, name: &str) -> Vec<(String, Option<String>)> {
+        self.object(kind, "demo", name)
+            .await
+            .pointer("/status/nodes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["node"].as_str().unwrap_or_default().to_owned(),
+                    e["reason"].as_str().map(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until an object is Ready with an entry for each of `nodes`, and no other.
+    async fn wait_ready_on(&self, kind: &str, name: &str, nodes: &[&str]) {
+        let mut wanted: Vec<&str> = nodes.to_vec();
+        wanted.sort_unstable();
+        self.wait_for(
+            &format!("{kind} {name} Ready on {wanted:?}"),
+            Duration::from_secs(90),
+            async || {
+                let object = self.object(kind, "demo", name).await;
+                let mut on: Vec<String> = object
+                    .pointer("/status/nodes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e["node"].as_str().map(str::to_owned))
+                    .collect();
+                on.sort();
+                ready(&object) && on == wanted
+            },
+        )
+        .await;
+    }
+
+    /// The agents' requests to the apiserver so far.
+    fn agent_requests(&self) -> Vec<Value> {
+        self.plane
+            .audit_events()
+            .into_iter()
+            .filter(|e| e.pointer("/user/username") == Some(&json!(AGENT_USER)))
+            .collect()
     }
 
     fn kubectl(&self, args: &[&str]) -> String {
@@ -153,6 +270,19 @@ impl Cluster {
 }
 
 impl Agent {
+    /// SIGKILL: no goodbye, as when a node dies. Its tgtd keeps serving.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.process.take() {
+            self.sandbox.kill(&mut child);
+        }
+    }
+
+    fn tgtadm(&self, args: &[&str]) -> String {
+        let mut all = vec!["tgtadm", "-C", "3261", "--lld", "iscsi"];
+        all.extend_from_slice(args);
+        self.sandbox.must(&all)
+    }
+
     fn start(&mut self, kubeconfig: &Path) {
         let log = std::fs::File::create(self.sandbox.path().join("agent.log")).expect("log");
         let child = self
@@ -168,6 +298,8 @@ impl Agent {
                 "/var/lib/discus",
                 "--file-root",
                 "/var/lib/discus/demo",
+                "--namespaces",
+                "demo",
                 "--lease-namespace",
                 "discus-system",
                 "--leader-lease-seconds",
@@ -250,40 +382,92 @@ fn unit_serial(portal: &str, iqn: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// The demo of examples/standalone with the file root every node has.
+fn demo_manifests() -> String {
+    std::fs::read_to_string(support::repo().join("examples/standalone/demo.yaml")).expect("demo")
+}
+
+fn grant_yaml(name: &str, initiator: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: {name}, namespace: demo}}\n\
+         spec: {{targetRef: {{name: demo}}, initiatorIqn: '{initiator}', chap: {{secretRef: {{name: demo-chap}}}}{extra}}}\n"
+    )
+}
+
+/// Audit events that wrote (anything but read) a resource of `group`.
+fn writes_to(events: &[Value], group: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.pointer("/objectRef/apiGroup").and_then(Value::as_str) == Some(group))
+        .filter(|e| !matches!(e["verb"].as_str(), Some("get" | "list" | "watch")))
+        .count()
+}
+
+/// (apiGroup, resource[/subresource], verb) of every rule of the shipped roles.
+fn granted() -> std::collections::BTreeSet<(String, String, String)> {
+    let text =
+        std::fs::read_to_string(support::repo().join("deploy/rbac/agent.yaml")).expect("rbac");
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&text).expect("rbac yaml");
+    let mut granted = std::collections::BTreeSet::new();
+    for document in documents
+        .iter()
+        .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role")))
+    {
+        for rule in document["rules"].as_array().into_iter().flatten() {
+            for group in rule["apiGroups"].as_array().into_iter().flatten() {
+                for resource in rule["resources"].as_array().into_iter().flatten() {
+                    for verb in rule["verbs"].as_array().into_iter().flatten() {
+                        granted.insert((
+                            group.as_str().unwrap_or_default().to_owned(),
+                            resource.as_str().unwrap_or_default().to_owned(),
+                            verb.as_str().unwrap_or_default().to_owned(),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    granted
+}
+
+/// What the agents' requests used, as (apiGroup, resource[/subresource], verb).
+fn used(requests: &[Value]) -> std::collections::BTreeSet<(String, String, String)> {
+    requests
+        .iter()
+        .filter_map(|e| {
+            let resource = e.pointer("/objectRef/resource")?.as_str()?;
+            let resource = match e.pointer("/objectRef/subresource").and_then(Value::as_str) {
+                Some(sub) => format!("{resource}/{sub}"),
+                None => resource.to_owned(),
+            };
+            Some((
+                e.pointer("/objectRef/apiGroup")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                resource,
+                e["verb"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     let mut cluster = Cluster::start().await;
     for (name, number) in [("node-a", 11), ("node-b", 12), ("node-c", 13)] {
         cluster.add_node(name, number).await;
     }
-    let demo = support::repo().join("examples/standalone/demo.yaml");
-    cluster.kubectl(&[
-        "apply",
-        "--server-side",
-        "--field-manager=discus-test",
-        "-f",
-        demo.to_str().expect("utf-8"),
-    ]);
-
+    let nodes = ["node-a", "node-b", "node-c"];
+    cluster.apply(&demo_manifests());
     for (kind, name) in [
         ("DiscImage", "discus-demo"),
         ("IscsiTarget", "demo"),
         ("InitiatorAccess", "demo-client"),
     ] {
-        cluster
-            .wait_for(
-                &format!("{kind} {name} Ready on three nodes"),
-                Duration::from_secs(90),
-                async || {
-                    let object = cluster.object(kind, "demo", name).await;
-                    ready(&object)
-                        && object
-                            .pointer("/status/nodes")
-                            .and_then(Value::as_array)
-                            .is_some_and(|n| n.len() == 3)
-                },
-            )
-            .await;
+        cluster.wait_ready_on(kind, name, &nodes).await;
+        let object = cluster.object(kind, "demo", name).await;
+        assert_eq!(kstatus::compute(&object), Kstatus::Current, "{object:#}");
     }
 
     // Each node's entry is its own manager's, and only the lease holder writes the conditions.
@@ -326,18 +510,17 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
 
     // A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire),
     // and sees the same LUN serial.
-    let iqn = "iqn.2026-11.dev.discus:demo";
     let scratch = tempfile::tempdir().expect("tempdir");
     let mut serials = Vec::new();
     for agent in &cluster.agents {
         let out = scratch.path().join(format!("{}.iso", agent.name));
         assert_eq!(
-            read_lun(&agent.portal(), iqn, &out),
+            read_lun(&agent.portal(), DEMO_IQN, &out),
             DEMO_ISO_SHA256,
             "{}",
             agent.name
         );
-        let inquiry = unit_serial(&agent.portal(), iqn);
+        let inquiry = unit_serial(&agent.portal(), DEMO_IQN);
         let serial = inquiry
             .lines()
             .find(|l| l.contains("Unit Serial Number"))
@@ -348,4 +531,293 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     }
     serials.dedup();
     assert_eq!(serials.len(), 1, "{serials:?}");
+
+    // kstatus: a spec change is InProgress until every node has caught up, then Current again.
+    cluster.apply(&grant_yaml(
+        "demo-client",
+        INITIATOR,
+        ", expiresAt: '2099-01-01T00:00:00Z'",
+    ));
+    let changed = cluster
+        .object("InitiatorAccess", "demo", "demo-client")
+        .await;
+    assert_eq!(changed.pointer("/metadata/generation"), Some(&json!(2)));
+    assert_eq!(
+        kstatus::compute(&changed),
+        Kstatus::InProgress,
+        "{changed:#}"
+    );
+    cluster
+        .wait_for(
+            "the changed grant Current",
+            Duration::from_secs(60),
+            async || {
+                let grant = cluster
+                    .object("InitiatorAccess", "demo", "demo-client")
+                    .await;
+                kstatus::compute(&grant) == Kstatus::Current
+                    && grant.pointer("/status/observedGeneration") == Some(&json!(2))
+            },
+        )
+        .await;
+
+    // A spec only a person can fix (the bytes do not match the digest) ends Failed (Stalled),
+    // and the rest keeps serving.
+    cluster.apply(
+        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {name: wrong-digest, namespace: demo}\n\
+         spec: {source: {file: {path: /var/lib/discus/demo/discus-demo.iso}}, format: iso, \
+         sha256: '0000000000000000000000000000000000000000000000000000000000000000'}\n---\n\
+         apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {name: broken, namespace: demo}\n\
+         spec: {iqn: 'iqn.2026-11.dev.discus:broken', luns: [{lun: 0, image: wrong-digest}]}\n",
+    );
+    cluster
+        .wait_for(
+            "the wrong digest Stalled",
+            Duration::from_secs(60),
+            async || {
+                let image = cluster.object("DiscImage", "demo", "wrong-digest").await;
+                kstatus::compute(&image) == Kstatus::Failed
+            },
+        )
+        .await;
+    let image = cluster.object("DiscImage", "demo", "wrong-digest").await;
+    let stalled = image
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|c| c.iter().find(|c| c["type"] == "Stalled"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("ad0d2d02"),
+        "the message gives the digest found: {stalled:#}"
+    );
+    for (kind, name) in [("IscsiTarget", "demo"), ("InitiatorAccess", "demo-client")] {
+        let object = cluster.object(kind, "demo", name).await;
+        assert_eq!(kstatus::compute(&object), Kstatus::Current, "{object:#}");
+    }
+
+    // No churn: once settled, a minute with nothing changing costs no write to discus objects.
+    // (Heartbeat Leases are renewed every second in this test, and counted apart.)
+    cluster
+        .wait_for(
+            "the agents to settle",
+            Duration::from_secs(60),
+            async || {
+                let before = writes_to(&cluster.agent_requests(), "discus.dev");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                writes_to(&cluster.agent_requests(), "discus.dev") == before
+            },
+        )
+        .await;
+    let (discus_before, leases_before) = {
+        let requests = cluster.agent_requests();
+        (
+            writes_to(&requests, "discus.dev"),
+            writes_to(&requests, "coordination.k8s.io"),
+        )
+    };
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let requests = cluster.agent_requests();
+    let discus_writes = writes_to(&requests, "discus.dev") - discus_before;
+    let lease_writes = writes_to(&requests, "coordination.k8s.io") - leases_before;
+    println!(
+        "at rest for 60 s: {discus_writes} writes to discus objects, {lease_writes} Lease renewals"
+    );
+    assert_eq!(discus_writes, 0, "writes at rest");
+
+    // Least privilege: nothing the agents asked for was refused, and every permission the
+    // shipped roles grant was used.
+    let refused: Vec<&Value> = requests
+        .iter()
+        .filter(|e| e.pointer("/responseStatus/code") == Some(&json!(403)))
+        .collect();
+    assert!(refused.is_empty(), "refused requests: {refused:#?}");
+    let used = used(&requests);
+    let unused: Vec<_> = granted().difference(&used).cloned().collect();
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?}\nused: {used:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_nodes_are_marked_then_pruned_and_a_dead_leader_is_replaced() {
+    let mut cluster = Cluster::start().await;
+    for (name, number) in [("node-a", 21), ("node-b", 22), ("node-c", 23)] {
+        cluster.add_node(name, number).await;
+    }
+    cluster.apply(&demo_manifests());
+    cluster
+        .wait_ready_on("IscsiTarget", "demo", &["node-a", "node-b", "node-c"])
+        .await;
+    let leader = cluster.leader().await.expect("a leader");
+    let follower = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .expect("a follower")
+        .to_owned();
+
+    // A follower dies: its entry is marked NodeLost, then removed; the others stay Ready.
+    cluster.agent(&follower).kill();
+    cluster
+        .wait_for(
+            "the dead follower's entry marked",
+            Duration::from_secs(30),
+            async || {
+                cluster
+                    .entries("IscsiTarget", "demo")
+                    .await
+                    .iter()
+                    .any(|(n, r)| *n == follower && r.as_deref() == Some("NodeLost"))
+            },
+        )
+        .await;
+    let live: Vec<&str> = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .filter(|n| *n != follower)
+        .collect();
+    cluster.wait_ready_on("IscsiTarget", "demo", &live).await;
+    cluster
+        .wait_ready_on("InitiatorAccess", "demo-client", &live)
+        .await;
+
+    // The leader dies: another agent takes the lease and prunes the dead leader's entries.
+    let started = Instant::now();
+    cluster.agent(&leader).kill();
+    cluster
+        .wait_for("a new leader", Duration::from_secs(30), async || {
+            cluster.leader().await.is_some_and(|l| l != leader)
+        })
+        .await;
+    println!("a new leader after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3 + 3 + 5),
+        "within the lease time"
+    );
+    let survivor: Vec<&str> = live.iter().copied().filter(|n| *n != leader).collect();
+    cluster
+        .wait_ready_on("IscsiTarget", "demo", &survivor)
+        .await;
+
+    // Deleting a target is never blocked by dead nodes, and the live node stops serving it.
+    cluster.kubectl(&[
+        "delete",
+        "-n",
+        "demo",
+        "iscsitarget",
+        "demo",
+        "--wait=false",
+    ]);
+    cluster
+        .wait_for("the target gone", Duration::from_secs(10), async || {
+            cluster
+                .object("IscsiTarget", "demo", "demo")
+                .await
+                .is_null()
+        })
+        .await;
+    let survivor = survivor[0].to_owned();
+    cluster
+        .wait_for(
+            "the live node to stop serving it",
+            Duration::from_secs(30),
+            async || {
+                !cluster
+                    .agent_ref(&survivor)
+                    .tgtadm(&["--mode", "target", "--op", "show"])
+                    .contains(DEMO_IQN)
+            },
+        )
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
+    let mut cluster = Cluster::start().await;
+    for (name, number) in [("node-a", 31), ("node-b", 32)] {
+        cluster.add_node(name, number).await;
+    }
+    let expiring = "iqn.2026-11.dev.discus:expiring";
+    let expires_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(25);
+    cluster.apply(&demo_manifests());
+    cluster.apply(&grant_yaml(
+        "expiring",
+        expiring,
+        &format!(
+            ", expiresAt: '{}'",
+            expires_at
+                .round(k8s_openapi::jiff::Unit::Second)
+                .expect("round")
+        ),
+    ));
+    cluster
+        .wait_ready_on("InitiatorAccess", "expiring", &["node-a", "node-b"])
+        .await;
+    let mut sessions: Vec<Child> = cluster
+        .agents
+        .iter()
+        .map(|agent| {
+            std::process::Command::new("iscsi-perf")
+                .args(["-i", expiring, "-t", "120"])
+                .arg(format!(
+                    "iscsi://demo%discus-demo-1@{}/{DEMO_IQN}/1",
+                    agent.portal()
+                ))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("iscsi-perf runs")
+        })
+        .collect();
+    cluster
+        .wait_for(
+            "a session on every node",
+            Duration::from_secs(20),
+            async || {
+                cluster.agents.iter().all(|a| {
+                    a.tgtadm(&["--mode", "target", "--op", "show"])
+                        .contains(expiring)
+                })
+            },
+        )
+        .await;
+    // libiscsi keeps trying to log in again, refused: the session in tgtd is what ends.
+    cluster
+        .wait_for("the sessions to end", Duration::from_secs(60), async || {
+            cluster.agents.iter().all(|a| {
+                !a.tgtadm(&["--mode", "target", "--op", "show"])
+                    .contains(expiring)
+            })
+        })
+        .await;
+    for session in &mut sessions {
+        let _ = session.kill();
+        let _ = session.wait();
+    }
+    let ended = k8s_openapi::jiff::Timestamp::now();
+    let late = ended.duration_since(expires_at);
+    println!("sessions ended {late} after expiresAt");
+    assert!(late.as_secs() < 10, "ended {late} after expiresAt");
+    cluster
+        .wait_for("the grant Expired", Duration::from_secs(20), async || {
+            let grant = cluster.object("InitiatorAccess", "demo", "expiring").await;
+            grant
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|c| {
+                    c.iter().any(|c| {
+                        c["type"] == "Ready" && c["status"] == "False" && c["reason"] == "Expired"
+                    })
+                })
+        })
+        .await;
+    // The other grant never noticed.
+    let grant = cluster
+        .object("InitiatorAccess", "demo", "demo-client")
+        .await;
+    assert!(ready(&grant), "{grant:#}");
 }

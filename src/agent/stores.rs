@@ -129,13 +129,17 @@ impl Stores {
     /// "nothing is declared" and the sync would remove every target. Says which watches it is
     /// still waiting for, so that a missing permission or CRD is visible.
     pub async fn ready(&self) {
+        let mut said = None;
         loop {
             let waiting = self.not_ready();
             if waiting.is_empty() {
                 return;
             }
-            tracing::info!(watches = ?waiting, "waiting for watches to list");
-            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            if said.is_none_or(|at: std::time::Instant| at.elapsed().as_secs() >= 10) {
+                tracing::info!(watches = ?waiting, "waiting for watches to list");
+                said = Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 

@@ -167,9 +167,77 @@ impl ControlPlane {
         command
     }
 
-    /// The apiserver's audit log (one JSON event per line, metadata level, writes only).
+    /// The apiserver's audit log: one JSON event per line, every request at metadata level.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.path().join("audit.log")
+    }
+
+    /// Every request of the audit log so far, once each (at its last stage).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.audit_log()).unwrap_or_default();
+        let mut events: Vec<serde_json::Value> = Vec::new();
+        let mut seen = std::collections::HashMap::new();
+        for event in text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        {
+            let id = event["auditID"].as_str().unwrap_or_default().to_owned();
+            match seen.get(&id) {
+                Some(&index) => events[index] = event,
+                None => {
+                    seen.insert(id, events.len());
+                    events.push(event);
+                }
+            }
+        }
+        events
+    }
+
+    /// A kubeconfig that authenticates as ServiceAccount `namespace/name` (created if missing)
+    /// with a bound token from the TokenRequest API, as a Pod's projected token would.
+    pub async fn service_account_kubeconfig(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PathBuf, Error> {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        use kube::api::{Api, PostParams};
+        let client = self.client().await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
+        if accounts.get_opt(name).await?.is_none() {
+            let account: ServiceAccount = serde_json::from_value(
+                serde_json::json!({"metadata": {"name": name, "namespace": namespace}}),
+            )?;
+            accounts.create(&PostParams::default(), &account).await?;
+        }
+        let request: TokenRequest = serde_json::from_value(
+            serde_json::json!({"spec": {"audiences": [], "expirationSeconds": 3600}}),
+        )?;
+        let token = accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await?
+            .status
+            .ok_or("TokenRequest answered without a token")?
+            .token;
+        let ca = std::fs::read_to_string(self.dir.path().join("ca.crt"))?;
+        use base64::Engine;
+        let path = self
+            .dir
+            .path()
+            .join(format!("{namespace}-{name}.kubeconfig"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    \
+                 certificate-authority-data: {}\nusers:\n- name: {name}\n  user:\n    token: {token}\n\
+                 contexts:\n- name: test\n  context:\n    cluster: test\n    user: {name}\n    \
+                 namespace: {namespace}\ncurrent-context: test\n",
+                self.server,
+                base64::engine::general_purpose::STANDARD.encode(ca),
+            ),
+        )?;
+        Ok(path)
     }
 
     /// The log of a component (`etcd`, `kube-apiserver`), to show when a test fails.
@@ -336,6 +404,6 @@ fn name(parts: &[(DnType, &str)]) -> DistinguishedName {
     name
 }
 
-/// Records every write at metadata level, so tests can count who wrote what.
+/// Records every request at metadata level, so tests can count who did what.
 const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
-- level: Metadata\n  verbs: [create, update, patch, delete, deletecollection]\n- level: None\n";
+- level: Metadata\n";
