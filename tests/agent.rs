@@ -373,10 +373,15 @@ fn read_lun(portal: &str, iqn: &str, out: &Path) -> String {
 }
 
 fn unit_serial(portal: &str, iqn: &str) -> String {
-    // tgt's LUN 0 is its controller: API LUN 0 is LUN 1 on the wire.
+    inquiry(portal, iqn, INITIATOR, "demo", "discus-demo-1")
+}
+
+/// The unit serial number page of LUN 0 (tgt's LUN 1: its LUN 0 is the controller), as
+/// `initiator` logging in with CHAP; empty when the login fails.
+fn inquiry(portal: &str, iqn: &str, initiator: &str, user: &str, password: &str) -> String {
     let output = std::process::Command::new("iscsi-inq")
-        .args(["-e", "1", "-c", "128", "-i", INITIATOR])
-        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{iqn}/1"))
+        .args(["-e", "1", "-c", "128", "-i", initiator])
+        .arg(format!("iscsi://{user}%{password}@{portal}/{iqn}/1"))
         .output()
         .expect("iscsi-inq runs");
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -531,6 +536,48 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     }
     serials.dedup();
     assert_eq!(serials.len(), 1, "{serials:?}");
+
+    // A grant with generateSecret gets a random CHAP Secret of its own, which works on every node.
+    let generated = "iqn.2026-11.dev.discus:generated";
+    cluster.apply(&format!(
+        "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: generated, namespace: demo}}\n\
+         spec: {{targetRef: {{name: demo}}, initiatorIqn: '{generated}', \
+         chap: {{secretRef: {{name: generated-chap}}, generateSecret: true}}}}\n"
+    ));
+    cluster
+        .wait_ready_on("InitiatorAccess", "generated", &nodes)
+        .await;
+    let secret =
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(cluster.client.clone(), "demo")
+            .get("generated-chap")
+            .await
+            .expect("the generated Secret");
+    let owner = &secret.metadata.owner_references.as_ref().expect("an owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("InitiatorAccess", "generated")
+    );
+    let value = |key: &str| {
+        String::from_utf8(secret.data.as_ref().expect("data")[key].0.clone()).expect("utf-8")
+    };
+    let (user, password) = (value("username"), value("password"));
+    assert_eq!(password.len(), 16);
+    for agent in &cluster.agents {
+        let inquiry = inquiry(&agent.portal(), DEMO_IQN, generated, &user, &password);
+        assert!(
+            inquiry.contains("Unit Serial Number"),
+            "{}: {inquiry}",
+            agent.name
+        );
+    }
+    let wrong = inquiry(
+        &cluster.agents[0].portal(),
+        DEMO_IQN,
+        generated,
+        &user,
+        "wrong-password-1",
+    );
+    assert!(!wrong.contains("Unit Serial Number"), "{wrong}");
 
     // kstatus: a spec change is InProgress until every node has caught up, then Current again.
     cluster.apply(&grant_yaml(

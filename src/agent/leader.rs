@@ -20,6 +20,7 @@ use crate::desired::{self, Kind, ObjectKey, object_key};
 use crate::status;
 
 use super::apply_status;
+use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::field_manager;
 use super::stores::{Stores, Wakers};
@@ -83,6 +84,7 @@ pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: L
             }
             continue;
         }
+        aggregator.generate_secrets(&stores).await;
         let wait = aggregator
             .aggregate(&stores, Timestamp::now())
             .await
@@ -105,6 +107,8 @@ pub struct Aggregator {
     /// What was last written per object and manager, until the store shows it (`Null`: an
     /// entry removed).
     in_flight: std::sync::Mutex<HashMap<(Kind, ObjectKey, String), Value>>,
+    /// Secrets created and not yet seen in the store, so that each is created once.
+    created_secrets: std::sync::Mutex<BTreeSet<ObjectKey>>,
 }
 
 struct Write {
@@ -152,6 +156,49 @@ impl Aggregator {
             iqn_authority,
             liveness: std::sync::Mutex::new(liveness),
             in_flight: std::sync::Mutex::default(),
+            created_secrets: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Creates the CHAP Secrets that grants with `generateSecret` name and that do not exist.
+    pub async fn generate_secrets(&self, stores: &Stores) {
+        let wanted: Vec<_> = {
+            let Ok(mut created) = self.created_secrets.lock() else {
+                return;
+            };
+            created.retain(|key| !stores.secret_exists(key));
+            stores
+                .grants()
+                .filter_map(|guarded| guarded.0.as_ref().ok().cloned())
+                .filter_map(|grant| {
+                    let key = generated_secrets::wanted(&grant, &|key| {
+                        created.contains(key) || stores.secret_exists(key)
+                    })?;
+                    Some((grant, key))
+                })
+                .collect()
+        };
+        for (grant, key) in wanted {
+            let secret = match generated_secrets::build(&grant, &key) {
+                Ok(secret) => secret,
+                Err(error) => {
+                    tracing::warn!(secret = %key, %error, "cannot generate a CHAP Secret");
+                    continue;
+                }
+            };
+            match generated_secrets::create(&self.client, &secret).await {
+                Ok(created) => {
+                    if created {
+                        tracing::info!(secret = %key, grant = %object_key(grant.meta()), "generated a CHAP Secret");
+                    }
+                    if let Ok(mut set) = self.created_secrets.lock() {
+                        set.insert(key);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(secret = %key, %error, "cannot create a CHAP Secret")
+                }
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! fed by watches instead of a folder; each agent reports its own node's entries, and the one
 //! holding the leader lease writes what concerns every node.
 
+mod generated_secrets;
 mod heartbeat;
 mod leader;
 mod liveness;

@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{NodeFacts, object_key};
+use crate::desired::{NodeFacts, ObjectKey, object_key};
 use crate::manifests::ObjectId;
 use crate::sync::Resources;
 
@@ -180,6 +180,14 @@ impl Stores {
     pub fn node_facts(&self) -> Option<NodeFacts> {
         let node = self.node.state().into_iter().next()?;
         Some(node_facts(&self.node_name, &node))
+    }
+
+    /// Whether a Secret is in a watched namespace's store.
+    pub fn secret_exists(&self, key: &ObjectKey) -> bool {
+        let reference = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+        self.secrets
+            .iter()
+            .any(|store| store.get(&reference).is_some())
     }
 
     pub fn heartbeats(&self) -> Vec<Arc<Lease>> {
