@@ -83,7 +83,12 @@ fn kstatus(ready: bool, reason: &str, message: &str, stalled: bool) -> Vec<Wante
 }
 
 fn stalls(reason: Option<&str>) -> bool {
-    reason.and_then(Reason::parse).is_some_and(Reason::stalls)
+    reason.is_some_and(is_stalling)
+}
+
+/// Whether a reason in status is one only a person can resolve (kstatus `Stalled`).
+pub fn is_stalling(reason: &str) -> bool {
+    Reason::parse(reason).is_some_and(Reason::stalls)
 }
 
 /// The first problem's reason and every problem's message.

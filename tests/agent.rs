@@ -81,7 +81,7 @@ impl Cluster {
             "-n",
             "demo",
             "-f",
-            &rbac.join("secrets-in-namespace.yaml").display().to_string(),
+            &rbac.join("namespace.yaml").display().to_string(),
         ]);
         cluster.agent_kubeconfig = cluster
             .plane
@@ -213,6 +213,19 @@ impl Cluster {
             },
         )
         .await;
+    }
+
+    /// The Events (events.k8s.io) in the demo namespace.
+    async fn events(&self) -> Vec<Value> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), "demo");
+        api.list(&Default::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter_map(|e| serde_json::to_value(e).ok())
+            .collect()
     }
 
     /// The agents' requests to the apiserver so far.
@@ -503,15 +516,22 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             .any(|(m, f)| m == "discus-leader" && f.contains("conditions")),
         "{owners:#?}"
     );
-    let grant = cluster
-        .object("InitiatorAccess", "demo", "demo-client")
+    // The lease holder merges what a client needs from every node's entry, as they arrive.
+    cluster
+        .wait_for(
+            "a connection with three portals",
+            Duration::from_secs(10),
+            async || {
+                let grant = cluster
+                    .object("InitiatorAccess", "demo", "demo-client")
+                    .await;
+                grant
+                    .pointer("/status/connection/portals")
+                    .and_then(Value::as_array)
+                    .is_some_and(|p| p.len() == 3)
+            },
+        )
         .await;
-    let portals = grant
-        .pointer("/status/connection/portals")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(portals.len(), 3, "{grant:#}");
 
     // A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire),
     // and sees the same LUN serial.
@@ -644,6 +664,67 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     for (kind, name) in [("IscsiTarget", "demo"), ("InitiatorAccess", "demo-client")] {
         let object = cluster.object(kind, "demo", name).await;
         assert_eq!(kstatus::compute(&object), Kstatus::Current, "{object:#}");
+    }
+
+    // Events tell what happened on each node. A grant pointed at a target that cannot be served
+    // and back is revoked and applied again: the repeat joins the first one's series.
+    for target in ["broken", "demo", "broken", "demo"] {
+        cluster.apply(&format!(
+            "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: generated, namespace: demo}}\n\
+             spec: {{targetRef: {{name: {target}}}, initiatorIqn: '{generated}', \
+             chap: {{secretRef: {{name: generated-chap}}, generateSecret: true}}}}\n"
+        ));
+        cluster
+            .wait_for(
+                &format!("the grant on {target} seen by every node"),
+                Duration::from_secs(30),
+                async || {
+                    let grant = cluster.object("InitiatorAccess", "demo", "generated").await;
+                    let applied = grant
+                        .pointer("/status/nodes")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter(|e| e["applied"] == json!(target == "demo"))
+                        .count();
+                    grant.pointer("/status/observedGeneration")
+                        == grant.pointer("/metadata/generation")
+                        && applied == nodes.len()
+                },
+            )
+            .await;
+    }
+    let events = cluster.events().await;
+    let told = |object: &str, reason: &str, node: &str| {
+        events.iter().find(|e| {
+            e.pointer("/regarding/name") == Some(&json!(object))
+                && e["reason"] == reason
+                && e["reportingInstance"] == node
+        })
+    };
+    for node in nodes {
+        assert!(
+            told("demo", "Served", node).is_some(),
+            "demo Served on {node}: {events:#?}"
+        );
+        assert!(
+            told("discus-demo", "Verified", node).is_some(),
+            "{events:#?}"
+        );
+        let failed = told("wrong-digest", "ImportFailed", node).expect("ImportFailed");
+        assert_eq!(failed["type"], "Warning");
+        let revoked = told("generated", "Revoked", node).expect("Revoked");
+        assert_eq!(
+            revoked.pointer("/series/count"),
+            Some(&json!(2)),
+            "{revoked:#}"
+        );
+        let applied = told("generated", "Applied", node).expect("Applied");
+        assert_eq!(
+            applied.pointer("/series/count"),
+            Some(&json!(3)),
+            "{applied:#}"
+        );
     }
 
     // No churn: once settled, a minute with nothing changing costs no write to discus objects.

@@ -2,6 +2,7 @@
 //! fed by watches instead of a folder; each agent reports its own node's entries, and the one
 //! holding the leader lease writes what concerns every node.
 
+mod events;
 mod generated_secrets;
 mod heartbeat;
 mod leader;
@@ -111,7 +112,8 @@ impl NodeLoop for AgentLoop {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         }
-        let writer = NodeStatusWriter::new(client, &node);
+        let writer = NodeStatusWriter::new(client.clone(), &node);
+        let events = events::NodeEvents::new(client, &node);
         let finished = syncer.images().finished();
         let mut pass = Pass::Full;
         let mut waiting_for_node = false;
@@ -127,6 +129,7 @@ impl NodeLoop for AgentLoop {
                         .sync(&snapshot.resources, Timestamp::now(), pass)
                         .await;
                     let published = writer.publish(&stores, &report).await;
+                    events.observe(published.observed).await;
                     tracing::debug!(
                         targets = report.desired.targets.len(),
                         written = published.written,

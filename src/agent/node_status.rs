@@ -18,6 +18,7 @@ use crate::status;
 use crate::sync::NodeReport;
 
 use super::apply_status;
+use super::events::{Observed, Summary};
 use super::stores::Stores;
 
 /// How many status writes are in flight at once.
@@ -41,11 +42,12 @@ pub struct NodeStatusWriter {
     in_flight: Mutex<HashMap<(Kind, ObjectKey), Value>>,
 }
 
-/// What one publication did.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What one publication did, and what the node's entries say (for events).
+#[derive(Debug, Default)]
 pub struct Published {
     pub written: usize,
     pub failed: usize,
+    pub observed: Observed,
 }
 
 impl NodeStatusWriter {
@@ -61,7 +63,9 @@ impl NodeStatusWriter {
     /// Brings this node's entry of every resource in line with the report.
     pub async fn publish(&self, stores: &Stores, report: &NodeReport) -> Published {
         let mut writes = Vec::new();
-        self.collect(Kind::DiscImage, stores.images(), &mut writes, |image| {
+        let mut observed = Observed::default();
+        let mut out = (&mut writes, &mut observed);
+        self.collect(Kind::DiscImage, stores.images(), &mut out, |image| {
             (
                 status::image_entry(image, report),
                 image
@@ -72,7 +76,7 @@ impl NodeStatusWriter {
                     .cloned(),
             )
         });
-        self.collect(Kind::IscsiTarget, stores.targets(), &mut writes, |target| {
+        self.collect(Kind::IscsiTarget, stores.targets(), &mut out, |target| {
             (
                 status::target_entry(target, report),
                 target
@@ -83,22 +87,17 @@ impl NodeStatusWriter {
                     .cloned(),
             )
         });
-        self.collect(
-            Kind::InitiatorAccess,
-            stores.grants(),
-            &mut writes,
-            |grant| {
-                (
-                    status::grant_entry(grant, report),
-                    grant
-                        .status
-                        .iter()
-                        .flat_map(|s| &s.nodes)
-                        .find(|e| e.node == self.node)
-                        .cloned(),
-                )
-            },
-        );
+        self.collect(Kind::InitiatorAccess, stores.grants(), &mut out, |grant| {
+            (
+                status::grant_entry(grant, report),
+                grant
+                    .status
+                    .iter()
+                    .flat_map(|s| &s.nodes)
+                    .find(|e| e.node == self.node)
+                    .cloned(),
+            )
+        });
         let results: Vec<bool> = futures::stream::iter(writes)
             .map(|write| self.write(write))
             .buffer_unordered(CONCURRENT_WRITES)
@@ -107,6 +106,7 @@ impl NodeStatusWriter {
         Published {
             written: results.iter().filter(|ok| **ok).count(),
             failed: results.iter().filter(|ok| !**ok).count(),
+            observed,
         }
     }
 
@@ -116,11 +116,11 @@ impl NodeStatusWriter {
         &self,
         kind: Kind,
         objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
-        writes: &mut Vec<Write>,
+        (writes, observed): &mut (&mut Vec<Write>, &mut Observed),
         entries: impl Fn(&K) -> (Option<E>, Option<E>),
     ) where
         K: Resource<DynamicType = ()>,
-        E: Serialize + PartialEq,
+        E: Serialize + PartialEq + Summary,
     {
         let Ok(mut in_flight) = self.in_flight.lock() else {
             return;
@@ -130,6 +130,9 @@ impl NodeStatusWriter {
                 continue;
             };
             let (wanted, current) = entries(object);
+            if let Some(entry) = &wanted {
+                observed.insert(kind, object, entry.state());
+            }
             let key = (kind, object_key(object.meta()));
             if wanted == current {
                 in_flight.remove(&key);

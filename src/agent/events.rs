@@ -1,0 +1,366 @@
+//! Kubernetes Events (events.k8s.io) for what a person watching `kubectl describe` wants to know
+//! about this node: a target served or removed, a grant applied, revoked or expired, an image
+//! verified or failed. They come from changes of the node's own status entries between passes,
+//! so each change is told once; states that resolve themselves (an image downloading) tell
+//! nothing. The first pass after a start sets the baseline and tells nothing either: a restart
+//! does not repeat the story of every resource.
+
+use std::collections::BTreeMap;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+
+use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
+use crate::api::initiator_access::AccessNodeStatus;
+use crate::api::iscsi_target::TargetNodeStatus;
+use crate::desired::{Kind, ObjectKey, object_key};
+use crate::status;
+
+const CONCURRENT_EVENTS: usize = 8;
+
+/// Where a resource stands on this node, as far as events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Served, applied, verified.
+    Good,
+    /// A grant past its `expiresAt`.
+    Expired,
+    /// Only a person can fix it.
+    Stalled { reason: String, message: String },
+    /// On its way, or waiting for something that will come.
+    Pending,
+}
+
+/// A node's entry of some kind, summed up.
+pub trait Summary {
+    fn state(&self) -> State;
+}
+
+fn stalled_or_pending(reason: &Option<String>, message: &Option<String>) -> State {
+    match reason {
+        Some(reason) if status::is_stalling(reason) => State::Stalled {
+            reason: reason.clone(),
+            message: message.clone().unwrap_or_default(),
+        },
+        _ => State::Pending,
+    }
+}
+
+impl Summary for TargetNodeStatus {
+    fn state(&self) -> State {
+        if self.ready {
+            State::Good
+        } else {
+            stalled_or_pending(&self.reason, &self.message)
+        }
+    }
+}
+
+impl Summary for AccessNodeStatus {
+    fn state(&self) -> State {
+        if self.applied {
+            State::Good
+        } else if self.reason.as_deref() == Some(status::EXPIRED) {
+            State::Expired
+        } else {
+            stalled_or_pending(&self.reason, &self.message)
+        }
+    }
+}
+
+impl Summary for DiscImageNodeStatus {
+    fn state(&self) -> State {
+        match self.phase {
+            ImagePhase::Ready => State::Good,
+            ImagePhase::Failed => stalled_or_pending(&self.reason, &self.message),
+            _ => State::Pending,
+        }
+    }
+}
+
+/// What this node holds for each resource that has an entry here.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    states: BTreeMap<(Kind, ObjectKey), (ObjectReference, State)>,
+}
+
+impl Observed {
+    pub fn insert<K: Resource<DynamicType = ()>>(&mut self, kind: Kind, object: &K, state: State) {
+        self.states.insert(
+            (kind, object_key(object.meta())),
+            (reference(object), state),
+        );
+    }
+}
+
+/// The object an event is about. No resourceVersion: the recorder groups repeats of an event
+/// about the same object into a series, and every status write changes the version.
+fn reference<K: Resource<DynamicType = ()>>(object: &K) -> ObjectReference {
+    let meta = object.meta();
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        ..ObjectReference::default()
+    }
+}
+
+/// The events between two observations of a node.
+pub fn changes(node: &str, before: &Observed, after: &Observed) -> Vec<(ObjectReference, Event)> {
+    let mut events = Vec::new();
+    for (key, (reference, state)) in &after.states {
+        let old = before.states.get(key).map(|(_, s)| s);
+        if let Some(event) = arrived(key.0, node, old, state) {
+            events.push((reference.clone(), event));
+        }
+    }
+    for (key, (reference, state)) in &before.states {
+        if *state == State::Good
+            && !after
+                .states
+                .get(key)
+                .is_some_and(|(_, s)| *s == State::Good)
+            && let Some(event) = left(key.0, node, after.states.get(key).map(|(_, s)| s))
+        {
+            events.push((reference.clone(), event));
+        }
+    }
+    events
+}
+
+/// The event for reaching `state`, if reaching it is news.
+fn arrived(kind: Kind, node: &str, old: Option<&State>, state: &State) -> Option<Event> {
+    match state {
+        State::Good if old != Some(&State::Good) => Some(match kind {
+            Kind::IscsiTarget => normal("Served", "Serve", format!("served on node {node}")),
+            Kind::InitiatorAccess => {
+                normal("Applied", "Apply", format!("access applied on node {node}"))
+            }
+            Kind::DiscImage => normal(
+                "Verified",
+                "Import",
+                format!("digest verified; ready to serve on node {node}"),
+            ),
+        }),
+        State::Expired if old != Some(&State::Expired) => Some(normal(
+            "Expired",
+            "Revoke",
+            format!("expired: access ended on node {node}"),
+        )),
+        State::Stalled { reason, message } => {
+            let news = !matches!(old, Some(State::Stalled { reason: r, .. }) if r == reason);
+            news.then(|| {
+                let (reason_name, action) = match kind {
+                    Kind::IscsiTarget => ("NotServed", "Serve"),
+                    Kind::InitiatorAccess => ("NotApplied", "Apply"),
+                    Kind::DiscImage => ("ImportFailed", "Import"),
+                };
+                Event {
+                    type_: EventType::Warning,
+                    reason: reason_name.into(),
+                    note: Some(truncate(format!("{reason} on node {node}: {message}"))),
+                    action: action.into(),
+                    secondary: None,
+                }
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The event for a served target or an applied grant that no longer is (removed, revoked, or
+/// no longer placed here), unless its new state has told already.
+fn left(kind: Kind, node: &str, now: Option<&State>) -> Option<Event> {
+    if matches!(now, Some(State::Expired | State::Stalled { .. })) {
+        return None;
+    }
+    match kind {
+        Kind::IscsiTarget => Some(normal(
+            "Removed",
+            "Remove",
+            format!("no longer served on node {node}"),
+        )),
+        Kind::InitiatorAccess => Some(normal(
+            "Revoked",
+            "Revoke",
+            format!("access removed on node {node}"),
+        )),
+        Kind::DiscImage => None,
+    }
+}
+
+fn normal(reason: &str, action: &str, note: String) -> Event {
+    Event {
+        type_: EventType::Normal,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    }
+}
+
+/// Notes are limited to 1 kB.
+fn truncate(mut note: String) -> String {
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
+}
+
+/// This node's recorder, and what it last observed.
+pub struct NodeEvents {
+    recorder: Recorder,
+    node: String,
+    last: std::sync::Mutex<Option<Observed>>,
+}
+
+impl NodeEvents {
+    pub fn new(client: kube::Client, node: &str) -> Self {
+        let reporter = Reporter {
+            controller: "discus.dev/agent".into(),
+            instance: Some(node.to_owned()),
+        };
+        Self {
+            recorder: Recorder::new(client, reporter),
+            node: node.to_owned(),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Publishes what changed since the last observation (nothing the first time).
+    pub async fn observe(&self, now: Observed) {
+        let events = {
+            let Ok(mut last) = self.last.lock() else {
+                return;
+            };
+            let events = last
+                .as_ref()
+                .map(|before| changes(&self.node, before, &now))
+                .unwrap_or_default();
+            *last = Some(now);
+            events
+        };
+        futures::stream::iter(events)
+            .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
+                if let Err(error) = self.recorder.publish(&event, &reference).await {
+                    tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");
+                }
+            })
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::IscsiTarget;
+
+    fn target(name: &str) -> IscsiTarget {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "discus.dev/v1alpha1", "kind": "IscsiTarget",
+            "metadata": {"name": name, "namespace": "lab", "uid": format!("uid-{name}")},
+            "spec": {"iqn": format!("iqn.2026-11.dev.discus:{name}"), "luns": [{"lun": 0, "image": "x"}]},
+        }))
+        .expect("target")
+    }
+
+    fn observed(states: &[(&str, Kind, State)]) -> Observed {
+        let mut observed = Observed::default();
+        for (name, kind, state) in states {
+            observed.insert(*kind, &target(name), state.clone());
+        }
+        observed
+    }
+
+    fn told(before: &Observed, after: &Observed) -> Vec<(String, String)> {
+        changes("node-a", before, after)
+            .into_iter()
+            .map(|(r, e)| (r.name.unwrap_or_default(), e.reason))
+            .collect()
+    }
+
+    fn stalled(reason: &str) -> State {
+        State::Stalled {
+            reason: reason.into(),
+            message: "why".into(),
+        }
+    }
+
+    #[test]
+    fn each_change_is_told_once_and_progress_is_not_told() {
+        let t = Kind::IscsiTarget;
+        let pending = observed(&[("boot", t, State::Pending)]);
+        let served = observed(&[("boot", t, State::Good)]);
+        assert_eq!(told(&pending, &served), [("boot".into(), "Served".into())]);
+        assert!(told(&served, &served).is_empty());
+        assert!(told(&Observed::default(), &pending).is_empty());
+        assert_eq!(
+            told(&served, &Observed::default()),
+            [("boot".into(), "Removed".into())]
+        );
+        let broken = observed(&[("boot", t, stalled("IqnConflict"))]);
+        assert_eq!(
+            told(&served, &broken),
+            [("boot".into(), "NotServed".into())]
+        );
+        assert!(
+            told(&broken, &broken).is_empty(),
+            "the same problem is not told again"
+        );
+        let other = observed(&[("boot", t, stalled("ForeignObject"))]);
+        assert_eq!(told(&broken, &other), [("boot".into(), "NotServed".into())]);
+    }
+
+    #[test]
+    fn grants_tell_applied_revoked_and_expired() {
+        let g = Kind::InitiatorAccess;
+        let applied = observed(&[("client", g, State::Good)]);
+        let expired = observed(&[("client", g, State::Expired)]);
+        assert_eq!(
+            told(&Observed::default(), &applied),
+            [("client".into(), "Applied".into())]
+        );
+        assert_eq!(
+            told(&applied, &expired),
+            [("client".into(), "Expired".into())]
+        );
+        assert_eq!(
+            told(&applied, &Observed::default()),
+            [("client".into(), "Revoked".into())]
+        );
+        assert!(told(&expired, &Observed::default()).is_empty());
+    }
+
+    #[test]
+    fn images_tell_verified_and_failed_but_not_removal() {
+        let i = Kind::DiscImage;
+        let ready = observed(&[("iso", i, State::Good)]);
+        let failed = observed(&[("iso", i, stalled("ImportFailed"))]);
+        assert_eq!(
+            told(&Observed::default(), &ready),
+            [("iso".into(), "Verified".into())]
+        );
+        assert_eq!(
+            told(&Observed::default(), &failed),
+            [("iso".into(), "ImportFailed".into())]
+        );
+        assert!(told(&ready, &Observed::default()).is_empty());
+    }
+
+    #[test]
+    fn references_carry_no_resource_version() {
+        let mut object = target("boot");
+        object.metadata.resource_version = Some("42".into());
+        let reference = reference(&object);
+        assert_eq!(reference.resource_version, None);
+        assert_eq!(reference.uid.as_deref(), Some("uid-boot"));
+    }
+}
