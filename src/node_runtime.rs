@@ -9,8 +9,10 @@ use crate::backend::Backend;
 use crate::backend::lio::{self, LioBackend};
 use crate::backend::tgt::{TgtBackend, TgtConfig};
 use crate::desired::{NodeFacts, Settings};
+use crate::http;
 use crate::images::manager::ImageManager;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
+use crate::metrics::Metrics;
 use crate::sync::Syncer;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -32,6 +34,8 @@ pub struct NodeConfig {
     pub tgt_control_port: u16,
     /// Fetch every declared image, not only those a target placed here needs.
     pub prefetch_all: bool,
+    /// Where to serve /metrics, /healthz and /readyz, if anywhere.
+    pub http_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,11 @@ pub enum SetupError {
     Images(#[from] crate::images::ImportError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error("cannot serve the HTTP endpoints on {address}: {source}")]
+    Http {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The loop a syncer runs in, whatever its backend.
@@ -59,7 +68,13 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         },
         qemu: crate::images::qemu::QemuImg::default(),
     })?;
-    let images = ImageManager::new(Arc::new(importer));
+    let metrics = Arc::new(Metrics::new());
+    if let Some(address) = config.http_address {
+        http::start(address, Arc::clone(&metrics))
+            .await
+            .map_err(|source| SetupError::Http { address, source })?;
+    }
+    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics));
     let settings = Settings {
         iqn_authority: config.iqn_authority.clone(),
         writable_dir: config.data_dir.join("writable"),
@@ -69,7 +84,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         BackendChoice::Lio => {
             let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
             node_loop
-                .run(syncer(backend, images, settings, &config))
+                .run(syncer(backend, images, settings, &config, metrics))
                 .await
         }
         BackendChoice::Tgt | BackendChoice::Auto => {
@@ -77,7 +92,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             tgt.control_port = config.tgt_control_port;
             let backend = TgtBackend::start(tgt).await?;
             node_loop
-                .run(syncer(backend, images, settings, &config))
+                .run(syncer(backend, images, settings, &config, metrics))
                 .await
         }
     })
@@ -88,6 +103,7 @@ fn syncer<B: Backend>(
     images: ImageManager,
     settings: Settings,
     config: &NodeConfig,
+    metrics: Arc<Metrics>,
 ) -> Syncer<B> {
     let syncer = Syncer::new(
         backend,
@@ -95,6 +111,7 @@ fn syncer<B: Backend>(
         config.node.clone(),
         settings,
         config.default_max_virtual_size,
+        metrics,
     );
     if config.prefetch_all {
         syncer.prefetch_all()

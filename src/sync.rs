@@ -6,7 +6,7 @@
 //! background and a finished import asks for another pass.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
@@ -22,6 +22,7 @@ use crate::desired::{
 };
 use crate::images::manager::{ImageManager, ImageState};
 use crate::images::{self, HttpAuth, ImportRequest, Source};
+use crate::metrics::{ErrorKind, Metrics};
 
 /// Everything declared: the input of a sync.
 #[derive(Clone, Debug, Default)]
@@ -215,6 +216,7 @@ pub struct Syncer<B: Backend> {
     prefetch_all: bool,
     session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
     memory: Mutex<Memory>,
+    metrics: Arc<Metrics>,
 }
 
 /// Why a pass runs.
@@ -244,9 +246,11 @@ impl<B: Backend> Syncer<B> {
         node: NodeFacts,
         mut settings: Settings,
         default_max_virtual_size: u64,
+        metrics: Arc<Metrics>,
     ) -> Self {
         settings.cdrom_supported = backend.capabilities().cdrom;
         Self {
+            metrics,
             backend,
             images,
             node: Mutex::new(node),
@@ -256,6 +260,11 @@ impl<B: Backend> Syncer<B> {
             session_since: Mutex::default(),
             memory: Mutex::default(),
         }
+    }
+
+    /// The node's metrics, which every pass updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Fetches every declared image, as a single server should.
@@ -286,6 +295,7 @@ impl<B: Backend> Syncer<B> {
     /// One pass. Never fails: what goes wrong is in the report, for status.
     pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
         let started = std::time::Instant::now();
+        self.metrics.pass_started();
         let node = self.node_facts();
         let mut report = NodeReport {
             node: node.name.clone(),
@@ -350,6 +360,7 @@ impl<B: Backend> Syncer<B> {
         self.collect_garbage(&requests, &state);
         report.desired = state;
         report.index();
+        self.metrics.pass_finished(pass, started.elapsed(), &report);
         report
     }
 
@@ -556,6 +567,7 @@ impl<B: Backend> Syncer<B> {
             }
             Some(Ok(observed)) => observed,
             Some(Err(error)) => {
+                self.metrics.error(ErrorKind::BackendObserve);
                 report.unsettled.extend(desired.iter().map(|t| Unsettled {
                     target: Some(t.iqn.clone()),
                     initiator: None,
@@ -573,7 +585,10 @@ impl<B: Backend> Syncer<B> {
                 continue;
             }
             tracing::info!(backend = self.backend.name(), "{op}");
-            if let Err(error) = self.backend.apply(op).await {
+            let applied = self.backend.apply(op).await;
+            self.metrics
+                .backend_operation(self.backend.name(), applied.is_ok());
+            if let Err(error) = applied {
                 tracing::warn!(backend = self.backend.name(), %error, "{op} failed");
                 if let Some(target) = op.target() {
                     broken.insert(target.to_owned());

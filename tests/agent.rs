@@ -290,6 +290,55 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, as the kubelet stops a Pod; returns whether the agent then exited with 0.
+    fn terminate(&mut self) -> bool {
+        let Some(mut child) = self.process.take() else {
+            return false;
+        };
+        let nsenter = child.id();
+        let inner = std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
+            .unwrap_or_default();
+        for pid in inner.split_whitespace() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", pid])
+                .status();
+        }
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.sandbox.kill(&mut child);
+        false
+    }
+
+    /// GET on the agent's HTTP endpoints: (status code, body).
+    fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::net::TcpStream::connect((self.address, 9464)).expect("the HTTP endpoints answer");
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n",
+            self.address
+        )
+        .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+
     fn tgtadm(&self, args: &[&str]) -> String {
         let mut all = vec!["tgtadm", "-C", "3261", "--lld", "iscsi"];
         all.extend_from_slice(args);
@@ -323,9 +372,14 @@ impl Agent {
                 "4",
                 "--prune-seconds",
                 "4",
+                "--log-format",
+                "json",
+                "--log-level",
+                "debug",
+                "--http-address",
+                &format!("{}:9464", self.address),
             ])
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "discus=debug")
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -694,6 +748,25 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             )
             .await;
     }
+    // Events are published after the status they follow: give the last ones a moment.
+    cluster
+        .wait_for(
+            "the last Applied events",
+            Duration::from_secs(10),
+            async || {
+                let events = cluster.events().await;
+                events
+                    .iter()
+                    .filter(|e| {
+                        e.pointer("/regarding/name") == Some(&json!("generated"))
+                            && e["reason"] == "Applied"
+                            && e.pointer("/series/count") == Some(&json!(3))
+                    })
+                    .count()
+                    == nodes.len()
+            },
+        )
+        .await;
     let events = cluster.events().await;
     let told = |object: &str, reason: &str, node: &str| {
         events.iter().find(|e| {
@@ -725,6 +798,31 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             Some(&json!(3)),
             "{applied:#}"
         );
+    }
+
+    // Each agent says how it is: ready, healthy, and what it did, for Prometheus.
+    for agent in &cluster.agents {
+        assert_eq!(agent.get("/readyz").0, 200, "{}", agent.name);
+        assert_eq!(agent.get("/healthz").0, 200, "{}", agent.name);
+        let (code, metrics) = agent.get("/metrics");
+        assert_eq!(code, 200);
+        for family in [
+            "discus_sync_passes_total{pass=\"full\"}",
+            "discus_sync_duration_seconds_bucket",
+            "discus_backend_operations_total{backend=\"tgt\",result=\"ok\"}",
+            "discus_targets ",
+            "discus_images{state=\"ready\"} 1",
+            "discus_images{state=\"failed\"} 1",
+            "discus_problems{kind=\"DiscImage\",reason=\"ImportFailed\"} 1",
+            "discus_status_writes_total",
+            "discus_events_total",
+        ] {
+            assert!(
+                metrics.contains(family),
+                "{}: {family} in\n{metrics}",
+                agent.name
+            );
+        }
     }
 
     // No churn: once settled, a minute with nothing changing costs no write to discus objects.
@@ -763,6 +861,22 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
         .filter(|e| e.pointer("/responseStatus/code") == Some(&json!(403)))
         .collect();
     assert!(refused.is_empty(), "refused requests: {refused:#?}");
+    // Logs are JSON, one object per line, and no CHAP secret is in them or in any event.
+    for agent in &cluster.agents {
+        let log = agent.log();
+        for line in log.lines() {
+            let entry: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            assert!(
+                entry["level"].is_string() && entry["timestamp"].is_string(),
+                "{line}"
+            );
+        }
+        for secret in ["discus-demo-1", password.as_str()] {
+            assert!(!log.contains(secret), "{} logged a CHAP secret", agent.name);
+        }
+    }
+    let events = serde_json::to_string(&cluster.events().await).expect("json");
+    assert!(!events.contains("discus-demo-1") && !events.contains(password.as_str()));
     let used = used(&requests);
     let unused: Vec<_> = granted().difference(&used).cloned().collect();
     assert!(
@@ -948,4 +1062,14 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
         .object("InitiatorAccess", "demo", "demo-client")
         .await;
     assert!(ready(&grant), "{grant:#}");
+
+    // An agent stopped as the kubelet stops a Pod exits cleanly and leaves its targets serving.
+    let node_b = cluster.agent("node-b");
+    assert!(
+        node_b.terminate(),
+        "exit status 0 on SIGTERM:\n{}",
+        node_b.log()
+    );
+    let still = unit_serial(&cluster.agent_ref("node-b").portal(), DEMO_IQN);
+    assert!(still.contains("Unit Serial Number"), "{still}");
 }

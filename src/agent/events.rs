@@ -16,6 +16,7 @@ use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
 use crate::api::initiator_access::AccessNodeStatus;
 use crate::api::iscsi_target::TargetNodeStatus;
 use crate::desired::{Kind, ObjectKey, object_key};
+use crate::metrics::Metrics;
 use crate::status;
 
 const CONCURRENT_EVENTS: usize = 8;
@@ -220,10 +221,11 @@ pub struct NodeEvents {
     recorder: Recorder,
     node: String,
     last: std::sync::Mutex<Option<Observed>>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl NodeEvents {
-    pub fn new(client: kube::Client, node: &str) -> Self {
+    pub fn new(client: kube::Client, node: &str, metrics: std::sync::Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: "discus.dev/agent".into(),
             instance: Some(node.to_owned()),
@@ -232,6 +234,7 @@ impl NodeEvents {
             recorder: Recorder::new(client, reporter),
             node: node.to_owned(),
             last: std::sync::Mutex::new(None),
+            metrics,
         }
     }
 
@@ -250,7 +253,9 @@ impl NodeEvents {
         };
         futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
-                if let Err(error) = self.recorder.publish(&event, &reference).await {
+                let published = self.recorder.publish(&event, &reference).await;
+                self.metrics.event_published(published.is_ok());
+                if let Err(error) = published {
                     tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");
                 }
             })

@@ -81,6 +81,7 @@ impl NodeLoop for AgentLoop {
             &node,
             &options.lease_namespace,
             &wakers,
+            syncer.metrics(),
         ));
         tokio::spawn(leader::run(
             client.clone(),
@@ -112,8 +113,9 @@ impl NodeLoop for AgentLoop {
             _ = tokio::signal::ctrl_c() => return Ok(()),
             _ = terminate.recv() => return Ok(()),
         }
-        let writer = NodeStatusWriter::new(client.clone(), &node);
-        let events = events::NodeEvents::new(client, &node);
+        let metrics = Arc::clone(syncer.metrics());
+        let writer = NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics));
+        let events = events::NodeEvents::new(client, &node, metrics);
         let finished = syncer.images().finished();
         let mut pass = Pass::Full;
         let mut waiting_for_node = false;

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::desired::{Kind, ObjectKey, object_key};
+use crate::metrics::Metrics;
 use crate::status;
 use crate::sync::NodeReport;
 
@@ -40,6 +41,7 @@ pub struct NodeStatusWriter {
     /// Entries written and not yet seen in the stores, so that a pass right after a write does
     /// not write the same again.
     in_flight: Mutex<HashMap<(Kind, ObjectKey), Value>>,
+    metrics: Arc<Metrics>,
 }
 
 /// What one publication did, and what the node's entries say (for events).
@@ -51,12 +53,13 @@ pub struct Published {
 }
 
 impl NodeStatusWriter {
-    pub fn new(client: Client, node: &str) -> Self {
+    pub fn new(client: Client, node: &str, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
             node: node.to_owned(),
             manager: field_manager(node),
             in_flight: Mutex::default(),
+            metrics,
         }
     }
 
@@ -162,6 +165,8 @@ impl NodeStatusWriter {
             body["status"] = json!({"nodes": [entry]});
         }
         let result = apply_status(&self.client, write.kind, &write.key, &self.manager, &body).await;
+        self.metrics
+            .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
             Ok(()) => {
                 if let Ok(mut in_flight) = self.in_flight.lock() {
@@ -177,6 +182,10 @@ impl NodeStatusWriter {
             }
         }
     }
+}
+
+fn is_not_found(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
 }
 
 struct Write {

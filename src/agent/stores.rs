@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{NodeFacts, ObjectKey, object_key};
 use crate::manifests::ObjectId;
+use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
 /// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
@@ -71,7 +72,12 @@ impl Stores {
         node_name: &str,
         lease_namespace: &str,
         wakers: &Wakers,
+        metrics: &Arc<Metrics>,
     ) -> Self {
+        let watch = |w: &Wakers| Watch {
+            wakers: w.clone(),
+            metrics: Arc::clone(metrics),
+        };
         let namespaces: Vec<Option<String>> = if namespaces.is_empty() {
             vec![None]
         } else {
@@ -86,13 +92,13 @@ impl Stores {
                 Api::all(client.clone()),
                 watcher::Config::default().fields(&format!("metadata.name={node_name}")),
                 NodeChanges::default(),
-                wakers.clone(),
+                watch(wakers),
             ),
             heartbeats: spawn_reflector(
                 Api::namespaced(client.clone(), lease_namespace),
                 watcher::Config::default().labels(HEARTBEAT_LABEL),
                 Heartbeats,
-                wakers.clone(),
+                watch(wakers),
             ),
             node_name: node_name.to_owned(),
         };
@@ -101,25 +107,25 @@ impl Stores {
                 namespaced_api(client, namespace),
                 watcher::Config::default(),
                 SpecChanges::default(),
-                wakers.clone(),
+                watch(wakers),
             ));
             stores.targets.push(spawn_reflector(
                 namespaced_api(client, namespace),
                 watcher::Config::default(),
                 SpecChanges::default(),
-                wakers.clone(),
+                watch(wakers),
             ));
             stores.grants.push(spawn_reflector(
                 namespaced_api(client, namespace),
                 watcher::Config::default(),
                 SpecChanges::default(),
-                wakers.clone(),
+                watch(wakers),
             ));
             stores.secrets.push(spawn_reflector(
                 namespaced_api(client, namespace),
                 watcher::Config::default(),
                 EveryChange,
-                wakers.clone(),
+                watch(wakers),
             ));
         }
         stores
@@ -347,13 +353,19 @@ impl Relevance<Lease> for Heartbeats {
     }
 }
 
+/// Whom a watch wakes, and where its failures count.
+struct Watch {
+    wakers: Wakers,
+    metrics: Arc<Metrics>,
+}
+
 /// A store kept by a background watch (with backoff on errors, never giving up), waking
 /// whoever `relevance` says.
 fn spawn_reflector<K, R>(
     api: Api<K>,
     config: watcher::Config,
     mut relevance: R,
-    wakers: Wakers,
+    Watch { wakers, metrics }: Watch,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -372,7 +384,10 @@ where
         while let Some(event) = stream.next().await {
             match event {
                 Ok(event) => relevance.wake(&event, &wakers),
-                Err(error) => tracing::warn!(%kind, %error, "watch failed; retrying"),
+                Err(error) => {
+                    metrics.error(ErrorKind::Watch);
+                    tracing::warn!(%kind, %error, "watch failed; retrying");
+                }
             }
         }
     });

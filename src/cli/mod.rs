@@ -19,6 +19,19 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: text for people, json (one object per line) for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DISCUS_LOG_FORMAT"
+    )]
+    log_format: crate::telemetry::LogFormat,
+    /// Log level (error, warn, info, debug, trace) or a filter such as `discus=debug,kube=info`;
+    /// overrides RUST_LOG.
+    #[arg(long, global = true, env = "DISCUS_LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -54,13 +67,16 @@ enum Command {
 /// Runs the command line and returns the process's exit code.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    crate::telemetry::init(
-        if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
-            "info"
-        } else {
-            "warn"
-        },
-    );
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Agent(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    if let Err(error) =
+        crate::telemetry::init(cli.log_format, cli.log_level.as_deref(), default_level)
+    {
+        return fail(&error);
+    }
     match cli.command {
         Command::Crds => match crate::crds::render_yaml() {
             Ok(yaml) => {

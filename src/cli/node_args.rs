@@ -36,6 +36,9 @@ pub struct NodeArgs {
     /// The control port of discus's own tgtd.
     #[arg(long, default_value_t = crate::backend::tgt::DEFAULT_CONTROL_PORT)]
     tgt_control_port: u16,
+    /// Serve /metrics, /healthz and /readyz on this address (for example 0.0.0.0:9464).
+    #[arg(long, env = "DISCUS_HTTP_ADDRESS")]
+    http_address: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -52,6 +55,7 @@ impl NodeArgs {
             default_max_virtual_size: self.max_virtual_size,
             tgt_control_port: self.tgt_control_port,
             prefetch_all: false,
+            http_address: self.http_address,
         })
     }
 

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::{ErrorKind, Metrics};
+
 use super::{ImportError, ImportRequest, Importer, Progress, StoredImage, progress};
 
 /// Where an image stands on this node.
@@ -32,15 +34,17 @@ pub struct ImageManager {
     /// Woken whenever an import finishes, so the sync loop can run again.
     finished: Arc<Notify>,
     retry_delay: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl ImageManager {
-    pub fn new(importer: Arc<Importer>) -> Self {
+    pub fn new(importer: Arc<Importer>, metrics: Arc<Metrics>) -> Self {
         Self {
             importer,
             jobs: Arc::default(),
             finished: Arc::new(Notify::new()),
             retry_delay: Duration::from_secs(60),
+            metrics,
         }
     }
 
@@ -87,17 +91,19 @@ impl ImageManager {
         let (mut reporter, receiver) = progress::channel();
         let initial = receiver.borrow().clone();
         jobs.insert(request.sha256.clone(), Job::Running(receiver));
-        let (importer, jobs, finished, request) = (
+        let (importer, jobs, finished, request, metrics) = (
             Arc::clone(&self.importer),
             Arc::clone(&self.jobs),
             Arc::clone(&self.finished),
             request.clone(),
+            Arc::clone(&self.metrics),
         );
         let retry_delay = self.retry_delay;
         tokio::spawn(async move {
             let result = importer.import(&request, &mut reporter).await;
             let done = result.map_err(|error: ImportError| {
                 tracing::warn!(sha256 = %request.sha256, %error, "image import failed");
+                metrics.error(ErrorKind::Import);
                 let retry_at = error.is_transient().then(|| Instant::now() + retry_delay);
                 (error.to_string(), retry_at)
             });

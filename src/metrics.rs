@@ -1,0 +1,341 @@
+//! Prometheus metrics of a storage node, and the health the HTTP endpoints report. One
+//! `Metrics` per process, shared by the syncer and whatever feeds it (the agent's status writer,
+//! events, watches).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::images::manager::ImageState;
+use crate::sync::{NodeReport, Pass};
+
+/// A pass that runs longer than this is stuck: `/healthz` fails, so that the kubelet restarts
+/// the agent (targets keep serving meanwhile).
+const STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PassLabels {
+    /// `full` (reads everything, finds drift) or `changes` (only what changed).
+    pass: &'static str,
+}
+
+impl From<Pass> for PassLabels {
+    fn from(pass: Pass) -> Self {
+        Self {
+            pass: match pass {
+                Pass::Full => "full",
+                Pass::Changes => "changes",
+            },
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    backend: &'static str,
+    /// `ok` or `error`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: &'static str,
+}
+
+/// What failed, for `discus_errors_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// A backend operation failed.
+    BackendOperation,
+    /// The backend could not be read.
+    BackendObserve,
+    /// An image could not be imported.
+    Import,
+    /// A status write to the apiserver failed.
+    StatusWrite,
+    /// An event could not be published.
+    Event,
+    /// A watch failed (it is retried).
+    Watch,
+}
+
+impl ErrorKind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::BackendOperation => "backend_operation",
+            Self::BackendObserve => "backend_observe",
+            Self::Import => "import",
+            Self::StatusWrite => "status_write",
+            Self::Event => "event",
+            Self::Watch => "watch",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProblemLabels {
+    kind: &'static str,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageLabels {
+    /// `ready`, `in_progress` or `failed`.
+    state: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    sync_passes: Family<PassLabels, Counter>,
+    sync_duration: Family<PassLabels, Histogram>,
+    backend_operations: Family<OperationLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    targets: Gauge,
+    sessions: Family<TargetLabels, Gauge>,
+    problems: Family<ProblemLabels, Gauge>,
+    images: Family<ImageLabels, Gauge>,
+    image_bytes: Gauge,
+    status_writes: Counter,
+    events: Counter,
+    health: Mutex<Health>,
+}
+
+#[derive(Default)]
+struct Health {
+    /// A pass has completed: the node serves what it was told.
+    ready: bool,
+    /// When the running pass started.
+    running_since: Option<Instant>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("discus");
+        let sync_passes = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "sync_passes",
+            "Sync passes completed, by kind (full: drift check; changes: only what changed)",
+            sync_passes.clone(),
+        );
+        let sync_duration = Family::<PassLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ])
+        });
+        registry.register_with_unit(
+            "sync_duration",
+            "How long a sync pass took",
+            prometheus_client::registry::Unit::Seconds,
+            sync_duration.clone(),
+        );
+        let backend_operations = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "backend_operations",
+            "Operations applied to the target software (configfs writes, tgtadm calls)",
+            backend_operations.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register("errors", "Errors, by what failed", errors.clone());
+        let targets = Gauge::default();
+        registry.register("targets", "Targets this node should serve", targets.clone());
+        let sessions = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "target_sessions",
+            "Initiator sessions per target (IQN)",
+            sessions.clone(),
+        );
+        let problems = Family::<ProblemLabels, Gauge>::default();
+        registry.register(
+            "problems",
+            "Resources this node cannot serve as declared, by kind and reason",
+            problems.clone(),
+        );
+        let images = Family::<ImageLabels, Gauge>::default();
+        registry.register("images", "Images this node needs, by state", images.clone());
+        let image_bytes = Gauge::default();
+        registry.register_with_unit(
+            "image_store",
+            "Size of the images this node has ready",
+            prometheus_client::registry::Unit::Bytes,
+            image_bytes.clone(),
+        );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "Status writes to the apiserver (zero at rest)",
+            status_writes.clone(),
+        );
+        let events = Counter::default();
+        registry.register("events", "Kubernetes Events published", events.clone());
+        Self {
+            registry,
+            sync_passes,
+            sync_duration,
+            backend_operations,
+            errors,
+            targets,
+            sessions,
+            problems,
+            images,
+            image_bytes,
+            status_writes,
+            events,
+            health: Mutex::default(),
+        }
+    }
+
+    pub fn pass_started(&self) {
+        if let Ok(mut health) = self.health.lock() {
+            health.running_since = Some(Instant::now());
+        }
+    }
+
+    /// Records a finished pass and what its report says the node holds.
+    pub fn pass_finished(&self, pass: Pass, took: Duration, report: &NodeReport) {
+        let labels = PassLabels::from(pass);
+        self.sync_passes.get_or_create(&labels).inc();
+        self.sync_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+        self.targets
+            .set(i64::try_from(report.desired.targets.len()).unwrap_or(i64::MAX));
+        // Families are rebuilt each pass, so that removed targets and solved problems vanish.
+        self.sessions.clear();
+        for session in &report.sessions {
+            self.sessions
+                .get_or_create(&TargetLabels {
+                    target: session.target.clone(),
+                })
+                .inc();
+        }
+        self.problems.clear();
+        for problem in &report.problems {
+            self.problems
+                .get_or_create(&ProblemLabels {
+                    kind: problem.kind.as_str(),
+                    reason: problem.reason.to_string(),
+                })
+                .inc();
+        }
+        self.images.clear();
+        let mut bytes: u64 = 0;
+        for image in report.images.values() {
+            let state = match image {
+                ImageState::Ready(stored) => {
+                    bytes += stored.virtual_size;
+                    "ready"
+                }
+                ImageState::InProgress(_) => "in_progress",
+                ImageState::Failed { .. } => "failed",
+            };
+            self.images.get_or_create(&ImageLabels { state }).inc();
+        }
+        self.image_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        if let Ok(mut health) = self.health.lock() {
+            health.ready = true;
+            health.running_since = None;
+        }
+    }
+
+    pub fn backend_operation(&self, backend: &'static str, ok: bool) {
+        self.backend_operations
+            .get_or_create(&OperationLabels {
+                backend,
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        if !ok {
+            self.error(ErrorKind::BackendOperation);
+        }
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.errors
+            .get_or_create(&ErrorLabels { kind: kind.label() })
+            .inc();
+    }
+
+    pub fn status_written(&self, ok: bool) {
+        if ok {
+            self.status_writes.inc();
+        } else {
+            self.error(ErrorKind::StatusWrite);
+        }
+    }
+
+    pub fn event_published(&self, ok: bool) {
+        if ok {
+            self.events.inc();
+        } else {
+            self.error(ErrorKind::Event);
+        }
+    }
+
+    /// Whether a pass has completed since the start.
+    pub fn ready(&self) -> bool {
+        self.health.lock().is_ok_and(|h| h.ready)
+    }
+
+    /// Whether the sync loop is alive: no pass stuck.
+    pub fn healthy(&self) -> bool {
+        self.health
+            .lock()
+            .is_ok_and(|h| h.running_since.is_none_or(|at| at.elapsed() < STUCK_AFTER))
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_is_counted_and_makes_the_node_ready() {
+        let metrics = Metrics::new();
+        assert!(!metrics.ready());
+        assert!(metrics.healthy());
+        metrics.pass_started();
+        metrics.pass_finished(
+            Pass::Full,
+            Duration::from_millis(20),
+            &NodeReport::default(),
+        );
+        metrics.backend_operation("tgt", true);
+        metrics.backend_operation("tgt", false);
+        assert!(metrics.ready());
+        let text = metrics.encode();
+        for line in [
+            "discus_sync_passes_total{pass=\"full\"} 1",
+            "discus_backend_operations_total{backend=\"tgt\",result=\"ok\"} 1",
+            "discus_errors_total{kind=\"backend_operation\"} 1",
+            "discus_targets 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+}
