@@ -15,8 +15,8 @@ use kube::api::{Api, PostParams};
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use support::control_plane::ControlPlane;
+use support::initiator::{self, Login};
 use support::kstatus::{self, Kstatus};
 use support::network::Lan;
 use support::sandbox::Sandbox;
@@ -28,7 +28,8 @@ const DEMO_IQN: &str = "iqn.2026-11.dev.discus:demo";
 
 /// A control plane and storage nodes on one LAN.
 struct Cluster {
-    lan: Lan,
+    /// The LAN of the storage nodes' sandboxes, when they run in sandboxes.
+    lan: Option<Lan>,
     plane: ControlPlane,
     client: kube::Client,
     /// The agents' credentials: the shipped ServiceAccount's token.
@@ -52,6 +53,11 @@ impl Cluster {
         let plane = ControlPlane::start_in(host, address.into())
             .await
             .expect("control plane");
+        Self::prepare(plane, Some(lan)).await
+    }
+
+    /// CRDs, the namespaces, the shipped RBAC and the agents' ServiceAccount token.
+    async fn prepare(plane: ControlPlane, lan: Option<Lan>) -> Self {
         plane.install_crds().await.expect("CRDs");
         let client = plane.client().await.expect("client");
         for namespace in ["demo", "discus-system"] {
@@ -95,7 +101,7 @@ impl Cluster {
     /// agent running.
     async fn add_node(&mut self, name: &str, number: u8) {
         let sandbox = Sandbox::new();
-        let address = self.lan.plug(&sandbox, number);
+        let address = self.lan.as_ref().expect("a LAN").plug(&sandbox, number);
         let demo = sandbox.data_dir().join("demo");
         std::fs::create_dir_all(&demo).expect("demo dir");
         std::fs::copy(
@@ -103,6 +109,19 @@ impl Cluster {
             demo.join("discus-demo.iso"),
         )
         .expect("demo iso");
+        self.create_node(name, address).await;
+        let mut agent = Agent {
+            name: name.to_owned(),
+            address,
+            sandbox,
+            process: None,
+        };
+        agent.start(&self.agent_kubeconfig);
+        self.agents.push(agent);
+    }
+
+    /// A Node object, labelled as a storage node, with its InternalIP.
+    async fn create_node(&self, name: &str, address: std::net::Ipv4Addr) {
         let nodes: Api<Node> = Api::all(self.client.clone());
         nodes
             .create(
@@ -124,14 +143,6 @@ impl Cluster {
             )
             .await
             .expect("node address");
-        let mut agent = Agent {
-            name: name.to_owned(),
-            address,
-            sandbox,
-            process: None,
-        };
-        agent.start(&self.agent_kubeconfig);
-        self.agents.push(agent);
     }
 
     fn agent(&mut self, name: &str) -> &mut Agent {
@@ -422,21 +433,18 @@ fn managers(object: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn read_lun(portal: &str, iqn: &str, out: &Path) -> String {
-    let options = format!(
-        "driver=iscsi,transport=tcp,portal={portal},target={iqn},lun=1,user=demo,password=discus-demo-1,initiator-name={INITIATOR}"
-    );
-    let output = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw", "--image-opts", &options])
-        .arg(out)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    hex::encode(Sha256::digest(std::fs::read(out).expect("read back")))
+/// Reads LUN 0 as the demo's client (tgt: API LUN 0 is LUN 1 on the wire) and returns the
+/// SHA-256 of what was read.
+fn read_lun(portal: &str, iqn: &str, lun: u32, out: &Path) -> String {
+    let login = Login {
+        portal,
+        iqn,
+        lun,
+        initiator: INITIATOR,
+        user: "demo",
+        password: "discus-demo-1",
+    };
+    initiator::read_lun(&login, out).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn unit_serial(portal: &str, iqn: &str) -> String {
@@ -594,7 +602,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     for agent in &cluster.agents {
         let out = scratch.path().join(format!("{}.iso", agent.name));
         assert_eq!(
-            read_lun(&agent.portal(), DEMO_IQN, &out),
+            read_lun(&agent.portal(), DEMO_IQN, 1, &out),
             DEMO_ISO_SHA256,
             "{}",
             agent.name
@@ -1072,4 +1080,86 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
     );
     let still = unit_serial(&cluster.agent_ref("node-b").portal(), DEMO_IQN);
     assert!(still.contains("Unit Serial Number"), "{still}");
+}
+
+/// The whole product path once: kubectl on the host, the agent inside a guest running Debian's
+/// kernel with real LIO, talking to the host's apiserver with the shipped RBAC, and a real
+/// initiator reading what it serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
+    let plane = ControlPlane::start().await.expect("control plane");
+    let cluster = Cluster::prepare(plane, None).await;
+    let vm = tokio::task::spawn_blocking(support::lio_vm::LioVm::boot)
+        .await
+        .expect("the guest boots");
+    // The guest reaches the host's loopback, where the apiserver listens, at 10.0.2.2.
+    let kubeconfig = std::fs::read_to_string(&cluster.agent_kubeconfig)
+        .expect("kubeconfig")
+        .replace("https://127.0.0.1:", "https://10.0.2.2:");
+    std::fs::write(vm.share().join("kubeconfig"), kubeconfig).expect("kubeconfig for the guest");
+    std::fs::copy(
+        support::repo().join("examples/standalone/discus-demo.iso"),
+        vm.share().join("images/discus-demo.iso"),
+    )
+    .expect("the image");
+    cluster
+        .create_node("lio-node", std::net::Ipv4Addr::new(10, 0, 2, 15))
+        .await;
+    vm.must(
+        "KUBECONFIG=/host/kubeconfig discus agent --node-name lio-node --backend lio \
+         --data-dir /var/lib/discus --file-root /host/images --namespaces demo \
+         --lease-namespace discus-system --log-level debug > /host/agent.log 2>&1 &",
+    );
+    cluster.apply(&demo_manifests().replace(
+        "/var/lib/discus/demo/discus-demo.iso",
+        "/host/images/discus-demo.iso",
+    ));
+    // Read on the host: the guest may be too busy to answer.
+    let guest_log = || {
+        let log = std::fs::read_to_string(vm.share().join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(80)..].join("\n")
+    };
+    for (kind, name) in [
+        ("DiscImage", "discus-demo"),
+        ("IscsiTarget", "demo"),
+        ("InitiatorAccess", "demo-client"),
+    ] {
+        let start = Instant::now();
+        loop {
+            let object = cluster.object(kind, "demo", name).await;
+            if ready(&object) && kstatus::compute(&object) == Kstatus::Current {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{kind} {name} not Ready: {object:#}\n{}",
+                guest_log()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // Real LIO: LUN 0 is LUN 0; the read-only grant is write-protected by the kernel.
+    let configfs = vm.must(
+        "cat /sys/kernel/config/target/iscsi/iqn.2026-11.dev.discus:demo/tpgt_1/acls/iqn.2026-11.dev.discus:demo-client/lun_0/write_protect",
+    );
+    assert_eq!(configfs.trim(), "1");
+    let out = tempfile::tempdir().expect("tempdir");
+    let login = Login {
+        portal: &vm.portal(),
+        iqn: DEMO_IQN,
+        lun: 0,
+        initiator: INITIATOR,
+        user: "demo",
+        password: "discus-demo-1",
+    };
+    let read = initiator::read_lun(&login, &out.path().join("lun0.iso"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", guest_log()));
+    assert_eq!(read, DEMO_ISO_SHA256);
+    let target = cluster.object("IscsiTarget", "demo", "demo").await;
+    assert_eq!(
+        target.pointer("/status/nodes/0/portals/0"),
+        Some(&json!("10.0.2.15:3260")),
+        "{target:#}"
+    );
 }

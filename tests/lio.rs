@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use support::initiator::{Login, read_lun as read_lun_as};
 use support::lio_vm::LioVm;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:test-client";
@@ -134,21 +135,16 @@ fn inquiry(
 }
 
 fn read_lun(vm: &LioVm, out: &Path, iqn: &str, lun: u32, user: &str, password: &str) -> String {
-    let options = format!(
-        "driver=iscsi,transport=tcp,portal={},target={iqn},lun={lun},user={user},password={password},initiator-name={INITIATOR}",
-        vm.portal()
-    );
-    let output = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw", "--image-opts", &options])
-        .arg(out)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    hex::encode(Sha256::digest(std::fs::read(out).expect("read back")))
+    let portal = vm.portal();
+    let login = Login {
+        portal: &portal,
+        iqn,
+        lun,
+        initiator: INITIATOR,
+        user,
+        password,
+    };
+    read_lun_as(&login, out).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The configfs view of the guest, for drift and count checks.
@@ -443,6 +439,16 @@ fn many_targets(vm: &LioVm, count: usize, moved: Option<usize>) -> String {
     yaml
 }
 
+/// `discus serve --once`, which must leave everything Ready; if not, says what it logged and what
+/// is not Ready.
+fn once(vm: &LioVm) {
+    let (code, _) = vm.sh(&format!("{SERVE} --once > /tmp/once.log 2>&1"));
+    if code != 0 {
+        let (_, log) = vm.sh("grep -v ' INFO ' /tmp/once.log | tail -40; discus status --data-dir /var/lib/discus | grep -v ' True ' | head -20");
+        panic!("discus serve --once exited with {code}:\n{log}");
+    }
+}
+
 #[test]
 fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
     let mut vm = LioVm::boot();
@@ -465,14 +471,14 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
         interrupted.iter().any(|c| c.0 > 0 && *c != full),
         "no kill landed in the middle of a sync: {interrupted:?}"
     );
-    vm.must(&format!("{SERVE} --once > /tmp/once.log 2>&1"));
+    once(&vm);
     assert_eq!(census(&vm), full);
 
     // A power cut: configfs is empty after boot, and one sync restores everything.
     vm.reboot();
     assert_eq!(census(&vm).0, 0, "configfs starts empty");
     let start = std::time::Instant::now();
-    vm.must(&format!("{SERVE} --once > /tmp/once.log 2>&1"));
+    once(&vm);
     eprintln!(
         "cold sync of {targets} targets after a reboot: {:?}",
         start.elapsed()

@@ -349,6 +349,10 @@ impl Pki {
         if !address.is_loopback() {
             serving.subject_alt_names.push(SanType::IpAddress(address));
         }
+        // A qemu guest with user networking reaches the host's loopback at 10.0.2.2.
+        serving
+            .subject_alt_names
+            .push(SanType::IpAddress([10, 0, 2, 2].into()));
         serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;

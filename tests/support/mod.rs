@@ -3,6 +3,7 @@
 
 pub mod control_plane;
 pub mod http;
+pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod network;

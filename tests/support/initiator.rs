@@ -1,0 +1,42 @@
+//! A real initiator's view: qemu-img's iSCSI driver reading a whole LUN.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+/// Where and as whom to log in.
+pub struct Login<'a> {
+    pub portal: &'a str,
+    pub iqn: &'a str,
+    /// The LUN number as initiators see it.
+    pub lun: u32,
+    pub initiator: &'a str,
+    pub user: &'a str,
+    pub password: &'a str,
+}
+
+/// Reads the whole LUN into `out` and returns the SHA-256 of what was read, or why it failed.
+pub fn read_lun(login: &Login<'_>, out: &Path) -> Result<String, String> {
+    let Login {
+        portal,
+        iqn,
+        lun,
+        initiator,
+        user,
+        password,
+    } = login;
+    let options = format!(
+        "driver=iscsi,transport=tcp,portal={portal},target={iqn},lun={lun},user={user},\
+         password={password},initiator-name={initiator}"
+    );
+    let output = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw", "--image-opts", &options])
+        .arg(out)
+        .output()
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    let bytes = std::fs::read(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    Ok(hex::encode(Sha256::digest(bytes)))
+}
