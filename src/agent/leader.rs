@@ -10,12 +10,14 @@ use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
+use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{self, Kind, ObjectKey, object_key};
 use crate::status;
 
@@ -126,7 +128,15 @@ struct Writes<'a> {
     writes: Vec<Write>,
 }
 
-impl Writes<'_> {
+impl<'a> Writes<'a> {
+    fn new(kind: Kind, in_flight: &'a mut HashMap<(Kind, ObjectKey, String), Value>) -> Self {
+        Self {
+            kind,
+            in_flight,
+            writes: Vec::new(),
+        }
+    }
+
     /// Queues a write unless the same is already in flight.
     fn push(&mut self, key: &ObjectKey, manager: String, status: Option<Value>) {
         let flight = (self.kind, key.clone(), manager);
@@ -226,74 +236,43 @@ impl Aggregator {
         };
         let mut nodes: BTreeSet<String> = BTreeSet::new();
         let mut next_expiry: Option<Timestamp> = None;
-        let mut writes = Vec::new();
-        {
-            let mut kind = Writes {
-                kind: Kind::DiscImage,
-                in_flight: &mut in_flight,
-                writes: Vec::new(),
-            };
-            for guarded in stores.images() {
-                match &guarded.0 {
-                    Ok(image) => {
-                        let status = image.status.clone().unwrap_or_default();
-                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
-                        let entries = judge(&mut kind, image.meta(), status.nodes.clone(), &live);
-                        let top = status::image_status(image, entries, Some(&status), now);
-                        top_level_write(&mut kind, image.meta(), &top, &status);
-                    }
-                    Err(invalid) => invalid_write(&mut kind, invalid),
+        let mut writes = plan_kind(
+            Writes::new(Kind::DiscImage, &mut in_flight),
+            stores.images(),
+            &mut nodes,
+            &live,
+            |image: &DiscImage| image.status.clone().unwrap_or_default(),
+            |status| status.nodes.clone(),
+            |image, entries, status| status::image_status(image, entries, Some(status), now),
+        );
+        writes.extend(plan_kind(
+            Writes::new(Kind::IscsiTarget, &mut in_flight),
+            stores.targets(),
+            &mut nodes,
+            &live,
+            |target: &IscsiTarget| target.status.clone().unwrap_or_default(),
+            |status| status.nodes.clone(),
+            |target, entries, status| {
+                let iqn = desired::target_iqn(target, &self.iqn_authority);
+                status::target_status(target, entries, iqn, Some(status), now)
+            },
+        ));
+        writes.extend(plan_kind(
+            Writes::new(Kind::InitiatorAccess, &mut in_flight),
+            stores.grants(),
+            &mut nodes,
+            &live,
+            |grant: &InitiatorAccess| grant.status.clone().unwrap_or_default(),
+            |status| status.nodes.clone(),
+            |grant, entries, status| {
+                let expired = desired::grant_expired(grant, now);
+                if !expired && let Some(at) = grant.spec.validate().ok().and_then(|v| v.expires_at)
+                {
+                    next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
                 }
-            }
-            writes.append(&mut kind.writes);
-        }
-        {
-            let mut kind = Writes {
-                kind: Kind::IscsiTarget,
-                in_flight: &mut in_flight,
-                writes: Vec::new(),
-            };
-            for guarded in stores.targets() {
-                match &guarded.0 {
-                    Ok(target) => {
-                        let status = target.status.clone().unwrap_or_default();
-                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
-                        let entries = judge(&mut kind, target.meta(), status.nodes.clone(), &live);
-                        let iqn = desired::target_iqn(target, &self.iqn_authority);
-                        let top = status::target_status(target, entries, iqn, Some(&status), now);
-                        top_level_write(&mut kind, target.meta(), &top, &status);
-                    }
-                    Err(invalid) => invalid_write(&mut kind, invalid),
-                }
-            }
-            writes.append(&mut kind.writes);
-        }
-        {
-            let mut kind = Writes {
-                kind: Kind::InitiatorAccess,
-                in_flight: &mut in_flight,
-                writes: Vec::new(),
-            };
-            for guarded in stores.grants() {
-                match &guarded.0 {
-                    Ok(grant) => {
-                        let status = grant.status.clone().unwrap_or_default();
-                        nodes.extend(status.nodes.iter().map(|e| e.node.clone()));
-                        let expired = desired::grant_expired(grant, now);
-                        if !expired
-                            && let Some(at) = grant.spec.validate().ok().and_then(|v| v.expires_at)
-                        {
-                            next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
-                        }
-                        let entries = judge(&mut kind, grant.meta(), status.nodes.clone(), &live);
-                        let top = status::grant_status(grant, entries, expired, Some(&status), now);
-                        top_level_write(&mut kind, grant.meta(), &top, &status);
-                    }
-                    Err(invalid) => invalid_write(&mut kind, invalid),
-                }
-            }
-            writes.append(&mut kind.writes);
-        }
+                status::grant_status(grant, entries, expired, Some(status), now)
+            },
+        ));
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
             .map(|at| at.saturating_duration_since(clock));
@@ -327,6 +306,39 @@ impl Aggregator {
             }
         }
     }
+}
+
+/// One kind's writes: for each well-formed object, its lost nodes' entries marked, gone nodes'
+/// entries dropped, and its top-level status (from `top`) when that changed; a malformed object
+/// is marked Stalled. Every node with an entry goes to `nodes`.
+fn plan_kind<K, S, E>(
+    mut writes: Writes<'_>,
+    objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
+    nodes: &mut BTreeSet<String>,
+    live: &dyn Fn(&str) -> Liveness,
+    status_of: impl Fn(&K) -> S,
+    entries_of: impl Fn(&S) -> Vec<E>,
+    mut top: impl FnMut(&K, Vec<E>, &S) -> S,
+) -> Vec<Write>
+where
+    K: Resource<DynamicType = ()>,
+    S: Serialize,
+    E: NodeEntry + Serialize,
+{
+    for guarded in objects {
+        match &guarded.0 {
+            Ok(object) => {
+                let status = status_of(object);
+                let entries = entries_of(&status);
+                nodes.extend(entries.iter().map(|e| e.node().to_owned()));
+                let entries = judge(&mut writes, object.meta(), entries, live);
+                let wanted = top(object, entries, &status);
+                top_level_write(&mut writes, object.meta(), &wanted, &status);
+            }
+            Err(invalid) => invalid_write(&mut writes, invalid),
+        }
+    }
+    writes.writes
 }
 
 /// The entries to aggregate: a live node's as it wrote it, a lost node's marked (in the object
