@@ -91,13 +91,26 @@ pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: L
             .aggregate(&stores, Timestamp::now())
             .await
             .unwrap_or(Duration::from_secs(60));
-        tokio::select! {
-            changed = leading.changed() => if changed.is_err() { return },
-            () = wakers.aggregate.notified() => {
-                // Entries from several nodes often land together.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                changed = leading.changed() => {
+                    if changed.is_err() { return }
+                    break;
+                }
+                () = wakers.aggregate.notified() => {
+                    // Entries from several nodes often land together.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+                // A renewed heartbeat of a live node changes no verdict: nothing to go over.
+                () = wakers.heartbeat.notified() => {
+                    if aggregator.heartbeats_changed_a_verdict(&stores) {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => break,
             }
-            () = tokio::time::sleep(wait) => {}
         }
     }
 }
@@ -168,6 +181,18 @@ impl Aggregator {
             in_flight: std::sync::Mutex::default(),
             created_secrets: std::sync::Mutex::default(),
         }
+    }
+
+    /// Takes in the heartbeats; whether a node came back (or appeared), which the entries must
+    /// show. Renewals of live nodes only move their deadlines, which `aggregate` wakes for.
+    pub fn heartbeats_changed_a_verdict(&self, stores: &Stores) -> bool {
+        let Ok(mut liveness) = self.liveness.lock() else {
+            return true;
+        };
+        liveness.observe(
+            stores.heartbeats().iter().map(|l| l.as_ref()),
+            Instant::now(),
+        )
     }
 
     /// Creates the CHAP Secrets that grants with `generateSecret` name and that do not exist.

@@ -44,14 +44,21 @@ impl Tracker {
         }
     }
 
-    /// Takes in the heartbeat Leases as they are now.
-    pub fn observe<'a>(&mut self, leases: impl IntoIterator<Item = &'a Lease>, now: Instant) {
+    /// Takes in the heartbeat Leases as they are now; returns whether a node that was not live
+    /// (or not known) is live now.
+    pub fn observe<'a>(
+        &mut self,
+        leases: impl IntoIterator<Item = &'a Lease>,
+        now: Instant,
+    ) -> bool {
+        let mut revived = false;
         for lease in leases {
             let Some(spec) = &lease.spec else { continue };
             let Some(node) = &spec.holder_identity else {
                 continue;
             };
             let renewed = spec.renew_time.as_ref().map(|t| t.0.to_string());
+            let was_live = self.seen.contains_key(node) && self.of(node, now) == Liveness::Live;
             match self.seen.get_mut(node) {
                 Some((last, at)) if *last != renewed => {
                     *last = renewed;
@@ -62,7 +69,9 @@ impl Tracker {
                     self.seen.insert(node.clone(), (renewed, now));
                 }
             }
+            revived |= !was_live && self.of(node, now) == Liveness::Live;
         }
+        revived
     }
 
     pub fn of(&self, node: &str, now: Instant) -> Liveness {
@@ -218,5 +227,22 @@ mod tests {
             Some(start + s(340))
         );
         assert_eq!(tracker.next_change(["b"], start + s(400)), None);
+    }
+
+    #[test]
+    fn only_a_node_coming_back_or_appearing_is_news() {
+        let start = Instant::now();
+        let s = Duration::from_secs;
+        let mut tracker = Tracker::new(start, s(40), s(300));
+        assert!(
+            tracker.observe(&[lease("a", "2026-11-21T12:00:00Z")], start),
+            "a new node"
+        );
+        assert!(
+            !tracker.observe(&[lease("a", "2026-11-21T12:00:10Z")], start + s(10)),
+            "a renewal of a live node"
+        );
+        // Silent past lost_after, then renewed: back.
+        assert!(tracker.observe(&[lease("a", "2026-11-21T12:05:00Z")], start + s(100)));
     }
 }

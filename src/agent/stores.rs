@@ -34,8 +34,10 @@ pub const HEARTBEAT_LABEL: &str = "discus.dev/heartbeat";
 pub struct Wakers {
     /// Something the desired state depends on changed.
     pub sync: Arc<Notify>,
-    /// Something the lease holder aggregates changed (status entries, heartbeats, specs).
+    /// Something the lease holder aggregates changed (status entries, specs).
     pub aggregate: Arc<Notify>,
+    /// A heartbeat Lease changed: the lease holder checks whether a node came back.
+    pub heartbeat: Arc<Notify>,
 }
 
 impl Wakers {
@@ -348,7 +350,7 @@ struct Heartbeats;
 impl Relevance<Lease> for Heartbeats {
     fn wake(&mut self, event: &watcher::Event<Lease>, wakers: &Wakers) {
         if !matches!(event, watcher::Event::Init) {
-            wakers.aggregate.notify_one();
+            wakers.heartbeat.notify_one();
         }
     }
 }

@@ -180,8 +180,11 @@ impl TgtBackend {
             .run(&["--mode", "portal", "--op", "show"])
             .await?;
         Ok(TgtState {
-            targets: show::parse_targets(&targets)
-                .map_err(|e| BackendError::Unreachable(e.to_string()))?,
+            // Output discus cannot read is a failure to report, not a reason to restart tgtd.
+            targets: show::parse_targets(&targets).map_err(|e| BackendError::Failed {
+                operation: "tgtadm --mode target --op show".into(),
+                message: e.to_string(),
+            })?,
             accounts: show::parse_accounts(&accounts),
             portals: show::parse_portals(&portals),
         })

@@ -49,11 +49,14 @@ impl Tgtadm {
                 operation: format!("tgtadm {}", shown()),
                 message: format!("no answer within {:?}", self.timeout),
             })?
-            .map_err(|e| {
-                BackendError::Unreachable(format!(
+            // Not being able to start tgtadm (not installed, no process slots left) says
+            // nothing about tgtd: taking it for "tgtd is down" would start a second one.
+            .map_err(|e| BackendError::Failed {
+                operation: format!("tgtadm {}", shown()),
+                message: format!(
                     "cannot run {}: {e} (is tgt installed?)",
                     self.binary.display()
-                ))
+                ),
             })?;
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if output.status.success() {
@@ -69,5 +72,37 @@ impl Tgtadm {
                 .unwrap_or(&stderr)
                 .to_owned(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tgtadm_that_cannot_start_is_a_failure_not_an_absent_tgtd() {
+        let tgtadm = Tgtadm {
+            binary: PathBuf::from("/nonexistent/tgtadm"),
+            control_port: 3261,
+            timeout: Duration::from_secs(5),
+        };
+        let error = tgtadm
+            .run(&["--mode", "system", "--op", "show"])
+            .await
+            .expect_err("no such program");
+        assert!(
+            matches!(&error, BackendError::Failed { message, .. } if message.contains("is tgt installed")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn only_tgtadm_s_own_words_mean_tgtd_is_unreachable() {
+        assert!(unreachable(Some(107), ""));
+        assert!(unreachable(
+            Some(22),
+            "tgtadm: can't connect to the tgt daemon"
+        ));
+        assert!(!unreachable(Some(22), "tgtadm: out of memory"));
     }
 }
