@@ -1082,6 +1082,70 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
     assert!(still.contains("Unit Serial Number"), "{still}");
 }
 
+/// Every agent enforces `expiresAt` on its own clock: access ends on time even when the
+/// apiserver is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn access_ends_on_time_while_the_apiserver_is_down() {
+    let mut cluster = Cluster::start().await;
+    cluster.add_node("node-a", 41).await;
+    let expiring = "iqn.2026-11.dev.discus:expiring";
+    let expires_at =
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(20);
+    let expires_at = expires_at
+        .round(k8s_openapi::jiff::Unit::Second)
+        .expect("round");
+    cluster.apply(&demo_manifests());
+    cluster.apply(&grant_yaml(
+        "expiring",
+        expiring,
+        &format!(", expiresAt: '{expires_at}'"),
+    ));
+    cluster
+        .wait_ready_on("InitiatorAccess", "expiring", &["node-a"])
+        .await;
+    let portal = cluster.agents[0].portal();
+    let mut session = std::process::Command::new("iscsi-perf")
+        .args(["-i", expiring, "-t", "120"])
+        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    let agent = cluster.agent_ref("node-a");
+    cluster
+        .wait_for("the session", Duration::from_secs(20), async || {
+            agent
+                .tgtadm(&["--mode", "target", "--op", "show"])
+                .contains(expiring)
+        })
+        .await;
+
+    cluster.plane.stop();
+    let agent = cluster.agent_ref("node-a");
+    let start = Instant::now();
+    while agent
+        .tgtadm(&["--mode", "target", "--op", "show"])
+        .contains(expiring)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the session outlived its grant:\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let late = k8s_openapi::jiff::Timestamp::now().duration_since(expires_at);
+    println!("with the apiserver down, the session ended {late} after expiresAt");
+    assert!(
+        (-1..10).contains(&late.as_secs()),
+        "ended {late} after expiresAt"
+    );
+    let _ = session.kill();
+    let _ = session.wait();
+    // The demo client, which has no expiry, still gets in.
+    assert!(unit_serial(&portal, DEMO_IQN).contains("Unit Serial Number"));
+}
+
 /// The whole product path once: kubectl on the host, the agent inside a guest running Debian's
 /// kernel with real LIO, talking to the host's apiserver with the shipped RBAC, and a real
 /// initiator reading what it serves.

@@ -269,6 +269,16 @@ impl ControlPlane {
     }
 }
 
+impl ControlPlane {
+    /// Stops kube-apiserver and etcd, as an outage would; clients get connection errors.
+    pub fn stop(&mut self) {
+        for child in self.processes.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The apiserver first, so that it does not log etcd's disappearance.
