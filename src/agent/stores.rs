@@ -395,3 +395,41 @@ where
     });
     reader
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guarded(value: serde_json::Value) -> DeserializeGuard<DiscImage> {
+        serde_json::from_value(value).expect("a guard always decodes")
+    }
+
+    #[test]
+    fn a_malformed_object_is_set_aside_with_why_and_the_others_kept() {
+        let (reader, mut writer) = reflector::store::<DeserializeGuard<DiscImage>>();
+        let good = guarded(serde_json::json!({
+            "apiVersion": "discus.dev/v1alpha1", "kind": "DiscImage",
+            "metadata": {"name": "good", "namespace": "lab", "uid": "1"},
+            "spec": {"source": {"file": {"path": "/srv/a.iso"}}, "format": "iso",
+                     "sha256": "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795"},
+        }));
+        let bad = guarded(serde_json::json!({
+            "apiVersion": "discus.dev/v1alpha1", "kind": "DiscImage",
+            "metadata": {"name": "bad", "namespace": "lab", "uid": "2"},
+            "spec": {"source": {"file": {"path": "/srv/b.iso"}}, "sha256": 5},
+        }));
+        writer.apply_watcher_event(&watcher::Event::Apply(good));
+        writer.apply_watcher_event(&watcher::Event::Apply(bad));
+        let mut invalid = Vec::new();
+        let images = valid(&[reader], &mut invalid);
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].metadata.name.as_deref(), Some("good"));
+        assert_eq!(invalid.len(), 1);
+        let (id, why) = &invalid[0];
+        assert_eq!(
+            (id.kind.as_str(), id.key.name.as_str()),
+            ("DiscImage", "bad")
+        );
+        assert!(why.contains("integer `5`"), "{why}");
+    }
+}
