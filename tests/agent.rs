@@ -775,6 +775,18 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             },
         )
         .await;
+    // What the README tells users to run finds them.
+    let listed = cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        "demo",
+        "--field-selector",
+        "reportingComponent=discus.dev/agent",
+        "-o",
+        "name",
+    ]);
+    assert!(listed.lines().count() >= 3 * nodes.len(), "{listed}");
     let events = cluster.events().await;
     let told = |object: &str, reason: &str, node: &str| {
         events.iter().find(|e| {
