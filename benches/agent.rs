@@ -37,23 +37,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Node};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use kube::runtime::{WatchStreamExt, watcher};
-use serde_json::{Value, json};
-use support::control_plane::ControlPlane;
+use serde_json::Value;
+use support::cluster::{DEMO_DIR, Kube, demo_host};
 use support::kstatus::{self, Kstatus};
-use support::network::Lan;
 use support::sandbox::Sandbox;
 
 const NAMESPACE: &str = "bench";
 const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
 const DEMO_ISO_SHA256: &str = "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795";
-const DEMO_DIR: &str = "/var/lib/discus/demo";
 const NODES: [(&str, u8); 3] = [("node-a", 11), ("node-b", 12), ("node-c", 13)];
 /// No agent writes to discus objects for this long: settled.
 const QUIET: Duration = Duration::from_secs(10);
@@ -326,14 +322,7 @@ fn manifests(n: usize) -> String {
 /// `discus serve --once` of the same manifests on tgt, in a host of its own: how long it takes
 /// until it exits with every status Ready.
 fn baseline(yaml: &str, objects: usize) -> Duration {
-    let sandbox = Sandbox::new();
-    let demo = sandbox.data_dir().join("demo");
-    std::fs::create_dir_all(&demo).expect("demo dir");
-    std::fs::copy(
-        support::repo().join("examples/standalone/discus-demo.iso"),
-        demo.join("discus-demo.iso"),
-    )
-    .expect("demo iso");
+    let sandbox = demo_host();
     let folder = sandbox.scratch("manifests");
     std::fs::write(folder.join("bench.yaml"), yaml).expect("manifests");
     let log = sandbox.path().join("serve.log");
@@ -390,10 +379,7 @@ fn ready_status_files(dir: &Path) -> usize {
 
 /// A control plane and storage nodes on one LAN, as in tests/agent.rs.
 struct Cluster {
-    lan: Lan,
-    plane: ControlPlane,
-    client: kube::Client,
-    agent_kubeconfig: PathBuf,
+    kube: Kube,
     agents: Vec<Agent>,
     audit: AuditTail,
 }
@@ -406,88 +392,29 @@ struct Agent {
     process: Child,
 }
 
+impl std::ops::Deref for Cluster {
+    type Target = Kube;
+    fn deref(&self) -> &Kube {
+        &self.kube
+    }
+}
+
 impl Cluster {
     async fn start() -> Self {
-        let lan = Lan::new();
-        let host = Sandbox::new();
-        let address = lan.plug(&host, 10);
-        let plane = ControlPlane::start_in(host, address.into())
-            .await
-            .expect("control plane");
-        plane.install_crds().await.expect("CRDs");
-        let client = plane.client().await.expect("client");
-        for namespace in [NAMESPACE, "discus-system"] {
-            Api::<Namespace>::all(client.clone())
-                .create(
-                    &PostParams::default(),
-                    &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns"),
-                )
-                .await
-                .expect("namespace");
-        }
-        let audit = AuditTail::new(plane.audit_log());
-        let mut cluster = Self {
-            lan,
-            plane,
-            client,
-            agent_kubeconfig: PathBuf::new(),
+        let kube = Kube::on_lan(NAMESPACE).await;
+        let audit = AuditTail::new(kube.plane.audit_log());
+        Self {
+            kube,
             agents: Vec::new(),
             audit,
-        };
-        let rbac = support::repo().join("deploy/rbac");
-        cluster.kubectl(&[
-            "apply",
-            "-f",
-            &rbac.join("agent.yaml").display().to_string(),
-        ]);
-        cluster.kubectl(&[
-            "apply",
-            "-n",
-            NAMESPACE,
-            "-f",
-            &rbac.join("namespace.yaml").display().to_string(),
-        ]);
-        cluster.agent_kubeconfig = cluster
-            .plane
-            .service_account_kubeconfig("discus-system", "discus-agent")
-            .await
-            .expect("service account token");
-        cluster
+        }
     }
 
     /// A storage node at `.<number>` with the demo ISO in its `/var/lib/discus/demo`, and its
     /// agent running with the default timings.
     async fn add_node(&mut self, name: &str, number: u8) {
-        let sandbox = Sandbox::new();
-        let address = self.lan.plug(&sandbox, number);
-        let demo = sandbox.data_dir().join("demo");
-        std::fs::create_dir_all(&demo).expect("demo dir");
-        std::fs::copy(
-            support::repo().join("examples/standalone/discus-demo.iso"),
-            demo.join("discus-demo.iso"),
-        )
-        .expect("demo iso");
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": name, "labels": {"discus.dev/storage": "true"}},
-                }))
-                .expect("node"),
-            )
-            .await
-            .expect("create node");
-        nodes
-            .patch_status(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({
-                    "status": {"addresses": [{"type": "InternalIP", "address": address.to_string()}]}
-                })),
-            )
-            .await
-            .expect("node address");
+        let (sandbox, address) = self.storage_host(number);
+        self.create_node(name, address).await;
         let log = std::fs::File::create(sandbox.path().join("agent.log")).expect("log");
         let process = sandbox
             .command(env!("CARGO_BIN_EXE_discus"))
@@ -703,19 +630,6 @@ impl Cluster {
             .collect()
     }
 
-    /// Who holds the leader Lease.
-    async fn leader(&self) -> Option<String> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "discus-system");
-        leases
-            .get_opt("discus-leader")
-            .await
-            .ok()
-            .flatten()?
-            .spec?
-            .holder_identity
-            .filter(|h| !h.is_empty())
-    }
-
     /// Fails with the logs if an agent has exited.
     fn check_alive(&mut self) {
         let mut dead = Vec::new();
@@ -744,16 +658,6 @@ impl Cluster {
             tail(&self.plane.log("kube-apiserver"), 20)
         ));
         logs.join("\n")
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        let output = self.plane.kubectl().args(args).output().expect("kubectl");
-        assert!(
-            output.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
 

@@ -10,15 +10,14 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Node};
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
+use support::cluster::{DEMO_DIR, Kube};
 use support::control_plane::ControlPlane;
 use support::initiator::{self, Login};
 use support::kstatus::{self, Kstatus};
-use support::network::Lan;
 use support::sandbox::Sandbox;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:demo-client";
@@ -28,12 +27,7 @@ const DEMO_IQN: &str = "iqn.2026-11.dev.discus:demo";
 
 /// A control plane and storage nodes on one LAN.
 struct Cluster {
-    /// The LAN of the storage nodes' sandboxes, when they run in sandboxes.
-    lan: Option<Lan>,
-    plane: ControlPlane,
-    client: kube::Client,
-    /// The agents' credentials: the shipped ServiceAccount's token.
-    agent_kubeconfig: std::path::PathBuf,
+    kube: Kube,
     agents: Vec<Agent>,
 }
 
@@ -45,70 +39,35 @@ struct Agent {
     process: Option<Child>,
 }
 
+impl std::ops::Deref for Cluster {
+    type Target = Kube;
+    fn deref(&self) -> &Kube {
+        &self.kube
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Kube {
+        &mut self.kube
+    }
+}
+
 impl Cluster {
     async fn start() -> Self {
-        let lan = Lan::new();
-        let host = Sandbox::new();
-        let address = lan.plug(&host, 10);
-        let plane = ControlPlane::start_in(host, address.into())
-            .await
-            .expect("control plane");
-        Self::prepare(plane, Some(lan)).await
+        Self::with(Kube::on_lan("demo").await)
     }
 
-    /// CRDs, the namespaces, the shipped RBAC and the agents' ServiceAccount token.
-    async fn prepare(plane: ControlPlane, lan: Option<Lan>) -> Self {
-        plane.install_crds().await.expect("CRDs");
-        let client = plane.client().await.expect("client");
-        for namespace in ["demo", "discus-system"] {
-            Api::<Namespace>::all(client.clone())
-                .create(
-                    &PostParams::default(),
-                    &serde_json::from_value(json!({"metadata": {"name": namespace}})).expect("ns"),
-                )
-                .await
-                .expect("namespace");
-        }
-        let mut cluster = Self {
-            lan,
-            plane,
-            client,
-            agent_kubeconfig: Default::default(),
+    fn with(kube: Kube) -> Self {
+        Self {
+            kube,
             agents: Vec::new(),
-        };
-        let rbac = support::repo().join("deploy/rbac");
-        cluster.kubectl(&[
-            "apply",
-            "-f",
-            &rbac.join("agent.yaml").display().to_string(),
-        ]);
-        cluster.kubectl(&[
-            "apply",
-            "-n",
-            "demo",
-            "-f",
-            &rbac.join("namespace.yaml").display().to_string(),
-        ]);
-        cluster.agent_kubeconfig = cluster
-            .plane
-            .service_account_kubeconfig("discus-system", "discus-agent")
-            .await
-            .expect("service account token");
-        cluster
+        }
     }
 
     /// A storage node at `.<number>` with the demo ISO in its `/var/lib/discus/demo`, and its
     /// agent running.
     async fn add_node(&mut self, name: &str, number: u8) {
-        let sandbox = Sandbox::new();
-        let address = self.lan.as_ref().expect("a LAN").plug(&sandbox, number);
-        let demo = sandbox.data_dir().join("demo");
-        std::fs::create_dir_all(&demo).expect("demo dir");
-        std::fs::copy(
-            support::repo().join("examples/standalone/discus-demo.iso"),
-            demo.join("discus-demo.iso"),
-        )
-        .expect("demo iso");
+        let (sandbox, address) = self.storage_host(number);
         self.create_node(name, address).await;
         let mut agent = Agent {
             name: name.to_owned(),
@@ -118,31 +77,6 @@ impl Cluster {
         };
         agent.start(&self.agent_kubeconfig);
         self.agents.push(agent);
-    }
-
-    /// A Node object, labelled as a storage node, with its InternalIP.
-    async fn create_node(&self, name: &str, address: std::net::Ipv4Addr) {
-        let nodes: Api<Node> = Api::all(self.client.clone());
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": name, "labels": {"discus.dev/storage": "true"}},
-                }))
-                .expect("node"),
-            )
-            .await
-            .expect("create node");
-        nodes
-            .patch_status(
-                name,
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(json!({
-                    "status": {"addresses": [{"type": "InternalIP", "address": address.to_string()}]}
-                })),
-            )
-            .await
-            .expect("node address");
     }
 
     fn agent(&mut self, name: &str) -> &mut Agent {
@@ -170,20 +104,6 @@ impl Cluster {
             "-f",
             file.path().to_str().expect("utf-8"),
         ]);
-    }
-
-    /// Who holds the leader Lease.
-    async fn leader(&self) -> Option<String> {
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(self.client.clone(), "discus-system");
-        leases
-            .get_opt("discus-leader")
-            .await
-            .ok()
-            .flatten()?
-            .spec?
-            .holder_identity
-            .filter(|h| !h.is_empty())
     }
 
     /// The nodes of an object's `status.nodes`, with their reasons.
@@ -246,16 +166,6 @@ impl Cluster {
             .into_iter()
             .filter(|e| e.pointer("/user/username") == Some(&json!(AGENT_USER)))
             .collect()
-    }
-
-    fn kubectl(&self, args: &[&str]) -> String {
-        let output = self.plane.kubectl().args(args).output().expect("kubectl");
-        assert!(
-            output.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
     async fn object(&self, kind: &str, namespace: &str, name: &str) -> Value {
@@ -370,7 +280,7 @@ impl Agent {
                 "--data-dir",
                 "/var/lib/discus",
                 "--file-root",
-                "/var/lib/discus/demo",
+                DEMO_DIR,
                 "--namespaces",
                 "demo",
                 "--lease-namespace",
@@ -1164,7 +1074,7 @@ async fn access_ends_on_time_while_the_apiserver_is_down() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
     let plane = ControlPlane::start().await.expect("control plane");
-    let cluster = Cluster::prepare(plane, None).await;
+    let cluster = Cluster::with(Kube::prepare(plane, None, "demo").await);
     let vm = tokio::task::spawn_blocking(support::lio_vm::LioVm::boot)
         .await
         .expect("the guest boots");

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration suites.
 #![allow(dead_code)] // each suite uses a different part
 
+pub mod cluster;
 pub mod control_plane;
 pub mod http;
 pub mod initiator;
