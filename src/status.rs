@@ -220,11 +220,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
         .iter()
         .map(|l| LunStatus {
             lun: l.lun,
-            device_lun: report
-                .device_luns
-                .get(&l.lun)
-                .copied()
-                .filter(|d| *d != l.lun),
+            device_lun: report.device_lun(l.lun),
             serial: l.serial.clone(),
             size: format_bytes(l.size_bytes),
         })
@@ -345,11 +341,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                 .iter()
                 .map(|m| ConnectionLun {
                     lun: m.lun,
-                    device_lun: report
-                        .device_luns
-                        .get(&m.lun)
-                        .copied()
-                        .filter(|d| *d != m.lun),
+                    device_lun: report.device_lun(m.lun),
                     read_only: m.read_only,
                 })
                 .collect(),

@@ -99,6 +99,11 @@ impl NodeReport {
         self.index = index;
     }
 
+    /// The LUN number initiators see for an API LUN, when it differs (status shows it only then).
+    pub fn device_lun(&self, lun: u32) -> Option<u32> {
+        self.device_luns.get(&lun).copied().filter(|d| *d != lun)
+    }
+
     pub fn problems_of(&self, kind: Kind, key: &ObjectKey) -> impl Iterator<Item = &Problem> {
         self.index
             .problems
