@@ -253,7 +253,7 @@ impl NodeEvents {
         };
         futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
-                let published = self.recorder.publish(&event, &reference).await;
+                let published = super::bounded(self.recorder.publish(&event, &reference)).await;
                 self.metrics.event_published(published.is_ok());
                 if let Err(error) = published {
                     tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");

@@ -81,10 +81,8 @@ pub fn build(grant: &InitiatorAccess, key: &ObjectKey) -> Result<Secret, Generat
 /// Creates the Secret; one that appeared meanwhile is left as it is.
 pub async fn create(client: &Client, secret: &Secret) -> kube::Result<bool> {
     let namespace = secret.namespace().unwrap_or_default();
-    match Api::<Secret>::namespaced(client.clone(), &namespace)
-        .create(&PostParams::default(), secret)
-        .await
-    {
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    match super::bounded(secrets.create(&PostParams::default(), secret)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
         Err(error) => Err(error),

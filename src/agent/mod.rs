@@ -177,6 +177,22 @@ impl NodeLoop for AgentLoop {
     }
 }
 
+/// How long a write to the apiserver may take. kube's client has no read timeout (watches are
+/// long requests), and the sync loop waits for its status writes: without a bound, one answer
+/// lost on the way would stop the node from reconciling, expiry included.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one request to the apiserver within `WRITE_TIMEOUT`.
+async fn bounded<T>(request: impl Future<Output = kube::Result<T>>) -> kube::Result<T> {
+    tokio::time::timeout(WRITE_TIMEOUT, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                format!("no answer from the apiserver within {WRITE_TIMEOUT:?}").into(),
+            ))
+        })
+}
+
 /// Server-side applies `body` to the status of one object under `manager`.
 async fn apply_status(
     client: &Client,
@@ -186,11 +202,14 @@ async fn apply_status(
     body: &Value,
 ) -> kube::Result<()> {
     let params = PatchParams::apply(manager).force();
-    match kind {
-        Kind::DiscImage => patch::<DiscImage>(client, key, &params, body).await,
-        Kind::IscsiTarget => patch::<IscsiTarget>(client, key, &params, body).await,
-        Kind::InitiatorAccess => patch::<InitiatorAccess>(client, key, &params, body).await,
-    }
+    bounded(async {
+        match kind {
+            Kind::DiscImage => patch::<DiscImage>(client, key, &params, body).await,
+            Kind::IscsiTarget => patch::<IscsiTarget>(client, key, &params, body).await,
+            Kind::InitiatorAccess => patch::<InitiatorAccess>(client, key, &params, body).await,
+        }
+    })
+    .await
 }
 
 async fn patch<K>(
