@@ -132,15 +132,22 @@ impl Cluster {
             Duration::from_secs(90),
             async || {
                 let object = self.object(kind, "demo", name).await;
-                let mut on: Vec<String> = object
+                // Each node's own entry must say so too: the lease holder judges over the
+                // entries it has, and a node that has not reported yet is not among them.
+                let entries: Vec<&Value> = object
                     .pointer("/status/nodes")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
-                    .filter_map(|e| e["node"].as_str().map(str::to_owned))
                     .collect();
-                on.sort();
-                ready(&object) && on == wanted
+                let mut on: Vec<&str> = entries.iter().filter_map(|e| e["node"].as_str()).collect();
+                on.sort_unstable();
+                let each_ready = entries.iter().all(|e| {
+                    e["phase"] == "Ready"
+                        || e["ready"] == json!(true)
+                        || e["applied"] == json!(true)
+                });
+                ready(&object) && each_ready && on == wanted
             },
         )
         .await;
