@@ -14,7 +14,7 @@ use kube::Resource;
 use crate::api::chap::{Password, SecretData};
 use crate::api::disc_image::{ValidImage, ValidSource};
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::backend::{Backend, BackendError, Operation, Session};
+use crate::backend::{Backend, BackendError, Failures, Operation, Session};
 use crate::desired::TargetConfig;
 use crate::desired::{
     self, Backing, DesiredState, Inputs, Kind, NodeFacts, ObjectKey, Problem, ReadyImage, Reason,
@@ -583,10 +583,11 @@ impl<B: Backend> Syncer<B> {
             }
         };
         let plan = self.backend.plan(&desired, &observed);
-        let mut broken: BTreeSet<String> = BTreeSet::new();
+        let mut failures = Failures::default();
         for op in &plan.ops {
-            // After a failure on a target, its later operations would build on a missing step.
-            if op.target().is_some_and(|t| broken.contains(t)) {
+            // After a failure, what builds on it would build on a missing step; revocations
+            // still run.
+            if !failures.admit(op) {
                 continue;
             }
             tracing::info!(backend = self.backend.name(), "{op}");
@@ -595,9 +596,7 @@ impl<B: Backend> Syncer<B> {
                 .backend_operation(self.backend.name(), applied.is_ok());
             if let Err(error) = applied {
                 tracing::warn!(backend = self.backend.name(), %error, "{op} failed");
-                if let Some(target) = op.target() {
-                    broken.insert(target.to_owned());
-                }
+                failures.record(op);
                 report.unsettled.push(Unsettled {
                     target: op.target().map(str::to_owned),
                     initiator: op.initiator().map(str::to_owned),

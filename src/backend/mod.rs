@@ -53,6 +53,51 @@ pub trait Operation: fmt::Display + fmt::Debug + Send + Sync {
     fn target(&self) -> Option<&str>;
     /// The initiator, for operations on one grant.
     fn initiator(&self) -> Option<&str>;
+    /// An object the target software shares between targets that the operation makes, removes or
+    /// binds (tgt's CHAP accounts): a failure on it stops the operations that build on it.
+    fn shared(&self) -> Option<&str> {
+        None
+    }
+    /// Whether the operation only takes access away (an ACL removed, a session ended, a target
+    /// taken offline). Such operations run even after an earlier step failed: a failure must
+    /// never keep a revoked initiator in.
+    fn revokes(&self) -> bool;
+}
+
+/// What failed so far in one application of a plan, and so which later operations must not run.
+///
+/// A plan is ordered so that every prefix of it is safe; after a failure, the operations that
+/// build on the failed one (the rest of its target, everything binding its shared object) are
+/// skipped — and they count as failed in turn, so their own dependents are skipped too — while
+/// operations that only revoke access always run.
+#[derive(Debug, Default)]
+pub struct Failures {
+    targets: std::collections::BTreeSet<String>,
+    shared: std::collections::BTreeSet<String>,
+}
+
+impl Failures {
+    /// Whether `op` may run after what failed so far. An operation that may not is recorded as
+    /// failed.
+    pub fn admit(&mut self, op: &impl Operation) -> bool {
+        let blocked = op.target().is_some_and(|t| self.targets.contains(t))
+            || op.shared().is_some_and(|s| self.shared.contains(s));
+        if blocked && !op.revokes() {
+            self.record(op);
+            return false;
+        }
+        true
+    }
+
+    /// `op` failed: what builds on it must not run.
+    pub fn record(&mut self, op: &impl Operation) {
+        if let Some(target) = op.target() {
+            self.targets.insert(target.to_owned());
+        }
+        if let Some(shared) = op.shared() {
+            self.shared.insert(shared.to_owned());
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

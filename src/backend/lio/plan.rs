@@ -238,7 +238,42 @@ impl Operation for LioOp {
             _ => None,
         }
     }
+
+    fn revokes(&self) -> bool {
+        match self {
+            Self::EnableTpg { enable, .. } => !enable,
+            Self::SetWriteProtect { write_protect, .. } => *write_protect,
+            Self::SetAttribute { name, value, .. } => STRICT_ATTRIBUTES.contains(&(*name, *value)),
+            Self::DeleteAcl { .. }
+            | Self::UnmapLun { .. }
+            | Self::RemoveLun { .. }
+            | Self::RemovePortal { .. }
+            | Self::DeleteTpg { .. }
+            | Self::DeleteTarget { .. } => true,
+            Self::CreateHba
+            | Self::CreateStorage(_)
+            | Self::DeleteStorage { .. }
+            | Self::CreateTarget { .. }
+            | Self::CreateTpg { .. }
+            | Self::AddPortal { .. }
+            | Self::AddLun { .. }
+            | Self::CreateAcl { .. }
+            | Self::SetAuth { .. }
+            | Self::MapLun { .. } => false,
+        }
+    }
 }
+
+/// TPG attribute values that only ever narrow access: no demo mode, ACLs only, CHAP enforced,
+/// read-only by default, hidden from initiators without an ACL.
+const STRICT_ATTRIBUTES: [(&str, &str); 6] = [
+    ("generate_node_acls", "0"),
+    ("authentication", "1"),
+    ("demo_mode_write_protect", "1"),
+    ("prod_mode_write_protect", "1"),
+    ("cache_dynamic_acls", "0"),
+    ("demo_mode_discovery", "0"),
+];
 
 /// The storage object of one LUN of one target: named after both, so that every node serving the
 /// target uses the same name.

@@ -1,0 +1,84 @@
+//! discus's own tgtd: started when none answers on discus's control port, adopted when one does,
+//! so that a restart of discus leaves the targets serving.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::TgtConfig;
+use super::tgtadm::Tgtadm;
+use crate::backend::BackendError;
+
+const SHOW_SYSTEM: [&str; 4] = ["--mode", "system", "--op", "show"];
+
+/// Makes sure discus's tgtd answers on its control port, starting it if none does.
+pub async fn ensure(config: &TgtConfig, tgtadm: &Tgtadm) -> Result<(), BackendError> {
+    match tgtadm.run_plain(&SHOW_SYSTEM).await {
+        Ok(_) => return Ok(()),
+        Err(BackendError::Unreachable(_)) => {}
+        Err(other) => return Err(other),
+    }
+    let log_path = config.state_dir.join("tgtd.log");
+    start(config, &log_path)?;
+    let start = Instant::now();
+    loop {
+        match tgtadm.run_plain(&SHOW_SYSTEM).await {
+            Ok(_) => return Ok(()),
+            Err(error) if start.elapsed() > Duration::from_secs(10) => {
+                return Err(BackendError::Unreachable(format!(
+                    "tgtd did not answer within 10 s ({error}); see {}",
+                    log_path.display()
+                )));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn start(config: &TgtConfig, log_path: &Path) -> Result<(), BackendError> {
+    let io_error = |path: &Path, e: std::io::Error| {
+        BackendError::Io(std::io::Error::other(format!("{}: {e}", path.display())))
+    };
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(|e| io_error(log_path, e))?;
+    let log_err = log.try_clone().map_err(|e| io_error(log_path, e))?;
+    tracing::info!(control_port = config.control_port, "starting tgtd");
+    // Its own process group, so that it outlives discus and a restart of discus leaves the
+    // targets serving. It starts listening on an ephemeral loopback port only; the planner
+    // opens the portals the targets want.
+    let mut child = std::process::Command::new(&config.tgtd)
+        .args([
+            "-f",
+            "-C",
+            &config.control_port.to_string(),
+            "--iscsi",
+            "portal=127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| {
+            BackendError::Unreachable(format!(
+                "cannot start {}: {e} (is tgt installed?)",
+                config.tgtd.display()
+            ))
+        })?;
+    let pid_path = config.state_dir.join("tgtd.pid");
+    if let Err(error) = std::fs::write(&pid_path, child.id().to_string()) {
+        // Only a convenience for people: tgtd runs whether or not its pid is written down.
+        tracing::warn!(path = %pid_path.display(), %error, "cannot write tgtd's pid");
+    }
+    // Reap it whenever it exits, and say so.
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            tracing::warn!(%status, "tgtd exited");
+        }
+    });
+    Ok(())
+}
