@@ -27,3 +27,65 @@ fn replace(path: &Path, content: &[u8], sync: bool) -> std::io::Result<std::fs::
     }
     file.persist(path).map_err(|e| e.error)
 }
+
+/// An exclusive claim on a directory for the life of the process: `<dir>/lock`, flocked, with
+/// the holder's pid in it so that a second claimant can say who holds it.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{} is in use by another discus (pid {holder}): one discus per data directory — two would undo \
+         each other's targets. Stop the other one, or give this one its own --data-dir",
+        dir.display()
+    )]
+    Held {
+        dir: std::path::PathBuf,
+        holder: String,
+    },
+    #[error("cannot lock {}: {source}", dir.display())]
+    Io {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl DirLock {
+    /// Takes the lock, or says who holds it.
+    pub fn take(dir: &Path) -> Result<Self, LockError> {
+        use std::io::{Read, Seek};
+        let io = |source: std::io::Error| LockError::Io {
+            dir: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("lock"))
+            .map_err(io)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(LockError::Held {
+                    dir: dir.to_owned(),
+                    holder: holder.trim().to_owned(),
+                });
+            }
+            Err(errno) => return Err(io(errno.into())),
+        }
+        // The pid is only for the message above; a full disk must not stop discus here.
+        let _ = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| write!(file, "{}", std::process::id()));
+        Ok(Self { _file: file })
+    }
+}

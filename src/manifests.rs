@@ -21,7 +21,15 @@ pub enum ManifestError {
     },
     #[error("{path}: not YAML: {message}")]
     Syntax { path: PathBuf, message: String },
+    #[error(
+        "{path}: more than the {MAX_FILE_BYTES} bytes a manifest file may have; split it into several files"
+    )]
+    TooLarge { path: PathBuf },
 }
+
+/// The largest manifest file discus reads: thousands of targets with their grants fit in a
+/// fraction of it, and parsing costs many times the file's size in memory.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// The manifest files under the given paths: files as given, folders searched recursively for
 /// `*.yaml`, `*.yml` and `*.json`, in name order.
@@ -67,10 +75,24 @@ fn collect_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), Manifes
 
 /// Every non-empty document of a file. JSON is YAML, so one parser reads both.
 pub fn read_documents(path: &Path) -> Result<Vec<Value>, ManifestError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+    use std::io::Read;
+    let read = |source| ManifestError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    let mut text = String::new();
+    // One byte more than allowed tells a file at the limit from one past it, whatever its size
+    // said before it was read.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(ManifestError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+
     parse_documents(&text).map_err(|message| ManifestError::Syntax {
         path: path.to_owned(),
         message,
@@ -86,9 +108,44 @@ pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
     budget.max_events = 200_000_000;
     let mut options = serde_saphyr::Options::default();
     options.budget = Some(budget);
+    // The parser would quote the offending source line, which may hold a Secret's value.
+    options.with_snippet = false;
     let documents: Vec<Value> =
-        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())?;
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| syntax_error(&e))?;
     Ok(documents.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// A YAML error as position and kind, never the text it was found in.
+fn syntax_error(error: &serde_saphyr::Error) -> String {
+    let message = without_quoted_values(&error.to_string());
+    match error.location() {
+        Some(at) => format!("line {}, column {}: {message}", at.line(), at.column()),
+        None => message,
+    }
+}
+
+/// serde's `invalid type: string "…", expected …` without the value it quotes, which may be a
+/// secret; the expected values it lists (the API's own words) stay.
+fn without_echoed_value(message: &str) -> String {
+    static ECHOED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r#"^(invalid (?:type|value|length): [a-z ]+?)\s*("(?:[^"\\]|\\.)*"|'[^']*'|`[^`]*`)"#,
+        )
+        .unwrap_or_else(|e| panic!("invalid built-in pattern: {e}"))
+    });
+    let first_line = message.lines().next().unwrap_or_default();
+    ECHOED.replace(first_line, "$1").into_owned()
+}
+
+/// Drops what a parser or serde quotes from the input (`"…"`, `'…'`, `` `…` ``) and keeps the
+/// first line: an error names the place and the rule, never the value, which may be a secret.
+pub fn without_quoted_values(message: &str) -> String {
+    static QUOTED: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"\s*("(?:[^"\\]|\\.)*"?|'[^']*'?|`[^`]*`?)"#)
+            .unwrap_or_else(|e| panic!("invalid built-in pattern: {e}"))
+    });
+    let first_line = message.lines().next().unwrap_or_default();
+    QUOTED.replace_all(first_line, "").into_owned()
 }
 
 /// A manifest, decoded into its type.
@@ -111,7 +168,7 @@ pub struct ObjectId {
 
 impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.kind, self.key)
+        write!(f, "{}/{}", crate::desired::printable(&self.kind), self.key)
     }
 }
 
@@ -209,7 +266,7 @@ fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, FieldErrors> {
         Ok(_) => Err(errors),
         Err(error) => {
             let path = error.path().to_string();
-            let message = error.into_inner().to_string();
+            let message = without_echoed_value(&error.into_inner().to_string());
             errors.push(
                 if path == "." {
                     FieldPath::default()
@@ -297,9 +354,39 @@ mod tests {
         assert!(
             errors
                 .to_string()
-                .starts_with("spec.luns[0].lun: invalid type: string \"zero\""),
+                .starts_with("spec.luns[0].lun: invalid type: string, expected"),
             "{errors}"
         );
+    }
+
+    #[test]
+    fn errors_never_quote_the_values_they_are_about() {
+        let secret = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
+            "stringData": {"password": ["hunter2-hunter2"]},
+        });
+        let errors = decode(&secret).expect_err("a list is not a string");
+        assert!(!errors.to_string().contains("hunter2"), "{errors}");
+        for text in [
+            "apiVersion: v1\nkind: Secret\nstringData:\n  password: \"hunter2-hunter2\n",
+            "apiVersion: v1\nkind: Secret\nstringData: {password: hunter2-hunter2\n",
+            "apiVersion: v1\nkind: Secret\nstringData:\n  password: 'hunter2-hunter2' x: [\n",
+            "apiVersion: v1\nkind: Secret\nstringData:\n  password: hunter2-hunter2\n    bad: indent\n",
+        ] {
+            let error = parse_documents(text).expect_err("not YAML");
+            assert!(!error.contains("hunter2"), "{error}");
+            assert!(error.starts_with("line "), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_file_past_the_size_limit_is_refused_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("big.yaml");
+        let file = std::fs::File::create(&path).expect("create");
+        file.set_len(MAX_FILE_BYTES + 1).expect("sparse");
+        let error = read_documents(&path).expect_err("too large");
+        assert!(error.to_string().contains("more than the"), "{error}");
     }
 
     #[test]

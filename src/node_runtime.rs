@@ -41,6 +41,8 @@ pub struct NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
+    DataDir(#[from] crate::fsutil::LockError),
+    #[error(transparent)]
     Images(#[from] crate::images::ImportError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
@@ -59,6 +61,8 @@ pub trait NodeLoop {
 
 /// Opens the image store and the backend, and runs `node_loop` with a syncer over them.
 pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::Output, SetupError> {
+    // One discus per data directory, held until the process ends.
+    let _lock = crate::fsutil::DirLock::take(&config.data_dir)?;
     let importer = Importer::new(ImporterConfig {
         data_dir: config.data_dir.clone(),
         file_roots: config.file_roots.clone(),

@@ -31,6 +31,9 @@ pub struct Resources {
     pub targets: Vec<IscsiTarget>,
     pub grants: Vec<InitiatorAccess>,
     pub secrets: BTreeMap<ObjectKey, SecretData>,
+    /// Some input could not be read and nothing earlier is known of it: what these resources do
+    /// not declare may still be declared there. A pass then removes no target and no image.
+    pub partial: bool,
 }
 
 /// Work that did not converge: an operation that failed, or one still planned after applying.
@@ -299,6 +302,8 @@ impl<B: Backend> Syncer<B> {
 
     /// One pass. Never fails: what goes wrong is in the report, for status.
     pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
+        // Partial input: read everything, so that what it may still declare is seen and kept.
+        let pass = if resources.partial { Pass::Full } else { pass };
         let started = std::time::Instant::now();
         self.metrics.pass_started();
         let node = self.node_facts();
@@ -360,9 +365,12 @@ impl<B: Backend> Syncer<B> {
             "desired state computed"
         );
 
-        self.reconcile(&state, &mut report, pass).await;
+        self.reconcile(&state, &mut report, pass, resources.partial)
+            .await;
         report.problems.extend(state.problems.iter().cloned());
-        self.collect_garbage(&requests, &state);
+        if !resources.partial {
+            self.collect_garbage(&requests, &state);
+        }
         report.desired = state;
         report.index();
         self.metrics.pass_finished(pass, started.elapsed(), &report);
@@ -515,7 +523,13 @@ impl<B: Backend> Syncer<B> {
 
     /// Observe, plan, apply, observe again — everything, or, after a change, only the targets
     /// it touched (when the backend can, and the last pass converged).
-    async fn reconcile(&self, state: &DesiredState, report: &mut NodeReport, pass: Pass) {
+    async fn reconcile(
+        &self,
+        state: &DesiredState,
+        report: &mut NodeReport,
+        pass: Pass,
+        partial: bool,
+    ) {
         for target in &state.targets {
             for lun in &target.luns {
                 report
@@ -553,11 +567,15 @@ impl<B: Backend> Syncer<B> {
         }
         report.scope = scope.clone();
         let observe = || async {
-            match &scope {
-                Some(iqns) if iqns.is_empty() => None,
-                Some(iqns) => Some(self.backend.observe_scoped(&desired, iqns).await),
-                None => Some(self.backend.observe().await),
+            let mut observed = match &scope {
+                Some(iqns) if iqns.is_empty() => return None,
+                Some(iqns) => self.backend.observe_scoped(&desired, iqns).await,
+                None => self.backend.observe().await,
+            };
+            if partial && let Ok(observed) = &mut observed {
+                self.backend.keep_undeclared(observed, &desired);
             }
+            Some(observed)
         };
 
         let observed = match observe().await {

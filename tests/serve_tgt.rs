@@ -96,7 +96,7 @@ impl Host {
         self.sandbox
             .command(DISCUS)
             .args(self.serve_args())
-            .args(["--resync-seconds", "1"])
+            .args(["--resync-seconds", "1", "--log-level", "debug"])
             .stderr(log)
             .spawn()
             .expect("discus runs")
@@ -787,4 +787,261 @@ fn a_target_removed_under_io_goes_away_whole() {
     );
     host.sandbox.kill(&mut load);
     host.sandbox.kill(&mut server);
+}
+
+/// The grant `client` with its CHAP Secret's password.
+fn chap_secret(password: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: client-chap, namespace: lab}}\n\
+         stringData: {{username: client, password: {password}}}\n"
+    )
+}
+
+/// Counts logins that succeed without CHAP, as fast as it can, until told to stop.
+fn credential_less_logins(host: &Host, iqn: &str, stop: &std::sync::atomic::AtomicBool) -> usize {
+    let mut admitted = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if host.inquiry(iqn, 1, INITIATOR, None).is_ok() {
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
+#[test]
+fn rotating_a_password_never_admits_an_initiator_without_chap() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let served = served(&image, &digest, "");
+    let (without_secret, _) = served
+        .split_once("---\napiVersion: v1\nkind: Secret")
+        .expect("the Secret comes last");
+    host.manifest("lab.yaml", without_secret);
+    host.manifest("secret.yaml", &chap_secret("rotated-000000"));
+    let mut server = host.start();
+    host.wait_for("the grant", || {
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "rotated-000000")))
+            .is_ok()
+    });
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let admitted = std::thread::scope(|scope| {
+        let attacker = scope.spawn(|| credential_less_logins(&host, iqn, &stop));
+        for i in 1..=20 {
+            let password = format!("rotated-{i:06}");
+            host.manifest("secret.yaml", &chap_secret(&password));
+            host.wait_for("the new password to work", || {
+                host.inquiry(iqn, 1, INITIATOR, Some(("client", &password)))
+                    .is_ok()
+            });
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        attacker.join().expect("the attacker thread")
+    });
+    assert_eq!(admitted, 0, "logins without CHAP while passwords rotated");
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "rotated-000019")))
+            .is_err(),
+        "the previous password no longer works"
+    );
+    host.sandbox.kill(&mut server);
+}
+
+#[test]
+fn removing_the_first_of_two_chap_grants_leaves_tgtd_and_the_other_session_alone() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 4 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    let other = "iqn.2026-11.dev.discus:other";
+    host.manifest(
+        "other.yaml",
+        &format!(
+            "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: other, namespace: lab}}\n\
+             spec: {{targetRef: {{name: boot}}, initiatorIqn: '{other}', chap: {{secretRef: {{name: other-chap}}}}}}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {{name: other-chap, namespace: lab}}\n\
+             stringData: {{username: other, password: other-secret}}\n"
+        ),
+    );
+    let mut server = host.start();
+    host.wait_for("both grants", || {
+        ["client", "other"]
+            .iter()
+            .all(|g| host.condition("InitiatorAccess", g, "Ready").0 == "True")
+    });
+    let tgtd_pid = || {
+        std::fs::read_to_string(host.sandbox.data_dir().join("tgt/tgtd.pid")).unwrap_or_default()
+    };
+    let before = tgtd_pid();
+    let mut session = host
+        .sandbox
+        .command("iscsi-perf")
+        .args([
+            "-i",
+            other,
+            "-t",
+            "60",
+            &format!("iscsi://other%other-secret@{PORTAL}/{iqn}/1"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    host.wait_for("the other session", || {
+        host.tgtadm(&["--mode", "target", "--op", "show"])
+            .contains("I_T nexus:")
+    });
+
+    // The grant `client` and its account `client` go; the account was bound first.
+    let served = served(&image, &digest, "");
+    let (target_only, _) = served
+        .split_once("---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess")
+        .expect("the grant follows the target");
+    host.manifest("lab.yaml", target_only);
+    host.wait_for("the account to go", || {
+        !host
+            .tgtadm(&["--mode", "account", "--op", "show"])
+            .contains("    client\n")
+    });
+    assert!(
+        session.try_wait().expect("wait").is_none(),
+        "the other session went on"
+    );
+    assert_eq!(
+        tgtd_pid(),
+        before,
+        "tgtd restarted:\n{}\n{}",
+        host.log(),
+        std::fs::read_to_string(host.sandbox.data_dir().join("tgt/tgtd.log")).unwrap_or_default()
+    );
+    assert!(!host.log().contains("tgtd exited"), "{}", host.log());
+    assert!(
+        host.tgtadm(&["--mode", "target", "--op", "show"])
+            .contains("I_T nexus:")
+    );
+    host.sandbox.kill(&mut session);
+    host.sandbox.kill(&mut server);
+}
+
+#[test]
+fn no_manifest_name_reaches_outside_the_status_folder() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    assert_eq!(host.once().status.code(), Some(0));
+    let owned = host.sandbox.data_dir().join("tgt/owned.json");
+    let owned_before = std::fs::read(&owned).expect("owned.json");
+    for (namespace, name) in [("../..", "escaped"), ("../../tgt", "owned"), ("..", "..")] {
+        host.manifest(
+            &format!("hostile-{}.yaml", name.replace('.', "d")),
+            &format!(
+                "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: '{name}', namespace: '{namespace}'}}\n\
+                 spec: {{luns: [{{lun: 0, image: disk}}]}}\n"
+            ),
+        );
+    }
+    let output = host.once();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "the hostile objects are not Ready"
+    );
+    assert_eq!(std::fs::read(&owned).expect("owned.json"), owned_before);
+    let data = host.sandbox.data_dir();
+    for outside in [
+        "escaped.json",
+        "../escaped.json",
+        "tgt/owned.json.json",
+        "status/escaped.json",
+    ] {
+        assert!(!data.join(outside).exists(), "{outside} was written");
+    }
+    // And discus starts again.
+    assert_eq!(host.once().status.code(), Some(2));
+    assert_eq!(host.condition("IscsiTarget", "boot", "Ready").0, "True");
+}
+
+#[test]
+fn a_second_discus_on_the_same_data_directory_is_refused() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    let mut server = host.start();
+    host.wait_for("the target", || {
+        host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+    });
+    let second = host.once();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another discus (pid"),
+        "{stderr}"
+    );
+    assert!(
+        host.inquiry(
+            "iqn.2026-11.dev.discus:boot",
+            1,
+            INITIATOR,
+            Some(("client", "client-secret"))
+        )
+        .is_ok(),
+        "the first one still serves"
+    );
+    host.sandbox.kill(&mut server);
+}
+
+#[test]
+fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let login = || host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")));
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    let mut server = host.start();
+    host.wait_for("the target", || {
+        host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+    });
+
+    // A syntax error: the target stays, and its status says why it is stale.
+    host.manifest("lab.yaml", "apiVersion: v1\nkind: [unclosed\n");
+    host.wait_for("the stale status", || {
+        host.condition("IscsiTarget", "boot", "Stalled").1 == "ManifestUnreadable"
+    });
+    assert!(login().is_ok(), "still served");
+    let (_, _, message) = host.condition("IscsiTarget", "boot", "Stalled");
+    assert!(message.contains("lab.yaml"), "{message}");
+
+    // The folder moved away, for several passes.
+    let moved = host.sandbox.path().join("moved-away");
+    std::fs::rename(&host.manifests, &moved).expect("rename");
+    let passes = |log: &str| log.matches("sync pass done").count();
+    let seen = passes(&host.log());
+    host.wait_for("three more passes", || passes(&host.log()) >= seen + 3);
+    assert!(login().is_ok(), "still served without its folder");
+    assert!(
+        host.tgtadm(&["--mode", "target", "--op", "show"])
+            .contains(iqn)
+    );
+    host.sandbox.kill(&mut server);
+
+    // Started again with the file still broken: nothing it may declare is removed.
+    std::fs::rename(&moved, &host.manifests).expect("rename back");
+    let output = host.once();
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(login().is_ok(), "kept across a restart");
+    assert!(
+        host.sandbox
+            .data_dir()
+            .join("images")
+            .read_dir()
+            .expect("images")
+            .count()
+            > 0
+    );
 }

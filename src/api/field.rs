@@ -35,8 +35,9 @@ impl FieldPath {
 }
 
 impl fmt::Display for FieldPath {
+    /// Field names can come from a manifest's keys: control characters are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&crate::desired::printable(&self.0))
     }
 }
 

@@ -135,6 +135,10 @@ pub trait Backend: Send + Sync {
         let _ = (desired, iqns);
         self.observe()
     }
+    /// Makes the targets discus made that `desired` does not name invisible to the planner, with
+    /// everything they use: a pass over partial input (a manifest that cannot be read) must not
+    /// remove what that input may still declare.
+    fn keep_undeclared(&self, observed: &mut Self::Observed, desired: &[TargetConfig]);
     /// Pure: the same inputs give the same plan.
     fn plan(&self, desired: &[TargetConfig], observed: &Self::Observed) -> Plan<Self::Op>;
     fn apply(&self, op: &Self::Op) -> impl Future<Output = Result<(), BackendError>> + Send;

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
-pub use problem::{Kind, ObjectKey, Problem, Reason};
+pub use problem::{Kind, ObjectKey, Problem, Reason, printable};
 
 use crate::api::chap::{ChapCredentials, SecretData};
 use crate::api::iscsi_target::{DeviceType, Portal};

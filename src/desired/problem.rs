@@ -42,8 +42,28 @@ impl ObjectKey {
 }
 
 impl fmt::Display for ObjectKey {
+    /// Names straight from a manifest may hold anything: control characters are escaped, so
+    /// that a name can never forge a line of output.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(
+            f,
+            "{}/{}",
+            printable(&self.namespace),
+            printable(&self.name)
+        )
+    }
+}
+
+/// `text` as it may be printed: unchanged when it is plain, escaped when it holds control or
+/// other invisible characters.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text
+        .chars()
+        .all(|c| !c.is_control() && c != '\u{2028}' && c != '\u{2029}')
+    {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(text.escape_default().to_string())
     }
 }
 

@@ -1,4 +1,8 @@
 //! The folder of manifests: what it declares, read again only where a file changed.
+//!
+//! Input that cannot be read is not "nothing declared": a file that stops parsing, or a folder
+//! that cannot be listed, keeps declaring what it declared when it was last read, and the error
+//! is reported. Only a file that is gone (from a folder that could be listed) declares nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -14,6 +18,8 @@ pub struct Loaded {
     pub resources: Resources,
     pub invalid: Vec<(ObjectId, FieldErrors)>,
     pub unreadable: Vec<String>,
+    /// Objects served as their file was last read, because it cannot be read now: why.
+    pub stale: BTreeMap<ObjectId, String>,
     /// Every object a file read again (or gone) defined, before or now: all others are the same
     /// as in the previous load with the same cache, which lets status skip them.
     pub changed: BTreeSet<ObjectId>,
@@ -28,7 +34,10 @@ type Stamp = (std::time::SystemTime, std::time::SystemTime, u64, u64);
 /// What one file held, decoded, and how to tell whether it changed since.
 struct ParsedFile {
     stamp: Stamp,
-    documents: Result<Vec<Decoded>, String>,
+    /// What it declared when it was last read whole, if ever.
+    documents: Option<Vec<Decoded>>,
+    /// Why it cannot be read now.
+    error: Option<String>,
 }
 
 /// Decoded manifests by file, so that a change to one file does not parse them all again.
@@ -56,8 +65,9 @@ fn stamp(path: &Path) -> Option<Stamp> {
     Some((meta.modified().ok()?, changed, meta.len(), meta.ino()))
 }
 
-fn parse_file(file: &Path) -> ParsedFile {
-    let documents = manifests::read_documents(file)
+/// Reads a file again; when it cannot be read, what it declared before (`last`) stands.
+fn parse_file(file: &Path, last: Option<ParsedFile>) -> ParsedFile {
+    let read = manifests::read_documents(file)
         .map_err(|e| e.to_string())
         .map(|documents| {
             documents
@@ -72,9 +82,18 @@ fn parse_file(file: &Path) -> ParsedFile {
                 })
                 .collect()
         });
-    ParsedFile {
-        stamp: stamp(file).unwrap_or((std::time::UNIX_EPOCH, std::time::UNIX_EPOCH, 0, 0)),
-        documents,
+    let stamp = stamp(file).unwrap_or((std::time::UNIX_EPOCH, std::time::UNIX_EPOCH, 0, 0));
+    match read {
+        Ok(documents) => ParsedFile {
+            stamp,
+            documents: Some(documents),
+            error: None,
+        },
+        Err(error) => ParsedFile {
+            stamp,
+            documents: last.and_then(|l| l.documents),
+            error: Some(error),
+        },
     }
 }
 
@@ -89,8 +108,17 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
     let files = match manifests::collect_files(&[folder.to_owned()]) {
         Ok(files) => files,
         Err(error) => {
-            loaded.unreadable.push(error.to_string());
-            return loaded;
+            // The folder cannot be listed (moved away, no permission): every file it held
+            // keeps declaring what it declared.
+            let error = error.to_string();
+            if cache.files.is_empty() {
+                loaded.unreadable.push(error.clone());
+                loaded.resources.partial = true;
+            }
+            for parsed in cache.files.values_mut() {
+                parsed.error = Some(error.clone());
+            }
+            cache.files.keys().cloned().collect()
         }
     };
     let listed: BTreeSet<&PathBuf> = files.iter().collect();
@@ -110,23 +138,32 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
         let fresh = cache
             .files
             .get(&file)
-            .is_some_and(|parsed| Some(parsed.stamp) == stamp(&file));
+            .is_some_and(|parsed| parsed.error.is_none() && Some(parsed.stamp) == stamp(&file));
         if !fresh {
-            let parsed = parse_file(&file);
+            let last = cache.files.remove(&file);
+            let before: Vec<ObjectId> = last.iter().flat_map(ParsedFile::ids).collect();
+            let parsed = parse_file(&file, last);
             loaded.changed.extend(parsed.ids());
-            if let Some(before) = cache.files.insert(file.clone(), parsed) {
-                loaded.changed.extend(before.ids());
-            }
+            loaded.changed.extend(before);
+            cache.files.insert(file.clone(), parsed);
         }
         let Some(parsed) = cache.files.get(&file) else {
             continue;
         };
-        let documents = match &parsed.documents {
-            Ok(documents) => documents,
-            Err(error) => {
-                loaded.unreadable.push(error.clone());
-                continue;
+        if let Some(error) = &parsed.error {
+            loaded.unreadable.push(error.clone());
+            if parsed.documents.is_none() {
+                loaded.resources.partial = true;
             }
+            for id in parsed.ids() {
+                loaded.stale.insert(
+                    id,
+                    format!("{error}; serving what the file declared when it was last read"),
+                );
+            }
+        }
+        let Some(documents) = &parsed.documents else {
+            continue;
         };
         for document in documents {
             let (id, manifest) = match document {

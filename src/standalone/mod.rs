@@ -15,7 +15,7 @@ mod folder;
 mod status_files;
 
 pub use folder::{Loaded, ManifestCache, load, load_cached};
-use status_files::{all_ready, read_statuses, write_statuses};
+use status_files::{all_ready, forget_missing, read_statuses, write_statuses};
 pub use status_files::{not_ready_messages, status_table};
 
 #[derive(Clone, Debug)]
@@ -79,6 +79,10 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             tracing::warn!("{problem}");
         }
         let now = Timestamp::now();
+        if pass == Pass::Full {
+            // Status files someone removed are written again.
+            forget_missing(&mut previous);
+        }
         let report = syncer.sync(&loaded.resources, now, pass).await;
         let syncing = started.elapsed() - loading;
         let written = write_statuses(
@@ -98,7 +102,10 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             "sync pass done"
         );
         // Only `--once` needs the verdict: it reads every status back.
-        let all_ready = options.once && loaded.unreadable.is_empty() && all_ready(&written);
+        let all_ready = options.once
+            && loaded.unreadable.is_empty()
+            && loaded.invalid.is_empty()
+            && all_ready(&written);
         previous = written;
         let importing = report
             .images

@@ -9,18 +9,31 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::api;
-use crate::desired::{self, ObjectKey};
+use crate::desired::{self, Kind, ObjectKey};
 use crate::manifests::{self, ObjectId};
 use crate::status;
 use crate::sync::NodeReport;
 
 use super::folder::Loaded;
 
-/// `status/<Kind>/<namespace>/<name>.json`
-fn status_path(dir: &Path, kind: &str, key: &ObjectKey) -> PathBuf {
-    dir.join(kind)
-        .join(&key.namespace)
-        .join(format!("{}.json", key.name))
+/// `status/<Kind>/<namespace>/<name>.json` — only for discus's kinds and for names Kubernetes
+/// would accept: a file name never comes from anything else (an invalid manifest's raw name
+/// could be `../..`).
+fn status_path(dir: &Path, kind: &str, key: &ObjectKey) -> Option<PathBuf> {
+    let kind = [Kind::DiscImage, Kind::IscsiTarget, Kind::InitiatorAccess]
+        .into_iter()
+        .find(|k| k.as_str() == kind)?;
+    let valid = |name: &str| api::rules::object_name(name).is_ok();
+    (valid(&key.namespace) && valid(&key.name)).then(|| {
+        dir.join(kind.as_str())
+            .join(&key.namespace)
+            .join(format!("{}.json", key.name))
+    })
+}
+
+/// Forgets the files that are gone from `dir` (someone removed them), so they are written again.
+pub(super) fn forget_missing(previous: &mut BTreeMap<PathBuf, Value>) {
+    previous.retain(|path, _| path.exists());
 }
 
 pub(super) fn read_statuses(dir: &Path) -> BTreeMap<PathBuf, Value> {
@@ -66,7 +79,9 @@ pub(super) fn write_statuses(
     let r = &loaded.resources;
     let mut put =
         |kind: &str, key: ObjectKey, untouched: bool, status: &dyn Fn(Option<&Value>) -> Value| {
-            let path = status_path(dir, kind, &key);
+            let Some(path) = status_path(dir, kind, &key) else {
+                return;
+            };
             let keep = untouched
                 && previous.get(&path).is_some_and(is_ready)
                 && !loaded.changed.contains(&ObjectId {
@@ -77,7 +92,24 @@ pub(super) fn write_statuses(
                 current.insert(path, old);
                 return;
             }
-            let value = status(previous.get(&path).and_then(|v| v.get("status")));
+            let mut value = status(previous.get(&path).and_then(|v| v.get("status")));
+            let id = ObjectId {
+                kind: kind.to_owned(),
+                key: key.clone(),
+            };
+            if let Some(why) = loaded.stale.get(&id) {
+                let since = previous
+                    .get(&path)
+                    .and_then(|v| v.pointer("/status/conditions"))
+                    .and_then(Value::as_array)
+                    .and_then(|c| c.iter().find(|c| c["reason"] == STALE))
+                    .map(|c| c["lastTransitionTime"].clone());
+                mark_stale(
+                    &mut value,
+                    why,
+                    since.unwrap_or_else(|| json!(now.to_string())),
+                );
+            }
             current.insert(path.clone(), document(kind, &key, value));
             computed.push(path);
         };
@@ -125,14 +157,10 @@ pub(super) fn write_statuses(
         });
     }
     for (id, errors) in &loaded.invalid {
-        if !matches!(
-            id.kind.as_str(),
-            "DiscImage" | "IscsiTarget" | "InitiatorAccess"
-        ) {
+        let Some(path) = status_path(dir, &id.kind, &id.key) else {
             tracing::warn!("{id}: {errors}");
             continue;
-        }
-        let path = status_path(dir, &id.kind, &id.key);
+        };
         let previous_conditions: Vec<Condition> = previous
             .get(&path)
             .and_then(|v| v.pointer("/status/conditions"))
@@ -171,6 +199,24 @@ pub(super) fn write_statuses(
         }
     }
     current
+}
+
+/// The reason of a resource whose manifest cannot be read now.
+const STALE: &str = "ManifestUnreadable";
+
+/// A resource served as its manifest was last read: `Stalled` says why, until the file reads.
+fn mark_stale(status: &mut Value, why: &str, since: Value) {
+    let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) else {
+        return;
+    };
+    conditions.retain(|c| c["type"] != status::STALLED);
+    conditions.push(json!({
+        "type": status::STALLED,
+        "status": "True",
+        "reason": STALE,
+        "message": why,
+        "lastTransitionTime": since,
+    }));
 }
 
 /// Whether every status says Ready.

@@ -81,6 +81,16 @@ impl Sandbox {
         }
         let _ = child.kill();
         let _ = child.wait();
+        // Gone for good (its files closed, its locks released) before the test goes on.
+        let start = Instant::now();
+        for pid in inner.split_whitespace() {
+            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.contains(") Z "))
+                && start.elapsed() < Duration::from_secs(30)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 
     /// Runs a command to completion and fails the test if it fails.

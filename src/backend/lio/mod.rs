@@ -89,6 +89,10 @@ impl Backend for LioBackend {
             .map_err(BackendError::Io)
     }
 
+    fn keep_undeclared(&self, observed: &mut LioState, desired: &[TargetConfig]) {
+        plan::keep_undeclared(observed, desired);
+    }
+
     fn plan(&self, desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
         plan::plan(desired, observed)
     }

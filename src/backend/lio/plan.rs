@@ -418,8 +418,18 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
         }
     }
     // 3. Storage: delete discus's objects nothing wants or that must be remade, create the rest.
+    // A storage object a target discus did not make links to stays: it is in use.
+    let linked_by_others: BTreeSet<&str> = observed
+        .targets
+        .iter()
+        .filter(|t| !owned(t))
+        .flat_map(|t| &t.tpgs)
+        .flat_map(|tpg| &tpg.luns)
+        .filter_map(|lun| lun.storage.as_ref().map(|(_, name)| name.as_str()))
+        .collect();
     for found in &observed.storage {
-        let ours = found.name.starts_with(STORAGE_PREFIX);
+        let ours = found.name.starts_with(STORAGE_PREFIX)
+            && !linked_by_others.contains(found.name.as_str());
         if ours && (!specs.contains_key(&found.name) || remade.contains(found.name.as_str())) {
             plan.ops.push(LioOp::DeleteStorage {
                 hba: found.hba.clone(),
@@ -445,6 +455,23 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
         );
     }
     plan
+}
+
+/// Hides the targets discus made that `desired` does not name, and their storage objects, from
+/// the planner.
+pub fn keep_undeclared(observed: &mut LioState, desired: &[TargetConfig]) {
+    let declared: BTreeSet<&str> = desired.iter().map(|t| t.iqn.as_str()).collect();
+    let (kept, rest): (Vec<LioTarget>, Vec<LioTarget>) = std::mem::take(&mut observed.targets)
+        .into_iter()
+        .partition(|t| owned(t) && !declared.contains(t.iqn.as_str()));
+    observed.targets = rest;
+    let used: BTreeSet<&str> = kept
+        .iter()
+        .flat_map(|t| &t.tpgs)
+        .flat_map(|tpg| &tpg.luns)
+        .filter_map(|lun| lun.storage.as_ref().map(|(_, name)| name.as_str()))
+        .collect();
+    observed.storage.retain(|s| !used.contains(s.name.as_str()));
 }
 
 fn teardown(plan: &mut Plan<LioOp>, target: &LioTarget) {

@@ -213,6 +213,13 @@ impl Backend for TgtBackend {
         Ok((state, self.owned.lock().await.clone()))
     }
 
+    fn keep_undeclared(&self, (_, owned): &mut Self::Observed, desired: &[TargetConfig]) {
+        // A target discus does not own is never touched, nor are the accounts bound to it.
+        owned
+            .targets
+            .retain(|iqn| desired.iter().any(|t| t.iqn == *iqn));
+    }
+
     fn plan(&self, desired: &[TargetConfig], (state, owned): &Self::Observed) -> Plan<TgtOp> {
         plan::plan(desired, state, owned)
     }

@@ -434,6 +434,11 @@ impl AccountChanges {
     fn usable(&self, user: &str) -> bool {
         !self.unusable.contains_key(user)
     }
+
+    /// Whether the plan deletes any account.
+    fn deletes_any(&self) -> bool {
+        !self.recreated.is_empty() || !self.stale.is_empty()
+    }
 }
 
 fn account_changes(
@@ -525,7 +530,7 @@ impl Placed<'_> {
         self.found().accounts.iter().any(|a| a == user)
     }
 
-    /// Incoming accounts to bind before any is unbound: they exist with the right password.
+    /// Incoming accounts to bind that exist with the right password and are not bound yet.
     fn early_in<'b>(&'b self, changes: &'b AccountChanges) -> impl Iterator<Item = &'b String> {
         self.wanted
             .accounts
@@ -534,22 +539,26 @@ impl Placed<'_> {
             .filter(|u| changes.usable(u) && !changes.recreated.contains(*u) && !self.bound_in(u))
     }
 
-    /// Incoming accounts that stay bound throughout.
-    fn kept_in<'b>(&'b self, changes: &'b AccountChanges) -> impl Iterator<Item = &'b String> {
-        self.wanted
-            .accounts
-            .incoming
-            .iter()
-            .filter(|u| changes.usable(u) && !changes.recreated.contains(*u) && self.bound_in(u))
+    /// The first of the bound incoming accounts (in tgt's slot order) that must go.
+    fn first_gone(&self, changes: &AccountChanges) -> Option<usize> {
+        self.found().accounts.iter().position(|u| {
+            !self.wanted.accounts.incoming.contains(u) || changes.recreated.contains(u)
+        })
+    }
+
+    /// The incoming accounts bound at every instant of the plan: those before the first that
+    /// must go (the rest are unbound and bound again, see `unbind_accounts`).
+    fn kept_throughout(&self, changes: &AccountChanges) -> &[String] {
+        let accounts = &self.found().accounts;
+        &accounts[..self.first_gone(changes).unwrap_or(accounts.len())]
     }
 
     /// Whether, while accounts change, the target could be left with no incoming account while
     /// initiators are admitted — in tgt, a target without accounts admits without CHAP. Its
-    /// ACLs are then unbound first and bound again once the accounts are in place.
+    /// ACLs are then unbound first and bound again once the accounts are in place; their
+    /// sessions go on.
     fn exposed(&self, changes: &AccountChanges) -> bool {
-        self.wanted.target.chap_required
-            && self.kept_in(changes).next().is_none()
-            && self.early_in(changes).next().is_none()
+        self.wanted.target.chap_required && self.kept_throughout(changes).is_empty()
     }
 }
 
@@ -797,23 +806,42 @@ fn bind_accounts(
     changes: &AccountChanges,
     stage: Stage,
 ) {
-    let usable = |user: &String| changes.usable(user);
-    let staged = |user: &String| (stage == Stage::Late) == changes.recreated.contains(user);
-    let incoming = target.wanted.accounts.incoming.iter();
-    for user in incoming.filter(|u| usable(u) && staged(u)) {
-        if stage == Stage::Late || !target.bound_in(user) {
-            plan.ops.push(bind(target, user, false));
+    let late = |user: &String| changes.recreated.contains(user);
+    match stage {
+        // Appended after the bound accounts, unless some of those go (`unbind_accounts` binds
+        // the new ones after them then).
+        Stage::Early if target.first_gone(changes).is_none() => {
+            let early: Vec<&String> = target.early_in(changes).collect();
+            for user in early {
+                plan.ops.push(bind(target, user, false));
+            }
+        }
+        Stage::Early => {}
+        Stage::Late => {
+            let incoming = target.wanted.accounts.incoming.iter();
+            for user in incoming.filter(|u| changes.usable(u) && late(u)) {
+                plan.ops.push(bind(target, user, false));
+            }
         }
     }
+    // tgt's `account delete` unbinds every target's outgoing account, whatever its user: after
+    // any deletion, outgoing accounts are bound again late.
     if let Some(user) = target
         .wanted
         .accounts
         .outgoing
         .as_ref()
-        .filter(|u| usable(u) && staged(u))
+        .filter(|u| changes.usable(u))
     {
-        let bound = target.found().outgoing_account.as_ref() == Some(user);
-        if stage == Stage::Late || !bound {
+        let current = target.found().outgoing_account.as_ref();
+        let bound = current == Some(user);
+        // One outgoing account per target: another one is unbound before this one is bound.
+        let rebound = late(user) || changes.deletes_any() || current.is_some_and(|c| c != user);
+        let wanted_now = match stage {
+            Stage::Early => !bound && !rebound,
+            Stage::Late => rebound,
+        };
+        if wanted_now {
             plan.ops.push(bind(target, user, true));
         }
     }
@@ -829,6 +857,12 @@ fn bind(target: &Placed<'_>, user: &str, outgoing: bool) -> TgtOp {
 }
 
 /// Unbinds accounts the target no longer wants and those about to be made again.
+///
+/// tgt keeps a target's incoming accounts in an array and lists and searches only its first
+/// `count` slots: unbinding any but the last leaves a hole there, which makes the next `show`
+/// crash tgtd (a NULL dereference) and hides the last account from logins. So from the first
+/// account that goes, every account is unbound from the last one back, and those that stay are
+/// bound again after, with the new ones.
 fn unbind_accounts(plan: &mut Plan<TgtOp>, target: &Placed<'_>, changes: &AccountChanges) {
     let found = target.found();
     let wanted = &target.wanted.accounts;
@@ -838,9 +872,17 @@ fn unbind_accounts(plan: &mut Plan<TgtOp>, target: &Placed<'_>, changes: &Accoun
         user: user.clone(),
         outgoing,
     };
-    for user in &found.accounts {
-        if !wanted.incoming.contains(user) || changes.recreated.contains(user) {
+    if let Some(first) = target.first_gone(changes) {
+        let tail = &found.accounts[first..];
+        for user in tail.iter().rev() {
             plan.ops.push(unbind(user, false));
+        }
+        let staying = tail.iter().filter(|u| {
+            wanted.incoming.contains(*u) && !changes.recreated.contains(*u) && changes.usable(u)
+        });
+        let again: Vec<&String> = staying.chain(target.early_in(changes)).collect();
+        for user in again {
+            plan.ops.push(bind(target, user, false));
         }
     }
     if let Some(user) = &found.outgoing_account
@@ -1085,14 +1127,20 @@ mod tests {
                 state.accounts.push(user);
             }
             TgtOp::DeleteAccount { user } => {
-                let bound = state.targets.iter().any(|t| {
-                    t.accounts.contains(&user) || t.outgoing_account.as_ref() == Some(&user)
-                });
-                assert!(!bound, "tgtd crashes: account {user} deleted while bound");
+                // tgt unbinds it from every target as `unbind` would (holes included) …
+                let bound = state.targets.iter().any(|t| t.accounts.contains(&user));
+                assert!(
+                    !bound,
+                    "account {user} deleted while bound: it leaves holes"
+                );
                 if !state.accounts.contains(&user) {
                     return Err("can't find the account".into());
                 }
                 state.accounts.retain(|a| *a != user);
+                // … and unbinds every target's outgoing account, whoever it is.
+                for target in &mut state.targets {
+                    target.outgoing_account = None;
+                }
             }
             TgtOp::BindAccount {
                 tid,
@@ -1104,10 +1152,17 @@ mod tests {
                     return Err("can't find the account".into());
                 }
                 let i = target(state, tid)?;
+                let t = &mut state.targets[i];
                 if outgoing {
-                    state.targets[i].outgoing_account = Some(user);
-                } else if !state.targets[i].accounts.contains(&user) {
-                    state.targets[i].accounts.push(user);
+                    if t.outgoing_account.is_some() {
+                        return Err("this target already has an outgoing account".into());
+                    }
+                    t.outgoing_account = Some(user);
+                } else if t.accounts.contains(&user) {
+                    return Err("this account already exists".into());
+                } else {
+                    // The first free slot, which is the end: there are never holes.
+                    t.accounts.push(user);
                 }
             }
             TgtOp::UnbindAccount {
@@ -1117,10 +1172,20 @@ mod tests {
                 ..
             } => {
                 let i = target(state, tid)?;
+                let t = &mut state.targets[i];
                 if outgoing {
-                    state.targets[i].outgoing_account = None;
+                    t.outgoing_account = None;
+                } else if let Some(slot) = t.accounts.iter().position(|a| *a == user) {
+                    // tgt lists and searches the first `count` slots only.
+                    assert_eq!(
+                        slot,
+                        t.accounts.len() - 1,
+                        "unbinding {user} from slot {slot} of {:?} leaves a hole: tgtd crashes at the next show",
+                        t.accounts
+                    );
+                    t.accounts.pop();
                 } else {
-                    state.targets[i].accounts.retain(|a| *a != user);
+                    return Err("can't find the account".into());
                 }
             }
             TgtOp::BindInitiator { tid, initiator, .. } => {
@@ -1364,7 +1429,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_username_is_bound_before_the_old_one_goes_and_nobody_is_locked_out() {
+    fn a_new_username_replaces_the_old_one_while_the_initiator_is_not_admitted() {
         let grant = |user: &str| {
             acl(
                 "iqn.1993-08.org.debian:01:a",
@@ -1384,16 +1449,60 @@ mod tests {
             &mut state,
             &mut owned,
         );
+        // The only account goes: in between, the target has none, so nobody is admitted.
         assert_eq!(
             shown(&plan.ops),
             [
+                format!("stop admitting iqn.1993-08.org.debian:01:a to {IQN}").as_str(),
                 "create account a2",
-                format!("bind account a2 to {IQN}").as_str(),
                 format!("unbind account a from {IQN}").as_str(),
+                format!("bind account a2 to {IQN}").as_str(),
                 "delete account a",
+                format!("admit iqn.1993-08.org.debian:01:a to {IQN}").as_str(),
             ]
         );
         assert_eq!(state.accounts, ["a2"], "the old account is gone");
+    }
+
+    #[test]
+    fn an_account_that_stays_keeps_chap_on_while_the_first_one_goes() {
+        let grant = |initiator: &str, user: &str| {
+            acl(
+                &format!("iqn.1993-08.org.debian:01:{initiator}"),
+                initiator,
+                &[(0, true)],
+                Some((user, "secret-secret")),
+            )
+        };
+        let (mut state, mut owned) = (TgtState::default(), owned());
+        converge(
+            &[target(
+                vec![lun(0, true)],
+                vec![grant("a", "a"), grant("b", "b"), grant("c", "c")],
+            )],
+            &mut state,
+            &mut owned,
+        );
+        // b is in the middle of tgt's slots: c is unbound and bound again, never leaving a hole;
+        // a stays bound throughout, so a and c stay admitted.
+        let plan = converge(
+            &[target(
+                vec![lun(0, true)],
+                vec![grant("a", "a"), grant("c", "c")],
+            )],
+            &mut state,
+            &mut owned,
+        );
+        assert_eq!(
+            shown(&plan.ops),
+            [
+                format!("stop admitting iqn.1993-08.org.debian:01:b to {IQN}").as_str(),
+                format!("unbind account c from {IQN}").as_str(),
+                format!("unbind account b from {IQN}").as_str(),
+                format!("bind account c to {IQN}").as_str(),
+                "delete account b",
+            ]
+        );
     }
 
     #[test]
@@ -1497,11 +1606,7 @@ mod tests {
         }
         assert!(ran.contains(&format!("stop admitting {} to {IQN}", a.initiator)));
         assert!(state.targets[0].acls.is_empty(), "nobody admitted: {ran:?}");
-        assert_eq!(
-            state.targets[0].accounts,
-            ["a"],
-            "a's account kept until b's is bound"
-        );
+        assert!(!ran.iter().any(|op| op.starts_with("admit")), "{ran:?}");
     }
 
     #[test]
