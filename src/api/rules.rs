@@ -23,6 +23,12 @@ pub const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
 pub const DNS_SUBDOMAIN_PATTERN: &str =
     "^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 pub const DNS_SUBDOMAIN_MAX_BYTES: usize = 253;
+/// A CHAP name every backend stores and shows exactly: tgt trims spaces, splits its parameters
+/// at commas and marks mutual accounts with a ` (outgoing)` suffix in what it prints.
+pub const CHAP_USERNAME_PATTERN: &str = "^[A-Za-z0-9._:@-]+$";
+/// RFC 3339, as `kubectl` and the apiserver write times: `2026-12-01T18:00:00Z`,
+/// `2026-12-01T18:00:00.5+02:00`.
+pub const RFC3339_PATTERN: &str = r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt]([01][0-9]|2[0-3]):[0-5][0-9]:([0-5][0-9]|60)([.][0-9]{1,9})?([Zz]|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$";
 pub const CHAP_USERNAME_MAX_BYTES: usize = 255;
 /// RFC 3720 §8.2.1 asks for at least 96 random bits; the Microsoft initiator accepts at most 16.
 pub const CHAP_SECRET_MIN_CHARS: usize = 12;
@@ -43,6 +49,8 @@ static EUI: LazyLock<Regex> = LazyLock::new(|| regex(EUI_PATTERN));
 static NAA: LazyLock<Regex> = LazyLock::new(|| regex(NAA_PATTERN));
 static SHA256: LazyLock<Regex> = LazyLock::new(|| regex(SHA256_PATTERN));
 static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| regex(DNS_SUBDOMAIN_PATTERN));
+static CHAP_USERNAME: LazyLock<Regex> = LazyLock::new(|| regex(CHAP_USERNAME_PATTERN));
+static RFC3339: LazyLock<Regex> = LazyLock::new(|| regex(RFC3339_PATTERN));
 
 /// Why a value breaks a rule. The messages state the rule, so a user knows what to write instead.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -75,6 +83,10 @@ pub enum RuleError {
     ChapUsernameComma,
     #[error("must not contain control characters")]
     ControlCharacters,
+    #[error(
+        "may hold only letters, digits and '.', '_', ':', '@', '-' (no spaces): tgt would not store it exactly"
+    )]
+    ChapUsernameCharacters,
     #[error("must be {CHAP_SECRET_MIN_CHARS} to {CHAP_SECRET_MAX_CHARS} characters, got {0}")]
     ChapSecretLength(usize),
     #[error("must be a URL with scheme http or https")]
@@ -97,8 +109,10 @@ pub enum RuleError {
     IpAddress,
     #[error("must be between 1 and 65535, got {0}")]
     Port(u32),
-    #[error("must be an RFC 3339 timestamp such as 2026-12-01T18:00:00Z: {0}")]
-    Timestamp(String),
+    #[error(
+        "must be an RFC 3339 timestamp such as 2026-12-01T18:00:00Z or 2026-12-01T19:00:00+01:00"
+    )]
+    Timestamp,
 }
 
 /// A string of 1 to `max` bytes.
@@ -158,6 +172,9 @@ pub fn chap_username(name: &str) -> Result<(), RuleError> {
     }
     if name.chars().any(char::is_control) {
         return Err(RuleError::ControlCharacters);
+    }
+    if !CHAP_USERNAME.is_match(name) {
+        return Err(RuleError::ChapUsernameCharacters);
     }
     Ok(())
 }
@@ -232,10 +249,21 @@ pub fn port(port: u32) -> Result<u16, RuleError> {
     }
 }
 
+/// A point in time, strictly as RFC 3339 writes it (no `[Europe/Paris]`, no space for `T`, no
+/// basic format). The latest instants of year 9999, past what the clock library holds, are the
+/// end of time.
 pub fn timestamp(value: &str) -> Result<k8s_openapi::jiff::Timestamp, RuleError> {
-    value
-        .parse::<k8s_openapi::jiff::Timestamp>()
-        .map_err(|e| RuleError::Timestamp(e.to_string()))
+    use k8s_openapi::jiff::Timestamp;
+    if !RFC3339.is_match(value) {
+        return Err(RuleError::Timestamp);
+    }
+    // A leap second is the second before.
+    let value = value.replacen(":60", ":59", 1);
+    match value.parse::<Timestamp>() {
+        Ok(at) => Ok(at),
+        Err(_) if value.starts_with("9999-") => Ok(Timestamp::MAX),
+        Err(_) => Err(RuleError::Timestamp),
+    }
 }
 
 #[cfg(test)]
@@ -315,6 +343,15 @@ mod tests {
         assert_eq!(chap_username(""), Err(RuleError::Empty));
         assert_eq!(chap_username("a,b"), Err(RuleError::ChapUsernameComma));
         assert_eq!(chap_username("a\nb"), Err(RuleError::ControlCharacters));
+        assert_eq!(chap_username("iqn.1993-08.org.debian:01:abc"), Ok(()));
+        assert_eq!(chap_username("user_1@lab"), Ok(()));
+        for name in [" host", "host ", "host (outgoing)", "a=b", "é"] {
+            assert_eq!(
+                chap_username(name),
+                Err(RuleError::ChapUsernameCharacters),
+                "{name:?}"
+            );
+        }
         assert!(matches!(
             chap_username(&"u".repeat(256)),
             Err(RuleError::TooLong { .. })
@@ -393,6 +430,21 @@ mod tests {
         assert_eq!(object_name("Debian"), Err(RuleError::DnsSubdomain));
         assert!(timestamp("2026-12-01T18:00:00Z").is_ok());
         assert!(timestamp("2026-12-01T18:00:00+02:00").is_ok());
-        assert!(timestamp("tomorrow").is_err());
+        assert!(timestamp("2026-12-01t18:00:00.123456789z").is_ok());
+        assert_eq!(
+            timestamp("9999-12-31T23:59:59Z"),
+            Ok(k8s_openapi::jiff::Timestamp::MAX)
+        );
+        for bad in [
+            "tomorrow",
+            "2026-12-01T18:00:00+25:00",
+            "2026-12-01 18:00:00Z",
+            "20261201T180000Z",
+            "2026-12-01T18:00:00Z[Europe/Paris]",
+            "2026-12-01T18:00:00",
+            "2026-13-01T18:00:00Z",
+        ] {
+            assert_eq!(timestamp(bad), Err(RuleError::Timestamp), "{bad}");
+        }
     }
 }

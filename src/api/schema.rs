@@ -115,7 +115,12 @@ pub fn port(_: &mut SchemaGenerator) -> Schema {
 }
 
 pub fn timestamp(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({ "type": "string", "format": "date-time", "maxLength": 64 })
+    json_schema!({
+        "type": "string",
+        "format": "date-time",
+        "maxLength": 64,
+        "pattern": rules::RFC3339_PATTERN,
+    })
 }
 
 /// A positive size in bytes as a quantity (`20Gi`).
