@@ -423,6 +423,8 @@ impl Cluster {
             .args([
                 "--namespaces",
                 NAMESPACE,
+                "--iqn-prefix",
+                &format!("{NAMESPACE}=iqn.2026-11.dev.discus:"),
                 "--lease-namespace",
                 "discus-system",
             ])

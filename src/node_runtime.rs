@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub prefetch_all: bool,
     /// Where to serve /metrics, /healthz and /readyz, if anywhere.
     pub http_address: Option<std::net::SocketAddr>,
+    /// What targets may ask for.
+    pub policy: crate::desired::Policy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +84,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
     let settings = Settings {
         iqn_authority: config.iqn_authority.clone(),
         writable_dir: config.data_dir.join("writable"),
+        policy: config.policy.clone(),
         ..Settings::default()
     };
     Ok(match choose_backend(config.backend) {

@@ -290,6 +290,9 @@ impl Agent {
                 DEMO_DIR,
                 "--namespaces",
                 "demo",
+                // The demo target's IQN is not under the namespace's own default prefix.
+                "--iqn-prefix",
+                "demo=iqn.2026-11.dev.discus:",
                 "--lease-namespace",
                 "discus-system",
                 "--leader-lease-seconds",
@@ -1101,7 +1104,7 @@ async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
     vm.must(
         "KUBECONFIG=/host/kubeconfig discus agent --node-name lio-node --backend lio \
          --data-dir /var/lib/discus --file-root /host/images --namespaces demo \
-         --lease-namespace discus-system --log-level debug > /host/agent.log 2>&1 &",
+         --iqn-prefix demo=iqn.2026-11.dev.discus: --lease-namespace discus-system --log-level debug > /host/agent.log 2>&1 &",
     );
     cluster.apply(&demo_manifests().replace(
         "/var/lib/discus/demo/discus-demo.iso",

@@ -43,7 +43,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         name: args.node_name,
         ..NodeFacts::default()
     };
-    let node = match args.node.config(facts) {
+    let node = match args.node.config(facts, crate::desired::Policy::strict()) {
         Ok(node) => node,
         Err(error) => return super::fail(&error),
     };

@@ -7,7 +7,7 @@ use clap::Args;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{quantity, rules};
-use crate::desired::NodeFacts;
+use crate::desired::{NodeFacts, Policy};
 use crate::node_runtime::{BackendChoice, NodeConfig};
 
 #[derive(Args)]
@@ -39,11 +39,62 @@ pub struct NodeArgs {
     /// Serve /metrics, /healthz and /readyz on this address (for example 0.0.0.0:9464).
     #[arg(long, env = "DISCUS_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+}
+
+/// What targets may ask for (see docs/security.md). The defaults differ: `discus agent` serves
+/// every namespace's users and is strict; `discus serve` serves its administrator's own folder.
+#[derive(Args)]
+pub struct PolicyArgs {
+    /// Addresses (CIDR) targets may name in spec.portals (repeatable). Default: agent, the
+    /// node's own addresses; serve, any.
+    #[arg(long = "portal-address", value_name = "CIDR")]
+    portal_addresses: Vec<ipnet::IpNet>,
+    /// Ports targets may name in spec.portals (repeatable). Default: agent, 3260; serve, any.
+    #[arg(long = "portal-port", value_name = "PORT")]
+    portal_ports: Vec<u16>,
+    /// NAMESPACE=PREFIX: targets in NAMESPACE (* for every namespace) may set a spec.iqn that
+    /// starts with PREFIX (repeatable). Each namespace may always use its own default IQNs.
+    /// Default: agent, nothing more; serve, any IQN.
+    #[arg(long = "iqn-prefix", value_name = "NAMESPACE=PREFIX", value_parser = iqn_prefix)]
+    iqn_prefixes: Vec<(String, String)>,
+}
+
+impl PolicyArgs {
+    /// The policy: `default`, with what the options say instead.
+    fn policy(self, mut policy: Policy) -> Policy {
+        if !self.portal_addresses.is_empty() {
+            policy.portal_addresses = Some(self.portal_addresses);
+        }
+        if !self.portal_ports.is_empty() {
+            policy.portal_ports = self.portal_ports;
+        }
+        if !self.iqn_prefixes.is_empty() {
+            let mut prefixes = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for (namespace, prefix) in self.iqn_prefixes {
+                prefixes.entry(namespace).or_default().push(prefix);
+            }
+            policy.iqn_prefixes = Some(prefixes);
+        }
+        policy
+    }
+}
+
+fn iqn_prefix(value: &str) -> Result<(String, String), String> {
+    let (namespace, prefix) = value
+        .split_once('=')
+        .ok_or("must be NAMESPACE=PREFIX, for example lab=iqn.2003-01.org.example:")?;
+    if namespace != "*" && rules::object_name(namespace).is_err() {
+        return Err(format!("{namespace:?} is not a namespace name (or *)"));
+    }
+    Ok((namespace.to_owned(), prefix.to_owned()))
 }
 
 impl NodeArgs {
     /// The node's configuration, or which option is wrong.
-    pub fn config(self, node: NodeFacts) -> Result<NodeConfig, String> {
+    /// `policy` is the command's default for what targets may ask for.
+    pub fn config(self, node: NodeFacts, policy: Policy) -> Result<NodeConfig, String> {
         rules::iscsi_name(&self.iqn_authority).map_err(|e| format!("--iqn-authority {e}"))?;
         Ok(NodeConfig {
             data_dir: self.data_dir,
@@ -56,6 +107,7 @@ impl NodeArgs {
             tgt_control_port: self.tgt_control_port,
             prefetch_all: false,
             http_address: self.http_address,
+            policy: self.policy.policy(policy),
         })
     }
 

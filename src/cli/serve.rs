@@ -53,7 +53,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         labels: args.node_labels.into_iter().collect::<BTreeMap<_, _>>(),
         addresses: args.addresses,
     };
-    let node = match args.node.config(facts) {
+    let node = match args.node.config(facts, crate::desired::Policy::open()) {
         Ok(node) => node,
         Err(error) => return super::fail(&error),
     };

@@ -9,6 +9,7 @@
 //! lets an initiator in.
 
 mod grants;
+mod policy;
 mod problem;
 mod targets;
 #[cfg(test)]
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
+pub use policy::Policy;
 pub use problem::{Kind, ObjectKey, Problem, Reason, printable};
 
 use crate::api::chap::{ChapCredentials, SecretData};
@@ -45,6 +47,8 @@ pub struct Settings {
     pub cdrom_supported: bool,
     /// Where writable copies of images live.
     pub writable_dir: PathBuf,
+    /// What targets may ask for.
+    pub policy: Policy,
 }
 
 impl Default for Settings {
@@ -53,6 +57,7 @@ impl Default for Settings {
             iqn_authority: DEFAULT_IQN_AUTHORITY.to_owned(),
             cdrom_supported: false,
             writable_dir: PathBuf::from("/var/lib/discus/writable"),
+            policy: Policy::open(),
         }
     }
 }

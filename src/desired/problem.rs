@@ -106,6 +106,10 @@ pub enum Reason {
     BackendLimit,
     /// The target software holds an object of that name that discus did not create.
     ForeignObject,
+    /// `spec.portals` names an address or port the node's administrator does not allow.
+    PortalNotAllowed,
+    /// `spec.iqn` is not among the IQNs the node's administrator lets this namespace use.
+    IqnNotAllowed,
     /// The image could not be imported, and trying again will not help (a wrong digest, a
     /// hostile or unsupported image, a source outside the allowed roots).
     ImportFailed,
@@ -133,11 +137,13 @@ impl Reason {
             Self::BackendLimit => "BackendLimit",
             Self::ForeignObject => "ForeignObject",
             Self::ImportFailed => "ImportFailed",
+            Self::PortalNotAllowed => "PortalNotAllowed",
+            Self::IqnNotAllowed => "IqnNotAllowed",
         }
     }
 
     /// Every reason, for reading one back from status.
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 21] = [
         Self::InvalidSpec,
         Self::IqnConflict,
         Self::NoPortal,
@@ -157,6 +163,8 @@ impl Reason {
         Self::BackendLimit,
         Self::ForeignObject,
         Self::ImportFailed,
+        Self::PortalNotAllowed,
+        Self::IqnNotAllowed,
     ];
 
     pub fn parse(name: &str) -> Option<Reason> {
@@ -177,7 +185,9 @@ impl Reason {
             | Self::DuplicateGrant
             | Self::BackendLimit
             | Self::ForeignObject
-            | Self::ImportFailed => true,
+            | Self::ImportFailed
+            | Self::PortalNotAllowed
+            | Self::IqnNotAllowed => true,
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady

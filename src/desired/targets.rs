@@ -105,6 +105,17 @@ fn place(
             return block(problems, state);
         }
     };
+    if valid.iqn.is_some()
+        && let Some(why) =
+            inputs
+                .settings
+                .policy
+                .refuse_iqn(&iqn, &key.namespace, &inputs.settings.iqn_authority)
+    {
+        // Refused before it claims anything: a namespace cannot take another's name.
+        problem(Reason::IqnNotAllowed, why);
+        return block(problems, state);
+    }
     // Claims are settled before placement, so the same target wins on every node.
     if let Some(owner) = iqn_owners.get(&iqn) {
         problem(
@@ -141,6 +152,15 @@ fn place(
         );
     }
     let portals = portals(&valid, inputs);
+    for portal in &valid.portals {
+        if let Some(why) = inputs
+            .settings
+            .policy
+            .refuse_portal(portal, &inputs.node.addresses)
+        {
+            problem(Reason::PortalNotAllowed, why);
+        }
+    }
     if portals.is_empty() {
         problem(
             Reason::NoPortal,

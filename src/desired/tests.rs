@@ -749,3 +749,54 @@ fn targets_are_ordered_by_iqn_and_the_result_is_deterministic() {
     );
     assert_eq!(state, world.compute());
 }
+
+#[test]
+fn the_administrator_s_policy_refuses_portals_and_iqns_a_namespace_may_not_have() {
+    let mut world = World::new().ready_image("debian", DIGEST_A);
+    world.settings.policy = Policy::strict();
+    let world = world
+        // Another address of the host network, another port: refused for themselves.
+        .target(
+            "listens-elsewhere",
+            json!({"luns": [{"lun": 0, "image": "debian"}], "portals": [{"address": "10.96.0.10", "port": 3260}]}),
+        )
+        .target(
+            "odd-port",
+            json!({"luns": [{"lun": 0, "image": "debian"}], "portals": [{"address": "10.0.0.11", "port": 22}]}),
+        )
+        // The node's own address on 3260, and the namespace's own IQNs: served.
+        .target(
+            "own",
+            json!({"luns": [{"lun": 0, "image": "debian"}], "iqn": "iqn.2026-11.dev.discus:lab.own",
+                   "portals": [{"address": "10.0.0.11", "port": 3260}]}),
+        )
+        // Another namespace's name, claimed first (older): refused, and claims nothing.
+        .target_object(created(
+            object(
+                "IscsiTarget",
+                "thief",
+                json!({"luns": [{"lun": 0, "image": "debian"}], "iqn": "iqn.2026-11.dev.discus:prod.boot"}),
+            ),
+            "2026-01-01T00:00:00Z",
+        ));
+    let state = world.compute();
+    assert_eq!(
+        reasons(&state),
+        [
+            (
+                Kind::IscsiTarget,
+                "listens-elsewhere".into(),
+                Reason::PortalNotAllowed
+            ),
+            (
+                Kind::IscsiTarget,
+                "odd-port".into(),
+                Reason::PortalNotAllowed
+            ),
+            (Kind::IscsiTarget, "thief".into(), Reason::IqnNotAllowed),
+        ]
+    );
+    let served: Vec<&str> = state.targets.iter().map(|t| t.iqn.as_str()).collect();
+    assert_eq!(served, ["iqn.2026-11.dev.discus:lab.own"]);
+    assert!(Reason::PortalNotAllowed.stalls() && Reason::IqnNotAllowed.stalls());
+}
