@@ -391,6 +391,46 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
         configfs(&vm, "ls iscsi").contains("iqn.2001-04.com.example:not-discus"),
         "the unmarked target is left alone"
     );
+
+    // Credentials change (passwords rotated, then a new username) while an initiator without
+    // any keeps trying: it never gets in.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let admitted = std::thread::scope(|scope| {
+        let attacker = scope.spawn(|| {
+            let mut admitted = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                admitted += usize::from(inquiry(&vm, iqn, 0, INITIATOR, None).is_ok());
+            }
+            admitted
+        });
+        let credentials = (1..=6)
+            .map(|i| ("client".to_owned(), format!("rotated-{i:06}")))
+            .chain([("client2".to_owned(), "renamed-000001".to_owned())]);
+        // As declared now: without the revoked grant.
+        let mut rotated = yaml.replace(
+            &grant_yaml("other", "boot", other, ", chap: {secretRef: {name: chap}}"),
+            "",
+        );
+        let mut previous = ("client".to_owned(), "client-secret".to_owned());
+        for (user, password) in credentials {
+            rotated = rotated.replace(
+                &secret_yaml(
+                    "chap",
+                    &[("username", &previous.0), ("password", &previous.1)],
+                ),
+                &secret_yaml("chap", &[("username", &user), ("password", &password)]),
+            );
+            manifest(&vm, "lab.yaml", &rotated);
+            wait_for(&vm, "the new credentials to work", || {
+                inquiry(&vm, iqn, 0, INITIATOR, Some((&user, &password))).is_ok()
+            });
+            previous = (user, password);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        attacker.join().expect("the attacker thread")
+    });
+    assert_eq!(admitted, 0, "logins without CHAP while credentials changed");
+    assert!(inquiry(&vm, iqn, 0, INITIATOR, Some(("client", "rotated-000006"))).is_err());
 }
 
 /// What discus makes in configfs, counted: targets, storage objects, LUN links, ACLs, mappings.
