@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 server on loopback that misbehaves on request: it drops connections midway,
-//! announces the wrong length, ignores ranges, answers errors, redirects in a loop or stalls.
-//! One request per connection. It stops when dropped.
+//! announces the wrong length, ignores ranges, answers errors, redirects in a loop or elsewhere,
+//! stalls, or trickles its body a byte at a time. One request per connection. It stops when
+//! dropped. Several servers (on other ports or other loopback addresses) are other origins.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,8 @@ pub struct Behavior {
     pub redirect: Option<String>,
     /// Send the headers, then nothing.
     pub stall: bool,
+    /// Send the body one byte at a time, this long apart.
+    pub trickle: Option<Duration>,
 }
 
 impl Behavior {
@@ -70,6 +73,11 @@ impl HttpServer {
         Self::start_with(None).await
     }
 
+    /// A plain HTTP server on another loopback address (for example 127.0.0.2).
+    pub async fn start_on(ip: std::net::IpAddr) -> Self {
+        Self::bind(SocketAddr::new(ip, 0), None).await
+    }
+
     /// An HTTPS server with this certificate chain and key (PEM).
     pub async fn start_tls(chain_pem: &str, key_pem: &str) -> Self {
         let certs = rustls_pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes())
@@ -85,7 +93,11 @@ impl HttpServer {
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::bind(SocketAddr::from(([127, 0, 0, 1], 0)), tls).await
+    }
+
+    async fn bind(address: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let listener = TcpListener::bind(address).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let tls_on = tls.is_some();
         let routes: Arc<Mutex<Vec<Route>>> = Arc::default();
@@ -241,6 +253,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     write_head(&mut stream, status, &extra).await?;
     if b.stall {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(gap) = b.trickle {
+        for byte in &part[..send] {
+            stream.write_all(&[*byte]).await?;
+            stream.flush().await?;
+            tokio::time::sleep(gap).await;
+        }
+        return stream.shutdown().await;
     }
     stream.write_all(&part[..send]).await?;
     stream.shutdown().await
