@@ -1224,11 +1224,17 @@ fn the_command_entitles_only_the_namespaces_it_names() {
     assert!(stderr.contains("--namespace"), "{stderr}");
 }
 
+/// The headers of the Secret, or a Referer (which would carry the source URL, query string and
+/// all, to the next origin).
 fn has_secrets(logged: &support::http::Logged) -> bool {
     logged
         .headers
         .iter()
         .any(|(k, _)| k == "authorization" || k == "x-api-key")
+}
+
+fn has_referer(logged: &support::http::Logged) -> bool {
+    logged.headers.iter().any(|(k, _)| k == "referer")
 }
 
 /// Issue 9, item 8: `headersSecretRef` headers go to the source's origin only, and once a
@@ -1287,8 +1293,8 @@ async fn secret_headers_never_leave_the_origin_the_source_names() {
     ] {
         let seen = server.requests(path);
         assert!(
-            !seen.is_empty() && !seen.iter().any(has_secrets),
-            "{path} got the secret headers: {seen:?}"
+            !seen.is_empty() && !seen.iter().any(|l| has_secrets(l) || has_referer(l)),
+            "{path} got the secret headers or a Referer: {seen:?}"
         );
     }
 }
@@ -1439,4 +1445,211 @@ async fn qemu_img_errors_show_no_paths() {
         "{error}"
     );
     node.assert_empty();
+}
+
+/// Fails the test if `work` has not finished by `limit`: what it tests must end on its own.
+async fn within<T>(limit: Duration, what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or_else(|_| panic!("{what} still running after {limit:?}"))
+}
+
+/// Issue 9, low items: a source that trickles (here 20 bytes/s, always within the read
+/// timeout) fails once its average rate falls behind, instead of holding the import forever.
+#[tokio::test]
+async fn a_source_slower_than_the_minimum_rate_fails_in_time() {
+    let body = vec![1u8; 64 << 10];
+    let server = HttpServer::start().await;
+    server.route(
+        "/slow.raw",
+        body.clone(),
+        Behavior {
+            trickle: Some(Duration::from_millis(50)),
+            ..Behavior::normal()
+        },
+    );
+    let node = Node::with(
+        Vec::new(),
+        FetchOptions {
+            min_average_rate: 1024,
+            rate_grace: Duration::from_secs(1),
+            ..fast_fetch()
+        },
+    );
+    let digest = sha256(&body);
+    let fetch = node.fetch(&server, "/slow.raw", &digest);
+    let error = within(Duration::from_secs(30), "the slow download", fetch)
+        .await
+        .expect_err("too slow")
+        .to_string();
+    assert!(
+        error.contains("slower than the minimum average of 1024 bytes/s")
+            && error.contains("--source-min-rate"),
+        "{error}"
+    );
+    node.assert_empty();
+}
+
+/// Issue 9, low items: a FIFO (or any file that is not a regular one) under a file root is
+/// refused at once, not waited on.
+#[tokio::test]
+async fn a_fifo_under_a_file_root_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("image.raw");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let node = Node::new(vec![dir.path().to_owned()]);
+    let zeros = "0".repeat(64);
+    let import = node.import(Source::File { path: fifo }, &zeros, ImageFormat::Raw);
+    let error = within(Duration::from_secs(30), "the FIFO import", import)
+        .await
+        .expect_err("a FIFO")
+        .to_string();
+    assert!(
+        error.contains("is not a regular file (it is a FIFO)"),
+        "{error}"
+    );
+    node.assert_empty();
+}
+
+/// Issue 9, low items: unique-local IPv6 (the metadata service of some clouds lives at
+/// fd00:ec2::254) is refused like link-local, before any connection.
+#[tokio::test]
+async fn unique_local_ipv6_sources_are_refused() {
+    let node = Node::new(Vec::new());
+    for url in [
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://[fc00::1]/a.iso",
+    ] {
+        let source = Source::Http {
+            url: url.parse().expect("url"),
+            auth: HttpAuth::default(),
+        };
+        let error = node
+            .import(source, &"0".repeat(64), ImageFormat::Raw)
+            .await
+            .expect_err(url)
+            .to_string();
+        assert!(
+            error.contains("(unique-local IPv6, fc00::/7"),
+            "{url}: {error}"
+        );
+    }
+}
+
+/// Issue 9, item 12: the admin's allow and deny lists, after DNS and on every redirect hop.
+#[tokio::test]
+async fn the_destination_policy_holds_after_dns_and_on_every_hop() {
+    let first = HttpServer::start().await;
+    let second = HttpServer::start_on([127, 0, 0, 2].into()).await;
+    let body = b"image".to_vec();
+    first.route("/a.raw", body.clone(), Behavior::normal());
+    second.route("/a.raw", body.clone(), Behavior::normal());
+    first.route(
+        "/hop",
+        Vec::new(),
+        Behavior {
+            redirect: Some(second.url("/a.raw")),
+            ..Behavior::default()
+        },
+    );
+    let with = |allow: &[&str], deny: &[&str]| {
+        let nets = |list: &[&str]| {
+            list.iter()
+                .map(|n| discus::images::destinations::parse_net(n).expect("net"))
+                .collect()
+        };
+        Node::with(
+            Vec::new(),
+            FetchOptions {
+                destinations: DestinationPolicy::new(true, nets(allow), nets(deny)),
+                ..fast_fetch()
+            },
+        )
+    };
+    let fetch = |node: Node, url: String| async move {
+        let source = Source::Http {
+            url: url.parse().expect("url"),
+            auth: HttpAuth::default(),
+        };
+        let result = node
+            .import(source, &sha256(b"image"), ImageFormat::Raw)
+            .await;
+        result.map(drop).map_err(|e| e.to_string())
+    };
+    let port = first.addr.port();
+    let cases = [
+        (
+            with(&[], &["127.0.0.2/32"]),
+            first.url("/hop"),
+            Err("refusing to fetch from 127.0.0.2 (in 127.0.0.2/32, denied by --source-deny)"),
+        ),
+        (
+            with(&[], &["127.0.0.0/8", "::1"]),
+            format!("http://localhost:{port}/a.raw"),
+            Err("denied by --source-deny); a denied network wins over --source-allow"),
+        ),
+        (
+            with(&["127.0.0.2/32"], &[]),
+            first.url("/a.raw"),
+            Err("refusing to fetch from 127.0.0.1 (not in --source-allow 127.0.0.2/32)"),
+        ),
+        (with(&["127.0.0.2/32"], &[]), second.url("/a.raw"), Ok(())),
+        (
+            with(&["127.0.0.0/8"], &["127.0.0.2"]),
+            second.url("/a.raw"),
+            Err("(in 127.0.0.2/32, denied by --source-deny)"),
+        ),
+    ];
+    for (node, url, expected) in cases {
+        let got = fetch(node, url.clone()).await;
+        match (&got, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(error), Err(part)) if error.contains(part) => {}
+            _ => panic!("{url}: got {got:?}, expected {expected:?}"),
+        }
+    }
+    assert_eq!(second.requests("/a.raw").len(), 1, "only the allowed fetch");
+    assert!(
+        first.requests("/a.raw").is_empty(),
+        "nothing sent to a refused address"
+    );
+}
+
+/// The policy's options exist on both node commands and refuse what is not a network.
+#[test]
+fn serve_and_agent_take_the_destination_options() {
+    for command in ["serve", "agent"] {
+        let output = support::discus()
+            .args([command, "--help"])
+            .output()
+            .expect("runs");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for option in [
+            "--source-allow <CIDR>",
+            "--source-deny <CIDR>",
+            "--source-min-rate",
+        ] {
+            assert!(
+                help.contains(option),
+                "{command}: {option} missing:\n{help}"
+            );
+        }
+    }
+    let output = support::discus()
+        .args(["serve", "--manifests", ".", "--source-deny", "10.0.0.0/33"])
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--source-deny") && stderr.contains("give a CIDR such as 10.0.0.0/8"),
+        "{stderr}"
+    );
 }

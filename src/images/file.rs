@@ -124,12 +124,20 @@ pub async fn copy(
 ) -> Result<u64, FileSourceError> {
     let real = resolve(path, roots)?;
     let opening = real.clone();
-    let (file, size) = tokio::task::spawn_blocking(move || open_regular(&opening))
-        .await
-        .map_err(|e| FileSourceError::Io {
-            path: real.clone(),
-            source: std::io::Error::other(e),
-        })??;
+    // Even an open can hang (a stuck network file system): the deadline holds from the start.
+    let opened = tokio::time::timeout_at(
+        pace.deadline(0),
+        tokio::task::spawn_blocking(move || open_regular(&opening)),
+    )
+    .await
+    .map_err(|_| FileSourceError::TooSlow {
+        path: real.clone(),
+        source: pace.too_slow(0),
+    })?;
+    let (file, size) = opened.map_err(|e| FileSourceError::Io {
+        path: real.clone(),
+        source: std::io::Error::other(e),
+    })??;
     // Check what was opened, not what the path named a moment ago.
     let opened = tokio::fs::canonicalize(format!(
         "/proc/self/fd/{}",
