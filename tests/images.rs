@@ -1653,3 +1653,37 @@ fn serve_and_agent_take_the_destination_options() {
         "{stderr}"
     );
 }
+
+/// An entitlement garbage collection took back is proved again, not remembered by a finished job.
+#[tokio::test]
+async fn a_namespace_whose_entitlement_was_taken_back_proves_it_again() {
+    let body = disk_bytes();
+    let digest = sha256(&body);
+    let server = HttpServer::start().await;
+    server.route("/a.raw", body.clone(), Behavior::normal());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let importer = std::sync::Arc::new(importer(
+        dir.path(),
+        Vec::new(),
+        fast_fetch(),
+        QemuImg::default(),
+    ));
+    let manager = ImageManager::new(
+        std::sync::Arc::clone(&importer),
+        std::sync::Arc::new(discus::metrics::Metrics::new()),
+    );
+    let x = request("x", http(&server, "/a.raw"), &digest);
+    let states = settled(&manager, &[&x]).await;
+    assert!(matches!(states[0], ImageState::Ready(_)), "{:?}", states[0]);
+    // Namespace x no longer declares the digest (another one does, so the file stays).
+    let mut needed = discus::images::Needed::default();
+    needed.source(&digest, &Requester::Namespace("y".into()));
+    importer.store().collect_garbage(&needed).expect("gc");
+    assert!(
+        matches!(manager.ensure(&x), ImageState::InProgress(_)),
+        "x must prove it again"
+    );
+    let states = settled(&manager, &[&x]).await;
+    assert!(matches!(states[0], ImageState::Ready(_)), "{:?}", states[0]);
+    assert_eq!(server.requests("/a.raw").len(), 2);
+}

@@ -92,10 +92,6 @@ impl ImageManager {
             Some(Job::Running(progress)) => {
                 return ImageState::InProgress(progress.borrow().clone());
             }
-            // Found again only if it is still in the store (garbage collection may have run).
-            Some(Job::Done(Ok(stored))) if stored.path.exists() => {
-                return ImageState::Ready(stored.clone());
-            }
             Some(Job::Done(Err((message, retry_at))))
                 if retry_at.is_none_or(|at| Instant::now() < at) =>
             {
@@ -106,8 +102,10 @@ impl ImageManager {
             }
             _ => {}
         }
-        // Already stored for this namespace (by an earlier run, another of its DiscImages, or an
-        // operator's `discus image fetch --namespace`): no job needed.
+        // Already stored for this namespace (by this job, an earlier run, another of its
+        // DiscImages, or an operator's `discus image fetch --namespace`): no job needed. Asked of
+        // the store each time, never of a finished job: garbage collection may have removed the
+        // image, or taken back the namespace's entitlement.
         if let Ok(Some(stored)) = self.importer.lookup(request) {
             jobs.insert(key, Job::Done(Ok(stored.clone())));
             return ImageState::Ready(stored);
