@@ -128,11 +128,15 @@ pub enum FetchError {
     Write(#[from] std::io::Error),
 }
 
-/// The URL without its query and fragment, which may carry signatures or tokens.
+/// The URL without credentials, query and fragment, which may carry signatures or tokens (a
+/// DiscImage's URL has no credentials, but a redirect's Location may).
 pub fn redacted(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.set_fragment(None);
+    // Only URLs that cannot have credentials refuse these, and those have none to hide.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
     shown.to_string()
 }
 
@@ -687,5 +691,7 @@ mod tests {
         let url =
             Url::parse("https://bucket.example.com/a.iso?X-Amz-Signature=secret#f").expect("url");
         assert_eq!(redacted(&url), "https://bucket.example.com/a.iso");
+        let url = Url::parse("https://user:pass@example.com/b.iso").expect("url");
+        assert_eq!(redacted(&url), "https://example.com/b.iso");
     }
 }

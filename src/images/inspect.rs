@@ -544,8 +544,13 @@ fn check_vmdk_create_type(text: &[u8]) -> Result<(), InspectError> {
     let value = &rest[..end];
     match value {
         b"monolithicSparse" | b"streamOptimized" => Ok(()),
+        // Shown in status: no control characters (no forged lines), and not much of it.
         other => Err(InspectError::VmdkCreateType(
-            String::from_utf8_lossy(other).chars().take(64).collect(),
+            String::from_utf8_lossy(other)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect(),
         )),
     }
 }
@@ -644,6 +649,72 @@ mod tests {
             inspect(&iso[..], ImageFormat::Raw).ok(),
             Some(Format::Iso),
             "an ISO is a raw disc image"
+        );
+    }
+
+    /// A sparse VMDK header (capacity in sectors, descriptor at `desc_sector`) with `at_512` at
+    /// byte 512 and `descriptor` at the header's descriptor sector.
+    fn vmdk(capacity: u64, desc_sector: u64, at_512: &str, descriptor: &str) -> Vec<u8> {
+        let mut image = vec![0u8; 64 * 512];
+        image[0..4].copy_from_slice(b"KDMV");
+        image[4..8].copy_from_slice(&1u32.to_le_bytes());
+        image[12..20].copy_from_slice(&capacity.to_le_bytes());
+        image[28..36].copy_from_slice(&desc_sector.to_le_bytes());
+        image[36..44].copy_from_slice(&20u64.to_le_bytes());
+        image[512..512 + at_512.len()].copy_from_slice(at_512.as_bytes());
+        let at = desc_sector as usize * 512;
+        image[at..at + descriptor.len()].copy_from_slice(descriptor.as_bytes());
+        image
+    }
+
+    #[test]
+    fn vmdk_descriptors_are_read_the_way_qemu_reads_them() {
+        let head = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n";
+        let sparse = format!("{head}createType=\"monolithicSparse\"\n");
+        assert!(inspect(&vmdk(2048, 1, "", &sparse)[..], ImageFormat::Vmdk).is_ok());
+        let refused = |image: Vec<u8>| inspect(&image[..], ImageFormat::Auto).expect_err("refused");
+        assert!(matches!(
+            refused(vmdk(0, 1, "", &sparse)),
+            InspectError::VmdkZeroCapacity
+        ));
+        for parent in [
+            format!("{sparse}# parentFileNameHint=\"/etc/passwd\"\n"),
+            format!("{sparse}xparentFileNameHintx=\"/etc/passwd\"\n"),
+            format!("{head}parentCID=12345678\ncreateType=\"monolithicSparse\"\n"),
+        ] {
+            assert!(
+                matches!(
+                    refused(vmdk(2048, 1, "", &parent)),
+                    InspectError::VmdkParent
+                ),
+                "{parent}"
+            );
+        }
+        // qemu looks for the parent at byte 512 whatever the header says.
+        let hint = format!("{sparse}parentFileNameHint=\"/etc/passwd\"\n");
+        assert!(matches!(
+            refused(vmdk(2048, 40, &hint, &sparse)),
+            InspectError::VmdkParent
+        ));
+        for ambiguous in [
+            format!("{head}# createType=\"monolithicFlat\"\ncreateType=\"monolithicSparse\"\n"),
+            format!("{head}createType = \"monolithicSparse\"\n"),
+            head.to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    refused(vmdk(2048, 1, "", &ambiguous)),
+                    InspectError::VmdkAmbiguous(_)
+                ),
+                "{ambiguous}"
+            );
+        }
+        let flat = format!("{head}createType=\"monolithic\nFlat\x1b\"\n");
+        let error = refused(vmdk(2048, 1, "", &flat));
+        assert_eq!(
+            error.to_string(),
+            "the VMDK's createType is \"monolithicFlat\"; only monolithicSparse and \
+             streamOptimized are served"
         );
     }
 
