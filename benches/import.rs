@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use discus::api::disc_image::ImageFormat;
 use discus::images::{
-    FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig, Phase, Source, progress,
-    qemu::QemuImg,
+    FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig, Phase, Requester, Source,
+    progress, qemu::QemuImg,
 };
 use sha2::{Digest, Sha256};
 
@@ -46,7 +46,7 @@ fn importer(dir: &Path, roots: Vec<std::path::PathBuf>) -> Importer {
         data_dir: dir.to_owned(),
         file_roots: roots,
         fetch: FetchOptions {
-            allow_loopback: true,
+            destinations: discus::images::DestinationPolicy::new(true, Vec::new(), Vec::new()),
             ..FetchOptions::default()
         },
         qemu: QemuImg::default(),
@@ -109,6 +109,7 @@ fn main() {
         let data = work.path().join(format!("data-http-{run}"));
         let importer = importer(&data, Vec::new());
         let request = ImportRequest {
+            requester: Requester::Operator,
             source: Source::Http {
                 url: url.clone(),
                 auth: HttpAuth::default(),
@@ -146,6 +147,7 @@ fn main() {
         let data = work.path().join(format!("data-qcow2-{run}"));
         let importer = importer(&data, vec![work.path().to_owned()]);
         let request = ImportRequest {
+            requester: Requester::Operator,
             source: Source::File {
                 path: qcow2_path.clone(),
             },

@@ -28,7 +28,9 @@ pub struct NodeConfig {
     pub backend: BackendChoice,
     pub node: NodeFacts,
     pub file_roots: Vec<PathBuf>,
-    pub allow_loopback: bool,
+    /// How images are downloaded, and where to (`fetch.destinations`: the agent adds the
+    /// cluster's own networks with `DestinationPolicy::deny_more` before `start`).
+    pub fetch: FetchOptions,
     pub iqn_authority: String,
     pub default_max_virtual_size: u64,
     pub tgt_control_port: u16,
@@ -68,10 +70,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
     let importer = Importer::new(ImporterConfig {
         data_dir: config.data_dir.clone(),
         file_roots: config.file_roots.clone(),
-        fetch: FetchOptions {
-            allow_loopback: config.allow_loopback,
-            ..FetchOptions::default()
-        },
+        fetch: config.fetch.clone(),
         qemu: crate::images::qemu::QemuImg::default(),
     })?;
     let metrics = Arc::new(Metrics::new());

@@ -21,7 +21,7 @@ use crate::desired::{
     Settings,
 };
 use crate::images::manager::{ImageManager, ImageState};
-use crate::images::{self, HttpAuth, ImportRequest, Source};
+use crate::images::{self, HttpAuth, ImportRequest, Requester, Source};
 use crate::metrics::{ErrorKind, Metrics};
 
 /// Everything declared: the input of a sync.
@@ -317,7 +317,7 @@ impl<B: Backend> Syncer<B> {
         let requests = self.import_requests(resources, &mut report);
         let mut ready = BTreeMap::new();
         for (key, request) in &requests {
-            if let Ok(Some(stored)) = self.images.importer().store().lookup(&request.sha256) {
+            if let Ok(Some(stored)) = self.images.importer().lookup(request) {
                 ready.insert(key.clone(), ready_image(&stored));
                 report.images.insert(key.clone(), ImageState::Ready(stored));
             }
@@ -473,6 +473,7 @@ impl<B: Backend> Syncer<B> {
             }
         };
         Ok(ImportRequest {
+            requester: Requester::Namespace(key.namespace.clone()),
             source,
             sha256: image.sha256,
             format: image.format,
@@ -727,8 +728,8 @@ impl<B: Backend> Syncer<B> {
     /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a
     /// complete set of resources, so an empty list here really means "nothing declared".
     fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
-        let needed = images::Needed {
-            sources: requests.values().map(|r| r.sha256.clone()).collect(),
+        let mut needed = images::Needed {
+            sources: Default::default(),
             served: state
                 .targets
                 .iter()
@@ -736,6 +737,9 @@ impl<B: Backend> Syncer<B> {
                 .filter_map(|lun| lun.backing.path().file_stem()?.to_str().map(str::to_owned))
                 .collect(),
         };
+        for request in requests.values() {
+            needed.source(&request.sha256, &request.requester);
+        }
         if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");
         }

@@ -1,4 +1,10 @@
 //! `discus image fetch`: import one image into a node's store, for pre-seeding and tests.
+//!
+//! It runs as the node's operator (root on the node), not as a tenant: it finds and stores images
+//! whoever they are for, and by itself entitles no namespace to what it stored — a DiscImage
+//! still proves possession with its own source (a download and a hash, no second conversion).
+//! `--namespace` is the operator vouching for namespaces explicitly: those get the image as if
+//! their own source had delivered it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +15,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use crate::api::disc_image::ImageFormat;
 use crate::api::{quantity, rules};
 use crate::images::{
-    self, FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig, Source,
+    self, DestinationPolicy, FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig,
+    Requester, Source,
 };
 
 #[derive(Subcommand)]
@@ -44,6 +51,17 @@ pub struct FetchArgs {
     /// Allow downloads from loopback addresses.
     #[arg(long)]
     allow_loopback: bool,
+    /// Entitle this namespace's DiscImages with the same SHA-256 to the stored image without a
+    /// download of their own: you vouch for it (repeatable; default: none, each namespace proves
+    /// possession with its own source).
+    #[arg(long = "namespace", value_name = "NAMESPACE", value_parser = parse_namespace)]
+    namespaces: Vec<String>,
+}
+
+fn parse_namespace(value: &str) -> Result<String, String> {
+    rules::object_name(value)
+        .map(|()| value.to_owned())
+        .map_err(|e| format!("{value:?}: {e}"))
 }
 
 fn parse_format(value: &str) -> Result<ImageFormat, String> {
@@ -99,13 +117,14 @@ async fn fetch(args: FetchArgs) -> Result<String, String> {
         data_dir: args.data_dir,
         file_roots,
         fetch: FetchOptions {
-            allow_loopback: args.allow_loopback,
+            destinations: DestinationPolicy::new(args.allow_loopback, Vec::new(), Vec::new()),
             ..FetchOptions::default()
         },
         qemu: images::qemu::QemuImg::default(),
     })
     .map_err(|e| e.to_string())?;
     let request = ImportRequest {
+        requester: Requester::Operator,
         source,
         sha256: args.sha256,
         format: args.format,
@@ -115,5 +134,11 @@ async fn fetch(args: FetchArgs) -> Result<String, String> {
         .import(&request, &mut images::ProgressReporter::silent())
         .await
         .map_err(|e| e.to_string())?;
+    for namespace in args.namespaces {
+        importer
+            .store()
+            .entitle(&stored.sha256, &Requester::Namespace(namespace))
+            .map_err(|e| e.to_string())?;
+    }
     serde_json::to_string(&stored).map_err(|e| e.to_string())
 }

@@ -8,6 +8,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{quantity, rules};
 use crate::desired::{NodeFacts, Policy};
+use crate::images::FetchOptions;
+use crate::images::destinations::{self, DestinationPolicy};
 use crate::node_runtime::{BackendChoice, NodeConfig};
 
 #[derive(Args)]
@@ -39,6 +41,20 @@ pub struct NodeArgs {
     /// Serve /metrics, /healthz and /readyz on this address (for example 0.0.0.0:9464).
     #[arg(long, env = "DISCUS_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
+    // Where image downloads may go, and how slow they may be (docs/images.md).
+    /// HTTP image sources may reach only these networks (a CIDR or an address, repeatable;
+    /// default: any address not denied). Loopback, link-local, unique-local IPv6, multicast and
+    /// the like stay refused.
+    #[arg(long = "source-allow", value_name = "CIDR", value_parser = destinations::parse_net)]
+    source_allow: Vec<ipnet::IpNet>,
+    /// HTTP image sources may never reach these networks (a CIDR or an address, repeatable); a
+    /// denied network wins over --source-allow.
+    #[arg(long = "source-deny", value_name = "CIDR", value_parser = destinations::parse_net)]
+    source_deny: Vec<ipnet::IpNet>,
+    /// The slowest average rate an image download or copy may have, in bytes per second (for
+    /// example 1Mi), after two minutes of grace; a slower one fails and is tried again later.
+    #[arg(long, value_name = "BYTES", default_value = "128Ki", value_parser = parse_rate)]
+    source_min_rate: u64,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -92,8 +108,8 @@ fn iqn_prefix(value: &str) -> Result<(String, String), String> {
 }
 
 impl NodeArgs {
-    /// The node's configuration, or which option is wrong.
-    /// `policy` is the command's default for what targets may ask for.
+    /// The node's configuration, or which option is wrong; `policy` is the command's default
+    /// for what targets may ask for.
     pub fn config(self, node: NodeFacts, policy: Policy) -> Result<NodeConfig, String> {
         rules::iscsi_name(&self.iqn_authority).map_err(|e| format!("--iqn-authority {e}"))?;
         Ok(NodeConfig {
@@ -101,7 +117,15 @@ impl NodeArgs {
             backend: self.backend,
             node,
             file_roots: self.file_roots,
-            allow_loopback: self.allow_loopback,
+            fetch: FetchOptions {
+                destinations: DestinationPolicy::new(
+                    self.allow_loopback,
+                    self.source_allow,
+                    self.source_deny,
+                ),
+                min_average_rate: self.source_min_rate,
+                ..FetchOptions::default()
+            },
             iqn_authority: self.iqn_authority,
             default_max_virtual_size: self.max_virtual_size,
             tgt_control_port: self.tgt_control_port,
@@ -118,6 +142,13 @@ impl NodeArgs {
 
 fn parse_size(value: &str) -> Result<u64, String> {
     quantity::parse_bytes(&Quantity(value.to_owned())).map_err(|e| e.to_string())
+}
+
+fn parse_rate(value: &str) -> Result<u64, String> {
+    match parse_size(value)? {
+        0 => Err("must be at least 1 byte per second".to_owned()),
+        rate => Ok(rate),
+    }
 }
 
 /// Seconds, at least one.

@@ -1,12 +1,15 @@
 //! Downloads over HTTP(S), hashed as the bytes arrive.
 //!
-//! rustls (no OpenSSL), timeouts, a bounded number of redirects, resume with `Range` after a
-//! dropped connection (from zero when the server cannot resume), retries with backoff, and never
-//! more bytes than announced or than the size limit. Destinations on loopback and link-local
-//! addresses (cloud metadata lives at 169.254.169.254) are refused after DNS resolution and on
-//! every redirect, unless loopback is explicitly allowed.
+//! rustls (no OpenSSL), timeouts, resume with `Range` after a dropped connection (from zero when
+//! the server cannot resume), retries with backoff, and never more bytes than announced or than
+//! the size limit. Every address a download connects to passes the node's
+//! [`DestinationPolicy`] — after DNS resolution and on every redirect hop. Redirects are followed
+//! here, not by the HTTP client, so that each hop is checked the same way: the headers of
+//! `headersSecretRef` go only to the origin (scheme, host, port) the DiscImage names and are
+//! dropped for the rest of the chain once a hop leaves it, and an https source never continues
+//! over plain http. The whole transfer keeps a minimum average rate ([`Pace`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,14 +18,16 @@ use backon::BackoffBuilder;
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 
+use super::destinations::{DestinationPolicy, Refusal};
+use super::pace::{Pace, TooSlow};
 use super::progress::{Phase, ProgressReporter};
 use super::sink::Sink;
 use crate::api::chap::Password;
 
 #[derive(Clone, Debug)]
 pub struct FetchOptions {
-    /// Allow loopback destinations (tests, single-server setups).
-    pub allow_loopback: bool,
+    /// Where downloads may connect (`--allow-loopback`, `--source-allow`, `--source-deny`).
+    pub destinations: DestinationPolicy,
     pub connect_timeout: Duration,
     /// The longest silence while waiting for the next bytes.
     pub read_timeout: Duration,
@@ -31,19 +36,36 @@ pub struct FetchOptions {
     pub attempts: usize,
     pub first_backoff: Duration,
     pub max_backoff: Duration,
+    /// The slowest average rate a transfer may have, in bytes per second (`--source-min-rate`).
+    pub min_average_rate: u64,
+    /// How long a transfer may take before its average rate counts (connecting, redirects,
+    /// retries).
+    pub rate_grace: Duration,
 }
+
+/// The default `--source-min-rate`: 128 KiB/s, about 1 Mbit/s.
+pub const DEFAULT_MIN_AVERAGE_RATE: u64 = 128 << 10;
 
 impl Default for FetchOptions {
     fn default() -> Self {
         Self {
-            allow_loopback: false,
+            destinations: DestinationPolicy::default(),
             connect_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(60),
             max_redirects: 5,
             attempts: 5,
             first_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            min_average_rate: DEFAULT_MIN_AVERAGE_RATE,
+            rate_grace: Duration::from_secs(120),
         }
+    }
+}
+
+impl FetchOptions {
+    /// The deadline of a transfer that starts now.
+    pub fn pace(&self) -> Pace {
+        Pace::start(self.rate_grace, self.min_average_rate)
     }
 }
 
@@ -52,20 +74,25 @@ impl Default for FetchOptions {
 pub struct HttpAuth {
     /// PEM certificates to trust instead of the system's.
     pub ca_bundle: Option<Vec<u8>>,
-    /// Request headers (for example `Authorization`), never logged.
+    /// Request headers (for example `Authorization`), never logged, sent only to the URL's own
+    /// origin.
     pub headers: Vec<(String, Password)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("refusing to fetch from {address} ({why}); {hint}")]
-    Forbidden {
-        address: IpAddr,
-        why: &'static str,
-        hint: &'static str,
-    },
+    #[error(transparent)]
+    Forbidden(#[from] Refusal),
     #[error("{url}: the server answered {status}")]
     Status { url: String, status: StatusCode },
+    #[error("{url}: {why}")]
+    Redirect { url: String, why: String },
+    #[error("{url}: {source}")]
+    TooSlow {
+        url: String,
+        #[source]
+        source: TooSlow,
+    },
     #[error("{url}: the image is {size} bytes, more than the limit of {limit} bytes")]
     TooLarge { url: String, size: u64, limit: u64 },
     #[error("{url}: the server sent more than the {announced} bytes it announced")]
@@ -101,92 +128,60 @@ pub enum FetchError {
     Write(#[from] std::io::Error),
 }
 
-/// The URL without its query and fragment, which may carry signatures or tokens.
+/// The URL without credentials, query and fragment, which may carry signatures or tokens (a
+/// DiscImage's URL has no credentials, but a redirect's Location may).
 pub fn redacted(url: &Url) -> String {
     let mut shown = url.clone();
     shown.set_query(None);
     shown.set_fragment(None);
+    // Only URLs that cannot have credentials refuse these, and those have none to hide.
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
     shown.to_string()
 }
 
-/// Why an address must not be fetched from, if it must not.
-fn forbidden(address: IpAddr, allow_loopback: bool) -> Option<&'static str> {
-    let address = match address {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
-        v4 => v4,
-    };
-    match address {
-        IpAddr::V4(v4) if v4.is_loopback() && !allow_loopback => Some("loopback"),
-        IpAddr::V6(v6) if v6.is_loopback() && !allow_loopback => Some("loopback"),
-        IpAddr::V4(v4) if v4.is_link_local() => {
-            Some("link-local, where cloud metadata services live")
-        }
-        IpAddr::V6(v6) if v6.is_unicast_link_local() => Some("link-local"),
-        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
-            Some("not a host address")
-        }
-        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => Some("not a host address"),
-        _ => None,
-    }
-}
-
-fn check(address: IpAddr, allow_loopback: bool) -> Result<(), FetchError> {
-    match forbidden(address, allow_loopback) {
-        None => Ok(()),
-        Some(why) => Err(FetchError::Forbidden {
-            address,
-            why,
-            hint: if why == "loopback" {
-                "allow loopback sources explicitly (--allow-loopback) if this is intended"
-            } else {
-                "images must come from a host address"
-            },
-        }),
-    }
-}
-
-/// Resolves names and drops forbidden addresses, so that a name pointing at loopback or at the
+/// Resolves names and drops refused addresses, so that a name pointing at loopback or at the
 /// metadata service is refused as surely as the address itself.
 struct GuardedResolver {
-    allow_loopback: bool,
+    policy: Arc<DestinationPolicy>,
 }
 
 impl reqwest::dns::Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let allow_loopback = self.allow_loopback;
+        let policy = Arc::clone(&self.policy);
         Box::pin(async move {
             let host = name.as_str().to_owned();
             let resolved: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = resolved
-                .iter()
-                .copied()
-                .filter(|a| forbidden(a.ip(), allow_loopback).is_none())
-                .collect();
-            match (allowed.is_empty(), resolved.first()) {
-                (true, Some(first)) => {
-                    let error: Box<dyn std::error::Error + Send + Sync> =
-                        Box::new(check(first.ip(), allow_loopback).err().unwrap_or(
-                            FetchError::Client(format!(
-                                "{host} has no address discus may fetch from"
-                            )),
-                        ));
-                    Err(error)
+            let mut refusal = None;
+            let mut allowed = Vec::new();
+            for address in resolved {
+                match policy.check(address.ip()) {
+                    Ok(()) => allowed.push(address),
+                    Err(refused) => {
+                        refusal.get_or_insert(refused);
+                    }
                 }
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+            match (allowed.is_empty(), refusal) {
+                (true, Some(refusal)) => Err(Box::new(refusal) as Box<_>),
+                (true, None) => {
+                    Err(Box::new(FetchError::Client(format!("{host} has no address"))) as Box<_>)
+                }
+                (false, _) => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
             }
         })
     }
 }
 
-/// Refuses URLs whose host is a forbidden address literal (names go through the resolver).
-fn check_url(url: &Url, allow_loopback: bool) -> Result<(), FetchError> {
+/// Refuses URLs whose host is a refused address literal (names go through the resolver).
+fn check_url(url: &Url, policy: &DestinationPolicy) -> Result<(), Refusal> {
     let literal = match url.host() {
-        Some(url::Host::Ipv4(v4)) => Some(IpAddr::V4(v4)),
-        Some(url::Host::Ipv6(v6)) => Some(IpAddr::V6(v6)),
+        Some(url::Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+        Some(url::Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
         _ => None,
     };
-    literal.map_or(Ok(()), |address| check(address, allow_loopback))
+    literal.map_or(Ok(()), |address| policy.check(address))
 }
 
 pub struct Fetcher {
@@ -200,6 +195,26 @@ enum Retry {
     Permanent(FetchError),
 }
 
+/// One download as it goes: where it starts, what it sends, how fast it must be.
+struct Transfer<'a> {
+    url: &'a Url,
+    /// The URL as errors and logs show it.
+    shown: String,
+    /// From `headersSecretRef`: only for `url`'s origin.
+    secrets: HeaderMap,
+    limit: u64,
+    pace: Pace,
+}
+
+impl Transfer<'_> {
+    fn too_slow(&self, received: u64) -> FetchError {
+        FetchError::TooSlow {
+            url: self.shown.clone(),
+            source: self.pace.too_slow(received),
+        }
+    }
+}
+
 impl Fetcher {
     pub fn new(options: FetchOptions) -> Self {
         // reqwest is built without a default TLS provider so that one (ring) serves kube and
@@ -208,26 +223,22 @@ impl Fetcher {
         Self { options }
     }
 
+    pub fn options(&self) -> &FetchOptions {
+        &self.options
+    }
+
     fn client(&self, auth: &HttpAuth) -> Result<reqwest::Client, FetchError> {
-        let allow_loopback = self.options.allow_loopback;
-        let max_redirects = self.options.max_redirects;
-        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-            if attempt.previous().len() > max_redirects {
-                attempt.error(format!("more than {max_redirects} redirects"))
-            } else if let Err(error) = check_url(attempt.url(), allow_loopback) {
-                attempt.error(error)
-            } else {
-                attempt.follow()
-            }
-        });
         let mut builder = reqwest::Client::builder()
             .tls_backend_rustls()
             .connect_timeout(self.options.connect_timeout)
             .read_timeout(self.options.read_timeout)
-            .redirect(redirects)
+            // Followed in `send`, where every hop is checked.
+            .redirect(reqwest::redirect::Policy::none())
             // A proxy would resolve names out of the guard's sight.
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver { allow_loopback }))
+            .dns_resolver(Arc::new(GuardedResolver {
+                policy: Arc::new(self.options.destinations.clone()),
+            }))
             .user_agent(concat!("discus/", env!("CARGO_PKG_VERSION")));
         if let Some(pem) = &auth.ca_bundle {
             let certificates = reqwest::Certificate::from_pem_bundle(pem)
@@ -256,19 +267,26 @@ impl Fetcher {
         Ok(headers)
     }
 
-    /// Downloads `url` into the sink, at most `limit` bytes. Returns the number of bytes.
+    /// Downloads `url` into the sink, at most `limit` bytes, keeping `pace`. Returns the number
+    /// of bytes.
     pub async fn fetch(
         &self,
         url: &Url,
         auth: &HttpAuth,
         limit: u64,
+        pace: Pace,
         sink: &Sink,
         progress: &mut ProgressReporter,
     ) -> Result<u64, FetchError> {
-        check_url(url, self.options.allow_loopback)?;
+        check_url(url, &self.options.destinations)?;
         let client = self.client(auth)?;
-        let headers = Self::headers(auth)?;
-        let shown = redacted(url);
+        let transfer = Transfer {
+            url,
+            shown: redacted(url),
+            secrets: Self::headers(auth)?,
+            limit,
+            pace,
+        };
         let mut state = Download::default();
         let mut delays = backon::ExponentialBuilder::default()
             .with_min_delay(self.options.first_backoff)
@@ -279,120 +297,51 @@ impl Fetcher {
         let mut failures = 0;
         loop {
             let before = state.done;
-            match self
-                .attempt(
-                    &client, url, &headers, &shown, limit, &mut state, sink, progress,
-                )
+            let message = match self
+                .attempt(&client, &transfer, &mut state, sink, progress)
                 .await
             {
                 Ok(bytes) => return Ok(bytes),
                 Err(Retry::Permanent(error)) => return Err(error),
-                Err(Retry::Transient(message)) => {
-                    failures = if state.done > before { 1 } else { failures + 1 };
-                    if failures >= self.options.attempts {
-                        return Err(match state.total {
-                            Some(total)
-                                if state.done < total
-                                    && message.starts_with("connection ended") =>
-                            {
-                                FetchError::Incomplete {
-                                    url: shown,
-                                    received: state.done,
-                                    announced: total,
-                                    attempts: failures,
-                                }
-                            }
-                            _ => FetchError::Transport {
-                                url: shown,
-                                message,
-                                attempts: failures,
-                            },
-                        });
-                    }
-                    let delay = delays.next().unwrap_or(self.options.max_backoff);
-                    tracing::warn!(url = %shown, %message, retry_in = ?delay, "download interrupted");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(Retry::Transient(message)) => message,
+            };
+            failures = if state.done > before { 1 } else { failures + 1 };
+            if failures >= self.options.attempts {
+                return Err(gave_up(&transfer, &state, message, failures));
             }
+            let delay = delays.next().unwrap_or(self.options.max_backoff);
+            if transfer.pace.would_miss(state.done, delay) {
+                return Err(transfer.too_slow(state.done));
+            }
+            tracing::warn!(url = %transfer.shown, %message, retry_in = ?delay, "download interrupted");
+            tokio::time::sleep(delay).await;
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         client: &reqwest::Client,
-        url: &Url,
-        headers: &HeaderMap,
-        shown: &str,
-        limit: u64,
+        transfer: &Transfer<'_>,
         state: &mut Download,
         sink: &Sink,
         progress: &mut ProgressReporter,
     ) -> Result<u64, Retry> {
-        let mut request = client.get(url.clone()).headers(headers.clone());
+        let mut range = HeaderMap::new();
         if state.done > 0 {
-            request = request.header(header::RANGE, format!("bytes={}-", state.done));
+            range.insert(header::RANGE, range_from(state.done)?);
             // Resume only if the file is still the one we started: otherwise the server sends it whole.
             if let Some(validator) = &state.validator {
-                request = request.header(header::IF_RANGE, validator.clone());
+                range.insert(header::IF_RANGE, validator.clone());
             }
         }
-        let mut response = request.send().await.map_err(|e| classify(&e))?;
-        let status = response.status();
-        match status {
-            StatusCode::OK => {
-                if state.done > 0 {
-                    tracing::info!(url = %shown, "the server cannot resume; starting again from zero");
-                    sink.reset().await.map_err(|e| Retry::Permanent(e.into()))?;
-                    state.done = 0;
-                }
-                state.total = response.content_length();
-                state.validator = response
-                    .headers()
-                    .get(header::ETAG)
-                    .or_else(|| response.headers().get(header::LAST_MODIFIED))
-                    .cloned();
-            }
-            StatusCode::PARTIAL_CONTENT => {
-                let range = response
-                    .headers()
-                    .get(header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(parse_content_range);
-                match range {
-                    Some((start, total)) if start == state.done => {
-                        state.total = total.or(state.total)
-                    }
-                    _ => {
-                        // Not the range asked for: start again from zero, without a range.
-                        sink.reset().await.map_err(|e| Retry::Permanent(e.into()))?;
-                        state.done = 0;
-                        state.validator = None;
-                        return Err(Retry::Transient(
-                            "the server answered a different range".into(),
-                        ));
-                    }
-                }
-            }
-            s if s.is_server_error()
-                || s == StatusCode::TOO_MANY_REQUESTS
-                || s == StatusCode::REQUEST_TIMEOUT =>
-            {
-                return Err(Retry::Transient(format!("the server answered {s}")));
-            }
-            s => {
-                return Err(Retry::Permanent(FetchError::Status {
-                    url: shown.to_owned(),
-                    status: s,
-                }));
-            }
-        }
+        let mut response = self.send(client, transfer, &range, state.done).await?;
+        self.start_body(&response, transfer, state, sink).await?;
         if let Some(total) = state.total {
-            if total > limit {
+            if total > transfer.limit {
                 return Err(Retry::Permanent(FetchError::TooLarge {
-                    url: shown.to_owned(),
+                    url: transfer.shown.clone(),
                     size: total,
-                    limit,
+                    limit: transfer.limit,
                 }));
             }
             if state.done == 0 {
@@ -401,27 +350,17 @@ impl Fetcher {
         }
         progress.update(Phase::Downloading, state.done, state.total);
         loop {
-            let chunk = match response.chunk().await {
+            let next =
+                tokio::time::timeout_at(transfer.pace.deadline(state.done), response.chunk())
+                    .await
+                    .map_err(|_| Retry::Permanent(transfer.too_slow(state.done)))?;
+            let chunk = match next {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => break,
                 Err(e) => return Err(classify(&e)),
             };
             let done = state.done + chunk.len() as u64;
-            if let Some(total) = state.total
-                && done > total
-            {
-                return Err(Retry::Permanent(FetchError::MoreThanAnnounced {
-                    url: shown.to_owned(),
-                    announced: total,
-                }));
-            }
-            if done > limit {
-                return Err(Retry::Permanent(FetchError::TooLarge {
-                    url: shown.to_owned(),
-                    size: done,
-                    limit,
-                }));
-            }
+            check_received(transfer, state.total, done)?;
             sink.write(chunk)
                 .await
                 .map_err(|e| Retry::Permanent(e.into()))?;
@@ -436,6 +375,184 @@ impl Fetcher {
             _ => Ok(state.done),
         }
     }
+
+    /// Reads the status of the final answer: where the body starts, how long it is, and whether
+    /// the bytes so far still count.
+    async fn start_body(
+        &self,
+        response: &reqwest::Response,
+        transfer: &Transfer<'_>,
+        state: &mut Download,
+        sink: &Sink,
+    ) -> Result<(), Retry> {
+        match response.status() {
+            StatusCode::OK => {
+                if state.done > 0 {
+                    tracing::info!(url = %transfer.shown, "the server cannot resume; starting again from zero");
+                    sink.reset().await.map_err(|e| Retry::Permanent(e.into()))?;
+                    state.done = 0;
+                }
+                state.total = response.content_length();
+                state.validator = response
+                    .headers()
+                    .get(header::ETAG)
+                    .or_else(|| response.headers().get(header::LAST_MODIFIED))
+                    .cloned();
+                Ok(())
+            }
+            StatusCode::PARTIAL_CONTENT => {
+                let range = response
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range);
+                match range {
+                    Some((start, total)) if start == state.done => {
+                        state.total = total.or(state.total);
+                        Ok(())
+                    }
+                    _ => {
+                        // Not the range asked for: start again from zero, without a range.
+                        sink.reset().await.map_err(|e| Retry::Permanent(e.into()))?;
+                        state.done = 0;
+                        state.validator = None;
+                        Err(Retry::Transient(
+                            "the server answered a different range".into(),
+                        ))
+                    }
+                }
+            }
+            s if s.is_server_error()
+                || s == StatusCode::TOO_MANY_REQUESTS
+                || s == StatusCode::REQUEST_TIMEOUT =>
+            {
+                Err(Retry::Transient(format!("the server answered {s}")))
+            }
+            s => Err(Retry::Permanent(FetchError::Status {
+                url: transfer.shown.clone(),
+                status: s,
+            })),
+        }
+    }
+
+    /// Sends the GET and follows redirects: every hop's address is checked, the secret headers
+    /// go only to the source's own origin, and https never turns into http.
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        transfer: &Transfer<'_>,
+        range: &HeaderMap,
+        done: u64,
+    ) -> Result<reqwest::Response, Retry> {
+        let origin = transfer.url.origin();
+        let mut url = transfer.url.clone();
+        // Once the chain leaves the origin it never gets the secrets again, even if it comes
+        // back: the hop that sends it back chose where.
+        let mut with_secrets = true;
+        for _ in 0..=self.options.max_redirects {
+            check_url(&url, &self.options.destinations).map_err(|e| Retry::Permanent(e.into()))?;
+            with_secrets &= url.origin() == origin;
+            let mut request = client.get(url.clone()).headers(range.clone());
+            if with_secrets {
+                request = request.headers(transfer.secrets.clone());
+            }
+            let response = tokio::time::timeout_at(transfer.pace.deadline(done), request.send())
+                .await
+                .map_err(|_| Retry::Permanent(transfer.too_slow(done)))?
+                .map_err(|e| classify(&e))?;
+            match next_hop(&url, &response) {
+                Ok(None) => return Ok(response),
+                Ok(Some(next)) => url = next,
+                Err(why) => {
+                    return Err(Retry::Permanent(FetchError::Redirect {
+                        url: transfer.shown.clone(),
+                        why,
+                    }));
+                }
+            }
+        }
+        Err(Retry::Permanent(FetchError::Redirect {
+            url: transfer.shown.clone(),
+            why: format!("more than {} redirects", self.options.max_redirects),
+        }))
+    }
+}
+
+/// Where a redirect answer sends the download next (`None` for any other answer), or why it
+/// must not go there.
+fn next_hop(url: &Url, response: &reqwest::Response) -> Result<Option<Url>, String> {
+    let status = response.status();
+    if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return Ok(None);
+    }
+    let location = response
+        .headers()
+        .get(header::LOCATION)
+        .ok_or_else(|| format!("the server answered {status} without a Location"))?
+        .to_str()
+        .map_err(|_| format!("the server answered {status} with a Location that is not text"))?;
+    let next = url
+        .join(location)
+        .map_err(|e| format!("the server redirected to an invalid location: {e}"))?;
+    match (url.scheme(), next.scheme()) {
+        ("https", "https") | ("http", "http" | "https") => Ok(Some(next)),
+        ("https", "http") => Err(format!(
+            "refusing the redirect from https to plain http ({}): the download would lose TLS",
+            redacted(&next)
+        )),
+        (_, other) => Err(format!(
+            "refusing the redirect to a {other}: URL; image sources are http or https"
+        )),
+    }
+}
+
+/// The error once the attempts ran out.
+fn gave_up(
+    transfer: &Transfer<'_>,
+    state: &Download,
+    message: String,
+    attempts: usize,
+) -> FetchError {
+    match state.total {
+        Some(total) if state.done < total && message.starts_with("connection ended") => {
+            FetchError::Incomplete {
+                url: transfer.shown.clone(),
+                received: state.done,
+                announced: total,
+                attempts,
+            }
+        }
+        _ => FetchError::Transport {
+            url: transfer.shown.clone(),
+            message,
+            attempts,
+        },
+    }
+}
+
+/// Refuses a body that grows past what was announced or past the limit.
+fn check_received(transfer: &Transfer<'_>, total: Option<u64>, done: u64) -> Result<(), Retry> {
+    if let Some(total) = total
+        && done > total
+    {
+        return Err(Retry::Permanent(FetchError::MoreThanAnnounced {
+            url: transfer.shown.clone(),
+            announced: total,
+        }));
+    }
+    if done > transfer.limit {
+        return Err(Retry::Permanent(FetchError::TooLarge {
+            url: transfer.shown.clone(),
+            size: done,
+            limit: transfer.limit,
+        }));
+    }
+    Ok(())
+}
+
+fn range_from(done: u64) -> Result<HeaderValue, Retry> {
+    HeaderValue::from_str(&format!("bytes={done}-"))
+        .map_err(|e| Retry::Permanent(FetchError::Client(format!("the Range header: {e}"))))
 }
 
 /// How far a download got, across attempts.
@@ -469,28 +586,15 @@ fn find_in_chain<'a, T: std::error::Error + 'static>(
 }
 
 fn classify(error: &reqwest::Error) -> Retry {
-    // A refused destination surfaces as a connect error carrying our FetchError.
-    if let Some(FetchError::Forbidden { address, why, hint }) = find_in_chain::<FetchError>(error) {
-        return Retry::Permanent(FetchError::Forbidden {
-            address: *address,
-            why,
-            hint,
-        });
+    // A refused destination surfaces as a connect error carrying the refusal.
+    if let Some(refusal) = find_in_chain::<Refusal>(error) {
+        return Retry::Permanent(FetchError::Forbidden(refusal.clone()));
     }
     // A certificate the trust roots do not vouch for will not be vouched for on the next try.
     if let Some(tls) = find_in_chain::<rustls::Error>(error) {
         return Retry::Permanent(FetchError::Transport {
             url: error.url().map(redacted).unwrap_or_default(),
             message: format!("TLS: {tls}"),
-            attempts: 1,
-        });
-    }
-    if error.is_redirect() {
-        let message =
-            std::error::Error::source(error).map_or_else(|| error.to_string(), ToString::to_string);
-        return Retry::Permanent(FetchError::Transport {
-            url: error.url().map(redacted).unwrap_or_default(),
-            message,
             attempts: 1,
         });
     }
@@ -546,45 +650,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_and_link_local_destinations_are_refused() {
-        for (address, allowed_with_loopback) in [
-            ("127.0.0.1", true),
-            ("::1", true),
-            ("::ffff:127.0.0.1", true),
-            ("169.254.169.254", false),
-            ("fe80::1", false),
-            ("0.0.0.0", false),
-            ("224.0.0.1", false),
-        ] {
-            let ip: IpAddr = address.parse().expect("ip");
-            assert!(forbidden(ip, false).is_some(), "{address}");
-            assert_eq!(
-                forbidden(ip, true).is_none(),
-                allowed_with_loopback,
-                "{address}"
-            );
-        }
-        for address in ["10.0.0.5", "192.168.1.1", "2001:db8::1", "8.8.8.8"] {
-            assert_eq!(
-                forbidden(address.parse().expect("ip"), false),
-                None,
-                "{address}"
-            );
-        }
-    }
-
-    #[test]
-    fn urls_with_forbidden_literals_are_refused_before_any_request() {
+    fn urls_with_refused_literals_are_refused_before_any_request() {
+        let policy = DestinationPolicy {
+            allow_loopback: true,
+            ..DestinationPolicy::default()
+        };
         let url = Url::parse("http://169.254.169.254/latest/meta-data/").expect("url");
-        let error = check_url(&url, true).expect_err("metadata");
+        let error = check_url(&url, &policy).expect_err("metadata");
         assert!(
             error
                 .to_string()
                 .starts_with("refusing to fetch from 169.254.169.254 (link-local"),
             "{error}"
         );
-        assert!(check_url(&Url::parse("http://[::1]:8080/a").expect("url"), false).is_err());
-        assert!(check_url(&Url::parse("http://example.com/a").expect("url"), false).is_ok());
+        let strict = DestinationPolicy::default();
+        assert!(check_url(&Url::parse("http://[::1]:8080/a").expect("url"), &strict).is_err());
+        assert!(
+            check_url(
+                &Url::parse("http://[fd00:ec2::254]/").expect("url"),
+                &policy
+            )
+            .is_err()
+        );
+        assert!(check_url(&Url::parse("http://example.com/a").expect("url"), &strict).is_ok());
     }
 
     #[test]
@@ -603,5 +691,7 @@ mod tests {
         let url =
             Url::parse("https://bucket.example.com/a.iso?X-Amz-Signature=secret#f").expect("url");
         assert_eq!(redacted(&url), "https://bucket.example.com/a.iso");
+        let url = Url::parse("https://user:pass@example.com/b.iso").expect("url");
+        assert_eq!(redacted(&url), "https://example.com/b.iso");
     }
 }

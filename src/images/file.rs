@@ -1,4 +1,9 @@
 //! The `file` source: a path on the storage node, allowed only under the configured roots.
+//!
+//! What is read is judged after it is opened, never before (a path can change in between): the
+//! opened file's real path must lie under a root, and it must be a regular file. The open itself
+//! must not block, or a FIFO or a device under a root would hold the import forever; and the copy
+//! keeps the same minimum average rate as a download.
 
 use std::path::{Path, PathBuf};
 
@@ -6,6 +11,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
 use super::fetch::ensure_space;
+use super::pace::{Pace, TooSlow};
 use super::progress::{Phase, ProgressReporter};
 use super::sink::Sink;
 
@@ -20,8 +26,14 @@ pub enum FileSourceError {
     },
     #[error("{} is outside the allowed file roots ({roots})", path.display())]
     OutsideRoots { path: PathBuf, roots: String },
-    #[error("{} is not a regular file", path.display())]
-    NotAFile { path: PathBuf },
+    #[error("{} is not a regular file (it is {kind}); file sources are image files", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{}: {source}", path.display())]
+    TooSlow {
+        path: PathBuf,
+        #[source]
+        source: TooSlow,
+    },
     #[error("{}: the file is {size} bytes, more than the limit of {limit} bytes", path.display())]
     TooLarge {
         path: PathBuf,
@@ -61,16 +73,71 @@ pub fn resolve(path: &Path, roots: &[PathBuf]) -> Result<PathBuf, FileSourceErro
     Ok(real)
 }
 
+/// What a file type is called in errors.
+fn kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens `real` without blocking (a FIFO would wait for a writer), then refuses anything but a
+/// regular file, judged on what was opened.
+fn open_regular(real: &Path) -> Result<(std::fs::File, u64), FileSourceError> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(real, flags, Mode::empty())
+        .map_err(std::io::Error::from)
+        .map_err(io_at(real))?;
+    let file = std::fs::File::from(fd);
+    let metadata = file.metadata().map_err(io_at(real))?;
+    if !metadata.is_file() {
+        return Err(FileSourceError::NotAFile {
+            path: real.to_owned(),
+            kind: kind(metadata.file_type()),
+        });
+    }
+    rustix::fs::fcntl_setfl(&file, OFlags::empty())
+        .map_err(std::io::Error::from)
+        .map_err(io_at(real))?;
+    Ok((file, metadata.len()))
+}
+
 /// Copies the file into the sink, which hashes it on the way: one pass over the source.
 pub async fn copy(
     path: &Path,
     roots: &[PathBuf],
     limit: u64,
+    pace: Pace,
     sink: &Sink,
     progress: &mut ProgressReporter,
 ) -> Result<u64, FileSourceError> {
     let real = resolve(path, roots)?;
-    let mut file = tokio::fs::File::open(&real).await.map_err(io_at(&real))?;
+    let opening = real.clone();
+    // Even an open can hang (a stuck network file system): the deadline holds from the start.
+    let opened = tokio::time::timeout_at(
+        pace.deadline(0),
+        tokio::task::spawn_blocking(move || open_regular(&opening)),
+    )
+    .await
+    .map_err(|_| FileSourceError::TooSlow {
+        path: real.clone(),
+        source: pace.too_slow(0),
+    })?;
+    let (file, size) = opened.map_err(|e| FileSourceError::Io {
+        path: real.clone(),
+        source: std::io::Error::other(e),
+    })??;
     // Check what was opened, not what the path named a moment ago.
     let opened = tokio::fs::canonicalize(format!(
         "/proc/self/fd/{}",
@@ -81,11 +148,6 @@ pub async fn copy(
     if opened != real {
         resolve(&opened, roots)?;
     }
-    let metadata = file.metadata().await.map_err(io_at(&real))?;
-    if !metadata.is_file() {
-        return Err(FileSourceError::NotAFile { path: real });
-    }
-    let size = metadata.len();
     if size > limit {
         return Err(FileSourceError::TooLarge {
             path: real,
@@ -94,11 +156,18 @@ pub async fn copy(
         });
     }
     ensure_space(sink.dir(), size)?;
+    let mut file = tokio::fs::File::from_std(file);
     let mut done = 0u64;
     progress.update(Phase::Downloading, 0, Some(size));
     loop {
         let mut buffer = BytesMut::with_capacity(1 << 20);
-        let n = file.read_buf(&mut buffer).await.map_err(io_at(&real))?;
+        let read = tokio::time::timeout_at(pace.deadline(done), file.read_buf(&mut buffer))
+            .await
+            .map_err(|_| FileSourceError::TooSlow {
+                path: real.clone(),
+                source: pace.too_slow(done),
+            })?;
+        let n = read.map_err(io_at(&real))?;
         if n == 0 {
             break;
         }

@@ -31,6 +31,13 @@ impl Format {
         }
     }
 
+    /// The format `as_str` names.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Iso, Self::Raw, Self::Qcow2, Self::Vhdx, Self::Vmdk]
+            .into_iter()
+            .find(|f| f.as_str() == name)
+    }
+
     /// Whether the bytes are served as they are (ISO and raw) or converted to raw first.
     pub fn is_raw(self) -> bool {
         matches!(self, Self::Iso | Self::Raw)
@@ -82,6 +89,19 @@ pub enum InspectError {
     VmdkDescriptor,
     #[error("the VMDK's createType is {0:?}; only monolithicSparse and streamOptimized are served")]
     VmdkCreateType(String),
+    #[error(
+        "the VMDK's sparse header says capacity 0, which makes qemu-img read its embedded \
+         descriptor as a descriptor file that refers to other files; use a monolithicSparse or \
+         streamOptimized VMDK"
+    )]
+    VmdkZeroCapacity,
+    #[error(
+        "the VMDK names a parent (parentFileNameHint, or a parentCID other than ffffffff): it is \
+         a delta disk; use a standalone VMDK"
+    )]
+    VmdkParent,
+    #[error("the VMDK's embedded descriptor is ambiguous ({0}); qemu-img could read it otherwise")]
+    VmdkAmbiguous(String),
     #[error("the {format} header is malformed: {what}")]
     Malformed { format: &'static str, what: String },
 }
@@ -231,18 +251,7 @@ pub fn inspect(
     declared: ImageFormat,
 ) -> Result<Format, InspectError> {
     let detected = detect(image)?;
-    let matches = match declared {
-        ImageFormat::Auto => true,
-        // An ISO is the raw image of a disc: served byte for byte either way.
-        ImageFormat::Raw => detected.is_raw(),
-        declared => declared == detected.as_api(),
-    };
-    if !matches {
-        return Err(InspectError::Mismatch {
-            declared: declared.as_str(),
-            detected: detected.as_str(),
-        });
-    }
+    check_declared(declared, detected)?;
     match detected {
         Format::Qcow2 => check_qcow2(image)?,
         Format::Vhdx => check_vhdx(image)?,
@@ -250,6 +259,24 @@ pub fn inspect(
         Format::Iso | Format::Raw => {}
     }
     Ok(detected)
+}
+
+/// Refuses an image whose format is not the one `spec.format` declares.
+pub fn check_declared(declared: ImageFormat, detected: Format) -> Result<(), InspectError> {
+    let matches = match declared {
+        ImageFormat::Auto => true,
+        // An ISO is the raw image of a disc: served byte for byte either way.
+        ImageFormat::Raw => detected.is_raw(),
+        declared => declared == detected.as_api(),
+    };
+    if matches {
+        Ok(())
+    } else {
+        Err(InspectError::Mismatch {
+            declared: declared.as_str(),
+            detected: detected.as_str(),
+        })
+    }
 }
 
 /// qcow2: no backing file, no external data file, no encryption, no features qemu-img may not know.
@@ -426,9 +453,26 @@ fn check_vhdx(image: &(impl ReadAt + ?Sized)) -> Result<(), InspectError> {
     Ok(())
 }
 
-/// VMDK: a single-file sparse extent (monolithicSparse or streamOptimized) without a parent.
-/// qemu-img serves such a file from itself; the extent name in its embedded descriptor is not
-/// opened, and qemu-img info's extent list is checked again after inspection.
+/// How much text qemu reads at byte 512 of a sparse VMDK for its parent and CIDs (20 sectors).
+const VMDK_QEMU_DESCRIPTOR: usize = 20 * 512;
+
+/// VMDK: a single-file sparse extent (monolithicSparse or streamOptimized) without a parent,
+/// judged by the rules qemu's vmdk driver reads it with (block/vmdk.c), not by the VMDK
+/// specification, because qemu-img is what opens it:
+///
+/// - qemu opens a sparse extent whose header says capacity 0 and names an embedded descriptor as
+///   a *descriptor file*, and opens every extent line in that text, wherever it points. Such a
+///   header is refused outright.
+/// - Otherwise it serves the extent itself, then takes a parent from the 10 KiB at byte 512 —
+///   not from where the header puts the descriptor — at the first occurrence of
+///   `parentFileNameHint` anywhere in that text (a comment, the middle of a word), and opens it.
+///   Any occurrence, there or in the header's descriptor, is refused.
+/// - It finds keys by substring, not by line: `createType` is whatever follows the first
+///   occurrence of the word and two more characters. discus wants exactly one occurrence, spelled
+///   `createType="…"`, naming monolithicSparse or streamOptimized; anything else is ambiguous.
+/// - qemu stops reading at a NUL byte; discus judges the text after it too.
+///
+/// `qemu-img info`'s extent list is checked again after inspection.
 fn check_vmdk(image: &(impl ReadAt + ?Sized)) -> Result<(), InspectError> {
     const F: &str = "vmdk";
     let header = bytes(image, 0, 512)?;
@@ -440,34 +484,75 @@ fn check_vmdk(image: &(impl ReadAt + ?Sized)) -> Result<(), InspectError> {
     if !(1..=3).contains(&version) {
         return Err(malformed(F, format!("version {version}")));
     }
-    let (offset, size) = (h.le64(28)?, h.le64(36)?);
+    let (capacity, offset, size) = (h.le64(12)?, h.le64(28)?, h.le64(36)?);
+    if capacity == 0 {
+        return Err(InspectError::VmdkZeroCapacity);
+    }
+    let fixed = bytes(image, 512, VMDK_QEMU_DESCRIPTOR)?;
+    check_vmdk_parent(&fixed)?;
     if offset == 0 || size == 0 {
         // No embedded descriptor: qemu-img reads the extent alone.
         return Ok(());
     }
     let length = size.saturating_mul(512).min(1 << 20) as usize;
     let descriptor = bytes(image, offset.saturating_mul(512), length)?;
-    let text = String::from_utf8_lossy(&descriptor);
-    let value = |key: &str| {
-        text.lines().find_map(|line| {
-            let (k, v) = line.split_once('=')?;
-            (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
-        })
-    };
-    match value("createType").as_deref() {
-        Some("monolithicSparse" | "streamOptimized") => {}
-        Some(other) => return Err(InspectError::VmdkCreateType(other.to_owned())),
-        None => return Err(malformed(F, "the embedded descriptor has no createType")),
+    check_vmdk_parent(&descriptor)?;
+    check_vmdk_create_type(&descriptor)
+}
+
+/// Where `needle` occurs in `text`.
+fn occurrences<'a>(text: &'a [u8], needle: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    text.windows(needle.len())
+        .enumerate()
+        .filter(move |(_, window)| *window == needle)
+        .map(|(at, _)| at)
+}
+
+/// No parent file name anywhere, and every `parentCID` says "none".
+fn check_vmdk_parent(text: &[u8]) -> Result<(), InspectError> {
+    if occurrences(text, b"parentFileNameHint").next().is_some() {
+        return Err(InspectError::VmdkParent);
     }
-    let has_parent = value("parentCID").is_some_and(|cid| !cid.eq_ignore_ascii_case("ffffffff"))
-        || value("parentFileNameHint").is_some();
-    if has_parent {
-        return Err(malformed(
-            F,
-            "the image has a parent (a delta disk); use a standalone VMDK",
-        ));
+    for at in occurrences(text, b"parentCID") {
+        let value = &text[at + b"parentCID".len()..];
+        let none = value
+            .strip_prefix(b"=")
+            .and_then(|v| v.get(..8))
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"ffffffff"));
+        if !none {
+            return Err(InspectError::VmdkParent);
+        }
     }
     Ok(())
+}
+
+/// Exactly one `createType="…"`, for a type that is a single sparse file.
+fn check_vmdk_create_type(text: &[u8]) -> Result<(), InspectError> {
+    const KEY: &[u8] = b"createType";
+    let mut found = occurrences(text, KEY);
+    let (Some(at), None) = (found.next(), found.next()) else {
+        return Err(InspectError::VmdkAmbiguous(
+            "it must name createType exactly once".into(),
+        ));
+    };
+    let spelled =
+        || InspectError::VmdkAmbiguous("createType must be written createType=\"…\"".into());
+    let rest = text[at + KEY.len()..]
+        .strip_prefix(b"=\"")
+        .ok_or_else(spelled)?;
+    let end = rest.iter().position(|b| *b == b'"').ok_or_else(spelled)?;
+    let value = &rest[..end];
+    match value {
+        b"monolithicSparse" | b"streamOptimized" => Ok(()),
+        // Shown in status: no control characters (no forged lines), and not much of it.
+        other => Err(InspectError::VmdkCreateType(
+            String::from_utf8_lossy(other)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect(),
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -564,6 +649,72 @@ mod tests {
             inspect(&iso[..], ImageFormat::Raw).ok(),
             Some(Format::Iso),
             "an ISO is a raw disc image"
+        );
+    }
+
+    /// A sparse VMDK header (capacity in sectors, descriptor at `desc_sector`) with `at_512` at
+    /// byte 512 and `descriptor` at the header's descriptor sector.
+    fn vmdk(capacity: u64, desc_sector: u64, at_512: &str, descriptor: &str) -> Vec<u8> {
+        let mut image = vec![0u8; 64 * 512];
+        image[0..4].copy_from_slice(b"KDMV");
+        image[4..8].copy_from_slice(&1u32.to_le_bytes());
+        image[12..20].copy_from_slice(&capacity.to_le_bytes());
+        image[28..36].copy_from_slice(&desc_sector.to_le_bytes());
+        image[36..44].copy_from_slice(&20u64.to_le_bytes());
+        image[512..512 + at_512.len()].copy_from_slice(at_512.as_bytes());
+        let at = desc_sector as usize * 512;
+        image[at..at + descriptor.len()].copy_from_slice(descriptor.as_bytes());
+        image
+    }
+
+    #[test]
+    fn vmdk_descriptors_are_read_the_way_qemu_reads_them() {
+        let head = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n";
+        let sparse = format!("{head}createType=\"monolithicSparse\"\n");
+        assert!(inspect(&vmdk(2048, 1, "", &sparse)[..], ImageFormat::Vmdk).is_ok());
+        let refused = |image: Vec<u8>| inspect(&image[..], ImageFormat::Auto).expect_err("refused");
+        assert!(matches!(
+            refused(vmdk(0, 1, "", &sparse)),
+            InspectError::VmdkZeroCapacity
+        ));
+        for parent in [
+            format!("{sparse}# parentFileNameHint=\"/etc/passwd\"\n"),
+            format!("{sparse}xparentFileNameHintx=\"/etc/passwd\"\n"),
+            format!("{head}parentCID=12345678\ncreateType=\"monolithicSparse\"\n"),
+        ] {
+            assert!(
+                matches!(
+                    refused(vmdk(2048, 1, "", &parent)),
+                    InspectError::VmdkParent
+                ),
+                "{parent}"
+            );
+        }
+        // qemu looks for the parent at byte 512 whatever the header says.
+        let hint = format!("{sparse}parentFileNameHint=\"/etc/passwd\"\n");
+        assert!(matches!(
+            refused(vmdk(2048, 40, &hint, &sparse)),
+            InspectError::VmdkParent
+        ));
+        for ambiguous in [
+            format!("{head}# createType=\"monolithicFlat\"\ncreateType=\"monolithicSparse\"\n"),
+            format!("{head}createType = \"monolithicSparse\"\n"),
+            head.to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    refused(vmdk(2048, 1, "", &ambiguous)),
+                    InspectError::VmdkAmbiguous(_)
+                ),
+                "{ambiguous}"
+            );
+        }
+        let flat = format!("{head}createType=\"monolithic\nFlat\x1b\"\n");
+        let error = refused(vmdk(2048, 1, "", &flat));
+        assert_eq!(
+            error.to_string(),
+            "the VMDK's createType is \"monolithicFlat\"; only monolithicSparse and \
+             streamOptimized are served"
         );
     }
 

@@ -1,5 +1,9 @@
-//! Imports in the background, one per source digest, so that a sync never waits for a download:
-//! it asks for what the node needs and reads where each import stands.
+//! Imports in the background, so that a sync never waits for a download: it asks for what the
+//! node needs and reads where each import stands.
+//!
+//! One job per requester, digest and source: a namespace's failing source (a bad URL, a wrong
+//! token) fails only its own DiscImages, never another namespace's import of the same digest,
+//! nor another source of the same namespace; and a corrected source starts a new job at once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +13,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::metrics::{ErrorKind, Metrics};
 
-use super::{ImportError, ImportRequest, Importer, Progress, StoredImage, progress};
+use super::{ImportError, ImportRequest, Importer, Progress, Requester, StoredImage, progress};
 
 /// Where an image stands on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,6 +27,24 @@ pub enum ImageState {
     },
 }
 
+/// Who asks, for which digest, from which source (a fingerprint: header values are secrets).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct JobKey {
+    requester: Requester,
+    sha256: String,
+    source: String,
+}
+
+impl JobKey {
+    fn of(request: &ImportRequest) -> Self {
+        Self {
+            requester: request.requester.clone(),
+            sha256: request.sha256.clone(),
+            source: request.source.fingerprint(),
+        }
+    }
+}
+
 enum Job {
     Running(watch::Receiver<Progress>),
     Done(Result<StoredImage, (String, Option<Instant>)>),
@@ -30,7 +52,7 @@ enum Job {
 
 pub struct ImageManager {
     importer: Arc<Importer>,
-    jobs: Arc<Mutex<BTreeMap<String, Job>>>,
+    jobs: Arc<Mutex<BTreeMap<JobKey, Job>>>,
     /// Woken whenever an import finishes, so the sync loop can run again.
     finished: Arc<Notify>,
     retry_delay: Duration,
@@ -65,13 +87,10 @@ impl ImageManager {
                 retry_at: None,
             };
         };
-        match jobs.get(&request.sha256) {
+        let key = JobKey::of(request);
+        match jobs.get(&key) {
             Some(Job::Running(progress)) => {
                 return ImageState::InProgress(progress.borrow().clone());
-            }
-            // Found again only if it is still in the store (garbage collection may have run).
-            Some(Job::Done(Ok(stored))) if stored.path.exists() => {
-                return ImageState::Ready(stored.clone());
             }
             Some(Job::Done(Err((message, retry_at))))
                 if retry_at.is_none_or(|at| Instant::now() < at) =>
@@ -83,14 +102,17 @@ impl ImageManager {
             }
             _ => {}
         }
-        // Already stored (by an earlier run or `discus image fetch`): no job needed.
-        if let Ok(Some(stored)) = self.importer.store().lookup(&request.sha256) {
-            jobs.insert(request.sha256.clone(), Job::Done(Ok(stored.clone())));
+        // Already stored for this namespace (by this job, an earlier run, another of its
+        // DiscImages, or an operator's `discus image fetch --namespace`): no job needed. Asked of
+        // the store each time, never of a finished job: garbage collection may have removed the
+        // image, or taken back the namespace's entitlement.
+        if let Ok(Some(stored)) = self.importer.lookup(request) {
+            jobs.insert(key, Job::Done(Ok(stored.clone())));
             return ImageState::Ready(stored);
         }
         let (mut reporter, receiver) = progress::channel();
         let initial = receiver.borrow().clone();
-        jobs.insert(request.sha256.clone(), Job::Running(receiver));
+        jobs.insert(key.clone(), Job::Running(receiver));
         let (importer, jobs, finished, request, metrics) = (
             Arc::clone(&self.importer),
             Arc::clone(&self.jobs),
@@ -102,13 +124,13 @@ impl ImageManager {
         tokio::spawn(async move {
             let result = importer.import(&request, &mut reporter).await;
             let done = result.map_err(|error: ImportError| {
-                tracing::warn!(sha256 = %request.sha256, %error, "image import failed");
+                tracing::warn!(sha256 = %request.sha256, requester = ?request.requester, %error, "image import failed");
                 metrics.error(ErrorKind::Import);
                 let retry_at = error.is_transient().then(|| Instant::now() + retry_delay);
                 (error.to_string(), retry_at)
             });
             if let Ok(mut jobs) = jobs.lock() {
-                jobs.insert(request.sha256.clone(), Job::Done(done));
+                jobs.insert(key, Job::Done(done));
             }
             finished.notify_one();
         });

@@ -3,12 +3,15 @@
 //! Bytes are hashed as they arrive; nothing reaches the store before its SHA-256 matches the
 //! one the user named; hostile headers are refused before qemu-img sees the image; qcow2, VHDX
 //! and VMDK are converted to raw with an explicit source format and under resource limits; and
-//! the raw result is stored under its own digest, shared by every DiscImage that resolves to it.
+//! the raw result is stored under its own digest, shared by every DiscImage that resolves to it —
+//! in namespaces whose own source delivered those bytes (see `store` for the tenancy rule).
 
+pub mod destinations;
 pub mod fetch;
 pub mod file;
 pub mod inspect;
 pub mod manager;
+pub mod pace;
 pub mod progress;
 pub mod qemu;
 mod sink;
@@ -20,10 +23,11 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 use url::Url;
 
+pub use destinations::DestinationPolicy;
 pub use fetch::{FetchOptions, HttpAuth};
 pub use inspect::Format;
 pub use progress::{Phase, Progress, ProgressReporter};
-pub use store::{Needed, Store, StoredImage};
+pub use store::{Needed, Requester, Store, StoredImage};
 
 use crate::api::disc_image::ImageFormat;
 use sink::Sink;
@@ -38,9 +42,39 @@ pub enum Source {
     File { path: PathBuf },
 }
 
+impl Source {
+    /// Identifies the source — URL, trusted CAs and headers, or path — without showing it: a
+    /// digest over all of it (header values are secrets).
+    pub fn fingerprint(&self) -> String {
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_le_bytes());
+            hash.update(bytes);
+        };
+        match self {
+            Self::Http { url, auth } => {
+                field(b"http");
+                field(url.as_str().as_bytes());
+                field(auth.ca_bundle.as_deref().unwrap_or_default());
+                for (name, value) in &auth.headers {
+                    field(name.as_bytes());
+                    field(value.expose().as_bytes());
+                }
+            }
+            Self::File { path } => {
+                field(b"file");
+                field(path.as_os_str().as_encoded_bytes());
+            }
+        }
+        hex::encode(hash.finalize())
+    }
+}
+
 /// One image to import.
 #[derive(Clone, Debug)]
 pub struct ImportRequest {
+    /// On whose behalf: a DiscImage's namespace gets only what its own sources proved.
+    pub requester: Requester,
     pub source: Source,
     /// The SHA-256 the source bytes must have, lower-case hex.
     pub sha256: String,
@@ -91,6 +125,9 @@ impl ImportError {
                 fetch::FetchError::Transport { .. } | fetch::FetchError::Incomplete { .. },
             ) => true,
             Self::Fetch(fetch::FetchError::Status { status, .. }) => status.is_server_error(),
+            // A slow source may be faster later; trying again costs one bounded transfer.
+            Self::Fetch(fetch::FetchError::TooSlow { .. })
+            | Self::File(file::FileSourceError::TooSlow { .. }) => true,
             Self::Fetch(fetch::FetchError::NoSpace { .. }) | Self::Store(_) | Self::Io(_) => true,
             Self::Qemu(qemu::QemuError::Timeout { .. } | qemu::QemuError::Spawn { .. }) => true,
             _ => false,
@@ -131,6 +168,19 @@ impl Importer {
         &self.store
     }
 
+    /// The stored image the request may have right away: one its namespace is entitled to, that
+    /// fits its maxVirtualSize and its declared format. An error when it is stored but does not
+    /// fit the request.
+    pub fn lookup(&self, request: &ImportRequest) -> Result<Option<StoredImage>, ImportError> {
+        match self.store.lookup(&request.sha256, &request.requester)? {
+            Some(stored) => {
+                check_stored(&stored, request)?;
+                Ok(Some(stored))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Imports one image, or finds it already stored. On any error nothing is left behind and
     /// the last progress is `Failed`.
     pub async fn import(
@@ -150,21 +200,53 @@ impl Importer {
         request: &ImportRequest,
         progress: &mut ProgressReporter,
     ) -> Result<StoredImage, ImportError> {
-        if let Some(stored) = self.store.lookup(&request.sha256)? {
-            check_size(stored.virtual_size, request.max_virtual_size)?;
+        if let Some(stored) = self.lookup(request)? {
             progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
             return Ok(stored);
         }
+        let written = self.transfer(request, progress).await?;
+        // The requester's own source delivered these bytes: if they are stored already (for
+        // another namespace), it shares them, without converting again.
+        if let Some(stored) = self.store.entitle(&request.sha256, &request.requester)? {
+            check_stored(&stored, request)?;
+            progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
+            return Ok(stored);
+        }
+        let format = inspect::inspect(written.staging.file(), request.format)?;
+        let stored = if format.is_raw() {
+            check_size(written.bytes, request.max_virtual_size)?;
+            self.store.commit(
+                written.staging,
+                &request.sha256,
+                &request.sha256,
+                format,
+                &request.requester,
+            )?
+        } else {
+            self.convert(written.staging, format, request, progress)
+                .await?
+        };
+        progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
+        Ok(stored)
+    }
+
+    /// Fetches or copies the source into a staging file and checks its digest.
+    async fn transfer(
+        &self,
+        request: &ImportRequest,
+        progress: &mut ProgressReporter,
+    ) -> Result<sink::Written, ImportError> {
         let limit = download_limit(request.format, request.max_virtual_size);
+        let pace = self.fetcher.options().pace();
         let sink = Sink::start(self.store.staging()?)?;
         let received = match &request.source {
             Source::Http { url, auth } => {
                 self.fetcher
-                    .fetch(url, auth, limit, &sink, progress)
+                    .fetch(url, auth, limit, pace, &sink, progress)
                     .await?
             }
             Source::File { path } => {
-                file::copy(path, &self.file_roots, limit, &sink, progress).await?
+                file::copy(path, &self.file_roots, limit, pace, &sink, progress).await?
             }
         };
         let written = sink.finish().await?;
@@ -176,18 +258,18 @@ impl Importer {
             });
         }
         tracing::info!(sha256 = %request.sha256, bytes = written.bytes, "verified the image's digest");
+        Ok(written)
+    }
 
-        let format = inspect::inspect(written.staging.file(), request.format)?;
-        if format.is_raw() {
-            check_size(written.bytes, request.max_virtual_size)?;
-            let stored =
-                self.store
-                    .commit(written.staging, &request.sha256, &request.sha256, format)?;
-            progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
-            return Ok(stored);
-        }
-
-        let info = self.qemu.info(written.staging.path(), format).await?;
+    /// Converts a verified, inspected image to raw and stores it.
+    async fn convert(
+        &self,
+        source: store::Staging,
+        format: Format,
+        request: &ImportRequest,
+        progress: &mut ProgressReporter,
+    ) -> Result<StoredImage, ImportError> {
+        let info = self.qemu.info(source.path(), format).await?;
         check_size(info.virtual_size, request.max_virtual_size)?;
         progress.update(Phase::Converting, 0, Some(info.virtual_size));
         let output = self.store.staging()?;
@@ -200,9 +282,9 @@ impl Importer {
             )
         };
         self.qemu
-            .convert(written.staging.path(), format, output.path(), &mut report)
+            .convert(source.path(), format, output.path(), &mut report)
             .await?;
-        drop(written.staging);
+        drop(source);
         let (output, served_sha256, size) = hash_file(output).await?;
         if size != info.virtual_size {
             return Err(ImportError::ConvertedSize {
@@ -210,13 +292,28 @@ impl Importer {
                 expected: info.virtual_size,
             });
         }
-        let stored = self
-            .store
-            .commit(output, &request.sha256, &served_sha256, format)?;
+        let stored = self.store.commit(
+            output,
+            &request.sha256,
+            &served_sha256,
+            format,
+            &request.requester,
+        )?;
         tracing::info!(sha256 = %request.sha256, served_sha256 = %served_sha256, format = format.as_str(), "converted the image to raw");
-        progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
         Ok(stored)
     }
+}
+
+/// Whether a stored image fits the request: its size limit and its declared format.
+fn check_stored(stored: &StoredImage, request: &ImportRequest) -> Result<(), ImportError> {
+    check_size(stored.virtual_size, request.max_virtual_size)?;
+    let format =
+        Format::from_name(&stored.format).ok_or_else(|| inspect::InspectError::Malformed {
+            format: "stored",
+            what: format!("the index records an unknown format {:?}", stored.format),
+        })?;
+    inspect::check_declared(request.format, format)?;
+    Ok(())
 }
 
 fn check_size(size: u64, limit: u64) -> Result<(), ImportError> {

@@ -1,5 +1,11 @@
 //! qemu-img, run as an argument vector under `prlimit` (address space and CPU time) with a
 //! wall-clock timeout, and always with an explicit `-f`: qemu-img never guesses a format here.
+//!
+//! What qemu-img prints is not passed on as it is: its errors name files, and for a hostile image
+//! that names a host file they say whether that file exists (an oracle for whoever may create a
+//! DiscImage). Errors keep qemu-img's words but lose every path; an error about any file other
+//! than the image itself becomes one fixed sentence. The same goes for the files `qemu-img info`
+//! reports.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -57,11 +63,12 @@ pub enum QemuError {
         operation: &'static str,
         timeout: Duration,
     },
-    #[error("qemu-img {operation} failed ({status}): {stderr}")]
+    /// `summary` is qemu-img's error without paths (see [`summarize`]).
+    #[error("qemu-img {operation} failed ({status}): {summary}")]
     Failed {
         operation: &'static str,
         status: std::process::ExitStatus,
-        stderr: String,
+        summary: String,
     },
     #[error("qemu-img info printed what discus cannot read: {0}")]
     Output(String),
@@ -86,7 +93,8 @@ impl QemuImg {
             format.as_str().as_ref(),
             path.as_os_str(),
         ];
-        let output = self.run("info", &self.info, &args, None).await?;
+        let own = [(path, "the image")];
+        let output = self.run("info", &self.info, &args, &own, None).await?;
         parse_info(&output, path)
     }
 
@@ -108,7 +116,8 @@ impl QemuImg {
             source.as_os_str(),
             target.as_os_str(),
         ];
-        self.run("convert", &self.convert, &args, Some(on_progress))
+        let own = [(source, "the image"), (target, "the output")];
+        self.run("convert", &self.convert, &args, &own, Some(on_progress))
             .await?;
         Ok(())
     }
@@ -118,6 +127,7 @@ impl QemuImg {
         operation: &'static str,
         limits: &Limits,
         args: &[&std::ffi::OsStr],
+        own: &[(&Path, &str)],
         mut on_progress: Option<&mut (dyn FnMut(f64) + Send)>,
     ) -> Result<String, QemuError> {
         let mut command = Command::new("prlimit");
@@ -184,22 +194,74 @@ impl QemuImg {
             source,
         })?;
         if !status.success() {
-            let stderr = err.trim().to_owned();
-            if stderr.contains("failed to execute") {
+            if err.starts_with("prlimit: failed to execute") {
                 return Err(QemuError::Spawn {
                     program: self.binary.display().to_string(),
                     package: "qemu-utils",
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, stderr),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "prlimit could not execute it",
+                    ),
                 });
             }
             return Err(QemuError::Failed {
                 operation,
                 status,
-                stderr,
+                summary: summarize(&err, own),
             });
         }
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
+}
+
+/// What an error about another file says, whatever qemu-img said.
+pub const OTHER_FILE: &str =
+    "qemu-img tried to open a file the image refers to; discus serves standalone images only";
+
+/// qemu-img's error text without paths: the image's own paths become their names (`own`), and
+/// if anything else looks like a file name — a quoted string, a word starting with `/`, `./` or
+/// `~` — the whole text becomes [`OTHER_FILE`], since whether such a file opened, and how, is
+/// exactly what must not leak. Control characters are dropped, lines joined, the length capped.
+pub fn summarize(stderr: &str, own: &[(&Path, &str)]) -> String {
+    let mut text = stderr.to_owned();
+    for (path, name) in own {
+        let path = path.display().to_string();
+        for quoted in [format!("'{path}'"), format!("\"{path}\""), path] {
+            text = text.replace(&quoted, name);
+        }
+    }
+    if names_a_file(&text) {
+        return OTHER_FILE.to_owned();
+    }
+    let lines: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let line = line.trim();
+            let line = line.strip_prefix("qemu-img: ").unwrap_or(line);
+            line.chars().filter(|c| !c.is_control()).collect()
+        })
+        .filter(|line: &String| !line.is_empty())
+        .collect();
+    let summary = lines.join("; ");
+    match summary.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &summary[..cut]),
+        None if summary.is_empty() => "no error message".to_owned(),
+        None => summary,
+    }
+}
+
+/// Whether the text still holds something that looks like a file name: a quote that opens a
+/// string (not an apostrophe inside a word) or a word that starts like a path.
+fn names_a_file(text: &str) -> bool {
+    let chars: Vec<char> = text.chars().collect();
+    let opens_quote = chars
+        .iter()
+        .enumerate()
+        .any(|(i, c)| matches!(c, '\'' | '"' | '`') && (i == 0 || !chars[i - 1].is_alphanumeric()));
+    let path_word = text
+        .split(|c: char| c.is_whitespace() || c == ':' || c == '(' || c == ',')
+        .any(|word| word.starts_with('/') || word.starts_with("./") || word.starts_with('~'));
+    opens_quote || path_word
 }
 
 fn last_progress(out: &[u8]) -> Option<f64> {
@@ -215,16 +277,15 @@ fn last_progress(out: &[u8]) -> Option<f64> {
 fn parse_info(output: &str, path: &Path) -> Result<Info, QemuError> {
     let info: serde_json::Value =
         serde_json::from_str(output).map_err(|e| QemuError::Output(e.to_string()))?;
-    if let Some(backing) = info.get("backing-filename") {
-        return Err(QemuError::RefersToOtherFiles(format!(
-            "has the backing file {backing}"
-        )));
+    // The file names themselves are not shown: see the module's header.
+    if info.get("backing-filename").is_some() {
+        return Err(QemuError::RefersToOtherFiles("has a backing file".into()));
     }
     let data = &info["format-specific"]["data"];
-    if let Some(file) = data.get("data-file") {
-        return Err(QemuError::RefersToOtherFiles(format!(
-            "keeps its data in {file}"
-        )));
+    if data.get("data-file").is_some() {
+        return Err(QemuError::RefersToOtherFiles(
+            "keeps its data in another file".into(),
+        ));
     }
     if info.get("encrypted").and_then(serde_json::Value::as_bool) == Some(true) {
         return Err(QemuError::RefersToOtherFiles("is encrypted".into()));
@@ -237,10 +298,9 @@ fn parse_info(output: &str, path: &Path) -> Result<Info, QemuError> {
     {
         let file = extent.get("filename").and_then(serde_json::Value::as_str);
         if file.map(Path::new) != Some(path) {
-            return Err(QemuError::RefersToOtherFiles(format!(
-                "has an extent in {}",
-                file.unwrap_or("an unnamed file")
-            )));
+            return Err(QemuError::RefersToOtherFiles(
+                "has an extent in another file".into(),
+            ));
         }
     }
     let virtual_size = info
@@ -285,6 +345,46 @@ mod tests {
             parse_info("not json", path),
             Err(QemuError::Output(_))
         ));
+    }
+
+    #[test]
+    fn errors_lose_every_path_and_say_nothing_about_other_files() {
+        let image = Path::new("/var/lib/discus/tmp/work-Ab12.part");
+        let own = [(image, "the image")];
+        let cases = [
+            (
+                "qemu-img: Could not open '/var/lib/discus/tmp/work-Ab12.part': Could not read L1 table: Input/output error\n",
+                "Could not open the image: Could not read L1 table: Input/output error",
+            ),
+            (
+                "qemu-img: Could not open '/etc/shadow': No such file or directory",
+                OTHER_FILE,
+            ),
+            (
+                "qemu-img: Could not open backing file: Could not open '/etc/passwd': Permission denied",
+                OTHER_FILE,
+            ),
+            (
+                "qemu-img: Invalid extent line: RW 4 FLAT \"x\" 0",
+                OTHER_FILE,
+            ),
+            (
+                "qemu-img: Could not open /root/.ssh/id_rsa: denied",
+                OTHER_FILE,
+            ),
+            (
+                "qemu-img: Image is corrupt; can't open read/write\x1b[2J",
+                "Image is corrupt; can't open read/write[2J",
+            ),
+            ("", "no error message"),
+        ];
+        for (stderr, expected) in cases {
+            let summary = summarize(stderr, &own);
+            assert_eq!(summary, expected, "{stderr}");
+            assert!(!summary.contains("/var/lib/discus"), "{summary}");
+        }
+        let long = "x".repeat(1000);
+        assert_eq!(summarize(&long, &own).chars().count(), 301);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! images/<served sha256>.raw   the bytes served, one file per digest, shared by every DiscImage
-//! index/<source sha256>.json   what a verified source became: format, size, served digest
+//! index/<source sha256>.json   what a verified source became: format, size, served digest, and
+//!                              the namespaces entitled to it
 //! tmp/                         work in progress; nothing here is ever served
 //! ```
 //!
@@ -13,8 +14,21 @@
 //! collecting garbage both hold the store's lock (`store.lock`), so an import that finishes while
 //! a collection runs — in this process or another — is judged by its index record, never by a
 //! half-written pair of files.
+//!
+//! **Tenancy.** Knowing a digest is not owning the bytes. A namespace gets a stored image only
+//! once a source it declares delivered bytes with that digest: the index record lists the
+//! namespaces that proved it (`namespaces`), and [`Store::lookup`] finds an image for those only.
+//! Another namespace with the same digest fetches and verifies its own source first, and then
+//! shares the stored file (no second conversion). A record without the field — written before
+//! discus had tenancy, which it never had in a release — entitles nobody. When a namespace no
+//! longer declares the digest, garbage collection takes its entitlement back, so a namespace
+//! deleted and re-created by someone else inherits nothing.
+//!
+//! Start-up never fails on the store: a full disk must not keep a node from applying what it can
+//! (a credential rotation, a revoked grant). Directories are created when first needed, and every
+//! operation reports its own error.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -48,6 +62,16 @@ impl<T> Context<T> for io::Result<T> {
     }
 }
 
+/// On whose behalf an image is looked up or imported.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Requester {
+    /// A DiscImage in this namespace: it gets only what its own sources proved.
+    Namespace(String),
+    /// The node's operator (`discus image fetch`, root on the node): finds whatever is stored, and
+    /// entitles nobody by importing.
+    Operator,
+}
+
 /// An image in the store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,6 +93,18 @@ struct Record {
     format: String,
     virtual_size: u64,
     served_sha256: String,
+    /// The namespaces whose own source delivered these bytes. Missing in old records: nobody.
+    #[serde(default)]
+    namespaces: BTreeSet<String>,
+}
+
+impl Record {
+    fn entitles(&self, requester: &Requester) -> bool {
+        match requester {
+            Requester::Operator => true,
+            Requester::Namespace(namespace) => self.namespaces.contains(namespace),
+        }
+    }
 }
 
 /// A file being written in `tmp/`. Removed when dropped, unless committed.
@@ -95,12 +131,23 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// What the node still needs: sources (by their verified digest; whatever each became is kept)
-/// and served files (by their served digest, for LUNs already pointing at them).
+/// What the node still needs: sources (by their verified digest, with the namespaces that declare
+/// them; whatever each became is kept) and served files (by their served digest, for LUNs already
+/// pointing at them).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Needed {
-    pub sources: BTreeSet<String>,
+    pub sources: BTreeMap<String, BTreeSet<String>>,
     pub served: BTreeSet<String>,
+}
+
+impl Needed {
+    /// Adds a declared source: its digest, and the namespace that declares it.
+    pub fn source(&mut self, sha256: &str, requester: &Requester) {
+        let namespaces = self.sources.entry(sha256.to_owned()).or_default();
+        if let Requester::Namespace(namespace) = requester {
+            namespaces.insert(namespace.clone());
+        }
+    }
 }
 
 /// What garbage collection removed.
@@ -111,15 +158,20 @@ pub struct Collected {
 }
 
 impl Store {
-    /// Opens (creating) the store under `data_dir`, and removes leftovers of interrupted work.
+    /// Opens the store under `data_dir`, creating it and removing leftovers of interrupted work
+    /// as far as it can. Never fails: a store that cannot be written (a full disk) is reported
+    /// by each import, while the node goes on applying everything else.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let store = Self {
             root: data_dir.to_owned(),
         };
-        for dir in [store.images_dir(), store.index_dir(), store.tmp_dir()] {
-            fs::create_dir_all(&dir).at(&dir)?;
+        let prepared = [store.images_dir(), store.index_dir(), store.tmp_dir()]
+            .iter()
+            .try_for_each(|dir| create_dir(dir))
+            .and_then(|()| store.remove_leftovers());
+        if let Err(error) = prepared {
+            tracing::warn!(%error, "the image store is not ready; imports will fail until it is");
         }
-        store.remove_leftovers()?;
         Ok(store)
     }
 
@@ -166,6 +218,7 @@ impl Store {
     /// A new file in `tmp/`, locked for as long as it lives.
     pub fn staging(&self) -> Result<Staging, StoreError> {
         let dir = self.tmp_dir();
+        create_dir(&dir)?;
         let file = tempfile::Builder::new()
             .prefix("work-")
             .suffix(".part")
@@ -182,8 +235,7 @@ impl Store {
 
     fn remove_leftovers(&self) -> Result<(), StoreError> {
         let dir = self.tmp_dir();
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let path = entry.at(&dir)?.path();
+        for path in entries(&dir)? {
             // A file another process is still writing is locked; everything else is a leftover.
             let Ok(file) = File::open(&path) else {
                 continue;
@@ -198,21 +250,38 @@ impl Store {
         Ok(())
     }
 
-    /// The stored image a verified source became, if it is still in the store.
-    pub fn lookup(&self, sha256: &str) -> Result<Option<StoredImage>, StoreError> {
-        let Some(record) = self.record(sha256)? else {
-            return Ok(None);
-        };
+    /// The stored image a verified source became, if it is still in the store and `requester`
+    /// is entitled to it.
+    pub fn lookup(
+        &self,
+        sha256: &str,
+        requester: &Requester,
+    ) -> Result<Option<StoredImage>, StoreError> {
+        match self.record(sha256)? {
+            Some(record) if record.entitles(requester) => Ok(self.image(sha256, record)),
+            _ => Ok(None),
+        }
+    }
+
+    /// The stored image, whoever it is for: only after the caller verified bytes with this
+    /// digest itself.
+    fn stored(&self, sha256: &str) -> Result<Option<(StoredImage, Record)>, StoreError> {
+        Ok(self
+            .record(sha256)?
+            .and_then(|record| Some((self.image(sha256, record.clone())?, record))))
+    }
+
+    fn image(&self, sha256: &str, record: Record) -> Option<StoredImage> {
         let image = self.image_path(&record.served_sha256);
         match fs::metadata(&image) {
-            Ok(meta) if meta.len() == record.virtual_size => Ok(Some(StoredImage {
+            Ok(meta) if meta.len() == record.virtual_size => Some(StoredImage {
                 path: image,
                 format: record.format,
                 virtual_size: record.virtual_size,
                 sha256: sha256.to_owned(),
                 served_sha256: record.served_sha256,
-            })),
-            Ok(_) | Err(_) => Ok(None),
+            }),
+            Ok(_) | Err(_) => None,
         }
     }
 
@@ -228,14 +297,61 @@ impl Store {
             .map_err(|source| StoreError::Record { path, source })
     }
 
-    /// Moves a verified raw file into `images/` and records what the source became. The file
-    /// must be complete and its digest checked: from here on it is served.
+    /// Writes a record atomically (a temporary file renamed over it).
+    fn write_record(&self, sha256: &str, record: &Record) -> Result<(), StoreError> {
+        let record_path = self.record_path(sha256);
+        let dir = self.index_dir();
+        create_dir(&dir)?;
+        let mut file = tempfile::Builder::new()
+            .prefix(".record-")
+            .tempfile_in(&dir)
+            .at(&dir)?;
+        serde_json::to_writer(file.as_file_mut(), record).map_err(|source| StoreError::Record {
+            path: record_path.clone(),
+            source,
+        })?;
+        file.as_file().sync_all().at(file.path())?;
+        file.persist(&record_path)
+            .map_err(|e| e.error)
+            .at(&record_path)?;
+        sync_dir(&dir)
+    }
+
+    /// The source with this digest is already stored, and `requester` just delivered bytes with
+    /// the same digest from its own source: it is entitled from now on. `None` when the image is
+    /// not (or no longer) stored.
+    pub fn entitle(
+        &self,
+        sha256: &str,
+        requester: &Requester,
+    ) -> Result<Option<StoredImage>, StoreError> {
+        let _lock = self.lock()?;
+        let Some((image, mut record)) = self.stored(sha256)? else {
+            return Ok(None);
+        };
+        if let Requester::Namespace(namespace) = requester
+            && record.namespaces.insert(namespace.clone())
+        {
+            self.write_record(sha256, &record)?;
+            tracing::info!(
+                sha256,
+                namespace,
+                "the namespace's own source proved the stored image"
+            );
+        }
+        Ok(Some(image))
+    }
+
+    /// Moves a verified raw file into `images/` and records what the source became, and that
+    /// `requester` proved it. The file must be complete and its digest checked: from here on it
+    /// is served.
     pub fn commit(
         &self,
         mut served: Staging,
         sha256: &str,
         served_sha256: &str,
         format: Format,
+        requester: &Requester,
     ) -> Result<StoredImage, StoreError> {
         let staged = served.path().to_owned();
         served.file_mut().sync_all().at(&staged)?;
@@ -245,6 +361,7 @@ impl Store {
         permissions.set_readonly(true);
         served.file().set_permissions(permissions).at(&staged)?;
         let _lock = self.lock()?;
+        create_dir(&self.images_dir())?;
         // Another import of the same bytes may have won the race; the content is the same.
         served
             .file
@@ -253,28 +370,21 @@ impl Store {
             .at(&target)?;
         sync_dir(&self.images_dir())?;
 
+        // Whoever proved these bytes before keeps their entitlement.
+        let mut namespaces = match self.record(sha256) {
+            Ok(Some(record)) => record.namespaces,
+            Ok(None) | Err(_) => BTreeSet::new(),
+        };
+        if let Requester::Namespace(namespace) = requester {
+            namespaces.insert(namespace.clone());
+        }
         let record = Record {
             format: format.as_str().to_owned(),
             virtual_size,
             served_sha256: served_sha256.to_owned(),
+            namespaces,
         };
-        let record_path = self.record_path(sha256);
-        let dir = self.index_dir();
-        let mut file = tempfile::Builder::new()
-            .prefix(".record-")
-            .tempfile_in(&dir)
-            .at(&dir)?;
-        serde_json::to_writer(file.as_file_mut(), &record).map_err(|source| {
-            StoreError::Record {
-                path: record_path.clone(),
-                source,
-            }
-        })?;
-        file.as_file().sync_all().at(file.path())?;
-        file.persist(&record_path)
-            .map_err(|e| e.error)
-            .at(&record_path)?;
-        sync_dir(&dir)?;
+        self.write_record(sha256, &record)?;
         Ok(StoredImage {
             path: target,
             format: record.format,
@@ -286,24 +396,24 @@ impl Store {
 
     /// Every served digest in the store.
     pub fn served_digests(&self) -> Result<BTreeSet<String>, StoreError> {
-        let dir = self.images_dir();
-        let mut digests = BTreeSet::new();
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let name = entry.at(&dir)?.file_name();
-            if let Some(digest) = name.to_str().and_then(|n| n.strip_suffix(".raw")) {
-                digests.insert(digest.to_owned());
-            }
-        }
-        Ok(digests)
+        Ok(entries(&self.images_dir())?
+            .iter()
+            .filter_map(|path| {
+                path.file_name()?
+                    .to_str()?
+                    .strip_suffix(".raw")
+                    .map(str::to_owned)
+            })
+            .collect())
     }
 
-    /// Removes every image that no needed source became and no needed served digest names, and
-    /// the index records that lead to nothing. The caller knows what the node needs; the store
-    /// never guesses.
+    /// Removes every image that no needed source became and no needed served digest names, the
+    /// index records that lead to nothing, and the entitlements of namespaces that no longer
+    /// declare a source. The caller knows what the node needs; the store never guesses.
     pub fn collect_garbage(&self, needed: &Needed) -> Result<Collected, StoreError> {
         let _lock = self.lock()?;
         let mut keep = needed.served.clone();
-        for source in &needed.sources {
+        for source in needed.sources.keys() {
             if let Some(record) = self.record(source)? {
                 keep.insert(record.served_sha256);
             }
@@ -319,20 +429,56 @@ impl Store {
             tracing::info!(served_sha256 = %digest, "removed an image nothing needs");
             collected.images.push(digest);
         }
-        let dir = self.index_dir();
-        for entry in fs::read_dir(&dir).at(&dir)? {
-            let path = entry.at(&dir)?.path();
-            let orphan = fs::read(&path)
-                .ok()
-                .and_then(|text| serde_json::from_slice::<Record>(&text).ok())
-                .is_none_or(|record| !self.image_path(&record.served_sha256).exists());
-            if orphan {
-                remove_if_present(&path)?;
-            }
+        for path in entries(&self.index_dir())? {
+            self.collect_record(&path, needed)?;
         }
-        sync_dir(&self.images_dir())?;
+        if self.images_dir().exists() {
+            sync_dir(&self.images_dir())?;
+        }
         Ok(collected)
     }
+
+    /// Removes a record that leads to no image, or takes back the entitlements of namespaces
+    /// that no longer declare its source.
+    fn collect_record(&self, path: &Path, needed: &Needed) -> Result<(), StoreError> {
+        let Some(sha256) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            // A temporary record a crash left behind.
+            return remove_if_present(path);
+        };
+        let record = fs::read(path)
+            .ok()
+            .and_then(|text| serde_json::from_slice::<Record>(&text).ok());
+        let Some(mut record) = record.filter(|r| self.image_path(&r.served_sha256).exists()) else {
+            return remove_if_present(path);
+        };
+        let declaring = needed.sources.get(sha256);
+        let before = record.namespaces.len();
+        record
+            .namespaces
+            .retain(|namespace| declaring.is_some_and(|d| d.contains(namespace)));
+        if record.namespaces.len() != before {
+            self.write_record(sha256, &record)?;
+        }
+        Ok(())
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).at(dir)
+}
+
+/// The paths in `dir`; none if it does not exist (yet).
+fn entries(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    let read = match fs::read_dir(dir) {
+        Ok(read) => read,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).at(dir),
+    };
+    read.map(|entry| entry.map(|e| e.path()).at(dir)).collect()
 }
 
 fn remove_if_present(path: &Path) -> Result<(), StoreError> {
@@ -359,17 +505,45 @@ mod tests {
         staging
     }
 
+    fn ns(name: &str) -> Requester {
+        Requester::Namespace(name.to_owned())
+    }
+
+    fn needed(sources: &[(&str, &str)], served: &[&str]) -> Needed {
+        let mut needed = Needed {
+            served: served.iter().map(|s| (*s).to_owned()).collect(),
+            ..Needed::default()
+        };
+        for (sha256, namespace) in sources {
+            needed.source(sha256, &ns(namespace));
+        }
+        needed
+    }
+
     #[test]
     fn a_committed_image_is_found_by_its_source_digest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
-        assert_eq!(store.lookup("aa").expect("lookup"), None);
+        assert_eq!(store.lookup("aa", &ns("lab")).expect("lookup"), None);
         let image = store
-            .commit(staged(&store, b"hello"), "aa", "bb", Format::Raw)
+            .commit(
+                staged(&store, b"hello"),
+                "aa",
+                "bb",
+                Format::Raw,
+                &ns("lab"),
+            )
             .expect("commit");
         assert_eq!(image.path, dir.path().join("images/bb.raw"));
         assert_eq!(std::fs::read(&image.path).expect("read"), b"hello");
-        assert_eq!(store.lookup("aa").expect("lookup"), Some(image));
+        assert_eq!(
+            store.lookup("aa", &ns("lab")).expect("lookup"),
+            Some(image.clone())
+        );
+        assert_eq!(
+            store.lookup("aa", &Requester::Operator).expect("lookup"),
+            Some(image)
+        );
         assert!(
             std::fs::read_dir(dir.path().join("tmp"))
                 .expect("tmp")
@@ -411,16 +585,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         store
-            .commit(staged(&store, b"keep"), "src-keep", "keep", Format::Raw)
+            .commit(
+                staged(&store, b"keep"),
+                "src-keep",
+                "keep",
+                Format::Raw,
+                &ns("lab"),
+            )
             .expect("commit");
         store
-            .commit(staged(&store, b"drop!"), "src-drop", "drop", Format::Qcow2)
+            .commit(
+                staged(&store, b"drop!"),
+                "src-drop",
+                "drop",
+                Format::Qcow2,
+                &ns("lab"),
+            )
             .expect("commit");
         let collected = store
-            .collect_garbage(&Needed {
-                sources: ["src-keep".to_owned()].into(),
-                served: BTreeSet::new(),
-            })
+            .collect_garbage(&needed(&[("src-keep", "lab")], &[]))
             .expect("gc");
         assert_eq!(
             collected,
@@ -429,8 +612,18 @@ mod tests {
                 bytes: 5
             }
         );
-        assert!(store.lookup("src-keep").expect("lookup").is_some());
-        assert!(store.lookup("src-drop").expect("lookup").is_none());
+        assert!(
+            store
+                .lookup("src-keep", &ns("lab"))
+                .expect("lookup")
+                .is_some()
+        );
+        assert!(
+            store
+                .lookup("src-drop", &ns("lab"))
+                .expect("lookup")
+                .is_none()
+        );
         assert!(!dir.path().join("index/src-drop.json").exists());
     }
 
@@ -439,20 +632,35 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         // The caller decided what it needs before this import finished.
-        let needed = Needed {
-            sources: ["src".to_owned()].into(),
-            served: ["in-use".to_owned()].into(),
-        };
+        let needed = needed(&[("src", "lab")], &["in-use"]);
         store
-            .commit(staged(&store, b"late"), "src", "late", Format::Iso)
+            .commit(
+                staged(&store, b"late"),
+                "src",
+                "late",
+                Format::Iso,
+                &ns("lab"),
+            )
             .expect("commit");
         store
-            .commit(staged(&store, b"used"), "other", "in-use", Format::Raw)
+            .commit(
+                staged(&store, b"used"),
+                "other",
+                "in-use",
+                Format::Raw,
+                &ns("lab"),
+            )
             .expect("commit");
         let collected = store.collect_garbage(&needed).expect("gc");
         assert_eq!(collected, Collected::default());
-        assert!(store.lookup("src").expect("lookup").is_some());
-        assert!(store.lookup("other").expect("lookup").is_some());
+        assert!(store.lookup("src", &ns("lab")).expect("lookup").is_some());
+        assert!(
+            store
+                .lookup("other", &Requester::Operator)
+                .expect("lookup")
+                .is_some(),
+            "kept for the LUN that uses it"
+        );
     }
 
     #[test]
@@ -460,9 +668,126 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("store");
         let image = store
-            .commit(staged(&store, b"x"), "src", "served", Format::Raw)
+            .commit(
+                staged(&store, b"x"),
+                "src",
+                "served",
+                Format::Raw,
+                &ns("lab"),
+            )
             .expect("commit");
         std::fs::remove_file(image.path).expect("remove");
-        assert_eq!(store.lookup("src").expect("lookup"), None);
+        assert_eq!(store.lookup("src", &ns("lab")).expect("lookup"), None);
+    }
+
+    #[test]
+    fn a_namespace_gets_a_stored_image_only_once_its_own_source_proved_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        let image = store
+            .commit(
+                staged(&store, b"tenant a"),
+                "src",
+                "served",
+                Format::Raw,
+                &ns("a"),
+            )
+            .expect("commit");
+        assert_eq!(
+            store.lookup("src", &ns("a")).expect("lookup"),
+            Some(image.clone())
+        );
+        assert_eq!(
+            store.lookup("src", &ns("b")).expect("lookup"),
+            None,
+            "knowing the digest is not enough"
+        );
+        assert_eq!(
+            store.entitle("src", &ns("b")).expect("entitle"),
+            Some(image.clone())
+        );
+        assert_eq!(
+            store.lookup("src", &ns("b")).expect("lookup"),
+            Some(image.clone())
+        );
+        assert_eq!(store.entitle("missing", &ns("b")).expect("entitle"), None);
+        // A later commit of the same source (a race between namespaces) keeps both.
+        store
+            .commit(
+                staged(&store, b"tenant a"),
+                "src",
+                "served",
+                Format::Raw,
+                &ns("c"),
+            )
+            .expect("commit");
+        for namespace in ["a", "b", "c"] {
+            assert!(
+                store
+                    .lookup("src", &ns(namespace))
+                    .expect("lookup")
+                    .is_some(),
+                "{namespace}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_from_before_tenancy_entitles_nobody() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        std::fs::write(dir.path().join("images/served.raw"), b"old").expect("image");
+        std::fs::write(
+            dir.path().join("index/src.json"),
+            br#"{"format":"raw","virtualSize":3,"servedSha256":"served"}"#,
+        )
+        .expect("record");
+        assert_eq!(store.lookup("src", &ns("default")).expect("lookup"), None);
+        assert!(
+            store
+                .lookup("src", &Requester::Operator)
+                .expect("lookup")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn garbage_collection_takes_back_what_a_namespace_no_longer_declares() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store
+            .commit(
+                staged(&store, b"shared"),
+                "src",
+                "served",
+                Format::Raw,
+                &ns("a"),
+            )
+            .expect("commit");
+        store.entitle("src", &ns("b")).expect("entitle");
+        store
+            .collect_garbage(&needed(&[("src", "a")], &[]))
+            .expect("gc");
+        assert!(store.lookup("src", &ns("a")).expect("lookup").is_some());
+        assert_eq!(
+            store.lookup("src", &ns("b")).expect("lookup"),
+            None,
+            "a namespace re-created by someone else inherits nothing"
+        );
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_created_does_not_stop_the_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Where the store should be, a file: nothing can be created under it.
+        let data = dir.path().join("data");
+        std::fs::write(&data, b"not a directory").expect("file");
+        let store = Store::open(&data).expect("opens anyway");
+        let error = store
+            .staging()
+            .err()
+            .expect("each import says why")
+            .to_string();
+        assert!(error.contains("data/tmp"), "{error}");
     }
 }

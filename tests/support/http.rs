@@ -1,6 +1,7 @@
 //! A small HTTP/1.1 server on loopback that misbehaves on request: it drops connections midway,
-//! announces the wrong length, ignores ranges, answers errors, redirects in a loop or stalls.
-//! One request per connection. It stops when dropped.
+//! announces the wrong length, ignores ranges, answers errors, redirects in a loop or elsewhere,
+//! stalls, or trickles its body a byte at a time. One request per connection. It stops when
+//! dropped. Several servers (on other ports or other loopback addresses) are other origins.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,8 @@ pub struct Behavior {
     pub redirect: Option<String>,
     /// Send the headers, then nothing.
     pub stall: bool,
+    /// Send the body one byte at a time, this long apart.
+    pub trickle: Option<Duration>,
 }
 
 impl Behavior {
@@ -67,7 +70,12 @@ impl Drop for HttpServer {
 
 impl HttpServer {
     pub async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, [127, 0, 0, 1].into()).await
+    }
+
+    /// A plain HTTP server on `address` (the test's address on a test LAN, say).
+    pub async fn start_on(address: std::net::IpAddr) -> Self {
+        Self::start_with(None, address).await
     }
 
     /// An HTTPS server with this certificate chain and key (PEM).
@@ -81,11 +89,15 @@ impl HttpServer {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .expect("server config");
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_with(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            [127, 0, 0, 1].into(),
+        )
+        .await
     }
 
-    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>, address: std::net::IpAddr) -> Self {
+        let listener = TcpListener::bind((address, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let tls_on = tls.is_some();
         let routes: Arc<Mutex<Vec<Route>>> = Arc::default();
@@ -241,6 +253,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     write_head(&mut stream, status, &extra).await?;
     if b.stall {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(gap) = b.trickle {
+        for byte in &part[..send] {
+            stream.write_all(&[*byte]).await?;
+            stream.flush().await?;
+            tokio::time::sleep(gap).await;
+        }
+        return stream.shutdown().await;
     }
     stream.write_all(&part[..send]).await?;
     stream.shutdown().await
