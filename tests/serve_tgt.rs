@@ -1045,3 +1045,62 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
             > 0
     );
 }
+
+#[test]
+fn a_full_disk_never_keeps_discus_from_starting_or_lets_anyone_in() {
+    let host = Host::new();
+    // The data directory on a small file system of its own, inside the sandbox.
+    host.sandbox.must(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=16m",
+        "tmpfs",
+        "/var/lib/discus",
+    ]);
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let served = served(&image, &digest, "");
+    host.manifest("lab.yaml", &served);
+    assert_eq!(host.once().status.code(), Some(0));
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_ok()
+    );
+
+    // The disk fills up; then the password changes and discus starts again.
+    let _ = host
+        .sandbox
+        .command("dd")
+        .args(["if=/dev/zero", "of=/var/lib/discus/fill", "bs=64k"])
+        .output();
+    host.manifest(
+        "lab.yaml",
+        &served.replace("password: client-secret", "password: rotated-secret"),
+    );
+    let output = host.once();
+    assert_ne!(
+        output.status.code(),
+        Some(1),
+        "discus starts: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // It cannot record the new password, so it does not change it: the initiator is locked out,
+    // with the old password and without any.
+    for chap in [Some(("client", "client-secret")), None] {
+        assert!(host.inquiry(iqn, 1, INITIATOR, chap).is_err(), "{chap:?}");
+    }
+
+    // Space again: the new password is applied.
+    host.sandbox.must(&["rm", "/var/lib/discus/fill"]);
+    assert_eq!(host.once().status.code(), Some(0));
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "rotated-secret")))
+            .is_ok()
+    );
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_err()
+    );
+}

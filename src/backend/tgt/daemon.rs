@@ -37,15 +37,19 @@ pub async fn ensure(config: &TgtConfig, tgtadm: &Tgtadm) -> Result<(), BackendEr
 }
 
 fn start(config: &TgtConfig, log_path: &Path) -> Result<(), BackendError> {
-    let io_error = |path: &Path, e: std::io::Error| {
-        BackendError::Io(std::io::Error::other(format!("{}: {e}", path.display())))
-    };
+    // tgtd's log is a help, not a condition: on a full disk tgtd runs without it.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
-        .map_err(|e| io_error(log_path, e))?;
-    let log_err = log.try_clone().map_err(|e| io_error(log_path, e))?;
+        .and_then(|log| Ok((log.try_clone()?, log)))
+        .map_or_else(
+            |error| {
+                tracing::warn!(path = %log_path.display(), %error, "tgtd runs without its log");
+                (Stdio::null(), Stdio::null())
+            },
+            |(out, err)| (Stdio::from(out), Stdio::from(err)),
+        );
     tracing::info!(control_port = config.control_port, "starting tgtd");
     // Its own process group, so that it outlives discus and a restart of discus leaves the
     // targets serving. It starts listening on an ephemeral loopback port only; the planner
@@ -59,8 +63,8 @@ fn start(config: &TgtConfig, log_path: &Path) -> Result<(), BackendError> {
             "portal=127.0.0.1:0",
         ])
         .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err)
+        .stdout(log.0)
+        .stderr(log.1)
         .process_group(0)
         .spawn()
         .map_err(|e| {

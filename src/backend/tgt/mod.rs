@@ -68,7 +68,11 @@ fn io_error(path: &Path, error: impl std::fmt::Display) -> BackendError {
 impl TgtBackend {
     /// Loads what discus owns and makes sure its tgtd runs.
     pub async fn start(config: TgtConfig) -> Result<Self, BackendError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| io_error(&config.state_dir, e))?;
+        if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
+            // A full disk must not keep discus from starting, and revoking: nothing is owned
+            // yet where the folder is missing.
+            tracing::warn!(path = %config.state_dir.display(), %error, "cannot create tgt's folder");
+        }
         let owned_path = config.state_dir.join("owned.json");
         let (owned, fresh) = match std::fs::read(&owned_path) {
             Ok(bytes) => (
