@@ -302,8 +302,6 @@ impl<B: Backend> Syncer<B> {
 
     /// One pass. Never fails: what goes wrong is in the report, for status.
     pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
-        // Partial input: read everything, so that what it may still declare is seen and kept.
-        let pass = if resources.partial { Pass::Full } else { pass };
         let started = std::time::Instant::now();
         self.metrics.pass_started();
         let node = self.node_facts();
@@ -316,12 +314,23 @@ impl<B: Backend> Syncer<B> {
         // What is stored already; the desired state says which of the rest this node needs.
         let requests = self.import_requests(resources, &mut report);
         let mut ready = BTreeMap::new();
+        let mut partial = resources.partial;
         for (key, request) in &requests {
-            if let Ok(Some(stored)) = self.images.importer().lookup(request) {
-                ready.insert(key.clone(), ready_image(&stored));
-                report.images.insert(key.clone(), ImageState::Ready(stored));
+            match self.images.importer().lookup(request) {
+                Ok(Some(stored)) => {
+                    ready.insert(key.clone(), ready_image(&stored));
+                    report.images.insert(key.clone(), ImageState::Ready(stored));
+                }
+                // A record that cannot be read is not "not stored": what it may hold stays.
+                Err(images::ImportError::Store(error)) => {
+                    tracing::warn!(%error, "the image store cannot say what it holds");
+                    partial = true;
+                }
+                Ok(None) | Err(_) => {}
             }
         }
+        // Partial input: read everything, so that what it may still declare is seen and kept.
+        let pass = if partial { Pass::Full } else { pass };
         let mut state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
         let mut newly_ready = false;
         let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
@@ -365,10 +374,9 @@ impl<B: Backend> Syncer<B> {
             "desired state computed"
         );
 
-        self.reconcile(&state, &mut report, pass, resources.partial)
-            .await;
+        self.reconcile(&state, &mut report, pass, partial).await;
         report.problems.extend(state.problems.iter().cloned());
-        if !resources.partial {
+        if !partial {
             self.collect_garbage(&requests, &state);
         }
         report.desired = state;

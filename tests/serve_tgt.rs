@@ -1104,3 +1104,33 @@ fn a_full_disk_never_keeps_discus_from_starting_or_lets_anyone_in() {
             .is_err()
     );
 }
+
+#[test]
+fn a_store_record_that_cannot_be_read_tears_nothing_down_and_heals() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    assert_eq!(host.once().status.code(), Some(0));
+    let record = host.sandbox.data_dir().join(format!("index/{digest}.json"));
+    std::fs::write(&record, b"{not json").expect("corrupt the record");
+
+    let output = host.once();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_ok(),
+        "still served: {stderr}"
+    );
+    let images = host.sandbox.data_dir().join("images");
+    assert_eq!(
+        images.read_dir().expect("images").count(),
+        1,
+        "the image stays"
+    );
+    // The import ran again and wrote a good record.
+    assert_eq!(host.once().status.code(), Some(0), "{stderr}");
+    let healed: Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json again");
+    assert!(healed.get("servedSha256").is_some(), "{healed}");
+}

@@ -200,9 +200,14 @@ impl Importer {
         request: &ImportRequest,
         progress: &mut ProgressReporter,
     ) -> Result<StoredImage, ImportError> {
-        if let Some(stored) = self.lookup(request)? {
-            progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
-            return Ok(stored);
+        match self.lookup(request) {
+            Ok(Some(stored)) => {
+                progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
+                return Ok(stored);
+            }
+            // A record that cannot be read: the verified bytes of this import write it again.
+            Ok(None) | Err(ImportError::Store(_)) => {}
+            Err(other) => return Err(other),
         }
         let written = self.transfer(request, progress).await?;
         // The requester's own source delivered these bytes: if they are stored already (for

@@ -326,7 +326,8 @@ impl Store {
         requester: &Requester,
     ) -> Result<Option<StoredImage>, StoreError> {
         let _lock = self.lock()?;
-        let Some((image, mut record)) = self.stored(sha256)? else {
+        // A record that cannot be read is written again by the commit of these verified bytes.
+        let Some((image, mut record)) = self.stored(sha256).ok().flatten() else {
             return Ok(None);
         };
         if let Requester::Namespace(namespace) = requester
