@@ -146,3 +146,32 @@ fn unreadable_or_broken_files_are_reported_not_panicked_on() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_name_cannot_forge_a_line_of_validate_s_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("forged.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\n\
+         metadata: {name: \"a\\nFORGED: all good\", namespace: \"lab\\r\"}\n\
+         spec: {source: {file: {path: /a}}, sha256: 0000000000000000000000000000000000000000000000000000000000000000}\n",
+    )
+    .expect("write");
+    let output = discus()
+        .args(["validate", "--filename"])
+        .arg(&file)
+        .output()
+        .expect("runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.lines().all(|line| !line.starts_with("FORGED")) && !printed.contains('\r'),
+        "{printed}"
+    );
+    assert!(printed.contains("a\\nFORGED"), "shown escaped: {printed}");
+}
