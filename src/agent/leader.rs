@@ -49,9 +49,17 @@ pub struct LeaderOptions {
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
-pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: LeaderOptions) {
+/// The election's requests go through `lease_client`, whose deadline is shorter than the lease:
+/// a renewal whose answer is lost must fail while the lease still holds, not after.
+pub async fn run(
+    lease_client: Client,
+    client: Client,
+    stores: Arc<Stores>,
+    wakers: Wakers,
+    options: LeaderOptions,
+) {
     let manager = loop {
-        let built = LeaseManagerBuilder::new(client.clone(), LEASE)
+        let built = LeaseManagerBuilder::new(lease_client.clone(), LEASE)
             .with_namespace(&options.lease_namespace)
             .with_identity(&options.identity)
             .with_duration(options.lease_seconds)
