@@ -108,4 +108,35 @@ mod tests {
         let refused = ApiTimeouts::new(Duration::from_secs(14)).expect_err("too short");
         assert!(refused.contains("at least 15 seconds"), "{refused}");
     }
+
+    /// kube's default client waits for ever here.
+    #[tokio::test]
+    async fn an_answer_that_never_comes_fails_the_request_within_the_deadline() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let address = listener.local_addr().expect("address");
+        // Takes every request and answers none, holding the connections open.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = listener.accept().await {
+                held.push(connection);
+            }
+        });
+        let config = Config::new(format!("http://{address}").parse().expect("url"));
+        let client = ApiTimeouts::default()
+            .client(&config, Duration::from_millis(300))
+            .expect("client");
+        let secrets = kube::Api::<k8s_openapi::api::core::v1::Secret>::all(client);
+        let started = std::time::Instant::now();
+        let listed =
+            tokio::time::timeout(Duration::from_secs(10), secrets.list(&Default::default())).await;
+        assert!(matches!(listed, Ok(Err(_))), "{listed:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }
