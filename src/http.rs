@@ -1,6 +1,7 @@
 //! The node's HTTP endpoints: `/metrics` (Prometheus text), `/healthz` (the sync loop is not
-//! stuck: for a liveness probe) and `/readyz` (a first pass has completed, so the node serves
-//! what it was told: for a readiness probe). Nothing here changes anything.
+//! stuck — a pass finished recently enough — for a liveness probe; when it is, the body says
+//! why) and `/readyz` (a first pass has completed, so the node serves what it was told: for a
+//! readiness probe). Nothing here changes anything.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,10 +44,12 @@ async fn metrics_text(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse 
 }
 
 async fn healthz(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    if metrics.healthy() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "a sync pass is stuck\n")
+    match metrics.health() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the sync loop is stuck: {why}\n"),
+        ),
     }
 }
 

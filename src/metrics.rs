@@ -1,9 +1,15 @@
 //! Prometheus metrics of a storage node, and the health the HTTP endpoints report. One
 //! `Metrics` per process, shared by the syncer and whatever feeds it (the agent's status writer,
 //! events, watches).
+//!
+//! Health is about the node's sync loop, the one thing that ends access on time: it is unhealthy
+//! when a pass runs for too long, or — for a loop that promised a cadence — when no pass has
+//! finished for too long, before the first pass included (its watches never listed, its Node
+//! never appeared). `/healthz` says which.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -117,6 +123,44 @@ struct Health {
     ready: bool,
     /// When the running pass started.
     running_since: Option<Instant>,
+    /// When the last pass finished.
+    finished_at: Option<Instant>,
+    /// Set by a loop that finishes a pass at least this often while it is alive, and since when.
+    cadence: Option<(Instant, Duration)>,
+    /// Why the loop runs no pass now, if it says.
+    waiting: Option<String>,
+}
+
+impl Health {
+    /// Why the loop is stuck at `now`, if it is.
+    fn stuck(&self, now: Instant) -> Option<String> {
+        if let Some(since) = self.running_since {
+            let running = now.saturating_duration_since(since);
+            return (running >= STUCK_AFTER)
+                .then(|| format!("a sync pass has been running for {}s", running.as_secs()));
+        }
+        let (started, bound) = self.cadence?;
+        let silent = now.saturating_duration_since(self.finished_at.unwrap_or(started));
+        if silent < bound {
+            return None;
+        }
+        let why = self
+            .waiting
+            .as_deref()
+            .map(|w| format!(": {w}"))
+            .unwrap_or_default();
+        Some(match self.finished_at {
+            None => format!(
+                "no sync pass has finished in the {}s since the start{why}",
+                silent.as_secs()
+            ),
+            Some(_) => format!(
+                "no sync pass has finished for {}s (the bound is {}s){why}",
+                silent.as_secs(),
+                bound.as_secs()
+            ),
+        })
+    }
 }
 
 impl Default for Metrics {
@@ -202,9 +246,18 @@ impl Metrics {
     }
 
     pub fn pass_started(&self) {
-        if let Ok(mut health) = self.health.lock() {
-            health.running_since = Some(Instant::now());
-        }
+        self.health.lock().running_since = Some(Instant::now());
+    }
+
+    /// The sync loop starts, and promises to finish a pass at least every `bound` from now on
+    /// while it is alive: past it, the node is unhealthy.
+    pub fn expect_passes_within(&self, bound: Duration) {
+        self.health.lock().cadence = Some((Instant::now(), bound));
+    }
+
+    /// Why the loop runs no pass now (`None`: it does).
+    pub fn waiting(&self, why: Option<String>) {
+        self.health.lock().waiting = why;
     }
 
     /// Records a finished pass and what its report says the node holds.
@@ -249,10 +302,10 @@ impl Metrics {
         }
         self.image_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        if let Ok(mut health) = self.health.lock() {
-            health.ready = true;
-            health.running_since = None;
-        }
+        let mut health = self.health.lock();
+        health.ready = true;
+        health.running_since = None;
+        health.finished_at = Some(Instant::now());
     }
 
     pub fn backend_operation(&self, backend: &'static str, ok: bool) {
@@ -291,14 +344,17 @@ impl Metrics {
 
     /// Whether a pass has completed since the start.
     pub fn ready(&self) -> bool {
-        self.health.lock().is_ok_and(|h| h.ready)
+        self.health.lock().ready
     }
 
-    /// Whether the sync loop is alive: no pass stuck.
+    /// Whether the sync loop is alive; if not, why.
+    pub fn health(&self) -> Result<(), String> {
+        self.health.lock().stuck(Instant::now()).map_or(Ok(()), Err)
+    }
+
+    /// Whether the sync loop is alive.
     pub fn healthy(&self) -> bool {
-        self.health
-            .lock()
-            .is_ok_and(|h| h.running_since.is_none_or(|at| at.elapsed() < STUCK_AFTER))
+        self.health().is_ok()
     }
 
     /// The OpenMetrics text of every metric.
@@ -337,5 +393,37 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_loop_is_stuck_when_no_pass_finishes_within_its_bound_and_says_why() {
+        let start = Instant::now();
+        let s = Duration::from_secs;
+        let mut health = Health::default();
+        assert_eq!(health.stuck(start + s(3600)), None, "no cadence promised");
+        health.cadence = Some((start, s(60)));
+        health.waiting = Some("waiting for the watches of Secret to list".into());
+        assert_eq!(health.stuck(start + s(59)), None);
+        assert_eq!(
+            health.stuck(start + s(61)).as_deref(),
+            Some(
+                "no sync pass has finished in the 61s since the start: \
+                 waiting for the watches of Secret to list"
+            )
+        );
+        health.running_since = Some(start + s(62));
+        assert_eq!(health.stuck(start + s(100)), None, "a pass is running");
+        assert_eq!(
+            health.stuck(start + s(62) + STUCK_AFTER).as_deref(),
+            Some("a sync pass has been running for 900s")
+        );
+        health.running_since = None;
+        health.finished_at = Some(start + s(120));
+        health.waiting = None;
+        assert_eq!(health.stuck(start + s(179)), None);
+        assert_eq!(
+            health.stuck(start + s(190)).as_deref(),
+            Some("no sync pass has finished for 70s (the bound is 60s)")
+        );
     }
 }

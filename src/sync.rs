@@ -6,10 +6,12 @@
 //! background and a finished import asks for another pass.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
+// Cannot be poisoned: facts read as empty after a panic would tear every placed target down.
+use parking_lot::Mutex;
 
 use crate::api::chap::{Password, SecretData};
 use crate::api::disc_image::{ValidImage, ValidSource};
@@ -290,14 +292,12 @@ impl<B: Backend> Syncer<B> {
     }
 
     pub fn node_facts(&self) -> NodeFacts {
-        self.node.lock().map(|n| n.clone()).unwrap_or_default()
+        self.node.lock().clone()
     }
 
     /// The node's labels or addresses changed: the next pass places targets by the new ones.
     pub fn set_node_facts(&self, facts: NodeFacts) {
-        if let Ok(mut node) = self.node.lock() {
-            *node = facts;
-        }
+        *self.node.lock() = facts;
     }
 
     /// One pass. Never fails: what goes wrong is in the report, for status.
@@ -546,7 +546,7 @@ impl<B: Backend> Syncer<B> {
                     .insert(lun.lun, self.backend.device_lun(lun.lun));
             }
         }
-        let memory = self.memory.lock().map(|m| m.clone()).unwrap_or_default();
+        let memory = self.memory.lock().clone();
         let scope: Option<BTreeSet<String>> =
             (pass == Pass::Changes && self.backend.scoped() && memory.converged)
                 .then_some(memory.targets.as_ref())
@@ -700,20 +700,19 @@ impl<B: Backend> Syncer<B> {
             report.problems.extend(kept.iter().map(|(_, p)| p.clone()));
             refused.extend(kept);
         }
-        if let Ok(mut memory) = self.memory.lock() {
-            *memory = Memory {
-                targets: Some(state.targets.clone()),
-                converged: report.unsettled.is_empty(),
-                sessions: report.sessions.clone(),
-                refused,
-            };
-        }
+        *self.memory.lock() = Memory {
+            targets: Some(state.targets.clone()),
+            converged: report.unsettled.is_empty(),
+            sessions: report.sessions.clone(),
+            refused,
+        };
     }
 
     /// When each live session was first seen, for status.
     fn record_sessions(&self, report: &mut NodeReport) {
         let now = Timestamp::now();
-        if let Ok(mut since) = self.session_since.lock() {
+        {
+            let mut since = self.session_since.lock();
             let live: BTreeSet<(String, String, String)> = report
                 .sessions
                 .iter()

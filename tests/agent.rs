@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use support::cluster::{DEMO_DIR, Kube};
 use support::control_plane::ControlPlane;
 use support::initiator::{self, Login};
 use support::kstatus::{self, Kstatus};
+use support::proxy::Proxy;
 use support::sandbox::Sandbox;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:demo-client";
@@ -67,6 +69,12 @@ impl Cluster {
     /// A storage node at `.<number>` with the demo ISO in its `/var/lib/discus/demo`, and its
     /// agent running.
     async fn add_node(&mut self, name: &str, number: u8) {
+        let kubeconfig = self.agent_kubeconfig.clone();
+        self.add_node_with(name, number, &kubeconfig, &[]).await;
+    }
+
+    /// Like `add_node`, the agent with its own kubeconfig and more options.
+    async fn add_node_with(&mut self, name: &str, number: u8, kubeconfig: &Path, extra: &[&str]) {
         let (sandbox, address) = self.storage_host(number);
         self.create_node(name, address).await;
         let mut agent = Agent {
@@ -75,7 +83,7 @@ impl Cluster {
             sandbox,
             process: None,
         };
-        agent.start(&self.agent_kubeconfig);
+        agent.start_with(kubeconfig, extra);
         self.agents.push(agent);
     }
 
@@ -244,17 +252,26 @@ impl Agent {
 
     /// GET on the agent's HTTP endpoints: (status code, body).
     fn get(&self, path: &str) -> (u16, String) {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+    }
+
+    /// Like `get`; (0, "") while the agent does not answer (it is starting).
+    fn get_or_nothing(&self, path: &str) -> (u16, String) {
+        self.try_get(path).unwrap_or_default()
+    }
+
+    fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut stream =
-            std::net::TcpStream::connect((self.address, 9464)).expect("the HTTP endpoints answer");
+        let mut stream = std::net::TcpStream::connect((self.address, 9464))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             stream,
             "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n",
             self.address
-        )
-        .expect("request");
+        )?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
+        stream.read_to_string(&mut response)?;
         let code = response
             .split_whitespace()
             .nth(1)
@@ -264,7 +281,7 @@ impl Agent {
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_owned())
             .unwrap_or_default();
-        (code, body)
+        Ok((code, body))
     }
 
     fn tgtadm(&self, args: &[&str]) -> String {
@@ -273,8 +290,13 @@ impl Agent {
         self.sandbox.must(&all)
     }
 
-    fn start(&mut self, kubeconfig: &Path) {
-        let log = std::fs::File::create(self.sandbox.path().join("agent.log")).expect("log");
+    /// Starts the agent (again: its log goes on).
+    fn start_with(&mut self, kubeconfig: &Path, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.sandbox.path().join("agent.log"))
+            .expect("log");
         let child = self
             .sandbox
             .command(env!("CARGO_BIN_EXE_discus"))
@@ -310,6 +332,7 @@ impl Agent {
                 "--http-address",
                 &format!("{}:9464", self.address),
             ])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -1076,6 +1099,208 @@ async fn access_ends_on_time_while_the_apiserver_is_down() {
     let _ = session.wait();
     // The demo client, which has no expiry, still gets in.
     assert!(unit_serial(&portal, DEMO_IQN).contains("Unit Serial Number"));
+}
+
+/// An answer of the apiserver lost on the way (a connection silent for good, no reset) stalls
+/// nothing: grants still end on the agent's clock while every answer is lost, a deletion made
+/// meanwhile is applied once the network is back, and an agent that starts while its lists get
+/// no answer says so on /healthz, then recovers (before the fix, it waited for ever).
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
+    let mut cluster = Cluster::start().await;
+    let upstream: SocketAddr = cluster
+        .plane
+        .server
+        .trim_start_matches("https://")
+        .parse()
+        .expect("the apiserver's address");
+    let host = cluster.lan.as_ref().expect("a LAN").address(1);
+    let proxy = Proxy::start(SocketAddr::from((host, 0)), upstream).await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = scratch.path().join("proxied.kubeconfig");
+    let original = std::fs::read_to_string(&cluster.agent_kubeconfig).expect("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        original.replace(
+            &format!("server: {}", cluster.plane.server),
+            &format!(
+                "server: https://{}\n    tls-server-name: localhost",
+                proxy.address()
+            ),
+        ),
+    )
+    .expect("kubeconfig");
+    let options = [
+        "--api-timeout-seconds",
+        "15",
+        "--resync-seconds",
+        "5",
+        "--stuck-after-seconds",
+        "20",
+    ];
+    cluster
+        .add_node_with("node-a", 51, &kubeconfig, &options)
+        .await;
+    let revoked = "iqn.2026-11.dev.discus:revoked";
+    cluster.apply(&demo_manifests());
+    cluster.apply(&grant_yaml("revoked", revoked, ""));
+    cluster
+        .wait_ready_on("InitiatorAccess", "revoked", &["node-a"])
+        .await;
+    let first_expiry = (k8s_openapi::jiff::Timestamp::now()
+        + k8s_openapi::jiff::SignedDuration::from_secs(45))
+    .round(k8s_openapi::jiff::Unit::Second)
+    .expect("round");
+    let second_expiry = first_expiry + k8s_openapi::jiff::SignedDuration::from_secs(5);
+    let expiring = [
+        ("first", "iqn.2026-11.dev.discus:first", first_expiry),
+        ("second", "iqn.2026-11.dev.discus:second", second_expiry),
+    ];
+    for (name, initiator, at) in expiring {
+        cluster.apply(&grant_yaml(
+            name,
+            initiator,
+            &format!(", expiresAt: '{at}'"),
+        ));
+    }
+    cluster
+        .wait_for(
+            "both expiring grants applied",
+            Duration::from_secs(30),
+            async || {
+                expiring
+                    .iter()
+                    .all(|(_, initiator, _)| acl_on(cluster.agent_ref("node-a"), initiator))
+            },
+        )
+        .await;
+
+    // The watches were renewed every 5 s so far (the apiserver ends them 10 s before the
+    // client's read deadline): none of them timed out. (A resource version too old to resume
+    // from is the apiserver's answer, and the watch lists again.)
+    let log = cluster.agent_ref("node-a").log();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("watch failed") && !l.contains("too old resource version"))
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+
+    // Every answer is lost from now on; meanwhile a grant is deleted.
+    proxy.blackhole();
+    let lead = first_expiry.duration_since(k8s_openapi::jiff::Timestamp::now());
+    assert!(
+        lead.as_secs() >= 5,
+        "the setup took too long: {lead} before the first expiry"
+    );
+    cluster.kubectl(&["delete", "-n", "demo", "initiatoraccess", "revoked"]);
+    // Each grant ends on time, although the status of the first cannot be written.
+    let agent = cluster.agent_ref("node-a");
+    for (name, initiator, at) in expiring {
+        let start = Instant::now();
+        while acl_on(agent, initiator) {
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "grant {name} outlived its expiry:\n{}",
+                agent.log()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let late = k8s_openapi::jiff::Timestamp::now().duration_since(at);
+        println!("with every answer lost, grant {name} ended {late} after expiresAt");
+        assert!(
+            (-1..10).contains(&late.as_secs()),
+            "grant {name} ended {late} after expiresAt:\n{}",
+            agent.log()
+        );
+    }
+    // The sync loop is not stuck: it enforces what it knows.
+    let (code, body) = agent.get("/healthz");
+    assert_eq!(code, 200, "{body}");
+
+    // The network is back; the dead connections stay dead until the agent gives up on them.
+    let accepted = proxy.accepted();
+    proxy.restore();
+    let restored = Instant::now();
+    cluster
+        .wait_for(
+            "the deleted grant revoked once answers arrive",
+            Duration::from_secs(90),
+            async || !acl_on(cluster.agent_ref("node-a"), revoked),
+        )
+        .await;
+    println!(
+        "the grant deleted while every answer was lost was revoked {:?} after the network came back",
+        restored.elapsed()
+    );
+    assert!(
+        proxy.accepted() > accepted,
+        "the agent opened new connections"
+    );
+    cluster
+        .wait_for(
+            "the expired grants' status",
+            Duration::from_secs(90),
+            async || {
+                let mut all = true;
+                for (name, _, _) in expiring {
+                    let grant = cluster.object("InitiatorAccess", "demo", name).await;
+                    all &= grant
+                        .pointer("/status/conditions")
+                        .and_then(Value::as_array)
+                        .is_some_and(|c| c.iter().any(|c| c["reason"] == "Expired"));
+                }
+                all
+            },
+        )
+        .await;
+
+    // An agent that starts while every answer is lost — its requests reach the apiserver, the
+    // answers never come back — cannot list: it does nothing, and once it has waited longer
+    // than the bound, /healthz says so and why. It lists as soon as answers arrive again.
+    proxy.lose_answers();
+    let agent = cluster.agent("node-a");
+    agent.kill();
+    agent.start_with(&kubeconfig, &options);
+    cluster
+        .wait_for(
+            "/healthz to fail with why",
+            Duration::from_secs(90),
+            async || {
+                let (code, body) = cluster.agent_ref("node-a").get_or_nothing("/healthz");
+                let why = code == 503 && body.contains("waiting for watches to list");
+                if why {
+                    println!(
+                        "/healthz while the agent cannot list: {code} {}",
+                        body.trim()
+                    );
+                }
+                why
+            },
+        )
+        .await;
+    assert!(
+        acl_on(cluster.agent_ref("node-a"), INITIATOR),
+        "targets keep serving"
+    );
+    proxy.restore();
+    cluster
+        .wait_for(
+            "/healthz to recover",
+            Duration::from_secs(120),
+            async || cluster.agent_ref("node-a").get_or_nothing("/healthz").0 == 200,
+        )
+        .await;
+    cluster.apply(&grant_yaml("late", "iqn.2026-11.dev.discus:late", ""));
+    cluster
+        .wait_ready_on("InitiatorAccess", "late", &["node-a"])
+        .await;
+}
+
+/// Whether tgtd on an agent's node has an ACL (or a session) for `initiator`.
+fn acl_on(agent: &Agent, initiator: &str) -> bool {
+    agent
+        .tgtadm(&["--mode", "target", "--op", "show"])
+        .contains(initiator)
 }
 
 /// The whole product path once: kubectl on the host, the agent inside a guest running Debian's

@@ -220,7 +220,7 @@ fn truncate(mut note: String) -> String {
 pub struct NodeEvents {
     recorder: Recorder,
     node: String,
-    last: std::sync::Mutex<Option<Observed>>,
+    last: parking_lot::Mutex<Option<Observed>>,
     metrics: std::sync::Arc<Metrics>,
 }
 
@@ -233,7 +233,7 @@ impl NodeEvents {
         Self {
             recorder: Recorder::new(client, reporter),
             node: node.to_owned(),
-            last: std::sync::Mutex::new(None),
+            last: parking_lot::Mutex::new(None),
             metrics,
         }
     }
@@ -241,9 +241,7 @@ impl NodeEvents {
     /// Publishes what changed since the last observation (nothing the first time).
     pub async fn observe(&self, now: Observed) {
         let events = {
-            let Ok(mut last) = self.last.lock() else {
-                return;
-            };
+            let mut last = self.last.lock();
             let events = last
                 .as_ref()
                 .map(|before| changes(&self.node, before, &now))

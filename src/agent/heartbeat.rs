@@ -23,7 +23,9 @@ pub fn lease_name(node: &str) -> String {
     format!("discus-node-{}", node_hash(node))
 }
 
-/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`.
+/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`. A
+/// renewal without an answer within half of `valid_for` is given up and tried again: one
+/// answer lost on the way must not make the lease holder think the node is gone.
 pub async fn run(
     client: Client,
     namespace: String,
@@ -48,8 +50,15 @@ pub async fn run(
                 "renewTime": MicroTime(Timestamp::now()),
             },
         });
-        if let Err(error) = api.patch(&name, &params, &Patch::Apply(&body)).await {
-            tracing::warn!(%error, "cannot renew this node's heartbeat");
+        let patch = Patch::Apply(&body);
+        let renewal = api.patch(&name, &params, &patch);
+        match tokio::time::timeout(valid_for / 2, renewal).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot renew this node's heartbeat"),
+            Err(_) => tracing::warn!(
+                "cannot renew this node's heartbeat: no answer from the apiserver within {}s",
+                (valid_for / 2).as_secs_f32()
+            ),
         }
         tokio::time::sleep(every).await;
     }

@@ -14,6 +14,7 @@ use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
 use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -48,9 +49,17 @@ pub struct LeaderOptions {
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
-pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: LeaderOptions) {
+/// The election's requests go through `lease_client`, whose deadline is shorter than the lease:
+/// a renewal whose answer is lost must fail while the lease still holds, not after.
+pub async fn run(
+    lease_client: Client,
+    client: Client,
+    stores: Arc<Stores>,
+    wakers: Wakers,
+    options: LeaderOptions,
+) {
     let manager = loop {
-        let built = LeaseManagerBuilder::new(client.clone(), LEASE)
+        let built = LeaseManagerBuilder::new(lease_client.clone(), LEASE)
             .with_namespace(&options.lease_namespace)
             .with_identity(&options.identity)
             .with_duration(options.lease_seconds)
@@ -118,12 +127,12 @@ pub async fn run(client: Client, stores: Arc<Stores>, wakers: Wakers, options: L
 pub struct Aggregator {
     client: Client,
     iqn_authority: String,
-    liveness: std::sync::Mutex<Tracker>,
+    liveness: Mutex<Tracker>,
     /// What was last written per object and manager, until the store shows it (`Null`: an
     /// entry removed).
-    in_flight: std::sync::Mutex<HashMap<(Kind, ObjectKey, String), Value>>,
+    in_flight: Mutex<HashMap<(Kind, ObjectKey, String), Value>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
-    created_secrets: std::sync::Mutex<BTreeSet<ObjectKey>>,
+    created_secrets: Mutex<BTreeSet<ObjectKey>>,
 }
 
 struct Write {
@@ -177,19 +186,16 @@ impl Aggregator {
         Self {
             client,
             iqn_authority,
-            liveness: std::sync::Mutex::new(liveness),
-            in_flight: std::sync::Mutex::default(),
-            created_secrets: std::sync::Mutex::default(),
+            liveness: Mutex::new(liveness),
+            in_flight: Mutex::default(),
+            created_secrets: Mutex::default(),
         }
     }
 
     /// Takes in the heartbeats; whether a node came back (or appeared), which the entries must
     /// show. Renewals of live nodes only move their deadlines, which `aggregate` wakes for.
     pub fn heartbeats_changed_a_verdict(&self, stores: &Stores) -> bool {
-        let Ok(mut liveness) = self.liveness.lock() else {
-            return true;
-        };
-        liveness.observe(
+        self.liveness.lock().observe(
             stores.heartbeats().iter().map(|l| l.as_ref()),
             Instant::now(),
         )
@@ -198,9 +204,7 @@ impl Aggregator {
     /// Creates the CHAP Secrets that grants with `generateSecret` name and that do not exist.
     pub async fn generate_secrets(&self, stores: &Stores) {
         let wanted: Vec<_> = {
-            let Ok(mut created) = self.created_secrets.lock() else {
-                return;
-            };
+            let mut created = self.created_secrets.lock();
             created.retain(|key| !stores.secret_exists(key));
             stores
                 .grants()
@@ -226,9 +230,7 @@ impl Aggregator {
                     if created {
                         tracing::info!(secret = %key, grant = %object_key(grant.meta()), "generated a CHAP Secret");
                     }
-                    if let Ok(mut set) = self.created_secrets.lock() {
-                        set.insert(key);
-                    }
+                    self.created_secrets.lock().insert(key);
                 }
                 Err(error) => {
                     tracing::warn!(secret = %key, %error, "cannot create a CHAP Secret")
@@ -251,14 +253,10 @@ impl Aggregator {
     /// The writes due now, and how long until something changes by itself.
     fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Option<Duration>) {
         let clock = Instant::now();
-        let Ok(mut liveness) = self.liveness.lock() else {
-            return (Vec::new(), None);
-        };
+        let mut liveness = self.liveness.lock();
         liveness.observe(stores.heartbeats().iter().map(|l| l.as_ref()), clock);
         let live = |node: &str| liveness.of(node, clock);
-        let Ok(mut in_flight) = self.in_flight.lock() else {
-            return (Vec::new(), None);
-        };
+        let mut in_flight = self.in_flight.lock();
         let mut nodes: BTreeSet<String> = BTreeSet::new();
         let mut next_expiry: Option<Timestamp> = None;
         let mut writes = plan_kind(
@@ -318,12 +316,10 @@ impl Aggregator {
         }
         match apply_status(&self.client, write.kind, &write.key, &write.manager, &body).await {
             Ok(()) => {
-                if let Ok(mut in_flight) = self.in_flight.lock() {
-                    in_flight.insert(
-                        (write.kind, write.key, write.manager),
-                        write.status.unwrap_or(Value::Null),
-                    );
-                }
+                self.in_flight.lock().insert(
+                    (write.kind, write.key, write.manager),
+                    write.status.unwrap_or(Value::Null),
+                );
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(error) => {

@@ -1,19 +1,22 @@
 //! `discus agent`: the storage node's agent in a cluster. The same sync loop as `discus serve`,
 //! fed by watches instead of a folder; each agent reports its own node's entries, and the one
-//! holding the leader lease writes what concerns every node.
+//! holding the leader lease writes what concerns every node. Nothing here waits on the apiserver
+//! without a deadline (`connection`), and the sync loop does not wait on it at all (`sync_loop`).
 
+mod connection;
 mod events;
 mod generated_secrets;
 mod heartbeat;
 mod leader;
 mod liveness;
 mod node_status;
+mod publisher;
 mod stores;
+mod sync_loop;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
 use serde_json::Value;
@@ -22,12 +25,16 @@ use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::backend::Backend;
 use crate::desired::{Kind, ObjectKey};
 use crate::node_runtime::{self, NodeConfig, NodeLoop};
-use crate::sync::{Pass, Syncer};
+use crate::sync::Syncer;
 
+pub use connection::ApiTimeouts;
+use connection::Clients;
 pub use leader::LeaderOptions;
 use node_status::NodeStatusWriter;
 pub use node_status::field_manager;
+use publisher::Publisher;
 use stores::{Stores, Wakers};
+use sync_loop::SyncLoop;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -43,6 +50,10 @@ pub struct AgentOptions {
     pub node_lost_after: Duration,
     pub prune_after: Duration,
     pub resync: Duration,
+    /// How long the agent waits for an answer of the apiserver.
+    pub api_timeouts: ApiTimeouts,
+    /// No sync pass finished for this long (since the start, too): `/healthz` fails.
+    pub stuck_after: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,12 +70,12 @@ pub enum AgentError {
 pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     // kube's TLS needs a process-wide provider; another part may have installed it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = Client::try_default().await?;
-    node_runtime::start(options.node.clone(), AgentLoop { client, options }).await?
+    let clients = connection::connect(options.api_timeouts, options.lease_seconds).await?;
+    node_runtime::start(options.node.clone(), AgentLoop { clients, options }).await?
 }
 
 struct AgentLoop {
-    client: Client,
+    clients: Clients,
     options: AgentOptions,
 }
 
@@ -72,8 +83,11 @@ impl NodeLoop for AgentLoop {
     type Output = Result<(), AgentError>;
 
     async fn run<B: Backend + 'static>(self, syncer: Syncer<B>) -> Self::Output {
-        let Self { client, options } = self;
+        let Self { clients, options } = self;
+        let shutdown = shutdown()?;
+        syncer.metrics().expect_passes_within(options.stuck_after);
         let node = options.node.node.name.clone();
+        let client = clients.main;
         let wakers = Wakers::default();
         let stores = Arc::new(Stores::start(
             &client,
@@ -81,9 +95,11 @@ impl NodeLoop for AgentLoop {
             &node,
             &options.lease_namespace,
             &wakers,
+            &options.api_timeouts,
             syncer.metrics(),
         ));
         tokio::spawn(leader::run(
+            clients.lease,
             client.clone(),
             stores.clone(),
             wakers.clone(),
@@ -103,83 +119,42 @@ impl NodeLoop for AgentLoop {
             options.heartbeat,
             options.node_lost_after,
         ));
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(|e| AgentError::Setup(format!("cannot handle SIGTERM: {e}")))?;
-
         tracing::info!(%node, backend = syncer.backend().name(), "waiting for every watch to list");
-        tokio::select! {
-            () = stores.ready() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = terminate.recv() => return Ok(()),
-        }
         let metrics = Arc::clone(syncer.metrics());
-        let writer = NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics));
-        let events = events::NodeEvents::new(client, &node, metrics);
-        let finished = syncer.images().finished();
-        let mut pass = Pass::Full;
-        let mut waiting_for_node = false;
-        loop {
-            // Without its Node, the agent knows neither its labels nor its addresses: a pass
-            // would place nothing here and tear every target down.
-            match stores.node_facts() {
-                Some(facts) => {
-                    waiting_for_node = false;
-                    syncer.set_node_facts(facts);
-                    let snapshot = stores.snapshot();
-                    let report = syncer
-                        .sync(&snapshot.resources, Timestamp::now(), pass)
-                        .await;
-                    let published = writer.publish(&stores, &report).await;
-                    events.observe(published.observed).await;
-                    tracing::debug!(
-                        targets = report.desired.targets.len(),
-                        written = published.written,
-                        failed = published.failed,
-                        "sync pass done"
-                    );
-                    let next = report.next_pass(options.resync);
-                    pass = Pass::Changes;
-                    // Status that could not be written is tried again soon.
-                    let retry = if published.failed > 0 {
-                        Duration::from_secs(2)
-                    } else {
-                        next.after
-                    };
-                    tokio::select! {
-                        () = wakers.sync.notified() => {
-                            // Let a burst of changes (an apply of many objects) settle.
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                        () = finished.notified() => {}
-                        () = tokio::time::sleep(retry) => {
-                            if retry == next.after {
-                                pass = next.pass;
-                            }
-                        }
-                        _ = tokio::signal::ctrl_c() => return Ok(()),
-                        _ = terminate.recv() => return Ok(()),
-                    }
-                }
-                None => {
-                    if !waiting_for_node {
-                        tracing::warn!(%node, "Node {node} not found: serving nothing new until it exists");
-                        waiting_for_node = true;
-                    }
-                    tokio::select! {
-                        () = wakers.sync.notified() => {}
-                        _ = tokio::signal::ctrl_c() => return Ok(()),
-                        _ = terminate.recv() => return Ok(()),
-                    }
-                }
-            }
+        let publisher = Publisher::start(
+            NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics)),
+            events::NodeEvents::new(client, &node, metrics),
+            Arc::clone(&stores),
+        );
+        SyncLoop {
+            syncer: &syncer,
+            stores: &stores,
+            wakers: &wakers,
+            publisher,
+            resync: options.resync,
+            node,
         }
+        .run(shutdown)
+        .await;
+        Ok(())
     }
 }
 
-/// How long a write to the apiserver may take. kube's client has no read timeout (watches are
-/// long requests), and the sync loop waits for its status writes: without a bound, one answer
-/// lost on the way would stop the node from reconciling, expiry included.
+/// Resolves on SIGTERM (the kubelet stopping the Pod) or SIGINT.
+fn shutdown() -> Result<impl Future<Output = ()>, AgentError> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| AgentError::Setup(format!("cannot handle SIGTERM: {e}")))?;
+    Ok(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// How long a write to the apiserver may take in all. The client's read deadline bounds each
+/// attempt; this bounds the whole, retries of kube's client (on 429, 503, 504) included, so that
+/// the publisher and the lease holder go on to newer work.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs one request to the apiserver within `WRITE_TIMEOUT`.

@@ -4,11 +4,12 @@
 //! write nothing.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kube::core::DeserializeGuard;
 use kube::{Client, Resource};
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -125,9 +126,7 @@ impl NodeStatusWriter {
         K: Resource<DynamicType = ()>,
         E: Serialize + PartialEq + Summary,
     {
-        let Ok(mut in_flight) = self.in_flight.lock() else {
-            return;
-        };
+        let mut in_flight = self.in_flight.lock();
         for guarded in objects {
             let Ok(object) = &guarded.0 else {
                 continue;
@@ -169,9 +168,9 @@ impl NodeStatusWriter {
             .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
             Ok(()) => {
-                if let Ok(mut in_flight) = self.in_flight.lock() {
-                    in_flight.insert((write.kind, write.key), write.entry.unwrap_or(Value::Null));
-                }
+                self.in_flight
+                    .lock()
+                    .insert((write.kind, write.key), write.entry.unwrap_or(Value::Null));
                 true
             }
             // Deleted meanwhile: nothing to report on.

@@ -26,6 +26,8 @@ use crate::manifests::ObjectId;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
+use super::connection::ApiTimeouts;
+
 /// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
 pub const HEARTBEAT_LABEL: &str = "discus.dev/heartbeat";
 
@@ -67,13 +69,14 @@ pub struct Snapshot {
 
 impl Stores {
     /// Starts every watch (as background tasks); `namespaces` empty means all of them. Heartbeat
-    /// Leases live in `lease_namespace`.
+    /// Leases live in `lease_namespace`. Every watch ends before the client's read deadline.
     pub fn start(
         client: &Client,
         namespaces: &[String],
         node_name: &str,
         lease_namespace: &str,
         wakers: &Wakers,
+        timeouts: &ApiTimeouts,
         metrics: &Arc<Metrics>,
     ) -> Self {
         let watch = |w: &Wakers| Watch {
@@ -92,13 +95,15 @@ impl Stores {
             secrets: Vec::new(),
             node: spawn_reflector(
                 Api::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+                timeouts
+                    .watcher()
+                    .fields(&format!("metadata.name={node_name}")),
                 NodeChanges::default(),
                 watch(wakers),
             ),
             heartbeats: spawn_reflector(
                 Api::namespaced(client.clone(), lease_namespace),
-                watcher::Config::default().labels(HEARTBEAT_LABEL),
+                timeouts.watcher().labels(HEARTBEAT_LABEL),
                 Heartbeats,
                 watch(wakers),
             ),
@@ -107,25 +112,25 @@ impl Stores {
         for namespace in &namespaces {
             stores.images.push(spawn_reflector(
                 namespaced_api(client, namespace),
-                watcher::Config::default(),
+                timeouts.watcher(),
                 SpecChanges::default(),
                 watch(wakers),
             ));
             stores.targets.push(spawn_reflector(
                 namespaced_api(client, namespace),
-                watcher::Config::default(),
+                timeouts.watcher(),
                 SpecChanges::default(),
                 watch(wakers),
             ));
             stores.grants.push(spawn_reflector(
                 namespaced_api(client, namespace),
-                watcher::Config::default(),
+                timeouts.watcher(),
                 SpecChanges::default(),
                 watch(wakers),
             ));
             stores.secrets.push(spawn_reflector(
                 namespaced_api(client, namespace),
-                watcher::Config::default(),
+                timeouts.watcher(),
                 EveryChange,
                 watch(wakers),
             ));
@@ -134,24 +139,15 @@ impl Stores {
     }
 
     /// Waits until every store has listed once: before that, an empty store would look like
-    /// "nothing is declared" and the sync would remove every target. Says which watches it is
-    /// still waiting for, so that a missing permission or CRD is visible.
+    /// "nothing is declared" and the sync would remove every target.
     pub async fn ready(&self) {
-        let mut said = None;
-        loop {
-            let waiting = self.not_ready();
-            if waiting.is_empty() {
-                return;
-            }
-            if said.is_none_or(|at: std::time::Instant| at.elapsed().as_secs() >= 10) {
-                tracing::info!(watches = ?waiting, "waiting for watches to list");
-                said = Some(std::time::Instant::now());
-            }
+        while !self.unlisted().is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 
-    fn not_ready(&self) -> Vec<&'static str> {
+    /// The kinds whose watches have not listed yet (all of them listed: a complete view).
+    pub fn unlisted(&self) -> Vec<&'static str> {
         let mut waiting = Vec::new();
         let mut check = |name: &'static str, ready: bool| {
             if !ready {

@@ -32,12 +32,32 @@ pub struct AgentArgs {
     /// A lost node's status entries are removed this long after it was marked lost, in seconds.
     #[arg(long, default_value = "300", value_parser = seconds)]
     prune_seconds: Duration,
+    /// How long to wait for an answer of the apiserver before the request counts as lost and is
+    /// tried again, in seconds (at least 15; watches are renewed 10 s earlier).
+    #[arg(long, default_value = "70", value_parser = seconds)]
+    api_timeout_seconds: Duration,
+    /// /healthz fails when no sync pass has finished for this long (since the start, too), in
+    /// seconds; more than --resync-seconds.
+    #[arg(long, default_value = "300", value_parser = seconds)]
+    stuck_after_seconds: Duration,
     #[command(flatten)]
     node: NodeArgs,
 }
 
 pub fn run(args: AgentArgs) -> ExitCode {
     let resync = args.node.resync();
+    let api_timeouts = match agent::ApiTimeouts::new(args.api_timeout_seconds) {
+        Ok(timeouts) => timeouts,
+        Err(error) => return super::fail(&format!("--api-timeout-seconds {error}")),
+    };
+    if args.stuck_after_seconds <= resync {
+        return super::fail(&format!(
+            "--stuck-after-seconds must be more than --resync-seconds ({}): a pass is due only \
+             every {} seconds",
+            resync.as_secs(),
+            resync.as_secs()
+        ));
+    }
     // Labels and addresses come from the Node object, once its watch has listed it.
     let facts = NodeFacts {
         name: args.node_name,
@@ -60,6 +80,8 @@ pub fn run(args: AgentArgs) -> ExitCode {
         node_lost_after: args.node_lost_seconds,
         prune_after: args.prune_seconds,
         resync,
+        api_timeouts,
+        stuck_after: args.stuck_after_seconds,
     };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,

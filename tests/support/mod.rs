@@ -8,6 +8,7 @@ pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod network;
+pub mod proxy;
 pub mod sandbox;
 
 use std::path::PathBuf;
