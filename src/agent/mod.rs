@@ -3,6 +3,7 @@
 //! holding the leader lease writes what concerns every node. Nothing here waits on the apiserver
 //! without a deadline (`connection`), and the sync loop does not wait on it at all (`sync_loop`).
 
+mod cluster_networks;
 mod connection;
 mod events;
 mod generated_secrets;
@@ -71,6 +72,10 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     // kube's TLS needs a process-wide provider; another part may have installed it already.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let clients = connection::connect(options.api_timeouts, options.lease_seconds).await?;
+    let mut options = options;
+    for (why, net) in cluster_networks::read(&clients.main, &options.node.node.name).await? {
+        options.node.fetch.destinations.deny_more(&why, [net]);
+    }
     node_runtime::start(options.node.clone(), AgentLoop { clients, options }).await?
 }
 

@@ -69,6 +69,10 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| ServeError::Setup(format!("cannot handle SIGTERM: {e}")))?;
     tracing::info!(backend = syncer.backend().name(), manifests = %options.manifests.display(), "serving");
+    // A pass is due at least every resync: ten of them missed, and /healthz says so.
+    syncer
+        .metrics()
+        .expect_passes_within((options.resync * 10).max(Duration::from_secs(300)));
     let mut cache = ManifestCache::default();
     let mut pass = Pass::Full;
     loop {
