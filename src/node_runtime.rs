@@ -95,6 +95,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         }
         BackendChoice::Tgt | BackendChoice::Auto => {
             let mut tgt = TgtConfig::new(config.data_dir.join("tgt"));
+            tgt.images = Some(config.data_dir.join("images"));
             tgt.control_port = config.tgt_control_port;
             let backend = TgtBackend::start(tgt).await?;
             node_loop

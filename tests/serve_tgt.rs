@@ -1134,3 +1134,56 @@ fn a_store_record_that_cannot_be_read_tears_nothing_down_and_heals() {
         serde_json::from_slice(&std::fs::read(&record).expect("record")).expect("json again");
     assert!(healed.get("servedSha256").is_some(), "{healed}");
 }
+
+#[test]
+fn tgtd_can_never_write_a_verified_image_even_when_a_lun_is_made_writable() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    assert_eq!(host.once().status.code(), Some(0));
+    // tgt adds every LUN writable and makes it read-only afterwards; here the flag is turned
+    // off behind discus's back, as during that moment.
+    host.tgtadm(&[
+        "--mode",
+        "logicalunit",
+        "--op",
+        "update",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+        "--params",
+        "readonly=0",
+    ]);
+    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
+    assert!(show.contains("/var/lib/discus/tgt/images-ro/"), "{show}");
+    let write = host
+        .sandbox
+        .command("qemu-io")
+        .args([
+            "--image-opts",
+            &format!(
+                "driver=iscsi,transport=tcp,portal={PORTAL},target=iqn.2026-11.dev.discus:boot,lun=1,\
+                 user=client,password=client-secret,initiator-name={INITIATOR}"
+            ),
+            "-c",
+            "write -P 0x41 0 4096",
+        ])
+        .output()
+        .expect("qemu-io runs");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&write.stdout),
+        String::from_utf8_lossy(&write.stderr)
+    );
+    assert!(
+        said.contains("write failed"),
+        "the initiator tried and was refused: {said}"
+    );
+    assert!(
+        !said.contains("wrote 4096"),
+        "the write went through: {said}"
+    );
+    let stored = host.sandbox.data_dir().join(format!("images/{digest}.raw"));
+    assert_eq!(sha256_file(&stored), digest, "the verified image is intact");
+}

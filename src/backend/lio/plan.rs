@@ -244,7 +244,10 @@ impl Operation for LioOp {
             Self::EnableTpg { enable, .. } => !enable,
             Self::SetWriteProtect { write_protect, .. } => *write_protect,
             Self::SetAttribute { name, value, .. } => STRICT_ATTRIBUTES.contains(&(*name, *value)),
-            Self::DeleteAcl { .. }
+            // New credentials take the old ones away, and an ACL without them admits nobody
+            // (`authentication=1`): a password rotation never waits on an unrelated step.
+            Self::SetAuth { .. }
+            | Self::DeleteAcl { .. }
             | Self::UnmapLun { .. }
             | Self::RemoveLun { .. }
             | Self::RemovePortal { .. }
@@ -258,7 +261,6 @@ impl Operation for LioOp {
             | Self::AddPortal { .. }
             | Self::AddLun { .. }
             | Self::CreateAcl { .. }
-            | Self::SetAuth { .. }
             | Self::MapLun { .. } => false,
         }
     }

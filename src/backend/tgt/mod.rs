@@ -10,6 +10,7 @@ mod daemon;
 mod plan;
 mod show;
 mod tgtadm;
+mod view;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ pub use show::TgtState;
 use tgtadm::Tgtadm;
 
 use super::{Backend, BackendError, Capabilities, Plan, Session};
-use crate::desired::TargetConfig;
+use crate::desired::{Backing, TargetConfig};
 
 #[derive(Clone, Debug)]
 pub struct TgtConfig {
@@ -33,6 +34,8 @@ pub struct TgtConfig {
     pub tgtd: PathBuf,
     pub tgtadm: PathBuf,
     pub timeout: Duration,
+    /// The image store's folder: tgtd is given its files through a read-only view of it.
+    pub images: Option<PathBuf>,
 }
 
 /// The control port discus uses unless told otherwise; a host's own tgtd uses 0.
@@ -46,6 +49,7 @@ impl TgtConfig {
             tgtd: PathBuf::from("tgtd"),
             tgtadm: PathBuf::from("tgtadm"),
             timeout: Duration::from_secs(30),
+            images: None,
         }
     }
 }
@@ -53,6 +57,7 @@ impl TgtConfig {
 pub struct TgtBackend {
     config: TgtConfig,
     tgtadm: Tgtadm,
+    view: Option<view::ReadOnlyView>,
     /// What discus owns, as tgtd holds it now. `owned.json` may lag behind it only in the safe
     /// direction (see `remember`).
     owned: Mutex<Owned>,
@@ -99,7 +104,12 @@ impl TgtBackend {
             }
             Err(e) => return Err(io_error(&owned_path, e)),
         };
+        let view = config.images.clone().map(|images| view::ReadOnlyView {
+            images,
+            view: config.state_dir.join("images-ro"),
+        });
         let backend = Self {
+            view,
             tgtadm: Tgtadm {
                 binary: config.tgtadm.clone(),
                 control_port: config.control_port,
@@ -187,6 +197,19 @@ impl TgtBackend {
     }
 }
 
+/// The targets with their images' paths as tgtd sees them, through the read-only view.
+fn through(view: &view::ReadOnlyView, desired: &[TargetConfig]) -> Vec<TargetConfig> {
+    let mut desired = desired.to_vec();
+    for lun in desired.iter_mut().flat_map(|t| t.luns.iter_mut()) {
+        if let Backing::Image(path) = &lun.backing
+            && let Some(seen) = view.of(path)
+        {
+            lun.backing = Backing::Image(seen);
+        }
+    }
+    desired
+}
+
 impl Backend for TgtBackend {
     type Observed = (TgtState, Owned);
     type Op = TgtOp;
@@ -225,10 +248,19 @@ impl Backend for TgtBackend {
     }
 
     fn plan(&self, desired: &[TargetConfig], (state, owned): &Self::Observed) -> Plan<TgtOp> {
-        plan::plan(desired, state, owned)
+        match &self.view {
+            Some(view) => plan::plan(&through(view, desired), state, owned),
+            None => plan::plan(desired, state, owned),
+        }
     }
 
     async fn apply(&self, op: &TgtOp) -> Result<(), BackendError> {
+        // An image is given to tgtd only through the read-only view.
+        if let (TgtOp::AddLun { path, .. }, Some(view)) = (op, &self.view)
+            && path.starts_with(&view.view)
+        {
+            view.ensure()?;
+        }
         self.remember_before(op).await?;
         let result = self.tgtadm.run(&write::argv(op)).await;
         let result = match (result, write::already_done(op)) {

@@ -434,11 +434,6 @@ impl AccountChanges {
     fn usable(&self, user: &str) -> bool {
         !self.unusable.contains_key(user)
     }
-
-    /// Whether the plan deletes any account.
-    fn deletes_any(&self) -> bool {
-        !self.recreated.is_empty() || !self.stale.is_empty()
-    }
 }
 
 fn account_changes(
@@ -590,8 +585,10 @@ pub fn plan(desired: &[TargetConfig], observed: &TgtState, owned: &Owned) -> Pla
         create_account(&mut plan, user, &passwords);
     }
     for target in &placed {
-        build_target(&mut plan, target);
+        ensure_target(&mut plan, target);
     }
+    // Credentials before LUNs, so that a LUN step that keeps failing never keeps an old secret
+    // valid.
     for target in &placed {
         bind_accounts(&mut plan, target, &changes, Stage::Early);
     }
@@ -606,6 +603,15 @@ pub fn plan(desired: &[TargetConfig], observed: &TgtState, owned: &Owned) -> Pla
     }
     for target in &placed {
         bind_accounts(&mut plan, target, &changes, Stage::Late);
+    }
+    for target in &placed {
+        plan_luns(
+            &mut plan,
+            target.tid,
+            &target.iqn(),
+            &target.wanted.luns,
+            &target.found().luns,
+        );
     }
     for target in &placed {
         admit(&mut plan, target, &changes);
@@ -721,6 +727,32 @@ fn remove_unwanted_targets(
     for target in &observed.targets {
         if owned.targets.contains(&target.name) && !wanted_names.contains(target.name.as_str()) {
             let (tid, iqn) = (target.tid, target.name.clone());
+            // Nobody admitted, then no account bound, before it goes: should deleting it fail
+            // (I/O in flight, a timeout), its accounts are no longer bound when they are
+            // deleted, and it admits nobody without CHAP.
+            for initiator in &target.acls {
+                plan.ops.push(TgtOp::UnbindInitiator {
+                    tid,
+                    iqn: iqn.clone(),
+                    initiator: initiator.clone(),
+                });
+            }
+            for user in target.accounts.iter().rev() {
+                plan.ops.push(TgtOp::UnbindAccount {
+                    tid,
+                    iqn: iqn.clone(),
+                    user: user.clone(),
+                    outgoing: false,
+                });
+            }
+            if let Some(user) = &target.outgoing_account {
+                plan.ops.push(TgtOp::UnbindAccount {
+                    tid,
+                    iqn: iqn.clone(),
+                    user: user.clone(),
+                    outgoing: true,
+                });
+            }
             plan.ops.push(TgtOp::SetState {
                 tid,
                 iqn: iqn.clone(),
@@ -774,8 +806,8 @@ fn create_account(
     }
 }
 
-/// The target itself, ready, with its LUNs.
-fn build_target(plan: &mut Plan<TgtOp>, target: &Placed<'_>) {
+/// The target itself, ready.
+fn ensure_target(plan: &mut Plan<TgtOp>, target: &Placed<'_>) {
     let (tid, iqn) = (target.tid, target.iqn());
     match target.found {
         Some(found) if found.state != "ready" => plan.ops.push(TgtOp::SetState {
@@ -784,12 +816,8 @@ fn build_target(plan: &mut Plan<TgtOp>, target: &Placed<'_>) {
             ready: true,
         }),
         Some(_) => {}
-        None => plan.ops.push(TgtOp::CreateTarget {
-            tid,
-            iqn: iqn.clone(),
-        }),
+        None => plan.ops.push(TgtOp::CreateTarget { tid, iqn }),
     }
-    plan_luns(plan, tid, &iqn, &target.wanted.luns, &target.found().luns);
 }
 
 /// Accounts that exist with the right password are bound early, before any is unbound; accounts
@@ -824,8 +852,6 @@ fn bind_accounts(
             }
         }
     }
-    // tgt's `account delete` unbinds every target's outgoing account, whatever its user: after
-    // any deletion, outgoing accounts are bound again late.
     if let Some(user) = target
         .wanted
         .accounts
@@ -836,7 +862,7 @@ fn bind_accounts(
         let current = target.found().outgoing_account.as_ref();
         let bound = current == Some(user);
         // One outgoing account per target: another one is unbound before this one is bound.
-        let rebound = late(user) || changes.deletes_any() || current.is_some_and(|c| c != user);
+        let rebound = late(user) || current.is_some_and(|c| c != user);
         let wanted_now = match stage {
             Stage::Early => !bound && !rebound,
             Stage::Late => rebound,
@@ -1137,9 +1163,11 @@ mod tests {
                     return Err("can't find the account".into());
                 }
                 state.accounts.retain(|a| *a != user);
-                // … and unbinds every target's outgoing account, whoever it is.
+                // … and where it is a target's outgoing account, that binding.
                 for target in &mut state.targets {
-                    target.outgoing_account = None;
+                    if target.outgoing_account.as_ref() == Some(&user) {
+                        target.outgoing_account = None;
+                    }
                 }
             }
             TgtOp::BindAccount {
@@ -1249,6 +1277,22 @@ mod tests {
         }
     }
 
+    /// The CHAP targets that admit nobody without CHAP now: a target declared without CHAP until
+    /// now admits without it until its own revocations run.
+    fn guarded(state: &TgtState, chap_targets: &BTreeSet<String>) -> BTreeSet<String> {
+        let open: BTreeSet<&String> = state
+            .targets
+            .iter()
+            .filter(|t| !t.acls.is_empty() && t.accounts.is_empty())
+            .map(|t| &t.name)
+            .collect();
+        chap_targets
+            .iter()
+            .filter(|iqn| !open.contains(iqn))
+            .cloned()
+            .collect()
+    }
+
     /// Applies a plan to the model the way the sync loop does (skipping what builds on a
     /// failure), checking after every operation that CHAP holds.
     fn apply(
@@ -1257,6 +1301,7 @@ mod tests {
         owned: &mut Owned,
         chap_targets: &BTreeSet<String>,
     ) -> usize {
+        let chap_targets = &guarded(state, chap_targets);
         let mut failures = crate::backend::Failures::default();
         let mut failed = 0;
         for op in &plan.ops {
@@ -1321,11 +1366,11 @@ mod tests {
                 "add portal 127.0.0.1:3260",
                 "create account a",
                 format!("create target 1 {IQN}").as_str(),
+                format!("bind account a to {IQN}").as_str(),
                 format!("add LUN 1 of {IQN} from /data/images/0.raw").as_str(),
                 format!("set LUN 1 of {IQN} read-only").as_str(),
                 format!("add LUN 2 of {IQN} from /data/images/1.raw").as_str(),
                 format!("set LUN 2 of {IQN} read-only").as_str(),
-                format!("bind account a to {IQN}").as_str(),
                 format!("admit iqn.1993-08.org.debian:01:a to {IQN}").as_str(),
                 "remove portal 127.0.0.1:41234",
             ]
@@ -1503,6 +1548,44 @@ mod tests {
                 "delete account b",
             ]
         );
+    }
+
+    #[test]
+    fn a_target_that_cannot_be_deleted_admits_nobody_and_binds_no_account() {
+        let grant = |i: &str| {
+            acl(
+                &format!("iqn.1993-08.org.debian:01:{i}"),
+                i,
+                &[(0, true)],
+                Some((i, "secret-secret")),
+            )
+        };
+        let (mut state, mut owned) = (TgtState::default(), owned());
+        converge(
+            &[target(vec![lun(0, true)], vec![grant("a"), grant("b")])],
+            &mut state,
+            &mut owned,
+        );
+        // No longer declared, and tgtd refuses to take it offline or delete it (I/O in flight).
+        let plan = plan(&[], &state, &owned);
+        let mut failures = crate::backend::Failures::default();
+        for op in &plan.ops {
+            if !failures.admit(op) {
+                continue;
+            }
+            if matches!(op, TgtOp::SetState { .. } | TgtOp::DeleteTarget { .. }) {
+                failures.record(op);
+                continue;
+            }
+            // The model fails the test if an account is deleted while bound.
+            tgtd(&mut state, op).expect("tgtd accepts it");
+        }
+        let target = &state.targets[0];
+        assert!(
+            target.acls.is_empty() && target.accounts.is_empty(),
+            "{target:?}"
+        );
+        assert!(state.accounts.is_empty(), "its accounts are gone");
     }
 
     #[test]
@@ -1758,21 +1841,25 @@ mod tests {
     /// One grant in a generated desired state: (target, initiator, user, password, mutual).
     type GeneratedGrant = (usize, usize, usize, usize, Option<(usize, usize)>);
 
-    fn generated_state(grants: &[GeneratedGrant]) -> Vec<TargetConfig> {
+    /// The two targets' modes in a generated step: 0 absent (removed), 1 CHAP, 2 no CHAP.
+    fn generated_state(grants: &[GeneratedGrant], modes: [u8; 2]) -> Vec<TargetConfig> {
         const PASSWORDS: [&str; 3] = ["pass-aaaaaaaa", "pass-bbbbbbbb", "pass-cccccccc"];
         (0..2)
+            .filter(|t| modes[*t] != 0)
             .map(|t| {
+                let chap = modes[t] == 1;
                 let mut acls: Vec<AclConfig> = Vec::new();
                 for &(target, initiator, user, password, mutual) in grants {
                     let name = format!("iqn.1993-08.org.debian:01:i{initiator}");
                     if target != t || acls.iter().any(|a| a.initiator == name) {
                         continue;
                     }
+                    let credentials = (format!("u{user}"), PASSWORDS[password]);
                     let mut grant = acl(
                         &name,
                         &format!("g{t}{initiator}"),
                         &[(0, true)],
-                        Some((&format!("u{user}"), PASSWORDS[password])),
+                        chap.then_some((credentials.0.as_str(), credentials.1)),
                     );
                     if let (Some(chap), Some((m, p))) = (grant.chap.as_mut(), mutual) {
                         chap.mutual = Some(account(&format!("m{m}"), PASSWORDS[p]));
@@ -1781,6 +1868,7 @@ mod tests {
                 }
                 acls.sort_by(|a, b| a.initiator.cmp(&b.initiator));
                 let mut config = target(vec![lun(0, true)], acls);
+                config.chap_required = chap;
                 config.iqn = format!("{IQN}{t}");
                 config.owner = ObjectKey::new("lab", format!("t{t}"));
                 config
@@ -1799,21 +1887,33 @@ mod tests {
         #[test]
         fn chap_holds_through_any_change_failure_and_crash(
             steps in proptest::collection::vec(
-                proptest::collection::vec(
-                    (0usize..2, 0usize..3, 0usize..4, 0usize..3, proptest::option::of((0usize..2, 0usize..3))),
-                    0..5,
+                (
+                    proptest::collection::vec(
+                        (0usize..2, 0usize..3, 0usize..4, 0usize..3, proptest::option::of((0usize..2, 0usize..3))),
+                        0..5,
+                    ),
+                    proptest::array::uniform2(proptest::prop_oneof![3 => proptest::strategy::Just(1u8), 1 => 0u8..3]),
                 ),
-                1..5,
+                1..6,
             ),
             faults in proptest::collection::vec(0u8..20, 64),
         ) {
             let (mut state, mut owned) = (TgtState::default(), owned());
             let mut fault = faults.iter().cycle();
-            for grants in &steps {
-                let desired = generated_state(grants);
-                let chap = chap_targets(&desired);
+            let mut before: Vec<TargetConfig> = Vec::new();
+            for (grants, modes) in &steps {
+                let desired = generated_state(grants, *modes);
+                // CHAP must hold on the targets that require it now, and on those that did and
+                // are going away.
+                let mut chap = chap_targets(&desired);
+                chap.extend(
+                    chap_targets(&before)
+                        .into_iter()
+                        .filter(|iqn| !desired.iter().any(|t| t.iqn == *iqn)),
+                );
                 // A faulty round: some steps refused, records lost, or a crash part-way.
                 let faulty = plan(&desired, &state, &owned);
+                let round_chap = guarded(&state, &chap);
                 let mut failures = crate::backend::Failures::default();
                 for op in &faulty.ops {
                     if !failures.admit(op) {
@@ -1828,7 +1928,7 @@ mod tests {
                     if applied.is_err() {
                         failures.record(op);
                     }
-                    assert_chap_holds(&state, &chap, op);
+                    assert_chap_holds(&state, &round_chap, op);
                 }
                 // Then rounds without faults converge.
                 for _ in 0..3 {
@@ -1840,6 +1940,10 @@ mod tests {
                 }
                 let left = plan(&desired, &state, &owned);
                 proptest::prop_assert!(left.ops.is_empty(), "not converged: {:?}", shown(&left.ops));
+                if let Some(last) = faulty.ops.last() {
+                    assert_chap_holds(&state, &chap_targets(&desired), last);
+                }
+                before = desired;
             }
         }
     }
