@@ -305,6 +305,7 @@ impl<B: Backend> Syncer<B> {
         let started = std::time::Instant::now();
         self.metrics.pass_started();
         let node = self.node_facts();
+        self.images.importer().deny_node(&node.own_networks);
         let mut report = NodeReport {
             node: node.name.clone(),
             backend: self.backend.name(),

@@ -89,6 +89,7 @@ fn desired_state_of(documents: &[Value]) -> desired::DesiredState {
         name: "storage-1".into(),
         labels: BTreeMap::from([("discus.dev/storage".into(), "true".into())]),
         addresses: vec!["10.0.0.1".parse().expect("ip")],
+        own_networks: Vec::new(),
     };
     desired::desired_state(&Inputs {
         images: &images,

@@ -3,7 +3,6 @@
 //! holding the leader lease writes what concerns every node. Nothing here waits on the apiserver
 //! without a deadline (`connection`), and the sync loop does not wait on it at all (`sync_loop`).
 
-mod cluster_networks;
 mod connection;
 mod events;
 mod generated_secrets;
@@ -73,8 +72,15 @@ pub async fn run(options: AgentOptions) -> Result<(), AgentError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let clients = connection::connect(options.api_timeouts, options.lease_seconds).await?;
     let mut options = options;
-    for (why, net) in cluster_networks::read(&clients.main, &options.node.node.name).await? {
-        options.node.fetch.destinations.deny_more(&why, [net]);
+    // The apiserver's service address, which a pod finds in its environment; the node's own
+    // networks are denied from its Node, before every pass.
+    if let Some(service) = std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .and_then(|host| host.parse::<std::net::IpAddr>().ok())
+    {
+        let service = ipnet::IpNet::from(service);
+        let destinations = &mut options.node.fetch.destinations;
+        destinations.deny_more("the apiserver's service address", [service]);
     }
     node_runtime::start(options.node.clone(), AgentLoop { clients, options }).await?
 }

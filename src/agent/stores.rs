@@ -254,17 +254,32 @@ fn valid<K: Resource<DynamicType = ()> + Clone>(
 }
 
 pub fn node_facts(name: &str, node: &Node) -> NodeFacts {
-    let addresses: Vec<IpAddr> = node
+    let listed = node
         .status
         .iter()
-        .flat_map(|s| s.addresses.iter().flatten())
+        .flat_map(|s| s.addresses.iter().flatten());
+    let addresses: Vec<IpAddr> = listed
+        .clone()
         .filter(|a| a.type_ == "InternalIP")
         .filter_map(|a| a.address.parse().ok())
+        .collect();
+    let spec = node.spec.as_ref();
+    let pod_networks = spec
+        .and_then(|s| s.pod_cidrs.clone())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.clone()))
+        .filter_map(|cidr| cidr.parse::<ipnet::IpNet>().ok());
+    let own_networks = listed
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(ipnet::IpNet::from)
+        .chain(pod_networks)
         .collect();
     NodeFacts {
         name: name.to_owned(),
         labels: node.labels().clone(),
         addresses,
+        own_networks,
     }
 }
 

@@ -52,6 +52,8 @@ pub fn run(args: ServeArgs) -> ExitCode {
         name: args.node_name.unwrap_or_else(host_name),
         labels: args.node_labels.into_iter().collect::<BTreeMap<_, _>>(),
         addresses: args.addresses,
+        // A single server's own addresses are the administrator's to allow as image sources.
+        own_networks: Vec::new(),
     };
     let node = match args.node.config(facts, crate::desired::Policy::open()) {
         Ok(node) => node,

@@ -36,6 +36,9 @@ pub struct NodeFacts {
     pub labels: BTreeMap<String, String>,
     /// The addresses to listen on when a target names no portal (a Node's InternalIPs).
     pub addresses: Vec<IpAddr>,
+    /// Every address of the node and its pod networks: never an image source (in a cluster,
+    /// node ports listen on those addresses).
+    pub own_networks: Vec<ipnet::IpNet>,
 }
 
 /// Agent settings the desired state depends on.

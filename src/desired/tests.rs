@@ -55,6 +55,7 @@ impl World {
                 name: "storage-1".into(),
                 labels: BTreeMap::from([("discus.dev/storage".into(), "true".into())]),
                 addresses: vec!["10.0.0.11".parse().expect("ip")],
+                own_networks: Vec::new(),
             },
             ready: BTreeMap::new(),
             settings: Settings::default(),
@@ -389,6 +390,7 @@ fn every_node_serving_an_image_presents_the_same_serial() {
         name: "storage-2".into(),
         labels: BTreeMap::new(),
         addresses: vec!["10.0.0.12".parse().expect("ip")],
+        own_networks: Vec::new(),
     };
     other.ready.get_mut(&key("debian")).expect("ready").path = PathBuf::from("/elsewhere/a.raw");
     let there = other.compute();

@@ -17,9 +17,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
-/// Where image sources may connect. A plain value: `discus serve` and `discus agent` build it
-/// from their options, and the agent adds the cluster's own networks with [`Self::deny_more`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where image sources may connect. `discus serve` and `discus agent` build it from their
+/// options; the agent adds the apiserver's service address with [`Self::deny_more`], and every
+/// pass sets the node's own networks, which change with its Node ([`Self::deny_node`]).
+#[derive(Clone, Debug, Default)]
 pub struct DestinationPolicy {
     /// Allow loopback addresses (tests, single-server setups): `--allow-loopback`.
     pub allow_loopback: bool,
@@ -27,7 +28,20 @@ pub struct DestinationPolicy {
     pub allow: Vec<IpNet>,
     /// Never these networks, whatever `allow` says.
     pub deny: Vec<DeniedNet>,
+    /// The node's own addresses and pod networks, shared by every copy of the policy.
+    node: std::sync::Arc<parking_lot::RwLock<Vec<IpNet>>>,
 }
+
+impl PartialEq for DestinationPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.allow_loopback == other.allow_loopback
+            && self.allow == other.allow
+            && self.deny == other.deny
+            && *self.node.read() == *other.node.read()
+    }
+}
+
+impl Eq for DestinationPolicy {}
 
 /// A denied network and why it is denied (shown in the refusal).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,6 +72,7 @@ impl DestinationPolicy {
             allow_loopback,
             allow: allow.iter().map(IpNet::trunc).collect(),
             deny: Vec::new(),
+            node: std::sync::Arc::default(),
         };
         policy.deny_more("--source-deny", deny);
         policy
@@ -70,6 +85,15 @@ impl DestinationPolicy {
             net: net.trunc(),
             why: why.to_owned(),
         }));
+    }
+
+    /// The node's own networks now (its addresses: node ports listen on them; its pod
+    /// networks): never an image source, for every copy of this policy.
+    pub fn deny_node(&self, nets: &[IpNet]) {
+        let nets: Vec<IpNet> = nets.iter().map(IpNet::trunc).collect();
+        if *self.node.read() != nets {
+            *self.node.write() = nets;
+        }
     }
 
     /// Whether a download may connect to `address`.
@@ -93,6 +117,17 @@ impl DestinationPolicy {
             return Err(refuse(
                 format!("in {}, denied by {}", denied.net, denied.why),
                 "a denied network wins over --source-allow".to_owned(),
+            ));
+        }
+        if let Some(net) = self
+            .node
+            .read()
+            .iter()
+            .find(|net| forms.iter().flatten().any(|form| net.contains(form)))
+        {
+            return Err(refuse(
+                format!("in {net}, this node's own address or pod network"),
+                "images never come from the node itself or its pods".to_owned(),
             ));
         }
         let allowed = self.allow.is_empty()
@@ -304,5 +339,28 @@ mod tests {
         assert_eq!(net("fd00::1"), net("fd00::1/128"));
         let error = parse_net("10.0.0.0/33").expect_err("bad");
         assert!(error.contains("give a CIDR such as 10.0.0.0/8"), "{error}");
+    }
+}
+
+#[cfg(test)]
+mod node_tests {
+    use super::*;
+
+    #[test]
+    fn the_node_s_own_networks_are_refused_in_every_copy_of_the_policy() {
+        let policy = DestinationPolicy::new(false, Vec::new(), Vec::new());
+        let copy = policy.clone();
+        let pod: IpAddr = "10.244.1.7".parse().expect("ip");
+        assert!(copy.check(pod).is_ok());
+        policy.deny_node(&["10.244.1.0/24".parse().expect("net")]);
+        let refusal = copy.check(pod).expect_err("a pod of this node");
+        assert!(
+            refusal
+                .to_string()
+                .contains("this node's own address or pod network"),
+            "{refusal}"
+        );
+        policy.deny_node(&[]);
+        assert!(copy.check(pod).is_ok(), "follows the Node");
     }
 }

@@ -651,10 +651,7 @@ mod tests {
 
     #[test]
     fn urls_with_refused_literals_are_refused_before_any_request() {
-        let policy = DestinationPolicy {
-            allow_loopback: true,
-            ..DestinationPolicy::default()
-        };
+        let policy = DestinationPolicy::new(true, Vec::new(), Vec::new());
         let url = Url::parse("http://169.254.169.254/latest/meta-data/").expect("url");
         let error = check_url(&url, &policy).expect_err("metadata");
         assert!(

@@ -168,6 +168,11 @@ impl Importer {
         &self.store
     }
 
+    /// The node's own networks now, which no download may reach.
+    pub fn deny_node(&self, nets: &[ipnet::IpNet]) {
+        self.fetcher.options().destinations.deny_node(nets);
+    }
+
     /// The stored image the request may have right away: one its namespace is entitled to, that
     /// fits its maxVirtualSize and its declared format. An error when it is stored but does not
     /// fit the request.
