@@ -1025,7 +1025,9 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
     );
     host.sandbox.kill(&mut server);
 
-    // Started again with the file still broken: nothing it may declare is removed.
+    // Started again with the file still broken, discus never knew what it declared: the target
+    // and its image stay, but nobody is admitted until the file reads again (a grant revoked
+    // meanwhile must not live on).
     std::fs::rename(&moved, &host.manifests).expect("rename back");
     let output = host.once();
     assert_eq!(
@@ -1034,7 +1036,12 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(login().is_ok(), "kept across a restart");
+    assert!(
+        host.tgtadm(&["--mode", "target", "--op", "show"])
+            .contains(iqn),
+        "the target is kept"
+    );
+    assert!(login().is_err(), "nobody admitted while unknown");
     assert!(
         host.sandbox
             .data_dir()
@@ -1042,7 +1049,47 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
             .read_dir()
             .expect("images")
             .count()
-            > 0
+            > 0,
+        "the image is kept"
+    );
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    assert_eq!(host.once().status.code(), Some(0));
+    assert!(login().is_ok(), "admitted again once the file reads");
+}
+
+#[test]
+fn a_grant_revoked_while_discus_was_down_ends_even_if_its_target_s_file_is_broken() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let served = served(&image, &digest, "");
+    let (rest, secret) = served
+        .split_once("---\napiVersion: v1\nkind: Secret")
+        .expect("the Secret comes last");
+    let (target, grant) = rest
+        .split_once("---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess")
+        .expect("the grant follows the target");
+    host.manifest(
+        "lab.yaml",
+        &format!("{target}---\napiVersion: v1\nkind: Secret{secret}"),
+    );
+    host.manifest(
+        "grant.yaml",
+        &format!("apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess{grant}"),
+    );
+    assert_eq!(host.once().status.code(), Some(0));
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_ok()
+    );
+    // While discus is down: the grant is revoked, and the target's file breaks.
+    host.remove_manifest("grant.yaml");
+    host.manifest("lab.yaml", "apiVersion: v1\nkind: [unclosed\n");
+    assert_eq!(host.once().status.code(), Some(2));
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_err(),
+        "the revoked grant is gone"
     );
 }
 

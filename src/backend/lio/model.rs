@@ -9,6 +9,9 @@ pub struct LioState {
     pub hbas: Vec<String>,
     pub storage: Vec<StorageObject>,
     pub targets: Vec<LioTarget>,
+    /// Targets discus made that a pass over partial input must keep (see `keep_undeclared`):
+    /// not read from configfs.
+    pub kept: std::collections::BTreeSet<String>,
 }
 
 /// `core/<hba>/<name>`.

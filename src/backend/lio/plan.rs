@@ -410,7 +410,11 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     let wanted_iqns: BTreeSet<&str> = wanted.iter().map(|t| t.iqn.as_str()).collect();
     for target in &observed.targets {
         if owned(target) && !wanted_iqns.contains(target.iqn.as_str()) {
-            teardown(&mut plan, target);
+            if observed.kept.contains(&target.iqn) {
+                revoke_all(&mut plan, target);
+            } else {
+                teardown(&mut plan, target);
+            }
         }
     }
     // 2. In the targets discus keeps, remove what is not wanted (or must be remade), bottom-up.
@@ -424,7 +428,7 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     let linked_by_others: BTreeSet<&str> = observed
         .targets
         .iter()
-        .filter(|t| !owned(t))
+        .filter(|t| !owned(t) || observed.kept.contains(&t.iqn))
         .flat_map(|t| &t.tpgs)
         .flat_map(|tpg| &tpg.luns)
         .filter_map(|lun| lun.storage.as_ref().map(|(_, name)| name.as_str()))
@@ -463,17 +467,33 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
 /// the planner.
 pub fn keep_undeclared(observed: &mut LioState, desired: &[TargetConfig]) {
     let declared: BTreeSet<&str> = desired.iter().map(|t| t.iqn.as_str()).collect();
-    let (kept, rest): (Vec<LioTarget>, Vec<LioTarget>) = std::mem::take(&mut observed.targets)
-        .into_iter()
-        .partition(|t| owned(t) && !declared.contains(t.iqn.as_str()));
-    observed.targets = rest;
-    let used: BTreeSet<&str> = kept
+    observed.kept = observed
+        .targets
         .iter()
-        .flat_map(|t| &t.tpgs)
-        .flat_map(|tpg| &tpg.luns)
-        .filter_map(|lun| lun.storage.as_ref().map(|(_, name)| name.as_str()))
+        .filter(|t| owned(t) && !declared.contains(t.iqn.as_str()))
+        .map(|t| t.iqn.clone())
         .collect();
-    observed.storage.retain(|s| !used.contains(s.name.as_str()));
+}
+
+/// A target kept over partial input serves nobody until its declaration is read again: its
+/// ACLs go (which ends their sessions); its LUNs and storage stay.
+fn revoke_all(plan: &mut Plan<LioOp>, target: &LioTarget) {
+    let Some(tpg) = target.tpg() else {
+        return;
+    };
+    for acl in &tpg.acls {
+        for mapped in &acl.mapped {
+            plan.ops.push(LioOp::UnmapLun {
+                iqn: target.iqn.clone(),
+                initiator: acl.initiator.clone(),
+                lun: mapped.index,
+            });
+        }
+        plan.ops.push(LioOp::DeleteAcl {
+            iqn: target.iqn.clone(),
+            initiator: acl.initiator.clone(),
+        });
+    }
 }
 
 fn teardown(plan: &mut Plan<LioOp>, target: &LioTarget) {
@@ -1014,6 +1034,32 @@ mod tests {
         assert_eq!(storage_deleted, Some(2), "storage goes last: {ops:#?}");
         assert_eq!(ops[ops.len() - 3], format!("delete target {IQN}"));
         assert!(state.targets.is_empty() && state.storage.is_empty());
+    }
+
+    #[test]
+    fn a_target_kept_over_partial_input_keeps_its_luns_and_admits_nobody() {
+        let mut state = LioState::default();
+        converge(
+            &[target(
+                vec![lun(0)],
+                vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], false)],
+            )],
+            &mut state,
+        );
+        // The pass cannot read what declares the target: it keeps it, and revokes every ACL.
+        keep_undeclared(&mut state, &[]);
+        let ops: Vec<String> = plan(&[], &state)
+            .ops
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                format!("unmap LUN 0 of {IQN} for iqn.1993-08.org.debian:01:a"),
+                format!("delete ACL iqn.1993-08.org.debian:01:a on {IQN}"),
+            ]
+        );
     }
 
     #[test]

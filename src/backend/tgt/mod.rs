@@ -13,6 +13,7 @@ mod tgtadm;
 mod view;
 mod write;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -151,6 +152,7 @@ impl TgtBackend {
             })?,
             accounts: show::parse_accounts(&accounts),
             portals: show::parse_portals(&portals),
+            kept: BTreeSet::new(),
         })
     }
 
@@ -240,11 +242,15 @@ impl Backend for TgtBackend {
         Ok((state, self.owned.lock().await.clone()))
     }
 
-    fn keep_undeclared(&self, (_, owned): &mut Self::Observed, desired: &[TargetConfig]) {
-        // A target discus does not own is never touched, nor are the accounts bound to it.
-        owned
-            .targets
-            .retain(|iqn| desired.iter().any(|t| t.iqn == *iqn));
+    fn keep_undeclared(&self, (state, owned): &mut Self::Observed, desired: &[TargetConfig]) {
+        // Planned as if discus did not own them (never deleted, nor the accounts bound to
+        // them), except that they admit nobody.
+        let (declared, kept): (BTreeSet<String>, BTreeSet<String>) =
+            std::mem::take(&mut owned.targets)
+                .into_iter()
+                .partition(|iqn| desired.iter().any(|t| t.iqn == *iqn));
+        owned.targets = declared;
+        state.kept = kept;
     }
 
     fn plan(&self, desired: &[TargetConfig], (state, owned): &Self::Observed) -> Plan<TgtOp> {

@@ -578,6 +578,21 @@ pub fn plan(desired: &[TargetConfig], observed: &TgtState, owned: &Owned) -> Pla
         plan.ops.push(TgtOp::AddPortal(portal.clone()));
     }
     remove_unwanted_targets(&mut plan, &wanted_targets, observed, owned);
+    for target in observed
+        .targets
+        .iter()
+        .filter(|t| observed.kept.contains(&t.name))
+    {
+        // Kept over partial input: it serves nobody until its declaration is read again.
+        for initiator in &target.acls {
+            plan.ops.push(TgtOp::UnbindInitiator {
+                tid: target.tid,
+                iqn: target.name.clone(),
+                initiator: initiator.clone(),
+            });
+        }
+        close_sessions(&mut plan, target, &BTreeSet::new());
+    }
     for target in &placed {
         revoke(&mut plan, target, &changes);
     }
@@ -778,12 +793,18 @@ fn revoke(plan: &mut Plan<TgtOp>, target: &Placed<'_>, changes: &AccountChanges)
             });
         }
     }
-    for session in &found.sessions {
-        if !target.admitted.contains(session.initiator.as_str()) {
+    close_sessions(plan, found, &target.admitted);
+}
+
+/// Ends the sessions of the initiators a target no longer admits (tgt does not when their ACL
+/// goes).
+fn close_sessions(plan: &mut Plan<TgtOp>, target: &TgtTarget, admitted: &BTreeSet<&str>) {
+    for session in &target.sessions {
+        if !admitted.contains(session.initiator.as_str()) {
             for &cid in &session.connections {
                 plan.ops.push(TgtOp::CloseSession {
-                    tid,
-                    iqn: target.iqn(),
+                    tid: target.tid,
+                    iqn: target.name.clone(),
                     initiator: session.initiator.clone(),
                     sid: session.sid,
                     cid,

@@ -12,6 +12,9 @@ pub struct TgtState {
     pub accounts: Vec<String>,
     /// Listening portals, `address:port` as tgtd prints them (`[v6]:port` for IPv6).
     pub portals: Vec<String>,
+    /// Targets discus made that a pass over partial input keeps (see `keep_undeclared`): not
+    /// read from tgtd.
+    pub kept: std::collections::BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
