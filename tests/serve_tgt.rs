@@ -1234,3 +1234,44 @@ fn tgtd_can_never_write_a_verified_image_even_when_a_lun_is_made_writable() {
     let stored = host.sandbox.data_dir().join(format!("images/{digest}.raw"));
     assert_eq!(sha256_file(&stored), digest, "the verified image is intact");
 }
+
+#[test]
+fn a_typo_in_a_served_disc_image_keeps_its_last_valid_version() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let served = served(&image, &digest, "");
+    host.manifest("lab.yaml", &served);
+    let mut server = host.start();
+    host.wait_for("the target", || {
+        host.condition("DiscImage", "disk", "Ready").0 == "True"
+            && host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+    });
+    // A misspelt field: the image is invalid now, and its last valid version stays.
+    host.manifest("lab.yaml", &served.replace("format: raw", "formt: raw"));
+    host.wait_for("the image's status to say so", || {
+        host.condition("DiscImage", "disk", "Stalled").1 == "InvalidSpec"
+    });
+    let (_, _, message) = host.condition("DiscImage", "disk", "Stalled");
+    assert!(
+        message.contains("spec.formt: unknown field") && message.contains("last valid version"),
+        "{message}"
+    );
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
+            .is_ok(),
+        "still served: {}",
+        host.log()
+    );
+    assert_eq!(
+        host.sandbox
+            .data_dir()
+            .join("images")
+            .read_dir()
+            .expect("images")
+            .count(),
+        1,
+        "the image is kept"
+    );
+    host.sandbox.kill(&mut server);
+}

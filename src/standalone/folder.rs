@@ -18,8 +18,9 @@ pub struct Loaded {
     pub resources: Resources,
     pub invalid: Vec<(ObjectId, FieldErrors)>,
     pub unreadable: Vec<String>,
-    /// Objects served as their file was last read, because it cannot be read now: why.
-    pub stale: BTreeMap<ObjectId, String>,
+    /// Objects served as they were last read, because their file cannot be read now or their
+    /// new version is invalid: the reason (`ManifestUnreadable`, `InvalidSpec`) and why.
+    pub stale: BTreeMap<ObjectId, (&'static str, String)>,
     /// Every object a file read again (or gone) defined, before or now: all others are the same
     /// as in the previous load with the same cache, which lets status skip them.
     pub changed: BTreeSet<ObjectId>,
@@ -38,6 +39,9 @@ struct ParsedFile {
     documents: Option<Vec<Decoded>>,
     /// Why it cannot be read now.
     error: Option<String>,
+    /// DiscImages and IscsiTargets invalid now whose last valid version stands: a typo must
+    /// not tear a target down or delete its image.
+    kept: BTreeMap<ObjectId, Manifest>,
 }
 
 /// Decoded manifests by file, so that a change to one file does not parse them all again.
@@ -74,27 +78,68 @@ fn parse_file(file: &Path, last: Option<ParsedFile>) -> ParsedFile {
                 .iter()
                 .filter_map(|document| {
                     let id = ObjectId::of(document);
-                    match manifests::decode(document) {
+                    match manifests::decode(document).and_then(checked) {
                         Ok(Manifest::Other) => None,
                         Ok(manifest) => Some(Ok((id, manifest))),
                         Err(errors) => Some(Err((id, errors))),
                     }
                 })
-                .collect()
+                .collect::<Vec<Decoded>>()
         });
     let stamp = stamp(file).unwrap_or((std::time::UNIX_EPOCH, std::time::UNIX_EPOCH, 0, 0));
     match read {
-        Ok(documents) => ParsedFile {
-            stamp,
-            documents: Some(documents),
-            error: None,
-        },
-        Err(error) => ParsedFile {
-            stamp,
-            documents: last.and_then(|l| l.documents),
-            error: Some(error),
-        },
+        Ok(documents) => {
+            let kept = kept(&documents, last.as_ref());
+            ParsedFile {
+                stamp,
+                documents: Some(documents),
+                error: None,
+                kept,
+            }
+        }
+        Err(error) => {
+            let (documents, kept) = last.map(|l| (l.documents, l.kept)).unwrap_or_default();
+            ParsedFile {
+                stamp,
+                documents,
+                error: Some(error),
+                kept,
+            }
+        }
     }
+}
+
+/// The spec rules a manifest's own kind checks (what `desired` would otherwise find later).
+fn checked(manifest: Manifest) -> Result<Manifest, FieldErrors> {
+    match &manifest {
+        Manifest::DiscImage(o) => o.spec.validate().map(drop),
+        Manifest::IscsiTarget(o) => o.spec.validate().map(drop),
+        Manifest::InitiatorAccess(o) => o.spec.validate().map(drop),
+        Manifest::Secret(_) | Manifest::Other => Ok(()),
+    }
+    .map(|()| manifest)
+}
+
+/// The last valid version of each DiscImage and IscsiTarget that is invalid now. A grant that
+/// turns invalid is not kept: access ends.
+fn kept(documents: &[Decoded], last: Option<&ParsedFile>) -> BTreeMap<ObjectId, Manifest> {
+    let Some(last) = last else {
+        return BTreeMap::new();
+    };
+    let valid_before = |id: &ObjectId| {
+        last.kept.get(id).cloned().or_else(|| {
+            last.documents.iter().flatten().find_map(|d| match d {
+                Ok((before, manifest)) if before == id => Some(manifest.clone()),
+                _ => None,
+            })
+        })
+    };
+    documents
+        .iter()
+        .filter_map(|d| d.as_ref().err())
+        .filter(|(id, _)| matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget"))
+        .filter_map(|(id, _)| Some((id.clone(), valid_before(id)?)))
+        .collect()
 }
 
 /// Reads every manifest under `folder`. Nothing in it stops the others from being read.
@@ -158,7 +203,10 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
             for id in parsed.ids() {
                 loaded.stale.insert(
                     id,
-                    format!("{error}; serving what the file declared when it was last read"),
+                    (
+                        "ManifestUnreadable",
+                        format!("{error}; serving what the file declared when it was last read"),
+                    ),
                 );
             }
         }
@@ -167,11 +215,23 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
         };
         for document in documents {
             let (id, manifest) = match document {
-                Ok(decoded) => decoded,
-                Err((id, errors)) => {
-                    loaded.invalid.push((id.clone(), errors.clone()));
-                    continue;
-                }
+                Ok((id, manifest)) => (id, manifest),
+                Err((id, errors)) => match parsed.kept.get(id) {
+                    Some(last_valid) => {
+                        let why = format!("{errors}; serving its last valid version");
+                        loaded.stale.insert(id.clone(), ("InvalidSpec", why));
+                        (id, last_valid)
+                    }
+                    None => {
+                        // Never valid since discus started: what it declared before is
+                        // unknown, so nothing it may have declared is removed.
+                        if matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget") {
+                            loaded.resources.partial = true;
+                        }
+                        loaded.invalid.push((id.clone(), errors.clone()));
+                        continue;
+                    }
+                },
             };
             if !seen.insert(id.clone()) {
                 let mut errors = FieldErrors::new();

@@ -97,18 +97,18 @@ pub(super) fn write_statuses(
                 kind: kind.to_owned(),
                 key: key.clone(),
             };
-            if let Some(why) = loaded.stale.get(&id) {
+            if let Some((reason, why)) = loaded.stale.get(&id) {
                 let since = previous
                     .get(&path)
                     .and_then(|v| v.pointer("/status/conditions"))
                     .and_then(Value::as_array)
-                    .and_then(|c| c.iter().find(|c| c["reason"] == STALE))
+                    .and_then(|c| {
+                        c.iter()
+                            .find(|c| c["type"] == status::STALLED && c["reason"] == *reason)
+                    })
                     .map(|c| c["lastTransitionTime"].clone());
-                mark_stale(
-                    &mut value,
-                    why,
-                    since.unwrap_or_else(|| json!(now.to_string())),
-                );
+                let since = since.unwrap_or_else(|| json!(now.to_string()));
+                mark_stale(&mut value, reason, why, since);
             }
             current.insert(path.clone(), document(kind, &key, value));
             computed.push(path);
@@ -201,11 +201,8 @@ pub(super) fn write_statuses(
     current
 }
 
-/// The reason of a resource whose manifest cannot be read now.
-const STALE: &str = "ManifestUnreadable";
-
 /// A resource served as its manifest was last read: `Stalled` says why, until the file reads.
-fn mark_stale(status: &mut Value, why: &str, since: Value) {
+fn mark_stale(status: &mut Value, reason: &str, why: &str, since: Value) {
     let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) else {
         return;
     };
@@ -213,7 +210,7 @@ fn mark_stale(status: &mut Value, why: &str, since: Value) {
     conditions.push(json!({
         "type": status::STALLED,
         "status": "True",
-        "reason": STALE,
+        "reason": reason,
         "message": why,
         "lastTransitionTime": since,
     }));

@@ -81,13 +81,18 @@ impl Sandbox {
         }
         let _ = child.kill();
         let _ = child.wait();
-        // Gone for good (its files closed, its locks released) before the test goes on.
+        // Gone for good — every thread, and so its files and locks — before the test goes on. A
+        // killed process's first thread is a zombie while its other threads still exit.
         let start = Instant::now();
         for pid in inner.split_whitespace() {
-            while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| !stat.contains(") Z "))
-                && start.elapsed() < Duration::from_secs(30)
-            {
+            let gone = || {
+                let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |stat| stat.contains(") Z "));
+                let threads =
+                    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |tasks| tasks.count());
+                zombie && threads <= 1
+            };
+            while !gone() && start.elapsed() < Duration::from_secs(30) {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
