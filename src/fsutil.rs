@@ -28,46 +28,50 @@ fn replace(path: &Path, content: &[u8], sync: bool) -> std::io::Result<std::fs::
     file.persist(path).map_err(|e| e.error)
 }
 
-/// An exclusive claim on a directory for the life of the process: `<dir>/lock`, flocked, with
-/// the holder's pid in it so that a second claimant can say who holds it.
+/// An exclusive claim for the life of the process on something only one discus may drive — a
+/// data directory, the kernel's LIO, one tgtd — as a flocked file holding the holder's pid, so
+/// that a second claimant can say who holds it.
 #[derive(Debug)]
-pub struct DirLock {
+pub struct Claim {
     _file: std::fs::File,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "{} is in use by another discus (pid {holder}): one discus per data directory — two would undo \
-         each other's targets. Stop the other one, or give this one its own --data-dir",
-        dir.display()
+        "{what} is in use by another discus (pid {holder}): two would undo each other's targets. Stop \
+         the other one{hint}"
     )]
     Held {
-        dir: std::path::PathBuf,
+        what: String,
         holder: String,
+        hint: &'static str,
     },
-    #[error("cannot lock {}: {source}", dir.display())]
+    #[error("cannot lock {}: {source}", path.display())]
     Io {
-        dir: std::path::PathBuf,
+        path: std::path::PathBuf,
         source: std::io::Error,
     },
 }
 
-impl DirLock {
-    /// Takes the lock, or says who holds it.
-    pub fn take(dir: &Path) -> Result<Self, LockError> {
+impl Claim {
+    /// Claims `path` (its folder is made if need be) for `what`, or says who holds it; `hint`
+    /// ends the refusal.
+    pub fn take(path: &Path, what: &str, hint: &'static str) -> Result<Self, LockError> {
         use std::io::{Read, Seek};
         let io = |source: std::io::Error| LockError::Io {
-            dir: dir.to_owned(),
+            path: path.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join("lock"))
+            .open(path)
             .map_err(io)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
@@ -75,8 +79,9 @@ impl DirLock {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 return Err(LockError::Held {
-                    dir: dir.to_owned(),
+                    what: what.to_owned(),
                     holder: holder.trim().to_owned(),
+                    hint,
                 });
             }
             Err(errno) => return Err(io(errno.into())),

@@ -61,7 +61,13 @@ fn collect_folder(folder: &Path, files: &mut Vec<PathBuf>) -> Result<(), Manifes
         .map_err(read)?;
     entries.sort();
     for entry in entries {
-        if entry.is_dir() {
+        // Following links; one that leads nowhere is an error, not an absent file: what it
+        // declared is not "nothing".
+        let metadata = std::fs::metadata(&entry).map_err(|source| ManifestError::Read {
+            path: entry.clone(),
+            source,
+        })?;
+        if metadata.is_dir() {
             collect_folder(&entry, files)?;
         } else if entry
             .extension()

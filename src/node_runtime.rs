@@ -2,13 +2,14 @@
 //! apiserver for `discus agent`): the image store, the backend the kernel offers, the syncer.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::backend::lio::{self, LioBackend};
 use crate::backend::tgt::{TgtBackend, TgtConfig};
 use crate::desired::{NodeFacts, Settings};
+use crate::fsutil::Claim;
 use crate::http;
 use crate::images::manager::ImageManager;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
@@ -57,6 +58,9 @@ pub enum SetupError {
     },
 }
 
+/// Where discus claims the kernel's LIO target for itself.
+const LIO_CLAIM: &str = "/run/discus/lio.lock";
+
 /// The loop a syncer runs in, whatever its backend.
 pub trait NodeLoop {
     type Output;
@@ -66,7 +70,11 @@ pub trait NodeLoop {
 /// Opens the image store and the backend, and runs `node_loop` with a syncer over them.
 pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::Output, SetupError> {
     // One discus per data directory, held until the process ends.
-    let _lock = crate::fsutil::DirLock::take(&config.data_dir)?;
+    let _data_dir = Claim::take(
+        &config.data_dir.join("lock"),
+        &config.data_dir.display().to_string(),
+        ", or give this one its own --data-dir",
+    )?;
     let importer = Importer::new(ImporterConfig {
         data_dir: config.data_dir.clone(),
         file_roots: config.file_roots.clone(),
@@ -88,12 +96,20 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
     };
     Ok(match choose_backend(config.backend) {
         BackendChoice::Lio => {
+            // One configfs writer per kernel, whatever its data directory.
+            let _lio = Claim::take(Path::new(LIO_CLAIM), "the kernel's LIO target", "")?;
             let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
             node_loop
                 .run(syncer(backend, images, settings, &config, metrics))
                 .await
         }
         BackendChoice::Tgt | BackendChoice::Auto => {
+            // One driver per tgtd, whatever its data directory.
+            let _tgtd = Claim::take(
+                &PathBuf::from(format!("/run/tgtd/discus.{}.lock", config.tgt_control_port)),
+                &format!("the tgtd on control port {}", config.tgt_control_port),
+                ", or give this one its own --tgt-control-port",
+            )?;
             let mut tgt = TgtConfig::new(config.data_dir.join("tgt"));
             tgt.images = Some(config.data_dir.join("images"));
             tgt.control_port = config.tgt_control_port;

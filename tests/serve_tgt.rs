@@ -1275,3 +1275,34 @@ fn a_typo_in_a_served_disc_image_keeps_its_last_valid_version() {
     );
     host.sandbox.kill(&mut server);
 }
+
+#[test]
+fn an_address_acl_added_behind_discus_s_back_is_removed() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    assert_eq!(host.once().status.code(), Some(0));
+    host.tgtadm(&[
+        "--mode",
+        "target",
+        "--op",
+        "bind",
+        "--tid",
+        "1",
+        "--initiator-address",
+        "ALL",
+    ]);
+    assert_eq!(host.once().status.code(), Some(0));
+    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
+    assert!(!show.contains("        ALL\n"), "{show}");
+    assert!(
+        host.inquiry(
+            iqn,
+            1,
+            "iqn.2026-11.dev.discus:stranger",
+            Some(("client", "client-secret"))
+        )
+        .is_err()
+    );
+}

@@ -104,6 +104,13 @@ fn iqn_prefix(value: &str) -> Result<(String, String), String> {
     if namespace != "*" && rules::object_name(namespace).is_err() {
         return Err(format!("{namespace:?} is not a namespace name (or *)"));
     }
+    // A prefix ends where a name's part ends, so that `lab` cannot cover `lab-prod`'s IQNs.
+    if !(prefix.ends_with(':') || prefix.ends_with('.')) || prefix.len() < 6 {
+        return Err(format!(
+            "{prefix:?}: a prefix is the start of an IQN up to a ':' or '.', for example \
+             iqn.2003-01.org.example: or iqn.2026-11.dev.discus:lab."
+        ));
+    }
     Ok((namespace.to_owned(), prefix.to_owned()))
 }
 
@@ -156,5 +163,24 @@ pub fn seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
         Ok(0) | Err(_) => Err("must be a whole number of seconds, at least 1".to_owned()),
         Ok(n) => Ok(Duration::from_secs(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_iqn_prefix_ends_where_a_part_of_the_name_ends() {
+        assert!(iqn_prefix("lab=iqn.2003-01.org.example:").is_ok());
+        assert!(iqn_prefix("*=iqn.2026-11.dev.discus:lab.").is_ok());
+        for bad in [
+            "lab=",
+            "lab=iqn.2026-11.dev.discus:lab",
+            "lab",
+            "Lab=iqn.2003-01.org.example:",
+        ] {
+            assert!(iqn_prefix(bad).is_err(), "{bad}");
+        }
     }
 }

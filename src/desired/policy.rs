@@ -29,10 +29,12 @@ impl Policy {
     /// Anything goes: for `discus serve`, whose manifest folder is the administrator's own.
     pub fn open() -> Self {
         Self {
-            portal_addresses: Some(vec![
-                IpNet::new(IpAddr::from([0, 0, 0, 0]), 0).unwrap_or_default(),
-                IpNet::new(IpAddr::from([0u16; 8]), 0).unwrap_or_default(),
-            ]),
+            portal_addresses: Some(
+                ["0.0.0.0/0", "::/0", "0.0.0.0/32", "::/128"]
+                    .iter()
+                    .filter_map(|net| net.parse().ok())
+                    .collect(),
+            ),
             portal_ports: Vec::new(),
             iqn_prefixes: None,
         }
@@ -50,9 +52,14 @@ impl Policy {
 
     /// Why `portal` may not be used on a node with `own` addresses, if it may not.
     pub fn refuse_portal(&self, portal: &Portal, own: &[IpAddr]) -> Option<String> {
+        let address = portal.address.to_canonical();
+        // Every address at once, or a group: only where the administrator named it exactly.
+        let wide = address.is_unspecified() || address.is_multicast();
         let address_allowed = match &self.portal_addresses {
-            None => own.contains(&portal.address),
-            Some(nets) => nets.iter().any(|net| net.contains(&portal.address)),
+            None => !wide && own.iter().any(|a| a.to_canonical() == address),
+            Some(nets) => nets.iter().any(|net| {
+                net.contains(&address) && (!wide || net.prefix_len() == net.max_prefix_len())
+            }),
         };
         if !address_allowed {
             let allowed = match &self.portal_addresses {
@@ -134,6 +141,25 @@ mod tests {
             .expect("not 3260");
         assert!(port.contains("port 22"), "{port}");
         assert_eq!(Policy::open().refuse_portal(&portal("::1", 22), &own), None);
+        assert_eq!(
+            Policy::open().refuse_portal(&portal("0.0.0.0", 3260), &own),
+            None
+        );
+        // Every address at once, or an IPv4 address in IPv6 clothes: judged for what they are.
+        let mut wide = Policy::strict();
+        wide.portal_addresses = Some(vec!["::/0".parse().expect("net")]);
+        assert!(wide.refuse_portal(&portal("::", 3260), &own).is_some());
+        assert!(
+            strict
+                .refuse_portal(&portal("::ffff:10.0.0.5", 3260), &own)
+                .is_none()
+        );
+        let mut v4 = Policy::strict();
+        v4.portal_addresses = Some(vec!["10.0.0.0/24".parse().expect("net")]);
+        assert!(
+            v4.refuse_portal(&portal("::ffff:127.0.0.1", 3260), &own)
+                .is_some()
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! discus's own tgtd: started when none answers on discus's control port, adopted when one does,
 //! so that a restart of discus leaves the targets serving.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -38,9 +39,11 @@ pub async fn ensure(config: &TgtConfig, tgtadm: &Tgtadm) -> Result<(), BackendEr
 
 fn start(config: &TgtConfig, log_path: &Path) -> Result<(), BackendError> {
     // tgtd's log is a help, not a condition: on a full disk tgtd runs without it.
+    // 0600: with its debug switched on, tgtd logs its requests, CHAP passwords included.
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log_path)
         .and_then(|log| Ok((log.try_clone()?, log)))
         .map_or_else(

@@ -176,6 +176,15 @@ impl TgtBackend {
         self.save(&owned)
     }
 
+    /// Drops the record of an account discus did not make after all.
+    async fn forget_account(&self, user: &str) {
+        let mut owned = self.owned.lock().await;
+        owned.accounts.remove(user);
+        if let Err(error) = self.save(&owned) {
+            tracing::warn!(%error, "cannot record what discus owns in tgtd");
+        }
+    }
+
     /// Records what `op` changed. Failing to save is only logged: the record lags behind tgtd
     /// in the safe direction (an account it calls unknown is made again).
     async fn remember_after(&self, op: &TgtOp) {
@@ -267,8 +276,22 @@ impl Backend for TgtBackend {
         {
             view.ensure()?;
         }
+        let recorded = match op {
+            TgtOp::CreateAccount { user, .. } => {
+                self.owned.lock().await.accounts.contains_key(user)
+            }
+            _ => true,
+        };
         self.remember_before(op).await?;
         let result = self.tgtadm.run(&write::argv(op)).await;
+        if let (TgtOp::CreateAccount { user, .. }, Err(BackendError::Failed { message, .. })) =
+            (op, &result)
+            && message.contains("already exists")
+            && !recorded
+        {
+            // Someone else made it in between: not discus's, and never to be deleted by it.
+            self.forget_account(user).await;
+        }
         let result = match (result, write::already_done(op)) {
             (Err(BackendError::Failed { message, .. }), Some(words)) if message.contains(words) => {
                 Ok(String::new())

@@ -124,6 +124,12 @@ pub enum TgtOp {
         iqn: String,
         initiator: String,
     },
+    /// An address ACL (`ALL`, a network): admits by address, never discus's doing.
+    UnbindAddress {
+        tid: u32,
+        iqn: String,
+        address: String,
+    },
     /// Ends a session (tgt does not when its ACL goes).
     CloseSession {
         tid: u32,
@@ -191,6 +197,9 @@ impl fmt::Display for TgtOp {
             Self::UnbindInitiator { iqn, initiator, .. } => {
                 write!(f, "stop admitting {initiator} to {iqn}")
             }
+            Self::UnbindAddress { iqn, address, .. } => {
+                write!(f, "stop admitting address {address} to {iqn}")
+            }
             Self::CloseSession {
                 iqn,
                 initiator,
@@ -218,6 +227,7 @@ impl Operation for TgtOp {
             | Self::UnbindAccount { iqn, .. }
             | Self::BindInitiator { iqn, .. }
             | Self::UnbindInitiator { iqn, .. }
+            | Self::UnbindAddress { iqn, .. }
             | Self::CloseSession { iqn, .. } => Some(iqn),
         }
     }
@@ -249,6 +259,7 @@ impl Operation for TgtOp {
             Self::DeleteTarget { .. }
             | Self::DeleteLun { .. }
             | Self::UnbindInitiator { .. }
+            | Self::UnbindAddress { .. }
             | Self::CloseSession { .. } => true,
             Self::AddPortal(_)
             | Self::RemovePortal(_)
@@ -517,6 +528,7 @@ impl Placed<'_> {
             accounts: Vec::new(),
             outgoing_account: None,
             acls: Vec::new(),
+            address_acls: Vec::new(),
         };
         self.found.unwrap_or(&EMPTY)
     }
@@ -584,6 +596,7 @@ pub fn plan(desired: &[TargetConfig], observed: &TgtState, owned: &Owned) -> Pla
         .filter(|t| observed.kept.contains(&t.name))
     {
         // Kept over partial input: it serves nobody until its declaration is read again.
+        unbind_addresses(&mut plan, target);
         for initiator in &target.acls {
             plan.ops.push(TgtOp::UnbindInitiator {
                 tid: target.tid,
@@ -745,6 +758,7 @@ fn remove_unwanted_targets(
             // Nobody admitted, then no account bound, before it goes: should deleting it fail
             // (I/O in flight, a timeout), its accounts are no longer bound when they are
             // deleted, and it admits nobody without CHAP.
+            unbind_addresses(plan, target);
             for initiator in &target.acls {
                 plan.ops.push(TgtOp::UnbindInitiator {
                     tid,
@@ -784,6 +798,7 @@ fn remove_unwanted_targets(
 fn revoke(plan: &mut Plan<TgtOp>, target: &Placed<'_>, changes: &AccountChanges) {
     let (tid, found) = (target.tid, target.found());
     let exposed = target.exposed(changes);
+    unbind_addresses(plan, found);
     for initiator in &found.acls {
         if exposed || !target.admitted.contains(initiator.as_str()) {
             plan.ops.push(TgtOp::UnbindInitiator {
@@ -794,6 +809,18 @@ fn revoke(plan: &mut Plan<TgtOp>, target: &Placed<'_>, changes: &AccountChanges)
         }
     }
     close_sessions(plan, found, &target.admitted);
+}
+
+/// Address ACLs admit whoever comes from there, with no grant: discus binds none, and removes
+/// any it finds on a target it owns.
+fn unbind_addresses(plan: &mut Plan<TgtOp>, target: &TgtTarget) {
+    for address in &target.address_acls {
+        plan.ops.push(TgtOp::UnbindAddress {
+            tid: target.tid,
+            iqn: target.name.clone(),
+            address: address.clone(),
+        });
+    }
 }
 
 /// Ends the sessions of the initiators a target no longer admits (tgt does not when their ACL
@@ -1244,6 +1271,10 @@ mod tests {
             TgtOp::UnbindInitiator { tid, initiator, .. } => {
                 let i = target(state, tid)?;
                 state.targets[i].acls.retain(|a| *a != initiator);
+            }
+            TgtOp::UnbindAddress { tid, address, .. } => {
+                let i = target(state, tid)?;
+                state.targets[i].address_acls.retain(|a| *a != address);
             }
             TgtOp::CloseSession { tid, sid, .. } => {
                 let i = target(state, tid)?;

@@ -30,6 +30,9 @@ pub struct TgtTarget {
     pub outgoing_account: Option<String>,
     /// Initiator names and addresses allowed to log in.
     pub acls: Vec<String>,
+    /// Addresses allowed to log in (`ALL`, `192.168.1.0/24`): discus never binds one, and
+    /// removes any it finds on its targets.
+    pub address_acls: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -196,7 +199,11 @@ pub fn parse_targets(text: &str) -> Result<Vec<TgtTarget>, ParseError> {
                 Some(user) => target.outgoing_account = Some(user.to_owned()),
                 None => target.accounts.push(content.to_owned()),
             },
-            (Section::Acls, 2) => target.acls.push(content.to_owned()),
+            // tgt lists initiator names and addresses alike; names are iSCSI names.
+            (Section::Acls, 2) if crate::api::rules::iscsi_name(content).is_ok() => {
+                target.acls.push(content.to_owned())
+            }
+            (Section::Acls, 2) => target.address_acls.push(content.to_owned()),
             _ => {}
         }
     }

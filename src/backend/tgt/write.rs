@@ -97,6 +97,11 @@ pub fn argv(op: &TgtOp) -> Vec<Arg> {
             args.extend(plain(&["--initiator-name", initiator]));
             args
         }
+        TgtOp::UnbindAddress { tid, address, .. } => {
+            let mut args = target_args("unbind", *tid);
+            args.extend(plain(&["--initiator-address", address]));
+            args
+        }
         TgtOp::CloseSession { tid, sid, cid, .. } => {
             let mut args = plain(&["--mode", "conn", "--op", "delete"]);
             for (flag, value) in [("--tid", tid.to_string()), ("--sid", sid.to_string())] {
@@ -114,7 +119,7 @@ pub fn already_done(op: &TgtOp) -> Option<&'static str> {
     match op {
         TgtOp::DeleteAccount { .. } | TgtOp::CloseSession { .. } => Some("can't find"),
         TgtOp::UnbindAccount { .. } => Some("can't find"),
-        TgtOp::UnbindInitiator { .. } => Some("does not exist"),
+        TgtOp::UnbindInitiator { .. } | TgtOp::UnbindAddress { .. } => Some("does not exist"),
         _ => None,
     }
 }
