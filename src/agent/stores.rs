@@ -177,6 +177,12 @@ impl Stores {
                 );
             }
         }
+        // An image or a target that cannot be decoded is not "not declared": nothing it may
+        // declare is removed (its targets admit nobody) until it decodes.
+        snapshot.resources.partial = snapshot
+            .invalid
+            .iter()
+            .any(|(id, _)| matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget"));
         snapshot
     }
 
