@@ -67,7 +67,12 @@ impl Drop for HttpServer {
 
 impl HttpServer {
     pub async fn start() -> Self {
-        Self::start_with(None).await
+        Self::start_with(None, [127, 0, 0, 1].into()).await
+    }
+
+    /// A plain HTTP server on `address` (the test's address on a test LAN, say).
+    pub async fn start_on(address: std::net::IpAddr) -> Self {
+        Self::start_with(None, address).await
     }
 
     /// An HTTPS server with this certificate chain and key (PEM).
@@ -81,11 +86,15 @@ impl HttpServer {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .expect("server config");
-        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_with(
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+            [127, 0, 0, 1].into(),
+        )
+        .await
     }
 
-    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>, address: std::net::IpAddr) -> Self {
+        let listener = TcpListener::bind((address, 0)).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let tls_on = tls.is_some();
         let routes: Arc<Mutex<Vec<Route>>> = Arc::default();

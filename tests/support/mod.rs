@@ -3,11 +3,13 @@
 
 pub mod cluster;
 pub mod control_plane;
+pub mod docker;
 pub mod http;
 pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod network;
+pub mod node;
 pub mod sandbox;
 
 use std::path::PathBuf;
