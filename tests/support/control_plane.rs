@@ -39,7 +39,7 @@ impl ControlPlane {
     /// Builds (or takes from the cache) the binaries, starts etcd and kube-apiserver, and waits
     /// until the apiserver is ready.
     pub async fn start() -> Result<Self, Error> {
-        Self::start_at(None, IpAddr::from([127, 0, 0, 1])).await
+        Self::start_at(None, IpAddr::from([127, 0, 0, 1]), false).await
     }
 
     /// Like `start`, in a sandbox of its own, serving on `address` (the sandbox's address on a
