@@ -28,6 +28,8 @@ pub const BASE_IMAGE: &str = "debian:bookworm-slim";
 pub const IMAGE: &str = concat!("discus-test/discus:", env!("CARGO_PKG_VERSION"));
 /// The pod sandbox image the test node's containerd uses (tests/tools/pause.c).
 pub const PAUSE_IMAGE: &str = "discus-test/pause:1";
+/// The cgroup under which the containers run (removed afterwards).
+const CGROUP: &str = "discus-test-docker";
 
 pub struct Docker {
     holder: Child,
@@ -60,7 +62,8 @@ impl Docker {
         let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
         let holder = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
-            .args(["unshare", "--mount", "--pid", "--fork", "--kill-child"])
+            // A /proc of its own PID namespace: BuildKit's runc reads its children's there.
+            .args(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
             .args(["--propagation", "private", "dockerd"])
             .arg(format!("--data-root={}", root.join("data").display()))
             .arg(format!("--exec-root={}", dir.path().join("x").display()))
@@ -69,7 +72,7 @@ impl Docker {
             .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
             .args(["--ip-masq=false", "--userland-proxy=false"])
             .args(["--storage-driver=overlay2", "--log-level=warn"])
-            .arg("--cgroup-parent=/discus-test-docker")
+            .arg(format!("--cgroup-parent=/{CGROUP}"))
             .arg(format!("--add-runtime=discus-runc={}", wrapper.display()))
             .arg("--default-runtime=discus-runc")
             .stdin(Stdio::null())
@@ -226,12 +229,17 @@ impl Docker {
         self.must(&args);
     }
 
-    /// The host PID of a running container's first process.
+    /// The host PID of a process of a running container (dockerd, in a PID namespace of its
+    /// own, numbers them otherwise), from the container's cgroup.
     pub fn pid_of(&self, container: &str) -> u32 {
-        self.must(&["inspect", "--format", "{{.State.Pid}}", container])
-            .trim()
-            .parse()
-            .expect("a PID")
+        let id = self.must(&["inspect", "--format", "{{.Id}}", container]);
+        let procs = format!("/sys/fs/cgroup/pids/{CGROUP}/{}/cgroup.procs", id.trim());
+        std::fs::read_to_string(&procs)
+            .unwrap_or_else(|e| panic!("{procs}: {e}"))
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no process in {procs}"))
     }
 
     /// The daemon's PID 1 (dockerd itself), as the host sees it.
@@ -262,7 +270,7 @@ impl Drop for Docker {
         }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
-        remove_cgroups("discus-test-docker");
+        remove_cgroups(CGROUP);
     }
 }
 
