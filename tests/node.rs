@@ -127,12 +127,31 @@ fn ready_agent_pod(cluster: &RealCluster) -> Option<Value> {
     }).cloned()
 }
 
-/// Waits until the demo's three resources are Ready (kstatus Current).
+/// Waits until the agent's Pod is Running and Ready on the node, and returns it. (`helm install
+/// --wait` may return before the DaemonSet controller has made the Pod.)
+async fn wait_agent_ready(cluster: &RealCluster) -> Value {
+    wait_for(cluster, "the agent's Pod Running and Ready", Duration::from_secs(180), || {
+        ready_agent_pod(cluster).is_some()
+    })
+    .await;
+    ready_agent_pod(cluster).expect("the agent's Pod")
+}
+
+/// Waits until the demo's three resources are Ready, with a connection for the grant. (Ready
+/// itself, not only kstatus Current: an object nobody has written status to yet is Current.)
 async fn wait_demo_ready(cluster: &RealCluster) {
-    wait_for(cluster, "the demo's resources Current", Duration::from_secs(180), || {
+    wait_for(cluster, "the demo's resources Ready", Duration::from_secs(180), || {
         ["discimage/discus-demo", "iscsitarget/demo", "initiatoraccess/demo-client"]
             .iter()
-            .all(|o| kstatus::compute(&get(cluster, &["-n", "demo", o])) == Kstatus::Current)
+            .map(|o| get(cluster, &["-n", "demo", o]))
+            .all(|o| {
+                let ready = o.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
+                    c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
+                });
+                let connected = o["kind"] != "InitiatorAccess"
+                    || o.pointer("/status/connection/portals/0").is_some();
+                ready && connected && kstatus::compute(&o) == Kstatus::Current
+            })
     })
     .await;
 }
@@ -180,8 +199,8 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
         "--set", "image.repository=discus-test/discus", "--set", "agent.namespaces={demo}",
         "--wait", "--timeout", "5m",
     ]);
-    println!("helm install --wait: {:.1?}", installing.elapsed());
-    let pod = ready_agent_pod(&cluster).expect("the agent's Pod Running and Ready");
+    let pod = wait_agent_ready(&cluster).await;
+    println!("helm install to the agent Ready: {:.1?}", installing.elapsed());
     assert_eq!(pod.pointer("/spec/nodeName"), Some(&json!(NODE)));
     assert_eq!(pod.pointer("/spec/serviceAccountName"), Some(&json!("discus-agent")));
     assert_eq!(pod.pointer("/spec/hostNetwork"), Some(&json!(true)));
@@ -208,7 +227,9 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
         .collect();
     let refused = support::rbac::refused(&requests);
     assert!(refused.is_empty(), "refused requests: {refused:#?}");
-    let rendered = support::chart::render(&["--set", "agent.namespaces={demo}"]);
+    let rendered = support::chart::render(&[
+        "--set", "agent.namespaces={demo}", "--show-only", "templates/agent-rbac.yaml",
+    ]);
     let granted = support::rbac::granted(&rendered);
     let used = support::rbac::used(&requests);
     let unused: Vec<_> = granted.difference(&used).collect();
@@ -450,8 +471,8 @@ async fn kubectl_apply_of_deploy_installs_discus_on_a_fresh_cluster() {
     cluster.must_kubectl(&[
         "rollout", "status", "daemonset/discus-agent", "-n", "discus-system", "--timeout=300s",
     ]);
+    let pod = wait_agent_ready(&cluster).await;
     println!("kubectl apply to the agent Ready: {:.1?}", applying.elapsed());
-    let pod = ready_agent_pod(&cluster).expect("the agent's Pod Running and Ready");
     assert_eq!(pod.pointer("/spec/containers/0/image"), Some(&json!(default_image())));
 
     cluster.must_kubectl(&["create", "namespace", "demo"]);

@@ -12,10 +12,10 @@
 //! have: the node reads the values the kubelet wants from files bound over them, so it never
 //! writes. The LAN has no route out: no packet leaves the machine.
 //!
-//! Two things a real node has and this machine lacks are made up inside the node: the
-//! `/sys/kernel/config` directory (this kernel has no configfs; discus then chooses tgt, as on any
-//! node without LIO), and kube-proxy, for the one Service a Pod needs — the `kubernetes` Service's
-//! address is translated to the apiserver's by one iptables rule in the node's namespace.
+//! One thing a real node has is made up inside this one: kube-proxy, for the one Service a Pod
+//! needs — the `kubernetes` Service's address is translated to the apiserver's by one iptables
+//! rule in the node's namespace. The kernel is the machine's, without configfs or LIO: discus
+//! chooses tgt there, as on any node without LIO.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -152,9 +152,13 @@ impl Node {
             import_time: Duration::ZERO,
             _processes: Vec::new(),
         };
+        // A /proc of the node's PID namespace: containerd's shims read their parent's there.
+        sandbox.must(&["mount", "-t", "proc", "proc", "/proc"]);
         private_paths(&sandbox);
         fake_sysctls(&sandbox);
-        configfs_directory(&sandbox);
+        // Shared mounts, as systemd makes them on a real node (a Pod's `HostToContainer` mounts
+        // need it); the node's namespace was made private, so nothing propagates to the machine.
+        sandbox.must(&["mount", "--make-rshared", "/"]);
         kube_proxy(&sandbox, lan, plane);
         make_cgroup(&node.cgroup);
         let socket = sandbox.path().join("containerd/containerd.sock");
@@ -250,29 +254,6 @@ fn fake_sysctls(sandbox: &Sandbox) {
             &format!("/proc/sys/{name}"),
         ]);
     }
-}
-
-/// /sys/kernel with an empty `config` directory added: a tmpfs over /sys/kernel into which every
-/// entry of the real one is bound back.
-fn configfs_directory(sandbox: &Sandbox) {
-    if Path::new("/sys/kernel/config").exists() {
-        return;
-    }
-    let real = sandbox.scratch("sys-kernel").display().to_string();
-    sandbox.must(&["mount", "--rbind", "/sys/kernel", &real]);
-    sandbox.must(&["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/sys/kernel"]);
-    let entries = std::fs::read_dir("/sys/kernel").expect("/sys/kernel");
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let target = format!("/sys/kernel/{name}");
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            sandbox.must(&["mkdir", &target]);
-        } else {
-            sandbox.must(&["touch", &target]);
-        }
-        sandbox.must(&["mount", "--rbind", &format!("{real}/{name}"), &target]);
-    }
-    sandbox.must(&["mkdir", "/sys/kernel/config"]);
 }
 
 /// The `kubernetes` Service (10.0.0.1:443) leads to the apiserver, as kube-proxy would make it.
