@@ -25,7 +25,10 @@ fn yaml(path: &Path) -> Value {
 #[test]
 fn helm_lint_passes_with_the_defaults_and_with_every_option_set() {
     let all = repo().join("tests/charts/all-options.yaml");
-    for extra in [vec![], vec!["--values".to_owned(), all.display().to_string()]] {
+    for extra in [
+        vec![],
+        vec!["--values".to_owned(), all.display().to_string()],
+    ] {
         let output = helm()
             .args(["lint", "--strict"])
             .arg(chart())
@@ -62,18 +65,24 @@ fn the_values_schema_refuses_bad_values_files_and_names_the_key() {
 #[test]
 fn the_readme_values_table_is_values_yaml() {
     let values = yaml(&chart().join("values.yaml"));
-    let schema: Value = serde_json::from_str(&text(&chart().join("values.schema.json"))).expect("schema");
+    let schema: Value =
+        serde_json::from_str(&text(&chart().join("values.schema.json"))).expect("schema");
     let mut expected = BTreeMap::new();
     flatten(&values, &schema, "", &mut expected);
     let readme = text(&chart().join("README.md"));
     let mut table = BTreeMap::new();
     for line in readme.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = line.split(" | ").collect();
-        let key = cells[0].trim_start_matches("| ").trim_matches('`').to_owned();
+        let key = cells[0]
+            .trim_start_matches("| ")
+            .trim_matches('`')
+            .to_owned();
         let default: Value = serde_json::from_str(cells[1].trim_matches('`'))
             .unwrap_or_else(|e| panic!("README: {key}: the default is not JSON: {e}"));
         assert!(
-            cells.get(2).is_some_and(|d| d.trim_end_matches(" |").trim().len() > 3),
+            cells
+                .get(2)
+                .is_some_and(|d| d.trim_end_matches(" |").trim().len() > 3),
             "README: {key} has no description"
         );
         table.insert(key, default);
@@ -85,8 +94,14 @@ fn the_readme_values_table_is_values_yaml() {
             "charts/discus/README.md: row `{key}` must say `{default}` (values.yaml)"
         );
     }
-    let extra: Vec<&String> = table.keys().filter(|k| !expected.contains_key(*k)).collect();
-    assert!(extra.is_empty(), "README rows not in values.yaml: {extra:?}");
+    let extra: Vec<&String> = table
+        .keys()
+        .filter(|k| !expected.contains_key(*k))
+        .collect();
+    assert!(
+        extra.is_empty(),
+        "README rows not in values.yaml: {extra:?}"
+    );
 }
 
 /// values.yaml's keys as the README lists them: one row per key, except mappings whose keys are
@@ -97,13 +112,14 @@ fn flatten(value: &Value, schema: &Value, prefix: &str, out: &mut BTreeMap<Strin
         .map(|p| p.keys().filter(|k| *k != "global").collect())
         .unwrap_or_default();
     match value.as_object() {
-        Some(map) if !map.is_empty() && {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            let mut declared = declared.clone();
-            declared.sort();
-            keys == declared
-        } =>
+        Some(map)
+            if !map.is_empty() && {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                let mut declared = declared.clone();
+                declared.sort();
+                keys == declared
+            } =>
         {
             for (key, inner) in map {
                 let path = if prefix.is_empty() {
@@ -141,12 +157,18 @@ fn the_chart_renders_the_crds_of_crds_and_keeps_them() {
     assert_eq!(crds_rendered.len(), source.len());
     for crd in &mut crds_rendered {
         let meta = crd["metadata"].as_object_mut().expect("metadata");
-        assert_eq!(meta["annotations"]["helm.sh/resource-policy"], "keep", "{meta:?}");
+        assert_eq!(
+            meta["annotations"]["helm.sh/resource-policy"], "keep",
+            "{meta:?}"
+        );
         assert_eq!(meta["labels"]["app.kubernetes.io/part-of"], "discus");
         meta.remove("annotations");
         meta.remove("labels");
     }
-    assert_eq!(crds_rendered, source, "the chart changes the CRDs it renders");
+    assert_eq!(
+        crds_rendered, source,
+        "the chart changes the CRDs it renders"
+    );
 
     let without = render(&["--set", "crds.install=false"]);
     assert!(find(&without, "CustomResourceDefinition", None).is_empty());
@@ -165,7 +187,12 @@ fn deploy_is_what_the_chart_renders() {
         .status()
         .expect("tools/render-deploy runs");
     assert!(status.success(), "tools/render-deploy failed");
-    for file in ["discus.yaml", "rbac/agent.yaml", "rbac/namespace.yaml", "rbac/all-namespaces.yaml"] {
+    for file in [
+        "discus.yaml",
+        "rbac/agent.yaml",
+        "rbac/namespace.yaml",
+        "rbac/all-namespaces.yaml",
+    ] {
         assert_eq!(
             text(&out.path().join(file)),
             text(&repo().join("deploy").join(file)),
@@ -178,14 +205,20 @@ fn deploy_is_what_the_chart_renders() {
 
 /// `--name` of every option `discus agent --help` lists.
 fn agent_options() -> Vec<String> {
-    let output = support::discus().args(["agent", "--help"]).output().expect("runs");
+    let output = support::discus()
+        .args(["agent", "--help"])
+        .output()
+        .expect("runs");
     let help = String::from_utf8_lossy(&output.stdout);
     let mut options: Vec<String> = help
         .lines()
         .filter_map(|l| {
             let l = l.trim_start();
             let l = l.strip_prefix("-h, ").unwrap_or(l);
-            l.strip_prefix("--")?.split([' ', '=', '<']).next().map(str::to_owned)
+            l.strip_prefix("--")?
+                .split([' ', '=', '<'])
+                .next()
+                .map(str::to_owned)
         })
         .filter(|o| o != "help")
         .collect();
@@ -199,63 +232,121 @@ fn every_agent_option_is_a_value_of_the_chart() {
     let all = repo().join("tests/charts/all-options.yaml");
     let rendered = render(&["--values", &all.display().to_string()]);
     let daemonset = find(&rendered, "DaemonSet", None)[0];
-    let agent = &daemonset.pointer("/spec/template/spec/containers/0").expect("agent");
-    let args: Vec<&str> = agent["args"].as_array().expect("args").iter().filter_map(Value::as_str).collect();
-    let env: Vec<&str> = agent["env"].as_array().expect("env").iter().filter_map(|e| e["name"].as_str()).collect();
+    let agent = &daemonset
+        .pointer("/spec/template/spec/containers/0")
+        .expect("agent");
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let env: Vec<&str> = agent["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
     // The three options a DaemonSet sets from the Pod's own facts take them from the environment.
-    let from_env = [("node-name", "NODE_NAME"), ("lease-namespace", "POD_NAMESPACE"), ("namespaces", "DISCUS_NAMESPACES")];
+    let from_env = [
+        ("node-name", "NODE_NAME"),
+        ("lease-namespace", "POD_NAMESPACE"),
+        ("namespaces", "DISCUS_NAMESPACES"),
+    ];
     for option in agent_options() {
         if let Some((_, variable)) = from_env.iter().find(|(o, _)| *o == option) {
-            assert!(env.contains(variable), "{option}: {variable} not in {env:?}");
+            assert!(
+                env.contains(variable),
+                "{option}: {variable} not in {env:?}"
+            );
             continue;
         }
         let flag = format!("--{option}");
         assert!(
-            args.iter().any(|a| *a == flag || a.starts_with(&format!("{flag}="))),
+            args.iter()
+                .any(|a| *a == flag || a.starts_with(&format!("{flag}="))),
             "`discus agent {flag}` is not set by any chart value: {args:?}"
         );
     }
     assert_eq!(args[0], "agent");
     assert!(args.contains(&"--file-root=/srv/images"), "{args:?}");
     assert!(args.contains(&"--http-address=[::]:9464"), "{args:?}");
-    let init = daemonset.pointer("/spec/template/spec/initContainers/0/command").expect("init");
+    let init = daemonset
+        .pointer("/spec/template/spec/initContainers/0/command")
+        .expect("init");
     assert_eq!(init[0], "modprobe");
     // Probes and the security context the issue of the agent needs.
     let spec = daemonset.pointer("/spec/template/spec").expect("spec");
     assert_eq!(spec["hostNetwork"], true);
     assert_eq!(spec["dnsPolicy"], "ClusterFirstWithHostNet");
     assert_eq!(agent["securityContext"]["privileged"], true);
-    assert_eq!(agent.pointer("/livenessProbe/httpGet/path"), Some(&json!("/healthz")));
-    assert_eq!(agent.pointer("/readinessProbe/httpGet/path"), Some(&json!("/readyz")));
-    assert_eq!(daemonset.pointer("/spec/updateStrategy/rollingUpdate/maxSurge"), Some(&json!(0)));
+    assert_eq!(
+        agent.pointer("/livenessProbe/httpGet/path"),
+        Some(&json!("/healthz"))
+    );
+    assert_eq!(
+        agent.pointer("/readinessProbe/httpGet/path"),
+        Some(&json!("/readyz"))
+    );
+    assert_eq!(
+        daemonset.pointer("/spec/updateStrategy/rollingUpdate/maxSurge"),
+        Some(&json!(0))
+    );
 }
 
 #[test]
 fn the_agent_is_bound_in_each_namespace_it_watches_or_cluster_wide() {
     let everywhere = render(&[]);
-    assert_eq!(find(&everywhere, "ClusterRoleBinding", Some("discus-agent-namespaced")).len(), 1);
+    assert_eq!(
+        find(
+            &everywhere,
+            "ClusterRoleBinding",
+            Some("discus-agent-namespaced")
+        )
+        .len(),
+        1
+    );
     assert!(find(&everywhere, "RoleBinding", Some("discus-agent-namespaced")).is_empty());
 
     let some = render(&["--set", "agent.namespaces={lab,builds}"]);
     assert!(find(&some, "ClusterRoleBinding", Some("discus-agent-namespaced")).is_empty());
     let bindings = find(&some, "RoleBinding", Some("discus-agent-namespaced"));
-    let namespaces: Vec<&Value> = bindings.iter().map(|b| &b["metadata"]["namespace"]).collect();
+    let namespaces: Vec<&Value> = bindings
+        .iter()
+        .map(|b| &b["metadata"]["namespace"])
+        .collect();
     assert_eq!(namespaces, [&json!("lab"), &json!("builds")]);
     for binding in bindings {
         assert_eq!(binding["roleRef"]["name"], "discus-agent-namespaced");
-        assert_eq!(binding["subjects"][0], json!({"kind": "ServiceAccount", "name": "discus-agent", "namespace": "discus-system"}));
+        assert_eq!(
+            binding["subjects"][0],
+            json!({"kind": "ServiceAccount", "name": "discus-agent", "namespace": "discus-system"})
+        );
     }
     // People's roles join view, edit and admin.
     let view = find(&everywhere, "ClusterRole", Some("discus-view"))[0];
     let edit = find(&everywhere, "ClusterRole", Some("discus-edit"))[0];
     for label in ["view", "edit", "admin"] {
-        assert_eq!(view["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{label}")], "true");
+        assert_eq!(
+            view["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{label}")],
+            "true"
+        );
     }
     for label in ["edit", "admin"] {
-        assert_eq!(edit["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{label}")], "true");
+        assert_eq!(
+            edit["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{label}")],
+            "true"
+        );
     }
-    let none = render(&["--set", "rbac.create=false", "--set", "rbac.aggregateToDefaultRoles=false"]);
-    assert!(find(&none, "ClusterRole", None).is_empty() && find(&none, "RoleBinding", None).is_empty());
+    let none = render(&[
+        "--set",
+        "rbac.create=false",
+        "--set",
+        "rbac.aggregateToDefaultRoles=false",
+    ]);
+    assert!(
+        find(&none, "ClusterRole", None).is_empty() && find(&none, "RoleBinding", None).is_empty()
+    );
 }
 
 #[test]
@@ -264,11 +355,21 @@ fn monitors_are_rendered_only_when_enabled() {
     for kind in ["ServiceMonitor", "PodMonitor", "Service"] {
         assert!(find(&defaults, kind, None).is_empty(), "{kind} by default");
     }
-    let both = render(&["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true", "--set", "metrics.podMonitor.labels.release=prometheus"]);
+    let both = render(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.enabled=true",
+        "--set",
+        "metrics.podMonitor.labels.release=prometheus",
+    ]);
     assert_eq!(find(&both, "ServiceMonitor", None).len(), 1);
     let pod_monitor = find(&both, "PodMonitor", None)[0];
     assert_eq!(pod_monitor["metadata"]["labels"]["release"], "prometheus");
-    assert_eq!(pod_monitor.pointer("/spec/podMetricsEndpoints/0/port"), Some(&json!("metrics")));
+    assert_eq!(
+        pod_monitor.pointer("/spec/podMetricsEndpoints/0/port"),
+        Some(&json!("metrics"))
+    );
     let service = find(&both, "Service", None)[0];
     assert_eq!(service["spec"]["clusterIP"], "None");
 }
@@ -293,23 +394,52 @@ fn argo_cd_health_checks_pass_their_cases() {
                 .spawn()
                 .expect("argo-health runs");
             use std::io::Write;
-            run.stdin.take().expect("stdin").write_all(object.to_string().as_bytes()).expect("write");
+            run.stdin
+                .take()
+                .expect("stdin")
+                .write_all(object.to_string().as_bytes())
+                .expect("write");
             let output = run.wait_with_output().expect("argo-health");
-            assert!(output.status.success(), "{}: {}", input.display(), String::from_utf8_lossy(&output.stderr));
+            assert!(
+                output.status.success(),
+                "{}: {}",
+                input.display(),
+                String::from_utf8_lossy(&output.stderr)
+            );
             let health: Value = serde_json::from_slice(&output.stdout).expect("health JSON");
             assert_eq!(health, case["healthStatus"], "{kind}: {}", input.display());
-            covered.push(input.file_stem().expect("stem").to_string_lossy().into_owned());
+            covered.push(
+                input
+                    .file_stem()
+                    .expect("stem")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             cases += 1;
         }
-        for wanted in ["ready", "progressing", "stalled", "no-status", "old-generation"] {
-            assert!(covered.iter().any(|c| c == wanted), "{kind} has no `{wanted}` case");
+        for wanted in [
+            "ready",
+            "progressing",
+            "stalled",
+            "no-status",
+            "old-generation",
+        ] {
+            assert!(
+                covered.iter().any(|c| c == wanted),
+                "{kind} has no `{wanted}` case"
+            );
         }
     }
     assert!(cases >= 16);
     // The argocd-cm example carries these very scripts.
     let cm = yaml(&repo().join("examples/gitops/argocd/argocd-cm.yaml"));
     for kind in ["DiscImage", "IscsiTarget", "InitiatorAccess"] {
-        let script = text(&repo().join("deploy/argocd/discus.dev").join(kind).join("health.lua"));
+        let script = text(
+            &repo()
+                .join("deploy/argocd/discus.dev")
+                .join(kind)
+                .join("health.lua"),
+        );
         assert_eq!(
             cm["data"][format!("resource.customizations.health.discus.dev_{kind}")],
             script,
@@ -322,12 +452,23 @@ fn argo_cd_health_checks_pass_their_cases() {
 fn the_gitops_examples_install_the_chart_with_values_it_accepts() {
     let dir = repo().join("examples/gitops");
     let application = yaml(&dir.join("argocd/application.yaml"));
-    assert_eq!(application.pointer("/spec/source/path"), Some(&json!("charts/discus")));
+    assert_eq!(
+        application.pointer("/spec/source/path"),
+        Some(&json!("charts/discus"))
+    );
     let release = documents(&text(&dir.join("flux/helmrelease.yaml")));
-    let helm_release = release.iter().find(|d| d["kind"] == "HelmRelease").expect("HelmRelease");
-    assert_eq!(helm_release.pointer("/spec/chart/spec/chart"), Some(&json!("./charts/discus")));
+    let helm_release = release
+        .iter()
+        .find(|d| d["kind"] == "HelmRelease")
+        .expect("HelmRelease");
+    assert_eq!(
+        helm_release.pointer("/spec/chart/spec/chart"),
+        Some(&json!("./charts/discus"))
+    );
     for values in [
-        application.pointer("/spec/source/helm/valuesObject").expect("valuesObject"),
+        application
+            .pointer("/spec/source/helm/valuesObject")
+            .expect("valuesObject"),
         helm_release.pointer("/spec/values").expect("values"),
     ] {
         let file = tempfile::NamedTempFile::new().expect("tempfile");
@@ -335,9 +476,15 @@ fn the_gitops_examples_install_the_chart_with_values_it_accepts() {
         render(&["--values", &file.path().display().to_string()]);
     }
     for document in documents(&text(&dir.join("flux/kustomization.yaml"))) {
-        let path = document.pointer("/spec/path").and_then(Value::as_str).expect("path");
+        let path = document
+            .pointer("/spec/path")
+            .and_then(Value::as_str)
+            .expect("path");
         if document.pointer("/spec/sourceRef/name") == Some(&json!("discus")) {
-            assert!(repo().join(path).join("kustomization.yaml").exists(), "{path}");
+            assert!(
+                repo().join(path).join("kustomization.yaml").exists(),
+                "{path}"
+            );
         }
     }
 }

@@ -78,7 +78,10 @@ fn the_dockerfile_builds_an_image_whose_discus_serves_a_target_to_a_host_initiat
 /// `discus serve --backend tgt` as the container's PID 1, the demo of examples/standalone.
 fn serve_in_a_container(docker: &Docker) {
     let scratch = tempfile::tempdir().expect("scratch");
-    let (data, manifests) = (scratch.path().join("data"), scratch.path().join("manifests"));
+    let (data, manifests) = (
+        scratch.path().join("data"),
+        scratch.path().join("manifests"),
+    );
     std::fs::create_dir_all(data.join("demo")).expect("data");
     std::fs::create_dir_all(&manifests).expect("manifests");
     let demo = support::repo().join("examples/standalone");
@@ -118,7 +121,11 @@ fn serve_in_a_container(docker: &Docker) {
     // address on a test LAN (the test process is .1).
     let lan = Lan::new();
     let address = lan.plug_netns(docker.pid_of(&name), 2);
-    wait_ready(docker, &name, &data.join("status/InitiatorAccess/demo/demo-client.json"));
+    wait_ready(
+        docker,
+        &name,
+        &data.join("status/InitiatorAccess/demo/demo-client.json"),
+    );
 
     let out = scratch.path().join("read.iso");
     let login = Login {
@@ -129,19 +136,18 @@ fn serve_in_a_container(docker: &Docker) {
         user: "demo",
         password: "discus-demo-1",
     };
-    let read = initiator::read_lun(&login, &out).unwrap_or_else(|e| {
-        panic!(
-            "{e}\n--- discus:\n{}",
-            docker.must(&["logs", &name])
-        )
-    });
+    let read = initiator::read_lun(&login, &out)
+        .unwrap_or_else(|e| panic!("{e}\n--- discus:\n{}", docker.must(&["logs", &name])));
     assert_eq!(read, DEMO_ISO_SHA256);
 
     // discus (PID 1) left no zombie behind: its tgtd and the tgtadm and qemu-img it ran.
     let top = docker.must(&["top", &name, "-eo", "pid,stat,comm"]);
     assert!(top.contains("tgtd"), "{top}");
     assert!(
-        !top.lines().skip(1).any(|l| l.split_whitespace().nth(1).is_some_and(|s| s.starts_with('Z'))),
+        !top.lines().skip(1).any(|l| l
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|s| s.starts_with('Z'))),
         "zombies:\n{top}"
     );
     // As PID 1 it handles SIGTERM: `docker stop` ends it at once (not after the 30 s grace),
@@ -152,7 +158,10 @@ fn serve_in_a_container(docker: &Docker) {
     let code = docker.must(&["inspect", "--format", "{{.State.ExitCode}}", &name]);
     println!("docker stop took {stopped:.1?}; exit code {}", code.trim());
     assert_eq!(code.trim(), "0", "{}", docker.must(&["logs", &name]));
-    assert!(stopped < Duration::from_secs(10), "docker stop took {stopped:?}");
+    assert!(
+        stopped < Duration::from_secs(10),
+        "docker stop took {stopped:?}"
+    );
     docker.must(&["rm", &name]);
 }
 
@@ -167,9 +176,9 @@ fn wait_ready(docker: &Docker, name: &str, status: &Path) {
                 s.pointer("/status/conditions")
                     .and_then(Value::as_array)
                     .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
-                })
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
             });
         if ready {
             return;

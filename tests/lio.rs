@@ -403,7 +403,10 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
         !left.contains("iqn.2026-11.dev.discus") && !left.contains("discus-"),
         "{said}\nleft: {left}"
     );
-    assert!(left.contains("iqn.2001-04.com.example:not-discus"), "{left}");
+    assert!(
+        left.contains("iqn.2001-04.com.example:not-discus"),
+        "{left}"
+    );
 }
 
 /// What discus makes in configfs, counted: targets, storage objects, LUN links, ACLs, mappings.

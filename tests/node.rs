@@ -26,16 +26,17 @@ const INITIATOR: &str = "iqn.2026-11.dev.discus:demo-client";
 const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
 
 /// Two clusters at once would starve each other on two cores: one test at a time.
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static ONE: Mutex<()> = Mutex::new(());
-    ONE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE.lock().await
 }
 
 /// The image the chart's values name by default, as deploy/discus.yaml runs it.
 fn default_image() -> String {
-    let values: Value =
-        serde_saphyr::from_str(&std::fs::read_to_string(chart().join("values.yaml")).expect("values"))
-            .expect("values");
+    let values: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(chart().join("values.yaml")).expect("values"),
+    )
+    .expect("values");
     let repository = values["image"]["repository"].as_str().expect("repository");
     format!("{repository}:{}", env!("CARGO_PKG_VERSION"))
 }
@@ -70,7 +71,8 @@ fn demo_manifests(iso_url: &str) -> String {
 /// The test's HTTP server on the LAN, serving the demo ISO.
 async fn iso_server(cluster: &RealCluster) -> HttpServer {
     let server = HttpServer::start_on(cluster.lan.address(1).into()).await;
-    let iso = std::fs::read(support::repo().join("examples/standalone/discus-demo.iso")).expect("iso");
+    let iso =
+        std::fs::read(support::repo().join("examples/standalone/discus-demo.iso")).expect("iso");
     server.route("/discus-demo.iso", iso, Behavior::normal());
     server
 }
@@ -95,7 +97,12 @@ fn get(cluster: &RealCluster, args: &[&str]) -> Value {
 }
 
 /// Waits until `done` holds, or fails with what the agent and the kubelet said.
-async fn wait_for(cluster: &RealCluster, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+async fn wait_for(
+    cluster: &RealCluster,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if done() {
@@ -105,9 +112,18 @@ async fn wait_for(cluster: &RealCluster, what: &str, timeout: Duration, mut done
     }
     let agent = cluster
         .kubectl()
-        .args(["logs", "-n", "discus-system", "daemonset/discus-agent", "--tail", "40"])
+        .args([
+            "logs",
+            "-n",
+            "discus-system",
+            "daemonset/discus-agent",
+            "--tail",
+            "40",
+        ])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
         .unwrap_or_default();
     panic!(
         "timed out after {timeout:?} waiting for {what}\n--- agent:\n{agent}\n--- kubelet:\n{}",
@@ -117,22 +133,41 @@ async fn wait_for(cluster: &RealCluster, what: &str, timeout: Duration, mut done
 
 /// The agent's Pod on the node, once one is Running and Ready.
 fn ready_agent_pod(cluster: &RealCluster) -> Option<Value> {
-    let pods = get(cluster, &["pods", "-n", "discus-system", "-l", "app.kubernetes.io/component=agent"]);
-    pods["items"].as_array()?.iter().find(|p| {
-        p.pointer("/metadata/deletionTimestamp").is_none()
-            && p.pointer("/status/phase") == Some(&json!("Running"))
-            && p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
-                c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
-    }).cloned()
+    let pods = get(
+        cluster,
+        &[
+            "pods",
+            "-n",
+            "discus-system",
+            "-l",
+            "app.kubernetes.io/component=agent",
+        ],
+    );
+    pods["items"]
+        .as_array()?
+        .iter()
+        .find(|p| {
+            p.pointer("/metadata/deletionTimestamp").is_none()
+                && p.pointer("/status/phase") == Some(&json!("Running"))
+                && p.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    })
+        })
+        .cloned()
 }
 
 /// Waits until the agent's Pod is Running and Ready on the node, and returns it. (`helm install
 /// --wait` may return before the DaemonSet controller has made the Pod.)
 async fn wait_agent_ready(cluster: &RealCluster) -> Value {
-    wait_for(cluster, "the agent's Pod Running and Ready", Duration::from_secs(180), || {
-        ready_agent_pod(cluster).is_some()
-    })
+    wait_for(
+        cluster,
+        "the agent's Pod Running and Ready",
+        Duration::from_secs(180),
+        || ready_agent_pod(cluster).is_some(),
+    )
     .await;
     ready_agent_pod(cluster).expect("the agent's Pod")
 }
@@ -140,19 +175,32 @@ async fn wait_agent_ready(cluster: &RealCluster) -> Value {
 /// Waits until the demo's three resources are Ready, with a connection for the grant. (Ready
 /// itself, not only kstatus Current: an object nobody has written status to yet is Current.)
 async fn wait_demo_ready(cluster: &RealCluster) {
-    wait_for(cluster, "the demo's resources Ready", Duration::from_secs(180), || {
-        ["discimage/discus-demo", "iscsitarget/demo", "initiatoraccess/demo-client"]
+    wait_for(
+        cluster,
+        "the demo's resources Ready",
+        Duration::from_secs(180),
+        || {
+            [
+                "discimage/discus-demo",
+                "iscsitarget/demo",
+                "initiatoraccess/demo-client",
+            ]
             .iter()
             .map(|o| get(cluster, &["-n", "demo", o]))
             .all(|o| {
-                let ready = o.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| {
-                    c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True")
-                });
+                let ready = o
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                    });
                 let connected = o["kind"] != "InitiatorAccess"
                     || o.pointer("/status/connection/portals/0").is_some();
                 ready && connected && kstatus::compute(&o) == Kstatus::Current
             })
-    })
+        },
+    )
     .await;
 }
 
@@ -161,8 +209,14 @@ fn read_demo(cluster: &RealCluster) -> String {
     let grant = get(cluster, &["-n", "demo", "initiatoraccess/demo-client"]);
     let connection = &grant["status"]["connection"];
     let portal = connection["portals"][0].as_str().expect("a portal");
-    assert_eq!(portal, format!("{}:3260", cluster.node.address), "{connection:#}");
-    let lun = connection["luns"][0]["deviceLun"].as_u64().expect("deviceLun") as u32;
+    assert_eq!(
+        portal,
+        format!("{}:3260", cluster.node.address),
+        "{connection:#}"
+    );
+    let lun = connection["luns"][0]["deviceLun"]
+        .as_u64()
+        .expect("deviceLun") as u32;
     let iqn = connection["iqn"].as_str().expect("iqn");
     let scratch = tempfile::tempdir().expect("tempdir");
     let login = Login {
@@ -180,14 +234,16 @@ fn read_demo(cluster: &RealCluster) -> String {
 fn serves(portal: &str) -> bool {
     std::process::Command::new("iscsi-inq")
         .args(["-i", INITIATOR])
-        .arg(format!("iscsi://demo%discus-demo-1@{portal}/iqn.2026-11.dev.discus:demo/1"))
+        .arg(format!(
+            "iscsi://demo%discus-demo-1@{portal}/iqn.2026-11.dev.discus:demo/1"
+        ))
         .output()
         .is_ok_and(|o| o.status.success())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades_and_uninstall() {
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     let cluster = RealCluster::start(images()).await;
     cluster.must_kubectl(&["label", "node", NODE, "discus.dev/storage=true"]);
     cluster.must_kubectl(&["create", "namespace", "demo"]);
@@ -195,14 +251,30 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
 
     let installing = Instant::now();
     cluster.must_helm(&[
-        "install", "discus", &chart_dir, "--namespace", "discus-system", "--create-namespace",
-        "--set", "image.repository=discus-test/discus", "--set", "agent.namespaces={demo}",
-        "--wait", "--timeout", "5m",
+        "install",
+        "discus",
+        &chart_dir,
+        "--namespace",
+        "discus-system",
+        "--create-namespace",
+        "--set",
+        "image.repository=discus-test/discus",
+        "--set",
+        "agent.namespaces={demo}",
+        "--wait",
+        "--timeout",
+        "5m",
     ]);
     let pod = wait_agent_ready(&cluster).await;
-    println!("helm install to the agent Ready: {:.1?}", installing.elapsed());
+    println!(
+        "helm install to the agent Ready: {:.1?}",
+        installing.elapsed()
+    );
     assert_eq!(pod.pointer("/spec/nodeName"), Some(&json!(NODE)));
-    assert_eq!(pod.pointer("/spec/serviceAccountName"), Some(&json!("discus-agent")));
+    assert_eq!(
+        pod.pointer("/spec/serviceAccountName"),
+        Some(&json!("discus-agent"))
+    );
     assert_eq!(pod.pointer("/spec/hostNetwork"), Some(&json!(true)));
 
     // The example resources, applied as a user would, become Ready; an initiator reads the disc.
@@ -228,12 +300,18 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
     let refused = support::rbac::refused(&requests);
     assert!(refused.is_empty(), "refused requests: {refused:#?}");
     let rendered = support::chart::render(&[
-        "--set", "agent.namespaces={demo}", "--show-only", "templates/agent-rbac.yaml",
+        "--set",
+        "agent.namespaces={demo}",
+        "--show-only",
+        "templates/agent-rbac.yaml",
     ]);
     let granted = support::rbac::granted(&rendered);
     let used = support::rbac::used(&requests);
     let unused: Vec<_> = granted.difference(&used).collect();
-    assert!(unused.is_empty(), "granted but never used: {unused:?}\nused: {used:?}");
+    assert!(
+        unused.is_empty(),
+        "granted but never used: {unused:?}\nused: {used:?}"
+    );
 
     uninstall_leaves_what_the_docs_say(&cluster).await;
     drop(server);
@@ -251,25 +329,40 @@ async fn exercise_every_permission(cluster: &RealCluster) {
     };
     for target in ["demo", "gone", "demo"] {
         apply(cluster, &grant(target));
-        wait_for(cluster, &format!("the generated grant on {target}"), Duration::from_secs(60), || {
-            let object = get(cluster, &["-n", "demo", "initiatoraccess/generated"]);
-            let applied = object.pointer("/status/nodes/0/applied") == Some(&json!(true));
-            let applied = applied == (target == "demo");
-            applied && object.pointer("/status/observedGeneration") == object.pointer("/metadata/generation")
-        })
+        wait_for(
+            cluster,
+            &format!("the generated grant on {target}"),
+            Duration::from_secs(60),
+            || {
+                let object = get(cluster, &["-n", "demo", "initiatoraccess/generated"]);
+                let applied = object.pointer("/status/nodes/0/applied") == Some(&json!(true));
+                let applied = applied == (target == "demo");
+                applied
+                    && object.pointer("/status/observedGeneration")
+                        == object.pointer("/metadata/generation")
+            },
+        )
         .await;
     }
-    wait_for(cluster, "the Applied event's series", Duration::from_secs(30), || {
-        get(cluster, &["events.events.k8s.io", "-n", "demo"])["items"]
-            .as_array()
-            .is_some_and(|events| {
-                events.iter().any(|e| {
-                    e.pointer("/regarding/name") == Some(&json!("generated"))
-                        && e["reason"] == "Applied"
-                        && e.pointer("/series/count").and_then(Value::as_u64).unwrap_or(0) >= 2
+    wait_for(
+        cluster,
+        "the Applied event's series",
+        Duration::from_secs(30),
+        || {
+            get(cluster, &["events.events.k8s.io", "-n", "demo"])["items"]
+                .as_array()
+                .is_some_and(|events| {
+                    events.iter().any(|e| {
+                        e.pointer("/regarding/name") == Some(&json!("generated"))
+                            && e["reason"] == "Applied"
+                            && e.pointer("/series/count")
+                                .and_then(Value::as_u64)
+                                .unwrap_or(0)
+                                >= 2
+                    })
                 })
-            })
-    })
+        },
+    )
     .await;
 }
 
@@ -292,16 +385,38 @@ async fn upgrade_rolls_the_agent(cluster: &RealCluster, chart_dir: &str) {
     };
     let upgrading = Instant::now();
     cluster.must_helm(&[
-        "upgrade", "discus", chart_dir, "--namespace", "discus-system", "--reuse-values",
-        "--set", "agent.logLevel=debug", "--wait", "--timeout", "5m",
+        "upgrade",
+        "discus",
+        chart_dir,
+        "--namespace",
+        "discus-system",
+        "--reuse-values",
+        "--set",
+        "agent.logLevel=debug",
+        "--wait",
+        "--timeout",
+        "5m",
     ]);
     let upgraded = upgrading.elapsed();
-    wait_for(cluster, "the target served again", Duration::from_secs(60), || serves(&portal)).await;
+    wait_for(
+        cluster,
+        "the target served again",
+        Duration::from_secs(60),
+        || serves(&portal),
+    )
+    .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     prober.join().expect("prober");
     let after = ready_agent_pod(cluster).expect("the agent after the upgrade");
-    assert_ne!(before.pointer("/metadata/uid"), after.pointer("/metadata/uid"), "the Pod was not replaced");
-    let args = after.pointer("/spec/containers/0/args").expect("args").to_string();
+    assert_ne!(
+        before.pointer("/metadata/uid"),
+        after.pointer("/metadata/uid"),
+        "the Pod was not replaced"
+    );
+    let args = after
+        .pointer("/spec/containers/0/args")
+        .expect("args")
+        .to_string();
     assert!(args.contains("--log-level=debug"), "{args}");
     let probes = probes.lock().expect("probes");
     let outage = longest_outage(&probes);
@@ -309,7 +424,10 @@ async fn upgrade_rolls_the_agent(cluster: &RealCluster, chart_dir: &str) {
         "helm upgrade --wait: {upgraded:.1?}; initiators without service for {outage:.1?} ({} probes)",
         probes.len()
     );
-    assert!(outage > Duration::ZERO, "tgtd lives in the Pod: a restart must interrupt it");
+    assert!(
+        outage > Duration::ZERO,
+        "tgtd lives in the Pod: a restart must interrupt it"
+    );
 }
 
 /// The longest run of failed probes, from the last success before it to the first after.
@@ -351,22 +469,44 @@ async fn upgrade_changes_a_crd(cluster: &RealCluster) {
     assert!(crds.contains("  names:\n    categories:\n    - discus\n") && crds.contains(marker));
     std::fs::write(
         &crds_path,
-        crds.replacen("    categories:\n    - discus\n    kind: DiscImage", "    categories:\n    - discus\n    - discs\n    kind: DiscImage", 1),
+        crds.replacen(
+            "    categories:\n    - discus\n    kind: DiscImage",
+            "    categories:\n    - discus\n    - discs\n    kind: DiscImage",
+            1,
+        ),
     )
     .expect("crds");
     cluster.must_helm(&[
-        "upgrade", "discus", &changed.display().to_string(), "--namespace", "discus-system",
-        "--reuse-values", "--wait", "--timeout", "5m",
+        "upgrade",
+        "discus",
+        &changed.display().to_string(),
+        "--namespace",
+        "discus-system",
+        "--reuse-values",
+        "--wait",
+        "--timeout",
+        "5m",
     ]);
     let crd = get(cluster, &["crd", "discimages.discus.dev"]);
-    assert_eq!(crd.pointer("/spec/names/categories"), Some(&json!(["discus", "discs"])), "{crd:#}");
-    wait_for(cluster, "the new category served", Duration::from_secs(30), || {
-        cluster
-            .kubectl()
-            .args(["get", "discs", "-n", "demo", "-o", "name"])
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("discimage.discus.dev/discus-demo"))
-    })
+    assert_eq!(
+        crd.pointer("/spec/names/categories"),
+        Some(&json!(["discus", "discs"])),
+        "{crd:#}"
+    );
+    wait_for(
+        cluster,
+        "the new category served",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .kubectl()
+                .args(["get", "discs", "-n", "demo", "-o", "name"])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains("discimage.discus.dev/discus-demo")
+                })
+        },
+    )
     .await;
 }
 
@@ -375,10 +515,25 @@ async fn upgrade_changes_a_crd(cluster: &RealCluster) {
 /// portal is closed, and the data directory keeps the images. `discus teardown` from a
 /// `kubectl debug node` Pod — docs/install.md's way to clear a node — finds nothing left to remove.
 async fn uninstall_leaves_what_the_docs_say(cluster: &RealCluster) {
-    cluster.must_helm(&["uninstall", "discus", "--namespace", "discus-system", "--wait", "--timeout", "5m"]);
-    wait_for(cluster, "the agent's Pod gone", Duration::from_secs(90), || {
-        get(cluster, &["pods", "-n", "discus-system"])["items"].as_array().is_some_and(Vec::is_empty)
-    })
+    cluster.must_helm(&[
+        "uninstall",
+        "discus",
+        "--namespace",
+        "discus-system",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]);
+    wait_for(
+        cluster,
+        "the agent's Pod gone",
+        Duration::from_secs(90),
+        || {
+            get(cluster, &["pods", "-n", "discus-system"])["items"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        },
+    )
     .await;
     for gone in [
         vec!["daemonset/discus-agent", "-n", "discus-system"],
@@ -390,7 +545,10 @@ async fn uninstall_leaves_what_the_docs_say(cluster: &RealCluster) {
         assert!(get(cluster, &gone).is_null(), "{gone:?} is still there");
     }
     let crds = get(cluster, &["crds"]);
-    let names: Vec<&str> = crds["items"].as_array().into_iter().flatten()
+    let names: Vec<&str> = crds["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
         .filter_map(|c| c.pointer("/metadata/name").and_then(Value::as_str))
         .filter(|n| n.ends_with(".discus.dev"))
         .collect();
@@ -412,38 +570,72 @@ async fn uninstall_leaves_what_the_docs_say(cluster: &RealCluster) {
     );
     assert!(
         std::net::TcpStream::connect_timeout(
-            &format!("{}:3260", cluster.node.address).parse().expect("address"),
+            &format!("{}:3260", cluster.node.address)
+                .parse()
+                .expect("address"),
             Duration::from_secs(2)
         )
         .is_err(),
         "the portal still accepts connections"
     );
     let data = cluster.node.data_dir();
-    let mut left: Vec<String> = walk(&data).iter().map(|p| p.strip_prefix(&data).expect("under").display().to_string()).collect();
+    let mut left: Vec<String> = walk(&data)
+        .iter()
+        .map(|p| p.strip_prefix(&data).expect("under").display().to_string())
+        .collect();
     left.sort();
     println!("left in the node's /var/lib/discus: {left:?}");
-    assert!(left.iter().any(|p| p.starts_with("images/") && p.ends_with(".raw")), "{left:?}");
+    assert!(
+        left.iter()
+            .any(|p| p.starts_with("images/") && p.ends_with(".raw")),
+        "{left:?}"
+    );
     assert!(left.iter().any(|p| p == "tgt/owned.json"), "{left:?}");
 
     // The documented way to clear a node, on this one: nothing is left to remove.
     cluster.must_kubectl(&[
-        "debug", &format!("node/{NODE}"), "--profile=sysadmin", &format!("--image={IMAGE}"),
-        "--image-pull-policy=IfNotPresent", "--",
-        "discus", "teardown", "--configfs", "/host/sys/kernel/config", "--data-dir", "/host/var/lib/discus",
+        "debug",
+        &format!("node/{NODE}"),
+        "--profile=sysadmin",
+        &format!("--image={IMAGE}"),
+        "--image-pull-policy=IfNotPresent",
+        "--",
+        "discus",
+        "teardown",
+        "--configfs",
+        "/host/sys/kernel/config",
+        "--data-dir",
+        "/host/var/lib/discus",
     ]);
     let debugger = || {
-        get(cluster, &["pods", "-n", "default"])["items"].as_array().into_iter().flatten()
-            .find(|p| p.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| n.starts_with("node-debugger-")))
+        get(cluster, &["pods", "-n", "default"])["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| {
+                p.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.starts_with("node-debugger-"))
+            })
             .cloned()
             .unwrap_or(Value::Null)
     };
-    wait_for(cluster, "the teardown Pod done", Duration::from_secs(90), || {
-        debugger().pointer("/status/phase") == Some(&json!("Succeeded"))
-    })
+    wait_for(
+        cluster,
+        "the teardown Pod done",
+        Duration::from_secs(90),
+        || debugger().pointer("/status/phase") == Some(&json!("Succeeded")),
+    )
     .await;
-    let pod = debugger()["metadata"]["name"].as_str().expect("the debug Pod").to_owned();
+    let pod = debugger()["metadata"]["name"]
+        .as_str()
+        .expect("the debug Pod")
+        .to_owned();
     let said = cluster.must_kubectl(&["logs", &pod]);
-    assert!(said.contains("lio: ") && said.contains("tgt: no tgtd answers"), "{said}");
+    assert!(
+        said.contains("lio: ") && said.contains("tgt: no tgtd answers"),
+        "{said}"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -461,19 +653,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_apply_of_deploy_installs_discus_on_a_fresh_cluster() {
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     let cluster = RealCluster::start(images()).await;
     cluster.must_kubectl(&["label", "node", NODE, "discus.dev/storage=true"]);
     let applying = Instant::now();
     cluster.must_kubectl(&[
-        "apply", "--server-side", "-f", &support::repo().join("deploy/discus.yaml").display().to_string(),
+        "apply",
+        "--server-side",
+        "-f",
+        &support::repo()
+            .join("deploy/discus.yaml")
+            .display()
+            .to_string(),
     ]);
     cluster.must_kubectl(&[
-        "rollout", "status", "daemonset/discus-agent", "-n", "discus-system", "--timeout=300s",
+        "rollout",
+        "status",
+        "daemonset/discus-agent",
+        "-n",
+        "discus-system",
+        "--timeout=300s",
     ]);
     let pod = wait_agent_ready(&cluster).await;
-    println!("kubectl apply to the agent Ready: {:.1?}", applying.elapsed());
-    assert_eq!(pod.pointer("/spec/containers/0/image"), Some(&json!(default_image())));
+    println!(
+        "kubectl apply to the agent Ready: {:.1?}",
+        applying.elapsed()
+    );
+    assert_eq!(
+        pod.pointer("/spec/containers/0/image"),
+        Some(&json!(default_image()))
+    );
 
     cluster.must_kubectl(&["create", "namespace", "demo"]);
     let server = iso_server(&cluster).await;
@@ -482,18 +691,46 @@ async fn kubectl_apply_of_deploy_installs_discus_on_a_fresh_cluster() {
     assert_eq!(read_demo(&cluster), DEMO_ISO_SHA256);
 
     // Namespace users get discus's resources through the built-in roles (aggregation).
-    cluster.must_kubectl(&["create", "rolebinding", "jane", "--clusterrole=edit", "--user=jane", "-n", "demo"]);
-    cluster.must_kubectl(&["create", "rolebinding", "joe", "--clusterrole=view", "--user=joe", "-n", "demo"]);
+    cluster.must_kubectl(&[
+        "create",
+        "rolebinding",
+        "jane",
+        "--clusterrole=edit",
+        "--user=jane",
+        "-n",
+        "demo",
+    ]);
+    cluster.must_kubectl(&[
+        "create",
+        "rolebinding",
+        "joe",
+        "--clusterrole=view",
+        "--user=joe",
+        "-n",
+        "demo",
+    ]);
     let can = |user: &str, verb: &str| {
         cluster
             .kubectl()
-            .args(["auth", "can-i", verb, "initiatoraccesses.discus.dev", "-n", "demo", "--as", user])
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                "initiatoraccesses.discus.dev",
+                "-n",
+                "demo",
+                "--as",
+                user,
+            ])
             .output()
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "yes")
     };
-    wait_for(&cluster, "edit and view to include discus's resources", Duration::from_secs(60), || {
-        can("jane", "create") && can("joe", "list")
-    })
+    wait_for(
+        &cluster,
+        "edit and view to include discus's resources",
+        Duration::from_secs(60),
+        || can("jane", "create") && can("joe", "list"),
+    )
     .await;
     assert!(!can("joe", "create"), "view must not write");
     drop(server);

@@ -67,14 +67,29 @@ fn teardown_removes_what_discus_left_in_tgtd_and_nothing_else() {
     // discus has exited; its tgtd serves on, beside a target someone else made in it.
     let created = tgtadm(
         &sandbox,
-        &["--mode", "target", "--op", "new", "--tid", "100", "-T", FOREIGN_IQN],
+        &[
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            "100",
+            "-T",
+            FOREIGN_IQN,
+        ],
     );
     assert!(created.status.success(), "{created:?}");
     let before = targets(&sandbox);
-    assert!(before.contains(DEMO_IQN) && before.contains(FOREIGN_IQN), "{before}");
+    assert!(
+        before.contains(DEMO_IQN) && before.contains(FOREIGN_IQN),
+        "{before}"
+    );
 
     let said = teardown(&sandbox, &no_configfs);
-    assert!(said.contains("lio: ") && said.contains("nothing to remove"), "{said}");
+    assert!(
+        said.contains("lio: ") && said.contains("nothing to remove"),
+        "{said}"
+    );
     assert!(said.contains("tgt: removed"), "{said}");
     assert!(said.contains("keeps running"), "{said}");
     let after = targets(&sandbox);
@@ -82,7 +97,10 @@ fn teardown_removes_what_discus_left_in_tgtd_and_nothing_else() {
     assert!(after.contains(FOREIGN_IQN), "{after}");
 
     // Once nothing else is in it, teardown stops discus's tgtd; then there is nothing to do.
-    let removed = tgtadm(&sandbox, &["--mode", "target", "--op", "delete", "--tid", "100"]);
+    let removed = tgtadm(
+        &sandbox,
+        &["--mode", "target", "--op", "delete", "--tid", "100"],
+    );
     assert!(removed.status.success(), "{removed:?}");
     let said = teardown(&sandbox, &no_configfs);
     assert!(said.contains("stopped discus's tgtd"), "{said}");

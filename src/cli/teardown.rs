@@ -47,7 +47,10 @@ async fn teardown(args: &TeardownArgs) -> Result<(), BackendError> {
         let removed = remove_all(&LioBackend::new(lio)?).await?;
         println!("lio: removed {removed} object(s) discus created");
     } else {
-        println!("lio: {} has no target support: nothing to remove", lio.display());
+        println!(
+            "lio: {} has no target support: nothing to remove",
+            lio.display()
+        );
     }
     let mut config = TgtConfig::new(args.data_dir.join("tgt"));
     config.control_port = args.tgt_control_port;
@@ -105,7 +108,10 @@ async fn stop_tgtd(config: &TgtConfig) -> Result<(), BackendError> {
             message: format!("cannot run {}: {e}", config.tgtadm.display()),
         })?;
     if output.status.success() {
-        println!("tgt: stopped discus's tgtd (control port {})", config.control_port);
+        println!(
+            "tgt: stopped discus's tgtd (control port {})",
+            config.control_port
+        );
     } else {
         println!(
             "tgt: discus's tgtd keeps running: it holds targets discus did not create ({})",

@@ -438,7 +438,9 @@ impl Pki {
         // A qemu guest with user networking reaches the host's loopback at 10.0.2.2; Pods reach
         // the apiserver at the `kubernetes` Service's address, the first of the service range.
         for ip in [[10, 0, 2, 2], [10, 0, 0, 1]] {
-            serving.subject_alt_names.push(SanType::IpAddress(ip.into()));
+            serving
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.into()));
         }
         serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

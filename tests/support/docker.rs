@@ -6,8 +6,8 @@
 //! cached in `~/.cache/discus/` (some 110 s to make). The Rust stage is skipped: the image takes
 //! the discus binary of this test run (`--build-arg DISCUS_BINARY=prebuilt`), as `make image` does.
 //!
-//! The daemon runs in mount and PID namespaces of its own (its overlay mounts and every process it
-//! starts die with it) but on the machine's network, which its builds need for Debian's archive.
+//! The daemon runs in a host of its own (tests/support/sandbox.rs: its mounts and every process
+//! it starts die with it) but on the machine's network, which its builds need for Debian's archive.
 //! It is told to leave that network alone: no bridge, no iptables rules, no IP forwarding;
 //! containers get `--network none` and a cable to a test LAN (tests/support/network.rs). Its
 //! runtime is tools/runc-wrapper, without which privileged containers fail on these machines. Its
@@ -17,6 +17,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use super::sandbox::Sandbox;
 use std::time::{Duration, Instant};
 
 /// The Debian client: it speaks BuildKit (the newer client some machines have on PATH lacks
@@ -32,7 +34,9 @@ pub const PAUSE_IMAGE: &str = "discus-test/pause:1";
 const CGROUP: &str = "discus-test-docker";
 
 pub struct Docker {
-    holder: Child,
+    /// dockerd (behind the nsenter that started it).
+    daemon: Child,
+    sandbox: Option<Sandbox>,
     dir: tempfile::TempDir,
     _lock: std::fs::File,
 }
@@ -58,17 +62,28 @@ impl Docker {
             .prefix("dk-")
             .tempdir_in("/tmp")
             .expect("tempdir");
+        let sandbox = Sandbox::on_host_network();
+        // A /proc of its PID namespace (BuildKit's runc reads its children's there), and tmpfs
+        // over what its containerd writes wherever it is told (/run/containerd/s for the shims'
+        // sockets, /opt/containerd).
+        sandbox.must(&["mount", "-t", "proc", "proc", "/proc"]);
+        for path in ["/run", "/opt"] {
+            sandbox.must(&["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path]);
+        }
         let wrapper = super::control_plane::bin_dir().join("runc-wrapper");
         let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
-        let holder = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--"])
-            // A /proc of its own PID namespace: BuildKit's runc reads its children's there.
-            .args(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"])
-            .args(["--propagation", "private", "dockerd"])
+        let daemon = sandbox
+            .command("dockerd")
             .arg(format!("--data-root={}", root.join("data").display()))
             .arg(format!("--exec-root={}", dir.path().join("x").display()))
-            .arg(format!("--pidfile={}", dir.path().join("dockerd.pid").display()))
-            .arg(format!("--host=unix://{}", dir.path().join("d.sock").display()))
+            .arg(format!(
+                "--pidfile={}",
+                dir.path().join("dockerd.pid").display()
+            ))
+            .arg(format!(
+                "--host=unix://{}",
+                dir.path().join("d.sock").display()
+            ))
             .args(["--bridge=none", "--iptables=false", "--ip-forward=false"])
             .args(["--ip-masq=false", "--userland-proxy=false"])
             .args(["--storage-driver=overlay2", "--log-level=warn"])
@@ -81,7 +96,8 @@ impl Docker {
             .spawn()
             .expect("dockerd (Debian's docker.io) starts");
         let docker = Self {
-            holder,
+            daemon,
+            sandbox: Some(sandbox),
             dir,
             _lock: lock,
         };
@@ -242,10 +258,10 @@ impl Docker {
             .unwrap_or_else(|| panic!("no process in {procs}"))
     }
 
-    /// The daemon's PID 1 (dockerd itself), as the host sees it.
+    /// dockerd's PID, as the host sees it (the nsenter in front of it forked it).
     fn daemon_pid(&self) -> Option<u32> {
-        let holder = self.holder.id();
-        std::fs::read_to_string(format!("/proc/{holder}/task/{holder}/children"))
+        let nsenter = self.daemon.id();
+        std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
             .ok()?
             .split_whitespace()
             .next()?
@@ -256,21 +272,25 @@ impl Docker {
 
 impl Drop for Docker {
     fn drop(&mut self) {
-        // A clean stop keeps the cached data root consistent; then the namespace goes, and every
-        // container with it.
+        // A clean stop keeps the cached data root consistent; then the namespaces go, and every
+        // container with them.
         if let Some(pid) = self.daemon_pid() {
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && Path::new(&format!("/proc/{pid}")).exists() {
-                if matches!(self.holder.try_wait(), Ok(Some(_))) {
-                    break;
-                }
+            while Instant::now() < deadline && matches!(self.daemon.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-        remove_cgroups(CGROUP);
+        drop(self.sandbox.take());
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && Path::new("/sys/fs/cgroup/pids").join(CGROUP).exists() {
+            remove_cgroups(CGROUP);
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
@@ -292,7 +312,10 @@ pub fn debian_minbase() -> PathBuf {
     if path.exists() {
         return path;
     }
-    let partial = cache_dir().join(format!("debian-bookworm-minbase.{}.tar", std::process::id()));
+    let partial = cache_dir().join(format!(
+        "debian-bookworm-minbase.{}.tar",
+        std::process::id()
+    ));
     let started = Instant::now();
     let output = Command::new("mmdebstrap")
         .args(["--variant=minbase", "--format=tar", "--quiet", "bookworm"])

@@ -175,8 +175,13 @@ impl Node {
             &images.display().to_string(),
         ]);
         node.import_time = started.elapsed();
-        node._processes
-            .push(start_kubelet(&sandbox, plane, &socket, address, &node.cgroup));
+        node._processes.push(start_kubelet(
+            &sandbox,
+            plane,
+            &socket,
+            address,
+            &node.cgroup,
+        ));
         node.sandbox = Some(sandbox);
         node
     }
@@ -208,10 +213,17 @@ impl Node {
         while let Some(pid) = pending.pop() {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             names.push(comm.trim().to_owned());
-            for task in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten() {
+            for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+            {
                 let children = std::fs::read_to_string(task.expect("task").path().join("children"))
                     .unwrap_or_default();
-                pending.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+                pending.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
             }
         }
         names
@@ -258,10 +270,7 @@ fn fake_sysctls(sandbox: &Sandbox) {
 
 /// The `kubernetes` Service (10.0.0.1:443) leads to the apiserver, as kube-proxy would make it.
 fn kube_proxy(sandbox: &Sandbox, lan: &Lan, plane: &ControlPlane) {
-    let apiserver = plane
-        .server
-        .trim_start_matches("https://")
-        .to_owned();
+    let apiserver = plane.server.trim_start_matches("https://").to_owned();
     sandbox.must(&[
         "ip",
         "route",
@@ -360,7 +369,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     let config_path = dir.join("config.toml");
     std::fs::write(&config_path, config).expect("containerd config");
     let log = std::fs::File::create(sandbox.path().join("containerd.log")).expect("log");
-    let child = sandbox
+    let mut child = sandbox
         .command("containerd")
         .arg("--config")
         .arg(&config_path)
@@ -382,6 +391,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!(
         "containerd did not answer within 60 s: {}",
         std::fs::read_to_string(sandbox.path().join("containerd.log")).unwrap_or_default()
