@@ -250,7 +250,7 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
     let chart_dir = chart().display().to_string();
 
     let installing = Instant::now();
-    cluster.must_helm(&[
+    let said = cluster.must_helm(&[
         "install",
         "discus",
         &chart_dir,
@@ -270,6 +270,19 @@ async fn helm_installs_discus_on_a_real_node_that_serves_a_disc_through_upgrades
         "helm install to the agent Ready: {:.1?}",
         installing.elapsed()
     );
+    // NOTES.txt tells what to do next.
+    let notes = said
+        .split_once("NOTES:")
+        .map(|(_, n)| n)
+        .unwrap_or_default();
+    for next in [
+        "kubectl label node <node> discus.dev/storage=true",
+        "rollout status daemonset/discus-agent",
+        "(demo)",
+        "kubectl get dimg,itgt,iacc",
+    ] {
+        assert!(notes.contains(next), "NOTES lack {next:?}:\n{notes}");
+    }
     assert_eq!(pod.pointer("/spec/nodeName"), Some(&json!(NODE)));
     assert_eq!(
         pod.pointer("/spec/serviceAccountName"),
