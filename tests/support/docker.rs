@@ -200,7 +200,11 @@ impl Docker {
             tag,
             &context.path().display().to_string(),
         ]);
-        started.elapsed()
+        let took = started.elapsed();
+        // The cache keeps the base and the packages' layer; earlier builds of discus go.
+        self.must(&["image", "prune", "--force"]);
+        self.must(&["builder", "prune", "--force", "--filter", "until=168h"]);
+        took
     }
 
     /// Builds the pod sandbox ("pause") image from tests/tools/pause.c, static, FROM scratch.
