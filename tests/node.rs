@@ -411,6 +411,19 @@ async fn upgrade_rolls_the_agent(cluster: &RealCluster, chart_dir: &str) {
         "5m",
     ]);
     let upgraded = upgrading.elapsed();
+    // `helm upgrade --wait` may return before the DaemonSet has replaced the Pod.
+    let replaced = || {
+        ready_agent_pod(cluster)
+            .filter(|p| p.pointer("/metadata/uid") != before.pointer("/metadata/uid"))
+    };
+    wait_for(
+        cluster,
+        "a new agent Pod Ready",
+        Duration::from_secs(180),
+        || replaced().is_some(),
+    )
+    .await;
+    let rolled = upgrading.elapsed();
     wait_for(
         cluster,
         "the target served again",
@@ -420,12 +433,7 @@ async fn upgrade_rolls_the_agent(cluster: &RealCluster, chart_dir: &str) {
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     prober.join().expect("prober");
-    let after = ready_agent_pod(cluster).expect("the agent after the upgrade");
-    assert_ne!(
-        before.pointer("/metadata/uid"),
-        after.pointer("/metadata/uid"),
-        "the Pod was not replaced"
-    );
+    let after = replaced().expect("the agent after the upgrade");
     let args = after
         .pointer("/spec/containers/0/args")
         .expect("args")
@@ -434,7 +442,7 @@ async fn upgrade_rolls_the_agent(cluster: &RealCluster, chart_dir: &str) {
     let probes = probes.lock().expect("probes");
     let outage = longest_outage(&probes);
     println!(
-        "helm upgrade --wait: {upgraded:.1?}; initiators without service for {outage:.1?} ({} probes)",
+        "helm upgrade --wait: {upgraded:.1?}, the new Pod Ready after {rolled:.1?}; initiators without service for {outage:.1?} ({} probes)",
         probes.len()
     );
     assert!(
