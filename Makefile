@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 
-.PHONY: demo demo-stop test lint crds
+.PHONY: demo demo-stop test lint crds deploy image
 
 ## Serves examples/standalone/ on this machine and proves it with an initiator (as root).
 demo:
@@ -23,6 +23,28 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --locked --all-targets -- -D warnings
 
-## Regenerates crds/ from the Rust types.
+## Regenerates crds/ from the Rust types, the chart's copy of them, and deploy/ (which holds them).
 crds:
 	cargo run --quiet --locked -- crds > crds/discus.yaml
+	cp crds/discus.yaml charts/discus/files/crds.yaml
+	tools/render-deploy
+
+## Renders deploy/ from the Helm chart (charts/discus), with helm built from tools/k8s.
+deploy:
+	tools/render-deploy
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+IMAGE ?= discus:$(VERSION)
+CARGO_TARGET_DIR ?= target
+
+## Builds the container image $(IMAGE) from the Dockerfile around a release build of discus made
+## here (its `prebuilt` path, with BuildKit). The binary must run on Debian 12, the image's base:
+## build on Debian 12, or use `docker build -t discus .`, which compiles discus inside.
+image:
+	cargo build --release --locked --bin discus
+	ctx=$$(mktemp -d) && trap 'rm -rf "$$ctx"' EXIT && \
+	  cp "$(CARGO_TARGET_DIR)/release/discus" "$$ctx/" && \
+	  DOCKER_BUILDKIT=1 docker build --file Dockerfile --build-arg DISCUS_BINARY=prebuilt \
+	    --build-arg VERSION=$(VERSION) --build-arg REVISION="$$(git rev-parse HEAD)" \
+	    --tag $(IMAGE) "$$ctx"
+	docker run --rm $(IMAGE) --version

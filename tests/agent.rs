@@ -426,53 +426,18 @@ fn writes_to(events: &[Value], group: &str) -> usize {
         .count()
 }
 
-/// (apiGroup, resource[/subresource], verb) of every rule of the shipped roles.
-fn granted() -> std::collections::BTreeSet<(String, String, String)> {
+/// (apiGroup, resource[/subresource], verb) of every rule of the shipped roles (deploy/rbac/,
+/// rendered from the chart).
+fn granted() -> std::collections::BTreeSet<support::rbac::Permission> {
     let text =
         std::fs::read_to_string(support::repo().join("deploy/rbac/agent.yaml")).expect("rbac");
     let documents: Vec<Value> = serde_saphyr::from_multiple(&text).expect("rbac yaml");
-    let mut granted = std::collections::BTreeSet::new();
-    for document in documents
-        .iter()
-        .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role")))
-    {
-        for rule in document["rules"].as_array().into_iter().flatten() {
-            for group in rule["apiGroups"].as_array().into_iter().flatten() {
-                for resource in rule["resources"].as_array().into_iter().flatten() {
-                    for verb in rule["verbs"].as_array().into_iter().flatten() {
-                        granted.insert((
-                            group.as_str().unwrap_or_default().to_owned(),
-                            resource.as_str().unwrap_or_default().to_owned(),
-                            verb.as_str().unwrap_or_default().to_owned(),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    granted
+    support::rbac::granted(&documents)
 }
 
 /// What the agents' requests used, as (apiGroup, resource[/subresource], verb).
-fn used(requests: &[Value]) -> std::collections::BTreeSet<(String, String, String)> {
-    requests
-        .iter()
-        .filter_map(|e| {
-            let resource = e.pointer("/objectRef/resource")?.as_str()?;
-            let resource = match e.pointer("/objectRef/subresource").and_then(Value::as_str) {
-                Some(sub) => format!("{resource}/{sub}"),
-                None => resource.to_owned(),
-            };
-            Some((
-                e.pointer("/objectRef/apiGroup")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                resource,
-                e["verb"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
+fn used(requests: &[Value]) -> std::collections::BTreeSet<support::rbac::Permission> {
+    support::rbac::used(requests)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -431,6 +431,22 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
     });
     assert_eq!(admitted, 0, "logins without CHAP while credentials changed");
     assert!(inquiry(&vm, iqn, 0, INITIATOR, Some(("client", "rotated-000006"))).is_err());
+
+    // Stopped, discus leaves its targets in the kernel; `discus teardown` removes every object it
+    // made, and only those (docs/install.md: what uninstall leaves).
+    vm.must("kill $(pidof discus); while pidof discus > /dev/null; do sleep 0.1; done");
+    assert!(census(&vm).0 > 1, "targets stay after discus stops");
+    let said = vm.must("discus teardown --data-dir /var/lib/discus");
+    assert!(said.contains("lio: removed"), "{said}");
+    let left = configfs(&vm, "ls iscsi; ls core/fileio_3260 2>/dev/null; true");
+    assert!(
+        !left.contains("iqn.2026-11.dev.discus") && !left.contains("discus-"),
+        "{said}\nleft: {left}"
+    );
+    assert!(
+        left.contains("iqn.2001-04.com.example:not-discus"),
+        "{left}"
+    );
 }
 
 /// What discus makes in configfs, counted: targets, storage objects, LUN links, ACLs, mappings.

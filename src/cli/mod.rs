@@ -4,6 +4,7 @@ mod agent;
 mod image;
 mod node_args;
 mod serve;
+mod teardown;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run as a storage node's agent in a Kubernetes cluster (the DaemonSet's command).
     Agent(agent::AgentArgs),
+    /// Remove every target discus created on this node (after its agent is gone), nothing else.
+    Teardown(teardown::TeardownArgs),
     /// Show the status `discus serve` wrote: one line per resource.
     Status {
         /// The data directory `discus serve` uses.
@@ -89,6 +92,7 @@ pub fn run() -> ExitCode {
         Command::Image { command } => image::run(command),
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Teardown(args) => teardown::run(args),
         Command::Status { data_dir } => {
             print!("{}", crate::standalone::status_table(&data_dir));
             let waiting = crate::standalone::not_ready_messages(&data_dir);

@@ -39,16 +39,30 @@ impl ControlPlane {
     /// Builds (or takes from the cache) the binaries, starts etcd and kube-apiserver, and waits
     /// until the apiserver is ready.
     pub async fn start() -> Result<Self, Error> {
-        Self::start_at(None, IpAddr::from([127, 0, 0, 1])).await
+        Self::start_at(None, IpAddr::from([127, 0, 0, 1]), false).await
     }
 
     /// Like `start`, in a sandbox of its own, serving on `address` (the sandbox's address on a
     /// test LAN), so that other sandboxes can reach it.
     pub async fn start_in(sandbox: Sandbox, address: IpAddr) -> Result<Self, Error> {
-        Self::start_at(Some(sandbox), address).await
+        Self::start_at(Some(sandbox), address, false).await
     }
 
-    async fn start_at(sandbox: Option<Sandbox>, address: IpAddr) -> Result<Self, Error> {
+    /// A control plane for real nodes (tests/support/node.rs), in a sandbox of its own on
+    /// `address`: Pods get ServiceAccount tokens (the admission plugin is on), the apiserver
+    /// reaches kubelets by their InternalIP, and kube-controller-manager (DaemonSets, the root CA
+    /// for Pods, role aggregation) and kube-scheduler run beside it.
+    pub async fn start_for_nodes(sandbox: Sandbox, address: IpAddr) -> Result<Self, Error> {
+        let mut plane = Self::start_at(Some(sandbox), address, true).await?;
+        plane.start_controllers()?;
+        Ok(plane)
+    }
+
+    async fn start_at(
+        sandbox: Option<Sandbox>,
+        address: IpAddr,
+        for_nodes: bool,
+    ) -> Result<Self, Error> {
         let bin = binaries()?;
         let dir = tempfile::Builder::new()
             .prefix("discus-control-plane-")
@@ -88,6 +102,11 @@ impl ControlPlane {
         plane.server = format!("https://{address}:{port}");
         let apiserver_log = std::fs::File::create(root.join("kube-apiserver.log"))?;
         let p = |name: &str| root.join(name).display().to_string();
+        let node_args: &[String] = if for_nodes {
+            &["--kubelet-preferred-address-types=InternalIP".into()]
+        } else {
+            &["--disable-admission-plugins=ServiceAccount".into()]
+        };
         plane.spawn(
             "kube-apiserver",
             &[
@@ -104,13 +123,16 @@ impl ControlPlane {
                 format!("--service-account-signing-key-file={}", p("sa.key")),
                 "--authorization-mode=RBAC".into(),
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
-                "--disable-admission-plugins=ServiceAccount".into(),
                 "--endpoint-reconciler-type=none".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
                 format!("--audit-log-path={}", p("audit.log")),
                 format!("--audit-policy-file={}", p("audit-policy.yaml")),
-            ],
+            ]
+            .iter()
+            .chain(node_args)
+            .cloned()
+            .collect::<Vec<_>>(),
             apiserver_log,
         )?;
         std::fs::write(&plane.kubeconfig, pki.kubeconfig(&plane.server))?;
@@ -240,6 +262,46 @@ impl ControlPlane {
         Ok(path)
     }
 
+    /// kube-controller-manager and kube-scheduler, as admin, beside the apiserver. Neither serves
+    /// HTTPS (`--secure-port=0`) nor elects a leader: one of each per test cluster.
+    fn start_controllers(&mut self) -> Result<(), Error> {
+        let root = self.dir.path().to_owned();
+        let p = |name: &str| root.join(name).display().to_string();
+        let log = std::fs::File::create(root.join("kube-controller-manager.log"))?;
+        self.spawn(
+            "kube-controller-manager",
+            &[
+                format!("--kubeconfig={}", p("admin.kubeconfig")),
+                format!("--root-ca-file={}", p("ca.crt")),
+                format!("--service-account-private-key-file={}", p("sa.key")),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+                "--use-service-account-credentials=false".into(),
+            ],
+            log,
+        )?;
+        let log = std::fs::File::create(root.join("kube-scheduler.log"))?;
+        self.spawn(
+            "kube-scheduler",
+            &[
+                format!("--kubeconfig={}", p("admin.kubeconfig")),
+                "--leader-elect=false".into(),
+                "--secure-port=0".into(),
+            ],
+            log,
+        )
+    }
+
+    /// A file of the control plane's directory (`ca.crt`, `admin.kubeconfig`, …).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The directory of the cluster binaries (kubelet, helm, …).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// The log of a component (`etcd`, `kube-apiserver`), to show when a test fails.
     pub fn log(&self, component: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{component}.log")))
@@ -289,9 +351,23 @@ impl Drop for ControlPlane {
     }
 }
 
-/// The directory with kube-apiserver, kubectl and etcd: `$DISCUS_CONTROL_PLANE`, or whatever
-/// `tools/build-control-plane` builds or finds in its cache.
+/// The directory of the test clusters' binaries (tools/build-control-plane); fails the test when
+/// they cannot be built.
+pub fn bin_dir() -> PathBuf {
+    binaries().unwrap_or_else(|e| panic!("the test cluster binaries: {e}"))
+}
+
+/// The directory with kube-apiserver, kubectl, etcd and the rest: `$DISCUS_CONTROL_PLANE`, or
+/// whatever `tools/build-control-plane` builds or finds in its cache (once per test process).
 fn binaries() -> Result<PathBuf, Error> {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_binaries().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Into::into)
+}
+
+fn build_binaries() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os("DISCUS_CONTROL_PLANE") {
         return Ok(PathBuf::from(dir));
     }
@@ -359,10 +435,13 @@ impl Pki {
         if !address.is_loopback() {
             serving.subject_alt_names.push(SanType::IpAddress(address));
         }
-        // A qemu guest with user networking reaches the host's loopback at 10.0.2.2.
-        serving
-            .subject_alt_names
-            .push(SanType::IpAddress([10, 0, 2, 2].into()));
+        // A qemu guest with user networking reaches the host's loopback at 10.0.2.2; Pods reach
+        // the apiserver at the `kubernetes` Service's address, the first of the service range.
+        for ip in [[10, 0, 2, 2], [10, 0, 0, 1]] {
+            serving
+                .subject_alt_names
+                .push(SanType::IpAddress(ip.into()));
+        }
         serving.distinguished_name = name(&[(DnType::CommonName, "kube-apiserver")]);
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;

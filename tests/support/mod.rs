@@ -1,14 +1,18 @@
 //! Helpers shared by the integration suites.
 #![allow(dead_code)] // each suite uses a different part
 
+pub mod chart;
 pub mod cluster;
 pub mod control_plane;
+pub mod docker;
 pub mod http;
 pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod network;
 pub mod proxy;
+pub mod node;
+pub mod rbac;
 pub mod sandbox;
 
 use std::path::PathBuf;

@@ -64,6 +64,25 @@ impl Lan {
         address
     }
 
+    /// Plugs in the network namespace of process `pid` (a container's) at `.<host>`; returns
+    /// its address.
+    pub fn plug_netns(&self, pid: u32, host_number: u8) -> Ipv4Addr {
+        let address = self.address(host_number);
+        let end = self.cable_to(&pid.to_string());
+        let pid = pid.to_string();
+        let cidr = format!("{address}/24");
+        for args in [
+            vec!["ip", "address", "add", &cidr, "dev", &end],
+            vec!["ip", "link", "set", &end, "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut all = vec!["nsenter", "-t", &pid, "-n", "--"];
+            all.extend(args);
+            host(&all);
+        }
+        address
+    }
+
     pub fn address(&self, host_number: u8) -> Ipv4Addr {
         Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], host_number)
     }
@@ -71,6 +90,15 @@ impl Lan {
     /// A veth pair with one end on the bridge and the other in `sandbox` (or left in the test's
     /// own namespace); returns the name of that other end.
     fn cable(&self, sandbox: Option<&Sandbox>) -> String {
+        match sandbox {
+            Some(sandbox) => self.cable_to(&sandbox.pid().to_string()),
+            None => self.cable_to(""),
+        }
+    }
+
+    /// A veth pair with one end on the bridge and the other in the network namespace of `pid`
+    /// (or left in the test's own namespace when empty); returns the name of that other end.
+    fn cable_to(&self, pid: &str) -> String {
         let n = self.cables.fetch_add(1, Ordering::Relaxed);
         let (bridge_end, other_end) = (format!("dl{}s{n}", self.id), format!("dl{}h{n}", self.id));
         host(&[
@@ -95,15 +123,8 @@ impl Lan {
         self.switch
             .must(&["ip", "link", "set", &bridge_end, "master", "br0"]);
         self.switch.must(&["ip", "link", "set", &bridge_end, "up"]);
-        if let Some(sandbox) = sandbox {
-            host(&[
-                "ip",
-                "link",
-                "set",
-                &other_end,
-                "netns",
-                &sandbox.pid().to_string(),
-            ]);
+        if !pid.is_empty() {
+            host(&["ip", "link", "set", &other_end, "netns", pid]);
         }
         other_end
     }

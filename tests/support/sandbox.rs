@@ -21,6 +21,15 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn new() -> Self {
+        Self::create(true)
+    }
+
+    /// Like `new`, but on the machine's network (for a daemon that needs Debian's archive).
+    pub fn on_host_network() -> Self {
+        Self::create(false)
+    }
+
+    fn create(private_network: bool) -> Self {
         for mount_point in ["/var/lib/discus", "/run/tgtd"] {
             std::fs::create_dir_all(mount_point).expect("mount point");
         }
@@ -33,16 +42,9 @@ impl Sandbox {
         }
         let holder = Command::new("setpriv")
             .args(["--pdeathsig", "KILL", "--"])
-            .args([
-                "unshare",
-                "--mount",
-                "--net",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--propagation",
-                "private",
-            ])
+            .args(["unshare", "--mount", "--pid", "--fork", "--kill-child"])
+            .args(private_network.then_some("--net"))
+            .args(["--propagation", "private"])
             .args(["sleep", "infinity"])
             .stdin(Stdio::null())
             .spawn()
@@ -51,7 +53,9 @@ impl Sandbox {
         let sandbox = Self { holder, pid, dir };
         let data = sandbox.dir.path().join("data");
         let run = sandbox.dir.path().join("run-tgtd");
-        sandbox.must(&["ip", "link", "set", "lo", "up"]);
+        if private_network {
+            sandbox.must(&["ip", "link", "set", "lo", "up"]);
+        }
         sandbox.must(&[
             "mount",
             "--bind",
