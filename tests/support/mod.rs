@@ -10,8 +10,8 @@ pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod network;
-pub mod proxy;
 pub mod node;
+pub mod proxy;
 pub mod rbac;
 pub mod sandbox;
 
