@@ -59,14 +59,24 @@ fn images() -> &'static Path {
 }
 
 /// The demo of examples/standalone, with its ISO downloaded from the test's HTTP server (a
-/// cluster's agents allow no `file` sources unless told to).
+/// cluster's agents allow no `file` sources unless told to), and its target's IQN one the
+/// namespace may use by default.
 fn demo_manifests(iso_url: &str) -> String {
     let demo = std::fs::read_to_string(support::repo().join("examples/standalone/demo.yaml"))
         .expect("demo");
     let from = "    file:\n      path: /var/lib/discus/demo/discus-demo.iso\n";
-    assert!(demo.contains(from), "examples/standalone/demo.yaml changed");
+    let iqn = "  iqn: iqn.2026-11.dev.discus:demo\n";
+    assert!(
+        demo.contains(from) && demo.contains(iqn),
+        "examples/standalone/demo.yaml changed"
+    );
     demo.replace(from, &format!("    http:\n      url: {iso_url}\n"))
+        .replace(iqn, &format!("  iqn: {DEMO_IQN}\n"))
 }
+
+/// The demo target's IQN in a cluster: under the namespace's own prefix, which the agent allows
+/// by default.
+const DEMO_IQN: &str = "iqn.2026-11.dev.discus:demo.demo";
 
 /// The test's HTTP server on the LAN, serving the demo ISO.
 async fn iso_server(cluster: &RealCluster) -> HttpServer {
@@ -234,9 +244,7 @@ fn read_demo(cluster: &RealCluster) -> String {
 fn serves(portal: &str) -> bool {
     std::process::Command::new("iscsi-inq")
         .args(["-i", INITIATOR])
-        .arg(format!(
-            "iscsi://demo%discus-demo-1@{portal}/iqn.2026-11.dev.discus:demo/1"
-        ))
+        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"))
         .output()
         .is_ok_and(|o| o.status.success())
 }

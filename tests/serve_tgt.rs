@@ -1306,3 +1306,20 @@ fn an_address_acl_added_behind_discus_s_back_is_removed() {
         .is_err()
     );
 }
+
+#[test]
+fn status_files_someone_removed_are_written_again() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    let mut server = host.start();
+    host.wait_for("the target", || {
+        host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+    });
+    std::fs::remove_dir_all(host.sandbox.data_dir().join("status")).expect("remove");
+    host.wait_for("the status written again", || {
+        host.condition("IscsiTarget", "boot", "Ready").0 == "True"
+            && host.condition("InitiatorAccess", "client", "Ready").0 == "True"
+    });
+    host.sandbox.kill(&mut server);
+}

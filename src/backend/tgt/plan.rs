@@ -1641,6 +1641,30 @@ mod tests {
     }
 
     #[test]
+    fn a_portal_is_kept_while_a_target_discus_did_not_make_is_served() {
+        let (mut state, mut owned) = (TgtState::default(), owned());
+        converge(
+            &[target(vec![lun(0, true)], Vec::new())],
+            &mut state,
+            &mut owned,
+        );
+        // Someone else's target in discus's tgtd answers on the daemon's portals too.
+        state.targets.push(TgtTarget {
+            tid: 9,
+            name: "iqn.2001-04.com.example:other".into(),
+            ..TgtTarget::default()
+        });
+        let plan = plan(&[], &state, &owned);
+        assert!(
+            !shown(&plan.ops)
+                .iter()
+                .any(|op| op.starts_with("remove portal")),
+            "{:?}",
+            shown(&plan.ops)
+        );
+    }
+
+    #[test]
     fn an_account_whose_password_discus_is_unsure_of_is_made_again() {
         let a = acl(
             "iqn.1993-08.org.debian:01:a",
