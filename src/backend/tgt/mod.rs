@@ -162,18 +162,10 @@ impl TgtBackend {
     /// exists, so a crash in between leaves a harmless record, never an orphan.
     async fn remember_before(&self, op: &TgtOp) -> Result<(), BackendError> {
         let mut owned = self.owned.lock().await;
-        match op {
-            TgtOp::CreateTarget { iqn, .. } => {
-                owned.targets.insert(iqn.clone());
-            }
-            TgtOp::CreateAccount { user, .. } | TgtOp::DeleteAccount { user } => {
-                if owned.accounts.insert(user.clone(), None) == Some(None) {
-                    return Ok(());
-                }
-            }
-            _ => return Ok(()),
+        if owned.before(op) {
+            self.save(&owned)?;
         }
-        self.save(&owned)
+        Ok(())
     }
 
     /// Drops the record of an account discus did not make after all.
@@ -189,20 +181,9 @@ impl TgtBackend {
     /// in the safe direction (an account it calls unknown is made again).
     async fn remember_after(&self, op: &TgtOp) {
         let mut owned = self.owned.lock().await;
-        match op {
-            TgtOp::DeleteTarget { iqn, .. } => {
-                owned.targets.remove(iqn);
-            }
-            TgtOp::CreateAccount { user, password } => {
-                let fingerprint = owned.fingerprint(password);
-                owned.accounts.insert(user.clone(), Some(fingerprint));
-            }
-            TgtOp::DeleteAccount { user } => {
-                owned.accounts.remove(user);
-            }
-            _ => return,
-        }
-        if let Err(error) = self.save(&owned) {
+        if owned.after(op)
+            && let Err(error) = self.save(&owned)
+        {
             tracing::warn!(%error, "cannot record what discus owns in tgtd; it will be checked again");
         }
     }

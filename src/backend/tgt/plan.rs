@@ -48,6 +48,32 @@ impl Owned {
         hex::encode(hash.finalize())
     }
 
+    /// Records what `op` is about to change, and whether that changed the record: a target is
+    /// owned before it exists, and an account's password is marked unknown before tgtd changes
+    /// it (so that the record never claims a password tgtd does not hold).
+    pub fn before(&mut self, op: &TgtOp) -> bool {
+        match op {
+            TgtOp::CreateTarget { iqn, .. } => self.targets.insert(iqn.clone()),
+            TgtOp::CreateAccount { user, .. } | TgtOp::DeleteAccount { user } => {
+                self.accounts.insert(user.clone(), None) != Some(None)
+            }
+            _ => false,
+        }
+    }
+
+    /// Records what `op` changed once tgtd did it, and whether that changed the record.
+    pub fn after(&mut self, op: &TgtOp) -> bool {
+        match op {
+            TgtOp::DeleteTarget { iqn, .. } => self.targets.remove(iqn),
+            TgtOp::CreateAccount { user, password } => {
+                let known = Some(self.fingerprint(password));
+                self.accounts.insert(user.clone(), known.clone()) != Some(known)
+            }
+            TgtOp::DeleteAccount { user } => self.accounts.remove(user).is_some(),
+            _ => false,
+        }
+    }
+
     /// Whether tgtd is known to hold `password` for `user`.
     pub fn matches(&self, user: &str, password: &Password) -> bool {
         self.accounts
@@ -1287,30 +1313,9 @@ mod tests {
     /// What `TgtBackend::apply` remembers around an operation: `saved` says whether the record
     /// after it reached the disk (`false`: a crash or a full disk right after tgtadm).
     fn remember(owned: &mut Owned, op: &TgtOp, applied: bool, saved: bool) {
-        match op {
-            TgtOp::CreateTarget { iqn, .. } => {
-                owned.targets.insert(iqn.clone());
-            }
-            TgtOp::CreateAccount { user, .. } | TgtOp::DeleteAccount { user } => {
-                owned.accounts.insert(user.clone(), None);
-            }
-            _ => {}
-        }
-        if !(applied && saved) {
-            return;
-        }
-        match op {
-            TgtOp::DeleteTarget { iqn, .. } => {
-                owned.targets.remove(iqn);
-            }
-            TgtOp::CreateAccount { user, password } => {
-                let fingerprint = owned.fingerprint(password);
-                owned.accounts.insert(user.clone(), Some(fingerprint));
-            }
-            TgtOp::DeleteAccount { user } => {
-                owned.accounts.remove(user);
-            }
-            _ => {}
+        owned.before(op);
+        if applied && saved {
+            owned.after(op);
         }
     }
 
