@@ -17,7 +17,7 @@ demo-stop:
 test: lint
 	@if cargo tree --locked -e normal -i k8s-openapi --depth 0 -d 2>/dev/null | grep -q k8s-openapi; then \
 	  echo "two versions of k8s-openapi in the dependency graph: cargo tree -d -i k8s-openapi"; exit 1; fi
-	DISCUS_CONTROL_PLANE="$$(tools/build-control-plane)" cargo test --locked
+	control_plane=$$(tools/build-control-plane) && DISCUS_CONTROL_PLANE="$$control_plane" cargo test --locked
 
 lint:
 	cargo fmt --all --check

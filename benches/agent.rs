@@ -25,6 +25,7 @@
 //! `DISCUS_BENCH_KEEP_LOGS=<folder>` (keep the agents' logs). tgtd runs 16 I/O threads per LUN,
 //! each a PID of the host's: three nodes of 1000 targets on one kernel need kernel.pid_max above
 //! its default of 32768 (`sysctl -w kernel.pid_max=4194304`; the bench checks first).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 #[path = "../tests/support/mod.rs"]
 mod support;

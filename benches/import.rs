@@ -10,6 +10,7 @@
 //! Everything lives on tmpfs (/dev/shm) so that both sides are measured without disk noise, after
 //! a warm-up that spares either side the cost of a VM's first touch of its memory.
 //! Prints the ratio of every run and the median.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]

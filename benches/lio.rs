@@ -8,6 +8,7 @@
 //!   Ready status. Target: flat in N.
 //!
 //! Times are the guest's, under software emulation: compare the ratios, not the seconds.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 #[path = "../tests/support/lio_vm.rs"]
 #[allow(dead_code)]

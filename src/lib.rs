@@ -14,6 +14,7 @@ pub mod images;
 pub mod manifests;
 pub mod metrics;
 pub mod node_runtime;
+pub mod reasons;
 pub mod standalone;
 pub mod status;
 pub mod sync;

@@ -174,7 +174,7 @@ pub struct ObjectId {
 
 impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", crate::desired::printable(&self.kind), self.key)
+        write!(f, "{}/{}", crate::api::printable(&self.kind), self.key)
     }
 }
 

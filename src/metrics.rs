@@ -18,9 +18,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::images::manager::ImageState;
-use crate::sync::{NodeReport, Pass};
-
 /// A pass that runs longer than this is stuck: `/healthz` fails, so that the kubelet restarts
 /// the agent (targets keep serving meanwhile).
 const STUCK_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -31,15 +28,20 @@ struct PassLabels {
     pass: &'static str,
 }
 
-impl From<Pass> for PassLabels {
-    fn from(pass: Pass) -> Self {
-        Self {
-            pass: match pass {
-                Pass::Full => "full",
-                Pass::Changes => "changes",
-            },
-        }
-    }
+/// What one sync pass leaves in the metrics: a small summary, so that metrics need not know
+/// the sync's report.
+#[derive(Debug)]
+pub struct PassSummary<'a> {
+    /// `full` or `changes`.
+    pub pass: &'static str,
+    pub took: Duration,
+    pub targets: usize,
+    /// The target (IQN) of each session.
+    pub sessions: Vec<&'a str>,
+    /// Kind and reason of each problem.
+    pub problems: Vec<(&'static str, String)>,
+    /// State (`ready`, `in_progress`, `failed`) and stored bytes of each image.
+    pub images: Vec<(&'static str, u64)>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -261,43 +263,36 @@ impl Metrics {
     }
 
     /// Records a finished pass and what its report says the node holds.
-    pub fn pass_finished(&self, pass: Pass, took: Duration, report: &NodeReport) {
-        let labels = PassLabels::from(pass);
+    pub fn pass_finished(&self, summary: &PassSummary<'_>) {
+        let labels = PassLabels { pass: summary.pass };
         self.sync_passes.get_or_create(&labels).inc();
         self.sync_duration
             .get_or_create(&labels)
-            .observe(took.as_secs_f64());
+            .observe(summary.took.as_secs_f64());
         self.targets
-            .set(i64::try_from(report.desired.targets.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(summary.targets).unwrap_or(i64::MAX));
         // Families are rebuilt each pass, so that removed targets and solved problems vanish.
         self.sessions.clear();
-        for session in &report.sessions {
+        for target in &summary.sessions {
             self.sessions
                 .get_or_create(&TargetLabels {
-                    target: session.target.clone(),
+                    target: (*target).to_owned(),
                 })
                 .inc();
         }
         self.problems.clear();
-        for problem in &report.problems {
+        for (kind, reason) in &summary.problems {
             self.problems
                 .get_or_create(&ProblemLabels {
-                    kind: problem.kind.as_str(),
-                    reason: problem.reason.to_string(),
+                    kind,
+                    reason: reason.clone(),
                 })
                 .inc();
         }
         self.images.clear();
         let mut bytes: u64 = 0;
-        for image in report.images.values() {
-            let state = match image {
-                ImageState::Ready(stored) => {
-                    bytes += stored.virtual_size;
-                    "ready"
-                }
-                ImageState::InProgress(_) => "in_progress",
-                ImageState::Failed { .. } => "failed",
-            };
+        for (state, stored) in &summary.images {
+            bytes = bytes.saturating_add(*stored);
             self.images.get_or_create(&ImageLabels { state }).inc();
         }
         self.image_bytes
@@ -376,11 +371,14 @@ mod tests {
         assert!(!metrics.ready());
         assert!(metrics.healthy());
         metrics.pass_started();
-        metrics.pass_finished(
-            Pass::Full,
-            Duration::from_millis(20),
-            &NodeReport::default(),
-        );
+        metrics.pass_finished(&PassSummary {
+            pass: "full",
+            took: Duration::from_millis(20),
+            targets: 0,
+            sessions: Vec::new(),
+            problems: Vec::new(),
+            images: vec![("ready", 512)],
+        });
         metrics.backend_operation("tgt", true);
         metrics.backend_operation("tgt", false);
         assert!(metrics.ready());
@@ -390,6 +388,8 @@ mod tests {
             "discus_backend_operations_total{backend=\"tgt\",result=\"ok\"} 1",
             "discus_errors_total{kind=\"backend_operation\"} 1",
             "discus_targets 0",
+            "discus_images{state=\"ready\"} 1",
+            "discus_image_store_bytes 512",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }

@@ -17,18 +17,14 @@ use crate::api::{
     DiscImage, DiscImageStatus, InitiatorAccess, InitiatorAccessStatus, IscsiTarget,
     IscsiTargetStatus,
 };
-use crate::desired::{Kind, ObjectKey, Problem, Reason, object_key};
+use crate::desired::{ObjectKey, Problem, object_key};
 use crate::images::manager::ImageState;
+use crate::reasons::{ConditionType, Kind, Reason};
 use crate::sync::NodeReport;
-
-pub const READY: &str = "Ready";
-pub const RECONCILING: &str = "Reconciling";
-pub const STALLED: &str = "Stalled";
-pub const EXPIRED: &str = "Expired";
 
 /// One condition as wanted now.
 struct Wanted {
-    kind: &'static str,
+    kind: ConditionType,
     status: bool,
     reason: String,
     message: String,
@@ -47,10 +43,10 @@ fn conditions(
             let status = if w.status { "True" } else { "False" }.to_owned();
             let since = previous
                 .iter()
-                .find(|c| c.type_ == w.kind && c.status == status)
+                .find(|c| c.type_ == w.kind.as_str() && c.status == status)
                 .map_or(Time(now), |c| c.last_transition_time.clone());
             Condition {
-                type_: w.kind.to_owned(),
+                type_: w.kind.as_str().to_owned(),
                 status,
                 reason: w.reason,
                 message: w.message,
@@ -66,14 +62,18 @@ fn kstatus(ready: bool, reason: &str, message: &str, stalled: bool) -> Vec<Wante
     let reason = reason.to_owned();
     let message = message.to_owned();
     let mut wanted = vec![Wanted {
-        kind: READY,
+        kind: ConditionType::Ready,
         status: ready,
         reason: reason.clone(),
         message: message.clone(),
     }];
     if !ready {
         wanted.push(Wanted {
-            kind: if stalled { STALLED } else { RECONCILING },
+            kind: if stalled {
+                ConditionType::Stalled
+            } else {
+                ConditionType::Reconciling
+            },
             status: true,
             reason,
             message,
@@ -153,7 +153,7 @@ pub fn image_status(
     let failed = entries.iter().find(|e| e.phase == ImagePhase::Failed);
     let (reason, message, stalled) = if ready {
         (
-            "Ready".to_owned(),
+            Reason::Ready.to_string(),
             format!("verified and stored on {} node(s)", entries.len()),
             false,
         )
@@ -175,7 +175,7 @@ pub fn image_status(
         (phase, progress, false)
     } else {
         (
-            "NotNeeded".to_owned(),
+            Reason::NotNeeded.to_string(),
             "no node needs this image yet".to_owned(),
             false,
         )
@@ -230,7 +230,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
     if unsettled.is_empty() {
         entry.ready = true;
     } else {
-        entry.reason = Some("NotConverged".into());
+        entry.reason = Some(Reason::NotConverged.to_string());
         entry.message = Some(unsettled.join("; "));
     }
     Some(entry)
@@ -248,7 +248,7 @@ pub fn target_status(
     let ready = !entries.is_empty() && ready_count == entries.len();
     let (reason, message, stalled) = if ready {
         (
-            "Ready".to_owned(),
+            Reason::Ready.to_string(),
             format!("served by {ready_count} node(s)"),
             false,
         )
@@ -256,7 +256,7 @@ pub fn target_status(
         let reason = entry
             .reason
             .clone()
-            .unwrap_or_else(|| "NotConverged".into());
+            .unwrap_or_else(|| Reason::NotConverged.to_string());
         let message = format!(
             "{}: {}",
             entry.node,
@@ -265,7 +265,7 @@ pub fn target_status(
         (reason, message, stalls(entry.reason.as_deref()))
     } else {
         (
-            "NoNode".to_owned(),
+            Reason::NoNode.to_string(),
             "no storage node matches spec.nodeSelector".to_owned(),
             false,
         )
@@ -304,7 +304,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         ..AccessNodeStatus::default()
     };
     if report.desired.expired.contains(&key) {
-        entry.reason = Some(EXPIRED.into());
+        entry.reason = Some(Reason::Expired.to_string());
         entry.message = Some(format!(
             "expired at {}",
             grant.spec.expires_at.clone().unwrap_or_default()
@@ -347,7 +347,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                 .collect(),
         });
     } else {
-        entry.reason = Some("NotConverged".into());
+        entry.reason = Some(Reason::NotConverged.to_string());
         entry.message = Some(unsettled.join("; "));
     }
     Some(entry)
@@ -365,7 +365,7 @@ pub fn grant_status(
     let ready = !expired && !entries.is_empty() && applied == entries.len();
     let (reason, message, stalled) = if expired {
         (
-            EXPIRED.to_owned(),
+            Reason::Expired.to_string(),
             format!(
                 "expired at {}",
                 grant.spec.expires_at.clone().unwrap_or_default()
@@ -374,7 +374,7 @@ pub fn grant_status(
         )
     } else if ready {
         (
-            "Ready".to_owned(),
+            Reason::Ready.to_string(),
             format!("applied on {applied} node(s)"),
             false,
         )
@@ -382,7 +382,7 @@ pub fn grant_status(
         let reason = entry
             .reason
             .clone()
-            .unwrap_or_else(|| "NotConverged".into());
+            .unwrap_or_else(|| Reason::NotConverged.to_string());
         let message = format!(
             "{}: {}",
             entry.node,
@@ -404,9 +404,9 @@ pub fn grant_status(
         // An expired grant is finished, not in progress: only Ready and Expired.
         wanted.truncate(1);
         wanted.push(Wanted {
-            kind: EXPIRED,
+            kind: ConditionType::Expired,
             status: true,
-            reason: EXPIRED.into(),
+            reason: Reason::Expired.to_string(),
             message,
         });
     }
@@ -457,7 +457,7 @@ pub fn invalid_conditions(
 pub fn is_ready(conditions: &[Condition]) -> bool {
     conditions
         .iter()
-        .any(|c| c.type_ == READY && c.status == "True")
+        .any(|c| c.type_ == ConditionType::Ready.as_str() && c.status == "True")
 }
 
 /// The key of the resource a status belongs to, for callers that index statuses.

@@ -3,6 +3,7 @@
 //! the apiserver, report per node; real initiators read the images from every node. The agents
 //! authenticate as the shipped ServiceAccount with the shipped roles (deploy/rbac/), and the
 //! apiserver's audit log tells what they did.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 
@@ -683,7 +684,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             },
         )
         .await;
-    // What the README tells users to run finds them.
+    // What docs/agent.md tells users to run finds them.
     let listed = cluster.kubectl(&[
         "get",
         "events",

@@ -3,6 +3,7 @@
 //! the chart renders from crds/, every agent option reachable from values, RBAC per namespace,
 //! the Argo CD health checks run by Argo CD's Lua interpreter, and the GitOps examples.
 //! (tests/node.rs installs the chart on a real node.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

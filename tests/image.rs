@@ -3,6 +3,7 @@
 //! --version`, the labels and packages it promises, and `discus serve` as PID 1 of a privileged
 //! container — on a network namespace of its own plugged into a test LAN — serving a target
 //! that an initiator on the host reads; `docker stop` ends it at once and cleanly.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

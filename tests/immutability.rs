@@ -1,5 +1,6 @@
 //! What may not change once set is refused the same way by the CRD's CEL rules (which the
 //! apiserver runs; tests/apiserver.rs) and by the code `discus serve` runs without an apiserver.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

@@ -1,6 +1,7 @@
 //! The LIO backend against a real kernel: Debian's, booted under qemu (tests/support/lio_vm.rs),
 //! with discus serving inside the guest and real initiators (libiscsi, qemu-img) on the host.
 //! One boot serves a group of scenarios.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

@@ -6,6 +6,7 @@
 //! exactly what docs/install.md says, and the agent's ServiceAccount uses every permission the
 //! chart grants and is refused none. The cluster: tests/support/node.rs; the node runs tgt (this
 //! kernel has no LIO).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! Nothing panics on any input: every leaf of every example is replaced, one at a time, by hostile
 //! values, and the result goes through `discus validate` and the desired-state core.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

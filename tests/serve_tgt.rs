@@ -1,6 +1,7 @@
 //! `discus serve` on tgt, end to end: manifests in, a real tgtd serving, real initiators
 //! (libiscsi's tools and qemu-img's iSCSI driver) logging in, status out. Each test has a host
 //! of its own (tests/support/sandbox.rs): its own loopback, /var/lib/discus and tgtd.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

@@ -2,6 +2,7 @@
 //! cuts initiators off), and teardown removes every target discus made there, and nothing else;
 //! it stops discus's tgtd once that holds nothing, and starts nothing. (tests/lio.rs does the same
 //! on LIO in a real kernel.)
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 

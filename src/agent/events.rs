@@ -15,8 +15,9 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
 use crate::api::initiator_access::AccessNodeStatus;
 use crate::api::iscsi_target::TargetNodeStatus;
-use crate::desired::{Kind, ObjectKey, object_key};
+use crate::desired::{ObjectKey, object_key};
 use crate::metrics::Metrics;
+use crate::reasons::{EventReason, Kind, Reason};
 use crate::status;
 
 const CONCURRENT_EVENTS: usize = 8;
@@ -63,7 +64,7 @@ impl Summary for AccessNodeStatus {
     fn state(&self) -> State {
         if self.applied {
             State::Good
-        } else if self.reason.as_deref() == Some(status::EXPIRED) {
+        } else if self.reason.as_deref() == Some(Reason::Expired.as_str()) {
             State::Expired
         } else {
             stalled_or_pending(&self.reason, &self.message)
@@ -137,34 +138,33 @@ pub fn changes(node: &str, before: &Observed, after: &Observed) -> Vec<(ObjectRe
 fn arrived(kind: Kind, node: &str, old: Option<&State>, state: &State) -> Option<Event> {
     match state {
         State::Good if old != Some(&State::Good) => Some(match kind {
-            Kind::IscsiTarget => normal("Served", "Serve", format!("served on node {node}")),
-            Kind::InitiatorAccess => {
-                normal("Applied", "Apply", format!("access applied on node {node}"))
-            }
+            Kind::IscsiTarget => normal(EventReason::Served, format!("served on node {node}")),
+            Kind::InitiatorAccess => normal(
+                EventReason::Applied,
+                format!("access applied on node {node}"),
+            ),
             Kind::DiscImage => normal(
-                "Verified",
-                "Import",
+                EventReason::Verified,
                 format!("digest verified; ready to serve on node {node}"),
             ),
         }),
         State::Expired if old != Some(&State::Expired) => Some(normal(
-            "Expired",
-            "Revoke",
+            EventReason::Expired,
             format!("expired: access ended on node {node}"),
         )),
         State::Stalled { reason, message } => {
             let news = !matches!(old, Some(State::Stalled { reason: r, .. }) if r == reason);
             news.then(|| {
-                let (reason_name, action) = match kind {
-                    Kind::IscsiTarget => ("NotServed", "Serve"),
-                    Kind::InitiatorAccess => ("NotApplied", "Apply"),
-                    Kind::DiscImage => ("ImportFailed", "Import"),
+                let told = match kind {
+                    Kind::IscsiTarget => EventReason::NotServed,
+                    Kind::InitiatorAccess => EventReason::NotApplied,
+                    Kind::DiscImage => EventReason::ImportFailed,
                 };
                 Event {
                     type_: EventType::Warning,
-                    reason: reason_name.into(),
+                    reason: told.as_str().into(),
                     note: Some(truncate(format!("{reason} on node {node}: {message}"))),
-                    action: action.into(),
+                    action: told.action().into(),
                     secondary: None,
                 }
             })
@@ -181,25 +181,23 @@ fn left(kind: Kind, node: &str, now: Option<&State>) -> Option<Event> {
     }
     match kind {
         Kind::IscsiTarget => Some(normal(
-            "Removed",
-            "Remove",
+            EventReason::Removed,
             format!("no longer served on node {node}"),
         )),
         Kind::InitiatorAccess => Some(normal(
-            "Revoked",
-            "Revoke",
+            EventReason::Revoked,
             format!("access removed on node {node}"),
         )),
         Kind::DiscImage => None,
     }
 }
 
-fn normal(reason: &str, action: &str, note: String) -> Event {
+fn normal(reason: EventReason, note: String) -> Event {
     Event {
         type_: EventType::Normal,
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         note: Some(note),
-        action: action.into(),
+        action: reason.action().into(),
         secondary: None,
     }
 }

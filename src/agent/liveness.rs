@@ -14,8 +14,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
 use crate::api::initiator_access::AccessNodeStatus;
 use crate::api::iscsi_target::TargetNodeStatus;
-
-pub const NODE_LOST: &str = "NodeLost";
+use crate::reasons::Reason;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Liveness {
@@ -129,11 +128,11 @@ impl NodeEntry for DiscImageNodeStatus {
     }
     fn mark_lost(&mut self, message: &str) {
         self.phase = ImagePhase::Unknown;
-        self.reason = Some(NODE_LOST.into());
+        self.reason = Some(Reason::NodeLost.to_string());
         self.message = Some(message.into());
     }
     fn is_marked_lost(&self) -> bool {
-        self.reason.as_deref() == Some(NODE_LOST)
+        self.reason.as_deref() == Some(Reason::NodeLost.as_str())
     }
 }
 
@@ -143,11 +142,11 @@ impl NodeEntry for TargetNodeStatus {
     }
     fn mark_lost(&mut self, message: &str) {
         self.ready = false;
-        self.reason = Some(NODE_LOST.into());
+        self.reason = Some(Reason::NodeLost.to_string());
         self.message = Some(message.into());
     }
     fn is_marked_lost(&self) -> bool {
-        self.reason.as_deref() == Some(NODE_LOST)
+        self.reason.as_deref() == Some(Reason::NodeLost.as_str())
     }
 }
 
@@ -157,11 +156,11 @@ impl NodeEntry for AccessNodeStatus {
     }
     fn mark_lost(&mut self, message: &str) {
         self.applied = false;
-        self.reason = Some(NODE_LOST.into());
+        self.reason = Some(Reason::NodeLost.to_string());
         self.message = Some(message.into());
     }
     fn is_marked_lost(&self) -> bool {
-        self.reason.as_deref() == Some(NODE_LOST)
+        self.reason.as_deref() == Some(Reason::NodeLost.as_str())
     }
 }
 

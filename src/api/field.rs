@@ -37,7 +37,7 @@ impl FieldPath {
 impl fmt::Display for FieldPath {
     /// Field names can come from a manifest's keys: control characters are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::desired::printable(&self.0))
+        f.write_str(&printable(&self.0))
     }
 }
 
@@ -135,5 +135,18 @@ impl fmt::Display for FieldErrors {
             write!(f, "{error}")?;
         }
         Ok(())
+    }
+}
+
+/// `text` as it may be printed: unchanged when it is plain, escaped when it holds control or
+/// other invisible characters.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text
+        .chars()
+        .all(|c| !c.is_control() && c != '\u{2028}' && c != '\u{2029}')
+    {
+        std::borrow::Cow::Borrowed(text)
+    } else {
+        std::borrow::Cow::Owned(text.escape_default().to_string())
     }
 }

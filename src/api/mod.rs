@@ -20,7 +20,7 @@ use kube::CustomResourceExt;
 use kube::core::Selector;
 
 pub use disc_image::{DiscImage, DiscImageSpec, DiscImageStatus};
-pub use field::{FieldError, FieldErrors, FieldPath};
+pub use field::{FieldError, FieldErrors, FieldPath, printable};
 pub use initiator_access::{InitiatorAccess, InitiatorAccessSpec, InitiatorAccessStatus};
 pub use iscsi_target::{IscsiTarget, IscsiTargetSpec, IscsiTargetStatus};
 

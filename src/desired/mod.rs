@@ -23,14 +23,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 pub use policy::Policy;
-pub use problem::{Kind, ObjectKey, Problem, Reason, printable};
+pub use problem::{Kind, ObjectKey, Problem, Reason};
 
 use crate::api::chap::{ChapCredentials, SecretData};
 use crate::api::iscsi_target::{DeviceType, Portal};
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 
 /// What the agent knows about the node it runs on.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
     pub name: String,
     pub labels: BTreeMap<String, String>,

@@ -7,8 +7,8 @@ use kube::core::SelectorExt;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Backing, DesiredState, Inputs, Kind, LunConfig, ObjectKey, Problem, Reason, TargetConfig,
-    age_order, object_key,
+    Backing, DesiredState, Inputs, Kind, LunConfig, ObjectKey, Problem, ReadyImage, Reason,
+    TargetConfig, age_order, object_key,
 };
 use crate::api::iscsi_target::{DeviceType, Portal, ValidLun, ValidTarget};
 use crate::api::{IscsiTarget, rules};
@@ -81,51 +81,16 @@ fn place(
     iqn_owners: &mut BTreeMap<String, ObjectKey>,
     state: &mut DesiredState,
 ) -> Placement {
-    let mut problems = Vec::new();
-    let mut problem = |reason: Reason, message: String| {
-        problems.push(Problem {
-            kind: Kind::IscsiTarget,
-            key: key.clone(),
-            reason,
-            message,
-        })
+    let problem = |reason: Reason, message: String| Problem {
+        kind: Kind::IscsiTarget,
+        key: key.clone(),
+        reason,
+        message,
     };
-
-    let valid = match target.spec.validate() {
-        Ok(valid) => valid,
-        Err(errors) => {
-            problem(Reason::InvalidSpec, errors.to_string());
-            return block(problems, state);
-        }
+    let (valid, iqn) = match claim(inputs, target, key, iqn_owners) {
+        Ok(claimed) => claimed,
+        Err((reason, message)) => return block(vec![problem(reason, message)], state),
     };
-    let iqn = match effective_iqn(&valid, key, &inputs.settings.iqn_authority) {
-        Ok(iqn) => iqn,
-        Err(message) => {
-            problem(Reason::InvalidSpec, message);
-            return block(problems, state);
-        }
-    };
-    if valid.iqn.is_some()
-        && let Some(why) =
-            inputs
-                .settings
-                .policy
-                .refuse_iqn(&iqn, &key.namespace, &inputs.settings.iqn_authority)
-    {
-        // Refused before it claims anything: a namespace cannot take another's name.
-        problem(Reason::IqnNotAllowed, why);
-        return block(problems, state);
-    }
-    // Claims are settled before placement, so the same target wins on every node.
-    if let Some(owner) = iqn_owners.get(&iqn) {
-        problem(
-            Reason::IqnConflict,
-            format!("IQN {iqn} is already used by IscsiTarget {owner}, which is older"),
-        );
-        return block(problems, state);
-    }
-    iqn_owners.insert(iqn.clone(), key.clone());
-
     if valid
         .node_selector
         .as_ref()
@@ -136,63 +101,17 @@ fn place(
     for lun in &valid.luns {
         state.needed_images.insert(key.sibling(&lun.image));
     }
-
-    if !inputs.settings.cdrom_supported
-        && let Some(lun) = valid
-            .luns
-            .iter()
-            .find(|l| l.device_type == DeviceType::Cdrom)
-    {
-        problem(
-            Reason::UnsupportedDeviceType,
-            format!(
-                "LUN {}: deviceType cdrom needs the tgt backend; this node's backend presents disks only",
-                lun.lun
-            ),
-        );
-    }
     let portals = portals(&valid, inputs);
-    for portal in &valid.portals {
-        if let Some(why) = inputs
-            .settings
-            .policy
-            .refuse_portal(portal, &inputs.node.addresses)
-        {
-            problem(Reason::PortalNotAllowed, why);
-        }
-    }
-    if portals.is_empty() {
-        problem(
-            Reason::NoPortal,
-            format!(
-                "node {} has no InternalIP address; list spec.portals",
-                inputs.node.name
-            ),
-        );
-    }
-
+    let mut problems: Vec<Problem> = unservable(inputs, &valid, &portals)
+        .into_iter()
+        .map(|(reason, message)| problem(reason, message))
+        .collect();
     let mut luns = Vec::new();
     for lun in &valid.luns {
         let image = key.sibling(&lun.image);
-        match (images.get(&image), inputs.ready.get(&image)) {
-            (None, _) => problem(
-                Reason::ImageNotFound,
-                format!("LUN {}: DiscImage {} not found", lun.lun, lun.image),
-            ),
-            (Some(Err(why)), _) => problem(
-                Reason::ImageInvalid,
-                format!("LUN {}: DiscImage {} is invalid: {why}", lun.lun, lun.image),
-            ),
-            (Some(Ok(())), None) => problem(
-                Reason::ImageNotReady,
-                format!(
-                    "LUN {}: DiscImage {} is not ready on node {}",
-                    lun.lun, lun.image, inputs.node.name
-                ),
-            ),
-            (Some(Ok(())), Some(ready)) => {
-                luns.push(lun_config(lun, image, ready, target, key, inputs))
-            }
+        match ready_image(images, inputs, lun, &image) {
+            Ok(ready) => luns.push(lun_config(lun, image, ready, target, key, inputs)),
+            Err((reason, message)) => problems.push(problem(reason, message)),
         }
     }
     if !problems.is_empty() {
@@ -208,6 +127,110 @@ fn place(
         acls: Vec::new(),
     });
     Placement::Served(state.targets.len() - 1)
+}
+
+/// A valid target and the IQN it claims, or why it cannot claim one. Claims are settled before
+/// placement, so the same target wins on every node; a refused IQN claims nothing, so a
+/// namespace cannot take another's name.
+fn claim(
+    inputs: &Inputs<'_>,
+    target: &IscsiTarget,
+    key: &ObjectKey,
+    iqn_owners: &mut BTreeMap<String, ObjectKey>,
+) -> Result<(ValidTarget, String), (Reason, String)> {
+    let valid = target
+        .spec
+        .validate()
+        .map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
+    let iqn = effective_iqn(&valid, key, &inputs.settings.iqn_authority)
+        .map_err(|message| (Reason::InvalidSpec, message))?;
+    if valid.iqn.is_some()
+        && let Some(why) =
+            inputs
+                .settings
+                .policy
+                .refuse_iqn(&iqn, &key.namespace, &inputs.settings.iqn_authority)
+    {
+        return Err((Reason::IqnNotAllowed, why));
+    }
+    if let Some(owner) = iqn_owners.get(&iqn) {
+        return Err((
+            Reason::IqnConflict,
+            format!("IQN {iqn} is already used by IscsiTarget {owner}, which is older"),
+        ));
+    }
+    iqn_owners.insert(iqn.clone(), key.clone());
+    Ok((valid, iqn))
+}
+
+/// What keeps a target placed here from being served, whatever its images: a device type the
+/// backend lacks, portals the administrator does not allow, or none at all.
+fn unservable(
+    inputs: &Inputs<'_>,
+    valid: &ValidTarget,
+    portals: &[Portal],
+) -> Vec<(Reason, String)> {
+    let mut problems = Vec::new();
+    if !inputs.settings.cdrom_supported
+        && let Some(lun) = valid
+            .luns
+            .iter()
+            .find(|l| l.device_type == DeviceType::Cdrom)
+    {
+        problems.push((
+            Reason::UnsupportedDeviceType,
+            format!(
+                "LUN {}: deviceType cdrom needs the tgt backend; this node's backend presents disks only",
+                lun.lun
+            ),
+        ));
+    }
+    for portal in &valid.portals {
+        if let Some(why) = inputs
+            .settings
+            .policy
+            .refuse_portal(portal, &inputs.node.addresses)
+        {
+            problems.push((Reason::PortalNotAllowed, why));
+        }
+    }
+    if portals.is_empty() {
+        problems.push((
+            Reason::NoPortal,
+            format!(
+                "node {} has no InternalIP address; list spec.portals",
+                inputs.node.name
+            ),
+        ));
+    }
+    problems
+}
+
+/// A LUN's image, verified and stored here, or why not.
+fn ready_image<'a>(
+    images: &BTreeMap<ObjectKey, Result<(), String>>,
+    inputs: &'a Inputs<'_>,
+    lun: &ValidLun,
+    image: &ObjectKey,
+) -> Result<&'a ReadyImage, (Reason, String)> {
+    match (images.get(image), inputs.ready.get(image)) {
+        (None, _) => Err((
+            Reason::ImageNotFound,
+            format!("LUN {}: DiscImage {} not found", lun.lun, lun.image),
+        )),
+        (Some(Err(why)), _) => Err((
+            Reason::ImageInvalid,
+            format!("LUN {}: DiscImage {} is invalid: {why}", lun.lun, lun.image),
+        )),
+        (Some(Ok(())), None) => Err((
+            Reason::ImageNotReady,
+            format!(
+                "LUN {}: DiscImage {} is not ready on node {}",
+                lun.lun, lun.image, inputs.node.name
+            ),
+        )),
+        (Some(Ok(())), Some(ready)) => Ok(ready),
+    }
 }
 
 fn block(problems: Vec<Problem>, state: &mut DesiredState) -> Placement {

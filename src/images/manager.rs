@@ -6,7 +6,10 @@
 //! nor another source of the same namespace; and a corrected source starts a new job at once.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+// Cannot be poisoned: a panicking import must not make every image look failed.
+use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
@@ -81,12 +84,7 @@ impl ImageManager {
 
     /// Where the image stands; starts (or restarts, after a transient failure) its import.
     pub fn ensure(&self, request: &ImportRequest) -> ImageState {
-        let Ok(mut jobs) = self.jobs.lock() else {
-            return ImageState::Failed {
-                message: "the image manager is broken".into(),
-                retry_at: None,
-            };
-        };
+        let mut jobs = self.jobs.lock();
         let key = JobKey::of(request);
         match jobs.get(&key) {
             Some(Job::Running(progress)) => {
@@ -129,9 +127,7 @@ impl ImageManager {
                 let retry_at = error.is_transient().then(|| Instant::now() + retry_delay);
                 (error.to_string(), retry_at)
             });
-            if let Ok(mut jobs) = jobs.lock() {
-                jobs.insert(key, Job::Done(done));
-            }
+            jobs.lock().insert(key, Job::Done(done));
             finished.notify_one();
         });
         ImageState::InProgress(initial)
@@ -141,7 +137,7 @@ impl ImageManager {
     pub fn busy(&self) -> bool {
         self.jobs
             .lock()
-            .map(|jobs| jobs.values().any(|j| matches!(j, Job::Running(_))))
-            .unwrap_or(false)
+            .values()
+            .any(|j| matches!(j, Job::Running(_)))
     }
 }

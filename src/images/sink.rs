@@ -5,8 +5,10 @@
 
 use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -64,10 +66,11 @@ impl<T: Send + 'static> Worker<T> {
                     }
                     finish(state)
                 })();
-                if let Err(error) = &result
-                    && let Ok(mut slot) = shared.failure.lock()
-                {
-                    slot.get_or_insert_with(|| io::Error::new(error.kind(), error.to_string()));
+                if let Err(error) = &result {
+                    shared
+                        .failure
+                        .lock()
+                        .get_or_insert_with(|| io::Error::new(error.kind(), error.to_string()));
                 }
                 result
             })?;
@@ -189,12 +192,7 @@ impl Sink {
             return Ok(());
         }
         // A worker stopped: say why.
-        let failure = self
-            .shared
-            .failure
-            .lock()
-            .ok()
-            .and_then(|mut slot| slot.take());
+        let failure = self.shared.failure.lock().take();
         Err(failure.unwrap_or_else(|| io::Error::other("the image writer stopped")))
     }
 

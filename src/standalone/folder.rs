@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::api::{self, FieldErrors};
 use crate::manifests::{self, Manifest, ObjectId};
+use crate::reasons::{Kind, Reason};
 use crate::sync::Resources;
 
 /// The manifests of the folder: what can be served, and what is invalid with why.
@@ -20,7 +21,7 @@ pub struct Loaded {
     pub unreadable: Vec<String>,
     /// Objects served as they were last read, because their file cannot be read now or their
     /// new version is invalid: the reason (`ManifestUnreadable`, `InvalidSpec`) and why.
-    pub stale: BTreeMap<ObjectId, (&'static str, String)>,
+    pub stale: BTreeMap<ObjectId, (Reason, String)>,
     /// Every object a file read again (or gone) defined, before or now: all others are the same
     /// as in the previous load with the same cache, which lets status skip them.
     pub changed: BTreeSet<ObjectId>,
@@ -137,7 +138,12 @@ fn kept(documents: &[Decoded], last: Option<&ParsedFile>) -> BTreeMap<ObjectId, 
     documents
         .iter()
         .filter_map(|d| d.as_ref().err())
-        .filter(|(id, _)| matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget"))
+        .filter(|(id, _)| {
+            matches!(
+                Kind::parse(&id.kind),
+                Some(Kind::DiscImage | Kind::IscsiTarget)
+            )
+        })
         .filter_map(|(id, _)| Some((id.clone(), valid_before(id)?)))
         .collect()
 }
@@ -204,7 +210,7 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
                 loaded.stale.insert(
                     id,
                     (
-                        "ManifestUnreadable",
+                        Reason::ManifestUnreadable,
                         format!("{error}; serving what the file declared when it was last read"),
                     ),
                 );
@@ -219,13 +225,16 @@ pub fn load_cached(folder: &Path, cache: &mut ManifestCache) -> Loaded {
                 Err((id, errors)) => match parsed.kept.get(id) {
                     Some(last_valid) => {
                         let why = format!("{errors}; serving its last valid version");
-                        loaded.stale.insert(id.clone(), ("InvalidSpec", why));
+                        loaded.stale.insert(id.clone(), (Reason::InvalidSpec, why));
                         (id, last_valid)
                     }
                     None => {
                         // Never valid since discus started: what it declared before is
                         // unknown, so nothing it may have declared is removed.
-                        if matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget") {
+                        if matches!(
+                            Kind::parse(&id.kind),
+                            Some(Kind::DiscImage | Kind::IscsiTarget)
+                        ) {
                             loaded.resources.partial = true;
                         }
                         loaded.invalid.push((id.clone(), errors.clone()));

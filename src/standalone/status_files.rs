@@ -9,8 +9,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::api;
-use crate::desired::{self, Kind, ObjectKey};
+use crate::desired::{self, ObjectKey};
 use crate::manifests::{self, ObjectId};
+use crate::reasons::{ConditionType, Kind, Reason};
 use crate::status;
 use crate::sync::NodeReport;
 
@@ -20,9 +21,7 @@ use super::folder::Loaded;
 /// would accept: a file name never comes from anything else (an invalid manifest's raw name
 /// could be `../..`).
 fn status_path(dir: &Path, kind: &str, key: &ObjectKey) -> Option<PathBuf> {
-    let kind = [Kind::DiscImage, Kind::IscsiTarget, Kind::InitiatorAccess]
-        .into_iter()
-        .find(|k| k.as_str() == kind)?;
+    let kind = Kind::parse(kind)?;
     let valid = |name: &str| api::rules::object_name(name).is_ok();
     (valid(&key.namespace) && valid(&key.name)).then(|| {
         dir.join(kind.as_str())
@@ -71,58 +70,26 @@ pub(super) fn write_statuses(
     loaded: &Loaded,
     report: &NodeReport,
     iqn_authority: &str,
-    mut previous: BTreeMap<PathBuf, Value>,
+    previous: BTreeMap<PathBuf, Value>,
     now: Timestamp,
 ) -> BTreeMap<PathBuf, Value> {
-    let mut current = BTreeMap::new();
-    let mut computed = Vec::new();
+    let mut folder = Folder {
+        dir,
+        loaded,
+        now,
+        previous,
+        current: BTreeMap::new(),
+        computed: Vec::new(),
+    };
     let r = &loaded.resources;
-    let mut put =
-        |kind: &str, key: ObjectKey, untouched: bool, status: &dyn Fn(Option<&Value>) -> Value| {
-            let Some(path) = status_path(dir, kind, &key) else {
-                return;
-            };
-            let keep = untouched
-                && previous.get(&path).is_some_and(is_ready)
-                && !loaded.changed.contains(&ObjectId {
-                    kind: kind.to_owned(),
-                    key: key.clone(),
-                });
-            if keep && let Some(old) = previous.remove(&path) {
-                current.insert(path, old);
-                return;
-            }
-            let mut value = status(previous.get(&path).and_then(|v| v.get("status")));
-            let id = ObjectId {
-                kind: kind.to_owned(),
-                key: key.clone(),
-            };
-            if let Some((reason, why)) = loaded.stale.get(&id) {
-                let since = previous
-                    .get(&path)
-                    .and_then(|v| v.pointer("/status/conditions"))
-                    .and_then(Value::as_array)
-                    .and_then(|c| {
-                        c.iter()
-                            .find(|c| c["type"] == status::STALLED && c["reason"] == *reason)
-                    })
-                    .map(|c| c["lastTransitionTime"].clone());
-                let since = since.unwrap_or_else(|| json!(now.to_string()));
-                mark_stale(&mut value, reason, why, since);
-            }
-            current.insert(path.clone(), document(kind, &key, value));
-            computed.push(path);
-        };
-    fn previous_of<T: serde::de::DeserializeOwned>(value: Option<&Value>) -> Option<T> {
-        value.and_then(|v| serde_json::from_value(v.clone()).ok())
-    }
     for image in &r.images {
-        put("DiscImage", status::key_of(image), false, &|old| {
+        let key = status::key_of(image);
+        folder.put(Kind::DiscImage, key, false, &|old| {
             let entries = status::image_entry(image, report).into_iter().collect();
             json!(status::image_status(
                 image,
                 entries,
-                previous_of(old).as_ref(),
+                parsed(old).as_ref(),
                 now
             ))
         });
@@ -130,13 +97,14 @@ pub(super) fn write_statuses(
     for target in &r.targets {
         let key = status::key_of(target);
         let untouched = report.untouched_target(&key);
-        put("IscsiTarget", key, untouched, &|old| {
+        folder.put(Kind::IscsiTarget, key, untouched, &|old| {
             let entries = status::target_entry(target, report).into_iter().collect();
+            let iqn = desired::target_iqn(target, iqn_authority);
             json!(status::target_status(
                 target,
                 entries,
-                desired::target_iqn(target, iqn_authority),
-                previous_of(old).as_ref(),
+                iqn,
+                parsed(old).as_ref(),
                 now
             ))
         });
@@ -145,40 +113,113 @@ pub(super) fn write_statuses(
         let key = status::key_of(grant);
         let untouched = report.untouched_grant(&key);
         let expired = report.desired.expired.contains(&key);
-        put("InitiatorAccess", key, untouched, &|old| {
+        folder.put(Kind::InitiatorAccess, key, untouched, &|old| {
             let entries = status::grant_entry(grant, report).into_iter().collect();
             json!(status::grant_status(
                 grant,
                 entries,
                 expired,
-                previous_of(old).as_ref(),
+                parsed(old).as_ref(),
                 now
             ))
         });
     }
     for (id, errors) in &loaded.invalid {
-        let Some(path) = status_path(dir, &id.kind, &id.key) else {
-            tracing::warn!("{id}: {errors}");
-            continue;
+        folder.put_invalid(id, errors);
+    }
+    folder.write()
+}
+
+fn parsed<T: serde::de::DeserializeOwned>(value: Option<&Value>) -> Option<T> {
+    value.and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// The status folder while one pass's statuses are computed: what it held, what it will hold.
+struct Folder<'a> {
+    dir: &'a Path,
+    loaded: &'a Loaded,
+    now: Timestamp,
+    previous: BTreeMap<PathBuf, Value>,
+    current: BTreeMap<PathBuf, Value>,
+    /// The files whose status was computed again (the rest kept theirs).
+    computed: Vec<PathBuf>,
+}
+
+impl Folder<'_> {
+    /// One resource's status: kept as it is when the pass left it untouched and it was Ready,
+    /// else computed from the previous one; `Stalled` when its manifest is stale.
+    fn put(
+        &mut self,
+        kind: Kind,
+        key: ObjectKey,
+        untouched: bool,
+        status: &dyn Fn(Option<&Value>) -> Value,
+    ) {
+        let Some(path) = status_path(self.dir, kind.as_str(), &key) else {
+            return;
         };
-        let previous_conditions: Vec<Condition> = previous
+        let id = ObjectId {
+            kind: kind.as_str().to_owned(),
+            key,
+        };
+        let keep = untouched
+            && self.previous.get(&path).is_some_and(is_ready)
+            && !self.loaded.changed.contains(&id);
+        if keep && let Some(old) = self.previous.remove(&path) {
+            self.current.insert(path, old);
+            return;
+        }
+        let before = self.previous.get(&path);
+        let mut value = status(before.and_then(|v| v.get("status")));
+        if let Some((reason, why)) = self.loaded.stale.get(&id) {
+            let since = before
+                .and_then(|v| v.pointer("/status/conditions"))
+                .and_then(Value::as_array)
+                .and_then(|c| {
+                    c.iter().find(|c| {
+                        c["type"] == ConditionType::Stalled.as_str()
+                            && c["reason"] == reason.as_str()
+                    })
+                })
+                .map(|c| c["lastTransitionTime"].clone());
+            let since = since.unwrap_or_else(|| json!(self.now.to_string()));
+            mark_stale(&mut value, *reason, why, since);
+        }
+        self.current
+            .insert(path.clone(), document(&id.kind, &id.key, value));
+        self.computed.push(path);
+    }
+
+    /// A manifest that is not even well-formed: not Ready, Stalled, with why.
+    fn put_invalid(&mut self, id: &ObjectId, errors: &api::FieldErrors) {
+        let Some(path) = status_path(self.dir, &id.kind, &id.key) else {
+            tracing::warn!("{id}: {errors}");
+            return;
+        };
+        let previous_conditions: Vec<Condition> = self
+            .previous
             .get(&path)
             .and_then(|v| v.pointer("/status/conditions"))
             .and_then(|c| serde_json::from_value(c.clone()).ok())
             .unwrap_or_default();
         let conditions =
-            status::invalid_conditions(&previous_conditions, &errors.to_string(), None, now);
-        current.insert(
+            status::invalid_conditions(&previous_conditions, &errors.to_string(), None, self.now);
+        self.current.insert(
             path.clone(),
             document(&id.kind, &id.key, json!({ "conditions": conditions })),
         );
-        computed.push(path);
+        self.computed.push(path);
     }
-    for path in computed {
-        let Some(object) = current.get(&path) else {
-            continue;
-        };
-        if previous.get(&path) != Some(object) {
+
+    /// Writes what changed, removes the files of resources that are gone.
+    fn write(mut self) -> BTreeMap<PathBuf, Value> {
+        for path in std::mem::take(&mut self.computed) {
+            let Some(object) = self.current.get(&path) else {
+                continue;
+            };
+            if self.previous.get(&path) == Some(object) {
+                continue;
+            }
             let written = path
                 .parent()
                 .map_or(Ok(()), std::fs::create_dir_all)
@@ -192,25 +233,26 @@ pub(super) fn write_statuses(
                 tracing::warn!(path = %path.display(), %error, "cannot write status");
             }
         }
-    }
-    for path in previous.keys() {
-        if !current.contains_key(path) {
-            let _ = std::fs::remove_file(path);
+        for path in self.previous.keys() {
+            if !self.current.contains_key(path) {
+                let _ = std::fs::remove_file(path);
+            }
         }
+        self.current
     }
-    current
 }
 
 /// A resource served as its manifest was last read: `Stalled` says why, until the file reads.
-fn mark_stale(status: &mut Value, reason: &str, why: &str, since: Value) {
+fn mark_stale(status: &mut Value, reason: Reason, why: &str, since: Value) {
     let Some(conditions) = status.get_mut("conditions").and_then(Value::as_array_mut) else {
         return;
     };
-    conditions.retain(|c| c["type"] != status::STALLED);
+    let stalled = ConditionType::Stalled.as_str();
+    conditions.retain(|c| c["type"] != stalled);
     conditions.push(json!({
-        "type": status::STALLED,
+        "type": stalled,
         "status": "True",
-        "reason": reason,
+        "reason": reason.as_str(),
         "message": why,
         "lastTransitionTime": since,
     }));
@@ -227,7 +269,7 @@ fn ready_condition(object: &Value) -> Option<&Value> {
         .pointer("/status/conditions")?
         .as_array()?
         .iter()
-        .find(|c| c["type"] == "Ready")
+        .find(|c| c["type"] == ConditionType::Ready.as_str())
 }
 
 fn is_ready(object: &Value) -> bool {
@@ -252,9 +294,9 @@ pub fn status_table(data_dir: &Path) -> String {
         };
         let ready = ready_condition(object).cloned().unwrap_or_default();
         let kind = text("/kind");
-        let portals = match kind.as_str() {
-            "IscsiTarget" => object.pointer("/status/portals"),
-            "InitiatorAccess" => object.pointer("/status/connection/portals"),
+        let portals = match Kind::parse(&kind) {
+            Some(Kind::IscsiTarget) => object.pointer("/status/portals"),
+            Some(Kind::InitiatorAccess) => object.pointer("/status/connection/portals"),
             _ => None,
         }
         .and_then(Value::as_array)
@@ -270,13 +312,13 @@ pub fn status_table(data_dir: &Path) -> String {
             .and_then(Value::as_array)
             .cloned()
             .unwrap_or_default();
-        let sessions = match kind.as_str() {
-            "IscsiTarget" => nodes
+        let sessions = match Kind::parse(&kind) {
+            Some(Kind::IscsiTarget) => nodes
                 .iter()
                 .filter_map(|n| n["sessions"].as_i64())
                 .sum::<i64>()
                 .to_string(),
-            "InitiatorAccess" => nodes
+            Some(Kind::InitiatorAccess) => nodes
                 .iter()
                 .filter_map(|n| n["sessions"].as_array())
                 .map(Vec::len)

@@ -369,7 +369,15 @@ fn binaries() -> Result<PathBuf, Error> {
 
 fn build_binaries() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os("DISCUS_CONTROL_PLANE") {
-        return Ok(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        if !dir.join("kube-apiserver").is_file() || !dir.join("etcd").is_file() {
+            return Err(format!(
+                "DISCUS_CONTROL_PLANE={:?} holds no kube-apiserver and etcd: unset it, or run tools/build-control-plane",
+                dir
+            )
+            .into());
+        }
+        return Ok(dir);
     }
     let script = super::repo().join("tools/build-control-plane");
     let output = Command::new(&script).stderr(Stdio::inherit()).output()?;

@@ -4,6 +4,7 @@
 //! the declared state, and applies it. After a reboot configfs is empty and the first sync
 //! rebuilds everything from the declared state.
 
+mod layout;
 mod model;
 mod plan;
 mod read;
@@ -32,10 +33,11 @@ pub struct LioBackend {
 
 impl LioBackend {
     pub fn new(root: PathBuf) -> Result<Self, BackendError> {
-        if !root.join("core").exists() {
+        let root = layout::Root::new(root);
+        if !root.core().exists() {
             return Err(BackendError::Unreachable(format!(
                 "{} has no target support: load target_core_mod, target_core_file and iscsi_target_mod, and mount configfs",
-                root.display()
+                root.path().display()
             )));
         }
         Ok(Self {

@@ -657,13 +657,7 @@ fn build(
     for lun in &target.luns {
         let index = u64::from(lun.lun);
         let storage = storage_name(&target.iqn, lun.lun);
-        let linked = found.luns.iter().any(|l| {
-            l.index == index
-                && l.storage
-                    .as_ref()
-                    .is_some_and(|(hba, so)| hba == HBA && *so == storage)
-        }) && !remade.contains(storage.as_str());
-        if !linked {
+        if !linked(found, index, &storage, remade) {
             plan.ops.push(LioOp::AddLun {
                 iqn: iqn.clone(),
                 lun: index,
@@ -672,67 +666,82 @@ fn build(
         }
     }
     for acl in &target.acls {
-        let existing = found.acls.iter().find(|a| a.initiator == acl.initiator);
-        let recreated = existing.is_some_and(|e| {
-            wanted_auth(acl)
-                .iter()
-                .zip(observed_auth(e))
-                .any(|((_, want), have)| want.is_empty() && !have.is_empty())
+        build_acl(plan, target, acl, found, remade);
+    }
+    if !found.enabled {
+        plan.ops.push(LioOp::EnableTpg { iqn, enable: true });
+    }
+}
+
+/// Whether a TPG's LUN is linked to the storage object it should be, and that object stays.
+fn linked(tpg: &Tpg, index: u64, storage: &str, remade: &BTreeSet<&str>) -> bool {
+    !remade.contains(storage)
+        && tpg.luns.iter().any(|l| {
+            l.index == index
+                && l.storage
+                    .as_ref()
+                    .is_some_and(|(hba, so)| hba == HBA && so == storage)
+        })
+}
+
+/// One grant's ACL: made (again, when a credential must go away), its CHAP credentials set, its
+/// LUNs mapped with the write protection the grant gives.
+fn build_acl(
+    plan: &mut Plan<LioOp>,
+    target: &TargetConfig,
+    acl: &AclConfig,
+    found: &Tpg,
+    remade: &BTreeSet<&str>,
+) {
+    let iqn = &target.iqn;
+    let existing = found.acls.iter().find(|a| a.initiator == acl.initiator);
+    let recreated = existing.is_some_and(|e| {
+        wanted_auth(acl)
+            .iter()
+            .zip(observed_auth(e))
+            .any(|((_, want), have)| want.is_empty() && !have.is_empty())
+    });
+    let existing = existing.filter(|_| !recreated);
+    if existing.is_none() {
+        plan.ops.push(LioOp::CreateAcl {
+            iqn: iqn.clone(),
+            initiator: acl.initiator.clone(),
         });
-        let existing = existing.filter(|_| !recreated);
-        if existing.is_none() {
-            plan.ops.push(LioOp::CreateAcl {
+    }
+    let have = existing.map(observed_auth).unwrap_or_default();
+    for ((field, want), have) in wanted_auth(acl).into_iter().zip(have) {
+        if want != have && !want.is_empty() {
+            plan.ops.push(LioOp::SetAuth {
                 iqn: iqn.clone(),
                 initiator: acl.initiator.clone(),
+                field,
+                value: Password::new(want),
             });
         }
-        let have = existing.map(observed_auth).unwrap_or_default();
-        for ((field, want), have) in wanted_auth(acl).into_iter().zip(have) {
-            if want != have && !want.is_empty() {
-                plan.ops.push(LioOp::SetAuth {
-                    iqn: iqn.clone(),
-                    initiator: acl.initiator.clone(),
-                    field,
-                    value: Password::new(want),
-                });
-            }
-        }
-        for mapped in &acl.luns {
-            let index = u64::from(mapped.lun);
-            let storage = storage_name(&target.iqn, mapped.lun);
-            let current = existing
-                .and_then(|e| e.mapped.iter().find(|m| m.index == index))
-                .filter(|m| {
-                    m.tpg_lun == Some(index)
-                        && !remade.contains(storage.as_str())
-                        && found.luns.iter().any(|l| {
-                            l.index == index
-                                && l.storage
-                                    .as_ref()
-                                    .is_some_and(|(hba, so)| hba == HBA && *so == storage)
-                        })
-                });
-            match current {
-                None => plan.ops.push(LioOp::MapLun {
+    }
+    for mapped in &acl.luns {
+        let index = u64::from(mapped.lun);
+        let storage = storage_name(iqn, mapped.lun);
+        let current = existing
+            .and_then(|e| e.mapped.iter().find(|m| m.index == index))
+            .filter(|m| m.tpg_lun == Some(index) && linked(found, index, &storage, remade));
+        match current {
+            None => plan.ops.push(LioOp::MapLun {
+                iqn: iqn.clone(),
+                initiator: acl.initiator.clone(),
+                lun: index,
+                write_protect: mapped.read_only,
+            }),
+            Some(m) if m.write_protect != mapped.read_only => {
+                plan.ops.push(LioOp::SetWriteProtect {
                     iqn: iqn.clone(),
                     initiator: acl.initiator.clone(),
                     lun: index,
                     write_protect: mapped.read_only,
-                }),
-                Some(m) if m.write_protect != mapped.read_only => {
-                    plan.ops.push(LioOp::SetWriteProtect {
-                        iqn: iqn.clone(),
-                        initiator: acl.initiator.clone(),
-                        lun: index,
-                        write_protect: mapped.read_only,
-                    })
-                }
-                Some(_) => {}
+                })
             }
+            Some(_) => {}
         }
-    }
-    if !found.enabled {
-        plan.ops.push(LioOp::EnableTpg { iqn, enable: true });
     }
 }
 

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::Path;
 
+use super::layout::{AclDir, Root, StorageDir, TpgDir, lun_index, tpg_tag};
 use super::model::{Acl, LioState, LioTarget, MappedLun, StorageObject, Tpg, TpgLun};
 use crate::api::chap::Password;
 
@@ -61,14 +62,14 @@ fn links(path: &Path) -> io::Result<Vec<Vec<String>>> {
     Ok(found)
 }
 
-pub fn read(root: &Path) -> io::Result<LioState> {
+pub fn read(root: &Root) -> io::Result<LioState> {
     read_parts(root, None)
 }
 
 /// Reads the targets `iqns` and the storage objects they link or `storage` names, and the list
 /// of HBAs: enough to plan changes to those targets alone.
 pub fn read_scoped(
-    root: &Path,
+    root: &Root,
     iqns: &BTreeSet<String>,
     storage: &BTreeSet<String>,
 ) -> io::Result<LioState> {
@@ -76,18 +77,17 @@ pub fn read_scoped(
 }
 
 fn read_parts(
-    root: &Path,
+    root: &Root,
     scope: Option<(&BTreeSet<String>, &BTreeSet<String>)>,
 ) -> io::Result<LioState> {
     let mut state = LioState::default();
-    let iscsi = root.join("iscsi");
     let iqns: Vec<String> = match scope {
         Some((iqns, _)) => iqns
             .iter()
-            .filter(|i| iscsi.join(i).is_dir())
+            .filter(|i| root.target(i).is_dir())
             .cloned()
             .collect(),
-        None => dirs(&iscsi)?
+        None => dirs(&root.iscsi())?
             .into_iter()
             .filter(|i| i != "discovery_auth")
             .collect(),
@@ -97,15 +97,14 @@ fn read_parts(
             iqn: iqn.clone(),
             tpgs: Vec::new(),
         };
-        for tpgt in dirs(&iscsi.join(&iqn))? {
-            let Some(tag) = tpgt.strip_prefix("tpgt_").and_then(|t| t.parse().ok()) else {
+        for tpgt in dirs(&root.target(&iqn))? {
+            let Some(tag) = tpg_tag(&tpgt) else {
                 continue;
             };
-            target.tpgs.push(tpg(&iscsi.join(&iqn).join(&tpgt), tag)?);
+            target.tpgs.push(tpg(&root.tpg(&iqn, tag), tag)?);
         }
         Ok(target)
     })?;
-    let core = root.join("core");
     // The storage objects the scoped targets link, and those they will.
     let wanted: Option<BTreeSet<String>> = scope.map(|(_, storage)| {
         let linked = state
@@ -120,7 +119,7 @@ fn read_parts(
             .collect()
     });
     let mut objects = Vec::new();
-    for hba in dirs(&core)? {
+    for hba in dirs(&root.core())? {
         // `alua` and the like hold no storage objects.
         if !hba.contains('_') {
             continue;
@@ -130,12 +129,12 @@ fn read_parts(
                 objects.extend(
                     names
                         .iter()
-                        .filter(|n| core.join(&hba).join(n).is_dir())
+                        .filter(|n| root.storage(&hba, n).path().is_dir())
                         .map(|n| (hba.clone(), n.clone())),
                 );
             }
             None => objects.extend(
-                dirs(&core.join(&hba))?
+                dirs(&root.hba(&hba))?
                     .into_iter()
                     .map(|name| (hba.clone(), name)),
             ),
@@ -143,9 +142,9 @@ fn read_parts(
         state.hbas.push(hba);
     }
     state.storage = parallel(objects, |(hba, name)| {
-        let dir = core.join(&hba).join(&name);
+        let dir = root.storage(&hba, &name);
         Ok(dir
-            .join("info")
+            .info()
             .exists()
             .then(|| storage_object(&dir, &hba, &name)))
     })?
@@ -193,8 +192,8 @@ fn parallel<T: Send, R: Send>(
     })
 }
 
-fn storage_object(dir: &Path, hba: &str, name: &str) -> StorageObject {
-    let info = text(&dir.join("info"));
+fn storage_object(dir: &StorageDir, hba: &str, name: &str) -> StorageObject {
+    let info = text(&dir.info());
     // "… SectorSize: 512 …\n TCM FILEIO ID: 0  File: /path  Size: 1048576  Mode: O_DSYNC …"
     let tokens: Vec<&str> = info.split_whitespace().collect();
     let field = |key: &str| {
@@ -206,87 +205,79 @@ fn storage_object(dir: &Path, hba: &str, name: &str) -> StorageObject {
     StorageObject {
         hba: hba.to_owned(),
         name: name.to_owned(),
-        enabled: text(&dir.join("enable")) == "1",
+        enabled: text(&dir.enable()) == "1",
         file: field("File:"),
         size: field("Size:").and_then(|s| s.parse().ok()),
         buffered: info.contains("Buffered-WCE"),
-        serial: text(&dir.join("wwn/vpd_unit_serial"))
+        serial: text(&dir.unit_serial())
             .trim_start_matches("T10 VPD Unit Serial Number:")
             .trim()
             .to_owned(),
-        block_size: text(&dir.join("attrib/block_size")).parse().unwrap_or(0),
+        block_size: text(&dir.block_size()).parse().unwrap_or(0),
     }
 }
 
-fn tpg(dir: &Path, tag: u16) -> io::Result<Tpg> {
+fn tpg(dir: &TpgDir, tag: u16) -> io::Result<Tpg> {
     let mut tpg = Tpg {
         tag,
-        enabled: text(&dir.join("enable")) == "1",
-        alias: text(&dir.join("param/TargetAlias")),
+        enabled: text(&dir.enable()) == "1",
+        alias: text(&dir.alias()),
         attributes: ATTRIBUTES
             .iter()
-            .map(|a| ((*a).to_owned(), text(&dir.join("attrib").join(a))))
+            .map(|a| ((*a).to_owned(), text(&dir.attribute(a))))
             .collect(),
-        portals: dirs(&dir.join("np"))?,
+        portals: dirs(&dir.portals())?,
         ..Tpg::default()
     };
-    for lun in dirs(&dir.join("lun"))? {
-        let Some(index) = lun.strip_prefix("lun_").and_then(|i| i.parse().ok()) else {
+    for lun in dirs(&dir.luns())? {
+        let Some(index) = lun_index(&lun) else {
             continue;
         };
-        let storage = links(&dir.join("lun").join(&lun))?
-            .into_iter()
-            .find_map(|parts| {
-                let n = parts.len();
-                (n >= 2).then(|| (parts[n - 2].clone(), parts[n - 1].clone()))
-            });
+        let storage = links(&dir.lun(index))?.into_iter().find_map(|parts| {
+            let n = parts.len();
+            (n >= 2).then(|| (parts[n - 2].clone(), parts[n - 1].clone()))
+        });
         tpg.luns.push(TpgLun { index, storage });
     }
-    for initiator in dirs(&dir.join("acls"))? {
-        tpg.acls
-            .push(acl(&dir.join("acls").join(&initiator), &initiator)?);
+    for initiator in dirs(&dir.acls())? {
+        tpg.acls.push(acl(&dir.acl(&initiator), &initiator)?);
     }
     Ok(tpg)
 }
 
-fn acl(dir: &Path, initiator: &str) -> io::Result<Acl> {
+fn acl(dir: &AclDir, initiator: &str) -> io::Result<Acl> {
     let secret = |file: &str| {
-        let value = text(&dir.join("auth").join(file));
+        let value = text(&dir.auth(file));
         (!value.is_empty() && value != "NULL").then(|| Password::new(value))
+    };
+    let userid = |file: &str| {
+        Some(text(&dir.auth(file)))
+            .filter(|v| v != "NULL")
+            .unwrap_or_default()
     };
     let mut acl = Acl {
         initiator: initiator.to_owned(),
-        userid: text(&dir.join("auth/userid")),
+        userid: userid("userid"),
         password: secret("password"),
-        userid_mutual: text(&dir.join("auth/userid_mutual")),
+        userid_mutual: userid("userid_mutual"),
         password_mutual: secret("password_mutual"),
         ..Acl::default()
     };
-    for name in ["userid", "userid_mutual"] {
-        let value = if name == "userid" {
-            &mut acl.userid
-        } else {
-            &mut acl.userid_mutual
-        };
-        if value == "NULL" {
-            value.clear();
-        }
-    }
-    for lun in dirs(dir)? {
-        let Some(index) = lun.strip_prefix("lun_").and_then(|i| i.parse().ok()) else {
+    for lun in dirs(dir.path())? {
+        let Some(index) = lun_index(&lun) else {
             continue;
         };
-        let tpg_lun = links(&dir.join(&lun))?
+        let tpg_lun = links(&dir.mapped_lun(index))?
             .into_iter()
-            .find_map(|parts| parts.last()?.strip_prefix("lun_")?.parse().ok());
+            .find_map(|parts| lun_index(parts.last()?));
         acl.mapped.push(MappedLun {
             index,
             tpg_lun,
-            write_protect: text(&dir.join(&lun).join("write_protect")) == "1",
+            write_protect: text(&dir.write_protect(index)) == "1",
         });
     }
     // "   Address 10.0.2.2 TCP  StatSN: 0x…" for each logged-in connection.
-    acl.sessions = text(&dir.join("info"))
+    acl.sessions = text(&dir.info())
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Address "))
         .filter_map(|rest| rest.split_whitespace().next())

@@ -8,11 +8,12 @@
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::layout::{Root, TPG_TAG, TpgDir};
 use super::plan::{HBA, LioOp, StorageSpec};
 use crate::backend::BackendError;
 
 pub struct Configfs {
-    pub root: PathBuf,
+    pub root: Root,
 }
 
 fn failed(op: &LioOp, path: &Path, error: &io::Error) -> BackendError {
@@ -33,16 +34,8 @@ fn failed(op: &LioOp, path: &Path, error: &io::Error) -> BackendError {
 }
 
 impl Configfs {
-    fn iscsi(&self) -> PathBuf {
-        self.root.join("iscsi")
-    }
-
-    fn tpg(&self, iqn: &str) -> PathBuf {
-        self.iscsi().join(iqn).join("tpgt_1")
-    }
-
-    fn acl(&self, iqn: &str, initiator: &str) -> PathBuf {
-        self.tpg(iqn).join("acls").join(initiator)
+    fn tpg(&self, iqn: &str) -> TpgDir {
+        self.root.tpg(iqn, TPG_TAG)
     }
 
     pub fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
@@ -75,51 +68,45 @@ impl Configfs {
             Ok(())
         };
         match op {
-            LioOp::CreateHba => mkdir(&self.root.join("core").join(HBA)),
+            LioOp::CreateHba => mkdir(&self.root.hba(HBA)),
             LioOp::CreateStorage(spec) => self.create_storage(op, spec),
-            LioOp::DeleteStorage { hba, name } => {
-                rmdir(&self.root.join("core").join(hba).join(name))
-            }
+            LioOp::DeleteStorage { hba, name } => rmdir(self.root.storage(hba, name).path()),
             LioOp::CreateTarget { iqn } => {
                 // The first `mkdir iscsi` loads iscsi_target_mod.
-                mkdir(&self.iscsi())?;
-                mkdir(&self.iscsi().join(iqn))
+                mkdir(&self.root.iscsi())?;
+                mkdir(&self.root.target(iqn))
             }
             LioOp::CreateTpg { iqn, alias } => {
-                mkdir(&self.tpg(iqn))?;
-                write(&self.tpg(iqn).join("param/TargetAlias"), alias)
+                mkdir(self.tpg(iqn).path())?;
+                write(&self.tpg(iqn).alias(), alias)
             }
             LioOp::SetAttribute { iqn, name, value } => {
-                write(&self.tpg(iqn).join("attrib").join(name), value)
+                write(&self.tpg(iqn).attribute(name), value)
             }
-            LioOp::EnableTpg { iqn, enable } => write(
-                &self.tpg(iqn).join("enable"),
-                if *enable { "1" } else { "0" },
-            ),
-            LioOp::AddPortal { iqn, portal } => mkdir(&self.tpg(iqn).join("np").join(portal)),
-            LioOp::RemovePortal { iqn, portal } => rmdir(&self.tpg(iqn).join("np").join(portal)),
+            LioOp::EnableTpg { iqn, enable } => {
+                write(&self.tpg(iqn).enable(), if *enable { "1" } else { "0" })
+            }
+            LioOp::AddPortal { iqn, portal } => mkdir(&self.tpg(iqn).portal(portal)),
+            LioOp::RemovePortal { iqn, portal } => rmdir(&self.tpg(iqn).portal(portal)),
             LioOp::AddLun { iqn, lun, storage } => {
-                let dir = self.tpg(iqn).join("lun").join(format!("lun_{lun}"));
-                mkdir(&dir)?;
-                link(
-                    &self.root.join("core").join(HBA).join(storage),
-                    &dir.join("discus"),
-                )
+                let tpg = self.tpg(iqn);
+                mkdir(&tpg.lun(*lun))?;
+                link(self.root.storage(HBA, storage).path(), &tpg.lun_link(*lun))
             }
             LioOp::RemoveLun { iqn, lun } => {
-                let dir = self.tpg(iqn).join("lun").join(format!("lun_{lun}"));
+                let dir = self.tpg(iqn).lun(*lun);
                 unlink_all(&dir)?;
                 rmdir(&dir)
             }
-            LioOp::CreateAcl { iqn, initiator } => mkdir(&self.acl(iqn, initiator)),
-            LioOp::DeleteAcl { iqn, initiator } => rmdir(&self.acl(iqn, initiator)),
+            LioOp::CreateAcl { iqn, initiator } => mkdir(self.tpg(iqn).acl(initiator).path()),
+            LioOp::DeleteAcl { iqn, initiator } => rmdir(self.tpg(iqn).acl(initiator).path()),
             LioOp::SetAuth {
                 iqn,
                 initiator,
                 field,
                 value,
             } => write(
-                &self.acl(iqn, initiator).join("auth").join(field.file()),
+                &self.tpg(iqn).acl(initiator).auth(field.file()),
                 value.expose(),
             ),
             LioOp::MapLun {
@@ -128,14 +115,11 @@ impl Configfs {
                 lun,
                 write_protect,
             } => {
-                let dir = self.acl(iqn, initiator).join(format!("lun_{lun}"));
-                mkdir(&dir)?;
-                link(
-                    &self.tpg(iqn).join("lun").join(format!("lun_{lun}")),
-                    &dir.join("lun"),
-                )?;
+                let (tpg, acl) = (self.tpg(iqn), self.tpg(iqn).acl(initiator));
+                mkdir(&acl.mapped_lun(*lun))?;
+                link(&tpg.lun(*lun), &acl.mapped_lun_link(*lun))?;
                 write(
-                    &dir.join("write_protect"),
+                    &acl.write_protect(*lun),
                     if *write_protect { "1" } else { "0" },
                 )
             }
@@ -144,7 +128,7 @@ impl Configfs {
                 initiator,
                 lun,
             } => {
-                let dir = self.acl(iqn, initiator).join(format!("lun_{lun}"));
+                let dir = self.tpg(iqn).acl(initiator).mapped_lun(*lun);
                 unlink_all(&dir)?;
                 rmdir(&dir)
             }
@@ -154,22 +138,21 @@ impl Configfs {
                 lun,
                 write_protect,
             } => write(
-                &self
-                    .acl(iqn, initiator)
-                    .join(format!("lun_{lun}"))
-                    .join("write_protect"),
+                &self.tpg(iqn).acl(initiator).write_protect(*lun),
                 if *write_protect { "1" } else { "0" },
             ),
-            LioOp::DeleteTpg { iqn } => rmdir(&self.tpg(iqn)),
-            LioOp::DeleteTarget { iqn } => rmdir(&self.iscsi().join(iqn)),
+            LioOp::DeleteTpg { iqn } => rmdir(self.tpg(iqn).path()),
+            LioOp::DeleteTarget { iqn } => rmdir(&self.root.target(iqn)),
         }
     }
 
     /// mkdir → control → udev_path → enable → serial and block size, all before any LUN links it.
     fn create_storage(&self, op: &LioOp, spec: &StorageSpec) -> Result<(), BackendError> {
-        let dir = self.root.join("core").join(HBA).join(&spec.name);
-        match std::fs::create_dir(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(failed(op, &dir, &e)),
+        let storage = self.root.storage(HBA, &spec.name);
+        match std::fs::create_dir(storage.path()) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(failed(op, storage.path(), &e));
+            }
             _ => {}
         }
         let file = spec.file.display().to_string();
@@ -177,18 +160,18 @@ impl Configfs {
         if spec.buffered {
             control.push_str(",fd_buffered_io=1");
         }
-        let steps: [(&str, String); 5] = [
-            ("control", control),
-            ("udev_path", file),
-            ("enable", "1".into()),
-            ("wwn/vpd_unit_serial", spec.serial.clone()),
-            ("attrib/block_size", spec.block_size.to_string()),
+        let enable = storage.enable();
+        let steps: [(PathBuf, String); 5] = [
+            (storage.control(), control),
+            (storage.udev_path(), file),
+            (enable.clone(), "1".into()),
+            (storage.unit_serial(), spec.serial.clone()),
+            (storage.block_size(), spec.block_size.to_string()),
         ];
-        for (attribute, value) in steps {
-            let path = dir.join(attribute);
+        for (path, value) in steps {
             match write_value(&path, &value) {
                 // Enabling twice says EEXIST: it is enabled.
-                Err(e) if attribute == "enable" && e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if path == enable && e.kind() == io::ErrorKind::AlreadyExists => {}
                 other => other.map_err(|e| failed(op, &path, &e))?,
             }
         }

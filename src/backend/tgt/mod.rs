@@ -1,5 +1,5 @@
 //! The tgt backend: discus's own `tgtd`, on its own control port, driven with tgtadm — in the
-//! same steps as LIO: read (`show`), plan (pure), write (`argv`, and what discus owns).
+//! same steps as LIO: read (`--op show` into model.rs), plan (pure), write (`argv`, and what discus owns).
 //!
 //! discus starts tgtd when none answers on its control port and adopts the one that does, so a
 //! restart of discus leaves targets serving (`daemon`). tgtd never touches a host's other tgtd
@@ -7,8 +7,10 @@
 //! anything else in the daemon is left alone.
 
 mod daemon;
+mod model;
+mod owned;
 mod plan;
-mod show;
+mod read;
 mod tgtadm;
 mod view;
 mod write;
@@ -19,8 +21,8 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+pub use model::TgtState;
 pub use plan::{Owned, TgtOp, device_lun};
-pub use show::TgtState;
 use tgtadm::Tgtadm;
 
 use super::{Backend, BackendError, Capabilities, Plan, Session};
@@ -140,20 +142,7 @@ impl TgtBackend {
     }
 
     async fn read_state(&self) -> Result<TgtState, BackendError> {
-        let show = |mode| ["--mode", mode, "--op", "show"];
-        let targets = self.tgtadm.run_plain(&show("target")).await?;
-        let accounts = self.tgtadm.run_plain(&show("account")).await?;
-        let portals = self.tgtadm.run_plain(&show("portal")).await?;
-        Ok(TgtState {
-            // Output discus cannot read is a failure to report, not a reason to restart tgtd.
-            targets: show::parse_targets(&targets).map_err(|e| BackendError::Failed {
-                operation: "tgtadm --mode target --op show".into(),
-                message: e.to_string(),
-            })?,
-            accounts: show::parse_accounts(&accounts),
-            portals: show::parse_portals(&portals),
-            kept: BTreeSet::new(),
-        })
+        read::state(&self.tgtadm).await
     }
 
     /// Records what `op` is about to change. An account's password is marked unknown — durably —

@@ -1,59 +1,32 @@
-//! Parsers for `tgtadm --op show`: the text tgtd prints, into a typed model.
+//! Reads tgtd: `tgtadm --op show` for targets, accounts and portals, and the parsers of the
+//! text tgtd prints into the model (model.rs).
 //!
 //! The format is indentation-based (four spaces a level). Unknown lines are ignored, so a newer
 //! tgt that prints more does not break the reader; a line that should be a number and is not is
 //! an error, because a misread state would make the planner do the wrong thing.
 
-/// Everything tgtd holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TgtState {
-    pub targets: Vec<TgtTarget>,
-    /// Every account (`--mode account --op show`).
-    pub accounts: Vec<String>,
-    /// Listening portals, `address:port` as tgtd prints them (`[v6]:port` for IPv6).
-    pub portals: Vec<String>,
-    /// Targets discus made that a pass over partial input keeps (see `keep_undeclared`): not
-    /// read from tgtd.
-    pub kept: std::collections::BTreeSet<String>,
-}
+use std::collections::BTreeSet;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TgtTarget {
-    pub tid: u32,
-    pub name: String,
-    /// `ready` or `offline`.
-    pub state: String,
-    pub sessions: Vec<TgtSession>,
-    pub luns: Vec<TgtLun>,
-    /// Incoming account names.
-    pub accounts: Vec<String>,
-    pub outgoing_account: Option<String>,
-    /// Initiator names and addresses allowed to log in.
-    pub acls: Vec<String>,
-    /// Addresses allowed to log in (`ALL`, `192.168.1.0/24`): discus never binds one, and
-    /// removes any it finds on its targets.
-    pub address_acls: Vec<String>,
-}
+use super::model::{TgtLun, TgtSession, TgtState, TgtTarget};
+use super::tgtadm::Tgtadm;
+use crate::backend::BackendError;
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TgtSession {
-    /// The I_T nexus id, which `--mode conn --op delete` calls `--sid`.
-    pub sid: u64,
-    pub initiator: String,
-    pub connections: Vec<u32>,
-    pub address: Option<String>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TgtLun {
-    pub lun: u32,
-    /// `disk`, `cd/dvd`, `controller`, …
-    pub kind: String,
-    pub scsi_id: String,
-    pub scsi_sn: String,
-    pub block_size: u32,
-    pub readonly: bool,
-    pub backing_path: Option<String>,
+/// Everything tgtd holds now.
+pub async fn state(tgtadm: &Tgtadm) -> Result<TgtState, BackendError> {
+    let show = |mode| ["--mode", mode, "--op", "show"];
+    let targets = tgtadm.run_plain(&show("target")).await?;
+    let accounts = tgtadm.run_plain(&show("account")).await?;
+    let portals = tgtadm.run_plain(&show("portal")).await?;
+    Ok(TgtState {
+        // Output discus cannot read is a failure to report, not a reason to restart tgtd.
+        targets: parse_targets(&targets).map_err(|e| BackendError::Failed {
+            operation: "tgtadm --mode target --op show".into(),
+            message: e.to_string(),
+        })?,
+        accounts: parse_accounts(&accounts),
+        portals: parse_portals(&portals),
+        kept: BTreeSet::new(),
+    })
 }
 
 #[derive(Debug, thiserror::Error)]

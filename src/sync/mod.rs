@@ -1,0 +1,35 @@
+//! The whole-node sync: the same loop for `discus serve` and the Kubernetes agent.
+//!
+//! Level-triggered: every pass computes the complete desired state of the node from all the
+//! resources, diffs it against what the backend holds, applies only the difference, and observes
+//! again to see what converged. One pass at a time (one writer per node); images download in the
+//! background and a finished import asks for another pass.
+
+mod reconcile;
+mod report;
+mod requests;
+mod syncer;
+
+use std::collections::BTreeMap;
+
+use crate::api::chap::SecretData;
+use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
+use crate::desired::ObjectKey;
+
+pub use report::{NextPass, NodeReport, Pass, Unsettled};
+pub use syncer::Syncer;
+
+/// Everything declared: the input of a sync.
+#[derive(Clone, Debug, Default)]
+pub struct Resources {
+    pub images: Vec<DiscImage>,
+    pub targets: Vec<IscsiTarget>,
+    pub grants: Vec<InitiatorAccess>,
+    pub secrets: BTreeMap<ObjectKey, SecretData>,
+    /// Some input could not be read and nothing earlier is known of it: what these resources do
+    /// not declare may still be declared there. A pass then removes no target and no image.
+    pub partial: bool,
+}
+
+#[cfg(test)]
+mod tests;

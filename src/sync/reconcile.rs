@@ -1,0 +1,253 @@
+//! Observe, plan, apply, observe again: one pass's work on the backend — everything, or after a
+//! change only the targets it touched — and what it leaves the next pass (its memory).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+
+use super::report::{NodeReport, Pass, Unsettled};
+use super::syncer::Syncer;
+use crate::backend::{Backend, BackendError, Failures, Operation, Session};
+use crate::desired::{DesiredState, Kind, Problem, TargetConfig};
+use crate::metrics::ErrorKind;
+
+/// What the previous pass left for the next.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Memory {
+    targets: Option<Vec<TargetConfig>>,
+    converged: bool,
+    sessions: Vec<Session>,
+    /// What the backend refused, by target IQN.
+    refused: Vec<(String, Problem)>,
+}
+
+impl<B: Backend> Syncer<B> {
+    /// Observe, plan, apply, observe again — everything, or, after a change, only the targets
+    /// it touched (when the backend can, and the last pass converged).
+    pub(super) async fn reconcile(
+        &self,
+        state: &DesiredState,
+        report: &mut NodeReport,
+        pass: Pass,
+        partial: bool,
+    ) {
+        for target in &state.targets {
+            for lun in &target.luns {
+                report
+                    .device_luns
+                    .insert(lun.lun, self.backend.device_lun(lun.lun));
+            }
+        }
+        let memory = self.memory.lock().clone();
+        let scope = (pass == Pass::Changes && self.backend.scoped() && memory.converged)
+            .then_some(memory.targets.as_ref())
+            .flatten()
+            .map(|before| changed_targets(before, &state.targets));
+        let desired: Vec<TargetConfig> = match &scope {
+            Some(iqns) => {
+                tracing::debug!(targets = iqns.len(), "sync scoped to the changed targets");
+                (state.targets.iter())
+                    .filter(|t| iqns.contains(&t.iqn))
+                    .cloned()
+                    .collect()
+            }
+            None => state.targets.clone(),
+        };
+        report.scope = scope.clone();
+        let observe = || async {
+            let mut observed = match &scope {
+                Some(iqns) if iqns.is_empty() => return None,
+                Some(iqns) => self.backend.observe_scoped(&desired, iqns).await,
+                None => self.backend.observe().await,
+            };
+            if partial && let Ok(observed) = &mut observed {
+                self.backend.keep_undeclared(observed, &desired);
+            }
+            Some(observed)
+        };
+
+        let observed = match observe().await {
+            // Nothing changed since a converged pass: nothing to read, nothing to do.
+            None => {
+                report.sessions = memory.sessions.clone();
+                report
+                    .problems
+                    .extend(memory.refused.iter().map(|(_, p)| p.clone()));
+                self.record_sessions(report);
+                return;
+            }
+            Some(Ok(observed)) => observed,
+            Some(Err(error)) => {
+                self.metrics.error(ErrorKind::BackendObserve);
+                report.unsettled.extend(desired.iter().map(|t| Unsettled {
+                    target: Some(t.iqn.clone()),
+                    initiator: None,
+                    message: format!("{} backend: {error}", self.backend.name()),
+                }));
+                self.remember(state, report, &memory, scope.as_ref(), Vec::new());
+                return;
+            }
+        };
+        let plan = self.backend.plan(&desired, &observed);
+        self.apply(&plan.ops, report).await;
+        report.problems.extend(plan.refused.iter().cloned());
+        let refused = plan
+            .refused
+            .into_iter()
+            .map(|problem| (refused_target(&desired, &problem), problem))
+            .collect();
+        let after = if plan.ops.is_empty() {
+            // Nothing was changed: what was observed is what holds.
+            Ok(observed)
+        } else {
+            observe()
+                .await
+                .unwrap_or_else(|| Err(BackendError::Unreachable("nothing to observe".into())))
+        };
+        self.check_converged(&desired, after, report);
+        self.remember(state, report, &memory, scope.as_ref(), refused);
+        self.record_sessions(report);
+    }
+
+    /// Applies a plan in its order. After a failure, what builds on it would build on a missing
+    /// step and is left out; revocations still run.
+    async fn apply(&self, ops: &[B::Op], report: &mut NodeReport) {
+        let mut failures = Failures::default();
+        for op in ops {
+            if !failures.admit(op) {
+                continue;
+            }
+            tracing::info!(backend = self.backend.name(), "{op}");
+            let applied = self.backend.apply(op).await;
+            self.metrics
+                .backend_operation(self.backend.name(), applied.is_ok());
+            if let Err(error) = applied {
+                tracing::warn!(backend = self.backend.name(), %error, "{op} failed");
+                failures.record(op);
+                report.unsettled.push(Unsettled {
+                    target: op.target().map(str::to_owned),
+                    initiator: op.initiator().map(str::to_owned),
+                    message: error.to_string(),
+                });
+            }
+        }
+    }
+
+    /// What the backend holds after applying: whatever a new plan would still do did not
+    /// converge (unless it already failed); the sessions are what it holds now.
+    fn check_converged(
+        &self,
+        desired: &[TargetConfig],
+        after: Result<B::Observed, BackendError>,
+        report: &mut NodeReport,
+    ) {
+        let after = match after {
+            Ok(after) => after,
+            Err(error) => {
+                report.unsettled.push(Unsettled {
+                    target: None,
+                    initiator: None,
+                    message: format!("{} backend: {error}", self.backend.name()),
+                });
+                return;
+            }
+        };
+        for op in self.backend.plan(desired, &after).ops {
+            let already = report.unsettled.iter().any(|u| {
+                u.target.as_deref() == op.target() && u.initiator.as_deref() == op.initiator()
+            });
+            if !already {
+                report.unsettled.push(Unsettled {
+                    target: op.target().map(str::to_owned),
+                    initiator: op.initiator().map(str::to_owned),
+                    message: format!("not converged: {op}"),
+                });
+            }
+        }
+        report.sessions = self.backend.sessions(&after);
+    }
+
+    /// Keeps what the next pass needs to scope itself: the targets as applied, whether they
+    /// converged, and what the backend said of the targets this pass did not read — their
+    /// sessions, and what it refused — which this pass reports as still true.
+    fn remember(
+        &self,
+        state: &DesiredState,
+        report: &mut NodeReport,
+        before: &Memory,
+        scope: Option<&BTreeSet<String>>,
+        mut refused: Vec<(String, Problem)>,
+    ) {
+        if let Some(iqns) = scope {
+            let kept = before
+                .sessions
+                .iter()
+                .filter(|s| !iqns.contains(&s.target))
+                .cloned();
+            report.sessions.extend(kept);
+            report.sessions.sort();
+            let kept: Vec<(String, Problem)> = before
+                .refused
+                .iter()
+                .filter(|(iqn, _)| !iqns.contains(iqn))
+                .cloned()
+                .collect();
+            report.problems.extend(kept.iter().map(|(_, p)| p.clone()));
+            refused.extend(kept);
+        }
+        *self.memory.lock() = Memory {
+            targets: Some(state.targets.clone()),
+            converged: report.unsettled.is_empty(),
+            sessions: report.sessions.clone(),
+            refused,
+        };
+    }
+
+    /// When each live session was first seen, for status.
+    fn record_sessions(&self, report: &mut NodeReport) {
+        let now = Timestamp::now();
+        {
+            let mut since = self.session_since.lock();
+            let live: BTreeSet<(String, String, String)> = report
+                .sessions
+                .iter()
+                .map(|s| {
+                    (
+                        s.target.clone(),
+                        s.initiator.clone(),
+                        s.address.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            since.retain(|k, _| live.contains(k));
+            for key in live {
+                since.entry(key).or_insert(now);
+            }
+            report.session_since = since.clone();
+        }
+    }
+}
+
+/// The IQN of the target a refusal is about: the target itself, or the one a grant applies to.
+fn refused_target(targets: &[TargetConfig], problem: &Problem) -> String {
+    targets
+        .iter()
+        .find(|t| match problem.kind {
+            Kind::IscsiTarget => t.owner == problem.key,
+            _ => t.acls.iter().any(|a| a.grant == problem.key),
+        })
+        .map(|t| t.iqn.clone())
+        .unwrap_or_default()
+}
+
+/// The targets (IQNs) whose desired configuration differs between two passes, added and removed
+/// ones included.
+fn changed_targets(before: &[TargetConfig], now: &[TargetConfig]) -> BTreeSet<String> {
+    let now: BTreeMap<&str, &TargetConfig> = now.iter().map(|t| (t.iqn.as_str(), t)).collect();
+    let then: BTreeMap<&str, &TargetConfig> = before.iter().map(|t| (t.iqn.as_str(), t)).collect();
+    now.keys()
+        .chain(then.keys())
+        .filter(|iqn| now.get(*iqn) != then.get(*iqn))
+        .map(|iqn| (*iqn).to_owned())
+        .collect()
+}

@@ -1,0 +1,310 @@
+//! What one pass found and did on this node — the input of status, events and metrics — with
+//! the lookups status needs built once per pass, and when the next pass is due.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::backend::Session;
+use crate::desired::{self, DesiredState, Kind, ObjectKey, Problem, TargetConfig};
+use crate::images::manager::ImageState;
+use crate::metrics::PassSummary;
+
+/// Work that did not converge: an operation that failed, or one still planned after applying.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsettled {
+    pub target: Option<String>,
+    pub initiator: Option<String>,
+    pub message: String,
+}
+
+/// What one pass found and did on this node: the input of status.
+#[derive(Debug, Default)]
+pub struct NodeReport {
+    pub node: String,
+    pub backend: &'static str,
+    pub desired: DesiredState,
+    /// The desired state's problems, what the backend refused, and images that cannot be had.
+    pub problems: Vec<Problem>,
+    pub unsettled: Vec<Unsettled>,
+    pub sessions: Vec<Session>,
+    /// When each session (target, initiator, address) was first seen.
+    pub session_since: BTreeMap<(String, String, String), Timestamp>,
+    pub images: BTreeMap<ObjectKey, ImageState>,
+    /// API LUN → the LUN initiators see.
+    pub device_luns: BTreeMap<u32, u32>,
+    /// The targets (IQNs) this pass read and reconciled; `None` when it covered all of them.
+    /// Every other target is as the previous pass left it.
+    pub scope: Option<BTreeSet<String>>,
+    /// Lookups for status, built once a pass: statuses of thousands of resources must not each
+    /// search the whole report.
+    index: ReportIndex,
+}
+
+#[derive(Debug, Default)]
+struct ReportIndex {
+    target_by_owner: BTreeMap<ObjectKey, usize>,
+    acl_by_grant: BTreeMap<ObjectKey, (usize, usize)>,
+    problems: BTreeMap<(Kind, ObjectKey), Vec<usize>>,
+    sessions: BTreeMap<String, Vec<usize>>,
+}
+
+impl NodeReport {
+    /// An empty report of a pass on this node.
+    pub fn new(node: &str, backend: &'static str) -> Self {
+        Self {
+            node: node.to_owned(),
+            backend,
+            ..Self::default()
+        }
+    }
+
+    /// Builds the lookups once the report is complete.
+    pub(super) fn index(&mut self) {
+        let mut index = ReportIndex::default();
+        for (t, target) in self.desired.targets.iter().enumerate() {
+            index.target_by_owner.insert(target.owner.clone(), t);
+            for (a, acl) in target.acls.iter().enumerate() {
+                index.acl_by_grant.insert(acl.grant.clone(), (t, a));
+            }
+        }
+        for (i, problem) in self.problems.iter().enumerate() {
+            index
+                .problems
+                .entry((problem.kind, problem.key.clone()))
+                .or_default()
+                .push(i);
+        }
+        for (i, session) in self.sessions.iter().enumerate() {
+            index
+                .sessions
+                .entry(session.target.clone())
+                .or_default()
+                .push(i);
+        }
+        self.index = index;
+    }
+
+    /// The LUN number initiators see for an API LUN, when it differs (status shows it only then).
+    pub fn device_lun(&self, lun: u32) -> Option<u32> {
+        self.device_luns.get(&lun).copied().filter(|d| *d != lun)
+    }
+
+    pub fn problems_of(&self, kind: Kind, key: &ObjectKey) -> impl Iterator<Item = &Problem> {
+        self.index
+            .problems
+            .get(&(kind, key.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.problems.get(*i))
+    }
+
+    /// The target an IscsiTarget became on this node.
+    pub fn served_target(&self, owner: &ObjectKey) -> Option<&TargetConfig> {
+        self.index
+            .target_by_owner
+            .get(owner)
+            .and_then(|t| self.desired.targets.get(*t))
+    }
+
+    /// The target and ACL a grant became on this node.
+    pub fn grant_acl(&self, grant: &ObjectKey) -> Option<(&TargetConfig, &desired::AclConfig)> {
+        let (t, a) = self.index.acl_by_grant.get(grant)?;
+        let target = self.desired.targets.get(*t)?;
+        Some((target, target.acls.get(*a)?))
+    }
+
+    /// The sessions on a target.
+    pub fn sessions_on(&self, iqn: &str) -> impl Iterator<Item = &Session> {
+        self.index
+            .sessions
+            .get(iqn)
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.sessions.get(*i))
+    }
+
+    /// Whether this pass left a served target exactly as the previous pass did — outside its
+    /// scope, without a problem, with nothing unsettled node-wide — so that its status is the
+    /// previous one, unless its own declaration changed.
+    pub fn untouched_target(&self, owner: &ObjectKey) -> bool {
+        self.served_target(owner)
+            .is_some_and(|target| self.untouched(&target.iqn))
+            && self.problems_of(Kind::IscsiTarget, owner).next().is_none()
+    }
+
+    /// Like `untouched_target`, for a grant and the target it applies to.
+    pub fn untouched_grant(&self, grant: &ObjectKey) -> bool {
+        self.grant_acl(grant)
+            .is_some_and(|(target, _)| self.untouched(&target.iqn))
+            && self
+                .problems_of(Kind::InitiatorAccess, grant)
+                .next()
+                .is_none()
+            && !self.desired.expired.contains(grant)
+    }
+
+    /// What metrics count of this pass.
+    pub fn summary(&self, pass: Pass, took: std::time::Duration) -> PassSummary<'_> {
+        PassSummary {
+            pass: pass.label(),
+            took,
+            targets: self.desired.targets.len(),
+            sessions: self.sessions.iter().map(|s| s.target.as_str()).collect(),
+            problems: self
+                .problems
+                .iter()
+                .map(|p| (p.kind.as_str(), p.reason.to_string()))
+                .collect(),
+            images: self
+                .images
+                .values()
+                .map(|image| match image {
+                    ImageState::Ready(stored) => ("ready", stored.virtual_size),
+                    ImageState::InProgress(_) => ("in_progress", 0),
+                    ImageState::Failed { .. } => ("failed", 0),
+                })
+                .collect(),
+        }
+    }
+
+    fn untouched(&self, iqn: &str) -> bool {
+        self.scope
+            .as_ref()
+            .is_some_and(|scope| !scope.contains(iqn))
+            && self.unsettled.iter().all(|u| u.target.is_some())
+    }
+
+    /// What did not converge for a target (`initiator: None`) or for one grant on it: its own
+    /// work, and work that concerns every target (a backend that cannot be reached).
+    pub fn unsettled_messages(&self, iqn: &str, initiator: Option<&str>) -> Vec<&str> {
+        self.unsettled
+            .iter()
+            .filter(|u| match (&u.target, &u.initiator) {
+                (None, _) => true,
+                (Some(target), None) => target == iqn,
+                (Some(target), Some(who)) => target == iqn && initiator == Some(who.as_str()),
+            })
+            .map(|u| u.message.as_str())
+            .collect()
+    }
+}
+
+/// When the next pass is due without any change: at the next grant's expiry, or after `resync`
+/// for a full pass that catches drift.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextPass {
+    pub after: std::time::Duration,
+    pub pass: Pass,
+}
+
+impl NodeReport {
+    pub fn next_pass(&self, resync: std::time::Duration) -> NextPass {
+        let expiry = self.desired.next_expiry.map(|at| {
+            let wait = at.duration_since(Timestamp::now());
+            // Just past the instant, so the pass sees the grant expired.
+            std::time::Duration::try_from(wait).unwrap_or_default()
+                + std::time::Duration::from_millis(10)
+        });
+        match expiry {
+            Some(expiry) if expiry < resync => NextPass {
+                after: expiry,
+                pass: Pass::Changes,
+            },
+            _ => NextPass {
+                after: resync,
+                pass: Pass::Full,
+            },
+        }
+    }
+}
+
+/// Why a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Read everything: the first pass, and the periodic one that finds drift.
+    Full,
+    /// Something declared changed (a file, an image, the clock of a grant): read only the
+    /// targets the change touches, when the backend can.
+    Changes,
+}
+
+impl Pass {
+    /// Its name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Changes => "changes",
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::Reason;
+
+    fn target(name: &str, grants: &[&str]) -> TargetConfig {
+        TargetConfig {
+            iqn: format!("iqn.2026-11.dev.discus:{name}"),
+            owner: ObjectKey::new("lab", name),
+            portals: Vec::new(),
+            chap_required: false,
+            luns: Vec::new(),
+            acls: grants
+                .iter()
+                .map(|g| desired::AclConfig {
+                    initiator: format!("iqn.2026-11.dev.discus:{g}"),
+                    grant: ObjectKey::new("lab", *g),
+                    chap: None,
+                    luns: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn report(scope: Option<&[&str]>) -> NodeReport {
+        let mut report = NodeReport {
+            scope: scope.map(|s| {
+                s.iter()
+                    .map(|t| format!("iqn.2026-11.dev.discus:{t}"))
+                    .collect()
+            }),
+            ..NodeReport::default()
+        };
+        report.desired.targets = vec![target("a", &["a1"]), target("b", &["b1", "b2"])];
+        report.problems.push(Problem {
+            kind: Kind::InitiatorAccess,
+            key: ObjectKey::new("lab", "b2"),
+            reason: Reason::SecretNotFound,
+            message: "spec.chap.secretRef: Secret chap not found".into(),
+        });
+        report.index();
+        report
+    }
+
+    #[test]
+    fn only_what_a_scoped_pass_did_not_read_is_untouched() {
+        let key = |name: &str| ObjectKey::new("lab", name);
+        let scoped = report(Some(&["a"]));
+        assert!(!scoped.untouched_target(&key("a")), "in scope");
+        assert!(!scoped.untouched_grant(&key("a1")), "its target in scope");
+        assert!(scoped.untouched_target(&key("b")));
+        assert!(scoped.untouched_grant(&key("b1")));
+        assert!(!scoped.untouched_grant(&key("b2")), "it has a problem");
+        assert!(!scoped.untouched_target(&key("c")), "not served");
+
+        let full = report(None);
+        assert!(
+            !full.untouched_target(&key("b")),
+            "a full pass reads everything"
+        );
+
+        let mut unsettled = report(Some(&["a"]));
+        unsettled.unsettled.push(Unsettled {
+            target: None,
+            initiator: None,
+            message: "lio backend: configfs is gone".into(),
+        });
+        assert!(!unsettled.untouched_target(&key("b")), "trouble node-wide");
+    }
+}

@@ -1,0 +1,263 @@
+//! The pass: from everything declared to the node's desired state — images looked up, fetched
+//! and copied as the targets placed here need them — then reconciled (reconcile.rs), with
+//! images no longer needed collected.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+// Cannot be poisoned: facts read as empty after a panic would tear every placed target down.
+use parking_lot::Mutex;
+
+use super::Resources;
+use super::reconcile::Memory;
+use super::report::{NodeReport, Pass};
+use super::requests::import_requests;
+use crate::backend::Backend;
+use crate::desired::{
+    self, Backing, DesiredState, Inputs, Kind, NodeFacts, ObjectKey, Problem, ReadyImage, Reason,
+    Settings,
+};
+use crate::images::manager::{ImageManager, ImageState};
+use crate::images::{self, ImportRequest};
+use crate::metrics::Metrics;
+
+pub struct Syncer<B: Backend> {
+    pub(super) backend: B,
+    pub(super) images: ImageManager,
+    /// The node's name, labels and addresses: they change when its Node does.
+    pub(super) node: Mutex<NodeFacts>,
+    pub(super) settings: Settings,
+    pub(super) default_max_virtual_size: u64,
+    /// Fetch every declared image, not only those a target placed here needs (one server that
+    /// is the only node).
+    pub(super) prefetch_all: bool,
+    pub(super) session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
+    pub(super) memory: Mutex<Memory>,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl<B: Backend> Syncer<B> {
+    pub fn new(
+        backend: B,
+        images: ImageManager,
+        node: NodeFacts,
+        mut settings: Settings,
+        default_max_virtual_size: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        settings.cdrom_supported = backend.capabilities().cdrom;
+        Self {
+            metrics,
+            backend,
+            images,
+            node: Mutex::new(node),
+            settings,
+            default_max_virtual_size,
+            prefetch_all: false,
+            session_since: Mutex::default(),
+            memory: Mutex::default(),
+        }
+    }
+
+    /// The node's metrics, which every pass updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Fetches every declared image, as a single server should.
+    pub fn prefetch_all(mut self) -> Self {
+        self.prefetch_all = true;
+        self
+    }
+
+    pub fn images(&self) -> &ImageManager {
+        &self.images
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn node_facts(&self) -> NodeFacts {
+        self.node.lock().clone()
+    }
+
+    /// The node's labels or addresses changed: the next pass places targets by the new ones.
+    pub fn set_node_facts(&self, facts: NodeFacts) {
+        *self.node.lock() = facts;
+    }
+
+    /// One pass. Never fails: what goes wrong is in the report, for status.
+    pub async fn sync(&self, resources: &Resources, now: Timestamp, pass: Pass) -> NodeReport {
+        let started = std::time::Instant::now();
+        self.metrics.pass_started();
+        let node = self.node_facts();
+        self.images.importer().deny_node(&node.own_networks);
+        let mut report = NodeReport::new(&node.name, self.backend.name());
+
+        // What is stored already; the desired state says which of the rest this node needs.
+        let requests = import_requests(
+            resources,
+            self.default_max_virtual_size,
+            &mut report.problems,
+        );
+        let mut ready = BTreeMap::new();
+        let mut partial = resources.partial;
+        for (key, request) in &requests {
+            match self.images.importer().lookup(request) {
+                Ok(Some(stored)) => {
+                    ready.insert(key.clone(), ready_image(&stored));
+                    report.images.insert(key.clone(), ImageState::Ready(stored));
+                }
+                // A record that cannot be read is not "not stored": what it may hold stays.
+                Err(images::ImportError::Store(error)) => {
+                    tracing::warn!(%error, "the image store cannot say what it holds");
+                    partial = true;
+                }
+                Ok(None) | Err(_) => {}
+            }
+        }
+        // Partial input: read everything, so that what it may still declare is seen and kept.
+        let pass = if partial { Pass::Full } else { pass };
+        let mut state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
+        let mut newly_ready = false;
+        let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
+            requests.keys().cloned().collect()
+        } else {
+            state.needed_images.clone()
+        };
+        for key in &wanted {
+            if let Some(request) = requests.get(key)
+                && !ready.contains_key(key)
+            {
+                let image_state = self.images.ensure(request);
+                if let ImageState::Ready(stored) = &image_state {
+                    ready.insert(key.clone(), ready_image(stored));
+                    newly_ready = true;
+                }
+                report.images.insert(key.clone(), image_state);
+            }
+        }
+        if newly_ready {
+            // An image turned out to be stored: compute again with it.
+            state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
+        }
+        for (key, image) in &report.images {
+            if let ImageState::Failed { message, retry_at } = image {
+                report.problems.push(Problem {
+                    kind: Kind::DiscImage,
+                    key: key.clone(),
+                    reason: if retry_at.is_some() {
+                        Reason::ImageNotReady
+                    } else {
+                        Reason::ImportFailed
+                    },
+                    message: message.clone(),
+                });
+            }
+        }
+        self.make_writable_copies(&mut state, &mut report).await;
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "desired state computed"
+        );
+
+        self.reconcile(&state, &mut report, pass, partial).await;
+        report.problems.extend(state.problems.iter().cloned());
+        if !partial {
+            self.collect_garbage(&requests, &state);
+        }
+        report.desired = state;
+        report.index();
+        self.metrics
+            .pass_finished(&report.summary(pass, started.elapsed()));
+        report
+    }
+
+    fn inputs<'a>(
+        &'a self,
+        r: &'a Resources,
+        ready: &'a BTreeMap<ObjectKey, ReadyImage>,
+        node: &'a NodeFacts,
+        now: Timestamp,
+    ) -> Inputs<'a> {
+        Inputs {
+            images: &r.images,
+            targets: &r.targets,
+            grants: &r.grants,
+            secrets: &r.secrets,
+            node,
+            ready,
+            settings: &self.settings,
+            now,
+        }
+    }
+
+    /// Copies the image of every writable LUN that has no copy yet; a LUN whose copy cannot be
+    /// made keeps its target out, with the reason.
+    async fn make_writable_copies(&self, state: &mut DesiredState, report: &mut NodeReport) {
+        let mut failed = Vec::new();
+        for target in &state.targets {
+            for lun in &target.luns {
+                let Backing::WritableCopy { seed, path } = &lun.backing else {
+                    continue;
+                };
+                if path.exists() {
+                    continue;
+                }
+                let (seed, path) = (seed.clone(), path.clone());
+                let copied =
+                    tokio::task::spawn_blocking(move || images::copy_for_writing(&seed, &path))
+                        .await;
+                if let Err(message) = copied
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    failed.push((
+                        target.iqn.clone(),
+                        target.owner.clone(),
+                        format!("LUN {}: cannot make its writable copy: {message}", lun.lun),
+                    ));
+                }
+            }
+        }
+        for (iqn, owner, message) in failed {
+            state.targets.retain(|t| t.iqn != iqn);
+            report.problems.push(Problem {
+                kind: Kind::IscsiTarget,
+                key: owner,
+                reason: Reason::ImageNotReady,
+                message,
+            });
+        }
+    }
+
+    /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a
+    /// complete set of resources, so an empty list here really means "nothing declared".
+    fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
+        let mut needed = images::Needed {
+            sources: Default::default(),
+            served: state
+                .targets
+                .iter()
+                .flat_map(|target| &target.luns)
+                .filter_map(|lun| lun.backing.path().file_stem()?.to_str().map(str::to_owned))
+                .collect(),
+        };
+        for request in requests.values() {
+            needed.source(&request.sha256, &request.requester);
+        }
+        if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
+            tracing::warn!(%error, "garbage collection failed");
+        }
+    }
+}
+
+fn ready_image(stored: &images::StoredImage) -> ReadyImage {
+    ReadyImage {
+        path: stored.path.clone(),
+        size_bytes: stored.virtual_size,
+        served_sha256: stored.served_sha256.clone(),
+    }
+}

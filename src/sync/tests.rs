@@ -1,0 +1,213 @@
+//! The pass around a panic: shared state is held in locks that cannot be poisoned, so a panic
+//! anywhere while the node's facts are held never makes a pass see an empty node — which would
+//! place nothing here and tear down every target a `nodeSelector` placed. The backend is a table
+//! in memory (the planners are tested on their own; this is about the pass), the images go
+//! through the real store.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use sha2::Digest;
+
+use super::*;
+use crate::backend::{Backend, BackendError, Capabilities, Operation, Plan, Session};
+use crate::desired::{NodeFacts, Settings, TargetConfig};
+use crate::images::manager::ImageManager;
+use crate::images::{FetchOptions, Importer, ImporterConfig};
+use crate::metrics::Metrics;
+
+/// Targets by IQN, and every removal ever applied.
+#[derive(Default)]
+struct Table {
+    targets: parking_lot::Mutex<BTreeMap<String, TargetConfig>>,
+    removed: parking_lot::Mutex<Vec<String>>,
+}
+
+#[derive(Debug)]
+enum TableOp {
+    Put(TargetConfig),
+    Remove(String),
+}
+
+impl std::fmt::Display for TableOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Put(target) => write!(f, "put {}", target.iqn),
+            Self::Remove(iqn) => write!(f, "remove {iqn}"),
+        }
+    }
+}
+
+impl Operation for TableOp {
+    fn target(&self) -> Option<&str> {
+        Some(match self {
+            Self::Put(target) => &target.iqn,
+            Self::Remove(iqn) => iqn,
+        })
+    }
+    fn initiator(&self) -> Option<&str> {
+        None
+    }
+    fn revokes(&self) -> bool {
+        matches!(self, Self::Remove(_))
+    }
+}
+
+impl Backend for Table {
+    type Observed = BTreeMap<String, TargetConfig>;
+    type Op = TableOp;
+
+    fn name(&self) -> &'static str {
+        "table"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { cdrom: false }
+    }
+    fn device_lun(&self, lun: u32) -> u32 {
+        lun
+    }
+    async fn observe(&self) -> Result<Self::Observed, BackendError> {
+        Ok(self.targets.lock().clone())
+    }
+    fn keep_undeclared(&self, _: &mut Self::Observed, _: &[TargetConfig]) {}
+    fn plan(&self, desired: &[TargetConfig], observed: &Self::Observed) -> Plan<TableOp> {
+        let mut plan = Plan::default();
+        for target in desired {
+            if observed.get(&target.iqn) != Some(target) {
+                plan.ops.push(TableOp::Put(target.clone()));
+            }
+        }
+        for iqn in observed.keys() {
+            if !desired.iter().any(|t| &t.iqn == iqn) {
+                plan.ops.push(TableOp::Remove(iqn.clone()));
+            }
+        }
+        plan
+    }
+    async fn apply(&self, op: &TableOp) -> Result<(), BackendError> {
+        match op {
+            TableOp::Put(target) => {
+                self.targets
+                    .lock()
+                    .insert(target.iqn.clone(), target.clone());
+            }
+            TableOp::Remove(iqn) => {
+                self.targets.lock().remove(iqn);
+                self.removed.lock().push(iqn.clone());
+            }
+        }
+        Ok(())
+    }
+    fn sessions(&self, _: &Self::Observed) -> Vec<Session> {
+        Vec::new()
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("discus-sync-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A raw disc under `dir`, and a target that `nodeSelector` places on storage nodes.
+fn resources(dir: &std::path::Path) -> Resources {
+    let disc = dir.join("disc.raw");
+    let bytes = vec![7u8; 1 << 20];
+    std::fs::write(&disc, &bytes).expect("disc");
+    let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
+    let image = format!(
+        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: disc, namespace: lab}}\n\
+         spec: {{source: {{file: {{path: {}}}}}, sha256: {sha256}, format: raw}}\n",
+        disc.display()
+    );
+    let target = "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\n\
+                  metadata: {name: boot, namespace: lab}\n\
+                  spec:\n  luns: [{lun: 0, image: disc}]\n  authentication: none\n  \
+                  nodeSelector: {matchLabels: {discus.dev/storage: 'true'}}\n";
+    Resources {
+        images: vec![serde_saphyr::from_str(&image).expect("DiscImage")],
+        targets: vec![serde_saphyr::from_str(target).expect("IscsiTarget")],
+        ..Resources::default()
+    }
+}
+
+fn storage_node() -> NodeFacts {
+    NodeFacts {
+        name: "node-a".into(),
+        labels: [("discus.dev/storage".to_owned(), "true".to_owned())].into(),
+        addresses: vec![std::net::Ipv4Addr::LOCALHOST.into()],
+        own_networks: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
+    let dir = scratch("poison");
+    let importer = Importer::new(ImporterConfig {
+        data_dir: dir.join("data"),
+        file_roots: vec![dir.clone()],
+        fetch: FetchOptions::default(),
+        qemu: crate::images::qemu::QemuImg::default(),
+    })
+    .expect("store");
+    let metrics = Arc::new(Metrics::new());
+    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics));
+    let settings = Settings {
+        writable_dir: dir.join("writable"),
+        ..Settings::default()
+    };
+    let syncer = Arc::new(Syncer::new(
+        Table::default(),
+        images,
+        storage_node(),
+        settings,
+        1 << 30,
+        metrics,
+    ));
+    let resources = resources(&dir);
+
+    // The first pass starts the import; once it is stored, the target is served.
+    let finished = syncer.images().finished();
+    let mut report = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while report.desired.targets.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served: {:?}",
+            report.problems
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), finished.notified()).await;
+        report = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    }
+    let iqn = report.desired.targets[0].iqn.clone();
+    assert!(syncer.backend().targets.lock().contains_key(&iqn));
+
+    // A bug panics while it holds the node's facts (say, in the middle of updating them).
+    let held = Arc::clone(&syncer);
+    let panicked = std::thread::spawn(move || {
+        let _facts = held.node.lock();
+        panic!("a bug while the node's facts are held");
+    })
+    .join();
+    assert!(
+        panicked.is_err(),
+        "the thread panicked while holding the lock"
+    );
+
+    // Every pass after it sees the node as it is, and removes nothing.
+    for pass in [Pass::Full, Pass::Changes, Pass::Full] {
+        let report = syncer.sync(&resources, Timestamp::now(), pass).await;
+        assert_eq!(syncer.node_facts(), storage_node());
+        assert!(
+            report
+                .served_target(&ObjectKey::new("lab", "boot"))
+                .is_some()
+        );
+    }
+    assert!(syncer.backend().targets.lock().contains_key(&iqn));
+    assert_eq!(*syncer.backend().removed.lock(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
