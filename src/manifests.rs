@@ -253,6 +253,17 @@ impl Manifest {
     pub fn key(&self) -> Option<ObjectKey> {
         self.meta().map(object_key)
     }
+
+    /// The rules its spec breaks, for discus's kinds (the checks of the files as they are read;
+    /// a pass validates again what it serves, once, in its snapshot).
+    pub fn spec_errors(&self) -> Option<FieldErrors> {
+        match self {
+            Self::DiscImage(o) => o.spec.validate().err(),
+            Self::IscsiTarget(o) => o.spec.validate().err(),
+            Self::InitiatorAccess(o) => o.spec.validate().err(),
+            Self::Secret(_) | Self::Other => None,
+        }
+    }
 }
 
 fn strict<T: DeserializeOwned>(value: &Value) -> Result<T, FieldErrors> {

@@ -173,13 +173,7 @@ impl Checker {
     /// The rules in code, then the CRD's CEL rules for fields the code found nothing wrong with
     /// (the two state the same rules, and one message per mistake is enough).
     fn object_errors(&self, manifest: &Manifest, id: &ObjectId, value: &Value) -> FieldErrors {
-        let mut errors = match manifest {
-            Manifest::DiscImage(o) => o.spec.validate().err(),
-            Manifest::IscsiTarget(o) => o.spec.validate().err(),
-            Manifest::InitiatorAccess(o) => o.spec.validate().err(),
-            Manifest::Secret(_) | Manifest::Other => None,
-        }
-        .unwrap_or_default();
+        let mut errors = manifest.spec_errors().unwrap_or_default();
         if let Some(schema) = self.schemas.get(&id.kind)
             && let Err(cel) = self.validator.validate_compiled(schema, value, None)
         {

@@ -92,11 +92,9 @@ fn desired_state_of(documents: &[Value]) -> desired::DesiredState {
         addresses: vec!["10.0.0.1".parse().expect("ip")],
         own_networks: Vec::new(),
     };
+    let snapshot = desired::Snapshot::new(&images, &targets, &grants, &secrets);
     desired::desired_state(&Inputs {
-        images: &images,
-        targets: &targets,
-        grants: &grants,
-        secrets: &secrets,
+        snapshot: &snapshot,
         node: &node,
         ready: &ready,
         settings: &Settings::default(),

@@ -2,7 +2,7 @@
 //! top-level `observedGeneration` and conditions, merged from every node's entry — under a field
 //! manager of its own, and only when it changed.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{self, Kind, ObjectKey, object_key};
+use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
 
 use super::apply_status;
@@ -258,7 +258,16 @@ impl Aggregator {
         let live = |node: &str| liveness.of(node, clock);
         let mut in_flight = self.in_flight.lock();
         let mut nodes: BTreeSet<String> = BTreeSet::new();
-        let mut next_expiry: Option<Timestamp> = None;
+        // Every target's and grant's spec validated once, for their IQNs and expiries.
+        let (targets, grants): (Vec<_>, Vec<_>) =
+            (stores.targets().collect(), stores.grants().collect());
+        let no_secrets = BTreeMap::new();
+        let snapshot = Snapshot::new(
+            [],
+            targets.iter().filter_map(|t| t.0.as_ref().ok()),
+            grants.iter().filter_map(|g| g.0.as_ref().ok()),
+            &no_secrets,
+        );
         let mut writes = plan_kind(
             Writes::new(Kind::DiscImage, &mut in_flight),
             stores.images(),
@@ -270,38 +279,32 @@ impl Aggregator {
         );
         writes.extend(plan_kind(
             Writes::new(Kind::IscsiTarget, &mut in_flight),
-            stores.targets(),
+            targets.iter().cloned(),
             &mut nodes,
             &live,
             |target: &IscsiTarget| target.status.clone().unwrap_or_default(),
             |status| status.nodes.clone(),
             |target, entries, status| {
-                let iqn = desired::target_iqn(target, &self.iqn_authority);
+                let iqn = snapshot.target_iqn(&object_key(target.meta()), &self.iqn_authority);
                 status::target_status(target, entries, iqn, Some(status), now)
             },
         ));
         writes.extend(plan_kind(
             Writes::new(Kind::InitiatorAccess, &mut in_flight),
-            stores.grants(),
+            grants.iter().cloned(),
             &mut nodes,
             &live,
             |grant: &InitiatorAccess| grant.status.clone().unwrap_or_default(),
             |status| status.nodes.clone(),
             |grant, entries, status| {
-                let expired = desired::grant_expired(grant, now);
-                if !expired && let Some(at) = grant.spec.validate().ok().and_then(|v| v.expires_at)
-                {
-                    next_expiry = Some(next_expiry.map_or(at, |n| n.min(at)));
-                }
+                let expired = snapshot.expired(&object_key(grant.meta()), now);
                 status::grant_status(grant, entries, expired, Some(status), now)
             },
         ));
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
             .map(|at| at.saturating_duration_since(clock));
-        let expiry = next_expiry
-            .and_then(|at| Duration::try_from(at.duration_since(now)).ok())
-            .map(|d| d + Duration::from_millis(10));
+        let expiry = (snapshot.next_expiry(now)).map(|at| wake_for_expiry(at, now));
         (writes, [expiry, next_change].into_iter().flatten().min())
     }
 

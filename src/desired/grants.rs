@@ -2,12 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use kube::Resource;
-
 use super::targets::Placement;
 use super::{
-    AclConfig, DesiredState, Inputs, Kind, MappedLun, ObjectKey, Problem, Reason, age_order,
-    object_key,
+    AclConfig, Checked, DesiredState, Inputs, Kind, MappedLun, ObjectKey, Problem, Reason,
 };
 use crate::api::InitiatorAccess;
 use crate::api::chap::ChapCredentials;
@@ -19,12 +16,11 @@ pub(super) fn resolve(
     state: &mut DesiredState,
 ) {
     // Oldest first: of two grants for one initiator on one target, the older one wins.
-    for grant in age_order(inputs.grants) {
-        let key = object_key(grant.meta());
-        if let Err((reason, message)) = apply(inputs, placements, grant, &key, state) {
+    for grant in &inputs.snapshot.grants {
+        if let Err((reason, message)) = apply(inputs, placements, grant, state) {
             state.problems.push(Problem {
                 kind: Kind::InitiatorAccess,
-                key,
+                key: grant.key.clone(),
                 reason,
                 message,
             });
@@ -37,20 +33,15 @@ pub(super) fn resolve(
 fn apply(
     inputs: &Inputs<'_>,
     placements: &BTreeMap<ObjectKey, Placement>,
-    grant: &InitiatorAccess,
-    key: &ObjectKey,
+    grant: &Checked<'_, InitiatorAccess, ValidGrant>,
     state: &mut DesiredState,
 ) -> Result<(), (Reason, String)> {
-    let valid = grant
-        .spec
-        .validate()
-        .map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
-    if let Some(expires_at) = valid.expires_at {
-        if expires_at <= inputs.now {
-            state.expired.push(key.clone());
-            return Ok(());
-        }
-        state.next_expiry = Some(state.next_expiry.map_or(expires_at, |t| t.min(expires_at)));
+    let key = &grant.key;
+    let valid =
+        (grant.valid.as_ref()).map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
+    if inputs.snapshot.expired(key, inputs.now) {
+        state.expired.push(key.clone());
+        return Ok(());
     }
 
     let target_key = key.sibling(&valid.target);
@@ -89,11 +80,11 @@ fn apply(
             ),
         ));
     }
-    let chap = credentials(inputs, key, &valid, target.chap_required, &valid.target)?;
-    let luns = mapped_luns(&valid, target)?;
+    let chap = credentials(inputs, key, valid, target.chap_required, &valid.target)?;
+    let luns = mapped_luns(valid, target)?;
     let target = &mut state.targets[index];
     target.acls.push(AclConfig {
-        initiator: valid.initiator,
+        initiator: valid.initiator.clone(),
         grant: key.clone(),
         chap,
         luns,
@@ -132,7 +123,7 @@ fn credentials(
         (Some(chap), true) => chap,
     };
     let secret_key = key.sibling(&chap.secret_ref.name);
-    let Some(data) = inputs.secrets.get(&secret_key) else {
+    let Some(data) = inputs.snapshot.secrets.get(&secret_key) else {
         return Err(if chap.generate_secret {
             (
                 Reason::SecretPending,

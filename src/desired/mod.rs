@@ -11,6 +11,7 @@
 mod grants;
 mod policy;
 mod problem;
+mod snapshot;
 mod targets;
 #[cfg(test)]
 mod tests;
@@ -24,10 +25,10 @@ use k8s_openapi::jiff::Timestamp;
 
 pub use policy::Policy;
 pub use problem::{Kind, ObjectKey, Problem, Reason};
+pub use snapshot::{Checked, Snapshot, wake_for_expiry};
 
-use crate::api::chap::{ChapCredentials, SecretData};
+use crate::api::chap::ChapCredentials;
 use crate::api::iscsi_target::{DeviceType, Portal};
-use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 
 /// What the agent knows about the node it runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -80,11 +81,8 @@ pub struct ReadyImage {
 /// Everything the desired state is computed from.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
-    pub images: &'a [DiscImage],
-    pub targets: &'a [IscsiTarget],
-    pub grants: &'a [InitiatorAccess],
-    /// Secrets by namespace and name.
-    pub secrets: &'a BTreeMap<ObjectKey, SecretData>,
+    /// Everything declared, validated.
+    pub snapshot: &'a Snapshot<'a>,
     pub node: &'a NodeFacts,
     /// DiscImages verified and stored on this node, by namespace and name.
     pub ready: &'a BTreeMap<ObjectKey, ReadyImage>,
@@ -103,6 +101,8 @@ pub struct DesiredState {
     pub expired: Vec<ObjectKey>,
     /// The next moment a grant expires, so a sync can be scheduled for it.
     pub next_expiry: Option<Timestamp>,
+    /// The IQN every valid IscsiTarget is (or would be) served under, placed here or not.
+    pub iqns: BTreeMap<ObjectKey, String>,
     /// The DiscImages this node needs: those of the targets placed on it, and those whose
     /// `nodeSelector` selects it.
     pub needed_images: BTreeSet<ObjectKey>,
@@ -180,24 +180,9 @@ pub fn desired_state(inputs: &Inputs<'_>) -> DesiredState {
     let images = targets::index_images(inputs, &mut state);
     let served = targets::resolve(inputs, &images, &mut state);
     grants::resolve(inputs, &served, &mut state);
+    state.next_expiry = inputs.snapshot.next_expiry(inputs.now);
     state.targets.sort_by(|a, b| a.iqn.cmp(&b.iqn));
     state
-}
-
-/// The IQN a target is served under, when its spec is valid.
-pub fn target_iqn(target: &IscsiTarget, authority: &str) -> Option<String> {
-    let valid = target.spec.validate().ok()?;
-    targets::effective_iqn(&valid, &object_key(&target.metadata), authority).ok()
-}
-
-/// Whether a grant is past its `expiresAt` at `now`.
-pub fn grant_expired(grant: &InitiatorAccess, now: Timestamp) -> bool {
-    grant
-        .spec
-        .validate()
-        .ok()
-        .and_then(|valid| valid.expires_at)
-        .is_some_and(|at| at <= now)
 }
 
 /// The key of an object: its namespace (`default` when absent, as kubectl does) and name.
@@ -206,17 +191,4 @@ pub fn object_key(meta: &ObjectMeta) -> ObjectKey {
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or_default(),
     )
-}
-
-/// Orders objects oldest first, then by namespace and name, so that "the older wins" is stable
-/// (and deterministic where there are no timestamps, as in manifest folders).
-fn age_order<T: kube::Resource>(objects: &[T]) -> Vec<&T> {
-    let mut sorted: Vec<&T> = objects.iter().collect();
-    sorted.sort_by_cached_key(|o| {
-        (
-            o.meta().creation_timestamp.as_ref().map(|t| t.0),
-            object_key(o.meta()),
-        )
-    });
-    sorted
 }

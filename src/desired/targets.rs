@@ -7,8 +7,8 @@ use kube::core::SelectorExt;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Backing, DesiredState, Inputs, Kind, LunConfig, ObjectKey, Problem, ReadyImage, Reason,
-    TargetConfig, age_order, object_key,
+    Backing, Checked, DesiredState, Inputs, Kind, LunConfig, ObjectKey, Problem, ReadyImage,
+    Reason, TargetConfig,
 };
 use crate::api::iscsi_target::{DeviceType, Portal, ValidLun, ValidTarget};
 use crate::api::{IscsiTarget, rules};
@@ -23,36 +23,36 @@ pub(super) enum Placement {
     Blocked(String),
 }
 
-/// Validates every DiscImage, reports the invalid ones, and marks those this node prefetches.
-/// Returns, per image, `Ok` or why it is invalid.
+/// Reports the invalid DiscImages, and marks those this node prefetches. Returns, per image,
+/// `Ok` or why it is invalid.
 pub(super) fn index_images(
     inputs: &Inputs<'_>,
     state: &mut DesiredState,
 ) -> BTreeMap<ObjectKey, Result<(), String>> {
     let mut images = BTreeMap::new();
-    for image in inputs.images {
-        let key = object_key(image.meta());
-        let validity = match image.spec.validate() {
+    for image in &inputs.snapshot.images {
+        let validity = match &image.valid {
             Ok(valid) => {
                 if valid
                     .node_selector
+                    .as_ref()
                     .is_some_and(|selector| selector.matches(&inputs.node.labels))
                 {
-                    state.needed_images.insert(key.clone());
+                    state.needed_images.insert(image.key.clone());
                 }
                 Ok(())
             }
             Err(errors) => {
                 state.problems.push(Problem {
                     kind: Kind::DiscImage,
-                    key: key.clone(),
+                    key: image.key.clone(),
                     reason: Reason::InvalidSpec,
                     message: errors.to_string(),
                 });
                 Err(errors.to_string())
             }
         };
-        images.insert(key, validity);
+        images.insert(image.key.clone(), validity);
     }
     images
 }
@@ -65,10 +65,9 @@ pub(super) fn resolve(
 ) -> BTreeMap<ObjectKey, Placement> {
     let mut placements = BTreeMap::new();
     let mut iqn_owners: BTreeMap<String, ObjectKey> = BTreeMap::new();
-    for target in age_order(inputs.targets) {
-        let key = object_key(target.meta());
-        let placement = place(inputs, images, target, &key, &mut iqn_owners, state);
-        placements.insert(key, placement);
+    for target in &inputs.snapshot.targets {
+        let placement = place(inputs, images, target, &mut iqn_owners, state);
+        placements.insert(target.key.clone(), placement);
     }
     placements
 }
@@ -76,18 +75,18 @@ pub(super) fn resolve(
 fn place(
     inputs: &Inputs<'_>,
     images: &BTreeMap<ObjectKey, Result<(), String>>,
-    target: &IscsiTarget,
-    key: &ObjectKey,
+    target: &Checked<'_, IscsiTarget, ValidTarget>,
     iqn_owners: &mut BTreeMap<String, ObjectKey>,
     state: &mut DesiredState,
 ) -> Placement {
+    let key = &target.key;
     let problem = |reason: Reason, message: String| Problem {
         kind: Kind::IscsiTarget,
         key: key.clone(),
         reason,
         message,
     };
-    let (valid, iqn) = match claim(inputs, target, key, iqn_owners) {
+    let (valid, iqn) = match claim(inputs, target, iqn_owners, state) {
         Ok(claimed) => claimed,
         Err((reason, message)) => return block(vec![problem(reason, message)], state),
     };
@@ -101,8 +100,8 @@ fn place(
     for lun in &valid.luns {
         state.needed_images.insert(key.sibling(&lun.image));
     }
-    let portals = portals(&valid, inputs);
-    let mut problems: Vec<Problem> = unservable(inputs, &valid, &portals)
+    let portals = portals(valid, inputs);
+    let mut problems: Vec<Problem> = unservable(inputs, valid, &portals)
         .into_iter()
         .map(|(reason, message)| problem(reason, message))
         .collect();
@@ -110,7 +109,7 @@ fn place(
     for lun in &valid.luns {
         let image = key.sibling(&lun.image);
         match ready_image(images, inputs, lun, &image) {
-            Ok(ready) => luns.push(lun_config(lun, image, ready, target, key, inputs)),
+            Ok(ready) => luns.push(lun_config(lun, image, ready, target.object, key, inputs)),
             Err((reason, message)) => problems.push(problem(reason, message)),
         }
     }
@@ -132,18 +131,18 @@ fn place(
 /// A valid target and the IQN it claims, or why it cannot claim one. Claims are settled before
 /// placement, so the same target wins on every node; a refused IQN claims nothing, so a
 /// namespace cannot take another's name.
-fn claim(
+fn claim<'t>(
     inputs: &Inputs<'_>,
-    target: &IscsiTarget,
-    key: &ObjectKey,
+    target: &'t Checked<'_, IscsiTarget, ValidTarget>,
     iqn_owners: &mut BTreeMap<String, ObjectKey>,
-) -> Result<(ValidTarget, String), (Reason, String)> {
-    let valid = target
-        .spec
-        .validate()
-        .map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
-    let iqn = effective_iqn(&valid, key, &inputs.settings.iqn_authority)
+    state: &mut DesiredState,
+) -> Result<(&'t ValidTarget, String), (Reason, String)> {
+    let key = &target.key;
+    let valid =
+        (target.valid.as_ref()).map_err(|errors| (Reason::InvalidSpec, errors.to_string()))?;
+    let iqn = effective_iqn(valid, key, &inputs.settings.iqn_authority)
         .map_err(|message| (Reason::InvalidSpec, message))?;
+    state.iqns.insert(key.clone(), iqn.clone());
     if valid.iqn.is_some()
         && let Some(why) =
             inputs

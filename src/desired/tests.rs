@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::api::chap::SecretData;
+use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 
 const DIGEST_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 const DIGEST_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
@@ -138,11 +139,9 @@ impl World {
     }
 
     fn compute(&self) -> DesiredState {
+        let snapshot = Snapshot::new(&self.images, &self.targets, &self.grants, &self.secrets);
         desired_state(&Inputs {
-            images: &self.images,
-            targets: &self.targets,
-            grants: &self.grants,
-            secrets: &self.secrets,
+            snapshot: &snapshot,
             node: &self.node,
             ready: &self.ready,
             settings: &self.settings,

@@ -112,13 +112,10 @@ fn parse_file(file: &Path, last: Option<ParsedFile>) -> ParsedFile {
 
 /// The spec rules a manifest's own kind checks (what `desired` would otherwise find later).
 fn checked(manifest: Manifest) -> Result<Manifest, FieldErrors> {
-    match &manifest {
-        Manifest::DiscImage(o) => o.spec.validate().map(drop),
-        Manifest::IscsiTarget(o) => o.spec.validate().map(drop),
-        Manifest::InitiatorAccess(o) => o.spec.validate().map(drop),
-        Manifest::Secret(_) | Manifest::Other => Ok(()),
+    match manifest.spec_errors() {
+        Some(errors) => Err(errors),
+        None => Ok(manifest),
     }
-    .map(|()| manifest)
 }
 
 /// The last valid version of each DiscImage and IscsiTarget that is invalid now. A grant that

@@ -89,14 +89,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
         }
         let report = syncer.sync(&loaded.resources, now, pass).await;
         let syncing = started.elapsed() - loading;
-        let written = write_statuses(
-            &status_dir,
-            &loaded,
-            &report,
-            &options.node.iqn_authority,
-            previous,
-            now,
-        );
+        let written = write_statuses(&status_dir, &loaded, &report, previous, now);
         tracing::debug!(
             targets = report.desired.targets.len(),
             unsettled = report.unsettled.len(),

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::api;
-use crate::desired::{self, ObjectKey};
+use crate::desired::ObjectKey;
 use crate::manifests::{self, ObjectId};
 use crate::reasons::{ConditionType, Kind, Reason};
 use crate::status;
@@ -69,7 +69,6 @@ pub(super) fn write_statuses(
     dir: &Path,
     loaded: &Loaded,
     report: &NodeReport,
-    iqn_authority: &str,
     previous: BTreeMap<PathBuf, Value>,
     now: Timestamp,
 ) -> BTreeMap<PathBuf, Value> {
@@ -99,7 +98,7 @@ pub(super) fn write_statuses(
         let untouched = report.untouched_target(&key);
         folder.put(Kind::IscsiTarget, key, untouched, &|old| {
             let entries = status::target_entry(target, report).into_iter().collect();
-            let iqn = desired::target_iqn(target, iqn_authority);
+            let iqn = report.desired.iqns.get(&status::key_of(target)).cloned();
             json!(status::target_status(
                 target,
                 entries,

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::api::chap::SecretData;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::ObjectKey;
+use crate::desired::{ObjectKey, Snapshot};
 
 pub use report::{NextPass, NodeReport, Pass, Unsettled};
 pub use syncer::Syncer;
@@ -29,6 +29,13 @@ pub struct Resources {
     /// Some input could not be read and nothing earlier is known of it: what these resources do
     /// not declare may still be declared there. A pass then removes no target and no image.
     pub partial: bool,
+}
+
+impl Resources {
+    /// Every object's spec validated once: what a pass reads.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot::new(&self.images, &self.targets, &self.grants, &self.secrets)
+    }
 }
 
 #[cfg(test)]

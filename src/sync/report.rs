@@ -200,12 +200,8 @@ pub struct NextPass {
 
 impl NodeReport {
     pub fn next_pass(&self, resync: std::time::Duration) -> NextPass {
-        let expiry = self.desired.next_expiry.map(|at| {
-            let wait = at.duration_since(Timestamp::now());
-            // Just past the instant, so the pass sees the grant expired.
-            std::time::Duration::try_from(wait).unwrap_or_default()
-                + std::time::Duration::from_millis(10)
-        });
+        let now = Timestamp::now();
+        let expiry = (self.desired.next_expiry).map(|at| desired::wake_for_expiry(at, now));
         match expiry {
             Some(expiry) if expiry < resync => NextPass {
                 after: expiry,

@@ -3,34 +3,35 @@
 
 use std::collections::BTreeMap;
 
-use kube::Resource;
-
-use super::Resources;
 use crate::api::chap::{Password, SecretData};
 use crate::api::disc_image::{SecretKeyRef, SecretRef, ValidImage, ValidSource};
-use crate::desired::{self, Kind, ObjectKey, Problem, Reason};
+use crate::desired::{Kind, ObjectKey, Problem, Reason, Snapshot};
 use crate::images::{HttpAuth, ImportRequest, Requester, Source};
 
 /// An import request for every valid DiscImage (the invalid ones are the desired state's
 /// problems); those whose Secrets are missing become problems.
 pub fn import_requests(
-    resources: &Resources,
+    snapshot: &Snapshot<'_>,
     default_max_virtual_size: u64,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<ObjectKey, ImportRequest> {
     let mut requests = BTreeMap::new();
-    for image in &resources.images {
-        let key = desired::object_key(image.meta());
-        let Ok(valid) = image.spec.validate() else {
+    for image in &snapshot.images {
+        let Ok(valid) = &image.valid else {
             continue;
         };
-        match request(&key, valid, &resources.secrets, default_max_virtual_size) {
+        match request(
+            &image.key,
+            valid,
+            snapshot.secrets,
+            default_max_virtual_size,
+        ) {
             Ok(request) => {
-                requests.insert(key, request);
+                requests.insert(image.key.clone(), request);
             }
             Err(message) => problems.push(Problem {
                 kind: Kind::DiscImage,
-                key,
+                key: image.key.clone(),
                 reason: Reason::SecretNotFound,
                 message,
             }),
@@ -41,25 +42,25 @@ pub fn import_requests(
 
 fn request(
     key: &ObjectKey,
-    image: ValidImage,
+    image: &ValidImage,
     secrets: &BTreeMap<ObjectKey, SecretData>,
     default_max_virtual_size: u64,
 ) -> Result<ImportRequest, String> {
-    let source = match image.source {
+    let source = match &image.source {
         ValidSource::File { path } => Source::File { path: path.into() },
         ValidSource::Http {
             url,
             ca_bundle,
             headers,
         } => Source::Http {
-            url,
+            url: url.clone(),
             auth: http_auth(key, ca_bundle.as_ref(), headers.as_ref(), secrets)?,
         },
     };
     Ok(ImportRequest {
         requester: Requester::Namespace(key.namespace.clone()),
         source,
-        sha256: image.sha256,
+        sha256: image.sha256.clone(),
         format: image.format,
         max_virtual_size: image.max_virtual_size.unwrap_or(default_max_virtual_size),
     })

@@ -95,67 +95,37 @@ impl<B: Backend> Syncer<B> {
         let node = self.node_facts();
         self.images.importer().deny_node(&node.own_networks);
         let mut report = NodeReport::new(&node.name, self.backend.name());
+        // Every spec validated once, for everything this pass computes.
+        let snapshot = resources.snapshot();
 
         // What is stored already; the desired state says which of the rest this node needs.
         let requests = import_requests(
-            resources,
+            &snapshot,
             self.default_max_virtual_size,
             &mut report.problems,
         );
-        let mut ready = BTreeMap::new();
-        let mut partial = resources.partial;
-        for (key, request) in &requests {
-            match self.images.importer().lookup(request) {
-                Ok(Some(stored)) => {
-                    ready.insert(key.clone(), ready_image(&stored));
-                    report.images.insert(key.clone(), ImageState::Ready(stored));
-                }
-                // A record that cannot be read is not "not stored": what it may hold stays.
-                Err(images::ImportError::Store(error)) => {
-                    tracing::warn!(%error, "the image store cannot say what it holds");
-                    partial = true;
-                }
-                Ok(None) | Err(_) => {}
-            }
-        }
+        let (mut ready, store_unreadable) = self.stored(&requests, &mut report);
+        let partial = resources.partial || store_unreadable;
         // Partial input: read everything, so that what it may still declare is seen and kept.
         let pass = if partial { Pass::Full } else { pass };
-        let mut state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
-        let mut newly_ready = false;
+        let desired_state = |ready: &BTreeMap<ObjectKey, ReadyImage>| {
+            desired::desired_state(&Inputs {
+                snapshot: &snapshot,
+                node: &node,
+                ready,
+                settings: &self.settings,
+                now,
+            })
+        };
+        let mut state = desired_state(&ready);
         let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
             requests.keys().cloned().collect()
         } else {
             state.needed_images.clone()
         };
-        for key in &wanted {
-            if let Some(request) = requests.get(key)
-                && !ready.contains_key(key)
-            {
-                let image_state = self.images.ensure(request);
-                if let ImageState::Ready(stored) = &image_state {
-                    ready.insert(key.clone(), ready_image(stored));
-                    newly_ready = true;
-                }
-                report.images.insert(key.clone(), image_state);
-            }
-        }
-        if newly_ready {
+        if self.fetch(&wanted, &requests, &mut ready, &mut report) {
             // An image turned out to be stored: compute again with it.
-            state = desired::desired_state(&self.inputs(resources, &ready, &node, now));
-        }
-        for (key, image) in &report.images {
-            if let ImageState::Failed { message, retry_at } = image {
-                report.problems.push(Problem {
-                    kind: Kind::DiscImage,
-                    key: key.clone(),
-                    reason: if retry_at.is_some() {
-                        Reason::ImageNotReady
-                    } else {
-                        Reason::ImportFailed
-                    },
-                    message: message.clone(),
-                });
-            }
+            state = desired_state(&ready);
         }
         self.make_writable_copies(&mut state, &mut report).await;
         tracing::debug!(
@@ -175,23 +145,66 @@ impl<B: Backend> Syncer<B> {
         report
     }
 
-    fn inputs<'a>(
-        &'a self,
-        r: &'a Resources,
-        ready: &'a BTreeMap<ObjectKey, ReadyImage>,
-        node: &'a NodeFacts,
-        now: Timestamp,
-    ) -> Inputs<'a> {
-        Inputs {
-            images: &r.images,
-            targets: &r.targets,
-            grants: &r.grants,
-            secrets: &r.secrets,
-            node,
-            ready,
-            settings: &self.settings,
-            now,
+    /// The requested images the store holds, and whether it could not say (a record that cannot
+    /// be read is not "not stored": what it may hold stays).
+    fn stored(
+        &self,
+        requests: &BTreeMap<ObjectKey, ImportRequest>,
+        report: &mut NodeReport,
+    ) -> (BTreeMap<ObjectKey, ReadyImage>, bool) {
+        let mut ready = BTreeMap::new();
+        let mut unreadable = false;
+        for (key, request) in requests {
+            match self.images.importer().lookup(request) {
+                Ok(Some(stored)) => {
+                    ready.insert(key.clone(), ready_image(&stored));
+                    report.images.insert(key.clone(), ImageState::Ready(stored));
+                }
+                Err(images::ImportError::Store(error)) => {
+                    tracing::warn!(%error, "the image store cannot say what it holds");
+                    unreadable = true;
+                }
+                Ok(None) | Err(_) => {}
+            }
         }
+        (ready, unreadable)
+    }
+
+    /// Starts (or follows) the import of every wanted image not stored yet; failed imports
+    /// become problems. Returns whether one turned out to be stored.
+    fn fetch(
+        &self,
+        wanted: &BTreeSet<ObjectKey>,
+        requests: &BTreeMap<ObjectKey, ImportRequest>,
+        ready: &mut BTreeMap<ObjectKey, ReadyImage>,
+        report: &mut NodeReport,
+    ) -> bool {
+        let mut newly_ready = false;
+        for key in wanted {
+            let Some(request) = requests.get(key).filter(|_| !ready.contains_key(key)) else {
+                continue;
+            };
+            let image_state = self.images.ensure(request);
+            match &image_state {
+                ImageState::Ready(stored) => {
+                    ready.insert(key.clone(), ready_image(stored));
+                    newly_ready = true;
+                }
+                ImageState::Failed { message, retry_at } => report.problems.push(Problem {
+                    kind: Kind::DiscImage,
+                    key: key.clone(),
+                    reason: if retry_at.is_some() {
+                        Reason::ImageNotReady
+                    } else {
+                        Reason::ImportFailed
+                    },
+                    message: message.clone(),
+                }),
+                ImageState::InProgress(_) => {}
+            }
+            report.images.insert(key.clone(), image_state);
+        }
+        newly_ready
     }
 
     /// Copies the image of every writable LUN that has no copy yet; a LUN whose copy cannot be
