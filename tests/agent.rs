@@ -102,6 +102,12 @@ impl Cluster {
             .expect("such an agent")
     }
 
+    /// Applies objects as a user would, with kubectl (JSON documents in one YAML stream).
+    fn apply_objects(&self, objects: &[Value]) {
+        let documents: Vec<String> = objects.iter().map(Value::to_string).collect();
+        self.apply(&documents.join("\n---\n"));
+    }
+
     /// Applies manifests (YAML text) as a user would, with kubectl.
     fn apply(&self, yaml: &str) {
         let file = tempfile::NamedTempFile::new().expect("temp file");
@@ -411,11 +417,23 @@ fn demo_manifests() -> String {
     std::fs::read_to_string(support::repo().join("examples/standalone/demo.yaml")).expect("demo")
 }
 
-fn grant_yaml(name: &str, initiator: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: {name}, namespace: demo}}\n\
-         spec: {{targetRef: {{name: demo}}, initiatorIqn: '{initiator}', chap: {{secretRef: {{name: demo-chap}}}}{extra}}}\n"
-    )
+/// An InitiatorAccess in `demo` for the demo target with the demo CHAP Secret; `spec` adds to
+/// (or replaces) its spec's fields.
+fn grant(name: &str, initiator: &str, spec: Value) -> Value {
+    let mut grant = json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "InitiatorAccess",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {
+            "targetRef": {"name": "demo"},
+            "initiatorIqn": initiator,
+            "chap": {"secretRef": {"name": "demo-chap"}},
+        },
+    });
+    if let (Some(base), Value::Object(extra)) = (grant["spec"].as_object_mut(), spec) {
+        base.extend(extra);
+    }
+    grant
 }
 
 /// Audit events that wrote (anything but read) a resource of `group`.
@@ -449,17 +467,34 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     }
     let nodes = ["node-a", "node-b", "node-c"];
     cluster.apply(&demo_manifests());
+    the_demo_becomes_current_on_every_node(&cluster, &nodes).await;
+    each_node_writes_its_own_entry_and_the_lease_holder_the_rest(&cluster).await;
+    every_node_serves_the_same_disc_under_the_same_serial(&cluster);
+    let password = a_generated_secret_works_on_every_node(&cluster, &nodes).await;
+    a_changed_spec_is_in_progress_until_every_node_caught_up(&cluster).await;
+    a_wrong_digest_stalls_and_the_rest_keeps_serving(&cluster).await;
+    events_tell_what_happened_on_each_node(&cluster, &nodes).await;
+    each_agent_says_how_it_is(&cluster);
+    let requests = nothing_is_written_at_rest(&cluster).await;
+    the_agents_use_exactly_their_rights_and_never_show_a_secret(&cluster, &requests, &password)
+        .await;
+}
+
+async fn the_demo_becomes_current_on_every_node(cluster: &Cluster, nodes: &[&str]) {
     for (kind, name) in [
         ("DiscImage", "discus-demo"),
         ("IscsiTarget", "demo"),
         ("InitiatorAccess", "demo-client"),
     ] {
-        cluster.wait_ready_on(kind, name, &nodes).await;
+        cluster.wait_ready_on(kind, name, nodes).await;
         let object = cluster.object(kind, "demo", name).await;
         assert_eq!(kstatus::compute(&object), Kstatus::Current, "{object:#}");
     }
+}
 
-    // Each node's entry is its own manager's, and only the lease holder writes the conditions.
+/// Each node's entry is its own manager's, and only the lease holder writes the conditions,
+/// merging what a client needs from every node's entry as they arrive.
+async fn each_node_writes_its_own_entry_and_the_lease_holder_the_rest(cluster: &Cluster) {
     let target = cluster.object("IscsiTarget", "demo", "demo").await;
     let owners = managers(&target);
     for agent in &cluster.agents {
@@ -487,7 +522,6 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             .any(|(m, f)| m == "discus-leader" && f.contains("conditions")),
         "{owners:#?}"
     );
-    // The lease holder merges what a client needs from every node's entry, as they arrive.
     cluster
         .wait_for(
             "a connection with three portals",
@@ -503,9 +537,11 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             },
         )
         .await;
+}
 
-    // A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire),
-    // and sees the same LUN serial.
+/// A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire), and
+/// sees the same LUN serial.
+fn every_node_serves_the_same_disc_under_the_same_serial(cluster: &Cluster) {
     let scratch = tempfile::tempdir().expect("tempdir");
     let mut serials = Vec::new();
     for agent in &cluster.agents {
@@ -527,16 +563,28 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     }
     serials.dedup();
     assert_eq!(serials.len(), 1, "{serials:?}");
+}
 
-    // A grant with generateSecret gets a random CHAP Secret of its own, which works on every node.
-    let generated = "iqn.2026-11.dev.discus:generated";
-    cluster.apply(&format!(
-        "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: generated, namespace: demo}}\n\
-         spec: {{targetRef: {{name: demo}}, initiatorIqn: '{generated}', \
-         chap: {{secretRef: {{name: generated-chap}}, generateSecret: true}}}}\n"
-    ));
+const GENERATED: &str = "iqn.2026-11.dev.discus:generated";
+
+/// The grant whose CHAP Secret discus generates, on `target`.
+fn generated_grant(target: &str) -> Value {
+    grant(
+        "generated",
+        GENERATED,
+        json!({
+            "targetRef": {"name": target},
+            "chap": {"secretRef": {"name": "generated-chap"}, "generateSecret": true},
+        }),
+    )
+}
+
+/// A grant with generateSecret gets a random CHAP Secret of its own, owned by the grant, which
+/// works on every node. Returns the password.
+async fn a_generated_secret_works_on_every_node(cluster: &Cluster, nodes: &[&str]) -> String {
+    cluster.apply_objects(&[generated_grant("demo")]);
     cluster
-        .wait_ready_on("InitiatorAccess", "generated", &nodes)
+        .wait_ready_on("InitiatorAccess", "generated", nodes)
         .await;
     let secret =
         Api::<k8s_openapi::api::core::v1::Secret>::namespaced(cluster.client.clone(), "demo")
@@ -554,7 +602,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     let (user, password) = (value("username"), value("password"));
     assert_eq!(password.len(), 16);
     for agent in &cluster.agents {
-        let inquiry = inquiry(&agent.portal(), DEMO_IQN, generated, &user, &password);
+        let inquiry = inquiry(&agent.portal(), DEMO_IQN, GENERATED, &user, &password);
         assert!(
             inquiry.contains("Unit Serial Number"),
             "{}: {inquiry}",
@@ -564,18 +612,21 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     let wrong = inquiry(
         &cluster.agents[0].portal(),
         DEMO_IQN,
-        generated,
+        GENERATED,
         &user,
         "wrong-password-1",
     );
     assert!(!wrong.contains("Unit Serial Number"), "{wrong}");
+    password
+}
 
-    // kstatus: a spec change is InProgress until every node has caught up, then Current again.
-    cluster.apply(&grant_yaml(
+/// kstatus: a spec change is InProgress until every node has caught up, then Current again.
+async fn a_changed_spec_is_in_progress_until_every_node_caught_up(cluster: &Cluster) {
+    cluster.apply_objects(&[grant(
         "demo-client",
         INITIATOR,
-        ", expiresAt: '2099-01-01T00:00:00Z'",
-    ));
+        json!({"expiresAt": "2099-01-01T00:00:00Z"}),
+    )]);
     let changed = cluster
         .object("InitiatorAccess", "demo", "demo-client")
         .await;
@@ -598,16 +649,32 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             },
         )
         .await;
+}
 
-    // A spec only a person can fix (the bytes do not match the digest) ends Failed (Stalled),
-    // and the rest keeps serving.
-    cluster.apply(
-        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {name: wrong-digest, namespace: demo}\n\
-         spec: {source: {file: {path: /var/lib/discus/demo/discus-demo.iso}}, format: iso, \
-         sha256: '0000000000000000000000000000000000000000000000000000000000000000'}\n---\n\
-         apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {name: broken, namespace: demo}\n\
-         spec: {iqn: 'iqn.2026-11.dev.discus:broken', luns: [{lun: 0, image: wrong-digest}]}\n",
-    );
+/// A spec only a person can fix (the bytes do not match the digest) ends Failed (Stalled), and
+/// the rest keeps serving.
+async fn a_wrong_digest_stalls_and_the_rest_keeps_serving(cluster: &Cluster) {
+    cluster.apply_objects(&[
+        json!({
+            "apiVersion": "discus.dev/v1alpha1",
+            "kind": "DiscImage",
+            "metadata": {"name": "wrong-digest", "namespace": "demo"},
+            "spec": {
+                "source": {"file": {"path": "/var/lib/discus/demo/discus-demo.iso"}},
+                "format": "iso",
+                "sha256": "0".repeat(64),
+            },
+        }),
+        json!({
+            "apiVersion": "discus.dev/v1alpha1",
+            "kind": "IscsiTarget",
+            "metadata": {"name": "broken", "namespace": "demo"},
+            "spec": {
+                "iqn": "iqn.2026-11.dev.discus:broken",
+                "luns": [{"lun": 0, "image": "wrong-digest"}],
+            },
+        }),
+    ]);
     cluster
         .wait_for(
             "the wrong digest Stalled",
@@ -636,15 +703,13 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
         let object = cluster.object(kind, "demo", name).await;
         assert_eq!(kstatus::compute(&object), Kstatus::Current, "{object:#}");
     }
+}
 
-    // Events tell what happened on each node. A grant pointed at a target that cannot be served
-    // and back is revoked and applied again: the repeat joins the first one's series.
+/// Events tell what happened on each node. A grant pointed at a target that cannot be served and
+/// back is revoked and applied again: the repeat joins the first one's series.
+async fn events_tell_what_happened_on_each_node(cluster: &Cluster, nodes: &[&str]) {
     for target in ["broken", "demo", "broken", "demo"] {
-        cluster.apply(&format!(
-            "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: generated, namespace: demo}}\n\
-             spec: {{targetRef: {{name: {target}}}, initiatorIqn: '{generated}', \
-             chap: {{secretRef: {{name: generated-chap}}, generateSecret: true}}}}\n"
-        ));
+        cluster.apply_objects(&[generated_grant(target)]);
         cluster
             .wait_for(
                 &format!("the grant on {target} seen by every node"),
@@ -704,7 +769,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
                 && e["reportingInstance"] == node
         })
     };
-    for node in nodes {
+    for &node in nodes {
         assert!(
             told("demo", "Served", node).is_some(),
             "demo Served on {node}: {events:#?}"
@@ -728,8 +793,10 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             "{applied:#}"
         );
     }
+}
 
-    // Each agent says how it is: ready, healthy, and what it did, for Prometheus.
+/// Each agent says how it is: ready, healthy, and what it did, for Prometheus.
+fn each_agent_says_how_it_is(cluster: &Cluster) {
     for agent in &cluster.agents {
         assert_eq!(agent.get("/readyz").0, 200, "{}", agent.name);
         assert_eq!(agent.get("/healthz").0, 200, "{}", agent.name);
@@ -753,9 +820,12 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
             );
         }
     }
+}
 
-    // No churn: once settled, a minute with nothing changing costs no write to discus objects.
-    // (Heartbeat Leases are renewed every second in this test, and counted apart.)
+/// No churn: once settled, a minute with nothing changing costs no write to discus objects.
+/// (Heartbeat Leases are renewed every second in this test, and counted apart.) Returns every
+/// request the agents made.
+async fn nothing_is_written_at_rest(cluster: &Cluster) -> Vec<Value> {
     cluster
         .wait_for(
             "the agents to settle",
@@ -783,14 +853,22 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     );
     assert_eq!(discus_writes, 0, "writes at rest");
 
-    // Least privilege: nothing the agents asked for was refused, and every permission the
-    // shipped roles grant was used.
+    requests
+}
+
+/// Least privilege: nothing the agents asked for was refused, and every permission the shipped
+/// roles grant was used. Logs are JSON, one object per line, and no CHAP secret is in them or in
+/// any event.
+async fn the_agents_use_exactly_their_rights_and_never_show_a_secret(
+    cluster: &Cluster,
+    requests: &[Value],
+    password: &str,
+) {
     let refused: Vec<&Value> = requests
         .iter()
         .filter(|e| e.pointer("/responseStatus/code") == Some(&json!(403)))
         .collect();
     assert!(refused.is_empty(), "refused requests: {refused:#?}");
-    // Logs are JSON, one object per line, and no CHAP secret is in them or in any event.
     for agent in &cluster.agents {
         let log = agent.log();
         for line in log.lines() {
@@ -800,13 +878,13 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
                 "{line}"
             );
         }
-        for secret in ["discus-demo-1", password.as_str()] {
+        for secret in ["discus-demo-1", password] {
             assert!(!log.contains(secret), "{} logged a CHAP secret", agent.name);
         }
     }
     let events = serde_json::to_string(&cluster.events().await).expect("json");
-    assert!(!events.contains("discus-demo-1") && !events.contains(password.as_str()));
-    let used = used(&requests);
+    assert!(!events.contains("discus-demo-1") && !events.contains(password));
+    let used = used(requests);
     let unused: Vec<_> = granted().difference(&used).cloned().collect();
     assert!(
         unused.is_empty(),
@@ -915,16 +993,14 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
     let expires_at =
         k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(25);
     cluster.apply(&demo_manifests());
-    cluster.apply(&grant_yaml(
+    let at = expires_at
+        .round(k8s_openapi::jiff::Unit::Second)
+        .expect("round");
+    cluster.apply_objects(&[grant(
         "expiring",
         expiring,
-        &format!(
-            ", expiresAt: '{}'",
-            expires_at
-                .round(k8s_openapi::jiff::Unit::Second)
-                .expect("round")
-        ),
-    ));
+        json!({"expiresAt": at.to_string()}),
+    )]);
     cluster
         .wait_ready_on("InitiatorAccess", "expiring", &["node-a", "node-b"])
         .await;
@@ -1016,11 +1092,11 @@ async fn access_ends_on_time_while_the_apiserver_is_down() {
         .round(k8s_openapi::jiff::Unit::Second)
         .expect("round");
     cluster.apply(&demo_manifests());
-    cluster.apply(&grant_yaml(
+    cluster.apply_objects(&[grant(
         "expiring",
         expiring,
-        &format!(", expiresAt: '{expires_at}'"),
-    ));
+        json!({"expiresAt": expires_at.to_string()}),
+    )]);
     cluster
         .wait_ready_on("InitiatorAccess", "expiring", &["node-a"])
         .await;
@@ -1109,7 +1185,7 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
         .await;
     let revoked = "iqn.2026-11.dev.discus:revoked";
     cluster.apply(&demo_manifests());
-    cluster.apply(&grant_yaml("revoked", revoked, ""));
+    cluster.apply_objects(&[grant("revoked", revoked, json!({}))]);
     cluster
         .wait_ready_on("InitiatorAccess", "revoked", &["node-a"])
         .await;
@@ -1123,11 +1199,7 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
         ("second", "iqn.2026-11.dev.discus:second", second_expiry),
     ];
     for (name, initiator, at) in expiring {
-        cluster.apply(&grant_yaml(
-            name,
-            initiator,
-            &format!(", expiresAt: '{at}'"),
-        ));
+        cluster.apply_objects(&[grant(name, initiator, json!({"expiresAt": at.to_string()}))]);
     }
     cluster
         .wait_for(
@@ -1256,7 +1328,7 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
             async || cluster.agent_ref("node-a").get_or_nothing("/healthz").0 == 200,
         )
         .await;
-    cluster.apply(&grant_yaml("late", "iqn.2026-11.dev.discus:late", ""));
+    cluster.apply_objects(&[grant("late", "iqn.2026-11.dev.discus:late", json!({}))]);
     cluster
         .wait_ready_on("InitiatorAccess", "late", &["node-a"])
         .await;

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use support::manifests;
 use support::sandbox::Sandbox;
 
 const DISCUS: &str = env!("CARGO_BIN_EXE_discus");
@@ -233,27 +234,63 @@ impl Host {
     }
 }
 
+/// The resources most tests serve: the DiscImage `disk` from a file, the target `boot` with it
+/// as LUN 0, the grant `client` for INITIATOR with CHAP, and its Secret `client-chap`.
+struct Served {
+    image: Value,
+    target: Value,
+    grant: Value,
+    secret: Value,
+}
+
+impl Served {
+    fn new(image: &Path, digest: &str) -> Self {
+        Self {
+            image: image_manifest(image, digest),
+            target: manifests::discus(
+                "IscsiTarget",
+                "lab",
+                "boot",
+                json!({"iqn": "iqn.2026-11.dev.discus:boot", "luns": [{"lun": 0, "image": "disk"}]}),
+            ),
+            grant: manifests::discus(
+                "InitiatorAccess",
+                "lab",
+                "client",
+                json!({
+                    "targetRef": {"name": "boot"},
+                    "initiatorIqn": INITIATOR,
+                    "chap": {"secretRef": {"name": "client-chap"}},
+                }),
+            ),
+            secret: chap_secret("client-secret"),
+        }
+    }
+
+    /// Everything, as one manifest file.
+    fn yaml(&self) -> String {
+        manifests::yaml([&self.image, &self.target, &self.grant, &self.secret])
+    }
+
+    /// The target's LUN `n`, to change.
+    fn lun(&mut self, n: usize) -> &mut Value {
+        &mut self.target["spec"]["luns"][n]
+    }
+}
+
 /// The DiscImage `disk` from a file.
-fn image_manifest(image: &Path, digest: &str) -> String {
-    format!(
-        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: disk, namespace: lab}}\n\
-         spec: {{source: {{file: {{path: {}}}}}, sha256: {digest}, format: raw}}\n",
-        image.display()
+fn image_manifest(image: &Path, digest: &str) -> Value {
+    manifests::discus(
+        "DiscImage",
+        "lab",
+        "disk",
+        json!({"source": {"file": {"path": image}}, "sha256": digest, "format": "raw"}),
     )
 }
 
-/// The DiscImage, a target with it as LUN 0, a grant for INITIATOR with CHAP, and its Secret.
-fn served(image: &Path, digest: &str, extra_lun: &str) -> String {
-    format!(
-        "{}---\n\
-         apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: boot, namespace: lab}}\n\
-         spec:\n  iqn: iqn.2026-11.dev.discus:boot\n  luns:\n  - {{lun: 0, image: disk}}\n{extra_lun}---\n\
-         apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: client, namespace: lab}}\n\
-         spec: {{targetRef: {{name: boot}}, initiatorIqn: {INITIATOR}, chap: {{secretRef: {{name: client-chap}}}}}}\n---\n\
-         apiVersion: v1\nkind: Secret\nmetadata: {{name: client-chap, namespace: lab}}\n\
-         stringData: {{username: client, password: client-secret}}\n",
-        image_manifest(image, digest)
-    )
+/// The whole set `Served` describes, as one manifest file.
+fn served(image: &Path, digest: &str) -> String {
+    Served::new(image, digest).yaml()
 }
 
 #[test]
@@ -362,18 +399,36 @@ fn the_standalone_example_is_served_read_only_to_its_chap_client() {
 fn chap_admits_the_right_credentials_only_and_mutual_chap_works() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 2 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
-    host.manifest(
-        "mutual.yaml",
-        &format!(
-            "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: mutual, namespace: lab}}\n\
-             spec: {{iqn: 'iqn.2026-11.dev.discus:mutual', luns: [{{lun: 0, image: disk}}]}}\n---\n\
-             apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: mutual-client, namespace: lab}}\n\
-             spec: {{targetRef: {{name: mutual}}, initiatorIqn: {INITIATOR}, chap: {{secretRef: {{name: mutual-chap}}, mutual: true}}}}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata: {{name: mutual-chap, namespace: lab}}\n\
-             stringData: {{username: mclient, password: mclient-secret, mutualUsername: mtarget, mutualPassword: mtarget-secret}}\n"
+    host.manifest("lab.yaml", &served(&image, &digest));
+    let mutual = [
+        manifests::discus(
+            "IscsiTarget",
+            "lab",
+            "mutual",
+            json!({"iqn": "iqn.2026-11.dev.discus:mutual", "luns": [{"lun": 0, "image": "disk"}]}),
         ),
-    );
+        manifests::discus(
+            "InitiatorAccess",
+            "lab",
+            "mutual-client",
+            json!({
+                "targetRef": {"name": "mutual"},
+                "initiatorIqn": INITIATOR,
+                "chap": {"secretRef": {"name": "mutual-chap"}, "mutual": true},
+            }),
+        ),
+        manifests::secret(
+            "lab",
+            "mutual-chap",
+            json!({
+                "username": "mclient",
+                "password": "mclient-secret",
+                "mutualUsername": "mtarget",
+                "mutualPassword": "mtarget-secret",
+            }),
+        ),
+    ];
+    host.manifest("mutual.yaml", &manifests::yaml(&mutual));
     let output = host.once();
     assert_eq!(
         output.status.code(),
@@ -431,22 +486,29 @@ fn chap_admits_the_right_credentials_only_and_mutual_chap_works() {
 fn a_removed_or_expired_grant_ends_its_sessions_and_the_others_keep_working() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 4 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let expiring = "iqn.2026-11.dev.discus:expiring";
     let leaving = "iqn.2026-11.dev.discus:leaving";
     let expires_at =
         k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(6);
     for (name, initiator, extra) in [
-        ("leaving", leaving, String::new()),
-        ("expiring", expiring, format!(", expiresAt: '{expires_at}'")),
+        ("leaving", leaving, json!({})),
+        (
+            "expiring",
+            expiring,
+            json!({"expiresAt": expires_at.to_string()}),
+        ),
     ] {
-        host.manifest(
-            &format!("{name}.yaml"),
-            &format!(
-                "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: {name}, namespace: lab}}\n\
-                 spec: {{targetRef: {{name: boot}}, initiatorIqn: '{initiator}', chap: {{secretRef: {{name: client-chap}}}}{extra}}}\n"
-            ),
-        );
+        let mut spec = json!({
+            "targetRef": {"name": "boot"},
+            "initiatorIqn": initiator,
+            "chap": {"secretRef": {"name": "client-chap"}},
+        });
+        spec.as_object_mut()
+            .expect("spec")
+            .extend(extra.as_object().cloned().unwrap_or_default());
+        let grant = manifests::discus("InitiatorAccess", "lab", name, spec);
+        host.manifest(&format!("{name}.yaml"), &manifests::yaml([&grant]));
     }
     let mut server = host.start();
     host.wait_for("every grant applied", || {
@@ -529,11 +591,10 @@ fn a_cdrom_lun_is_a_cd_dvd_device_with_2048_byte_blocks() {
     let host = Host::new();
     let iso = support::repo().join("examples/standalone/discus-demo.iso");
     std::fs::copy(&iso, host.images.join("disc.iso")).expect("copy");
-    let yaml = served(&host.images.join("disc.iso"), &sha256_file(&iso), "").replace(
-        "- {lun: 0, image: disk}",
-        "- {lun: 0, image: disk, deviceType: cdrom}",
-    );
-    host.manifest("lab.yaml", &yaml.replace("format: raw", "format: iso"));
+    let mut served = Served::new(&host.images.join("disc.iso"), &sha256_file(&iso));
+    served.lun(0)["deviceType"] = json!("cdrom");
+    served.image["spec"]["format"] = json!("iso");
+    host.manifest("lab.yaml", &served.yaml());
     let output = host.once();
     assert_eq!(
         output.status.code(),
@@ -564,11 +625,9 @@ fn a_cdrom_lun_is_a_cd_dvd_device_with_2048_byte_blocks() {
 fn a_disk_lun_has_the_block_size_the_spec_asks_for() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 4 << 20);
-    let yaml = served(&image, &digest, "").replace(
-        "- {lun: 0, image: disk}",
-        "- {lun: 0, image: disk, blockSize: 4096}",
-    );
-    host.manifest("lab.yaml", &yaml);
+    let mut served = Served::new(&image, &digest);
+    served.lun(0)["blockSize"] = json!(4096);
+    host.manifest("lab.yaml", &served.yaml());
     let output = host.once();
     assert_eq!(
         output.status.code(),
@@ -586,7 +645,7 @@ fn a_disk_lun_has_the_block_size_the_spec_asks_for() {
 fn drift_is_corrected_and_foreign_targets_are_left_alone() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 2 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("IscsiTarget", "boot", "Ready").0 == "True"
@@ -649,19 +708,35 @@ fn drift_is_corrected_and_foreign_targets_are_left_alone() {
 #[test]
 fn a_sync_killed_midway_converges_after_restart_without_duplicates() {
     let host = Host::new();
-    let mut yaml = String::new();
+    let mut objects = Vec::new();
     for i in 0..6 {
         let (image, digest) = host.image(&format!("disk{i}.raw"), 1 << 20);
-        yaml.push_str(&format!(
-            "---\napiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: disk{i}, namespace: lab}}\n\
-             spec: {{source: {{file: {{path: {}}}}}, sha256: {digest}}}\n---\n\
-             apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: t{i}, namespace: lab}}\n\
-             spec: {{luns: [{{lun: 0, image: disk{i}}}, {{lun: 1, image: disk{i}}}], authentication: none}}\n---\n\
-             apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: g{i}, namespace: lab}}\n\
-             spec: {{targetRef: {{name: t{i}}}, initiatorIqn: {INITIATOR}}}\n",
-            image.display()
-        ));
+        let disk = format!("disk{i}");
+        objects.extend([
+            manifests::discus(
+                "DiscImage",
+                "lab",
+                &disk,
+                json!({"source": {"file": {"path": image}}, "sha256": digest}),
+            ),
+            manifests::discus(
+                "IscsiTarget",
+                "lab",
+                &format!("t{i}"),
+                json!({
+                    "luns": [{"lun": 0, "image": disk}, {"lun": 1, "image": disk}],
+                    "authentication": "none",
+                }),
+            ),
+            manifests::discus(
+                "InitiatorAccess",
+                "lab",
+                &format!("g{i}"),
+                json!({"targetRef": {"name": format!("t{i}")}, "initiatorIqn": INITIATOR}),
+            ),
+        ]);
     }
+    let yaml = manifests::yaml(&objects);
     host.manifest("lab.yaml", &yaml);
     // Kill discus while it is building targets: after the first LUN of the first target exists.
     let mut server = host.start();
@@ -704,7 +779,7 @@ fn a_sync_killed_midway_converges_after_restart_without_duplicates() {
 fn bad_manifests_are_reported_and_the_good_ones_served_regardless() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 2 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     host.manifest(
         "bad.yaml",
         "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {name: bad, namespace: lab}\n\
@@ -747,10 +822,11 @@ fn bad_manifests_are_reported_and_the_good_ones_served_regardless() {
 fn a_target_removed_under_io_goes_away_whole() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 8 << 20);
-    host.manifest(
-        "lab.yaml",
-        &served(&image, &digest, "  - {lun: 1, image: disk}\n"),
-    );
+    let mut served = Served::new(&image, &digest);
+    (served.target["spec"]["luns"].as_array_mut())
+        .expect("luns")
+        .push(json!({"lun": 1, "image": "disk"}));
+    host.manifest("lab.yaml", &served.yaml());
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("IscsiTarget", "boot", "Ready").0 == "True"
@@ -775,7 +851,10 @@ fn a_target_removed_under_io_goes_away_whole() {
     });
 
     // The whole target goes while the initiator reads from it.
-    host.manifest("lab.yaml", &image_manifest(&image, &digest));
+    host.manifest(
+        "lab.yaml",
+        &manifests::yaml([&image_manifest(&image, &digest)]),
+    );
     host.wait_for("the target to be gone", || {
         !host
             .tgtadm(&["--mode", "target", "--op", "show"])
@@ -791,10 +870,12 @@ fn a_target_removed_under_io_goes_away_whole() {
 }
 
 /// The grant `client` with its CHAP Secret's password.
-fn chap_secret(password: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: client-chap, namespace: lab}}\n\
-         stringData: {{username: client, password: {password}}}\n"
+/// The Secret `client-chap` with `password`.
+fn chap_secret(password: &str) -> Value {
+    manifests::secret(
+        "lab",
+        "client-chap",
+        json!({"username": "client", "password": password}),
     )
 }
 
@@ -814,12 +895,15 @@ fn rotating_a_password_never_admits_an_initiator_without_chap() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    let served = served(&image, &digest, "");
-    let (without_secret, _) = served
-        .split_once("---\napiVersion: v1\nkind: Secret")
-        .expect("the Secret comes last");
-    host.manifest("lab.yaml", without_secret);
-    host.manifest("secret.yaml", &chap_secret("rotated-000000"));
+    let served = Served::new(&image, &digest);
+    host.manifest(
+        "lab.yaml",
+        &manifests::yaml([&served.image, &served.target, &served.grant]),
+    );
+    host.manifest(
+        "secret.yaml",
+        &manifests::yaml([&chap_secret("rotated-000000")]),
+    );
     let mut server = host.start();
     host.wait_for("the grant", || {
         host.inquiry(iqn, 1, INITIATOR, Some(("client", "rotated-000000")))
@@ -831,7 +915,7 @@ fn rotating_a_password_never_admits_an_initiator_without_chap() {
         let attacker = scope.spawn(|| credential_less_logins(&host, iqn, &stop));
         for i in 1..=20 {
             let password = format!("rotated-{i:06}");
-            host.manifest("secret.yaml", &chap_secret(&password));
+            host.manifest("secret.yaml", &manifests::yaml([&chap_secret(&password)]));
             host.wait_for("the new password to work", || {
                 host.inquiry(iqn, 1, INITIATOR, Some(("client", &password)))
                     .is_ok()
@@ -854,17 +938,26 @@ fn removing_the_first_of_two_chap_grants_leaves_tgtd_and_the_other_session_alone
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 4 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let other = "iqn.2026-11.dev.discus:other";
-    host.manifest(
-        "other.yaml",
-        &format!(
-            "apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: other, namespace: lab}}\n\
-             spec: {{targetRef: {{name: boot}}, initiatorIqn: '{other}', chap: {{secretRef: {{name: other-chap}}}}}}\n---\n\
-             apiVersion: v1\nkind: Secret\nmetadata: {{name: other-chap, namespace: lab}}\n\
-             stringData: {{username: other, password: other-secret}}\n"
+    let others = [
+        manifests::discus(
+            "InitiatorAccess",
+            "lab",
+            "other",
+            json!({
+                "targetRef": {"name": "boot"},
+                "initiatorIqn": other,
+                "chap": {"secretRef": {"name": "other-chap"}},
+            }),
         ),
-    );
+        manifests::secret(
+            "lab",
+            "other-chap",
+            json!({"username": "other", "password": "other-secret"}),
+        ),
+    ];
+    host.manifest("other.yaml", &manifests::yaml(&others));
     let mut server = host.start();
     host.wait_for("both grants", || {
         ["client", "other"]
@@ -895,11 +988,11 @@ fn removing_the_first_of_two_chap_grants_leaves_tgtd_and_the_other_session_alone
     });
 
     // The grant `client` and its account `client` go; the account was bound first.
-    let served = served(&image, &digest, "");
-    let (target_only, _) = served
-        .split_once("---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess")
-        .expect("the grant follows the target");
-    host.manifest("lab.yaml", target_only);
+    let served = Served::new(&image, &digest);
+    host.manifest(
+        "lab.yaml",
+        &manifests::yaml([&served.image, &served.target]),
+    );
     host.wait_for("the account to go", || {
         !host
             .tgtadm(&["--mode", "account", "--op", "show"])
@@ -929,17 +1022,20 @@ fn removing_the_first_of_two_chap_grants_leaves_tgtd_and_the_other_session_alone
 fn no_manifest_name_reaches_outside_the_status_folder() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     assert_eq!(host.once().status.code(), Some(0));
     let owned = host.sandbox.data_dir().join("tgt/owned.json");
     let owned_before = std::fs::read(&owned).expect("owned.json");
     for (namespace, name) in [("../..", "escaped"), ("../../tgt", "owned"), ("..", "..")] {
+        let hostile = manifests::discus(
+            "IscsiTarget",
+            namespace,
+            name,
+            json!({"luns": [{"lun": 0, "image": "disk"}]}),
+        );
         host.manifest(
             &format!("hostile-{}.yaml", name.replace('.', "d")),
-            &format!(
-                "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: '{name}', namespace: '{namespace}'}}\n\
-                 spec: {{luns: [{{lun: 0, image: disk}}]}}\n"
-            ),
+            &manifests::yaml([&hostile]),
         );
     }
     let output = host.once();
@@ -967,7 +1063,7 @@ fn no_manifest_name_reaches_outside_the_status_folder() {
 fn a_second_discus_on_the_same_data_directory_is_refused() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("IscsiTarget", "boot", "Ready").0 == "True"
@@ -998,7 +1094,7 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
     let login = || host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")));
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("IscsiTarget", "boot", "Ready").0 == "True"
@@ -1053,7 +1149,7 @@ fn manifests_that_cannot_be_read_keep_declaring_what_they_declared() {
             > 0,
         "the image is kept"
     );
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     assert_eq!(host.once().status.code(), Some(0));
     assert!(login().is_ok(), "admitted again once the file reads");
 }
@@ -1063,21 +1159,12 @@ fn a_grant_revoked_while_discus_was_down_ends_even_if_its_target_s_file_is_broke
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    let served = served(&image, &digest, "");
-    let (rest, secret) = served
-        .split_once("---\napiVersion: v1\nkind: Secret")
-        .expect("the Secret comes last");
-    let (target, grant) = rest
-        .split_once("---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess")
-        .expect("the grant follows the target");
+    let served = Served::new(&image, &digest);
     host.manifest(
         "lab.yaml",
-        &format!("{target}---\napiVersion: v1\nkind: Secret{secret}"),
+        &manifests::yaml([&served.image, &served.target, &served.secret]),
     );
-    host.manifest(
-        "grant.yaml",
-        &format!("apiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess{grant}"),
-    );
+    host.manifest("grant.yaml", &manifests::yaml([&served.grant]));
     assert_eq!(host.once().status.code(), Some(0));
     assert!(
         host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
@@ -1109,8 +1196,8 @@ fn a_full_disk_never_keeps_discus_from_starting_or_lets_anyone_in() {
     ]);
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    let served = served(&image, &digest, "");
-    host.manifest("lab.yaml", &served);
+    let mut served = Served::new(&image, &digest);
+    host.manifest("lab.yaml", &served.yaml());
     assert_eq!(host.once().status.code(), Some(0));
     assert!(
         host.inquiry(iqn, 1, INITIATOR, Some(("client", "client-secret")))
@@ -1123,10 +1210,8 @@ fn a_full_disk_never_keeps_discus_from_starting_or_lets_anyone_in() {
         .command("dd")
         .args(["if=/dev/zero", "of=/var/lib/discus/fill", "bs=64k"])
         .output();
-    host.manifest(
-        "lab.yaml",
-        &served.replace("password: client-secret", "password: rotated-secret"),
-    );
+    served.secret = chap_secret("rotated-secret");
+    host.manifest("lab.yaml", &served.yaml());
     let output = host.once();
     assert_ne!(
         output.status.code(),
@@ -1158,7 +1243,7 @@ fn a_store_record_that_cannot_be_read_tears_nothing_down_and_heals() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     assert_eq!(host.once().status.code(), Some(0));
     let record = host.sandbox.data_dir().join(format!("index/{digest}.json"));
     std::fs::write(&record, b"{not json").expect("corrupt the record");
@@ -1187,7 +1272,7 @@ fn a_store_record_that_cannot_be_read_tears_nothing_down_and_heals() {
 fn tgtd_can_never_write_a_verified_image_even_when_a_lun_is_made_writable() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     assert_eq!(host.once().status.code(), Some(0));
     // tgt adds every LUN writable and makes it read-only afterwards; here the flag is turned
     // off behind discus's back, as during that moment.
@@ -1241,15 +1326,18 @@ fn a_typo_in_a_served_disc_image_keeps_its_last_valid_version() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    let served = served(&image, &digest, "");
-    host.manifest("lab.yaml", &served);
+    let mut served = Served::new(&image, &digest);
+    host.manifest("lab.yaml", &served.yaml());
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("DiscImage", "disk", "Ready").0 == "True"
             && host.condition("IscsiTarget", "boot", "Ready").0 == "True"
     });
     // A misspelt field: the image is invalid now, and its last valid version stays.
-    host.manifest("lab.yaml", &served.replace("format: raw", "formt: raw"));
+    let spec = served.image["spec"].as_object_mut().expect("spec");
+    let format = spec.remove("format").expect("format");
+    spec.insert("formt".into(), format);
+    host.manifest("lab.yaml", &served.yaml());
     host.wait_for("the image's status to say so", || {
         host.condition("DiscImage", "disk", "Stalled").1 == "InvalidSpec"
     });
@@ -1282,7 +1370,7 @@ fn an_address_acl_added_behind_discus_s_back_is_removed() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
     let iqn = "iqn.2026-11.dev.discus:boot";
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     assert_eq!(host.once().status.code(), Some(0));
     host.tgtadm(&[
         "--mode",
@@ -1312,7 +1400,7 @@ fn an_address_acl_added_behind_discus_s_back_is_removed() {
 fn status_files_someone_removed_are_written_again() {
     let host = Host::new();
     let (image, digest) = host.image("disk.raw", 1 << 20);
-    host.manifest("lab.yaml", &served(&image, &digest, ""));
+    host.manifest("lab.yaml", &served(&image, &digest));
     let mut server = host.start();
     host.wait_for("the target", || {
         host.condition("IscsiTarget", "boot", "Ready").0 == "True"

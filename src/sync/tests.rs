@@ -118,18 +118,25 @@ fn resources(dir: &std::path::Path) -> Resources {
     let bytes = vec![7u8; 1 << 20];
     std::fs::write(&disc, &bytes).expect("disc");
     let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-    let image = format!(
-        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: disc, namespace: lab}}\n\
-         spec: {{source: {{file: {{path: {}}}}}, sha256: {sha256}, format: raw}}\n",
-        disc.display()
-    );
-    let target = "apiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\n\
-                  metadata: {name: boot, namespace: lab}\n\
-                  spec:\n  luns: [{lun: 0, image: disc}]\n  authentication: none\n  \
-                  nodeSelector: {matchLabels: {discus.dev/storage: 'true'}}\n";
+    let image = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "DiscImage",
+        "metadata": {"name": "disc", "namespace": "lab"},
+        "spec": {"source": {"file": {"path": disc}}, "sha256": sha256, "format": "raw"},
+    });
+    let target = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "IscsiTarget",
+        "metadata": {"name": "boot", "namespace": "lab"},
+        "spec": {
+            "luns": [{"lun": 0, "image": "disc"}],
+            "authentication": "none",
+            "nodeSelector": {"matchLabels": {"discus.dev/storage": "true"}},
+        },
+    });
     Resources {
-        images: vec![serde_saphyr::from_str(&image).expect("DiscImage")],
-        targets: vec![serde_saphyr::from_str(target).expect("IscsiTarget")],
+        images: vec![serde_json::from_value(image).expect("DiscImage")],
+        targets: vec![serde_json::from_value(target).expect("IscsiTarget")],
         ..Resources::default()
     }
 }

@@ -9,6 +9,7 @@ pub mod http;
 pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
+pub mod manifests;
 pub mod network;
 pub mod node;
 pub mod proxy;
