@@ -9,6 +9,7 @@ pub mod cli;
 pub mod crds;
 pub mod desired;
 pub mod fsutil;
+pub mod fuzz;
 pub mod http;
 pub mod images;
 pub mod manifests;

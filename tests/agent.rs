@@ -1390,11 +1390,17 @@ async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
             if ready(&object) && kstatus::compute(&object) == Kstatus::Current {
                 break;
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(180),
-                "{kind} {name} not Ready: {object:#}\n{}",
-                guest_log()
-            );
+            if start.elapsed() > Duration::from_secs(180) {
+                let (_, state) = vm.sh(
+                    "ps; for p in $(pidof discus qemu-img); do echo \"$p $(cat /proc/$p/cmdline | tr '\\0' ' ')\"; \
+                     for t in /proc/$p/task/*; do echo \"  $t $(cat $t/wchan) $(cut -d' ' -f3 $t/stat)\"; done; done; \
+                     ls -la /var/lib/discus /var/lib/discus/tmp /var/lib/discus/images; uptime",
+                );
+                panic!(
+                    "{kind} {name} not Ready: {object:#}\n{}\nguest: {state}",
+                    guest_log()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

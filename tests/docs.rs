@@ -192,8 +192,11 @@ fn commands() -> Vec<Shell> {
                 }
                 for part in line.split(" | ") {
                     let filled = fill_placeholders(part);
-                    let words = shlex::split(&filled)
+                    let mut words = shlex::split(&filled)
                         .unwrap_or_else(|| panic!("{}: cannot split `{part}`", name(&page)));
+                    // `NAME=value command …`: the environment of the command, not the command.
+                    let program = words.iter().position(|w| !is_assignment(w)).unwrap_or(0);
+                    words.drain(..program);
                     commands.push(Shell {
                         page: name(&page),
                         words,
@@ -203,6 +206,16 @@ fn commands() -> Vec<Shell> {
         }
     }
     commands
+}
+
+/// `NAME=value`, as a shell reads it before a command.
+fn is_assignment(word: &str) -> bool {
+    word.split_once('=').is_some_and(|(name, _)| {
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    })
 }
 
 /// `<your-registry>` → `registry.example`, and the like: what a reader types there.
@@ -358,7 +371,8 @@ fn check_cargo(shell: &Shell) -> Vec<String> {
                 problems.push(format!("{}: {}: no such file", shell.page, name(&file)));
                 continue;
             }
-            if let Some(filter) = shell.words.iter().skip_while(|w| *w != "--").nth(1)
+            if let Some(filter) = (shell.words.iter().skip_while(|w| *w != "--").skip(1))
+                .find(|w| !w.starts_with('-'))
                 && !read(&file).contains(&format!("fn {filter}"))
             {
                 problems.push(format!(

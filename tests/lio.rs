@@ -8,10 +8,11 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::initiator::{Login, read_lun as read_lun_as};
 use support::lio_vm::LioVm;
+use support::manifests;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:test-client";
 
@@ -73,39 +74,55 @@ fn wait_for(vm: &LioVm, what: &str, mut done: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}; serve log:\n{log}");
 }
 
-/// A target with LUN 0 (and more), a grant for `initiator` with CHAP from Secret `chap`.
+/// One document of a manifest file, to append to others.
+fn document(object: &Value) -> String {
+    format!("---\n{}\n", manifests::yaml([object]))
+}
+
+/// A target with its LUNs (number, DiscImage).
 fn target_yaml(name: &str, iqn: &str, luns: &[(u32, &str)], authentication: &str) -> String {
-    let luns: Vec<String> = luns
+    let luns: Vec<Value> = luns
         .iter()
-        .map(|(lun, image)| format!("{{lun: {lun}, image: {image}}}"))
+        .map(|(lun, image)| json!({"lun": lun, "image": image}))
         .collect();
-    format!(
-        "---\napiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: {name}, namespace: lab}}\n\
-         spec: {{iqn: '{iqn}', luns: [{}], authentication: {authentication}}}\n",
-        luns.join(", ")
-    )
+    document(&manifests::discus(
+        "IscsiTarget",
+        "lab",
+        name,
+        json!({"iqn": iqn, "luns": luns, "authentication": authentication}),
+    ))
 }
 
+/// The raw DiscImage `name` from a file.
 fn image_yaml(name: &str, path: &str, digest: &str) -> String {
-    format!(
-        "---\napiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: {name}, namespace: lab}}\n\
-         spec: {{source: {{file: {{path: {path}}}}}, sha256: {digest}, format: raw}}\n"
-    )
+    document(&manifests::discus(
+        "DiscImage",
+        "lab",
+        name,
+        json!({"source": {"file": {"path": path}}, "sha256": digest, "format": "raw"}),
+    ))
 }
 
-fn grant_yaml(name: &str, target: &str, initiator: &str, extra: &str) -> String {
-    format!(
-        "---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: {name}, namespace: lab}}\n\
-         spec: {{targetRef: {{name: {target}}}, initiatorIqn: '{initiator}'{extra}}}\n"
-    )
+/// A grant of `target` to `initiator`; `extra` adds fields to its spec.
+fn grant_yaml(name: &str, target: &str, initiator: &str, extra: Value) -> String {
+    let mut spec = json!({"targetRef": {"name": target}, "initiatorIqn": initiator});
+    if let (Some(spec), Value::Object(extra)) = (spec.as_object_mut(), extra) {
+        spec.extend(extra);
+    }
+    document(&manifests::discus("InitiatorAccess", "lab", name, spec))
+}
+
+/// The spec fields of a grant with CHAP from Secret `secret`.
+fn chap(secret: &str) -> Value {
+    json!({"chap": {"secretRef": {"name": secret}}})
 }
 
 fn secret_yaml(name: &str, pairs: &[(&str, &str)]) -> String {
-    let data: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}: '{v}'")).collect();
-    format!(
-        "---\napiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: lab}}\nstringData: {{{}}}\n",
-        data.join(", ")
-    )
+    let data: serde_json::Map<String, Value> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    document(&manifests::secret("lab", name, Value::Object(data)))
 }
 
 fn inquiry(
@@ -166,23 +183,13 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
         k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(40);
     let mut yaml = image_yaml("disk", &path, &digest);
     yaml.push_str(&target_yaml("boot", iqn, &[(0, "disk")], "chap"));
-    yaml.push_str(&grant_yaml(
-        "client",
-        "boot",
-        INITIATOR,
-        ", chap: {secretRef: {name: chap}}",
-    ));
-    yaml.push_str(&grant_yaml(
-        "other",
-        "boot",
-        other,
-        ", chap: {secretRef: {name: chap}}",
-    ));
+    yaml.push_str(&grant_yaml("client", "boot", INITIATOR, chap("chap")));
+    yaml.push_str(&grant_yaml("other", "boot", other, chap("chap")));
     yaml.push_str(&grant_yaml(
         "expiring",
         "boot",
         expiring,
-        &format!(", chap: {{secretRef: {{name: chap}}}}, expiresAt: '{expires_at}'"),
+        json!({"chap": {"secretRef": {"name": "chap"}}, "expiresAt": expires_at.to_string()}),
     ));
     yaml.push_str(&secret_yaml(
         "chap",
@@ -193,7 +200,7 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
         "mutual-client",
         "mutual",
         INITIATOR,
-        ", chap: {secretRef: {name: mutual-chap}, mutual: true}",
+        json!({"chap": {"secretRef": {"name": "mutual-chap"}, "mutual": true}}),
     ));
     yaml.push_str(&secret_yaml(
         "mutual-chap",
@@ -335,10 +342,7 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
     manifest(
         &vm,
         "lab.yaml",
-        &yaml.replace(
-            &grant_yaml("other", "boot", other, ", chap: {secretRef: {name: chap}}"),
-            "",
-        ),
+        &yaml.replace(&grant_yaml("other", "boot", other, chap("chap")), ""),
     );
     wait_for(&vm, "the revoked grant's ACL and session to go", || {
         !configfs(&vm, &format!("ls iscsi/{iqn}/tpgt_1/acls")).contains(other)
@@ -408,10 +412,7 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
             .map(|i| ("client".to_owned(), format!("rotated-{i:06}")))
             .chain([("client2".to_owned(), "renamed-000001".to_owned())]);
         // As declared now: without the revoked grant.
-        let mut rotated = yaml.replace(
-            &grant_yaml("other", "boot", other, ", chap: {secretRef: {name: chap}}"),
-            "",
-        );
+        let mut rotated = yaml.replace(&grant_yaml("other", "boot", other, chap("chap")), "");
         let mut previous = ("client".to_owned(), "client-secret".to_owned());
         for (user, password) in credentials {
             rotated = rotated.replace(
@@ -489,7 +490,7 @@ fn many_targets(vm: &LioVm, count: usize, moved: Option<usize>) -> String {
                 &format!("g{i}-{g}"),
                 &format!("t{i}"),
                 &format!("iqn.2026-11.dev.discus:client-{client}"),
-                ", chap: {secretRef: {name: chap}}",
+                chap("chap"),
             ));
         }
     }
@@ -590,7 +591,7 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
             "extra",
             "t42",
             "iqn.2026-11.dev.discus:client-7",
-            ", chap: {secretRef: {name: chap}}",
+            chap("chap"),
         ),
     )
     .expect("manifest");

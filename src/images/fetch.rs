@@ -619,7 +619,7 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// `bytes <start>-<end>/<total or *>` → (start, total).
-fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
+pub(crate) fn parse_content_range(value: &str) -> Option<(u64, Option<u64>)> {
     let range = value.strip_prefix("bytes ")?;
     let (span, total) = range.split_once('/')?;
     let start = span.split_once('-')?.0.trim().parse().ok()?;

@@ -14,7 +14,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,7 @@ done
 "#;
 
 pub struct LioVm {
-    qemu: Option<Child>,
+    qemu: Option<Qemu>,
     dir: tempfile::TempDir,
     /// The host port forwarded to the guest's 3260.
     pub port: u16,
@@ -316,7 +316,8 @@ impl LioVm {
         }
         let _ = std::fs::remove_file(share.join("ready"));
         let console = std::fs::File::create(self.dir.path().join("console.log")).expect("console");
-        let qemu = Command::new("setpriv")
+        let mut command = Command::new("setpriv");
+        command
             .args([
                 "--pdeathsig",
                 "KILL",
@@ -337,7 +338,7 @@ impl LioVm {
             .arg(&self.initrd)
             .args([
                 "-append",
-                "console=ttyS0 quiet panic=-1",
+                "console=ttyS0 loglevel=5 panic=-1",
                 "-display",
                 "none",
                 "-no-reboot",
@@ -358,10 +359,11 @@ impl LioVm {
             ])
             .stdin(Stdio::null())
             .stdout(console)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86 must be installed");
-        self.qemu = Some(qemu);
+            .stderr(
+                std::fs::File::create(self.dir.path().join("qemu.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            );
+        self.qemu = Some(Qemu::start(command));
         let start = Instant::now();
         while !share.join("ready").exists() {
             assert!(
@@ -375,9 +377,8 @@ impl LioVm {
 
     /// Stops the guest and boots it again: configfs starts empty, as after a power cut.
     pub fn reboot(&mut self) {
-        if let Some(mut qemu) = self.qemu.take() {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
+        if let Some(qemu) = self.qemu.take() {
+            qemu.stop();
         }
         self.start();
     }
@@ -396,9 +397,17 @@ impl LioVm {
         let rc = share.join(format!("outbox/{n}.rc"));
         let start = Instant::now();
         while !rc.exists() {
+            if let Some(gone) = self.qemu_gone() {
+                panic!(
+                    "qemu is gone ({gone}) while the guest ran {command:?}:\n{}\nqemu: {}",
+                    self.console(),
+                    std::fs::read_to_string(self.dir.path().join("qemu.log")).unwrap_or_default()
+                );
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(600),
-                "the guest did not run {command:?}:\n{}",
+                "the guest did not run {command:?} (qemu runs, in state {}):\n{}",
+                self.qemu_state(),
                 self.console()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -411,6 +420,29 @@ impl LioVm {
         let output =
             std::fs::read_to_string(share.join(format!("outbox/{n}.out"))).unwrap_or_default();
         (code, output)
+    }
+
+    /// qemu's process state as /proc says it (`R`, `S`, `Z`…) and its CPU time in ticks.
+    fn qemu_state(&self) -> String {
+        let Some(pid) = self.qemu.as_ref().map(|q| q.pid) else {
+            return "not started".into();
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
+        format!(
+            "{} utime {} stime {}",
+            fields.first().unwrap_or(&"?"),
+            fields.get(11).unwrap_or(&"?"),
+            fields.get(12).unwrap_or(&"?")
+        )
+    }
+
+    /// Why qemu is no longer running, if it is not.
+    fn qemu_gone(&self) -> Option<String> {
+        let exited = self.qemu.as_ref().is_none_or(|q| q.keeper.is_finished());
+        exited.then(|| "exited".to_owned())
     }
 
     /// Runs a command in the guest and fails the test if it fails.
@@ -428,9 +460,48 @@ impl LioVm {
 
 impl Drop for LioVm {
     fn drop(&mut self) {
-        if let Some(mut qemu) = self.qemu.take() {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
+        if let Some(qemu) = self.qemu.take() {
+            qemu.stop();
         }
+    }
+}
+
+/// qemu, started and reaped by a thread of its own that lives exactly as long as qemu does.
+/// `setpriv --pdeathsig` ties qemu to the *thread* that started it, not the process: started
+/// from a thread that ends first — a tokio blocking-pool thread ends after 10 s idle — qemu would
+/// be killed with it, silently, in the middle of a test (seen under load).
+struct Qemu {
+    pid: u32,
+    keeper: std::thread::JoinHandle<()>,
+}
+
+impl Qemu {
+    fn start(mut command: Command) -> Self {
+        let (started, pid) = std::sync::mpsc::channel();
+        let keeper = std::thread::spawn(move || match command.spawn() {
+            Ok(mut child) => {
+                let _ = started.send(Ok(child.id()));
+                let _ = child.wait();
+            }
+            Err(error) => {
+                let _ = started.send(Err(error));
+            }
+        });
+        let pid = pid
+            .recv()
+            .expect("the keeper thread says")
+            .expect("qemu-system-x86 must be installed");
+        Self { pid, keeper }
+    }
+
+    /// Kills qemu and waits until its keeper has reaped it.
+    fn stop(self) {
+        if self.keeper.is_finished() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
+        let _ = self.keeper.join();
     }
 }

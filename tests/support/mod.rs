@@ -15,6 +15,7 @@ pub mod node;
 pub mod proxy;
 pub mod rbac;
 pub mod sandbox;
+pub mod serve_host;
 
 use std::path::PathBuf;
 

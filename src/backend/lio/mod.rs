@@ -7,7 +7,7 @@
 mod layout;
 mod model;
 mod plan;
-mod read;
+pub(crate) mod read;
 mod write;
 
 use std::collections::BTreeSet;

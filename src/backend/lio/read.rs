@@ -193,8 +193,32 @@ fn parallel<T: Send, R: Send>(
 }
 
 fn storage_object(dir: &StorageDir, hba: &str, name: &str) -> StorageObject {
-    let info = text(&dir.info());
-    // "… SectorSize: 512 …\n TCM FILEIO ID: 0  File: /path  Size: 1048576  Mode: O_DSYNC …"
+    let info = storage_info(&text(&dir.info()));
+    StorageObject {
+        hba: hba.to_owned(),
+        name: name.to_owned(),
+        enabled: text(&dir.enable()) == "1",
+        file: info.file,
+        size: info.size,
+        buffered: info.buffered,
+        serial: text(&dir.unit_serial())
+            .trim_start_matches("T10 VPD Unit Serial Number:")
+            .trim()
+            .to_owned(),
+        block_size: text(&dir.block_size()).parse().unwrap_or(0),
+    }
+}
+
+/// What a storage object's `info` says of its backing file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct StorageInfo {
+    pub file: Option<String>,
+    pub size: Option<u64>,
+    pub buffered: bool,
+}
+
+/// "… SectorSize: 512 …\n TCM FILEIO ID: 0  File: /path  Size: 1048576  Mode: O_DSYNC …"
+pub(crate) fn storage_info(info: &str) -> StorageInfo {
     let tokens: Vec<&str> = info.split_whitespace().collect();
     let field = |key: &str| {
         tokens
@@ -202,19 +226,20 @@ fn storage_object(dir: &StorageDir, hba: &str, name: &str) -> StorageObject {
             .find(|pair| pair[0] == key)
             .map(|pair| pair[1].to_owned())
     };
-    StorageObject {
-        hba: hba.to_owned(),
-        name: name.to_owned(),
-        enabled: text(&dir.enable()) == "1",
+    StorageInfo {
         file: field("File:"),
         size: field("Size:").and_then(|s| s.parse().ok()),
         buffered: info.contains("Buffered-WCE"),
-        serial: text(&dir.unit_serial())
-            .trim_start_matches("T10 VPD Unit Serial Number:")
-            .trim()
-            .to_owned(),
-        block_size: text(&dir.block_size()).parse().unwrap_or(0),
     }
+}
+
+/// The addresses of an ACL's logged-in connections, from its `info`: "   Address 10.0.2.2 TCP …".
+pub(crate) fn session_addresses(info: &str) -> Vec<String> {
+    info.lines()
+        .filter_map(|l| l.trim().strip_prefix("Address "))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
 }
 
 fn tpg(dir: &TpgDir, tag: u16) -> io::Result<Tpg> {
@@ -276,12 +301,6 @@ fn acl(dir: &AclDir, initiator: &str) -> io::Result<Acl> {
             write_protect: text(&dir.write_protect(index)) == "1",
         });
     }
-    // "   Address 10.0.2.2 TCP  StatSN: 0x…" for each logged-in connection.
-    acl.sessions = text(&dir.info())
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Address "))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(str::to_owned)
-        .collect();
+    acl.sessions = session_addresses(&text(&dir.info()));
     Ok(acl)
 }

@@ -10,7 +10,7 @@ mod daemon;
 mod model;
 mod owned;
 mod plan;
-mod read;
+pub(crate) mod read;
 mod tgtadm;
 mod view;
 mod write;

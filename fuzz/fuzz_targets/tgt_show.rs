@@ -1,0 +1,6 @@
+//! Drives discus::fuzz::tgt_show (src/fuzz.rs says what it parses).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| discus::fuzz::tgt_show(data));
