@@ -78,25 +78,7 @@ impl ControlPlane {
         };
 
         let pki = Pki::generate(&root, address)?;
-        let etcd_client = free_port()?;
-        let etcd_peer = free_port()?;
-        let etcd_log = std::fs::File::create(root.join("etcd.log"))?;
-        plane.spawn(
-            "etcd",
-            &[
-                "--name=discus-test".into(),
-                format!("--data-dir={}", root.join("etcd").display()),
-                format!("--listen-client-urls=http://{address}:{etcd_client}"),
-                format!("--advertise-client-urls=http://{address}:{etcd_client}"),
-                format!("--listen-peer-urls=http://{address}:{etcd_peer}"),
-                format!("--initial-advertise-peer-urls=http://{address}:{etcd_peer}"),
-                format!("--initial-cluster=discus-test=http://{address}:{etcd_peer}"),
-                "--unsafe-no-fsync=true".into(),
-                "--log-level=warn".into(),
-            ],
-            etcd_log,
-        )?;
-        wait_for("etcd", || etcd_ready(address, etcd_client)).await?;
+        let etcd_client = plane.start_etcd(&root, address).await?;
 
         let port = free_port()?;
         plane.server = format!("https://{address}:{port}");
@@ -147,6 +129,60 @@ impl ControlPlane {
         })
         .await?;
         Ok(plane)
+    }
+
+    /// etcd on ports found free; returns its client port. Tests start clusters side by side, so a
+    /// port found free can be taken before etcd binds it: when etcd exits for that, it starts
+    /// again on other ports. Any other failure says what etcd logged.
+    async fn start_etcd(&mut self, root: &Path, address: IpAddr) -> Result<u16, Error> {
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let (client, peer) = (free_port()?, free_port()?);
+            let log = std::fs::File::create(root.join("etcd.log"))?;
+            self.spawn(
+                "etcd",
+                &[
+                    "--name=discus-test".into(),
+                    format!("--data-dir={}", root.join("etcd").display()),
+                    format!("--listen-client-urls=http://{address}:{client}"),
+                    format!("--advertise-client-urls=http://{address}:{client}"),
+                    format!("--listen-peer-urls=http://{address}:{peer}"),
+                    format!("--initial-advertise-peer-urls=http://{address}:{peer}"),
+                    format!("--initial-cluster=discus-test=http://{address}:{peer}"),
+                    "--unsafe-no-fsync=true".into(),
+                    "--log-level=warn".into(),
+                ],
+                log,
+            )?;
+            let start = Instant::now();
+            while start.elapsed() < START_TIMEOUT {
+                if etcd_ready(address, client).await.is_some() {
+                    return Ok(client);
+                }
+                let exited =
+                    (self.processes.last_mut()).and_then(|etcd| etcd.try_wait().ok().flatten());
+                if exited.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let logged = self.log("etcd");
+            if let Some(mut etcd) = self.processes.pop() {
+                let _ = etcd.kill();
+                let _ = etcd.wait();
+            }
+            if attempt == ATTEMPTS || !logged.contains("address already in use") {
+                let tail: Vec<&str> = logged.lines().rev().take(20).collect();
+                return Err(format!(
+                    "etcd was not ready after {:?} (attempt {attempt}); it logged:\n{}",
+                    start.elapsed(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+                .into());
+            }
+            let _ = std::fs::remove_dir_all(root.join("etcd"));
+        }
+        Err("etcd: no attempt left".into())
     }
 
     /// Applies the discus CRDs (server-side, as users should) and waits until they are
