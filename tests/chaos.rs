@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::manifests;
-use support::serve_host::{Host, PORTAL, sha256_file};
+use support::serve_host::{Host, PORTAL, raw_image, sha256_file};
 
 const STEADY: &str = "iqn.2026-11.dev.discus:steady-client";
 const CLIENTS: usize = 3;
@@ -119,15 +119,6 @@ fn served(name: &str, image: &str, initiator: &str, user: &str, password: &str) 
     ]
 }
 
-fn image(name: &str, path: &std::path::Path, digest: &str) -> Value {
-    manifests::discus(
-        "DiscImage",
-        "lab",
-        name,
-        json!({"source": {"file": {"path": path}}, "sha256": digest, "format": "raw"}),
-    )
-}
-
 /// Writes the round's manifest file whole (a rename), as a careful user would.
 fn declare(host: &Host, declared: &Declared, base: &Value) {
     let mut objects = vec![base.clone()];
@@ -144,7 +135,7 @@ fn declare(host: &Host, declared: &Declared, base: &Value) {
     if let Some(round) = declared.fresh {
         let name = format!("fresh-{round}");
         let (path, digest) = host.image(&format!("{name}.raw"), 16 << 20);
-        objects.push(image(&name, &path, &digest));
+        objects.push(raw_image(&name, &path, &digest));
         objects.extend(served("fresh", &name, &client(0), "fresh", "fresh-secret"));
     }
     let temporary = host.manifests.join(".lab.yaml.tmp");
@@ -350,7 +341,7 @@ fn killed_anywhere_discus_never_admits_more_and_always_converges() {
     let mut rng = Rng(seed.max(1));
     let host = Host::new();
     let (base_path, base_digest) = host.image("base.raw", 1 << 20);
-    let base = image("base", &base_path, &base_digest);
+    let base = raw_image("base", &base_path, &base_digest);
 
     let mut before = Declared::default();
     declare(&host, &before, &base);

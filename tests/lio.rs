@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use support::initiator::{Login, read_lun as read_lun_as};
 use support::lio_vm::LioVm;
 use support::manifests;
+use support::serve_host::raw_image;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:test-client";
 
@@ -95,12 +96,7 @@ fn target_yaml(name: &str, iqn: &str, luns: &[(u32, &str)], authentication: &str
 
 /// The raw DiscImage `name` from a file.
 fn image_yaml(name: &str, path: &str, digest: &str) -> String {
-    document(&manifests::discus(
-        "DiscImage",
-        "lab",
-        name,
-        json!({"source": {"file": {"path": path}}, "sha256": digest, "format": "raw"}),
-    ))
+    document(&raw_image(name, Path::new(path), digest))
 }
 
 /// A grant of `target` to `initiator`; `extra` adds fields to its spec.

@@ -279,10 +279,15 @@ impl Served {
 
 /// The DiscImage `disk` from a file.
 pub fn image_manifest(image: &Path, digest: &str) -> Value {
+    raw_image("disk", image, digest)
+}
+
+/// The raw DiscImage `name` in `lab`, from a file under the host's file root.
+pub fn raw_image(name: &str, image: &Path, digest: &str) -> Value {
     manifests::discus(
         "DiscImage",
         "lab",
-        "disk",
+        name,
         json!({"source": {"file": {"path": image}}, "sha256": digest, "format": "raw"}),
     )
 }
