@@ -71,6 +71,8 @@ pub enum ErrorKind {
     Event,
     /// A watch failed (it is retried).
     Watch,
+    /// A stored image's bytes no longer matched their digest (the scrub removed it).
+    StoredImageRotten,
 }
 
 impl ErrorKind {
@@ -82,6 +84,7 @@ impl ErrorKind {
             Self::StatusWrite => "status_write",
             Self::Event => "event",
             Self::Watch => "watch",
+            Self::StoredImageRotten => "stored_image_rotten",
         }
     }
 }
@@ -95,6 +98,12 @@ struct TargetLabels {
 struct ProblemLabels {
     kind: &'static str,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScrubLabels {
+    /// `whole` or `rotten`.
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +123,8 @@ pub struct Metrics {
     problems: Family<ProblemLabels, Gauge>,
     images: Family<ImageLabels, Gauge>,
     image_bytes: Gauge,
+    scrubbed: Family<ScrubLabels, Counter>,
+    scrubbed_bytes: Counter,
     status_writes: Counter,
     events: Counter,
     health: Mutex<Health>,
@@ -222,6 +233,19 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             image_bytes.clone(),
         );
+        let scrubbed = Family::<ScrubLabels, Counter>::default();
+        registry.register(
+            "scrubbed_images",
+            "Stored images read and checked against their digest, by result",
+            scrubbed.clone(),
+        );
+        let scrubbed_bytes = Counter::default();
+        registry.register_with_unit(
+            "scrubbed",
+            "Bytes of stored images read to check them",
+            prometheus_client::registry::Unit::Bytes,
+            scrubbed_bytes.clone(),
+        );
         let status_writes = Counter::default();
         registry.register(
             "status_writes",
@@ -241,10 +265,19 @@ impl Metrics {
             problems,
             images,
             image_bytes,
+            scrubbed,
+            scrubbed_bytes,
             status_writes,
             events,
             health: Mutex::default(),
         }
+    }
+
+    /// A stored image of `bytes` was read and found whole, or not.
+    pub fn scrubbed(&self, bytes: u64, whole: bool) {
+        let result = if whole { "whole" } else { "rotten" };
+        self.scrubbed.get_or_create(&ScrubLabels { result }).inc();
+        self.scrubbed_bytes.inc_by(bytes);
     }
 
     pub fn pass_started(&self) {

@@ -12,6 +12,7 @@ use crate::desired::{NodeFacts, Settings};
 use crate::fsutil::Claim;
 use crate::http;
 use crate::images::manager::ImageManager;
+use crate::images::scrub::ScrubConfig;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
 use crate::metrics::Metrics;
 use crate::sync::Syncer;
@@ -41,6 +42,8 @@ pub struct NodeConfig {
     pub http_address: Option<std::net::SocketAddr>,
     /// What targets may ask for.
     pub policy: crate::desired::Policy,
+    /// How the stored images are read again in the background.
+    pub scrub: ScrubConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +90,9 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             .await
             .map_err(|source| SetupError::Http { address, source })?;
     }
-    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics));
+    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics), config.scrub);
+    // For as long as the process lives; `--once` ends with its pass.
+    tokio::spawn(Arc::clone(images.scrub()).run());
     let settings = Settings {
         iqn_authority: config.iqn_authority.clone(),
         writable_dir: config.data_dir.join("writable"),

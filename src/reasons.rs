@@ -67,6 +67,8 @@ pub enum Reason {
     ImageInvalid,
     /// A LUN's image is not (yet) verified and stored on this node.
     ImageNotReady,
+    /// The stored image's bytes no longer matched their digest: removed, and fetched again.
+    StoredImageRotten,
     /// The grant names an IscsiTarget that does not exist.
     TargetNotFound,
     /// The grant's target exists but cannot be served on this node.
@@ -138,6 +140,7 @@ impl Reason {
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady
+            | Self::StoredImageRotten
             | Self::TargetNotFound
             | Self::TargetNotServed
             | Self::LunNotFound

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::manifests;
-use support::serve_host::{Host, PORTAL, raw_image, sha256_file};
+use support::serve_host::{Host, PORTAL, Tgtd, raw_image, sha256_file, tgtd};
 
 const STEADY: &str = "iqn.2026-11.dev.discus:steady-client";
 const CLIENTS: usize = 3;
@@ -141,78 +141,6 @@ fn declare(host: &Host, declared: &Declared, base: &Value) {
     let temporary = host.manifests.join(".lab.yaml.tmp");
     std::fs::write(&temporary, manifests::yaml(&objects)).expect("manifest");
     std::fs::rename(&temporary, host.manifests.join("lab.yaml")).expect("rename");
-}
-
-/// What tgtd holds: target IQN → (initiators admitted, accounts bound, LUNs), and the accounts.
-#[derive(Debug, Default)]
-struct Tgtd {
-    targets: BTreeMap<String, (BTreeSet<String>, Vec<String>, usize)>,
-    accounts: BTreeSet<String>,
-    /// Initiator → its I_T nexus ids.
-    nexus: BTreeMap<String, BTreeSet<String>>,
-}
-
-fn tgtd(host: &Host) -> Tgtd {
-    let mut found = Tgtd::default();
-    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
-    let (mut target, mut section, mut nexus) = (String::new(), "", String::new());
-    for line in show.lines() {
-        if let Some(rest) = line.strip_prefix("Target ") {
-            target = rest
-                .split_once(": ")
-                .map(|(_, n)| n.to_owned())
-                .unwrap_or_default();
-            found.targets.entry(target.clone()).or_default();
-            continue;
-        }
-        let trimmed = line.trim();
-        match (line.len() - line.trim_start().len(), trimmed) {
-            (4, "ACL information:") => section = "acl",
-            (4, "Account information:") => section = "account",
-            (4, _) => section = "",
-            (8, t) if t.starts_with("I_T nexus: ") => nexus = t["I_T nexus: ".len()..].to_owned(),
-            (12, t) if t.starts_with("Initiator: ") => {
-                let initiator = t["Initiator: ".len()..]
-                    .split(' ')
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                found
-                    .nexus
-                    .entry(initiator)
-                    .or_default()
-                    .insert(nexus.clone());
-            }
-            (8, t) if t.starts_with("LUN: ") => {
-                found.targets.entry(target.clone()).or_default().2 += 1;
-            }
-            (8, t) if section == "acl" => {
-                found
-                    .targets
-                    .entry(target.clone())
-                    .or_default()
-                    .0
-                    .insert(t.to_owned());
-            }
-            (8, t) if section == "account" => {
-                found
-                    .targets
-                    .entry(target.clone())
-                    .or_default()
-                    .1
-                    .push(t.to_owned());
-            }
-            _ => {}
-        }
-    }
-    found.accounts = host
-        .tgtadm(&["--mode", "account", "--op", "show"])
-        .lines()
-        .skip(1)
-        .map(|l| l.trim().trim_end_matches(" (outgoing)").to_owned())
-        .filter(|l| !l.is_empty())
-        .collect();
-    found
 }
 
 /// Right after a kill: nobody admitted that neither the old nor the new declaration names, and

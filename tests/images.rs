@@ -1108,6 +1108,7 @@ async fn a_failing_source_fails_only_its_own_namespace_and_source() {
     let manager = ImageManager::new(
         std::sync::Arc::new(importer),
         std::sync::Arc::new(discus::metrics::Metrics::new()),
+        discus::images::scrub::ScrubConfig::default(),
     );
     // Namespace b names the same digest with a URL that does not work, and asks first.
     let b_bad = request("b", http(&server, "/nothing-here"), &digest);
@@ -1672,6 +1673,7 @@ async fn a_namespace_whose_entitlement_was_taken_back_proves_it_again() {
     let manager = ImageManager::new(
         std::sync::Arc::clone(&importer),
         std::sync::Arc::new(discus::metrics::Metrics::new()),
+        discus::images::scrub::ScrubConfig::default(),
     );
     let x = request("x", http(&server, "/a.raw"), &digest);
     let states = settled(&manager, &[&x]).await;

@@ -10,7 +10,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::manifests;
 use support::serve_host::{
-    DISCUS, Host, INITIATOR, PORTAL, Served, chap_secret, image_manifest, served, sha256_file,
+    DISCUS, Host, INITIATOR, PORTAL, Served, chap_secret, image_manifest, raw_image, rot, served,
+    sha256_file, tgtd,
 };
 
 #[test]
@@ -1121,4 +1122,282 @@ fn status_files_someone_removed_are_written_again() {
             && host.condition("InitiatorAccess", "client", "Ready").0 == "True"
     });
     host.sandbox.kill(&mut server);
+}
+
+/// Whether the target `name` in `lab` is Ready.
+fn target_ready(host: &Host, name: &str) -> bool {
+    host.condition("IscsiTarget", name, "Ready").0 == "True"
+}
+
+/// Bytes that rot on disk are found by the background scrub: the file is removed, its LUN leaves
+/// the target, the source is fetched again, and the target serves the verified bytes again.
+#[test]
+fn a_stored_image_that_rots_is_found_taken_out_fetched_again_and_served_whole() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 4 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    host.manifest("lab.yaml", &served(&image, &digest));
+    let mut serve = host.start_with(&["--scrub-interval-seconds", "1", "--scrub-rate", "64Mi"]);
+    host.wait_for("the target", || target_ready(&host, "boot"));
+    assert_eq!(host.read_lun(iqn, 1, "client", "client-secret"), digest);
+
+    let stored = host.stored_image(&digest);
+    rot(&stored, 3 << 20);
+    host.wait_for("the scrub to find the rot", || {
+        host.log().contains("stored image rotten")
+    });
+    host.wait_for("the image fetched again, whole", || {
+        stored.exists() && sha256_file(&stored) == digest && target_ready(&host, "boot")
+    });
+    let log = host.log();
+    let after_rot = &log[log.find("stored image rotten").unwrap_or(0)..];
+    assert!(
+        after_rot.contains(&format!("delete target {iqn}")),
+        "the rotten LUN left the target:\n{log}"
+    );
+    assert_eq!(host.read_lun(iqn, 1, "client", "client-secret"), digest);
+    host.sandbox.kill(&mut serve);
+}
+
+/// After a restart, a stored image is read before it is first served: one that rotted while
+/// discus was down is fetched again and never served. One the target already served when discus
+/// started stays served — its session keeps its I_T nexus — and the background scrub reads it
+/// first.
+#[test]
+fn after_a_restart_images_are_read_before_they_are_served_and_served_ones_keep_their_sessions() {
+    let host = Host::new();
+    let (disk, disk_digest) = host.image("disk.raw", 2 << 20);
+    let (spare, spare_digest) = host.image("spare.raw", 2 << 20);
+    let base = Served::new(&disk, &disk_digest);
+    let spare_image = raw_image("spare", &spare, &spare_digest);
+    host.manifest(
+        "lab.yaml",
+        &manifests::yaml([
+            &base.image,
+            &base.target,
+            &base.grant,
+            &base.secret,
+            &spare_image,
+        ]),
+    );
+    let mut serve = host.start();
+    host.wait_for("the target and both images", || {
+        target_ready(&host, "boot") && host.stored_image(&spare_digest).exists()
+    });
+    let mut session = host
+        .sandbox
+        .command("iscsi-perf")
+        .args([
+            "-i", INITIATOR, "-m", "1", "-b", "1", "-x", "0", "-t", "3600",
+        ])
+        .arg(format!(
+            "iscsi://client%client-secret@{PORTAL}/iqn.2026-11.dev.discus:boot/1"
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    host.wait_for("the session", || tgtd(&host).nexus.contains_key(INITIATOR));
+    let nexus = tgtd(&host).nexus[INITIATOR].clone();
+
+    // Down: the spare image rots, and a new target is declared on it.
+    host.sandbox.kill(&mut serve);
+    rot(&host.stored_image(&spare_digest), 1 << 20);
+    let late_iqn = "iqn.2026-11.dev.discus:late";
+    let late = manifests::discus(
+        "IscsiTarget",
+        "lab",
+        "late",
+        json!({"iqn": late_iqn, "luns": [{"lun": 0, "image": "spare"}]}),
+    );
+    let mut late_grant = base.grant.clone();
+    late_grant["metadata"]["name"] = json!("late-client");
+    late_grant["spec"]["targetRef"]["name"] = json!("late");
+    host.manifest("late.yaml", &manifests::yaml([&late, &late_grant]));
+
+    let mut serve = host.start();
+    host.wait_for("the new target", || target_ready(&host, "late"));
+    let log = host.log();
+    assert!(
+        log.contains("stored image rotten") && log.contains(&spare_digest),
+        "the rotten file was found before it was served:\n{log}"
+    );
+    assert_eq!(
+        host.read_lun(late_iqn, 1, "client", "client-secret"),
+        spare_digest
+    );
+    host.wait_for("the served image read by the background scrub", || {
+        host.log()
+            .lines()
+            .any(|l| l.contains("stored image read again: whole") && l.contains(&disk_digest))
+    });
+    let held = tgtd(&host);
+    assert!(
+        nexus.is_subset(held.nexus.get(INITIATOR).unwrap_or(&Default::default())),
+        "the session on the served image kept its I_T nexus: {nexus:?} → {:?}",
+        held.nexus
+    );
+    assert!(
+        !host
+            .log()
+            .contains("delete target iqn.2026-11.dev.discus:boot"),
+        "{}",
+        host.log()
+    );
+    assert!(
+        session.try_wait().expect("iscsi-perf").is_none(),
+        "iscsi-perf ended"
+    );
+    host.sandbox.kill(&mut session);
+    host.sandbox.kill(&mut serve);
+}
+
+/// The data directory on a small file system of its own, inside the sandbox.
+fn small_data_dir(host: &Host, size: &str) {
+    host.sandbox.must(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        &format!("size={size}"),
+        "tmpfs",
+        "/var/lib/discus",
+    ]);
+}
+
+/// What the files in a store folder are called.
+fn names_in(host: &Host, folder: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(host.sandbox.data_dir().join(folder))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// A disk that fills up under an import — too small for the download, or for the conversion
+/// after it — fails that image with a clear message and nothing half-written left behind, while
+/// what is served goes on; with space again, the import succeeds.
+#[test]
+fn a_full_disk_under_a_download_or_a_conversion_fails_clearly_and_leaves_nothing_behind() {
+    let host = Host::new();
+    small_data_dir(&host, "24m");
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let served = Served::new(&image, &digest);
+    host.manifest("lab.yaml", &served.yaml());
+    assert_eq!(host.once().status.code(), Some(0));
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let chap = Some(("client", "client-secret"));
+
+    // An 8 MiB qcow2 (its clusters full of data) and a 16 MiB raw image.
+    let (big_raw, big_raw_digest) = host.image("big.raw", 8 << 20);
+    let big_qcow2 = host.images.join("big.qcow2");
+    host.sandbox.must(&[
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        big_raw.to_str().expect("utf-8"),
+        big_qcow2.to_str().expect("utf-8"),
+    ]);
+    let (huge, huge_digest) = host.image("huge.raw", 16 << 20);
+    let mut qcow2 = raw_image("converted", &big_qcow2, &sha256_file(&big_qcow2));
+    qcow2["spec"]["format"] = json!("qcow2");
+    let huge = raw_image("huge", &huge, &huge_digest);
+    let target = manifests::discus(
+        "IscsiTarget",
+        "lab",
+        "big",
+        json!({"iqn": "iqn.2026-11.dev.discus:big", "luns": [{"lun": 0, "image": "converted"}]}),
+    );
+    host.manifest("big.yaml", &manifests::yaml([&qcow2, &huge, &target]));
+    // About 10 MiB stay free: the qcow2 arrives, its raw form does not fit; the raw image
+    // does not fit at all.
+    host.sandbox
+        .must(&["fallocate", "-l", "13M", "/var/lib/discus/fill"]);
+
+    let output = host.once();
+    assert_eq!(output.status.code(), Some(2), "not everything is ready");
+    let converted = host.status("DiscImage", "converted").to_string();
+    let huge_status = host.status("DiscImage", "huge").to_string();
+    println!("converted: {converted}\nhuge: {huge_status}");
+    assert!(
+        converted.contains("No space left on device") || converted.contains("free space"),
+        "{converted}"
+    );
+    assert!(
+        huge_status.contains("not enough free space"),
+        "{huge_status}"
+    );
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, chap).is_ok(),
+        "still served"
+    );
+    assert_eq!(
+        names_in(&host, "tmp"),
+        Vec::<String>::new(),
+        "nothing half-written"
+    );
+    assert_eq!(names_in(&host, "images"), vec![format!("{digest}.raw")]);
+
+    host.sandbox.must(&["rm", "/var/lib/discus/fill"]);
+    host.remove_manifest("big.yaml");
+    host.manifest("big.yaml", &manifests::yaml([&qcow2, &target]));
+    let output = host.once();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        host.read_lun("iqn.2026-11.dev.discus:big", 1, "client", "client-secret"),
+        big_raw_digest
+    );
+}
+
+/// A data directory that turns read-only (a file system remounted after errors) never keeps a
+/// revocation from being applied: discus starts, ends the revoked grant's access, and says what
+/// it could not write; writable again, it catches up.
+#[test]
+fn a_read_only_data_dir_still_lets_revocations_through() {
+    let host = Host::new();
+    small_data_dir(&host, "16m");
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let chap = Some(("client", "client-secret"));
+    let served = Served::new(&image, &digest);
+    host.manifest("lab.yaml", &served.yaml());
+    assert_eq!(host.once().status.code(), Some(0));
+    assert!(host.inquiry(iqn, 1, INITIATOR, chap).is_ok());
+
+    host.sandbox
+        .must(&["mount", "-o", "remount,ro", "/var/lib/discus"]);
+    host.manifest(
+        "lab.yaml",
+        &manifests::yaml([&served.image, &served.target, &served.secret]),
+    );
+    let output = host.once();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("read-only: exit {:?}\n{stderr}", output.status.code());
+    assert!(
+        host.inquiry(iqn, 1, INITIATOR, chap).is_err(),
+        "the revoked grant is gone: {stderr}"
+    );
+
+    host.sandbox
+        .must(&["mount", "-o", "remount,rw", "/var/lib/discus"]);
+    let output = host.once();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(host.inquiry(iqn, 1, INITIATOR, chap).is_err());
 }

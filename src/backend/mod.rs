@@ -143,4 +143,6 @@ pub trait Backend: Send + Sync {
     fn plan(&self, desired: &[TargetConfig], observed: &Self::Observed) -> Plan<Self::Op>;
     fn apply(&self, op: &Self::Op) -> impl Future<Output = Result<(), BackendError>> + Send;
     fn sessions(&self, observed: &Self::Observed) -> Vec<Session>;
+    /// The files the observed LUNs read from.
+    fn backing_files(&self, observed: &Self::Observed) -> Vec<std::path::PathBuf>;
 }

@@ -10,6 +10,7 @@ use crate::api::{quantity, rules};
 use crate::desired::{NodeFacts, Policy};
 use crate::images::FetchOptions;
 use crate::images::destinations::{self, DestinationPolicy};
+use crate::images::scrub::ScrubConfig;
 use crate::node_runtime::{BackendChoice, NodeConfig};
 
 #[derive(Args)]
@@ -55,6 +56,13 @@ pub struct NodeArgs {
     /// example 1Mi), after two minutes of grace; a slower one fails and is tried again later.
     #[arg(long, value_name = "BYTES", default_value = "128Ki", value_parser = parse_rate)]
     source_min_rate: u64,
+    /// How often each stored image is read again and checked against its digest, in seconds
+    /// (default: weekly).
+    #[arg(long, value_name = "SECONDS", default_value = "604800", value_parser = seconds)]
+    scrub_interval_seconds: Duration,
+    /// The most bytes a second the background scrub reads (for example 32Mi).
+    #[arg(long, value_name = "BYTES", default_value = "32Mi", value_parser = parse_rate)]
+    scrub_rate: u64,
     #[command(flatten)]
     policy: PolicyArgs,
 }
@@ -139,6 +147,10 @@ impl NodeArgs {
             prefetch_all: false,
             http_address: self.http_address,
             policy: self.policy.policy(policy),
+            scrub: ScrubConfig {
+                rate: self.scrub_rate,
+                interval: self.scrub_interval_seconds,
+            },
         })
     }
 

@@ -4,7 +4,9 @@
 //! one the user named; hostile headers are refused before qemu-img sees the image; qcow2, VHDX
 //! and VMDK are converted to raw with an explicit source format and under resource limits; and
 //! the raw result is stored under its own digest, shared by every DiscImage that resolves to it —
-//! in namespaces whose own source delivered those bytes (see `store` for the tenancy rule).
+//! in namespaces whose own source delivered those bytes (see `store` for the tenancy rule). What
+//! is stored is read again and checked against its digest (see `scrub`): before a file is first
+//! served after a start, and in the background.
 
 pub mod destinations;
 pub mod fetch;
@@ -14,6 +16,7 @@ pub mod manager;
 pub mod pace;
 pub mod progress;
 pub mod qemu;
+pub mod scrub;
 mod sink;
 pub mod store;
 

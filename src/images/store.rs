@@ -27,12 +27,21 @@
 //! Start-up never fails on the store: a full disk must not keep a node from applying what it can
 //! (a credential rotation, a revoked grant). Directories are created when first needed, and every
 //! operation reports its own error.
+//!
+//! **Bytes on disk rot.** A served file is named by its own digest, so it can be checked with
+//! nothing but itself. The store remembers which files this process hashed, and when — a commit
+//! hashed its bytes, the scrub (`scrub.rs`) hashes the rest — and removes a file that no longer
+//! matches its name unless an import wrote it again meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
+// Cannot be poisoned: a panicking scrub must not make every image look unverified for ever.
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tempfile::NamedTempFile;
 
@@ -129,6 +138,8 @@ impl Staging {
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Served digests whose bytes this process hashed, and when: shared by every clone.
+    verified: Arc<Mutex<BTreeMap<String, Instant>>>,
 }
 
 /// What the node still needs: sources (by their verified digest, with the namespaces that declare
@@ -164,6 +175,7 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let store = Self {
             root: data_dir.to_owned(),
+            verified: Arc::default(),
         };
         let prepared = [store.images_dir(), store.index_dir(), store.tmp_dir()]
             .iter()
@@ -194,6 +206,43 @@ impl Store {
     /// Where the image with this served digest lives.
     pub fn image_path(&self, served_sha256: &str) -> PathBuf {
         self.images_dir().join(format!("{served_sha256}.raw"))
+    }
+
+    /// When this process last hashed the served file with this digest and found it whole.
+    pub fn verified_at(&self, served_sha256: &str) -> Option<Instant> {
+        self.verified.lock().get(served_sha256).copied()
+    }
+
+    /// The served file with this digest was just hashed and found whole.
+    pub fn mark_verified(&self, served_sha256: &str) {
+        self.verified
+            .lock()
+            .insert(served_sha256.to_owned(), Instant::now());
+    }
+
+    /// Removes the served file with this digest because its bytes no longer match it — unless
+    /// an import committed it again since the check began to read it (`read_since`). Returns
+    /// whether it removed it. Its index records stay: the next import of their source writes
+    /// the file again.
+    pub fn remove_rotten(
+        &self,
+        served_sha256: &str,
+        read_since: Instant,
+    ) -> Result<bool, StoreError> {
+        // Commits hold the lock while they mark what they wrote: judged under it, a commit is
+        // either before this check (and seen) or after the removal.
+        let _lock = self.lock()?;
+        if self
+            .verified_at(served_sha256)
+            .is_some_and(|at| at > read_since)
+        {
+            return Ok(false);
+        }
+        self.verified.lock().remove(served_sha256);
+        let path = self.image_path(served_sha256);
+        remove_if_present(&path)?;
+        sync_dir(&self.images_dir())?;
+        Ok(true)
     }
 
     fn record_path(&self, sha256: &str) -> PathBuf {
@@ -261,6 +310,12 @@ impl Store {
             Some(record) if record.entitles(requester) => Ok(self.image(sha256, record)),
             _ => Ok(None),
         }
+    }
+
+    /// The digest of the file the source with this digest became, whoever it is for: to name
+    /// it, never to serve it.
+    pub fn served_digest(&self, sha256: &str) -> Option<String> {
+        Some(self.record(sha256).ok()??.served_sha256)
     }
 
     /// The stored image, whoever it is for: only after the caller verified bytes with this
@@ -370,6 +425,7 @@ impl Store {
             .map_err(|e| e.error)
             .at(&target)?;
         sync_dir(&self.images_dir())?;
+        self.mark_verified(served_sha256);
 
         // Whoever proved these bytes before keeps their entitlement.
         let mut namespaces = match self.record(sha256) {

@@ -97,6 +97,9 @@ impl<B: Backend> Syncer<B> {
         let mut report = NodeReport::new(&node.name, self.backend.name());
         // Every spec validated once, for everything this pass computes.
         let snapshot = resources.snapshot();
+        // Until the files served at the start are known, an unchecked image cannot be told
+        // from one that is served: the pass removes nothing.
+        let served_unknown = !self.learn_what_was_served().await;
 
         // What is stored already; the desired state says which of the rest this node needs.
         let requests = import_requests(
@@ -105,7 +108,7 @@ impl<B: Backend> Syncer<B> {
             &mut report.problems,
         );
         let (mut ready, store_unreadable) = self.stored(&requests, &mut report);
-        let partial = resources.partial || store_unreadable;
+        let partial = resources.partial || store_unreadable || served_unknown;
         // Partial input: read everything, so that what it may still declare is seen and kept.
         let pass = if partial { Pass::Full } else { pass };
         let desired_state = |ready: &BTreeMap<ObjectKey, ReadyImage>| {
@@ -145,6 +148,25 @@ impl<B: Backend> Syncer<B> {
         report
     }
 
+    /// Once after the start: tells the scrub which stored files the target serves already (they
+    /// stay served while it checks them). Whether they are known.
+    async fn learn_what_was_served(&self) -> bool {
+        let scrub = self.images.scrub();
+        if scrub.knows_what_was_served() {
+            return true;
+        }
+        match self.backend.observe().await {
+            Ok(observed) => {
+                scrub.served_at_start(&self.backend.backing_files(&observed));
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read which images the target serves; removing nothing");
+                false
+            }
+        }
+    }
+
     /// The requested images the store holds, and whether it could not say (a record that cannot
     /// be read is not "not stored": what it may hold stays).
     fn stored(
@@ -155,7 +177,7 @@ impl<B: Backend> Syncer<B> {
         let mut ready = BTreeMap::new();
         let mut unreadable = false;
         for (key, request) in requests {
-            match self.images.importer().lookup(request) {
+            match self.images.stored(request) {
                 Ok(Some(stored)) => {
                     ready.insert(key.clone(), ready_image(&stored));
                     report.images.insert(key.clone(), ImageState::Ready(stored));
@@ -200,7 +222,16 @@ impl<B: Backend> Syncer<B> {
                     },
                     message: message.clone(),
                 }),
-                ImageState::InProgress(_) => {}
+                ImageState::InProgress(_) => {
+                    if let Some(message) = self.images.rotten(request) {
+                        report.problems.push(Problem {
+                            kind: Kind::DiscImage,
+                            key: key.clone(),
+                            reason: Reason::StoredImageRotten,
+                            message,
+                        });
+                    }
+                }
             }
             report.images.insert(key.clone(), image_state);
         }

@@ -100,6 +100,12 @@ impl Backend for Table {
         }
         Ok(())
     }
+    fn backing_files(&self, observed: &Self::Observed) -> Vec<PathBuf> {
+        (observed.values())
+            .flat_map(|t| &t.luns)
+            .map(|lun| lun.backing.path().to_owned())
+            .collect()
+    }
     fn sessions(&self, _: &Self::Observed) -> Vec<Session> {
         Vec::new()
     }
@@ -161,7 +167,7 @@ async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
     })
     .expect("store");
     let metrics = Arc::new(Metrics::new());
-    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics));
+    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics), Default::default());
     let settings = Settings {
         writable_dir: dir.join("writable"),
         ..Settings::default()

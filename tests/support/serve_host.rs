@@ -3,6 +3,7 @@
 //! initiators that read from it.
 #![allow(dead_code)] // each suite uses a different part
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
@@ -39,6 +40,23 @@ pub fn readcapacity10() -> &'static Path {
 
 pub fn sha256_file(path: &Path) -> String {
     hex::encode(Sha256::digest(std::fs::read(path).expect("read")))
+}
+
+/// Flips one bit of a file in place, as a failing disk would: no write through discus, the
+/// file's name and size unchanged.
+pub fn rot(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the stored image");
+    let mut byte = [0u8];
+    file.seek(SeekFrom::Start(offset)).expect("seek");
+    file.read_exact(&mut byte).expect("read");
+    file.seek(SeekFrom::Start(offset)).expect("seek");
+    file.write_all(&[byte[0] ^ 0x04]).expect("write");
+    file.sync_all().expect("sync");
 }
 
 /// A sandboxed host running `discus serve` on a folder of manifests.
@@ -93,14 +111,28 @@ impl Host {
 
     /// `discus serve` in the background, re-syncing every second.
     pub fn start(&self) -> Child {
+        self.start_with(&[])
+    }
+
+    /// `discus serve` in the background with more options, re-syncing every second; its log
+    /// starts afresh.
+    pub fn start_with(&self, options: &[&str]) -> Child {
         let log = std::fs::File::create(self.sandbox.path().join("serve.log")).expect("log");
         self.sandbox
             .command(DISCUS)
             .args(self.serve_args())
             .args(["--resync-seconds", "1", "--log-level", "debug"])
+            .args(options)
             .stderr(log)
             .spawn()
             .expect("discus runs")
+    }
+
+    /// Where the store keeps the served file with this digest.
+    pub fn stored_image(&self, served_sha256: &str) -> PathBuf {
+        self.sandbox
+            .data_dir()
+            .join(format!("images/{served_sha256}.raw"))
     }
 
     pub fn log(&self) -> String {
@@ -305,4 +337,76 @@ pub fn chap_secret(password: &str) -> Value {
         "client-chap",
         json!({"username": "client", "password": password}),
     )
+}
+
+/// What tgtd holds: target IQN → (initiators admitted, accounts bound, LUNs), and the accounts.
+#[derive(Debug, Default)]
+pub struct Tgtd {
+    pub targets: BTreeMap<String, (BTreeSet<String>, Vec<String>, usize)>,
+    pub accounts: BTreeSet<String>,
+    /// Initiator → its I_T nexus ids.
+    pub nexus: BTreeMap<String, BTreeSet<String>>,
+}
+
+pub fn tgtd(host: &Host) -> Tgtd {
+    let mut found = Tgtd::default();
+    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
+    let (mut target, mut section, mut nexus) = (String::new(), "", String::new());
+    for line in show.lines() {
+        if let Some(rest) = line.strip_prefix("Target ") {
+            target = rest
+                .split_once(": ")
+                .map(|(_, n)| n.to_owned())
+                .unwrap_or_default();
+            found.targets.entry(target.clone()).or_default();
+            continue;
+        }
+        let trimmed = line.trim();
+        match (line.len() - line.trim_start().len(), trimmed) {
+            (4, "ACL information:") => section = "acl",
+            (4, "Account information:") => section = "account",
+            (4, _) => section = "",
+            (8, t) if t.starts_with("I_T nexus: ") => nexus = t["I_T nexus: ".len()..].to_owned(),
+            (12, t) if t.starts_with("Initiator: ") => {
+                let initiator = t["Initiator: ".len()..]
+                    .split(' ')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                found
+                    .nexus
+                    .entry(initiator)
+                    .or_default()
+                    .insert(nexus.clone());
+            }
+            (8, t) if t.starts_with("LUN: ") => {
+                found.targets.entry(target.clone()).or_default().2 += 1;
+            }
+            (8, t) if section == "acl" => {
+                found
+                    .targets
+                    .entry(target.clone())
+                    .or_default()
+                    .0
+                    .insert(t.to_owned());
+            }
+            (8, t) if section == "account" => {
+                found
+                    .targets
+                    .entry(target.clone())
+                    .or_default()
+                    .1
+                    .push(t.to_owned());
+            }
+            _ => {}
+        }
+    }
+    found.accounts = host
+        .tgtadm(&["--mode", "account", "--op", "show"])
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().trim_end_matches(" (outgoing)").to_owned())
+        .filter(|l| !l.is_empty())
+        .collect();
+    found
 }

@@ -106,6 +106,12 @@ impl Backend for LioBackend {
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
     }
 
+    fn backing_files(&self, observed: &LioState) -> Vec<PathBuf> {
+        (observed.storage.iter())
+            .filter_map(|object| object.file.as_deref().map(PathBuf::from))
+            .collect()
+    }
+
     fn sessions(&self, observed: &LioState) -> Vec<Session> {
         observed
             .targets

@@ -274,6 +274,19 @@ impl Backend for TgtBackend {
         result.map(drop)
     }
 
+    /// As the store names them: tgtd reads the store's images through the read-only view.
+    fn backing_files(&self, (state, _): &Self::Observed) -> Vec<PathBuf> {
+        (state.targets.iter())
+            .flat_map(|t| &t.luns)
+            .filter_map(|lun| lun.backing_path.as_deref().map(Path::new))
+            .map(|seen| {
+                (self.view.as_ref())
+                    .and_then(|view| view.back(seen))
+                    .unwrap_or_else(|| seen.to_owned())
+            })
+            .collect()
+    }
+
     fn sessions(&self, (state, _): &Self::Observed) -> Vec<Session> {
         state
             .targets

@@ -73,4 +73,10 @@ impl ReadOnlyView {
         let name = path.strip_prefix(&self.images).ok()?;
         (name.components().count() == 1).then(|| self.view.join(name))
     }
+
+    /// The store's image tgtd reads at `seen`, when it reads one through the view.
+    pub fn back(&self, seen: &Path) -> Option<PathBuf> {
+        let name = seen.strip_prefix(&self.view).ok()?;
+        (name.components().count() == 1).then(|| self.images.join(name))
+    }
 }
