@@ -66,13 +66,7 @@ impl Claim {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io)?;
+        let mut file = open_lock_file(path).map_err(io)?;
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
@@ -92,5 +86,24 @@ impl Claim {
             .and_then(|()| file.rewind())
             .and_then(|()| write!(file, "{}", std::process::id()));
         Ok(Self { _file: file })
+    }
+}
+
+/// The lock file, for writing the holder's pid — or, on a file system that turned read-only (a
+/// disk remounted after errors), for reading only: a lock needs no write access, and a node that
+/// cannot write must still start and revoke what was revoked.
+fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let writable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path);
+    match writable {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error()) => {
+            tracing::warn!(path = %path.display(), "the file system is read-only; locking without writing");
+            std::fs::File::open(path)
+        }
+        other => other,
     }
 }

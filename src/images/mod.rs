@@ -131,7 +131,11 @@ impl ImportError {
             // A slow source may be faster later; trying again costs one bounded transfer.
             Self::Fetch(fetch::FetchError::TooSlow { .. })
             | Self::File(file::FileSourceError::TooSlow { .. }) => true,
-            Self::Fetch(fetch::FetchError::NoSpace { .. }) | Self::Store(_) | Self::Io(_) => true,
+            // A disk that fills up may empty again.
+            Self::Fetch(fetch::FetchError::NoSpace { .. })
+            | Self::File(file::FileSourceError::Space(fetch::FetchError::NoSpace { .. }))
+            | Self::Store(_)
+            | Self::Io(_) => true,
             Self::Qemu(qemu::QemuError::Timeout { .. } | qemu::QemuError::Spawn { .. }) => true,
             _ => false,
         }
@@ -294,9 +298,23 @@ impl Importer {
                 Some(total),
             )
         };
-        self.qemu
+        let converted = self
+            .qemu
             .convert(source.path(), format, output.path(), &mut report)
-            .await?;
+            .await;
+        if let Err(error) = converted {
+            // qemu-img only says it could not write: a disk too full for the rest of the image
+            // is told as such, and tried again later, like a download that does not fit.
+            // What it wrote, not the size it may have set the file to at the start.
+            let written = output
+                .file()
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m).saturating_mul(512))
+                .unwrap_or(0);
+            let dir = output.path().parent().unwrap_or(output.path());
+            fetch::ensure_space(dir, total.saturating_sub(written))?;
+            return Err(error.into());
+        }
         drop(source);
         let (output, served_sha256, size) = hash_file(output).await?;
         if size != info.virtual_size {
