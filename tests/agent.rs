@@ -1428,3 +1428,178 @@ async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
         "{target:#}"
     );
 }
+
+/// What tgtd on an agent's node holds.
+fn held(agent: &Agent) -> support::serve_host::Tgtd {
+    support::serve_host::Tgtd::parse(
+        &agent.tgtadm(&["--mode", "target", "--op", "show"]),
+        &agent.tgtadm(&["--mode", "account", "--op", "show"]),
+    )
+}
+
+fn chaos_client(c: usize) -> String {
+    format!("iqn.2026-11.dev.discus:chaos-{c}")
+}
+
+/// The chaos grants' Secret with this round's password.
+fn chaos_secret(password: &str) -> Value {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "chaos-chap", "namespace": "demo"},
+        "data": {"username": b64("chaos"), "password": b64(password)},
+    })
+}
+
+/// Kills the agent after a random number of backend operations since `mark` (a length of its
+/// log), or after a random time; a pass that ends first is killed as it ends.
+async fn strike_agent(agent: &mut Agent, mark: usize, rng: &mut support::chaos::Rng) {
+    if rng.below(4) == 0 {
+        tokio::time::sleep(Duration::from_millis(rng.below(2_000))).await;
+    } else {
+        let ops = 1 + rng.below(6) as usize;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let log = agent.log();
+            let since = log.get(mark..).unwrap_or("");
+            let done = since.matches("discus::sync::reconcile").count();
+            if done >= ops || since.contains("sync pass done") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    agent.kill();
+}
+
+/// Crash anywhere, as an agent: `discus agent` is killed (SIGKILL) at random moments while grants
+/// come and go and their password rotates through the apiserver, and started again. Right after
+/// each kill, tgtd admits nobody neither the old nor the new declaration names, and a target
+/// that admits anyone has a CHAP account bound; after the restart the node holds exactly what is
+/// declared, the new password works, status says Ready, and the demo client's session keeps its
+/// I_T nexus through every kill.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_anywhere_never_admits_more_and_always_converges() {
+    let (kills, mut rng) = support::chaos::plan("agent (tgt)", 10);
+    let mut cluster = Cluster::start().await;
+    cluster.add_node("node-a", 71).await;
+    cluster.apply(&demo_manifests());
+    cluster.apply_objects(&[chaos_secret("chaos-000000")]);
+    cluster
+        .wait_ready_on("InitiatorAccess", "demo-client", &["node-a"])
+        .await;
+    let portal = cluster.agent_ref("node-a").portal();
+    let mut steady = std::process::Command::new("iscsi-perf")
+        .args([
+            "-i", INITIATOR, "-m", "1", "-b", "1", "-x", "0", "-t", "3600",
+        ])
+        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    cluster
+        .wait_for("the steady session", Duration::from_secs(30), async || {
+            held(cluster.agent_ref("node-a"))
+                .nexus
+                .contains_key(INITIATOR)
+        })
+        .await;
+    let steady_nexus = held(cluster.agent_ref("node-a")).nexus[INITIATOR].clone();
+    let admitted = |granted: &std::collections::BTreeSet<usize>| {
+        let mut all: std::collections::BTreeSet<String> =
+            granted.iter().map(|c| chaos_client(*c)).collect();
+        all.insert(INITIATOR.to_owned());
+        all
+    };
+
+    let mut granted = std::collections::BTreeSet::new();
+    // Kills that left the node short of the new declaration.
+    let mut interrupted = 0;
+    for round in 1..=kills {
+        let now: std::collections::BTreeSet<usize> = (0..3).filter(|_| rng.below(2) == 0).collect();
+        let password = format!("chaos-{round:06}");
+        let mark = cluster.agent_ref("node-a").log().len();
+        let mut objects = vec![chaos_secret(&password)];
+        objects.extend(now.iter().map(|c| {
+            grant(
+                &format!("chaos-{c}"),
+                &chaos_client(*c),
+                json!({"chap": {"secretRef": {"name": "chaos-chap"}}}),
+            )
+        }));
+        cluster.apply_objects(&objects);
+        for gone in granted.difference(&now) {
+            cluster.kubectl(&[
+                "delete",
+                "-n",
+                "demo",
+                "initiatoraccess",
+                &format!("chaos-{gone}"),
+            ]);
+        }
+        strike_agent(cluster.agent("node-a"), mark, &mut rng).await;
+
+        let allowed: std::collections::BTreeSet<String> =
+            admitted(&granted).union(&admitted(&now)).cloned().collect();
+        let tgtd = held(cluster.agent_ref("node-a"));
+        let (acls, accounts, _) = tgtd.targets.get(DEMO_IQN).cloned().unwrap_or_default();
+        assert!(
+            acls.is_subset(&allowed),
+            "round {round}: admitted beyond both declarations: {acls:?}"
+        );
+        assert!(
+            acls.is_empty() || !accounts.is_empty(),
+            "round {round}: ACLs without CHAP"
+        );
+        interrupted += usize::from(acls != admitted(&now));
+
+        let kubeconfig = cluster.agent_kubeconfig.clone();
+        cluster.agent("node-a").start_with(&kubeconfig, &[]);
+        let want = admitted(&now);
+        let logs_in = |c: &usize, password: &str| {
+            inquiry(&portal, DEMO_IQN, &chaos_client(*c), "chaos", password)
+                .contains("Unit Serial Number")
+        };
+        cluster
+            .wait_for(
+                "exactly the declared grants, with the new password",
+                Duration::from_secs(90),
+                async || {
+                    let tgtd = held(cluster.agent_ref("node-a"));
+                    tgtd.targets.get(DEMO_IQN).is_some_and(|t| t.0 == want)
+                        && now.iter().all(|c| logs_in(c, &password))
+                },
+            )
+            .await;
+        let old = format!("chaos-{:06}", round - 1);
+        for c in 0..3 {
+            assert!(
+                !logs_in(&c, &old),
+                "round {round}: the old password still works"
+            );
+        }
+        for c in &now {
+            cluster
+                .wait_ready_on("InitiatorAccess", &format!("chaos-{c}"), &["node-a"])
+                .await;
+        }
+        assert_eq!(
+            held(cluster.agent_ref("node-a")).nexus.get(INITIATOR),
+            Some(&steady_nexus),
+            "round {round}: the steady session"
+        );
+        granted = now;
+    }
+    assert!(
+        steady.try_wait().expect("iscsi-perf").is_none(),
+        "iscsi-perf ended"
+    );
+    let _ = steady.kill();
+    let _ = steady.wait();
+    println!(
+        "agent chaos: {kills} kills survived, {interrupted} of them before the change was applied"
+    );
+}

@@ -16,27 +16,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::chaos::Rng;
 use support::manifests;
 use support::serve_host::{Host, PORTAL, Tgtd, raw_image, sha256_file, tgtd};
 
 const STEADY: &str = "iqn.2026-11.dev.discus:steady-client";
 const CLIENTS: usize = 3;
-
-/// xorshift64*: reproducible from its seed, and enough for choosing moments and shapes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What one round declares: which optional targets exist, their passwords, and whether a
 /// freshly imported image is served.
@@ -257,16 +242,7 @@ fn strike(host: &Host, rng: &mut Rng) {
 
 #[test]
 fn killed_anywhere_discus_never_admits_more_and_always_converges() {
-    let kills: u64 = std::env::var("DISCUS_CHAOS_KILLS")
-        .ok()
-        .and_then(|k| k.parse().ok())
-        .unwrap_or(20);
-    let seed: u64 = std::env::var("DISCUS_CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed_d15c);
-    println!("chaos: {kills} kills, DISCUS_CHAOS_SEED={seed}");
-    let mut rng = Rng(seed.max(1));
+    let (kills, mut rng) = support::chaos::plan("serve (tgt)", 20);
     let host = Host::new();
     let (base_path, base_digest) = host.image("base.raw", 1 << 20);
     let base = raw_image("base", &base_path, &base_digest);

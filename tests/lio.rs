@@ -5,11 +5,13 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use support::chaos::Rng;
 use support::initiator::{Login, read_lun as read_lun_as};
 use support::lio_vm::LioVm;
 use support::manifests;
@@ -445,6 +447,216 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
         left.contains("iqn.2001-04.com.example:not-discus"),
         "{left}"
     );
+
+    killed_anywhere_lio_never_admits_more_and_converges(&vm);
+}
+
+const STEADY: &str = "iqn.2026-11.dev.discus:steady-client";
+const STEADY_IQN: &str = "iqn.2026-11.dev.discus:steady";
+
+fn chaos_target(t: usize) -> String {
+    format!("iqn.2026-11.dev.discus:c{t}")
+}
+
+fn chaos_client(c: usize) -> String {
+    format!("iqn.2026-11.dev.discus:chaos-{c}")
+}
+
+/// What a chaos round declares: the steady grant, three CHAP targets on one image, the grants
+/// (target, client) of this round, and their password.
+fn chaos_yaml(
+    image: &(String, String),
+    granted: &BTreeSet<(usize, usize)>,
+    password: &str,
+) -> String {
+    let mut yaml = image_yaml("chaos", &image.0, &image.1);
+    yaml.push_str(&secret_yaml(
+        "chap",
+        &[("username", "client"), ("password", password)],
+    ));
+    yaml.push_str(&secret_yaml(
+        "steady-chap",
+        &[("username", "steady"), ("password", "steady-secret")],
+    ));
+    yaml.push_str(&target_yaml("steady", STEADY_IQN, &[(0, "chaos")], "chap"));
+    yaml.push_str(&grant_yaml("steady", "steady", STEADY, chap("steady-chap")));
+    for t in 0..3 {
+        yaml.push_str(&target_yaml(
+            &format!("c{t}"),
+            &chaos_target(t),
+            &[(0, "chaos")],
+            "chap",
+        ));
+    }
+    for (t, c) in granted {
+        yaml.push_str(&grant_yaml(
+            &format!("g{t}-{c}"),
+            &format!("c{t}"),
+            &chaos_client(*c),
+            chap("chap"),
+        ));
+    }
+    yaml
+}
+
+/// (target IQN, initiator) of every ACL in the kernel.
+fn acls(vm: &LioVm) -> BTreeSet<(String, String)> {
+    configfs(
+        vm,
+        "for a in iscsi/*/tpgt_1/acls/*; do [ -d \"$a\" ] && echo \"$a\"; done; true",
+    )
+    .lines()
+    .filter_map(|line| {
+        let parts: Vec<&str> = line.split('/').collect();
+        (parts.len() == 5).then(|| (parts[1].to_owned(), parts[4].to_owned()))
+    })
+    .collect()
+}
+
+/// TPGs that would let someone in without CHAP: enabled with generated ACLs (demo mode), or
+/// with ACLs and authentication off.
+fn open_tpgs(vm: &LioVm) -> Vec<String> {
+    configfs(
+        vm,
+        "for t in iscsi/*/tpgt_1; do [ -d \"$t\" ] || continue; \
+         echo \"$t $(cat $t/enable) $(cat $t/attrib/generate_node_acls) $(cat $t/attrib/authentication) $(ls $t/acls | wc -l)\"; done; true",
+    )
+    .lines()
+    .filter(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            [_, enable, demo, auth, acls] => {
+                (*enable == "1" && *demo == "1") || (*acls != "0" && *auth != "1")
+            }
+            _ => true,
+        }
+    })
+    .map(str::to_owned)
+    .collect()
+}
+
+/// The LIO session ids of the steady client.
+fn steady_sessions(vm: &LioVm) -> BTreeSet<String> {
+    configfs(
+        vm,
+        &format!("cat iscsi/{STEADY_IQN}/tpgt_1/acls/{STEADY}/info 2>/dev/null; true"),
+    )
+    .lines()
+    .filter(|l| l.contains("Session ID"))
+    .map(|l| l.trim().to_owned())
+    .collect()
+}
+
+/// Starts discus in the guest and kills it (SIGKILL) after a random number of backend
+/// operations of its pass, or after a random time; a pass that ends first is killed as it ends.
+fn strike_in_guest(vm: &LioVm, rng: &mut Rng) {
+    let wait = if rng.below(4) == 0 {
+        format!("sleep 0.{:03}", rng.below(1000))
+    } else {
+        let ops = 1 + rng.below(8);
+        format!(
+            "end=$(( $(date +%s) + 60 )); \
+             until [ $(grep -c 'discus::sync::reconcile' /tmp/chaos.log) -ge {ops} ] || \
+             grep -q 'sync pass done' /tmp/chaos.log || [ $(date +%s) -ge $end ]; do sleep 0.01; done"
+        )
+    };
+    vm.must(&format!(
+        "{SERVE} --resync-seconds 1 > /tmp/chaos.log 2>&1 & pid=$!; {wait}; kill -9 $pid; wait $pid 2>/dev/null; true"
+    ));
+}
+
+/// Crash anywhere, on LIO: discus in the guest is killed at random moments while grants come
+/// and go and the password rotates, then started again. Right after each kill the kernel admits
+/// nobody neither the old nor the new declaration names, and no TPG lets anyone in without
+/// CHAP; after the restart it holds exactly what is declared (one storage object and LUN per
+/// target, no orphan); the session on the grant nothing touches keeps its LIO session.
+fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
+    let (kills, mut rng) = support::chaos::plan("serve (LIO)", 8);
+    // Targets discus did not make, left alone (the foreign one of the teardown check).
+    let foreign = census(vm).0;
+    let image = image(vm, "chaos.raw", 1 << 20);
+    let mut granted: BTreeSet<(usize, usize)> = [(0, 0)].into();
+    manifest(
+        vm,
+        "lab.yaml",
+        &chaos_yaml(&image, &granted, "chaos-000000"),
+    );
+    once(vm);
+    let mut steady = std::process::Command::new("iscsi-perf")
+        .args(["-i", STEADY, "-m", "1", "-b", "1", "-x", "0", "-t", "3600"])
+        .arg(format!(
+            "iscsi://steady%steady-secret@{}/{STEADY_IQN}/0",
+            vm.portal()
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs");
+    wait_for(vm, "the steady session", || !steady_sessions(vm).is_empty());
+    let steady_before = steady_sessions(vm);
+    let pairs = |granted: &BTreeSet<(usize, usize)>| -> BTreeSet<(String, String)> {
+        granted
+            .iter()
+            .map(|(t, c)| (chaos_target(*t), chaos_client(*c)))
+            .chain([(STEADY_IQN.to_owned(), STEADY.to_owned())])
+            .collect()
+    };
+    for round in 1..=kills {
+        let now: BTreeSet<(usize, usize)> = (0..3)
+            .flat_map(|t| (0..3).map(move |c| (t, c)))
+            .filter(|_| rng.below(3) == 0)
+            .collect();
+        let password = format!("chaos-{round:06}");
+        manifest(vm, "lab.yaml", &chaos_yaml(&image, &now, &password));
+        strike_in_guest(vm, &mut rng);
+        let allowed: BTreeSet<_> = pairs(&granted).union(&pairs(&now)).cloned().collect();
+        let held = acls(vm);
+        assert!(
+            held.is_subset(&allowed),
+            "round {round}: admitted beyond both declarations: {:?}",
+            held.difference(&allowed).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            open_tpgs(vm),
+            Vec::<String>::new(),
+            "round {round}: a TPG without CHAP"
+        );
+
+        once(vm);
+        assert_eq!(
+            acls(vm),
+            pairs(&now),
+            "round {round}: exactly what is declared"
+        );
+        assert_eq!(
+            census(vm),
+            (foreign + 4, 4, 4, now.len() + 1, now.len() + 1),
+            "round {round}"
+        );
+        if let Some((t, c)) = now.iter().next() {
+            let works = inquiry(
+                vm,
+                &chaos_target(*t),
+                0,
+                &chaos_client(*c),
+                Some(("client", &password)),
+            );
+            assert!(works.is_ok(), "round {round}: {works:?}");
+        }
+        assert_eq!(
+            steady_sessions(vm),
+            steady_before,
+            "round {round}: the steady session"
+        );
+        granted = now;
+    }
+    assert!(
+        steady.try_wait().expect("iscsi-perf").is_none(),
+        "iscsi-perf ended"
+    );
+    let _ = steady.kill();
+    let _ = steady.wait();
+    println!("LIO chaos: {kills} kills survived");
 }
 
 /// What discus makes in configfs, counted: targets, storage objects, LUN links, ACLs, mappings.

@@ -349,64 +349,74 @@ pub struct Tgtd {
 }
 
 pub fn tgtd(host: &Host) -> Tgtd {
-    let mut found = Tgtd::default();
-    let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
-    let (mut target, mut section, mut nexus) = (String::new(), "", String::new());
-    for line in show.lines() {
-        if let Some(rest) = line.strip_prefix("Target ") {
-            target = rest
-                .split_once(": ")
-                .map(|(_, n)| n.to_owned())
-                .unwrap_or_default();
-            found.targets.entry(target.clone()).or_default();
-            continue;
+    Tgtd::parse(
+        &host.tgtadm(&["--mode", "target", "--op", "show"]),
+        &host.tgtadm(&["--mode", "account", "--op", "show"]),
+    )
+}
+
+impl Tgtd {
+    /// From what `tgtadm --op show` prints for targets and for accounts.
+    pub fn parse(show: &str, accounts: &str) -> Self {
+        let mut found = Tgtd::default();
+        let (mut target, mut section, mut nexus) = (String::new(), "", String::new());
+        for line in show.lines() {
+            if let Some(rest) = line.strip_prefix("Target ") {
+                target = rest
+                    .split_once(": ")
+                    .map(|(_, n)| n.to_owned())
+                    .unwrap_or_default();
+                found.targets.entry(target.clone()).or_default();
+                continue;
+            }
+            let trimmed = line.trim();
+            match (line.len() - line.trim_start().len(), trimmed) {
+                (4, "ACL information:") => section = "acl",
+                (4, "Account information:") => section = "account",
+                (4, _) => section = "",
+                (8, t) if t.starts_with("I_T nexus: ") => {
+                    nexus = t["I_T nexus: ".len()..].to_owned()
+                }
+                (12, t) if t.starts_with("Initiator: ") => {
+                    let initiator = t["Initiator: ".len()..]
+                        .split(' ')
+                        .next()
+                        .unwrap_or("")
+                        .to_owned();
+                    found
+                        .nexus
+                        .entry(initiator)
+                        .or_default()
+                        .insert(nexus.clone());
+                }
+                (8, t) if t.starts_with("LUN: ") => {
+                    found.targets.entry(target.clone()).or_default().2 += 1;
+                }
+                (8, t) if section == "acl" => {
+                    found
+                        .targets
+                        .entry(target.clone())
+                        .or_default()
+                        .0
+                        .insert(t.to_owned());
+                }
+                (8, t) if section == "account" => {
+                    found
+                        .targets
+                        .entry(target.clone())
+                        .or_default()
+                        .1
+                        .push(t.to_owned());
+                }
+                _ => {}
+            }
         }
-        let trimmed = line.trim();
-        match (line.len() - line.trim_start().len(), trimmed) {
-            (4, "ACL information:") => section = "acl",
-            (4, "Account information:") => section = "account",
-            (4, _) => section = "",
-            (8, t) if t.starts_with("I_T nexus: ") => nexus = t["I_T nexus: ".len()..].to_owned(),
-            (12, t) if t.starts_with("Initiator: ") => {
-                let initiator = t["Initiator: ".len()..]
-                    .split(' ')
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                found
-                    .nexus
-                    .entry(initiator)
-                    .or_default()
-                    .insert(nexus.clone());
-            }
-            (8, t) if t.starts_with("LUN: ") => {
-                found.targets.entry(target.clone()).or_default().2 += 1;
-            }
-            (8, t) if section == "acl" => {
-                found
-                    .targets
-                    .entry(target.clone())
-                    .or_default()
-                    .0
-                    .insert(t.to_owned());
-            }
-            (8, t) if section == "account" => {
-                found
-                    .targets
-                    .entry(target.clone())
-                    .or_default()
-                    .1
-                    .push(t.to_owned());
-            }
-            _ => {}
-        }
+        found.accounts = accounts
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().trim_end_matches(" (outgoing)").to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        found
     }
-    found.accounts = host
-        .tgtadm(&["--mode", "account", "--op", "show"])
-        .lines()
-        .skip(1)
-        .map(|l| l.trim().trim_end_matches(" (outgoing)").to_owned())
-        .filter(|l| !l.is_empty())
-        .collect();
-    found
 }
