@@ -126,6 +126,8 @@ pub struct Scrub {
     state: Mutex<State>,
     /// Woken when a file was found rotten, so that the sync loop takes it out at once.
     found: Arc<Notify>,
+    /// Told once the files served at the start are known: the background scrub reads them first.
+    served_known: Notify,
     metrics: Arc<Metrics>,
 }
 
@@ -150,6 +152,7 @@ impl Scrub {
             config,
             state: Mutex::default(),
             found,
+            served_known: Notify::new(),
             metrics,
         }
     }
@@ -167,6 +170,7 @@ impl Scrub {
             .filter_map(|path| self.served_digest(path))
             .collect();
         self.state.lock().served_at_start = Some(digests);
+        self.served_known.notify_one();
     }
 
     /// The served digest of a file in the store's `images/`.
@@ -286,6 +290,9 @@ impl Scrub {
 
     /// The background scrub: reads every due file, paced, for as long as the process lives.
     pub async fn run(self: Arc<Self>) {
+        if !self.knows_what_was_served() {
+            self.served_known.notified().await;
+        }
         loop {
             let due = match self.due() {
                 Ok(due) => due,
