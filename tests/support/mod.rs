@@ -1,6 +1,7 @@
 //! Helpers shared by the integration suites.
 #![allow(dead_code)] // each suite uses a different part
 
+pub mod api_front;
 pub mod chart;
 pub mod cluster;
 pub mod control_plane;
