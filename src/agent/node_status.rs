@@ -262,6 +262,12 @@ fn apiserver_unwell(error: &kube::Error) -> bool {
     }
 }
 
+struct Write {
+    kind: Kind,
+    key: ObjectKey,
+    entry: Option<Value>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,10 +305,4 @@ mod tests {
         let lost = kube::Error::Service("no answer from the apiserver".into());
         assert!(apiserver_unwell(&lost));
     }
-}
-
-struct Write {
-    kind: Kind,
-    key: ObjectKey,
-    entry: Option<Value>,
 }

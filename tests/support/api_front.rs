@@ -274,10 +274,10 @@ async fn answer(
     match fault {
         Fault::Answer { code, retry_after } => return Ok(status_answer(code, retry_after)),
         Fault::Gone if kind == Kind::Watch => {
-            return Ok(Response::builder()
+            return Response::builder()
                 .header("content-type", "application/json")
                 .body(full(gone_event()))
-                .map_err(std::io::Error::other)?);
+                .map_err(std::io::Error::other);
         }
         _ => {}
     }
