@@ -306,6 +306,17 @@ impl Agent {
             .append(true)
             .open(self.sandbox.path().join("agent.log"))
             .expect("log");
+        let http = format!("{}:9464", self.address);
+        // Quick liveness, for the tests of lost nodes; `extra` may set these otherwise.
+        let liveness = [
+            ("--leader-lease-seconds", "3"),
+            ("--heartbeat-seconds", "1"),
+            ("--node-lost-seconds", "4"),
+            ("--prune-seconds", "4"),
+        ];
+        let liveness = (liveness.into_iter())
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag, value]);
         let child = self
             .sandbox
             .command(env!("CARGO_BIN_EXE_discus"))
@@ -326,21 +337,14 @@ impl Agent {
                 "demo=iqn.2026-11.dev.discus:",
                 "--lease-namespace",
                 "discus-system",
-                "--leader-lease-seconds",
-                "3",
-                "--heartbeat-seconds",
-                "1",
-                "--node-lost-seconds",
-                "4",
-                "--prune-seconds",
-                "4",
                 "--log-format",
                 "json",
                 "--log-level",
                 "debug",
                 "--http-address",
-                &format!("{}:9464", self.address),
+                &http,
             ])
+            .args(liveness)
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .stdout(log.try_clone().expect("log"))
@@ -1337,8 +1341,20 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
 }
 
 /// The agent's options in the API fault tests: watches renewed every 5 s (so that a watch that
-/// stalls shows soon), a full pass every 5 s.
-const FAULT_OPTIONS: [&str; 4] = ["--api-timeout-seconds", "15", "--resync-seconds", "5"];
+/// stalls shows soon), a full pass every 5 s, and nodes judged lost as in production (after
+/// 40 s): the lease holder judges heartbeats by its own watch, and with the 4 s of the lost-node
+/// tests, a watch that fails for a few seconds would have it mark live nodes lost and back,
+/// rewriting status all along.
+const FAULT_OPTIONS: [&str; 8] = [
+    "--api-timeout-seconds",
+    "15",
+    "--resync-seconds",
+    "5",
+    "--node-lost-seconds",
+    "40",
+    "--prune-seconds",
+    "300",
+];
 
 /// What one fault cost, as measured.
 #[derive(Default)]
