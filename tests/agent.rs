@@ -12,10 +12,12 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
 use kube::api::Api;
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
+use support::api_front::{ApiFront, Fault};
 use support::cluster::{DEMO_DIR, Kube};
 use support::control_plane::ControlPlane;
 use support::initiator::{self, Login};
@@ -304,6 +306,17 @@ impl Agent {
             .append(true)
             .open(self.sandbox.path().join("agent.log"))
             .expect("log");
+        let http = format!("{}:9464", self.address);
+        // Quick liveness, for the tests of lost nodes; `extra` may set these otherwise.
+        let liveness = [
+            ("--leader-lease-seconds", "3"),
+            ("--heartbeat-seconds", "1"),
+            ("--node-lost-seconds", "4"),
+            ("--prune-seconds", "4"),
+        ];
+        let liveness = (liveness.into_iter())
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [flag, value]);
         let child = self
             .sandbox
             .command(env!("CARGO_BIN_EXE_discus"))
@@ -324,21 +337,14 @@ impl Agent {
                 "demo=iqn.2026-11.dev.discus:",
                 "--lease-namespace",
                 "discus-system",
-                "--leader-lease-seconds",
-                "3",
-                "--heartbeat-seconds",
-                "1",
-                "--node-lost-seconds",
-                "4",
-                "--prune-seconds",
-                "4",
                 "--log-format",
                 "json",
                 "--log-level",
                 "debug",
                 "--http-address",
-                &format!("{}:9464", self.address),
+                &http,
             ])
+            .args(liveness)
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .stdout(log.try_clone().expect("log"))
@@ -1332,6 +1338,412 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
     cluster
         .wait_ready_on("InitiatorAccess", "late", &["node-a"])
         .await;
+}
+
+/// The agent's options in the API fault tests: watches renewed every 5 s (so that a watch that
+/// stalls shows soon), a full pass every 5 s, and nodes judged lost as in production (after
+/// 40 s): the lease holder judges heartbeats by its own watch, and with the 4 s of the lost-node
+/// tests, a watch that fails for a few seconds would have it mark live nodes lost and back,
+/// rewriting status all along.
+const FAULT_OPTIONS: [&str; 8] = [
+    "--api-timeout-seconds",
+    "15",
+    "--resync-seconds",
+    "5",
+    "--node-lost-seconds",
+    "40",
+    "--prune-seconds",
+    "300",
+];
+
+/// What one fault cost, as measured.
+#[derive(Default)]
+struct FaultResult {
+    label: &'static str,
+    /// Requests per second while it lasted, in all and once the checks were done (its later
+    /// part: what a lasting fault costs).
+    rate: f64,
+    late_rate: f64,
+    counts: support::api_front::Counts,
+    /// How late the grant that expired meanwhile ended on the node.
+    expiry_late: k8s_openapi::jiff::SignedDuration,
+    /// From the fault's end until a grant created and one deleted meanwhile were applied…
+    applied_after: Duration,
+    /// …and until their status (and the expired grant's) said so.
+    status_after: Duration,
+}
+
+/// Answers of 503, 429 (with Retry-After), 500, and watches ended by 410 Gone, given by a front
+/// between the agent and the real apiserver (tests/support/api_front.rs): while each lasts,
+/// targets keep serving and a grant ends on time on the node's clock; a watch that ends with
+/// 410 lists again (a grant created meanwhile is applied while the 410s go on); afterwards, what
+/// changed meanwhile is applied and its status written; and the agent's request rate stays
+/// bounded, compared with the same agent's with healthy answers, in the same run.
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_of_429_5xx_and_410_stall_nothing_and_bring_no_storm() {
+    let mut cluster = Cluster::start().await;
+    let front = front_before_the_apiserver(&cluster).await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = front.kubeconfig(&cluster.agent_kubeconfig, scratch.path());
+    cluster
+        .add_node_with("node-a", 61, &kubeconfig, &FAULT_OPTIONS)
+        .await;
+    cluster.apply(&demo_manifests());
+    cluster
+        .wait_ready_on("InitiatorAccess", "demo-client", &["node-a"])
+        .await;
+    let healthy = the_healthy_request_rate(&cluster, &front).await;
+    let answer = |code, retry_after| Fault::Answer { code, retry_after };
+    // 410 first: its relists are due within a second only while the watches' backoff is fresh
+    // (a watch that failed recently waits longer: up to 10 s).
+    let faults = [
+        ("410 Gone on every watch", Fault::Gone, 16),
+        ("503", answer(503, None), 24),
+        ("429, Retry-After: 5", answer(429, Some(5)), 18),
+        ("500", answer(500, None), 16),
+    ];
+    let mut results = Vec::new();
+    for (n, (label, fault, seconds)) in faults.into_iter().enumerate() {
+        let hold = Duration::from_secs(seconds);
+        let result = a_fault_stalls_nothing(&cluster, &front, n, label, fault, hold).await;
+        results.push(result);
+    }
+    println!("healthy, at rest: {healthy:.2} requests/s");
+    println!(
+        "| fault | requests/s (× healthy) | later part (× healthy) | reads / watches / status writes / other writes | expiry late by | applied after | status after |"
+    );
+    for r in &results {
+        let c = &r.counts;
+        println!(
+            "| {} | {:.2} ({:.1}×) | {:.2} ({:.1}×) | {} / {} / {} / {} | {} | {:.1?} | {:.1?} |",
+            r.label,
+            r.rate,
+            r.rate / healthy,
+            r.late_rate,
+            r.late_rate / healthy,
+            c.reads,
+            c.watches,
+            c.status_writes,
+            c.writes,
+            r.expiry_late,
+            r.applied_after,
+            r.status_after,
+        );
+    }
+    // No storm: while a fault lasts, the agent asks no more often than about when all is well
+    // (its watches back off, a request is repeated only when the server says when); at the
+    // start, what failed is tried again. And no stall: what changed meanwhile is applied within
+    // the watches' longest wait (10 s), a Retry-After (5 s here) and a list, and status
+    // written soon after.
+    for r in &results {
+        assert!(
+            r.applied_after < Duration::from_secs(25) && r.status_after < Duration::from_secs(45),
+            "{}: applied {:?} and status written {:?} after the fault",
+            r.label,
+            r.applied_after,
+            r.status_after
+        );
+        assert!(
+            r.late_rate <= 2.0 * healthy,
+            "{}: {:.2} requests/s while the fault lasts, {healthy:.2} when healthy",
+            r.label,
+            r.late_rate
+        );
+        assert!(
+            r.rate <= 3.0 * healthy,
+            "{}: {:.2} requests/s during the fault, {healthy:.2} when healthy",
+            r.label,
+            r.rate
+        );
+    }
+}
+
+/// A front on the test's own address on the LAN, before the cluster's apiserver.
+async fn front_before_the_apiserver(cluster: &Cluster) -> ApiFront {
+    let upstream: SocketAddr = cluster
+        .plane
+        .server
+        .trim_start_matches("https://")
+        .parse()
+        .expect("the apiserver's address");
+    let host = cluster.lan.as_ref().expect("a LAN").address(1);
+    let ca = cluster.plane.file("ca.crt");
+    ApiFront::start(SocketAddr::from((host, 0)), upstream, &ca).await
+}
+
+/// The agent's requests per second at rest with healthy answers, once nothing is left to write.
+async fn the_healthy_request_rate(cluster: &Cluster, front: &ApiFront) -> f64 {
+    let mut last = front.counts();
+    let mut quiet_since = Instant::now();
+    cluster
+        .wait_for(
+            "no status write for 5 s",
+            Duration::from_secs(60),
+            async || {
+                let now = front.counts();
+                if now.status_writes != last.status_writes {
+                    quiet_since = Instant::now();
+                }
+                last = now;
+                quiet_since.elapsed() >= Duration::from_secs(5)
+            },
+        )
+        .await;
+    // A measurement window, not a wait for anything.
+    let window = Duration::from_secs(16);
+    let before = front.counts();
+    tokio::time::sleep(window).await;
+    let counts = front.counts().since(&before);
+    println!("healthy, at rest: {counts:?} in {window:?}");
+    counts.total() as f64 / window.as_secs_f64()
+}
+
+fn fault_grant(what: &str, n: usize) -> (String, String) {
+    (
+        format!("{what}-{n}"),
+        format!("iqn.2026-11.dev.discus:{what}-{n}"),
+    )
+}
+
+/// Before fault `n`: a grant that expires 10 s from now (while the fault lasts) and one to
+/// delete while it lasts, both applied. Returns the expiry.
+async fn grants_before_a_fault(cluster: &Cluster, n: usize, label: &str) -> Timestamp {
+    let expires_at = (Timestamp::now() + SignedDuration::from_secs(10))
+        .round(Unit::Second)
+        .expect("round");
+    let ((expiring, expiring_iqn), (revoked, revoked_iqn)) =
+        (fault_grant("expiring", n), fault_grant("revoked", n));
+    cluster.apply_objects(&[
+        grant(
+            &expiring,
+            &expiring_iqn,
+            json!({"expiresAt": expires_at.to_string()}),
+        ),
+        grant(&revoked, &revoked_iqn, json!({})),
+    ]);
+    let agent = cluster.agent_ref("node-a");
+    cluster
+        .wait_for(
+            &format!("{label}: the grants applied before the fault"),
+            Duration::from_secs(30),
+            async || acl_on(agent, &expiring_iqn) && acl_on(agent, &revoked_iqn),
+        )
+        .await;
+    let lead = expires_at.duration_since(Timestamp::now());
+    assert!(
+        lead.as_secs() >= 2,
+        "{label}: the setup took too long: {lead} before the expiry"
+    );
+    expires_at
+}
+
+/// During fault `n`: one grant deleted, one created (with kubectl, as admin: not through the
+/// front).
+fn changes_during_a_fault(cluster: &Cluster, n: usize) {
+    let (revoked, _) = fault_grant("revoked", n);
+    let (added, added_iqn) = fault_grant("added", n);
+    cluster.kubectl(&["delete", "-n", "demo", "initiatoraccess", &revoked]);
+    cluster.apply_objects(&[grant(&added, &added_iqn, json!({}))]);
+}
+
+/// While the fault lasts, the expiring grant ends on time on the node's clock, and the steady
+/// grant keeps reading from the target. Returns how late the grant ended.
+async fn the_grant_expires_on_time(
+    cluster: &Cluster,
+    n: usize,
+    label: &str,
+    expires_at: Timestamp,
+) -> SignedDuration {
+    let agent = cluster.agent_ref("node-a");
+    let (_, expiring_iqn) = fault_grant("expiring", n);
+    cluster
+        .wait_for(
+            &format!("{label}: the grant to expire"),
+            Duration::from_secs(60),
+            async || !acl_on(agent, &expiring_iqn),
+        )
+        .await;
+    let late = Timestamp::now().duration_since(expires_at);
+    println!("{label}: the grant ended {late} after expiresAt");
+    assert!(
+        (-1..5).contains(&late.as_secs()),
+        "{label}: the grant ended {late} after expiresAt:\n{}",
+        agent.log()
+    );
+    assert!(acl_on(agent, INITIATOR), "{label}: the steady grant stays");
+    let serial = unit_serial(&agent.portal(), DEMO_IQN);
+    assert!(
+        serial.contains("Unit Serial Number"),
+        "{label}: the target serves: {serial}"
+    );
+    late
+}
+
+/// Once the fault is over (at `over`): the grant created meanwhile is applied and the deleted
+/// one revoked, and status says so, the expired grant's included. Returns how long each took.
+async fn status_catches_up(
+    cluster: &Cluster,
+    n: usize,
+    label: &str,
+    over: Instant,
+) -> (Duration, Duration) {
+    let agent = cluster.agent_ref("node-a");
+    let ((added, added_iqn), (_, revoked_iqn)) =
+        (fault_grant("added", n), fault_grant("revoked", n));
+    cluster
+        .wait_for(
+            &format!("{label}: the changes applied afterwards"),
+            Duration::from_secs(90),
+            async || acl_on(agent, &added_iqn) && !acl_on(agent, &revoked_iqn),
+        )
+        .await;
+    let applied = over.elapsed();
+    cluster
+        .wait_ready_on("InitiatorAccess", &added, &["node-a"])
+        .await;
+    let (expiring, _) = fault_grant("expiring", n);
+    cluster
+        .wait_for(
+            &format!("{label}: the expired grant's status"),
+            Duration::from_secs(90),
+            async || {
+                let grant = cluster.object("InitiatorAccess", "demo", &expiring).await;
+                grant
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| c.iter().any(|c| c["reason"] == "Expired"))
+            },
+        )
+        .await;
+    let status = over.elapsed();
+    println!("{label}: applied {applied:.1?}, status written {status:.1?} after the fault");
+    (applied, status)
+}
+
+/// Fault `n` from the front for `hold`, with the grants' changes around it; counts the agent's
+/// requests meanwhile.
+async fn a_fault_stalls_nothing(
+    cluster: &Cluster,
+    front: &ApiFront,
+    n: usize,
+    label: &'static str,
+    fault: Fault,
+    hold: Duration,
+) -> FaultResult {
+    let expires_at = grants_before_a_fault(cluster, n, label).await;
+    let start = Instant::now();
+    let before = front.counts();
+    front.set(fault);
+    changes_during_a_fault(cluster, n);
+    let expiry_late = the_grant_expires_on_time(cluster, n, label, expires_at).await;
+    if fault == Fault::Gone {
+        // Lists still answer, and each 410 is followed by one, which brings the changes in.
+        let agent = cluster.agent_ref("node-a");
+        let ((_, added_iqn), (_, revoked_iqn)) =
+            (fault_grant("added", n), fault_grant("revoked", n));
+        cluster
+            .wait_for(
+                &format!("{label}: changes applied by lists while it lasts"),
+                start + hold - Instant::now(),
+                async || acl_on(agent, &added_iqn) && !acl_on(agent, &revoked_iqn),
+            )
+            .await;
+    }
+    // The rest of the fault: the later part's rate is what a lasting fault costs.
+    let (checked, at_checked) = (Instant::now(), front.counts());
+    let end = start + hold;
+    assert!(
+        end > checked + Duration::from_secs(4),
+        "{label}: the checks took {:?} of the fault's {hold:?}",
+        checked - start
+    );
+    tokio::time::sleep_until(end.into()).await;
+    let after = front.counts();
+    front.set(Fault::None);
+    let over = Instant::now();
+    let counts = after.since(&before);
+    println!("{label}: {counts:?} in {hold:?}");
+    let (applied_after, status_after) = status_catches_up(cluster, n, label, over).await;
+    FaultResult {
+        label,
+        rate: counts.total() as f64 / hold.as_secs_f64(),
+        late_rate: after.since(&at_checked).total() as f64 / (end - checked).as_secs_f64(),
+        counts,
+        expiry_late,
+        applied_after,
+        status_after,
+    }
+}
+
+/// The apiserver restarted — killed, then started again on the same address and port with the
+/// same etcd — and then etcd restarted (same ports, same data): while each is down, targets keep
+/// serving and a grant ends on time on the node's clock; once it is back, so are the agent's
+/// watches: a grant created and one deleted right then are applied, and status is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_rides_out_apiserver_and_etcd_restarts() {
+    let mut cluster = Cluster::start().await;
+    let kubeconfig = cluster.agent_kubeconfig.clone();
+    cluster
+        .add_node_with("node-a", 62, &kubeconfig, &FAULT_OPTIONS)
+        .await;
+    cluster.apply(&demo_manifests());
+    cluster
+        .wait_ready_on("InitiatorAccess", "demo-client", &["node-a"])
+        .await;
+    let mut results = Vec::new();
+    for (n, component) in ["kube-apiserver", "etcd"].into_iter().enumerate() {
+        let down = Duration::from_secs(12);
+        results.push(a_restart_stalls_nothing(&mut cluster, n, component, down).await);
+    }
+    println!("| restarted | expiry late by | applied after | status after |");
+    for r in &results {
+        println!(
+            "| {} | {} | {:.1?} | {:.1?} |",
+            r.label, r.expiry_late, r.applied_after, r.status_after
+        );
+    }
+    // Within the watches' longest wait (10 s) and a list; status once the lease holder is back,
+    // whose election backs off up to 30 s.
+    for r in &results {
+        assert!(
+            r.applied_after < Duration::from_secs(30) && r.status_after < Duration::from_secs(60),
+            "{}: applied {:?} and status written {:?} after the restart",
+            r.label,
+            r.applied_after,
+            r.status_after
+        );
+    }
+}
+
+/// `component` down for `down`, then started again; a grant expires while it is down, one is
+/// deleted and one created as soon as it is back (nobody can while it is down).
+async fn a_restart_stalls_nothing(
+    cluster: &mut Cluster,
+    n: usize,
+    component: &'static str,
+    down: Duration,
+) -> FaultResult {
+    let expires_at = grants_before_a_fault(cluster, n, component).await;
+    let start = Instant::now();
+    cluster.plane.stop_component(component);
+    let expiry_late = the_grant_expires_on_time(cluster, n, component, expires_at).await;
+    tokio::time::sleep_until((start + down).into()).await;
+    if let Err(error) = cluster.plane.start_component(component).await {
+        panic!(
+            "{component} again: {error}\n{}",
+            cluster.plane.log(component)
+        );
+    }
+    let over = Instant::now();
+    changes_during_a_fault(cluster, n);
+    let (applied_after, status_after) = status_catches_up(cluster, n, component, over).await;
+    FaultResult {
+        label: component,
+        expiry_late,
+        applied_after,
+        status_after,
+        ..FaultResult::default()
+    }
 }
 
 /// Whether tgtd on an agent's node has an ACL (or a session) for `initiator`.

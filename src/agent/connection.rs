@@ -8,11 +8,17 @@
 //! deadline whenever nothing changes, so the apiserver is asked to end each watch earlier
 //! (`timeoutSeconds`); kube's watcher gives up on a silent stream 5 s after that, and resumes it.
 //! A healthy idle watch therefore never errs, and a dead one is restarted within the deadline.
+//! An answer that says "later" (429, 503) is tried again a few times, soon (`retry`).
 
 use std::time::Duration;
 
+use kube::client::ClientBuilder;
 use kube::runtime::watcher;
 use kube::{Client, Config};
+use tower::buffer::BufferLayer;
+use tower::retry::RetryLayer;
+
+use super::retry::RetryPolicy;
 
 /// The fewest seconds `--api-timeout-seconds` takes: a watch needs some seconds of its own.
 pub const MIN_API_TIMEOUT: Duration = Duration::from_secs(15);
@@ -22,6 +28,8 @@ pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(70);
 /// How much earlier than the read deadline the apiserver ends a watch: kube's watcher waits 5 s
 /// past `timeoutSeconds` before it calls a stream dead, and the read deadline comes 5 s later.
 const WATCH_MARGIN: Duration = Duration::from_secs(10);
+/// Requests waiting for the client's stack, as kube's own buffer holds.
+const RETRY_BUFFER: usize = 1024;
 
 /// How long the agent waits for the apiserver.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,16 +69,22 @@ impl ApiTimeouts {
         watcher::Config::default().timeout(self.watch_seconds())
     }
 
-    /// A client over `config` whose requests wait `read` at most for each byte of an answer.
+    /// A client over `config` whose requests wait `read` at most for each byte of an answer,
+    /// and are tried again as `retry` says, in place of kube's default.
     pub fn client(&self, config: &Config, read: Duration) -> Result<Client, kube::Error> {
         let mut config = config.clone();
+        config.default_retry = false;
         config.read_timeout = Some(read);
         // The deadline counts from when the request is sent, not from when its pooled
         // connection went idle.
         config.reset_reader_on_write = true;
         config.write_timeout = Some(read);
         config.connect_timeout = Some(config.connect_timeout.map_or(read, |c| c.min(read)));
-        Client::try_from(config)
+        // The retry layer needs a service it can clone: the buffer makes kube's stack one.
+        Ok(ClientBuilder::try_from(config)?
+            .with_layer(&BufferLayer::new(RETRY_BUFFER))
+            .with_layer(&RetryLayer::new(RetryPolicy::default()))
+            .build())
     }
 }
 

@@ -25,7 +25,7 @@ use crate::status;
 use super::apply_status;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
-use super::node_status::field_manager;
+use super::node_status::{InFlight, field_manager};
 use super::stores::{Stores, Wakers};
 
 /// The field manager of everything the lease holder writes.
@@ -129,8 +129,8 @@ pub struct Aggregator {
     iqn_authority: String,
     liveness: Mutex<Tracker>,
     /// What was last written per object and manager, until the store shows it (`Null`: an
-    /// entry removed).
-    in_flight: Mutex<HashMap<(Kind, ObjectKey, String), Value>>,
+    /// entry removed), for `IN_FLIGHT_FOR` at most (see `node_status`).
+    in_flight: Mutex<HashMap<(Kind, ObjectKey, String), InFlight>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
     created_secrets: Mutex<BTreeSet<ObjectKey>>,
 }
@@ -146,12 +146,12 @@ struct Write {
 /// The lease holder's writes, in the making.
 struct Writes<'a> {
     kind: Kind,
-    in_flight: &'a mut HashMap<(Kind, ObjectKey, String), Value>,
+    in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>,
     writes: Vec<Write>,
 }
 
 impl<'a> Writes<'a> {
-    fn new(kind: Kind, in_flight: &'a mut HashMap<(Kind, ObjectKey, String), Value>) -> Self {
+    fn new(kind: Kind, in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>) -> Self {
         Self {
             kind,
             in_flight,
@@ -163,7 +163,8 @@ impl<'a> Writes<'a> {
     fn push(&mut self, key: &ObjectKey, manager: String, status: Option<Value>) {
         let flight = (self.kind, key.clone(), manager);
         let value = status.clone().unwrap_or(Value::Null);
-        if self.in_flight.get(&flight) == Some(&value) {
+        let now = Instant::now();
+        if (self.in_flight.get(&flight)).is_some_and(|f| f.repeats(&value, now)) {
             return;
         }
         self.writes.push(Write {
@@ -321,7 +322,7 @@ impl Aggregator {
             Ok(()) => {
                 self.in_flight.lock().insert(
                     (write.kind, write.key, write.manager),
-                    write.status.unwrap_or(Value::Null),
+                    InFlight::new(write.status.unwrap_or(Value::Null)),
                 );
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -421,7 +422,7 @@ fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
     let previous: Vec<Condition> = writes
         .in_flight
         .get(&(writes.kind, key.clone(), MANAGER.to_owned()))
-        .and_then(|v| v.get("conditions"))
+        .and_then(|f| f.value().get("conditions"))
         .and_then(|c| serde_json::from_value(c.clone()).ok())
         .unwrap_or_default();
     let conditions = status::invalid_conditions(

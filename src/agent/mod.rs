@@ -11,8 +11,10 @@ mod leader;
 mod liveness;
 mod node_status;
 mod publisher;
+mod retry;
 mod stores;
 mod sync_loop;
+mod watch_backoff;
 
 use std::sync::Arc;
 use std::time::Duration;

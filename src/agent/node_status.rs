@@ -2,9 +2,16 @@
 //! belongs to its node alone, holding that one entry and nothing else, and only when it differs
 //! from what the resource already says — so agents never take each other's entries and, at rest,
 //! write nothing.
+//!
+//! A write made counts as in flight, and is not made again, until the store shows it — for
+//! `IN_FLIGHT_FOR` at most. Without that bound, an entry that someone else changed before this
+//! node's store showed the write (the lease holder pruning a node it thought lost while the
+//! watches were failing) was never written again: the API fault tests saw a grant's status stay
+//! wrong for good after watches ended with 410 Gone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::core::DeserializeGuard;
@@ -41,8 +48,38 @@ pub struct NodeStatusWriter {
     manager: String,
     /// Entries written and not yet seen in the stores, so that a pass right after a write does
     /// not write the same again.
-    in_flight: Mutex<HashMap<(Kind, ObjectKey), Value>>,
+    in_flight: Mutex<HashMap<(Kind, ObjectKey), InFlight>>,
     metrics: Arc<Metrics>,
+}
+
+/// How long a write counts as in flight. The store normally shows it within a second; one it
+/// does not show by then (another writer changed the entry first, or the watch is failing) is
+/// written again, at most once a pass.
+pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
+
+/// A write made (`Null`: an entry removed), until the store shows it or `IN_FLIGHT_FOR` passed.
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    value: Value,
+    at: Instant,
+}
+
+impl InFlight {
+    pub fn new(value: Value) -> Self {
+        Self {
+            value,
+            at: Instant::now(),
+        }
+    }
+
+    /// Whether writing `value` now would repeat this write while it may still land.
+    pub fn repeats(&self, value: &Value, now: Instant) -> bool {
+        self.value == *value && now.saturating_duration_since(self.at) < IN_FLIGHT_FOR
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
 }
 
 /// What one publication did, and what the node's entries say (for events).
@@ -102,14 +139,28 @@ impl NodeStatusWriter {
                     .cloned(),
             )
         });
-        let results: Vec<bool> = futures::stream::iter(writes)
-            .map(|write| self.write(write))
-            .buffer_unordered(CONCURRENT_WRITES)
-            .collect()
-            .await;
+        let total = writes.len();
+        let mut results = std::pin::pin!(
+            futures::stream::iter(writes)
+                .map(|write| self.write(write))
+                .buffer_unordered(CONCURRENT_WRITES)
+        );
+        let (mut written, mut failed) = (0, 0);
+        while let Some(outcome) = results.next().await {
+            match outcome {
+                Outcome::Written => written += 1,
+                Outcome::Refused => failed += 1,
+                // The apiserver is unwell: the writes not done yet wait for the next round
+                // instead of adding to its load (those in flight are dropped; each is whole).
+                Outcome::Unwell => {
+                    failed = total - written;
+                    break;
+                }
+            }
+        }
         Published {
-            written: results.iter().filter(|ok| **ok).count(),
-            failed: results.iter().filter(|ok| !**ok).count(),
+            written,
+            failed,
             observed,
         }
     }
@@ -142,7 +193,7 @@ impl NodeStatusWriter {
             }
             let entry = wanted.and_then(|e| serde_json::to_value(e).ok());
             let body = entry.clone().unwrap_or(Value::Null);
-            if in_flight.get(&key) == Some(&body) {
+            if (in_flight.get(&key)).is_some_and(|f| f.repeats(&body, Instant::now())) {
                 continue;
             }
             writes.push(Write {
@@ -153,7 +204,7 @@ impl NodeStatusWriter {
         }
     }
 
-    async fn write(&self, write: Write) -> bool {
+    async fn write(&self, write: Write) -> Outcome {
         let mut body = json!({
             "apiVersion": crate::api::API_VERSION,
             "kind": write.kind.as_str(),
@@ -168,27 +219,90 @@ impl NodeStatusWriter {
             .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
             Ok(()) => {
+                let written = InFlight::new(write.entry.unwrap_or(Value::Null));
                 self.in_flight
                     .lock()
-                    .insert((write.kind, write.key), write.entry.unwrap_or(Value::Null));
-                true
+                    .insert((write.kind, write.key), written);
+                Outcome::Written
             }
             // Deleted meanwhile: nothing to report on.
-            Err(kube::Error::Api(status)) if status.code == 404 => true,
+            Err(kube::Error::Api(status)) if status.code == 404 => Outcome::Written,
             Err(error) => {
                 tracing::warn!(kind = write.kind.as_str(), object = %write.key, %error, "cannot write this node's status entry");
-                false
+                if apiserver_unwell(&error) {
+                    Outcome::Unwell
+                } else {
+                    Outcome::Refused
+                }
             }
         }
     }
+}
+
+/// How one write went.
+enum Outcome {
+    /// Written, or nothing left to write.
+    Written,
+    /// Refused for this object (a conflict, an invalid entry): the others go on.
+    Refused,
+    /// The apiserver is unwell: too many requests, a server error, no answer.
+    Unwell,
 }
 
 fn is_not_found(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 404)
 }
 
+/// Whether an error says the apiserver cannot take requests now, whatever the object: too many
+/// requests, a server error, or no answer at all.
+fn apiserver_unwell(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(status) => status.code == 429 || status.code >= 500,
+        _ => true,
+    }
+}
+
 struct Write {
     kind: Kind,
     key: ObjectKey,
     entry: Option<Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_the_store_never_shows_is_made_again_after_a_while() {
+        let entry = json!({"node": "node-a", "applied": true});
+        let written = InFlight::new(entry.clone());
+        let now = Instant::now();
+        assert!(written.repeats(&entry, now), "just written: in flight");
+        let other = json!({"node": "node-a", "applied": false});
+        assert!(
+            !written.repeats(&other, now),
+            "another entry is another write"
+        );
+        // Pruned by the lease holder before this node's store showed it: written again.
+        let later = now + IN_FLIGHT_FOR;
+        assert!(!written.repeats(&entry, later));
+    }
+
+    #[test]
+    fn only_errors_of_the_apiserver_itself_stop_a_round_of_writes() {
+        let answer = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        for code in [429, 500, 503, 504] {
+            assert!(apiserver_unwell(&answer(code)), "{code}");
+        }
+        for code in [400, 403, 409, 422] {
+            assert!(!apiserver_unwell(&answer(code)), "{code}");
+        }
+        let lost = kube::Error::Service("no answer from the apiserver".into());
+        assert!(apiserver_unwell(&lost));
+    }
 }

@@ -1,7 +1,10 @@
 //! This node's status entries and events go out from a task of their own: a pass hands its
 //! report over and goes on, so that a slow or silent apiserver never delays the next pass — and
 //! with it the end of an expiring grant. Only the newest report matters: one that arrives while
-//! an older one is being published replaces it. What could not be written is tried again soon.
+//! an older one is being published replaces it. What could not be written is tried again,
+//! 2 s later and then twice as late each time up to 30 s while the apiserver keeps failing
+//! (sooner with a newer report, which the sync loop makes at most once a pass): a long fault
+//! costs the apiserver a few writes a minute, not a round of every pending write every 2 s.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,8 +17,10 @@ use super::events::NodeEvents;
 use super::node_status::NodeStatusWriter;
 use super::stores::Stores;
 
-/// How soon status that could not be written is tried again.
+/// How soon status that could not be written is tried again…
 const RETRY: Duration = Duration::from_secs(2);
+/// …and, while it keeps failing, at the latest.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// The sync loop's end of the publishing task; the task stops when this is dropped.
 pub struct Publisher {
@@ -41,6 +46,7 @@ async fn publish(
     events: NodeEvents,
     stores: Arc<Stores>,
 ) {
+    let mut retry = RETRY;
     while reports.changed().await.is_ok() {
         loop {
             let Some(report) = reports.borrow_and_update().clone() else {
@@ -54,13 +60,34 @@ async fn publish(
                 "status published"
             );
             if published.failed == 0 {
+                retry = RETRY;
                 break;
             }
-            // Again soon, or at once with a newer report.
+            // Again after `retry`, or at once with a newer report.
             tokio::select! {
                 changed = reports.changed() => if changed.is_err() { return },
-                () = tokio::time::sleep(RETRY) => {}
+                () = tokio::time::sleep(retry) => {}
             }
+            retry = next_retry(retry);
         }
+    }
+}
+
+/// The wait after `retry` when the next attempt fails too.
+fn next_retry(retry: Duration) -> Duration {
+    retry.saturating_mul(2).min(MAX_RETRY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_are_tried_again_less_and_less_often_up_to_a_bound() {
+        let waits: Vec<u64> = std::iter::successors(Some(RETRY), |r| Some(next_retry(*r)))
+            .take(7)
+            .map(|r| r.as_secs())
+            .collect();
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
     }
 }

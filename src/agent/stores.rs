@@ -27,6 +27,7 @@ use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
 use super::connection::ApiTimeouts;
+use super::watch_backoff::watch_backoff;
 
 /// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
 pub const HEARTBEAT_LABEL: &str = "discus.dev/heartbeat";
@@ -378,8 +379,8 @@ struct Watch {
     metrics: Arc<Metrics>,
 }
 
-/// A store kept by a background watch (with backoff on errors, never giving up), waking
-/// whoever `relevance` says.
+/// A store kept by a background watch (with backoff on errors, never giving up, and kept up
+/// while failures keep coming: `watch_backoff`), waking whoever `relevance` says.
 fn spawn_reflector<K, R>(
     api: Api<K>,
     config: watcher::Config,
@@ -394,7 +395,7 @@ where
     let (reader, writer) = reflector::store();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let stream = watcher(api, config)
-        .default_backoff()
+        .backoff(watch_backoff())
         // Nobody reads who wrote which field; thousands of objects' managedFields cost memory.
         .modify(|object: &mut K| object.meta_mut().managed_fields = None)
         .reflect(writer);

@@ -25,7 +25,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub struct ControlPlane {
     dir: tempfile::TempDir,
-    processes: Vec<Child>,
+    processes: Vec<Process>,
+    /// Components stopped by `stop_component`, to start again as they were.
+    stopped: Vec<(String, Vec<String>)>,
     bin: PathBuf,
     /// The host of its own it runs in, if any (it goes with the control plane).
     sandbox: Option<Sandbox>,
@@ -71,6 +73,7 @@ impl ControlPlane {
         let mut plane = Self {
             dir,
             processes: Vec::new(),
+            stopped: Vec::new(),
             kubeconfig: root.join("admin.kubeconfig"),
             server: String::new(),
             bin,
@@ -159,8 +162,8 @@ impl ControlPlane {
                 if etcd_ready(address, client).await.is_some() {
                     return Ok(client);
                 }
-                let exited =
-                    (self.processes.last_mut()).and_then(|etcd| etcd.try_wait().ok().flatten());
+                let exited = (self.processes.last_mut())
+                    .and_then(|etcd| etcd.child.try_wait().ok().flatten());
                 if exited.is_some() {
                     break;
                 }
@@ -168,8 +171,7 @@ impl ControlPlane {
             }
             let logged = self.log("etcd");
             if let Some(mut etcd) = self.processes.pop() {
-                let _ = etcd.kill();
-                let _ = etcd.wait();
+                self.kill(&mut etcd);
             }
             if attempt == ATTEMPTS || !logged.contains("address already in use") {
                 let tail: Vec<&str> = logged.lines().rev().take(20).collect();
@@ -362,28 +364,81 @@ impl ControlPlane {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
-        self.processes.push(child);
+        self.processes.push(Process {
+            name: name.to_owned(),
+            args: args.to_vec(),
+            child,
+        });
         Ok(())
     }
+
+    /// Kills one of the processes: in a sandbox, the program itself, not only the nsenter in
+    /// front of it (which would leave the program running).
+    fn kill(&self, process: &mut Process) {
+        match &self.sandbox {
+            Some(sandbox) => sandbox.kill(&mut process.child),
+            None => {
+                let _ = process.child.kill();
+                let _ = process.child.wait();
+            }
+        }
+    }
+}
+
+/// A process of the control plane, and how it was started.
+struct Process {
+    name: String,
+    args: Vec<String>,
+    child: Child,
 }
 
 impl ControlPlane {
     /// Stops kube-apiserver and etcd, as an outage would; clients get connection errors.
     pub fn stop(&mut self) {
-        for child in self.processes.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let mut processes = std::mem::take(&mut self.processes);
+        for process in processes.iter_mut().rev() {
+            self.kill(process);
         }
+        self.processes = processes;
+    }
+
+    /// Stops one component (`kube-apiserver`, `etcd`), as a crash would (SIGKILL);
+    /// `start_component` starts it again with the same arguments: the same address and port,
+    /// the same data.
+    pub fn stop_component(&mut self, name: &str) {
+        let index = (self.processes.iter().position(|p| p.name == name))
+            .unwrap_or_else(|| panic!("no {name} runs"));
+        let mut process = self.processes.remove(index);
+        self.kill(&mut process);
+        self.stopped.push((process.name, process.args));
+    }
+
+    /// Starts a stopped component again (its log goes on) and waits until the apiserver is
+    /// ready, which it is only with etcd.
+    pub async fn start_component(&mut self, name: &str) -> Result<(), Error> {
+        let index = (self.stopped.iter().position(|(n, _)| n == name))
+            .ok_or_else(|| format!("{name} was not stopped"))?;
+        let (name, args) = self.stopped.remove(index);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))?;
+        self.spawn(&name, &args, log)?;
+        let client = self.client().await?;
+        wait_for("kube-apiserver", || {
+            let client = client.clone();
+            async move {
+                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
+                (client.request_text(request).await.ok()? == "ok").then_some(())
+            }
+        })
+        .await
     }
 }
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The apiserver first, so that it does not log etcd's disappearance.
-        for child in self.processes.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.stop();
     }
 }
 

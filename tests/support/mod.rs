@@ -1,8 +1,9 @@
 //! Helpers shared by the integration suites.
 #![allow(dead_code)] // each suite uses a different part
 
-pub mod chaos;
+pub mod api_front;
 pub mod chart;
+pub mod chaos;
 pub mod cluster;
 pub mod control_plane;
 pub mod docker;
