@@ -535,6 +535,10 @@ fn open_tpgs(vm: &LioVm) -> Vec<String> {
     .collect()
 }
 
+fn humantime(elapsed: Duration) -> String {
+    format!("{:.1} s", elapsed.as_secs_f64())
+}
+
 /// The LIO session ids of the steady client.
 fn steady_sessions(vm: &LioVm) -> BTreeSet<String> {
     configfs(
@@ -603,6 +607,8 @@ fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
     };
     // Kills that left the kernel short of the new declaration.
     let mut interrupted = 0;
+    // Logins refused at first after convergence, with what the kernel held.
+    let mut late_logins: Vec<String> = Vec::new();
     for round in 1..=kills {
         let now: BTreeSet<(usize, usize)> = (0..3)
             .flat_map(|t| (0..3).map(move |c| (t, c)))
@@ -637,14 +643,56 @@ fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
             "round {round}"
         );
         if let Some((t, c)) = now.iter().next() {
-            let works = inquiry(
-                vm,
-                &chaos_target(*t),
-                0,
-                &chaos_client(*c),
-                Some(("client", &password)),
-            );
-            assert!(works.is_ok(), "round {round}: {works:?}");
+            let (target, client) = (chaos_target(*t), chaos_client(*c));
+            let login = || inquiry(vm, &target, 0, &client, Some(("client", &password)));
+            if let Err(first) = login() {
+                // What the kernel holds for this grant, and whether the login works a moment later.
+                let held = configfs(
+                    vm,
+                    &format!(
+                        "cd iscsi/{target}/tpgt_1 && cat enable attrib/authentication \
+                         acls/{client}/auth/userid acls/{client}/auth/password acls/{client}/info; \
+                         ls -lR acls/{client}/lun_0; cat acls/{client}/lun_0/write_protect; ls -l lun lun/*; \
+                         for f in attrib/* acls/{client}/attrib/* param/*; do echo $f $(cat $f); done; \
+                         ls -l np; dmesg | tail -5; true"
+                    ),
+                );
+                let debug = std::process::Command::new("iscsi-inq")
+                    .args(["-d", "-i", &client])
+                    .arg(format!(
+                        "iscsi://client%{password}@{}/{target}/0",
+                        vm.portal()
+                    ))
+                    .output()
+                    .map(|o| {
+                        format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&o.stdout),
+                            String::from_utf8_lossy(&o.stderr)
+                        )
+                    })
+                    .unwrap_or_default();
+                // Which logins fail: a wrong password too? And how many attempts until one works
+                // (the kernel numbers CHAP challenges per TPG, 0 to 255)?
+                let wrong = inquiry(vm, &target, 0, &client, Some(("client", "wrong-password")));
+                let attempts = (1..=300).find(|_| login().is_ok());
+                let held = format!(
+                    "{held}\niscsi-inq -d: {debug}\nwrong password: {wrong:?}\nattempts until a login works: {attempts:?}"
+                );
+                let start = Instant::now();
+                while login().is_err() {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(30),
+                        "round {round}: {first}\nconfigfs: {held}\n{}",
+                        vm.sh("tail -30 /tmp/chaos.log; tail -30 /tmp/once.log").1
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                late_logins.push(format!(
+                    "round {round}: {} after convergence ({first}); configfs: {held}",
+                    humantime(start.elapsed())
+                ));
+            }
         }
         assert_eq!(
             steady_sessions(vm),

@@ -2,8 +2,8 @@
 #![allow(dead_code)] // each suite uses a different part
 
 pub mod api_front;
-pub mod chart;
 pub mod chaos;
+pub mod chart;
 pub mod cluster;
 pub mod control_plane;
 pub mod docker;
