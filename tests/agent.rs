@@ -1903,15 +1903,11 @@ async fn an_agent_killed_anywhere_never_admits_more_and_always_converges() {
         .wait_ready_on("InitiatorAccess", "demo-client", &["node-a"])
         .await;
     let portal = cluster.agent_ref("node-a").portal();
-    let mut steady = std::process::Command::new("iscsi-perf")
-        .args([
-            "-i", INITIATOR, "-m", "1", "-b", "1", "-x", "0", "-t", "3600",
-        ])
-        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iscsi-perf runs");
+    let mut steady = support::initiator::steady_session(
+        std::process::Command::new("iscsi-perf"),
+        INITIATOR,
+        &format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"),
+    );
     cluster
         .wait_for("the steady session", Duration::from_secs(30), async || {
             held(cluster.agent_ref("node-a"))

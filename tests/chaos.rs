@@ -257,18 +257,11 @@ fn killed_anywhere_discus_never_admits_more_and_always_converges() {
         String::from_utf8_lossy(&converged.stderr)
     );
     // A session on the grant nothing touches, one request at a time; it must never drop.
-    let mut steady = host
-        .sandbox
-        .command("iscsi-perf")
-        .args(["-i", STEADY, "-m", "1", "-b", "1", "-x", "0", "-t", "3600"])
-        .arg(format!(
-            "iscsi://steady%steady-secret@{PORTAL}/{}/1",
-            iqn("steady")
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iscsi-perf runs");
+    let mut steady = support::initiator::steady_session(
+        host.sandbox.command("iscsi-perf"),
+        STEADY,
+        &format!("iscsi://steady%steady-secret@{PORTAL}/{}/1", iqn("steady")),
+    );
     host.wait_for("the steady session", || {
         tgtd(&host).nexus.contains_key(STEADY)
     });

@@ -586,16 +586,14 @@ fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
         &chaos_yaml(&image, &granted, "chaos-000000"),
     );
     once(vm);
-    let mut steady = std::process::Command::new("iscsi-perf")
-        .args(["-i", STEADY, "-m", "1", "-b", "1", "-x", "0", "-t", "3600"])
-        .arg(format!(
+    let mut steady = support::initiator::steady_session(
+        std::process::Command::new("iscsi-perf"),
+        STEADY,
+        &format!(
             "iscsi://steady%steady-secret@{}/{STEADY_IQN}/0",
             vm.portal()
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iscsi-perf runs");
+        ),
+    );
     wait_for(vm, "the steady session", || !steady_sessions(vm).is_empty());
     let steady_before = steady_sessions(vm);
     let pairs = |granted: &BTreeSet<(usize, usize)>| -> BTreeSet<(String, String)> {

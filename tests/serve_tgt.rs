@@ -150,13 +150,7 @@ fn chap_admits_the_right_credentials_only_and_mutual_chap_works() {
         ),
     ];
     host.manifest("mutual.yaml", &manifests::yaml(&mutual));
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     let iqn = "iqn.2026-11.dev.discus:boot";
 
     assert!(
@@ -316,13 +310,7 @@ fn a_cdrom_lun_is_a_cd_dvd_device_with_2048_byte_blocks() {
     served.lun(0)["deviceType"] = json!("cdrom");
     served.image["spec"]["format"] = json!("iso");
     host.manifest("lab.yaml", &served.yaml());
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     let inquiry = host
         .inquiry(
             "iqn.2026-11.dev.discus:boot",
@@ -349,13 +337,7 @@ fn a_disk_lun_has_the_block_size_the_spec_asks_for() {
     let mut served = Served::new(&image, &digest);
     served.lun(0)["blockSize"] = json!(4096);
     host.manifest("lab.yaml", &served.yaml());
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     assert_eq!(
         host.read_capacity("iqn.2026-11.dev.discus:boot", 1, "client", "client-secret"),
         (1024, 4096)
@@ -472,13 +454,7 @@ fn a_sync_killed_midway_converges_after_restart_without_duplicates() {
     });
     host.sandbox.kill(&mut server);
 
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     let show = host.tgtadm(&["--mode", "target", "--op", "show"]);
     for i in 0..6 {
         let iqn = format!("iqn.2026-11.dev.discus:lab.t{i}\n");
@@ -1184,19 +1160,11 @@ fn after_a_restart_images_are_read_before_they_are_served_and_served_ones_keep_t
     host.wait_for("the target and both images", || {
         target_ready(&host, "boot") && host.stored_image(&spare_digest).exists()
     });
-    let mut session = host
-        .sandbox
-        .command("iscsi-perf")
-        .args([
-            "-i", INITIATOR, "-m", "1", "-b", "1", "-x", "0", "-t", "3600",
-        ])
-        .arg(format!(
-            "iscsi://client%client-secret@{PORTAL}/iqn.2026-11.dev.discus:boot/1"
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iscsi-perf runs");
+    let mut session = support::initiator::steady_session(
+        host.sandbox.command("iscsi-perf"),
+        INITIATOR,
+        &format!("iscsi://client%client-secret@{PORTAL}/iqn.2026-11.dev.discus:boot/1"),
+    );
     host.wait_for("the session", || tgtd(&host).nexus.contains_key(INITIATOR));
     let nexus = tgtd(&host).nexus[INITIATOR].clone();
 
@@ -1355,13 +1323,7 @@ fn a_full_disk_under_a_download_or_a_conversion_fails_clearly_and_leaves_nothing
     host.sandbox.must(&["rm", "/var/lib/discus/fill"]);
     host.remove_manifest("big.yaml");
     host.manifest("big.yaml", &manifests::yaml([&qcow2, &target, &grant]));
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     assert_eq!(
         host.read_lun("iqn.2026-11.dev.discus:big", 1, "client", "client-secret"),
         big_raw_digest
@@ -1401,12 +1363,6 @@ fn a_read_only_data_dir_still_lets_revocations_through() {
     );
 
     host.sandbox.must(&["umount", "/var/lib/discus"]);
-    let output = host.once();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    host.converge();
     assert!(host.inquiry(iqn, 1, INITIATOR, chap).is_err());
 }

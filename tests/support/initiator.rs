@@ -40,3 +40,22 @@ pub fn read_lun(login: &Login<'_>, out: &Path) -> Result<String, String> {
     let bytes = std::fs::read(out).map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(hex::encode(Sha256::digest(bytes)))
 }
+
+/// Starts a session that must never drop — one request at a time, for an hour — as `initiator`
+/// to `url` (`iscsi://user%password@portal/iqn/lun`), with `iscsi_perf` (a `Command` for
+/// iscsi-perf, on this host or inside a sandbox).
+pub fn steady_session(
+    mut iscsi_perf: std::process::Command,
+    initiator: &str,
+    url: &str,
+) -> std::process::Child {
+    iscsi_perf
+        .args([
+            "-i", initiator, "-m", "1", "-b", "1", "-x", "0", "-t", "3600",
+        ])
+        .arg(url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iscsi-perf runs (libiscsi-bin)")
+}

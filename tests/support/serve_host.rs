@@ -109,6 +109,19 @@ impl Host {
             .expect("discus runs")
     }
 
+    /// `discus serve --once`, which must converge (exit 0); fails the test with what discus said
+    /// otherwise.
+    pub fn converge(&self) -> Output {
+        let output = self.once();
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
     /// `discus serve` in the background, re-syncing every second.
     pub fn start(&self) -> Child {
         self.start_with(&[])
