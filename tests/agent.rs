@@ -1903,7 +1903,7 @@ async fn an_agent_killed_anywhere_never_admits_more_and_always_converges() {
         .wait_ready_on("InitiatorAccess", "demo-client", &["node-a"])
         .await;
     let portal = cluster.agent_ref("node-a").portal();
-    let mut steady = support::initiator::steady_session(
+    let steady = support::initiator::steady_session(
         std::process::Command::new("iscsi-perf"),
         INITIATOR,
         &format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"),
@@ -2001,12 +2001,7 @@ async fn an_agent_killed_anywhere_never_admits_more_and_always_converges() {
         );
         granted = now;
     }
-    assert!(
-        steady.try_wait().expect("iscsi-perf").is_none(),
-        "iscsi-perf ended"
-    );
-    let _ = steady.kill();
-    let _ = steady.wait();
+    support::initiator::end_steady_session(steady);
     println!(
         "agent chaos: {kills} kills survived, {interrupted} of them before the change was applied"
     );

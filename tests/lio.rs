@@ -586,7 +586,7 @@ fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
         &chaos_yaml(&image, &granted, "chaos-000000"),
     );
     once(vm);
-    let mut steady = support::initiator::steady_session(
+    let steady = support::initiator::steady_session(
         std::process::Command::new("iscsi-perf"),
         STEADY,
         &format!(
@@ -699,12 +699,7 @@ fn killed_anywhere_lio_never_admits_more_and_converges(vm: &LioVm) {
         );
         granted = now;
     }
-    assert!(
-        steady.try_wait().expect("iscsi-perf").is_none(),
-        "iscsi-perf ended"
-    );
-    let _ = steady.kill();
-    let _ = steady.wait();
+    support::initiator::end_steady_session(steady);
     println!(
         "LIO chaos: {kills} kills survived, {interrupted} of them before the change was applied"
     );

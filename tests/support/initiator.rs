@@ -59,3 +59,13 @@ pub fn steady_session(
         .spawn()
         .expect("iscsi-perf runs (libiscsi-bin)")
 }
+
+/// Ends a `steady_session`, which must still be running: its session never dropped.
+pub fn end_steady_session(mut session: std::process::Child) {
+    assert!(
+        session.try_wait().expect("iscsi-perf").is_none(),
+        "iscsi-perf ended: the steady session dropped"
+    );
+    let _ = session.kill();
+    let _ = session.wait();
+}
