@@ -22,6 +22,8 @@ use super::sandbox::Sandbox;
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long one readiness probe of the apiserver may wait for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ControlPlane {
     dir: tempfile::TempDir,
@@ -122,15 +124,7 @@ impl ControlPlane {
         )?;
         std::fs::write(&plane.kubeconfig, pki.kubeconfig(&plane.server))?;
 
-        let client = plane.client().await?;
-        wait_for("kube-apiserver", || {
-            let client = client.clone();
-            async move {
-                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                (client.request_text(request).await.ok()? == "ok").then_some(())
-            }
-        })
-        .await?;
+        plane.wait_apiserver_ready().await?;
         Ok(plane)
     }
 
@@ -174,11 +168,10 @@ impl ControlPlane {
                 self.kill(&mut etcd);
             }
             if attempt == ATTEMPTS || !logged.contains("address already in use") {
-                let tail: Vec<&str> = logged.lines().rev().take(20).collect();
                 return Err(format!(
                     "etcd was not ready after {:?} (attempt {attempt}); it logged:\n{}",
                     start.elapsed(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    tail(&logged, 20)
                 )
                 .into());
             }
@@ -423,15 +416,48 @@ impl ControlPlane {
             .append(true)
             .open(self.dir.path().join(format!("{name}.log")))?;
         self.spawn(&name, &args, log)?;
+        self.wait_apiserver_ready().await
+    }
+
+    /// Waits until `/readyz` answers `ok`. When it does not in time, or the apiserver exits, the
+    /// error says what `/readyz?verbose` answered last (which check fails) and what the apiserver
+    /// logged.
+    async fn wait_apiserver_ready(&mut self) -> Result<(), Error> {
         let client = self.client().await?;
-        wait_for("kube-apiserver", || {
-            let client = client.clone();
-            async move {
-                let request = http::Request::get("/readyz").body(Vec::new()).ok()?;
-                (client.request_text(request).await.ok()? == "ok").then_some(())
+        let start = Instant::now();
+        let mut last_answer = String::from("no answer yet");
+        while start.elapsed() < START_TIMEOUT {
+            let request = http::Request::get("/readyz?verbose").body(Vec::new())?;
+            // One probe must not outlast the deadline: an unanswered request is an answer too.
+            let probe = tokio::time::timeout(PROBE_TIMEOUT, client.request_text(request)).await;
+            match probe {
+                Ok(Ok(answer)) if answer.trim_end().ends_with("readyz check passed") => {
+                    return Ok(());
+                }
+                Ok(Ok(answer)) => last_answer = answer,
+                Ok(Err(e)) => last_answer = e.to_string(),
+                Err(_) => last_answer = format!("no answer within {PROBE_TIMEOUT:?}"),
             }
-        })
-        .await
+            let apiserver = self
+                .processes
+                .iter_mut()
+                .find(|p| p.name == "kube-apiserver");
+            if let Some(status) = apiserver.and_then(|p| p.child.try_wait().ok().flatten()) {
+                last_answer = format!("kube-apiserver exited ({status})");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let failing: Vec<&str> = (last_answer.lines())
+            .filter(|line| !line.starts_with("[+]"))
+            .collect();
+        Err(format!(
+            "kube-apiserver was not ready after {:?}; /readyz said:\n{}\nit logged last:\n{}",
+            start.elapsed(),
+            failing.join("\n"),
+            tail(&self.log("kube-apiserver"), 30),
+        )
+        .into())
     }
 }
 
@@ -495,19 +521,10 @@ async fn etcd_ready(address: IpAddr, port: u16) -> Option<()> {
     response.starts_with("HTTP/1.0 200").then_some(())
 }
 
-async fn wait_for<F, Fut>(what: &str, mut probe: F) -> Result<(), Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<()>>,
-{
-    let start = Instant::now();
-    while start.elapsed() < START_TIMEOUT {
-        if probe().await.is_some() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!("{what} was not ready after {START_TIMEOUT:?}").into())
+/// The last `lines` lines of a log.
+fn tail(log: &str, lines: usize) -> String {
+    let last: Vec<&str> = log.lines().rev().take(lines).collect();
+    last.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 /// The certificates and keys of a throwaway cluster: a CA, the apiserver's serving certificate,
