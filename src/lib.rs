@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod api;
 pub mod backend;
+pub mod boot;
 pub mod cli;
 pub mod crds;
 pub mod desired;

@@ -107,6 +107,12 @@ struct ScrubLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BootLabels {
+    /// `served`, `asked_for_mac`, `rate_limited`, or why no script was served.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ImageLabels {
     /// `ready`, `in_progress` or `failed`.
     state: &'static str,
@@ -125,6 +131,7 @@ pub struct Metrics {
     image_bytes: Gauge,
     scrubbed: Family<ScrubLabels, Counter>,
     scrubbed_bytes: Counter,
+    boot_requests: Family<BootLabels, Counter>,
     status_writes: Counter,
     events: Counter,
     health: Mutex<Health>,
@@ -246,6 +253,12 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             scrubbed_bytes.clone(),
         );
+        let boot_requests = Family::<BootLabels, Counter>::default();
+        registry.register(
+            "boot_requests",
+            "Requests to the boot endpoint, by what they got",
+            boot_requests.clone(),
+        );
         let status_writes = Counter::default();
         registry.register(
             "status_writes",
@@ -267,6 +280,7 @@ impl Metrics {
             image_bytes,
             scrubbed,
             scrubbed_bytes,
+            boot_requests,
             status_writes,
             events,
             health: Mutex::default(),
@@ -278,6 +292,13 @@ impl Metrics {
         let result = if whole { "whole" } else { "rotten" };
         self.scrubbed.get_or_create(&ScrubLabels { result }).inc();
         self.scrubbed_bytes.inc_by(bytes);
+    }
+
+    /// A request to the boot endpoint got `result`.
+    pub fn boot_request(&self, result: &'static str) {
+        self.boot_requests
+            .get_or_create(&BootLabels { result })
+            .inc();
     }
 
     pub fn pass_started(&self) {

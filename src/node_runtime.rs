@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::backend::lio::{self, LioBackend};
 use crate::backend::tgt::{TgtBackend, TgtConfig};
+use crate::boot::{self, BootTables};
 use crate::desired::{NodeFacts, Settings};
 use crate::fsutil::Claim;
 use crate::http;
@@ -40,6 +41,8 @@ pub struct NodeConfig {
     pub prefetch_all: bool,
     /// Where to serve /metrics, /healthz and /readyz, if anywhere.
     pub http_address: Option<std::net::SocketAddr>,
+    /// Where to answer iPXE with boot scripts, if anywhere.
+    pub boot: Option<crate::boot::BootOptions>,
     /// What targets may ask for.
     pub policy: crate::desired::Policy,
     /// How the stored images are read again in the background.
@@ -54,8 +57,13 @@ pub enum SetupError {
     Images(#[from] crate::images::ImportError),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
-    #[error("cannot serve the HTTP endpoints on {address}: {source}")]
+    #[error("cannot serve the HTTP endpoints on {address} (--http-address): {source}")]
     Http {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot serve boot scripts on {address} (--boot-address): {source}")]
+    Boot {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
@@ -90,6 +98,19 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             .await
             .map_err(|source| SetupError::Http { address, source })?;
     }
+    let boot = match config.boot {
+        Some(options) => {
+            let tables = BootTables::default();
+            boot::endpoint::start(options, tables.clone(), Arc::clone(&metrics))
+                .await
+                .map_err(|source| SetupError::Boot {
+                    address: options.address,
+                    source,
+                })?;
+            Some(tables)
+        }
+        None => None,
+    };
     let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics), config.scrub);
     // For as long as the process lives; `--once` ends with its pass.
     tokio::spawn(Arc::clone(images.scrub()).run());
@@ -105,7 +126,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             let _lio = Claim::take(Path::new(LIO_CLAIM), "the kernel's LIO target", "")?;
             let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
             node_loop
-                .run(syncer(backend, images, settings, &config, metrics))
+                .run(syncer(backend, images, settings, &config, metrics, boot))
                 .await
         }
         BackendChoice::Tgt | BackendChoice::Auto => {
@@ -120,7 +141,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             tgt.control_port = config.tgt_control_port;
             let backend = TgtBackend::start(tgt).await?;
             node_loop
-                .run(syncer(backend, images, settings, &config, metrics))
+                .run(syncer(backend, images, settings, &config, metrics, boot))
                 .await
         }
     })
@@ -132,8 +153,9 @@ fn syncer<B: Backend>(
     settings: Settings,
     config: &NodeConfig,
     metrics: Arc<Metrics>,
+    boot: Option<BootTables>,
 ) -> Syncer<B> {
-    let syncer = Syncer::new(
+    let mut syncer = Syncer::new(
         backend,
         images,
         config.node.clone(),
@@ -141,6 +163,9 @@ fn syncer<B: Backend>(
         config.default_max_virtual_size,
         metrics,
     );
+    if let Some(tables) = boot {
+        syncer = syncer.with_boot(tables);
+    }
     if config.prefetch_all {
         syncer.prefetch_all()
     } else {

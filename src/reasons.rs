@@ -87,6 +87,8 @@ pub enum Reason {
     SecretInvalid,
     /// Another grant gives the same initiator access to the same target.
     DuplicateGrant,
+    /// An older grant boots a machine with the same MAC address (`spec.boot.macAddresses`).
+    DuplicateBootMac,
     /// The backend cannot honour it without widening access (tgt).
     BackendLimit,
     /// The target software holds an object of the same name that discus does not own.
@@ -132,6 +134,7 @@ impl Reason {
             | Self::ChapNotUsed
             | Self::SecretInvalid
             | Self::DuplicateGrant
+            | Self::DuplicateBootMac
             | Self::BackendLimit
             | Self::ForeignObject
             | Self::ImportFailed

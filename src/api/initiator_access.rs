@@ -1,5 +1,6 @@
 //! `InitiatorAccess`: one initiator's right to one target. Without one, a target serves nobody.
 
+use ipnet::IpNet;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::{CustomResource, KubeSchema};
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::disc_image::SecretRef;
 use super::field::{FieldErrors, FieldPath};
+use super::mac::MacAddress;
 use super::{rules, schema};
 
 /// Grants one initiator access to one IscsiTarget in the same namespace: an ACL with CHAP on every
@@ -63,6 +65,28 @@ pub struct InitiatorAccessSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::timestamp")]
     pub expires_at: Option<String>,
+    /// Network boot: the machines that may fetch an iPXE script for this grant from the storage
+    /// nodes' boot endpoint (`/boot/ipxe`). Without it, no node ever hands out a script for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+}
+
+/// Which machines boot through a grant, and from which LUN.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BootSpec {
+    /// The MAC addresses of the network cards the machine boots from (iPXE's `${net0/mac}`),
+    /// such as `52:54:00:12:34:56`. A MAC boots through one grant only: the oldest that names it.
+    #[schemars(schema_with = "schema::mac_addresses")]
+    pub mac_addresses: Vec<String>,
+    /// The networks the script may be fetched from (CIDR); from anywhere when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::cidrs")]
+    pub source_cidrs: Option<Vec<String>>,
+    /// The LUN to boot from (one of the grant's); the grant's lowest LUN when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::lun")]
+    pub lun: Option<u32>,
 }
 
 fn default_true() -> bool {
@@ -167,6 +191,15 @@ pub struct ValidGrant {
     pub read_only: bool,
     pub chap: Option<ChapSpec>,
     pub expires_at: Option<Timestamp>,
+    pub boot: Option<ValidBoot>,
+}
+
+/// A boot block that passed every rule: addresses normalised, networks parsed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidBoot {
+    pub macs: Vec<MacAddress>,
+    pub sources: Vec<IpNet>,
+    pub lun: Option<u32>,
 }
 
 impl InitiatorAccessSpec {
@@ -200,6 +233,8 @@ impl InitiatorAccessSpec {
             .expires_at
             .as_deref()
             .and_then(|t| errors.check(&spec.child("expiresAt"), rules::timestamp(t)));
+        let boot =
+            (self.boot.as_ref()).map(|boot| boot.validate(self, &spec.child("boot"), &mut errors));
         errors.into_result(ValidGrant {
             target: self.target_ref.name.clone(),
             initiator: self.initiator_iqn.clone(),
@@ -207,6 +242,47 @@ impl InitiatorAccessSpec {
             read_only: self.read_only,
             chap: self.chap.clone(),
             expires_at,
+            boot,
         })
+    }
+}
+
+impl BootSpec {
+    fn validate(
+        &self,
+        grant: &InitiatorAccessSpec,
+        path: &FieldPath,
+        errors: &mut FieldErrors,
+    ) -> ValidBoot {
+        let macs_path = path.child("macAddresses");
+        if self.mac_addresses.is_empty() {
+            errors.push(macs_path.clone(), "must name at least one MAC address");
+        }
+        let mut macs: Vec<MacAddress> = Vec::new();
+        for (i, text) in self.mac_addresses.iter().enumerate() {
+            let Some(mac) = errors.check(&macs_path.index(i), rules::mac_address(text)) else {
+                continue;
+            };
+            if macs.contains(&mac) {
+                errors.push(macs_path.index(i), format!("{mac} is listed twice"));
+            }
+            macs.push(mac);
+        }
+        let sources_path = path.child("sourceCidrs");
+        let sources = (self.source_cidrs.iter().flatten().enumerate())
+            .filter_map(|(i, text)| errors.check(&sources_path.index(i), rules::cidr(text)))
+            .collect();
+        if let Some(lun) = self.lun {
+            let lun_path = path.child("lun");
+            errors.check(&lun_path, rules::lun(lun));
+            if grant.luns.as_ref().is_some_and(|luns| !luns.contains(&lun)) {
+                errors.push(lun_path, format!("LUN {lun} is not one of spec.luns"));
+            }
+        }
+        ValidBoot {
+            macs,
+            sources,
+            lun: self.lun,
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod disc_image;
 pub mod field;
 pub mod initiator_access;
 pub mod iscsi_target;
+pub mod mac;
 pub mod quantity;
 pub mod rules;
 pub mod schema;

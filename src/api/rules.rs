@@ -38,6 +38,11 @@ pub const BLOCK_SIZES: [u32; 4] = [512, 1024, 2048, 4096];
 pub const URL_MAX_BYTES: usize = 2048;
 pub const PATH_MAX_BYTES: usize = 4096;
 pub const DEFAULT_ISCSI_PORT: u16 = 3260;
+/// Six colon-separated hex pairs, in either case.
+pub const MAC_ADDRESS_PATTERN: &str = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$";
+/// The most MAC addresses and source networks one boot block lists.
+pub const MAX_BOOT_MACS: usize = 64;
+pub const MAX_BOOT_SOURCES: usize = 64;
 
 fn regex(pattern: &str) -> Regex {
     // The patterns are constants of this module, compiled in tests; failure is a programming error.
@@ -113,6 +118,12 @@ pub enum RuleError {
         "must be an RFC 3339 timestamp such as 2026-12-01T18:00:00Z or 2026-12-01T19:00:00+01:00"
     )]
     Timestamp,
+    #[error("must be a MAC address: six hex pairs separated by ':', such as 52:54:00:12:34:56")]
+    MacAddress,
+    #[error("must be one network card's address, not a multicast group's")]
+    MacMulticast,
+    #[error("must be a network in CIDR notation, such as 192.0.2.0/24 or 2001:db8::/32")]
+    Cidr,
 }
 
 /// A string of 1 to `max` bytes.
@@ -240,6 +251,25 @@ pub fn block_size(size: u32) -> Result<(), RuleError> {
 
 pub fn ip_address(address: &str) -> Result<IpAddr, RuleError> {
     address.parse().map_err(|_| RuleError::IpAddress)
+}
+
+/// One network card's MAC address.
+pub fn mac_address(text: &str) -> Result<super::mac::MacAddress, RuleError> {
+    let mac: super::mac::MacAddress = text.parse()?;
+    if mac.is_multicast() {
+        return Err(RuleError::MacMulticast);
+    }
+    Ok(mac)
+}
+
+/// A network, `address/prefix`, with no host bits set (`10.0.0.1/24` is a mistake for
+/// `10.0.0.0/24` or `10.0.0.1/32`).
+pub fn cidr(text: &str) -> Result<ipnet::IpNet, RuleError> {
+    let net: ipnet::IpNet = text.parse().map_err(|_| RuleError::Cidr)?;
+    if net.trunc() != net {
+        return Err(RuleError::Cidr);
+    }
+    Ok(net)
 }
 
 pub fn port(port: u32) -> Result<u16, RuleError> {

@@ -134,3 +134,41 @@ pub fn byte_quantity(_: &mut SchemaGenerator) -> Schema {
         }],
     })
 }
+
+/// `spec.boot.macAddresses`: one network card each, listed once.
+pub fn mac_addresses(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "minItems": 1,
+        "maxItems": rules::MAX_BOOT_MACS,
+        "x-kubernetes-list-type": "set",
+        "items": {
+            "type": "string",
+            "maxLength": 17,
+            "x-kubernetes-validations": [
+                matches(rules::MAC_ADDRESS_PATTERN, &RuleError::MacAddress),
+                rule(
+                    "!self.matches('^[0-9A-Fa-f]{2}') || !(self.substring(1, 2) in \
+                     ['1', '3', '5', '7', '9', 'b', 'd', 'f', 'B', 'D', 'F'])",
+                    &RuleError::MacMulticast
+                ),
+            ],
+        },
+    })
+}
+
+/// Networks in CIDR notation (`spec.boot.sourceCidrs`).
+pub fn cidrs(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": rules::MAX_BOOT_SOURCES,
+        "x-kubernetes-list-type": "set",
+        "items": {
+            "type": "string",
+            "maxLength": 49,
+            "x-kubernetes-validations": [
+                rule("isCIDR(self) && cidr(self).masked() == cidr(self)", &RuleError::Cidr),
+            ],
+        },
+    })
+}

@@ -7,6 +7,7 @@ use clap::Args;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::{quantity, rules};
+use crate::boot::BootOptions;
 use crate::desired::{NodeFacts, Policy};
 use crate::images::FetchOptions;
 use crate::images::destinations::{self, DestinationPolicy};
@@ -42,6 +43,13 @@ pub struct NodeArgs {
     /// Serve /metrics, /healthz and /readyz on this address (for example 0.0.0.0:9464).
     #[arg(long, env = "DISCUS_HTTP_ADDRESS")]
     http_address: Option<std::net::SocketAddr>,
+    /// Answer iPXE at http://ADDRESS/boot/ipxe with the script of the grant that boots the
+    /// asking card (docs/netboot.md); off unless given (for example 0.0.0.0:8090).
+    #[arg(long, value_name = "ADDRESS")]
+    boot_address: Option<std::net::SocketAddr>,
+    /// Boot requests one source address may make a minute; more get 429.
+    #[arg(long, value_name = "N", default_value = "60")]
+    boot_requests_per_minute: std::num::NonZeroU32,
     // Where image downloads may go, and how slow they may be (docs/images.md).
     /// HTTP image sources may reach only these networks (a CIDR or an address, repeatable;
     /// default: any address not denied). Loopback, link-local, unique-local IPv6, multicast and
@@ -146,6 +154,10 @@ impl NodeArgs {
             tgt_control_port: self.tgt_control_port,
             prefetch_all: false,
             http_address: self.http_address,
+            boot: self.boot_address.map(|address| BootOptions {
+                address,
+                requests_per_minute: self.boot_requests_per_minute,
+            }),
             policy: self.policy.policy(policy),
             scrub: ScrubConfig {
                 rate: self.scrub_rate,

@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 
 use super::targets::Placement;
 use super::{
-    AclConfig, Checked, DesiredState, Inputs, Kind, MappedLun, ObjectKey, Problem, Reason,
+    AclConfig, BootConfig, Checked, DesiredState, Inputs, Kind, MappedLun, ObjectKey, Problem,
+    Reason,
 };
 use crate::api::InitiatorAccess;
 use crate::api::chap::ChapCredentials;
-use crate::api::initiator_access::ValidGrant;
+use crate::api::initiator_access::{ValidBoot, ValidGrant};
 
 pub(super) fn resolve(
     inputs: &Inputs<'_>,
@@ -82,6 +83,10 @@ fn apply(
     }
     let chap = credentials(inputs, key, valid, target.chap_required, &valid.target)?;
     let luns = mapped_luns(valid, target)?;
+    if let Some(boot) = &valid.boot {
+        let config = boot_config(boot, valid, &luns, &target.owner.name, &state.boots)?;
+        state.boots.insert(key.clone(), config);
+    }
     let target = &mut state.targets[index];
     target.acls.push(AclConfig {
         initiator: valid.initiator.clone(),
@@ -186,4 +191,47 @@ fn mapped_luns(
             Ok(mapped)
         }
     }
+}
+
+/// The grant's boot block against its ACL: the LUN it boots from is one the ACL maps, and no
+/// older grant on this node boots the same card (a request names a card, never a grant).
+fn boot_config(
+    boot: &ValidBoot,
+    grant: &ValidGrant,
+    luns: &[MappedLun],
+    target: &str,
+    older: &BTreeMap<ObjectKey, BootConfig>,
+) -> Result<BootConfig, (Reason, String)> {
+    let lun = match boot.lun {
+        Some(lun) if luns.iter().any(|m| m.lun == lun) => lun,
+        Some(lun) => {
+            return Err((
+                Reason::LunNotFound,
+                format!("spec.boot.lun: IscsiTarget {target} has no LUN {lun}"),
+            ));
+        }
+        None => (luns.first().map(|m| m.lun)).ok_or_else(|| {
+            (
+                Reason::LunNotFound,
+                format!("spec.boot: IscsiTarget {target} has no LUN to boot from"),
+            )
+        })?,
+    };
+    for (other, config) in older {
+        if let Some(mac) = boot.macs.iter().find(|mac| config.macs.contains(mac)) {
+            return Err((
+                Reason::DuplicateBootMac,
+                format!(
+                    "spec.boot.macAddresses: {mac} already boots through InitiatorAccess {other}, \
+                     which is older; a card boots through one grant"
+                ),
+            ));
+        }
+    }
+    Ok(BootConfig {
+        macs: boot.macs.clone(),
+        sources: boot.sources.clone(),
+        lun,
+        expires_at: grant.expires_at,
+    })
 }

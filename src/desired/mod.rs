@@ -106,6 +106,21 @@ pub struct DesiredState {
     /// The DiscImages this node needs: those of the targets placed on it, and those whose
     /// `nodeSelector` selects it.
     pub needed_images: BTreeSet<ObjectKey>,
+    /// The grants with an ACL here that machines may boot through, by grant. Apart from the
+    /// targets: how a machine finds its grant never changes what the target holds.
+    pub boots: BTreeMap<ObjectKey, BootConfig>,
+}
+
+/// How a machine boots through a grant (`spec.boot`), resolved against its target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootConfig {
+    /// The cards that may ask for the grant's script; each names one grant on a node.
+    pub macs: Vec<crate::api::mac::MacAddress>,
+    /// Where the request may come from; anywhere when empty.
+    pub sources: Vec<ipnet::IpNet>,
+    /// The LUN to boot from, one of the ACL's.
+    pub lun: u32,
+    pub expires_at: Option<Timestamp>,
 }
 
 /// One target as the backend must hold it.

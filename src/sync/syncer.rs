@@ -14,6 +14,7 @@ use super::reconcile::Memory;
 use super::report::{NodeReport, Pass};
 use super::requests::import_requests;
 use crate::backend::Backend;
+use crate::boot::{BootTable, BootTables};
 use crate::desired::{
     self, Backing, DesiredState, Inputs, Kind, NodeFacts, ObjectKey, Problem, ReadyImage, Reason,
     Settings,
@@ -35,6 +36,8 @@ pub struct Syncer<B: Backend> {
     pub(super) session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
     pub(super) memory: Mutex<Memory>,
     pub(super) metrics: Arc<Metrics>,
+    /// The boot endpoint's table, when it serves: kept to what each pass applied.
+    pub(super) boot: Option<BootTables>,
 }
 
 impl<B: Backend> Syncer<B> {
@@ -57,7 +60,14 @@ impl<B: Backend> Syncer<B> {
             prefetch_all: false,
             session_since: Mutex::default(),
             memory: Mutex::default(),
+            boot: None,
         }
+    }
+
+    /// Keeps `tables` to the boot grants each pass applies, for the boot endpoint.
+    pub fn with_boot(mut self, tables: BootTables) -> Self {
+        self.boot = Some(tables);
+        self
     }
 
     /// The node's metrics, which every pass updates.
@@ -136,6 +146,10 @@ impl<B: Backend> Syncer<B> {
             "desired state computed"
         );
 
+        // Revocations first: what the target is about to lose stops booting now.
+        if let Some(boot) = &self.boot {
+            boot.retain_desired(&state);
+        }
         self.reconcile(&state, &mut report, pass, partial).await;
         report.problems.extend(state.problems.iter().cloned());
         if !partial {
@@ -143,6 +157,9 @@ impl<B: Backend> Syncer<B> {
         }
         report.desired = state;
         report.index();
+        if let Some(boot) = &self.boot {
+            boot.replace(BootTable::applied(&report, &resources.grants));
+        }
         self.metrics
             .pass_finished(&report.summary(pass, started.elapsed()));
         report

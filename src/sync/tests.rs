@@ -13,6 +13,7 @@ use sha2::Digest;
 
 use super::*;
 use crate::backend::{Backend, BackendError, Capabilities, Operation, Plan, Session};
+use crate::boot::{BootTables, Refusal};
 use crate::desired::{NodeFacts, Settings, TargetConfig};
 use crate::images::manager::ImageManager;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
@@ -23,6 +24,10 @@ use crate::metrics::Metrics;
 struct Table {
     targets: parking_lot::Mutex<BTreeMap<String, TargetConfig>>,
     removed: parking_lot::Mutex<Vec<String>>,
+    /// A boot table and a card to ask it about while each operation is applied.
+    boot_probe: Option<(BootTables, &'static str)>,
+    /// What the boot table answered for the card during each operation: whether it booted.
+    booted_during_apply: parking_lot::Mutex<Vec<bool>>,
 }
 
 #[derive(Debug)]
@@ -87,6 +92,11 @@ impl Backend for Table {
         plan
     }
     async fn apply(&self, op: &TableOp) -> Result<(), BackendError> {
+        if let Some((tables, mac)) = &self.boot_probe {
+            let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+            let booted = tables.decide(Some(mac), loopback, Timestamp::now()).is_ok();
+            self.booted_during_apply.lock().push(booted);
+        }
         match op {
             TableOp::Put(target) => {
                 self.targets
@@ -156,12 +166,11 @@ fn storage_node() -> NodeFacts {
     }
 }
 
-#[tokio::test]
-async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
-    let dir = scratch("poison");
+/// A syncer over a `Table`, with the real image store under `dir`.
+fn syncer_over(dir: &std::path::Path, backend: Table) -> Syncer<Table> {
     let importer = Importer::new(ImporterConfig {
         data_dir: dir.join("data"),
-        file_roots: vec![dir.clone()],
+        file_roots: vec![dir.to_owned()],
         fetch: FetchOptions::default(),
         qemu: crate::images::qemu::QemuImg::default(),
     })
@@ -172,19 +181,13 @@ async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
         writable_dir: dir.join("writable"),
         ..Settings::default()
     };
-    let syncer = Arc::new(Syncer::new(
-        Table::default(),
-        images,
-        storage_node(),
-        settings,
-        1 << 30,
-        metrics,
-    ));
-    let resources = resources(&dir);
+    Syncer::new(backend, images, storage_node(), settings, 1 << 30, metrics)
+}
 
-    // The first pass starts the import; once it is stored, the target is served.
+/// Passes until the target is served (its image imported), or fails after a minute.
+async fn serve_until_served(syncer: &Syncer<Table>, resources: &Resources) -> NodeReport {
     let finished = syncer.images().finished();
-    let mut report = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    let mut report = syncer.sync(resources, Timestamp::now(), Pass::Full).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while report.desired.targets.is_empty() {
         assert!(
@@ -193,8 +196,19 @@ async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
             report.problems
         );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), finished.notified()).await;
-        report = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+        report = syncer.sync(resources, Timestamp::now(), Pass::Full).await;
     }
+    report
+}
+
+#[tokio::test]
+async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
+    let dir = scratch("poison");
+    let syncer = Arc::new(syncer_over(&dir, Table::default()));
+    let resources = resources(&dir);
+
+    // The first pass starts the import; once it is stored, the target is served.
+    let report = serve_until_served(&syncer, &resources).await;
     let iqn = report.desired.targets[0].iqn.clone();
     assert!(syncer.backend().targets.lock().contains_key(&iqn));
 
@@ -222,5 +236,79 @@ async fn a_panic_while_the_node_s_facts_are_held_never_tears_a_target_down() {
     }
     assert!(syncer.backend().targets.lock().contains_key(&iqn));
     assert_eq!(*syncer.backend().removed.lock(), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A boot grant is in the boot table once its ACL is applied, with the portals other nodes
+/// report; it leaves the table before the target loses the ACL.
+#[tokio::test]
+async fn a_boot_grant_boots_once_applied_and_stops_before_its_acl_goes() {
+    const MAC: &str = "52:54:00:00:00:01";
+    let dir = scratch("boot");
+    let tables = BootTables::default();
+    let backend = Table {
+        boot_probe: Some((tables.clone(), MAC)),
+        ..Table::default()
+    };
+    let syncer = syncer_over(&dir, backend).with_boot(tables.clone());
+    let mut resources = resources(&dir);
+    let grant = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "InitiatorAccess",
+        "metadata": {"name": "pxe-1", "namespace": "lab"},
+        "spec": {
+            "targetRef": {"name": "boot"},
+            "initiatorIqn": "iqn.2010-04.org.ipxe:pxe-1",
+            "expiresAt": "2099-01-01T00:00:00Z",
+            "boot": {"macAddresses": [MAC], "sourceCidrs": ["127.0.0.0/8"]},
+        },
+        "status": {"nodes": [
+            {"node": "node-b", "applied": true, "connection": {"iqn": "x",
+             "portals": ["10.0.0.12:3260", "0.0.0.0:3260", "not-a-portal"]}},
+            {"node": "node-c", "applied": false, "connection": {"iqn": "x",
+             "portals": ["10.0.0.13:3260"]}},
+        ]},
+    });
+    resources.grants = vec![serde_json::from_value(grant).expect("InitiatorAccess")];
+    let report = serve_until_served(&syncer, &resources).await;
+    assert_eq!(report.problems, []);
+
+    let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+    let now = Timestamp::now();
+    let entry = tables.decide(Some(MAC), loopback, now).expect("boots");
+    assert_eq!(entry.initiator, "iqn.2010-04.org.ipxe:pxe-1");
+    let portals: Vec<String> = entry.portals.iter().map(ToString::to_string).collect();
+    assert_eq!(portals, ["127.0.0.1:3260", "10.0.0.12:3260"]);
+    let refused = |mac: Option<&str>, source: [u8; 4], now: Timestamp| {
+        tables.decide(mac, source.into(), now).err()
+    };
+    assert_eq!(
+        refused(Some("52:54:00:00:00:02"), [127, 0, 0, 1], now),
+        Some(Refusal::UnknownMac)
+    );
+    assert_eq!(refused(None, [127, 0, 0, 1], now), Some(Refusal::NoMac));
+    assert_eq!(
+        refused(Some("52:54"), [127, 0, 0, 1], now),
+        Some(Refusal::NoMac)
+    );
+    assert_eq!(
+        refused(Some(MAC), [10, 1, 1, 1], now),
+        Some(Refusal::SourceNotAllowed)
+    );
+    let later: Timestamp = "2099-01-01T00:00:00Z".parse().expect("time");
+    assert_eq!(
+        refused(Some(MAC), [127, 0, 0, 1], later),
+        Some(Refusal::Expired)
+    );
+
+    // The grant goes: the pass that takes its ACL away finds it out of the boot table already.
+    resources.grants.clear();
+    syncer.backend().booted_during_apply.lock().clear();
+    syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(*syncer.backend().booted_during_apply.lock(), [false]);
+    assert_eq!(
+        refused(Some(MAC), [127, 0, 0, 1], now),
+        Some(Refusal::UnknownMac)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

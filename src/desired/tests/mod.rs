@@ -168,5 +168,6 @@ fn reasons(state: &DesiredState) -> Vec<(Kind, String, Reason)> {
 }
 
 mod access;
+mod boot;
 mod luns;
 mod placement;

@@ -1,0 +1,177 @@
+//! The boot endpoint: `GET /boot/ipxe?mac=<card>` answers iPXE with the script of the grant that
+//! boots that card on this node.
+//!
+//! Deny by default: a card no applied grant names, an expired grant, a source outside the
+//! grant's networks and a request without a card all get the same 404, so the answer tells an
+//! outsider nothing; the log and `discus_boot_requests_total` say which it was. Each source
+//! address may ask a bounded number of times a minute (429 beyond). Every script served is an
+//! audit line (`boot script served`: grant, card, source address) and never carries a secret
+//! into a log. Scripts are not cached anywhere (`Cache-Control: no-store`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::IncomingStream;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use k8s_openapi::jiff::Timestamp;
+use parking_lot::RwLock;
+use tokio::net::TcpListener;
+
+use super::script::{ask_with_mac, ipxe_script};
+use super::table::{BootEntry, BootTable, Refusal};
+use crate::api::printable;
+use crate::metrics::Metrics;
+
+/// Where the endpoint listens and how often one source may ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootOptions {
+    pub address: SocketAddr,
+    /// Requests a minute one source address may make (also the burst).
+    pub requests_per_minute: NonZeroU32,
+}
+
+/// The node's boot table, replaced by each sync pass and read by every request.
+#[derive(Clone, Default)]
+pub struct BootTables(Arc<RwLock<BootTable>>);
+
+impl BootTables {
+    pub fn replace(&self, table: BootTable) {
+        *self.0.write() = table;
+    }
+
+    /// Drops what the next desired state no longer backs (before the pass applies it).
+    pub fn retain_desired(&self, state: &crate::desired::DesiredState) {
+        self.0.write().retain_desired(state);
+    }
+
+    /// What the current table decides for a request (`BootTable::decide`).
+    pub fn decide(
+        &self,
+        mac: Option<&str>,
+        source: IpAddr,
+        now: Timestamp,
+    ) -> Result<Arc<BootEntry>, Refusal> {
+        self.0.read().decide(mac, source, now)
+    }
+}
+
+struct Endpoint {
+    tables: BootTables,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    metrics: Arc<Metrics>,
+}
+
+/// Binds `options.address` now (so that a taken port fails the start) and serves in the
+/// background.
+pub async fn start(
+    options: BootOptions,
+    tables: BootTables,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(options.address).await?;
+    let bound = listener.local_addr()?;
+    let endpoint = Arc::new(Endpoint {
+        tables,
+        limiter: RateLimiter::keyed(Quota::per_minute(options.requests_per_minute)),
+        metrics,
+    });
+    let app = Router::new()
+        .route("/boot/ipxe", get(boot_script))
+        .with_state(Arc::clone(&endpoint));
+    tokio::spawn(forget_quiet_sources(endpoint));
+    tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<Connection>();
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the boot endpoint stopped");
+        }
+    });
+    tracing::info!(address = %bound, "serving iPXE boot scripts at /boot/ipxe");
+    Ok(bound)
+}
+
+/// The rate limiter keeps a state per source; sources quiet for a minute are forgotten.
+async fn forget_quiet_sources(endpoint: Arc<Endpoint>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        endpoint.limiter.retain_recent();
+        endpoint.limiter.shrink_to_fit();
+    }
+}
+
+/// Both ends of a request's connection: wildcard portals become the address it came in on.
+#[derive(Clone, Copy, Debug)]
+struct Connection {
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+}
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, TcpListener>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Self {
+            local: stream.io().local_addr().ok(),
+            peer: *stream.remote_addr(),
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BootQuery {
+    mac: Option<String>,
+}
+
+async fn boot_script(
+    State(endpoint): State<Arc<Endpoint>>,
+    ConnectInfo(connection): ConnectInfo<Connection>,
+    Query(query): Query<BootQuery>,
+) -> Response {
+    let source = connection.peer.ip().to_canonical();
+    if endpoint.limiter.check_key(&source).is_err() {
+        endpoint.metrics.boot_request("rate_limited");
+        tracing::warn!(%source, "boot request refused: too many from this address");
+        return (StatusCode::TOO_MANY_REQUESTS, "too many requests\n").into_response();
+    }
+    let Some(mac) = query.mac else {
+        endpoint.metrics.boot_request("asked_for_mac");
+        return script_response(ask_with_mac().to_owned());
+    };
+    let decision = endpoint.tables.decide(Some(&mac), source, Timestamp::now());
+    match decision {
+        Ok(entry) => {
+            endpoint.metrics.boot_request("served");
+            tracing::info!(
+                grant = %entry.grant,
+                mac = %mac.to_ascii_lowercase(),
+                %source,
+                iqn = %entry.iqn,
+                "boot script served"
+            );
+            let local = connection.local.map_or(source, |a| a.ip().to_canonical());
+            script_response(ipxe_script(&entry, local))
+        }
+        Err(refusal) => {
+            endpoint.metrics.boot_request(refusal.as_str());
+            let shown: String = mac.chars().take(32).collect();
+            tracing::info!(
+                mac = %printable(&shown),
+                %source,
+                why = refusal.as_str(),
+                "boot request refused"
+            );
+            (StatusCode::NOT_FOUND, "no boot script for this machine\n").into_response()
+        }
+    }
+}
+
+fn script_response(script: String) -> Response {
+    let mut response = script.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}

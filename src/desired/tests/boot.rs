@@ -1,0 +1,103 @@
+//! Boot blocks: resolved against the ACL, one grant per card.
+
+use super::*;
+
+const MAC: &str = "52:54:00:AB:00:01";
+
+fn boot_grant(name: &str, initiator: &str, boot: Value) -> InitiatorAccess {
+    object(
+        "InitiatorAccess",
+        name,
+        json!({"targetRef": {"name": "boot"}, "initiatorIqn": initiator,
+               "chap": {"secretRef": {"name": "c"}}, "boot": boot}),
+    )
+}
+
+fn world() -> World {
+    World::new()
+        .ready_image("debian", DIGEST_A)
+        .target(
+            "boot",
+            json!({"luns": [{"lun": 2, "image": "debian"}, {"lun": 5, "image": "debian"}]}),
+        )
+        .secret("c", &[("username", "u"), ("password", "s3cret-s3cret")])
+}
+
+#[test]
+fn a_boot_block_boots_the_grants_lowest_lun_unless_it_names_one() {
+    let state = world()
+        .grant_object(boot_grant("a", INITIATOR, json!({"macAddresses": [MAC]})))
+        .grant_object(boot_grant(
+            "b",
+            "iqn.2010-04.org.ipxe:b",
+            json!({"macAddresses": ["52:54:00:ab:00:02"], "lun": 5,
+                   "sourceCidrs": ["10.0.0.0/24"]}),
+        ))
+        .compute();
+    assert_eq!(reasons(&state), []);
+    let a = &state.boots[&key("a")];
+    assert_eq!(a.lun, 2);
+    assert_eq!(a.macs[0].to_string(), "52:54:00:ab:00:01");
+    let b = &state.boots[&key("b")];
+    assert_eq!((b.lun, b.sources[0].to_string()), (5, "10.0.0.0/24".into()));
+}
+
+#[test]
+fn a_card_boots_through_the_oldest_grant_that_names_it() {
+    let state = world()
+        .grant_object(created(
+            boot_grant(
+                "newer",
+                "iqn.2010-04.org.ipxe:b",
+                json!({"macAddresses": [MAC.to_lowercase()]}),
+            ),
+            "2026-11-20T00:00:00Z",
+        ))
+        .grant_object(created(
+            boot_grant("older", INITIATOR, json!({"macAddresses": [MAC]})),
+            "2026-11-19T00:00:00Z",
+        ))
+        .compute();
+    assert_eq!(
+        reasons(&state),
+        [(
+            Kind::InitiatorAccess,
+            "newer".into(),
+            Reason::DuplicateBootMac
+        )]
+    );
+    assert!(
+        state.problems[0].message.contains("lab/older"),
+        "{}",
+        state.problems[0].message
+    );
+    assert_eq!(state.boots.keys().collect::<Vec<_>>(), [&key("older")]);
+    assert_eq!(state.targets[0].acls.len(), 1);
+}
+
+#[test]
+fn a_boot_lun_the_target_lacks_refuses_the_grant() {
+    let state = world()
+        .grant_object(boot_grant(
+            "a",
+            INITIATOR,
+            json!({"macAddresses": [MAC], "lun": 3}),
+        ))
+        .compute();
+    assert_eq!(
+        reasons(&state),
+        [(Kind::InitiatorAccess, "a".into(), Reason::LunNotFound)]
+    );
+    assert!(state.problems[0].message.starts_with("spec.boot.lun"));
+    assert!(state.boots.is_empty() && state.targets[0].acls.is_empty());
+}
+
+#[test]
+fn an_expired_boot_grant_boots_nothing() {
+    let mut world =
+        world().grant_object(boot_grant("a", INITIATOR, json!({"macAddresses": [MAC]})));
+    world.grants[0].spec.expires_at = Some("2026-11-21T11:00:00Z".into());
+    let state = world.compute();
+    assert!(state.boots.is_empty());
+    assert_eq!(state.expired, [key("a")]);
+}
