@@ -1,0 +1,139 @@
+//! Network boot through discus: the boot endpoint as iPXE and an attacker see it (HTTP inside a
+//! host of its own, with a real tgtd behind `discus serve`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
+
+mod support;
+
+use serde_json::{Value, json};
+use support::manifests;
+use support::serve_host::{Host, INITIATOR, Served};
+
+const BOOT: &str = "127.0.0.1:8090";
+const CARD: &str = "52:54:00:d1:5c:01";
+
+/// `curl` inside the host: the status code and the body.
+fn get(host: &Host, path: &str) -> (u16, String) {
+    let output = host
+        .sandbox
+        .command("curl")
+        .args(["-s", "-S", "--max-time", "30", "-w", "\n%{http_code}"])
+        .arg(format!("http://{BOOT}{path}"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+    (code.parse().unwrap_or(0), body.to_owned())
+}
+
+/// A grant for `initiator` on the target `boot` (CHAP from `client-chap`) with `boot` as its
+/// boot block.
+fn boot_grant(name: &str, initiator: &str, boot: Value, extra: Value) -> Value {
+    let mut spec = json!({
+        "targetRef": {"name": "boot"},
+        "initiatorIqn": initiator,
+        "chap": {"secretRef": {"name": "client-chap"}},
+        "boot": boot,
+    });
+    spec.as_object_mut()
+        .expect("spec")
+        .extend(extra.as_object().cloned().unwrap_or_default());
+    manifests::discus("InitiatorAccess", "lab", name, spec)
+}
+
+#[test]
+fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_their_networks() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let mut served = Served::new(&image, &digest);
+    served.grant = boot_grant(
+        "client",
+        INITIATOR,
+        json!({"macAddresses": [CARD.to_uppercase()], "sourceCidrs": ["127.0.0.0/8"]}),
+        json!({}),
+    );
+    let others = [
+        // Applied, but only for machines on another network.
+        boot_grant(
+            "elsewhere",
+            "iqn.2010-04.org.ipxe:elsewhere",
+            json!({"macAddresses": ["52:54:00:d1:5c:02"], "sourceCidrs": ["10.9.0.0/16"]}),
+            json!({}),
+        ),
+        // Over.
+        boot_grant(
+            "over",
+            "iqn.2010-04.org.ipxe:over",
+            json!({"macAddresses": ["52:54:00:d1:5c:03"]}),
+            json!({"expiresAt": "2026-01-01T00:00:00Z"}),
+        ),
+    ];
+    host.manifest("lab.yaml", &served.yaml());
+    host.manifest("others.yaml", &manifests::yaml(others.iter()));
+    let mut server = host.start_with(&["--boot-address", BOOT, "--boot-requests-per-minute", "20"]);
+    host.wait_for("the boot grant applied", || {
+        host.condition("InitiatorAccess", "client", "Ready").0 == "True"
+    });
+
+    // The card's script: the grant's initiator name and credentials, the target at the LUN
+    // tgt shows (its LUN 0 is the controller), never cached.
+    let (code, script) = get(&host, &format!("/boot/ipxe?mac={CARD}"));
+    assert_eq!(code, 200, "{script}");
+    assert_eq!(
+        script,
+        format!(
+            "#!ipxe\n# discus: InitiatorAccess lab/client\nset initiator-iqn {INITIATOR}\n\
+             set username client\nset password client-secret\nclear reverse-username\n\
+             clear reverse-password\nsanboot iscsi:127.0.0.1::3260:1:iqn.2026-11.dev.discus:boot\n"
+        )
+    );
+    // Without a card, any machine gets only the way to ask again with its card.
+    assert_eq!(
+        get(&host, "/boot/ipxe"),
+        (200, "#!ipxe\nchain /boot/ipxe?mac=${netX/mac}\n".to_owned())
+    );
+    // Everything else: one answer, whatever the reason.
+    let refused = (404, "no boot script for this machine\n".to_owned());
+    for (mac, why) in [
+        ("52:54:00:d1:5c:02", "source_not_allowed"),
+        ("52:54:00:d1:5c:03", "unknown_mac"),
+        ("52:54:00:d1:5c:04", "unknown_mac"),
+        ("52%3A54%3A00", "no_mac"),
+        ("%24%7Bnet0%2Fmac%7D%0Aforged", "no_mac"),
+    ] {
+        assert_eq!(
+            get(&host, &format!("/boot/ipxe?mac={mac}")),
+            refused,
+            "{mac}"
+        );
+        assert!(
+            host.log().contains(&format!("why=\"{why}\"")),
+            "{why}: {}",
+            host.log()
+        );
+    }
+    let log = host.log();
+    assert!(log.contains("boot script served"), "{log}");
+    assert!(log.contains("grant=lab/client"), "{log}");
+    assert!(
+        !log.contains("client-secret"),
+        "a secret in the log:\n{log}"
+    );
+    assert!(!log.contains("\nforged"), "a forged log line:\n{log}");
+
+    // The grant loses its boot block: the card gets nothing from the next pass on.
+    served.grant = boot_grant("client", INITIATOR, Value::Null, json!({}));
+    served.grant["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("boot");
+    host.manifest("lab.yaml", &served.yaml());
+    host.wait_for("the card refused", || {
+        get(&host, &format!("/boot/ipxe?mac={CARD}")) == refused
+    });
+
+    // One source asking too often is told to wait.
+    let limited = (0..30).any(|_| get(&host, "/boot/ipxe").0 == 429);
+    assert!(limited, "no request of 30 was limited");
+    server.kill().expect("kill");
+    server.wait().expect("wait");
+}
