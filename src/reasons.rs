@@ -177,6 +177,8 @@ pub enum EventReason {
     NotApplied,
     Verified,
     ImportFailed,
+    /// A node handed a grant's boot script to a machine (the audit trail of network boot).
+    BootScriptServed,
 }
 
 impl EventReason {
@@ -192,6 +194,7 @@ impl EventReason {
             Self::Applied | Self::NotApplied => "Apply",
             Self::Revoked | Self::Expired => "Revoke",
             Self::Verified | Self::ImportFailed => "Import",
+            Self::BootScriptServed => "Boot",
         }
     }
 }

@@ -9,7 +9,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
@@ -29,6 +29,8 @@ const INITIATOR: &str = "iqn.2026-11.dev.discus:demo-client";
 const DEMO_ISO_SHA256: &str = "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795";
 const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
 const DEMO_IQN: &str = "iqn.2026-11.dev.discus:demo";
+/// Where every agent answers iPXE.
+const BOOT_PORT: u16 = 8090;
 
 /// A control plane and storage nodes on one LAN.
 struct Cluster {
@@ -307,6 +309,7 @@ impl Agent {
             .open(self.sandbox.path().join("agent.log"))
             .expect("log");
         let http = format!("{}:9464", self.address);
+        let boot = format!("{}:{BOOT_PORT}", self.address);
         // Quick liveness, for the tests of lost nodes; `extra` may set these otherwise.
         let liveness = [
             ("--leader-lease-seconds", "3"),
@@ -343,6 +346,8 @@ impl Agent {
                 "debug",
                 "--http-address",
                 &http,
+                "--boot-address",
+                &boot,
             ])
             .args(liveness)
             .args(extra)
@@ -480,6 +485,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     a_changed_spec_is_in_progress_until_every_node_caught_up(&cluster).await;
     a_wrong_digest_stalls_and_the_rest_keeps_serving(&cluster).await;
     events_tell_what_happened_on_each_node(&cluster, &nodes).await;
+    every_node_boots_a_card_through_every_node_and_tells_it(&cluster).await;
     each_agent_says_how_it_is(&cluster);
     let requests = nothing_is_written_at_rest(&cluster).await;
     the_agents_use_exactly_their_rights_and_never_show_a_secret(&cluster, &requests, &password)
@@ -713,6 +719,71 @@ async fn a_wrong_digest_stalls_and_the_rest_keeps_serving(cluster: &Cluster) {
 
 /// Events tell what happened on each node. A grant pointed at a target that cannot be served and
 /// back is revoked and applied again: the repeat joins the first one's series.
+/// A boot block on the demo grant: each node's script logs in to the target through every
+/// node (this one first), and each script served is an Event on the grant.
+async fn every_node_boots_a_card_through_every_node_and_tells_it(cluster: &Cluster) {
+    const CARD: &str = "52:54:00:b0:07:01";
+    cluster.kubectl(&[
+        "patch",
+        "initiatoraccess",
+        "demo-client",
+        "-n",
+        "demo",
+        "--type",
+        "merge",
+        "-p",
+        &json!({"spec": {"boot": {"macAddresses": [CARD]}}}).to_string(),
+    ]);
+    for agent in &cluster.agents {
+        let url = format!("http://{}:{BOOT_PORT}/boot/ipxe?mac={CARD}", agent.address);
+        let others: Vec<String> = (cluster.agents.iter())
+            .filter(|a| a.name != agent.name)
+            .map(|a| format!("iscsi:{}::3260:1:{DEMO_IQN}", a.address))
+            .collect();
+        let own = format!("sanboot iscsi:{}::3260:1:{DEMO_IQN}", agent.address);
+        let mut script = String::new();
+        cluster
+            .wait_for(
+                &format!("{}'s script through every node", agent.name),
+                Duration::from_secs(60),
+                async || {
+                    let output = Command::new("curl")
+                        .args(["-s", "--max-time", "10", &url])
+                        .output()
+                        .expect("curl runs");
+                    script = String::from_utf8_lossy(&output.stdout).into_owned();
+                    let sanboot = script.lines().find(|l| l.starts_with("sanboot"));
+                    sanboot.is_some_and(|l| {
+                        l.starts_with(&own) && others.iter().all(|o| l.contains(o))
+                    })
+                },
+            )
+            .await;
+        assert!(
+            script.contains(&format!("set initiator-iqn {INITIATOR}\n")),
+            "{script}"
+        );
+    }
+    cluster
+        .wait_for(
+            "an Event for each script served",
+            Duration::from_secs(30),
+            async || {
+                let events = cluster.events().await;
+                cluster.agents.iter().all(|agent| {
+                    events.iter().any(|e| {
+                        e.pointer("/regarding/name") == Some(&json!("demo-client"))
+                            && e["reason"] == "BootScriptServed"
+                            && e["note"].as_str().is_some_and(|n| {
+                                n.contains(&format!("node {} ", agent.name)) && n.contains(CARD)
+                            })
+                    })
+                })
+            },
+        )
+        .await;
+}
+
 async fn events_tell_what_happened_on_each_node(cluster: &Cluster, nodes: &[&str]) {
     for target in ["broken", "demo", "broken", "demo"] {
         cluster.apply_objects(&[generated_grant(target)]);

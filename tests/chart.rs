@@ -272,6 +272,11 @@ fn every_agent_option_is_a_value_of_the_chart() {
     assert_eq!(args[0], "agent");
     assert!(args.contains(&"--file-root=/srv/images"), "{args:?}");
     assert!(args.contains(&"--http-address=[::]:9464"), "{args:?}");
+    assert!(args.contains(&"--boot-address=[::]:8090"), "{args:?}");
+    assert_eq!(
+        agent.pointer("/ports/1"),
+        Some(&json!({"name": "boot", "containerPort": 8090, "protocol": "TCP"}))
+    );
     let init = daemonset
         .pointer("/spec/template/spec/initContainers/0/command")
         .expect("init");

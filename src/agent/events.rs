@@ -259,6 +259,57 @@ impl NodeEvents {
     }
 }
 
+/// Tells every boot script this node serves as an Event on its grant, for as long as the
+/// endpoint serves: who booted what, from where, in `kubectl describe`.
+pub async fn tell_boot_scripts(
+    mut served: tokio::sync::broadcast::Receiver<crate::boot::ServedScript>,
+    client: kube::Client,
+    node: String,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "discus.dev/agent".into(),
+            instance: Some(node.clone()),
+        },
+    );
+    loop {
+        let script = match served.recv().await {
+            Ok(script) => script,
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "boot scripts served faster than Events can tell them; the log has them all"
+                );
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let reference = ObjectReference {
+            api_version: Some(crate::api::API_VERSION.into()),
+            kind: Some("InitiatorAccess".into()),
+            name: Some(script.grant.name.clone()),
+            namespace: Some(script.grant.namespace.clone()),
+            uid: script.uid.clone(),
+            ..ObjectReference::default()
+        };
+        let event = normal(
+            EventReason::BootScriptServed,
+            format!(
+                "node {node} served the boot script to card {} at {}",
+                script.mac, script.source
+            ),
+        );
+        let published = super::bounded(recorder.publish(&event, &reference)).await;
+        metrics.event_published(published.is_ok());
+        if let Err(error) = published {
+            tracing::warn!(grant = %script.grant, %error, "cannot publish a boot event");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

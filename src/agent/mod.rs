@@ -134,6 +134,14 @@ impl NodeLoop for AgentLoop {
         ));
         tracing::info!(%node, backend = syncer.backend().name(), "waiting for every watch to list");
         let metrics = Arc::clone(syncer.metrics());
+        if let Some(boot) = syncer.boot_tables() {
+            tokio::spawn(events::tell_boot_scripts(
+                boot.served(),
+                client.clone(),
+                node.clone(),
+                Arc::clone(&metrics),
+            ));
+        }
         let publisher = Publisher::start(
             NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics)),
             events::NodeEvents::new(client, &node, metrics),

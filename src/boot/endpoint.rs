@@ -22,10 +22,13 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
 use parking_lot::RwLock;
 use tokio::net::TcpListener;
+use tokio::sync::broadcast;
 
 use super::script::{ask_with_mac, ipxe_script};
 use super::table::{BootEntry, BootTable, Refusal};
+use crate::api::mac::MacAddress;
 use crate::api::printable;
+use crate::desired::ObjectKey;
 use crate::metrics::Metrics;
 
 /// Where the endpoint listens and how often one source may ask.
@@ -36,18 +39,48 @@ pub struct BootOptions {
     pub requests_per_minute: NonZeroU32,
 }
 
-/// The node's boot table, replaced by each sync pass and read by every request.
-#[derive(Clone, Default)]
-pub struct BootTables(Arc<RwLock<BootTable>>);
+/// A script handed out: what the audit trail records (the agent makes it an Event).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServedScript {
+    pub grant: ObjectKey,
+    pub uid: Option<String>,
+    pub mac: MacAddress,
+    pub source: IpAddr,
+}
+
+/// Scripts served and not yet told are dropped past this many (the log has every one).
+const SERVED_BACKLOG: usize = 256;
+
+/// The node's boot table, replaced by each sync pass and read by every request, and the news
+/// of every script served.
+#[derive(Clone)]
+pub struct BootTables {
+    table: Arc<RwLock<BootTable>>,
+    served: broadcast::Sender<ServedScript>,
+}
+
+impl Default for BootTables {
+    fn default() -> Self {
+        Self {
+            table: Arc::default(),
+            served: broadcast::channel(SERVED_BACKLOG).0,
+        }
+    }
+}
 
 impl BootTables {
     pub fn replace(&self, table: BootTable) {
-        *self.0.write() = table;
+        *self.table.write() = table;
+    }
+
+    /// Every script served from now on.
+    pub fn served(&self) -> broadcast::Receiver<ServedScript> {
+        self.served.subscribe()
     }
 
     /// Drops what the next desired state no longer backs (before the pass applies it).
     pub fn retain_desired(&self, state: &crate::desired::DesiredState) {
-        self.0.write().retain_desired(state);
+        self.table.write().retain_desired(state);
     }
 
     /// What the current table decides for a request (`BootTable::decide`).
@@ -57,7 +90,7 @@ impl BootTables {
         source: IpAddr,
         now: Timestamp,
     ) -> Result<Arc<BootEntry>, Refusal> {
-        self.0.read().decide(mac, source, now)
+        self.table.read().decide(mac, source, now)
     }
 }
 
@@ -145,6 +178,15 @@ async fn boot_script(
     match decision {
         Ok(entry) => {
             endpoint.metrics.boot_request("served");
+            if let Ok(card) = mac.parse() {
+                // Nobody listening (discus serve) is fine: the log line below is the record.
+                let _ = endpoint.tables.served.send(ServedScript {
+                    grant: entry.grant.clone(),
+                    uid: entry.uid.clone(),
+                    mac: card,
+                    source,
+                });
+            }
             tracing::info!(
                 grant = %entry.grant,
                 mac = %mac.to_ascii_lowercase(),

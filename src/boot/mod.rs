@@ -10,5 +10,5 @@ pub mod endpoint;
 pub mod script;
 pub mod table;
 
-pub use endpoint::{BootOptions, BootTables};
+pub use endpoint::{BootOptions, BootTables, ServedScript};
 pub use table::{BootEntry, BootTable, Refusal};

@@ -104,6 +104,7 @@ mod tests {
     fn entry(chap: Option<ChapCredentials>, portals: &[&str]) -> BootEntry {
         BootEntry {
             grant: ObjectKey::new("lab", "pxe-1"),
+            uid: None,
             config: BootConfig {
                 macs: vec![],
                 sources: vec![],

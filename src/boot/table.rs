@@ -23,6 +23,8 @@ use crate::sync::NodeReport;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootEntry {
     pub grant: ObjectKey,
+    /// The InitiatorAccess's uid, for the Event that records each script served.
+    pub uid: Option<String>,
     pub config: BootConfig,
     /// The initiator name the script sets: the grant's, whatever the machine calls itself.
     pub initiator: String,
@@ -66,6 +68,9 @@ impl BootTable {
     /// the other nodes serving a grant report their portals.
     pub fn applied(report: &NodeReport, grants: &[InitiatorAccess]) -> Self {
         let elsewhere = portals_elsewhere(&report.node, grants);
+        let uids: BTreeMap<ObjectKey, &String> = (grants.iter())
+            .filter_map(|g| Some((object_key(&g.metadata), g.metadata.uid.as_ref()?)))
+            .collect();
         let mut table = Self::default();
         for (grant, config) in &report.desired.boots {
             let Some((target, acl)) = report.grant_acl(grant) else {
@@ -86,6 +91,7 @@ impl BootTable {
             let lun = config.lun;
             table.insert(BootEntry {
                 grant: grant.clone(),
+                uid: uids.get(grant).map(|uid| (*uid).clone()),
                 config: config.clone(),
                 initiator: acl.initiator.clone(),
                 chap: acl.chap.clone(),

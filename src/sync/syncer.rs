@@ -64,6 +64,11 @@ impl<B: Backend> Syncer<B> {
         }
     }
 
+    /// The boot endpoint's table, when it serves.
+    pub fn boot_tables(&self) -> Option<&BootTables> {
+        self.boot.as_ref()
+    }
+
     /// Keeps `tables` to the boot grants each pass applies, for the boot endpoint.
     pub fn with_boot(mut self, tables: BootTables) -> Self {
         self.boot = Some(tables);

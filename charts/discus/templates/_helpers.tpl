@@ -66,3 +66,11 @@ app.kubernetes.io/component: agent
 {{- printf "%s:%d" .Values.http.address (int .Values.http.port) -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "discus.bootAddress" -}}
+{{- if contains ":" .Values.boot.address -}}
+{{- printf "[%s]:%d" .Values.boot.address (int .Values.boot.port) -}}
+{{- else -}}
+{{- printf "%s:%d" .Values.boot.address (int .Values.boot.port) -}}
+{{- end -}}
+{{- end -}}
