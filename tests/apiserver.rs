@@ -54,12 +54,15 @@ async fn examples_are_accepted_and_kubectl_shows_the_printer_columns() {
     let plane = plane_with_crds().await;
     ok(&plane, &["create", "namespace", "lab"]);
     let examples = repo().join("examples");
-    let output = apply(&plane, "lab", &examples);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    for manifests in [examples.clone(), examples.join("netboot/machines.yaml")] {
+        let output = apply(&plane, "lab", &manifests);
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            manifests.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 
     // A status as an agent would write it, to see the columns filled in.
     let client = plane.client().await.expect("client");
