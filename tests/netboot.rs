@@ -137,3 +137,41 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
     server.kill().expect("kill");
     server.wait().expect("wait");
 }
+
+/// A provisioning network in `sandbox` as the examples assume it: the storage node at
+/// 10.20.0.11 on `eth1` (a tap device, which a qemu machine can plug into).
+fn provisioning_network(sandbox: &support::sandbox::Sandbox) {
+    sandbox.must(&["ip", "tuntap", "add", "eth1", "mode", "tap"]);
+    sandbox.must(&["ip", "address", "add", "10.20.0.11/24", "dev", "eth1"]);
+    sandbox.must(&["ip", "link", "set", "eth1", "up"]);
+}
+
+#[test]
+fn the_dhcp_examples_are_configurations_their_servers_accept() {
+    let sandbox = support::sandbox::Sandbox::new();
+    provisioning_network(&sandbox);
+    let examples = support::repo().join("examples/netboot");
+    let dnsmasq = examples.join("dnsmasq.conf");
+    let kea = examples.join("kea-dhcp4.conf");
+    for (program, args) in [
+        (
+            "dnsmasq",
+            vec![
+                "--test".to_owned(),
+                format!("--conf-file={}", dnsmasq.display()),
+            ],
+        ),
+        (
+            "kea-dhcp4",
+            vec!["-t".to_owned(), kea.display().to_string()],
+        ),
+    ] {
+        let output = sandbox.command(program).args(&args).output().expect("runs");
+        assert!(
+            output.status.success(),
+            "{program}: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
