@@ -175,3 +175,24 @@ fn the_dhcp_examples_are_configurations_their_servers_accept() {
         );
     }
 }
+
+/// What tgt does with an initiator name in another case than its ACL's (docs/netboot.md): the
+/// reason the boot script always sets the grant's own name.
+#[test]
+fn tgt_compares_initiator_names_as_written() {
+    let host = Host::new();
+    let (image, digest) = host.image("disk.raw", 1 << 20);
+    let mut served = Served::new(&image, &digest);
+    served.grant["spec"]["initiatorIqn"] = json!("iqn.2010-04.org.ipxe:pxe-1");
+    host.manifest("lab.yaml", &served.yaml());
+    host.converge();
+    let iqn = "iqn.2026-11.dev.discus:boot";
+    let chap = Some(("client", "client-secret"));
+    assert!(host.inquiry(iqn, 1, "iqn.2010-04.org.ipxe:pxe-1", chap).is_ok());
+    // The name iPXE would send for a DHCP host name `PXE-1`: tgt hides the target from it.
+    let upper = host.inquiry(iqn, 1, "iqn.2010-04.org.ipxe:PXE-1", chap);
+    assert!(
+        upper.as_ref().is_err_and(|e| e.contains("Target not found")),
+        "{upper:?}"
+    );
+}
