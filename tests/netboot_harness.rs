@@ -39,7 +39,10 @@ fn marker_lines_are_read() {
     assert_eq!(first.name, "iqn.2026-11.dev.discus:a");
     assert_eq!(first.address, "10.0.2.2:3299");
     assert_eq!((first.lun, first.lun_raw.as_str()), (Some(1), "01000000"));
-    assert_eq!((first.chap_name.clone(), first.reverse_chap_name.clone()), (None, None));
+    assert_eq!(
+        (first.chap_name.clone(), first.reverse_chap_name.clone()),
+        (None, None)
+    );
     assert_eq!(second.index, 1);
     assert_eq!(second.chap_name.as_deref(), Some("nbuser"));
     assert_eq!(second.reverse_chap_name.as_deref(), Some("tgtout"));
@@ -83,7 +86,10 @@ fn boot_images_are_built_for_bios_and_uefi() {
         "{}",
         images.dir.display()
     );
-    assert_ne!(netboot::cache_key("6.1.0-1-amd64"), netboot::cache_key("6.1.0-2-amd64"));
+    assert_ne!(
+        netboot::cache_key("6.1.0-1-amd64"),
+        netboot::cache_key("6.1.0-2-amd64")
+    );
     // The ISO: El Torito entries for BIOS and UEFI.
     let report = std::process::Command::new("xorriso")
         .args(["-indev"])
@@ -110,7 +116,11 @@ fn boot_images_are_built_for_bios_and_uefi() {
         u32::from_le_bytes(raw[446 + 8..446 + 12].try_into().unwrap()),
         2048
     );
-    assert_eq!(u64::from_le_bytes(raw[1012..1020].try_into().unwrap()), 2, "core.img's block list");
+    assert_eq!(
+        u64::from_le_bytes(raw[1012..1020].try_into().unwrap()),
+        2,
+        "core.img's block list"
+    );
     let listing = std::process::Command::new("mdir")
         .args(["-b", "-/", "-i"])
         .arg(format!("{}@@1M", images.raw.display()))
@@ -169,6 +179,13 @@ fn tgtd(host: &Host) -> std::process::Child {
         .stderr(log)
         .spawn()
         .expect("tgtd (tgt) runs");
+    // On failure the test ends, and the sandbox with it, tgtd included.
+    answers(host);
+    child
+}
+
+/// Waits until tgtd answers on its control port.
+fn answers(host: &Host) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let show = host
@@ -178,9 +195,13 @@ fn tgtd(host: &Host) -> std::process::Child {
             .output()
             .unwrap();
         if show.status.success() {
-            return child;
+            return;
         }
-        assert!(Instant::now() < deadline, "tgtd did not answer in 20 s");
+        assert!(
+            Instant::now() < deadline,
+            "tgtd did not answer in 20 s: {}",
+            std::fs::read_to_string(host.sandbox.path().join("tgtd.log")).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -196,8 +217,20 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     std::fs::copy(&images.iso, &iso).unwrap();
     std::fs::copy(&images.raw, &raw).unwrap();
     let mut daemon = tgtd(&host);
-    for (tid, iqn, image, cd) in [("1", TARGET_ISO, &iso, true), ("2", TARGET_RAW, &raw, false)] {
-        host.tgtadm(&["--mode", "target", "--op", "new", "--tid", tid, "--targetname", iqn]);
+    for (tid, iqn, image, cd) in [
+        ("1", TARGET_ISO, &iso, true),
+        ("2", TARGET_RAW, &raw, false),
+    ] {
+        host.tgtadm(&[
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            tid,
+            "--targetname",
+            iqn,
+        ]);
         let image = image.display().to_string();
         let mut lun = vec![
             "--mode",
@@ -216,23 +249,73 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
         }
         host.tgtadm(&lun);
         host.tgtadm(&[
-            "--mode", "logicalunit", "--op", "update", "--tid", tid, "--lun", "1", "--params",
+            "--mode",
+            "logicalunit",
+            "--op",
+            "update",
+            "--tid",
+            tid,
+            "--lun",
+            "1",
+            "--params",
             "readonly=1",
         ]);
-        host.tgtadm(&[
-            "--mode", "target", "--op", "bind", "--tid", tid, "--initiator-name", INITIATOR,
-        ]);
+        // iPXE, and libiscsi below.
+        for initiator in [INITIATOR, support::serve_host::INITIATOR] {
+            host.tgtadm(&[
+                "--mode",
+                "target",
+                "--op",
+                "bind",
+                "--tid",
+                tid,
+                "--initiator-name",
+                initiator,
+            ]);
+        }
     }
-    host.tgtadm(&["--mode", "account", "--op", "new", "--user", USER, "--password", PASSWORD]);
     host.tgtadm(&[
-        "--mode", "account", "--op", "new", "--user", TARGET_USER, "--password", TARGET_PASSWORD,
+        "--mode",
+        "account",
+        "--op",
+        "new",
+        "--user",
+        USER,
+        "--password",
+        PASSWORD,
+    ]);
+    host.tgtadm(&[
+        "--mode",
+        "account",
+        "--op",
+        "new",
+        "--user",
+        TARGET_USER,
+        "--password",
+        TARGET_PASSWORD,
     ]);
     for tid in ["1", "2"] {
-        host.tgtadm(&["--mode", "account", "--op", "bind", "--tid", tid, "--user", USER]);
         host.tgtadm(&[
-            "--mode", "account", "--op", "bind", "--tid", tid, "--user", TARGET_USER, "--outgoing",
+            "--mode", "account", "--op", "bind", "--tid", tid, "--user", USER,
+        ]);
+        host.tgtadm(&[
+            "--mode",
+            "account",
+            "--op",
+            "bind",
+            "--tid",
+            tid,
+            "--user",
+            TARGET_USER,
+            "--outgoing",
         ]);
     }
+    // What iPXE is given: the ISO in 2048-byte blocks (a CD), the disk in 512-byte ones.
+    let iso_capacity = host.read_capacity(TARGET_ISO, 1, USER, PASSWORD);
+    let raw_capacity = host.read_capacity(TARGET_RAW, 1, USER, PASSWORD);
+    println!("LUN 1 (blocks, block size): iso {iso_capacity:?}, raw {raw_capacity:?}");
+    assert_eq!(iso_capacity.1, 2048);
+    assert_eq!(raw_capacity, (netboot::RAW_SIZE / 512, 512));
     let server = ScriptServer::new(host.sandbox.listen("127.0.0.1:0"));
     let iso_uri = uri(3260, TARGET_ISO);
     let raw_uri = uri(3260, TARGET_RAW);
@@ -245,16 +328,32 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     );
     server.script(
         "/boot/mutual",
-        &script(Some((TARGET_USER, TARGET_PASSWORD)), std::slice::from_ref(&iso_uri)),
+        &script(
+            Some((TARGET_USER, TARGET_PASSWORD)),
+            std::slice::from_ref(&iso_uri),
+        ),
     );
     server.script(
         "/boot/mutual-wrong",
-        &script(Some((TARGET_USER, "not-the-secret1")), std::slice::from_ref(&iso_uri)),
+        &script(
+            Some((TARGET_USER, "not-the-secret1")),
+            std::slice::from_ref(&iso_uri),
+        ),
     );
 
     let boot = |firmware: Firmware, path: &str| {
         let machine = Netboot::new(firmware, server.url(path)).start_in(&host.sandbox);
         let result = machine.wait_for_marker(Instant::now() + Duration::from_secs(300));
+        let san: Vec<String> = netboot::readable(&machine.console())
+            .lines()
+            .filter(|l| l.contains("SAN device") || l.contains("iscsi:"))
+            .map(str::to_owned)
+            .collect();
+        println!(
+            "{} {path}: milestones {:.1?}; console: {san:?}",
+            firmware.name(),
+            machine.milestones()
+        );
         (machine, result)
     };
     let mut times = Vec::new();
@@ -279,7 +378,11 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
             assert_eq!(ibft.ip, "10.0.2.15");
             assert_eq!(ibft.targets.len(), 1, "{ibft:?}");
             let target = &ibft.targets[0];
-            let iqn = if kind == ImageKind::Iso { TARGET_ISO } else { TARGET_RAW };
+            let iqn = if kind == ImageKind::Iso {
+                TARGET_ISO
+            } else {
+                TARGET_RAW
+            };
             assert_eq!(target.name, iqn);
             assert_eq!(target.address, "10.0.2.2:3260");
             assert_eq!(target.lun, Some(1));
@@ -299,7 +402,10 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     // Multipath: sanboot takes several URIs, skips the dead one, and the iBFT names both.
     let (_machine, result) = boot(Firmware::Bios, "/boot/multipath");
     let booted = result.unwrap_or_else(|e| panic!("{e}"));
-    println!("multipath: {:?}", booted.marker);
+    println!(
+        "multipath: after {:.1?}: {:?}",
+        booted.boot_time, booted.marker
+    );
     let ibft = booted.marker.ibft.unwrap();
     let addresses: Vec<&str> = ibft.targets.iter().map(|t| t.address.as_str()).collect();
     assert_eq!(addresses, ["10.0.2.2:3299", "10.0.2.2:3260"]);
@@ -307,7 +413,10 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     // Mutual CHAP against tgt's outgoing account.
     let (_machine, result) = boot(Firmware::Uefi, "/boot/mutual");
     let booted = result.unwrap_or_else(|e| panic!("{e}"));
-    println!("mutual CHAP: {:?}", booted.marker);
+    println!(
+        "mutual CHAP: after {:.1?}: {:?}",
+        booted.boot_time, booted.marker
+    );
     let target = &booted.marker.ibft.unwrap().targets[0];
     assert_eq!(target.reverse_chap_name.as_deref(), Some(TARGET_USER));
     // …which iPXE checks: a target that does not know the secret is refused.

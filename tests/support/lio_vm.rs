@@ -558,10 +558,12 @@ impl Qemu {
         if self.keeper.is_finished() {
             return;
         }
-        let children =
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
-                .unwrap_or_default();
-        for pid in children.split_whitespace().chain([self.pid.to_string().as_str()]) {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .chain([self.pid.to_string().as_str()])
+        {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
         let _ = self.keeper.join();

@@ -112,6 +112,7 @@ menuentry "discus netboot @KIND@" {
   echo "discus netboot: grub (${grub_platform}) loads Linux"
   linux /vmlinuz console=ttyS0 loglevel=3 panic=-1 discus.kind=@KIND@
   initrd /initrd
+  echo "discus netboot: Linux loaded, starting it"
 }
 "#;
 
@@ -654,6 +655,17 @@ pub struct Booted {
     pub boot_time: Duration,
 }
 
+/// Steps of a boot, by what the console shows when each is reached: (name, text).
+pub const MILESTONES: &[(&str, &str)] = &[
+    ("ipxe", "iPXE 1."),
+    ("dhcp", "Configuring (net0"),
+    ("script", "[script]"),
+    ("sanboot", "Booting from SAN device"),
+    ("grub", "discus netboot: grub"),
+    ("linux", "discus netboot: Linux loaded"),
+    ("marker", MARKER),
+];
+
 /// What the console shows when a boot has failed for good and nothing more will come: SeaBIOS
 /// out of boot devices; OVMF's boot manager fallen through to its shell.
 const DEAD_ENDS: &[&str] = &["No bootable device.", "Shell> "];
@@ -664,6 +676,8 @@ pub struct NetbootMachine {
     qemu: Option<Qemu>,
     dir: tempfile::TempDir,
     started: Instant,
+    /// The [`MILESTONES`] seen so far, with when (while someone waits).
+    reached: Mutex<Vec<(&'static str, Duration)>>,
     pub firmware: Firmware,
 }
 
@@ -743,6 +757,7 @@ impl NetbootMachine {
             qemu: Some(qemu),
             dir,
             started,
+            reached: Mutex::new(Vec::new()),
             firmware: options.firmware,
         }
     }
@@ -779,6 +794,12 @@ impl NetbootMachine {
         self.started.elapsed()
     }
 
+    /// The [`MILESTONES`] seen while waiting, in order, with their time since power-on (to the
+    /// next 100 ms).
+    pub fn milestones(&self) -> Vec<(&'static str, Duration)> {
+        self.reached.lock().expect("milestones").clone()
+    }
+
     /// Waits until the console shows `needle`; returns the time since power-on, or why not (a
     /// dead end, qemu gone, the deadline) with the console's tail.
     pub fn wait_for(&self, needle: &str, deadline: Instant) -> Result<Duration, String> {
@@ -811,10 +832,18 @@ impl NetbootMachine {
             // before it exited is seen.
             let exited = self.exited();
             let console = self.console();
+            let cleaned = readable(&console);
+            {
+                let mut reached = self.reached.lock().expect("milestones");
+                for (name, text) in MILESTONES {
+                    if !reached.iter().any(|(n, _)| n == name) && cleaned.contains(text) {
+                        reached.push((name, self.uptime()));
+                    }
+                }
+            }
             if let Some(result) = found(&console) {
                 return result.map_err(|why| self.failure(&why));
             }
-            let cleaned = readable(&console);
             if let Some(end) = DEAD_ENDS.iter().find(|end| cleaned.contains(*end)) {
                 return Err(self.failure(&format!("the boot failed (console: {end:?})")));
             }
@@ -980,8 +1009,9 @@ fn answer(
              Connection: close\r\n\r\n{body}",
             body.len()
         ),
-        None => "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            .to_owned(),
+        None => {
+            "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+        }
     };
     let _ = stream.write_all(response.as_bytes());
 }
