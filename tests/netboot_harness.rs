@@ -409,6 +409,7 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     let ibft = booted.marker.ibft.unwrap();
     let addresses: Vec<&str> = ibft.targets.iter().map(|t| t.address.as_str()).collect();
     assert_eq!(addresses, ["10.0.2.2:3299", "10.0.2.2:3260"]);
+    assert_eq!(ibft.targets[1].chap_name.as_deref(), Some(USER));
 
     // Mutual CHAP against tgt's outgoing account.
     let (_machine, result) = boot(Firmware::Uefi, "/boot/mutual");
@@ -419,21 +420,53 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     );
     let target = &booted.marker.ibft.unwrap().targets[0];
     assert_eq!(target.reverse_chap_name.as_deref(), Some(TARGET_USER));
-    // …which iPXE checks: a target that does not know the secret is refused.
-    let (machine, result) = boot(Firmware::Bios, "/boot/mutual-wrong");
-    let failure = result.expect_err("iPXE must refuse a target that fails mutual CHAP");
-    assert!(
-        failure.contains("Could not open SAN device: Permission denied"),
-        "{failure}"
+    // …which iPXE checks: a target that does not know the secret is refused, and the
+    // firmware's dead end ends the wait early.
+    for firmware in Firmware::ALL {
+        let (machine, result) = boot(firmware, "/boot/mutual-wrong");
+        let failure = result.expect_err("iPXE must refuse a target that fails mutual CHAP");
+        assert!(
+            failure.contains("Could not open SAN device: Permission denied"),
+            "{failure}"
+        );
+        println!(
+            "{} wrong mutual secret: refused, wait ended {:.1?} after power-on: {}",
+            firmware.name(),
+            machine.uptime(),
+            failure.lines().next().unwrap_or_default()
+        );
+    }
+
+    // Another address of the sandbox's than its 127.0.0.1 (as discus's portals will be): the
+    // guest reaches it through qemu's NAT, script and target alike.
+    host.sandbox
+        .must(&["ip", "address", "add", "10.99.0.1/32", "dev", "lo"]);
+    host.tgtadm(&[
+        "--mode",
+        "portal",
+        "--op",
+        "new",
+        "--param",
+        "portal=10.99.0.1:3260",
+    ]);
+    let routed = ScriptServer::new(host.sandbox.listen("10.99.0.1:0"));
+    routed.script(
+        "/boot/routed",
+        &script(None, &[format!("iscsi:10.99.0.1::3260:1:{TARGET_RAW}")]),
     );
+    let machine = Netboot::new(Firmware::Bios, routed.url("/boot/routed")).start_in(&host.sandbox);
+    let booted = machine
+        .wait_for_marker(Instant::now() + Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "wrong mutual secret: refused after {:.1?}: {}",
-        machine.uptime(),
-        failure
-            .lines()
-            .find(|l| l.contains("Could not open SAN device"))
-            .unwrap_or_default()
+        "routed (script and portal at 10.99.0.1): after {:.1?}: {:?}",
+        booted.boot_time, booted.marker
     );
+    assert_eq!(
+        booted.marker.ibft.unwrap().targets[0].address,
+        "10.99.0.1:3260"
+    );
+    assert_eq!(routed.requests(), ["GET /boot/routed HTTP/1.1"]);
     drop(machine);
 
     for (firmware, kind, time) in &times {

@@ -2,47 +2,86 @@
 //! booted system, and a diskless qemu machine that boots them from an iSCSI target with
 //! Debian's iPXE.
 //!
-//! FACTS (placeholder: filled in from the runs of tests/netboot_harness.rs)
+//! ## The boot images ([`boot_images`])
 //!
-//! ## The boot images
-//!
-//! Both boot Debian's kernel (the one tests/support/lio_vm.rs caches) with a busybox initramfs
-//! whose init loads `iscsi_boot_sysfs` and `iscsi_ibft` (its only dependency, per its modinfo),
-//! prints one line on the serial console and powers off:
+//! Both boot Debian's kernel (the one tests/support/lio_vm.rs caches, [`lio_vm::kernel`]) with a
+//! busybox initramfs whose init loads `iscsi_boot_sysfs` and `iscsi_ibft` (its only dependency,
+//! per its modinfo), prints one line on the serial console and powers off (`poweroff -f`; qemu
+//! exits):
 //!
 //! ```text
 //! DISCUS-NETBOOT-OK iso ibft: initiator=<iqn> mac=<mac> ip=<ip> target0=<iqn>@<ip>:<port> lun0=<raw> chap0=<name> rchap0=<name> [target1=…]
 //! DISCUS-NETBOOT-OK raw ibft: none
 //! ```
 //!
-//! (`-` for a field the iBFT lacks; the CHAP secrets the iBFT also holds are never printed).
-//! [`parse_marker`] reads it. The kind comes from the kernel command line (`discus.kind=`), so
-//! one initramfs serves both images.
+//! (`-` for a field the iBFT lacks; the CHAP secrets, which sysfs shows too, are never printed.)
+//! [`find_marker`] and [`parse_marker`] read it. The kind comes from the kernel command line
+//! (`discus.kind=`), so one initramfs serves both images.
 //!
-//! - **iso**: `grub-mkrescue` (grub-pc-bin, grub-efi-amd64-bin, mtools, xorriso): ISO 9660 with
-//!   two El Torito entries, BIOS (grub's eltorito.img) and UEFI (a FAT image with grub's
-//!   BOOTX64.EFI). Served as a CD (2048-byte blocks).
-//! - **raw**: a 64 MiB MBR disk, assembled here without loop devices or root: partition 1 is a
-//!   FAT ESP (type 0xEF, from 1 MiB, made with `mkfs.vfat -C` and filled with mtools) holding
-//!   the kernel, the initramfs, grub.cfg and `EFI/BOOT/BOOTX64.EFI` (`grub-mkimage -O
-//!   x86_64-efi`); for BIOS, sector 0 is grub's boot.img (its `kernel_sector` at 0x5c set to 1)
-//!   and sectors 1… hold a `grub-mkimage -O i386-pc` core.img, whose own block list already
-//!   points at LBA 2 onwards (what grub-bios-setup would write for an MBR-gap install — that
-//!   tool wants a device). Both grubs find their partition with `search --file
-//!   /discus-netboot` and read the same grub.cfg. MBR rather than GPT: no CRCs to compute, a
-//!   gap for core.img without a BIOS boot partition, and OVMF and iPXE take an 0xEF partition
-//!   as an ESP.
+//! - **iso**: `grub-mkrescue` (grub-pc-bin, grub-efi-amd64-bin, mtools, xorriso), ~14 MiB:
+//!   ISO 9660 with two El Torito entries, BIOS (grub's eltorito.img) and UEFI (a FAT image with
+//!   grub's BOOTX64.EFI). Serve it as a CD (tgt `--device-type cd`: 2048-byte blocks).
+//! - **raw**: a 64 MiB MBR disk, assembled here without loop devices, partitioning tools or
+//!   grub-install: partition 1 is a FAT ESP (type 0xEF, from 1 MiB; `mkfs.vfat -C`, filled
+//!   with mtools) holding the kernel, the initramfs, grub.cfg and `EFI/BOOT/BOOTX64.EFI`
+//!   (`grub-mkimage -O x86_64-efi`); for BIOS, sector 0 is grub's boot.img (its
+//!   `kernel_sector` at 0x5c set to 1) and sectors 1… a `grub-mkimage -O i386-pc` core.img,
+//!   whose own block list already points at LBA 2 on (what grub-bios-setup would write for an
+//!   MBR-gap install; that tool wants a device). Both grubs have their modules built in and
+//!   find their partition with `search --file /discus-netboot`. MBR rather than GPT: no CRCs,
+//!   a gap for core.img without a BIOS boot partition, and OVMF and iPXE take an 0xEF
+//!   partition's FAT as an ESP. The file is sparse (~11 MiB on disk).
 //!
-//! The images are cached in `~/.cache/discus/netboot-<key>/` (the key: kernel release, [`RECIPE`]
-//! and a digest of the recipe's texts), built aside and renamed into place, rebuilt when absent.
+//! Cached in `~/.cache/discus/netboot-<release>-r<RECIPE>-<digest of the recipe's texts>/`
+//! (`netboot.iso`, `netboot.raw`, `initrd`; ~27 MiB), built aside (`….partial-<pid>`) and
+//! renamed into place, rebuilt when absent; a few seconds to build once the kernel is cached.
 //!
-//! ## The machine
+//! ## The machine ([`Netboot`], [`NetbootMachine`])
 //!
-//! [`NetbootMachine`]: `qemu-system-x86_64 -accel tcg`, no disk, one virtio NIC whose option
-//! ROM is Debian's iPXE, qemu's user-mode network (its DHCP hands iPXE the boot file URL; the
-//! guest reaches the host's 127.0.0.1 at 10.0.2.2), SeaBIOS or OVMF, the serial console (with
-//! SeaBIOS's text output, iPXE's included, mirrored onto it) in a file. Run it in a
-//! [`Sandbox`] to reach servers on the sandbox's loopback.
+//! `qemu-system-x86_64 -accel tcg`, no disk, no VGA, one virtio NIC whose option ROM is
+//! Debian's iPXE, qemu's user-mode network (its DHCP hands iPXE the boot file URL; the guest
+//! reaches 127.0.0.1 at 10.0.2.2), SeaBIOS or OVMF, and the serial console in a file. Start it
+//! in a [`Sandbox`] ([`Netboot::start_in`]) to reach servers on the sandbox's loopback (tgtd,
+//! discus, or [`ScriptServer`] bound there with [`Sandbox::listen`]).
+//!
+//! ## Facts (found with tests/netboot_harness.rs; Debian 12: ipxe-qemu 1.0.0+git-20190125.36a4c85,
+//! qemu 7.2, SeaBIOS 1.16.2, ovmf 2022.11, tgt 1.0.85, grub 2.06)
+//!
+//! - **ROMs**: BIOS: `/usr/lib/ipxe/qemu/pxe-virtio.rom` (efi-virtio.rom works too: it carries
+//!   the BIOS image first). UEFI: `/usr/lib/ipxe/qemu/efi-virtio.rom` only; with pxe-virtio.rom,
+//!   OVMF uses its own virtio-net driver and PXE/HTTP boot (no iPXE), which fetches the script
+//!   as a boot program and fails. Both ROMs say PCI 1af4:1041 (modern virtio-net) and qemu does
+//!   not patch that: with qemu's default transitional device (1af4:1000) SeaBIOS does not run
+//!   the ROM at all ("No bootable device"); hence `disable-legacy=on`.
+//! - **Serial console**: SeaBIOS mirrors text output (its own, iPXE's, grub's) onto the serial
+//!   port with `-machine graphics=off` and no VGA; OVMF's console is the serial port anyway.
+//! - **`${net0/mac}` in the DHCP boot file** is expanded, and percent-encoded in the query:
+//!   `bootfile=http://10.0.2.2:PORT/boot/iso?mac=${net0/mac}` arrives as
+//!   `GET /boot/iso?mac=52%3A54%3A00%3Ad1%3A5c%3A01 HTTP/1.1`.
+//! - **Multipath**: `sanboot` takes several SAN URIs. With a dead portal first
+//!   (`iscsi:10.0.2.2::3299:1:…`, connection refused) and the live one second, it boots from
+//!   the second; the iBFT lists both, in the script's order (target0 the dead path, without a
+//!   CHAP name; target1 the live one, with it).
+//! - **2048-byte blocks**: the ISO as a tgt CD LUN (READ CAPACITY: 2048-byte blocks) boots
+//!   under SeaBIOS (iPXE's int13: "Registered SAN device 0x80", El Torito) and under OVMF
+//!   (iPXE's block device; OVMF finds the El Torito ESP image and iPXE starts its
+//!   BOOTX64.EFI).
+//! - **iBFT**: found under both firmwares (sysfs `acpi_header`: iBFT/FENSYS/iPXE): initiator
+//!   name, the NIC's MAC and DHCP address (10.0.2.15), each target's IQN, address 10.0.2.2 and
+//!   port, LUN (sysfs shows `01000000` for LUN 1), CHAP name and, with mutual CHAP, the
+//!   reverse name; the secrets are in sysfs too (`chap-secret`, `rev-chap-name-secret`).
+//! - **Mutual CHAP** works against tgt (`reverse-username`/`reverse-password` in the script, an
+//!   account bound `--outgoing`), and iPXE checks it: a wrong target secret ends in "Could not
+//!   open SAN device: Permission denied (http://ipxe.org/020d623c)" (020d628f under UEFI),
+//!   then "No more network devices".
+//! - **Addresses**: the guest reaches the sandbox's 127.0.0.1 as 10.0.2.2, and any other
+//!   address the sandbox has (e.g. 10.99.0.1 added to its `lo`) as itself, through qemu's NAT:
+//!   a script and a portal at 10.99.0.1 boot, and the iBFT then says 10.99.0.1:3260. So a
+//!   discus in the sandbox can advertise such an address in its scripts.
+//! - **Boot times**, power-on to marker, TCG on 2 busy cores (three runs): SeaBIOS 15.1–19.8 s,
+//!   OVMF 15.8–20.4 s. SeaBIOS reaches iPXE in 0.3 s, OVMF in ~4.5 s; iPXE's DHCP takes ~3 s
+//!   to its script; grub loads kernel and initramfs (~10 MiB over iSCSI) in ~0.5 s; Linux runs
+//!   to the marker in ~9 s after SeaBIOS, ~6 s after OVMF. See [`NetbootMachine::milestones`].
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -612,7 +651,8 @@ fn ovmf() -> (PathBuf, PathBuf) {
 pub struct Netboot {
     pub firmware: Firmware,
     /// The boot file qemu's DHCP server hands iPXE: an `http://10.0.2.2:<port>/…` URL for a
-    /// server on the (sandbox's) 127.0.0.1. iPXE expands `${net0/mac}` and the like in it.
+    /// server on the (sandbox's) 127.0.0.1, or one at another address the sandbox has (qemu's
+    /// NAT connects to it from there). iPXE expands `${net0/mac}` and the like in it.
     pub bootfile: String,
     /// The NIC's MAC address.
     pub mac: String,
@@ -666,9 +706,10 @@ pub const MILESTONES: &[(&str, &str)] = &[
     ("marker", MARKER),
 ];
 
-/// What the console shows when a boot has failed for good and nothing more will come: SeaBIOS
-/// out of boot devices; OVMF's boot manager fallen through to its shell.
-const DEAD_ENDS: &[&str] = &["No bootable device.", "Shell> "];
+/// What the console shows when a boot has failed for good and nothing more will come: iPXE
+/// out of NICs to boot from (it prints why before), SeaBIOS out of boot devices, OVMF's boot
+/// manager fallen through to its shell.
+const DEAD_ENDS: &[&str] = &["No more network devices", "No bootable device.", "Shell> "];
 
 /// A diskless qemu machine that boots from the network with iPXE. It is killed when dropped, and
 /// with the test process.
@@ -912,6 +953,7 @@ pub fn readable(console: &str) -> String {
 /// path prefix that matches (404 otherwise), and records each request line. It stops when
 /// dropped.
 pub struct ScriptServer {
+    pub address: std::net::IpAddr,
     pub port: u16,
     requests: Arc<Mutex<Vec<String>>>,
     scripts: Arc<Mutex<Vec<(String, String)>>>,
@@ -922,7 +964,8 @@ pub struct ScriptServer {
 impl ScriptServer {
     /// Serves on `listener` (e.g. from [`Sandbox::listen`]).
     pub fn new(listener: std::net::TcpListener) -> Self {
-        let port = listener.local_addr().expect("addr").port();
+        let local = listener.local_addr().expect("addr");
+        let (address, port) = (local.ip(), local.port());
         listener.set_nonblocking(true).expect("nonblocking");
         let requests = Arc::new(Mutex::new(Vec::new()));
         let scripts: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -942,6 +985,7 @@ impl ScriptServer {
             })
         };
         Self {
+            address,
             port,
             requests,
             scripts,
@@ -962,9 +1006,15 @@ impl ScriptServer {
         self.requests.lock().expect("requests").clone()
     }
 
-    /// The URL the guest reaches the server at.
+    /// The URL the guest reaches the server at: 10.0.2.2 for a server on 127.0.0.1 (qemu's
+    /// alias for the host's loopback), else the server's own address, through qemu's NAT.
     pub fn url(&self, path: &str) -> String {
-        format!("http://10.0.2.2:{}{path}", self.port)
+        let host = if self.address.is_loopback() {
+            "10.0.2.2".to_owned()
+        } else {
+            self.address.to_string()
+        };
+        format!("http://{host}:{}{path}", self.port)
     }
 }
 
