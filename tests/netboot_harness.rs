@@ -430,10 +430,9 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
             "{failure}"
         );
         println!(
-            "{} wrong mutual secret: refused, wait ended {:.1?} after power-on: {}",
+            "{} wrong mutual secret: refused, wait ended {:.1?} after power-on: {failure}",
             firmware.name(),
             machine.uptime(),
-            failure.lines().next().unwrap_or_default()
         );
     }
 

@@ -251,11 +251,10 @@ pub fn boot_images() -> &'static BootImages {
             release: kernel.release.clone(),
             dir,
         };
-        if images.iso.exists() && images.raw.exists() {
+        let complete = |images: &BootImages| images.iso.exists() && images.raw.exists();
+        if complete(&images) {
             return images;
         }
-        // Renames are atomic: a folder without both images was damaged by hand.
-        let _ = std::fs::remove_dir_all(&images.dir);
         let partial = images.dir.with_file_name(format!(
             "{}.partial-{}",
             images.dir.file_name().expect("name").to_string_lossy(),
@@ -265,14 +264,16 @@ pub fn boot_images() -> &'static BootImages {
         std::fs::create_dir_all(&partial).expect("cache");
         build(&partial, &kernel);
         if std::fs::rename(&partial, &images.dir).is_err() {
-            // Another test process got there first with the same recipe.
-            let _ = std::fs::remove_dir_all(&partial);
+            if complete(&images) {
+                // Another test process got there first with the same recipe.
+                let _ = std::fs::remove_dir_all(&partial);
+            } else {
+                // Renames are atomic: a folder without both images was damaged by hand.
+                let _ = std::fs::remove_dir_all(&images.dir);
+                std::fs::rename(&partial, &images.dir).expect("cache");
+            }
         }
-        assert!(
-            images.iso.exists() && images.raw.exists(),
-            "{}",
-            images.dir.display()
-        );
+        assert!(complete(&images), "{}", images.dir.display());
         images
     })
 }
@@ -401,7 +402,7 @@ fn raw(work: &Path, vmlinuz: &Path, initrd: &Path, out: &Path) {
     core.resize(sectors * 512, 0);
     // core.img's first sector (diskboot) loads the rest from the block list at its end: from
     // LBA 2, `sectors - 1` of them, to segment 0x820. grub-mkimage writes these for an image at
-    // LBA 1; write them anyway, so that a change there cannot go unnoticed.
+    // LBA 1 (grub 2.06); written here anyway, rather than relied on.
     core[500..508].copy_from_slice(&2u64.to_le_bytes());
     core[508..510].copy_from_slice(&u16::try_from(sectors - 1).expect("size").to_le_bytes());
     core[510..512].copy_from_slice(&0x820u16.to_le_bytes());
@@ -633,8 +634,8 @@ impl Firmware {
     }
 }
 
-/// OVMF's code and its variables' template: the 4 MiB build when there is one (the only one
-/// from Debian 13 on), else the 2 MiB one. The two must match.
+/// OVMF's code and its variables' template: the 4 MiB build when there is one (newer releases
+/// may ship no other), else the 2 MiB one. The two must match.
 fn ovmf() -> (PathBuf, PathBuf) {
     for suffix in ["_4M", ""] {
         let code = PathBuf::from(format!("/usr/share/OVMF/OVMF_CODE{suffix}.fd"));
