@@ -517,9 +517,12 @@ impl Drop for LioVm {
 /// `setpriv --pdeathsig` ties qemu to the *thread* that started it, not the process: started
 /// from a thread that ends first — a tokio blocking-pool thread ends after 10 s idle — qemu would
 /// be killed with it, silently, in the middle of a test (seen under load).
+///
+/// The keeper also kills it when asked: only it holds the child, so no signal can go to a PID
+/// already reaped and reused.
 pub struct Qemu {
-    /// qemu's PID, or that of the `nsenter` in front of it when it runs in a sandbox.
     pid: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     keeper: std::thread::JoinHandle<()>,
 }
 
@@ -527,10 +530,34 @@ impl Qemu {
     /// Spawns `command` (qemu, or an `nsenter` that runs it) from a keeper thread.
     pub fn start(mut command: Command) -> Self {
         let (started, pid) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
         let keeper = std::thread::spawn(move || match command.spawn() {
             Ok(mut child) => {
                 let _ = started.send(Ok(child.id()));
-                let _ = child.wait();
+                loop {
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        return;
+                    }
+                    if stopping.load(Ordering::SeqCst) {
+                        // An nsenter in front of qemu: qemu first (the nsenter, not yet reaped,
+                        // still holds it as its child), then the nsenter.
+                        let pid = child.id();
+                        let children =
+                            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                                .unwrap_or_default();
+                        for inner in children.split_whitespace() {
+                            let _ = Command::new("kill")
+                                .args(["-KILL", inner])
+                                .stderr(Stdio::null())
+                                .status();
+                        }
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
             Err(error) => {
                 let _ = started.send(Err(error));
@@ -540,9 +567,10 @@ impl Qemu {
             .recv()
             .expect("the keeper thread says")
             .expect("qemu-system-x86 must be installed");
-        Self { pid, keeper }
+        Self { pid, stop, keeper }
     }
 
+    /// qemu's PID, or that of the `nsenter` in front of it.
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -552,20 +580,9 @@ impl Qemu {
         self.keeper.is_finished()
     }
 
-    /// Kills qemu — and first, when an `nsenter` stands in front of it, the qemu behind — and
-    /// waits until its keeper has reaped it.
+    /// Kills qemu (and the `nsenter` in front of it, if any) and waits until it is reaped.
     pub fn stop(self) {
-        if self.keeper.is_finished() {
-            return;
-        }
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
-            .unwrap_or_default();
-        for pid in children
-            .split_whitespace()
-            .chain([self.pid.to_string().as_str()])
-        {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
-        }
+        self.stop.store(true, Ordering::SeqCst);
         let _ = self.keeper.join();
     }
 }

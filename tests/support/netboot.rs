@@ -707,10 +707,16 @@ pub const MILESTONES: &[(&str, &str)] = &[
     ("marker", MARKER),
 ];
 
-/// What the console shows when a boot has failed for good and nothing more will come: iPXE
-/// out of NICs to boot from (it prints why before), SeaBIOS out of boot devices, OVMF's boot
-/// manager fallen through to its shell.
-const DEAD_ENDS: &[&str] = &["No more network devices", "No bootable device.", "Shell> "];
+/// What the console shows when a boot has failed for good and nothing more will come: iPXE's
+/// script (or what it chained to) failed and iPXE gives up on the NIC (it said why just
+/// before; under OVMF, the boot manager then tries its own PXE and HTTP boot over iPXE's
+/// driver, then its shell); SeaBIOS out of boot devices; OVMF at its shell.
+const DEAD_ENDS: &[&str] = &[
+    "Could not boot image",
+    "No more network devices",
+    "No bootable device.",
+    "Shell> ",
+];
 
 /// A diskless qemu machine that boots from the network with iPXE. It is killed when dropped, and
 /// with the test process.
