@@ -72,14 +72,16 @@
 //!   reverse name; the secrets are in sysfs too (`chap-secret`, `rev-chap-name-secret`).
 //! - **Mutual CHAP** works against tgt (`reverse-username`/`reverse-password` in the script, an
 //!   account bound `--outgoing`), and iPXE checks it: a wrong target secret ends in "Could not
-//!   open SAN device: Permission denied (http://ipxe.org/020d623c)" (020d628f under UEFI),
-//!   then "No more network devices".
+//!   open SAN device: Permission denied (http://ipxe.org/020d623c)" (020d628f under UEFI) and
+//!   "Could not boot image"; the wait for the marker ends there, 5.5 s after power-on under
+//!   SeaBIOS, 10 s under OVMF (whose boot manager would go on with its own PXE and HTTP boot
+//!   over iPXE's network driver, then its shell, at ~28 s).
 //! - **Addresses**: the guest reaches the sandbox's 127.0.0.1 as 10.0.2.2, and any other
 //!   address the sandbox has (e.g. 10.99.0.1 added to its `lo`) as itself, through qemu's NAT:
 //!   a script and a portal at 10.99.0.1 boot, and the iBFT then says 10.99.0.1:3260. So a
 //!   discus in the sandbox can advertise such an address in its scripts.
-//! - **Boot times**, power-on to marker, TCG on 2 busy cores (three runs): SeaBIOS 15.1–19.8 s,
-//!   OVMF 15.8–20.4 s. SeaBIOS reaches iPXE in 0.3 s, OVMF in ~4.5 s; iPXE's DHCP takes ~3 s
+//! - **Boot times**, power-on to marker, TCG on 2 busy cores (five runs): SeaBIOS 15.1–19.8 s,
+//!   OVMF 15.8–20.4 s (the slowest run shared the cores with another test's qemu). SeaBIOS reaches iPXE in 0.3 s, OVMF in ~4.5 s; iPXE's DHCP takes ~3 s
 //!   to its script; grub loads kernel and initramfs (~10 MiB over iSCSI) in ~0.5 s; Linux runs
 //!   to the marker in ~9 s after SeaBIOS, ~6 s after OVMF. See [`NetbootMachine::milestones`].
 
