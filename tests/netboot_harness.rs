@@ -1,7 +1,8 @@
 //! The network-boot harness (tests/support/netboot.rs) on its own, without discus: its marker
-//! parser and image builder (quick), and — ignored by default, it boots qemu under TCG seven
-//! times, a few minutes — iPXE `sanboot` of both images under SeaBIOS and OVMF from a tgtd set
-//! up by hand with tgtadm, a fixed iPXE script served by the test:
+//! parser and image builder (quick), and — ignored by default: it boots qemu under TCG nine
+//! times, ~2.5 minutes — iPXE `sanboot` of both images under SeaBIOS and OVMF, multipath and
+//! mutual CHAP, from a tgtd set up by hand with tgtadm and fixed iPXE scripts served by the
+//! test:
 //!
 //! ```text
 //! cargo test --test netboot_harness -- --ignored --nocapture
@@ -207,7 +208,7 @@ fn answers(host: &Host) {
 }
 
 #[test]
-#[ignore = "boots qemu (TCG) seven times: cargo test --test netboot_harness -- --ignored --nocapture"]
+#[ignore = "boots qemu (TCG) nine times, ~2.5 min: cargo test --test netboot_harness -- --ignored --nocapture"]
 fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
     let images = boot_images();
     let host = Host::new();
