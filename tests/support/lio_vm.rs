@@ -97,8 +97,22 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// Debian's current kernel package, unpacked once: (vmlinuz, the folder with the modules).
-fn kernel() -> (PathBuf, PathBuf) {
+/// Debian's current kernel, unpacked from its package: what guests of the tests boot.
+pub struct Kernel {
+    /// The kernel's release, e.g. `6.1.0-57-amd64`.
+    pub release: String,
+    pub vmlinuz: PathBuf,
+    /// The folder with `<module>.ko` for every module asked for.
+    pub modules: PathBuf,
+}
+
+/// Debian's current kernel package (what linux-image-amd64 depends on), unpacked into
+/// `~/.cache/discus/lio-kernel-<release>/` with at least the `wanted` modules. One cache serves
+/// every guest of the tests (LIO here, iBFT in netboot.rs): a cache that lacks a module gets it
+/// added, one file at a time (each written aside, then renamed), and keeps what it had. A new
+/// cache is built aside (`….partial-<pid>`) and renamed into place; never relied on: it is
+/// rebuilt when absent.
+pub fn kernel(wanted: &[&str]) -> Kernel {
     let depends = Command::new("apt-cache")
         .args(["depends", "linux-image-amd64"])
         .output()
@@ -113,14 +127,20 @@ fn kernel() -> (PathBuf, PathBuf) {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
         .join(".cache/discus")
         .join(format!("lio-kernel-{release}"));
-    let vmlinuz = cache.join("vmlinuz");
-    let modules = cache.join("modules");
-    if vmlinuz.exists()
-        && MODULES
+    let kernel = Kernel {
+        vmlinuz: cache.join("vmlinuz"),
+        modules: cache.join("modules"),
+        release: release.clone(),
+    };
+    let missing = |kernel: &Kernel| -> Vec<String> {
+        wanted
             .iter()
-            .all(|m| modules.join(format!("{m}.ko")).exists())
-    {
-        return (vmlinuz, modules);
+            .filter(|m| !kernel.modules.join(format!("{m}.ko")).exists())
+            .map(|m| (*m).to_owned())
+            .collect()
+    };
+    if kernel.vmlinuz.exists() && missing(&kernel).is_empty() {
+        return kernel;
     }
     let work = tempfile::tempdir().expect("tempdir");
     let download = Command::new("apt-get")
@@ -148,23 +168,47 @@ fn kernel() -> (PathBuf, PathBuf) {
             &root.display().to_string(),
         ],
     );
-    let partial = cache.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(partial.join("modules")).expect("cache");
-    std::fs::copy(
-        root.join(format!("boot/vmlinuz-{release}")),
-        partial.join("vmlinuz"),
-    )
-    .expect("vmlinuz");
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
     let tree = root.join(format!("lib/modules/{release}/kernel"));
-    for module in MODULES {
-        let found = find(&tree, &format!("{module}.ko"))
-            .unwrap_or_else(|| panic!("{module}.ko in {package}"));
-        std::fs::copy(found, partial.join(format!("modules/{module}.ko"))).expect("module");
+    let module = |name: &str| {
+        find(&tree, &format!("{name}.ko")).unwrap_or_else(|| panic!("{name}.ko in {package}"))
+    };
+    if !cache.exists() {
+        let partial = cache.with_file_name(format!(
+            "lio-kernel-{release}.partial-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&partial);
+        std::fs::create_dir_all(partial.join("modules")).expect("cache");
+        std::fs::copy(&vmlinuz, partial.join("vmlinuz")).expect("vmlinuz");
+        for name in wanted {
+            std::fs::copy(module(name), partial.join(format!("modules/{name}.ko")))
+                .expect("module");
+        }
+        // Another test process may have won the race: its cache is as good, and gets what this
+        // one lacks below.
+        if std::fs::rename(&partial, &cache).is_ok() {
+            return kernel;
+        }
+        let _ = std::fs::remove_dir_all(&partial);
     }
-    let _ = std::fs::remove_dir_all(&cache);
-    std::fs::rename(&partial, &cache).expect("cache");
-    (vmlinuz, modules)
+    std::fs::create_dir_all(&kernel.modules).expect("cache");
+    let place = |from: &Path, to: &Path| {
+        let aside = to.with_file_name(format!(
+            ".{}.{}",
+            to.file_name().expect("name").to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::copy(from, &aside).expect("cache");
+        std::fs::rename(&aside, to).expect("cache");
+    };
+    if !kernel.vmlinuz.exists() {
+        place(&vmlinuz, &kernel.vmlinuz);
+    }
+    for name in missing(&kernel) {
+        place(&module(&name), &kernel.modules.join(format!("{name}.ko")));
+    }
+    kernel
 }
 
 fn find(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -235,19 +279,19 @@ fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
         std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
         std::fs::set_permissions(root.join(file), permissions).expect("chmod");
     }
-    let mut files = Vec::new();
-    collect(&root, &root, &mut files);
     let image = dir.join("initrd.cpio");
+    cpio(&root, &image);
+    image
+}
+
+/// Packs the folder `root` into `image`, an uncompressed newc cpio archive (an initramfs).
+pub fn cpio(root: &Path, image: &Path) {
+    let mut files = Vec::new();
+    collect(root, root, &mut files);
     let mut cpio = Command::new("cpio")
-        .args([
-            "-o",
-            "-H",
-            "newc",
-            "--quiet",
-            "-F",
-            &image.display().to_string(),
-        ])
-        .current_dir(&root)
+        .args(["-o", "-H", "newc", "--quiet", "-F"])
+        .arg(image)
+        .current_dir(root)
         .stdin(Stdio::piped())
         .spawn()
         .expect("cpio must be installed");
@@ -259,7 +303,6 @@ fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
         }
     }
     assert!(cpio.wait().expect("cpio").success());
-    image
 }
 
 fn collect(root: &Path, dir: &Path, files: &mut Vec<String>) {
@@ -277,7 +320,11 @@ fn collect(root: &Path, dir: &Path, files: &mut Vec<String>) {
 impl LioVm {
     /// Boots a guest with the discus of this test run, and waits until it is ready.
     pub fn boot() -> Self {
-        let (kernel, modules) = kernel();
+        let Kernel {
+            vmlinuz: kernel,
+            modules,
+            ..
+        } = kernel(MODULES);
         let dir = tempfile::Builder::new()
             .prefix("discus-lio-vm-")
             .tempdir()
@@ -470,18 +517,47 @@ impl Drop for LioVm {
 /// `setpriv --pdeathsig` ties qemu to the *thread* that started it, not the process: started
 /// from a thread that ends first — a tokio blocking-pool thread ends after 10 s idle — qemu would
 /// be killed with it, silently, in the middle of a test (seen under load).
-struct Qemu {
+///
+/// The keeper also kills it when asked: only it holds the child, so no signal can go to a PID
+/// already reaped and reused.
+pub struct Qemu {
     pid: u32,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     keeper: std::thread::JoinHandle<()>,
 }
 
 impl Qemu {
-    fn start(mut command: Command) -> Self {
+    /// Spawns `command` (qemu, or an `nsenter` that runs it) from a keeper thread.
+    pub fn start(mut command: Command) -> Self {
         let (started, pid) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
         let keeper = std::thread::spawn(move || match command.spawn() {
             Ok(mut child) => {
                 let _ = started.send(Ok(child.id()));
-                let _ = child.wait();
+                loop {
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        return;
+                    }
+                    if stopping.load(Ordering::SeqCst) {
+                        // An nsenter in front of qemu: qemu first (the nsenter, not yet reaped,
+                        // still holds it as its child), then the nsenter.
+                        let pid = child.id();
+                        let children =
+                            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                                .unwrap_or_default();
+                        for inner in children.split_whitespace() {
+                            let _ = Command::new("kill")
+                                .args(["-KILL", inner])
+                                .stderr(Stdio::null())
+                                .status();
+                        }
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
             }
             Err(error) => {
                 let _ = started.send(Err(error));
@@ -491,17 +567,22 @@ impl Qemu {
             .recv()
             .expect("the keeper thread says")
             .expect("qemu-system-x86 must be installed");
-        Self { pid, keeper }
+        Self { pid, stop, keeper }
     }
 
-    /// Kills qemu and waits until its keeper has reaped it.
-    fn stop(self) {
-        if self.keeper.is_finished() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.pid.to_string()])
-            .status();
+    /// qemu's PID, or that of the `nsenter` in front of it.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process started has exited (and been reaped).
+    pub fn exited(&self) -> bool {
+        self.keeper.is_finished()
+    }
+
+    /// Kills qemu (and the `nsenter` in front of it, if any) and waits until it is reaped.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
         let _ = self.keeper.join();
     }
 }

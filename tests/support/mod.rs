@@ -12,6 +12,7 @@ pub mod initiator;
 pub mod kstatus;
 pub mod lio_vm;
 pub mod manifests;
+pub mod netboot;
 pub mod network;
 pub mod node;
 pub mod proxy;

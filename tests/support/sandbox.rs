@@ -118,6 +118,27 @@ impl Sandbox {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// A TCP listener of the test process's, bound in the sandbox's network namespace (e.g. to
+    /// `127.0.0.1:0`): a server in the test that programs in the sandbox reach on its loopback.
+    /// Only the thread that binds it enters the namespace; the socket stays there.
+    pub fn listen(&self, address: &str) -> std::net::TcpListener {
+        let namespace = std::fs::File::open(format!("/proc/{}/ns/net", self.pid))
+            .expect("the sandbox's network namespace");
+        let address = address.to_owned();
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            rustix::thread::move_into_link_name_space(
+                namespace.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .expect("setns into the sandbox's network namespace");
+            std::net::TcpListener::bind(&address)
+                .unwrap_or_else(|e| panic!("bind {address} in the sandbox: {e}"))
+        })
+        .join()
+        .expect("the binding thread")
+    }
+
     /// The sandbox's `/var/lib/discus`, as the test sees it.
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
