@@ -1,11 +1,15 @@
 //! Network boot through discus: the boot endpoint as iPXE and an attacker see it (HTTP inside a
-//! host of its own, with a real tgtd behind `discus serve`).
+//! host of its own, with a real tgtd behind `discus serve`), and diskless qemu machines with
+//! Debian's iPXE booting from it (tests/support/netboot.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
 
+use std::time::{Duration, Instant};
+
 use serde_json::{Value, json};
 use support::manifests;
+use support::netboot::{self, Firmware, ImageKind, Netboot};
 use support::serve_host::{Host, INITIATOR, Served};
 
 const BOOT: &str = "127.0.0.1:8090";
@@ -89,7 +93,10 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
     // Without a card, any machine gets only the way to ask again with its card.
     assert_eq!(
         get(&host, "/boot/ipxe"),
-        (200, "#!ipxe\nchain /boot/ipxe?mac=${netX/mac}\n".to_owned())
+        (
+            200,
+            format!("#!ipxe\nchain http://{BOOT}/boot/ipxe?mac=${{netX/mac}}\n")
+        )
     );
     // Everything else: one answer, whatever the reason.
     let refused = (404, "no boot script for this machine\n".to_owned());
@@ -188,11 +195,191 @@ fn tgt_compares_initiator_names_as_written() {
     host.converge();
     let iqn = "iqn.2026-11.dev.discus:boot";
     let chap = Some(("client", "client-secret"));
-    assert!(host.inquiry(iqn, 1, "iqn.2010-04.org.ipxe:pxe-1", chap).is_ok());
+    assert!(
+        host.inquiry(iqn, 1, "iqn.2010-04.org.ipxe:pxe-1", chap)
+            .is_ok()
+    );
     // The name iPXE would send for a DHCP host name `PXE-1`: tgt hides the target from it.
     let upper = host.inquiry(iqn, 1, "iqn.2010-04.org.ipxe:PXE-1", chap);
     assert!(
-        upper.as_ref().is_err_and(|e| e.contains("Target not found")),
+        upper
+            .as_ref()
+            .is_err_and(|e| e.contains("Target not found")),
         "{upper:?}"
     );
+}
+
+/// The storage node as machines reach it, as in examples/netboot: an address of the host's own
+/// (qemu's user-mode network takes a machine's connections there).
+const NODE: &str = "10.20.0.11";
+
+/// One diskless machine of the boot test: its firmware, the disc it boots, its card, and
+/// whether its grant uses mutual CHAP.
+struct Machine {
+    firmware: Firmware,
+    kind: ImageKind,
+    card: &'static str,
+    mutual: bool,
+}
+
+impl Machine {
+    fn name(&self) -> String {
+        format!("{}-{}", self.firmware.name(), self.kind.name())
+    }
+
+    fn initiator(&self) -> String {
+        format!("iqn.2010-04.org.ipxe:{}", self.name())
+    }
+
+    /// Its grant, boot block and CHAP Secret.
+    fn manifests(&self) -> [Value; 2] {
+        let name = self.name();
+        let mut secret = json!({"username": name, "password": format!("{name}-pw12")});
+        if self.mutual {
+            secret["mutualUsername"] = json!(format!("{}-target", self.kind.name()));
+            secret["mutualPassword"] = json!("target $ pw #1");
+        }
+        let grant = manifests::discus(
+            "InitiatorAccess",
+            "lab",
+            &name,
+            json!({
+                "targetRef": {"name": self.kind.name()},
+                "initiatorIqn": self.initiator(),
+                "chap": {"secretRef": {"name": format!("{name}-chap")}, "mutual": self.mutual},
+                "boot": {"macAddresses": [self.card], "sourceCidrs": ["10.20.0.0/24"]},
+            }),
+        );
+        [
+            grant,
+            manifests::secret("lab", &format!("{name}-chap"), secret),
+        ]
+    }
+}
+
+/// The two boot discs, each a target of its own on the node's provisioning address: the ISO as
+/// a CD, the raw image as a disk.
+fn boot_discs(host: &Host) -> Vec<Value> {
+    let images = netboot::boot_images();
+    let mut objects = Vec::new();
+    for kind in ImageKind::ALL {
+        let path = host.images.join(format!("{}.img", kind.name()));
+        std::fs::copy(images.image(kind), &path).expect("copy the boot image");
+        let digest = support::serve_host::sha256_file(&path);
+        let (format, device) = match kind {
+            ImageKind::Iso => ("iso", "cdrom"),
+            ImageKind::Raw => ("raw", "disk"),
+        };
+        objects.push(manifests::discus(
+            "DiscImage",
+            "lab",
+            kind.name(),
+            json!({"source": {"file": {"path": path}}, "sha256": digest, "format": format}),
+        ));
+        objects.push(manifests::discus(
+            "IscsiTarget",
+            "lab",
+            kind.name(),
+            json!({
+                "iqn": format!("iqn.2026-11.dev.discus:boot-{}", kind.name()),
+                "portals": [{"address": NODE}],
+                "luns": [{"lun": 0, "image": kind.name(), "deviceType": device}],
+            }),
+        ));
+    }
+    objects
+}
+
+/// Machines without a disk power on; DHCP hands their iPXE the node's boot URL (no card in it:
+/// the endpoint asks again with it); discus answers each card with its grant's script; each
+/// boots its disc from tgt under SeaBIOS or OVMF and reports what the iBFT told the booted
+/// system.
+#[test]
+fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
+    let host = Host::new();
+    host.sandbox
+        .must(&["ip", "address", "add", &format!("{NODE}/32"), "dev", "lo"]);
+    let machines = [
+        Machine {
+            firmware: Firmware::Bios,
+            kind: ImageKind::Iso,
+            card: "52:54:00:10:00:01",
+            mutual: false,
+        },
+        Machine {
+            firmware: Firmware::Uefi,
+            kind: ImageKind::Iso,
+            card: "52:54:00:10:00:02",
+            mutual: true,
+        },
+        Machine {
+            firmware: Firmware::Bios,
+            kind: ImageKind::Raw,
+            card: "52:54:00:10:00:03",
+            mutual: true,
+        },
+        Machine {
+            firmware: Firmware::Uefi,
+            kind: ImageKind::Raw,
+            card: "52:54:00:10:00:04",
+            mutual: false,
+        },
+    ];
+    let mut objects = boot_discs(&host);
+    objects.extend(machines.iter().flat_map(Machine::manifests));
+    host.manifest("netboot.yaml", &manifests::yaml(objects.iter()));
+    let boot_address = format!("{NODE}:8090");
+    let mut server = host.start_with(&["--boot-address", &boot_address]);
+    host.wait_for("every boot grant applied", || {
+        machines
+            .iter()
+            .all(|m| host.condition("InitiatorAccess", &m.name(), "Ready").0 == "True")
+    });
+
+    let mut times = Vec::new();
+    for machine in &machines {
+        let booted = Netboot::new(machine.firmware, format!("http://{boot_address}/boot/ipxe"))
+            .mac(machine.card)
+            .start_in(&host.sandbox)
+            .wait_for_marker(Instant::now() + Duration::from_secs(300))
+            .unwrap_or_else(|why| panic!("{}: {why}\n{}", machine.name(), host.log()));
+        let marker = booted.marker;
+        assert_eq!(marker.kind, machine.kind.name());
+        let ibft = marker
+            .ibft
+            .unwrap_or_else(|| panic!("{}: no iBFT", machine.name()));
+        assert_eq!(ibft.initiator, machine.initiator());
+        assert_eq!(ibft.mac, machine.card);
+        let target = &ibft.targets[0];
+        assert_eq!(
+            (target.name.as_str(), target.address.as_str(), target.lun),
+            (
+                format!("iqn.2026-11.dev.discus:boot-{}", machine.kind.name()).as_str(),
+                format!("{NODE}:3260").as_str(),
+                Some(1)
+            ),
+            "{}",
+            machine.name()
+        );
+        assert_eq!(target.chap_name.as_deref(), Some(machine.name().as_str()));
+        let reverse = machine
+            .mutual
+            .then(|| format!("{}-target", machine.kind.name()));
+        assert_eq!(target.reverse_chap_name, reverse, "{}", machine.name());
+        times.push(format!(
+            "{} {:.1} s",
+            machine.name(),
+            booted.boot_time.as_secs_f64()
+        ));
+    }
+    println!("power-on to marker (TCG): {}", times.join(", "));
+    let log = host.log();
+    for machine in &machines {
+        assert!(
+            log.contains(&format!("grant=lab/{}", machine.name())),
+            "{log}"
+        );
+    }
+    server.kill().expect("kill");
+    server.wait().expect("wait");
 }

@@ -31,6 +31,9 @@ use crate::api::printable;
 use crate::desired::ObjectKey;
 use crate::metrics::Metrics;
 
+/// The one answer to every request that gets no script.
+const REFUSED: &str = "no boot script for this machine\n";
+
 /// Where the endpoint listens and how often one source may ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootOptions {
@@ -172,7 +175,11 @@ async fn boot_script(
     }
     let Some(mac) = query.mac else {
         endpoint.metrics.boot_request("asked_for_mac");
-        return script_response(ask_with_mac().to_owned());
+        let Some(local) = connection.local else {
+            return (StatusCode::NOT_FOUND, REFUSED).into_response();
+        };
+        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+        return script_response(ask_with_mac(local));
     };
     let decision = endpoint.tables.decide(Some(&mac), source, Timestamp::now());
     match decision {
@@ -206,7 +213,7 @@ async fn boot_script(
                 why = refusal.as_str(),
                 "boot request refused"
             );
-            (StatusCode::NOT_FOUND, "no boot script for this machine\n").into_response()
+            (StatusCode::NOT_FOUND, REFUSED).into_response()
         }
     }
 }

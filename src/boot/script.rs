@@ -10,7 +10,7 @@
 //! several URIs are paths to the same disc (multipath).
 
 use std::fmt::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::table::BootEntry;
 use crate::api::iscsi_target::Portal;
@@ -54,10 +54,12 @@ pub fn ipxe_script(entry: &BootEntry, local: IpAddr) -> String {
     script
 }
 
-/// The script every machine may get: it asks again with the MAC address of the card it booted
-/// from, for DHCP servers that cannot put `${netX/mac}` in the boot file name.
-pub fn ask_with_mac() -> &'static str {
-    "#!ipxe\nchain /boot/ipxe?mac=${netX/mac}\n"
+/// The script every machine may get: it asks again, at `endpoint` (the address the request came
+/// in on), with the MAC address of the card it booted from — for DHCP servers that cannot put
+/// `${netX/mac}` in the boot file name. The URL is absolute: iPXE of 2019 does not resolve a
+/// relative one in `chain` ("Operation not supported").
+pub fn ask_with_mac(endpoint: SocketAddr) -> String {
+    format!("#!ipxe\nchain http://{endpoint}/boot/ipxe?mac=${{netX/mac}}\n")
 }
 
 fn set(script: &mut String, setting: &str, value: Option<&str>) {
@@ -157,6 +159,15 @@ mod tests {
              sanboot iscsi:10.0.0.1::3260:b:iqn.2026-11.dev.discus:lab.boot \
              iscsi:10.0.0.2::3261:b:iqn.2026-11.dev.discus:lab.boot \
              iscsi:[fd00::3]::3260:b:iqn.2026-11.dev.discus:lab.boot\n"
+        );
+    }
+
+    #[test]
+    fn asks_again_at_the_address_the_request_came_in_on() {
+        let v6: SocketAddr = "[fd00::1]:8090".parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            ask_with_mac(v6),
+            "#!ipxe\nchain http://[fd00::1]:8090/boot/ipxe?mac=${netX/mac}\n"
         );
     }
 
