@@ -87,8 +87,12 @@ pub enum Reason {
     SecretInvalid,
     /// Another grant gives the same initiator access to the same target.
     DuplicateGrant,
-    /// An older grant boots a machine with the same MAC address (`spec.boot.macAddresses`).
+    /// Another grant on the node names the same MAC address (`spec.boot.macAddresses`): the card
+    /// boots through none of them. The grants' access is untouched.
     DuplicateBootMac,
+    /// The boot block names a LUN its target does not have: nothing boots through the grant. Its
+    /// access is untouched.
+    BootLunNotFound,
     /// The backend cannot honour it without widening access (tgt).
     BackendLimit,
     /// The target software holds an object of the same name that discus does not own.
@@ -122,6 +126,12 @@ impl Reason {
         name.parse().ok()
     }
 
+    /// Whether it concerns only how machines boot through a grant (`spec.boot`): the grant's
+    /// access stands, only its boot script is withheld.
+    pub fn is_boot(self) -> bool {
+        matches!(self, Self::DuplicateBootMac | Self::BootLunNotFound)
+    }
+
     /// Whether only a person can fix it (kstatus's `Stalled`).
     pub fn stalls(self) -> bool {
         match self {
@@ -135,6 +145,7 @@ impl Reason {
             | Self::SecretInvalid
             | Self::DuplicateGrant
             | Self::DuplicateBootMac
+            | Self::BootLunNotFound
             | Self::BackendLimit
             | Self::ForeignObject
             | Self::ImportFailed

@@ -298,7 +298,10 @@ pub fn target_status(
 /// This node's entry for a grant, or nothing when its target is not placed here.
 pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<AccessNodeStatus> {
     let key = object_key(grant.meta());
-    let problems: Vec<&Problem> = report.problems_of(Kind::InitiatorAccess, &key).collect();
+    // Boot problems withhold the boot script, not the access: said, but not in the way.
+    let (boot, problems): (Vec<&Problem>, Vec<&Problem>) = report
+        .problems_of(Kind::InitiatorAccess, &key)
+        .partition(|p| p.reason.is_boot());
     let mut entry = AccessNodeStatus {
         node: report.node.clone(),
         ..AccessNodeStatus::default()
@@ -346,6 +349,10 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                 })
                 .collect(),
         });
+        if let Some((reason, message)) = summary(&boot) {
+            entry.reason = Some(reason);
+            entry.message = Some(message);
+        }
     } else {
         entry.reason = Some(Reason::NotConverged.to_string());
         entry.message = Some(unsettled.join("; "));

@@ -106,6 +106,7 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
         ("52:54:00:d1:5c:04", "unknown_mac"),
         ("52%3A54%3A00", "no_mac"),
         ("%24%7Bnet0%2Fmac%7D%0Aforged", "no_mac"),
+        (&format!("{CARD}&mac={CARD}"), "no_mac"),
     ] {
         assert_eq!(
             get(&host, &format!("/boot/ipxe?mac={mac}")),

@@ -45,6 +45,7 @@ use super::{rules, schema};
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.boot) || !has(self.boot.lun) || !has(self.luns) || self.boot.lun in self.luns").message("spec.boot.lun must be one of spec.luns").field_path(".boot.lun"))]
 pub struct InitiatorAccessSpec {
     /// The IscsiTarget, in the same namespace.
     pub target_ref: TargetRef,
@@ -76,7 +77,7 @@ pub struct InitiatorAccessSpec {
 #[serde(rename_all = "camelCase")]
 pub struct BootSpec {
     /// The MAC addresses of the network cards the machine boots from (iPXE's `${net0/mac}`),
-    /// such as `52:54:00:12:34:56`. A MAC boots through one grant only: the oldest that names it.
+    /// such as `52:54:00:12:34:56`. A card two grants on a node name boots through neither.
     #[schemars(schema_with = "schema::mac_addresses")]
     pub mac_addresses: Vec<String>,
     /// The networks the script may be fetched from (CIDR); from anywhere when absent.
@@ -269,6 +270,12 @@ impl BootSpec {
             macs.push(mac);
         }
         let sources_path = path.child("sourceCidrs");
+        if self.source_cidrs.as_ref().is_some_and(Vec::is_empty) {
+            errors.push(
+                sources_path.clone(),
+                "must name at least one network; leave sourceCidrs out to allow any",
+            );
+        }
         let sources = (self.source_cidrs.iter().flatten().enumerate())
             .filter_map(|(i, text)| errors.check(&sources_path.index(i), rules::cidr(text)))
             .collect();

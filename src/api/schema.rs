@@ -161,6 +161,7 @@ pub fn mac_addresses(_: &mut SchemaGenerator) -> Schema {
 pub fn cidrs(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
+        "minItems": 1,
         "maxItems": rules::MAX_BOOT_SOURCES,
         "x-kubernetes-list-type": "set",
         "items": {

@@ -13,6 +13,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -84,6 +85,21 @@ impl BootTables {
     /// Drops what the next desired state no longer backs (before the pass applies it).
     pub fn retain_desired(&self, state: &crate::desired::DesiredState) {
         self.table.write().retain_desired(state);
+    }
+
+    /// The script for a request, made while the table is read: a pass that drops the grant
+    /// waits until it is made.
+    pub fn script(
+        &self,
+        mac: &str,
+        source: IpAddr,
+        local: IpAddr,
+        now: Timestamp,
+    ) -> Result<(Arc<BootEntry>, String), Refusal> {
+        let table = self.table.read();
+        let entry = table.decide(Some(mac), source, now)?;
+        let script = ipxe_script(&entry, local);
+        Ok((entry, script))
     }
 
     /// What the current table decides for a request (`BootTable::decide`).
@@ -165,7 +181,7 @@ struct BootQuery {
 async fn boot_script(
     State(endpoint): State<Arc<Endpoint>>,
     ConnectInfo(connection): ConnectInfo<Connection>,
-    Query(query): Query<BootQuery>,
+    query: Result<Query<BootQuery>, QueryRejection>,
 ) -> Response {
     let source = connection.peer.ip().to_canonical();
     if endpoint.limiter.check_key(&source).is_err() {
@@ -173,36 +189,25 @@ async fn boot_script(
         tracing::warn!(%source, "boot request refused: too many from this address");
         return (StatusCode::TOO_MANY_REQUESTS, "too many requests\n").into_response();
     }
-    let Some(mac) = query.mac else {
+    // Where the request came in: what wildcard portals and the ask-again URL become.
+    let Some(local) = connection.local else {
+        return (StatusCode::NOT_FOUND, REFUSED).into_response();
+    };
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+    // A query that does not parse (`mac` twice, say) is refused like a malformed card.
+    let mac = query.map_or_else(|_| Some(String::new()), |Query(q)| q.mac);
+    let Some(mac) = mac else {
         endpoint.metrics.boot_request("asked_for_mac");
-        let Some(local) = connection.local else {
-            return (StatusCode::NOT_FOUND, REFUSED).into_response();
-        };
-        let local = SocketAddr::new(local.ip().to_canonical(), local.port());
         return script_response(ask_with_mac(local));
     };
-    let decision = endpoint.tables.decide(Some(&mac), source, Timestamp::now());
-    match decision {
-        Ok(entry) => {
+    match endpoint
+        .tables
+        .script(&mac, source, local.ip(), Timestamp::now())
+    {
+        Ok((entry, script)) => {
             endpoint.metrics.boot_request("served");
-            if let Ok(card) = mac.parse() {
-                // Nobody listening (discus serve) is fine: the log line below is the record.
-                let _ = endpoint.tables.served.send(ServedScript {
-                    grant: entry.grant.clone(),
-                    uid: entry.uid.clone(),
-                    mac: card,
-                    source,
-                });
-            }
-            tracing::info!(
-                grant = %entry.grant,
-                mac = %mac.to_ascii_lowercase(),
-                %source,
-                iqn = %entry.iqn,
-                "boot script served"
-            );
-            let local = connection.local.map_or(source, |a| a.ip().to_canonical());
-            script_response(ipxe_script(&entry, local))
+            tell_served(&endpoint, &entry, &mac, source);
+            script_response(script)
         }
         Err(refusal) => {
             endpoint.metrics.boot_request(refusal.as_str());
@@ -216,6 +221,26 @@ async fn boot_script(
             (StatusCode::NOT_FOUND, REFUSED).into_response()
         }
     }
+}
+
+/// The audit trail of a script served: a log line, and news for whoever tells Events.
+fn tell_served(endpoint: &Endpoint, entry: &BootEntry, mac: &str, source: IpAddr) {
+    if let Ok(card) = mac.parse() {
+        // Nobody listening (discus serve) is fine: the log line below is the record.
+        let _ = endpoint.tables.served.send(ServedScript {
+            grant: entry.grant.clone(),
+            uid: entry.uid.clone(),
+            mac: card,
+            source,
+        });
+    }
+    tracing::info!(
+        grant = %entry.grant,
+        mac = %mac.to_ascii_lowercase(),
+        %source,
+        iqn = %entry.iqn,
+        "boot script served"
+    );
 }
 
 fn script_response(script: String) -> Response {

@@ -16,7 +16,9 @@ use crate::api::InitiatorAccess;
 use crate::api::chap::ChapCredentials;
 use crate::api::iscsi_target::Portal;
 use crate::api::mac::MacAddress;
-use crate::desired::{AclConfig, BootConfig, DesiredState, ObjectKey, TargetConfig, object_key};
+use crate::desired::{
+    AclConfig, BootConfig, DesiredState, Kind, ObjectKey, TargetConfig, object_key,
+};
 use crate::sync::NodeReport;
 
 /// One grant a machine may boot through, as this node applied it.
@@ -76,14 +78,12 @@ impl BootTable {
             let Some((target, acl)) = report.grant_acl(grant) else {
                 continue;
             };
-            if !report
-                .unsettled_messages(&target.iqn, Some(&acl.initiator))
-                .is_empty()
-            {
+            if !applied_here(report, grant, target, acl) {
                 continue;
             }
             let mut portals = target.portals.clone();
-            for portal in elsewhere.get(grant).into_iter().flatten() {
+            let reported = elsewhere.get(&(grant.clone(), target.iqn.clone()));
+            for portal in reported.into_iter().flatten() {
                 if !portals.contains(portal) {
                     portals.push(*portal);
                 }
@@ -155,14 +155,43 @@ impl BootTable {
     }
 }
 
-/// The portals other nodes report for each grant they applied.
-fn portals_elsewhere(node: &str, grants: &[InitiatorAccess]) -> BTreeMap<ObjectKey, Vec<Portal>> {
-    let mut portals: BTreeMap<ObjectKey, Vec<Portal>> = BTreeMap::new();
+/// Whether the pass left the grant's ACL in place as declared: nothing unsettled, and nothing
+/// refused of it or of its target (a backend limit, a foreign object of the same name) — the
+/// same judgement as the grant's status, apart from problems that concern only its boot block.
+fn applied_here(
+    report: &NodeReport,
+    grant: &ObjectKey,
+    target: &TargetConfig,
+    acl: &AclConfig,
+) -> bool {
+    report
+        .unsettled_messages(&target.iqn, Some(&acl.initiator))
+        .is_empty()
+        && report
+            .problems_of(Kind::InitiatorAccess, grant)
+            .all(|p| p.reason.is_boot())
+        && report
+            .problems_of(Kind::IscsiTarget, &target.owner)
+            .next()
+            .is_none()
+}
+
+/// The portals other nodes report for each grant they applied, by grant and the target IQN
+/// they report it under (a portal of another target is never a path to this one).
+fn portals_elsewhere(
+    node: &str,
+    grants: &[InitiatorAccess],
+) -> BTreeMap<(ObjectKey, String), Vec<Portal>> {
+    let mut portals: BTreeMap<(ObjectKey, String), Vec<Portal>> = BTreeMap::new();
     for grant in grants {
         let entries = grant.status.iter().flat_map(|s| &s.nodes);
         for entry in entries.filter(|e| e.node != node && e.applied) {
-            let reported = entry.connection.iter().flat_map(|c| &c.portals);
-            let parsed = reported
+            let Some(connection) = &entry.connection else {
+                continue;
+            };
+            let parsed = connection
+                .portals
+                .iter()
                 .filter_map(|text| text.parse::<SocketAddr>().ok())
                 .filter(|address| !address.ip().is_unspecified() && address.port() != 0)
                 .map(|address| Portal {
@@ -170,7 +199,7 @@ fn portals_elsewhere(node: &str, grants: &[InitiatorAccess]) -> BTreeMap<ObjectK
                     port: address.port(),
                 });
             portals
-                .entry(object_key(&grant.metadata))
+                .entry((object_key(&grant.metadata), connection.iqn.clone()))
                 .or_default()
                 .extend(parsed);
         }

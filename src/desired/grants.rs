@@ -10,6 +10,7 @@ use super::{
 use crate::api::InitiatorAccess;
 use crate::api::chap::ChapCredentials;
 use crate::api::initiator_access::{ValidBoot, ValidGrant};
+use crate::api::mac::MacAddress;
 
 pub(super) fn resolve(
     inputs: &Inputs<'_>,
@@ -27,6 +28,41 @@ pub(super) fn resolve(
             });
         }
     }
+    withhold_shared_cards(state);
+}
+
+/// A card two grants name boots through neither: a request names a card, never a grant, and
+/// which grant is older says nothing about whose machine it is (any namespace may name any
+/// card). Each grant involved says so; their access is untouched.
+fn withhold_shared_cards(state: &mut DesiredState) {
+    let mut owners: BTreeMap<MacAddress, Vec<ObjectKey>> = BTreeMap::new();
+    for (grant, config) in &state.boots {
+        for mac in &config.macs {
+            owners.entry(*mac).or_default().push(grant.clone());
+        }
+    }
+    for (mac, grants) in owners.into_iter().filter(|(_, g)| g.len() > 1) {
+        for grant in &grants {
+            let others: Vec<String> = (grants.iter())
+                .filter(|g| *g != grant)
+                .map(ToString::to_string)
+                .collect();
+            state.problems.push(Problem {
+                kind: Kind::InitiatorAccess,
+                key: grant.clone(),
+                reason: Reason::DuplicateBootMac,
+                message: format!(
+                    "spec.boot.macAddresses: {mac} is also named by InitiatorAccess {}; a card \
+                     boots through one grant, so it boots through none until only one names it",
+                    others.join(", ")
+                ),
+            });
+            if let Some(config) = state.boots.get_mut(grant) {
+                config.macs.retain(|m| *m != mac);
+            }
+        }
+    }
+    state.boots.retain(|_, config| !config.macs.is_empty());
 }
 
 /// Adds the grant's ACL to its target, or says why it cannot. `Ok` also covers the grants that
@@ -83,9 +119,19 @@ fn apply(
     }
     let chap = credentials(inputs, key, valid, target.chap_required, &valid.target)?;
     let luns = mapped_luns(valid, target)?;
+    // A boot block that cannot boot withholds the script, never the access.
     if let Some(boot) = &valid.boot {
-        let config = boot_config(boot, valid, &luns, &target.owner.name, &state.boots)?;
-        state.boots.insert(key.clone(), config);
+        match boot_config(boot, valid, &luns, &target.owner.name) {
+            Ok(config) => {
+                state.boots.insert(key.clone(), config);
+            }
+            Err((reason, message)) => state.problems.push(Problem {
+                kind: Kind::InitiatorAccess,
+                key: key.clone(),
+                reason,
+                message,
+            }),
+        }
     }
     let target = &mut state.targets[index];
     target.acls.push(AclConfig {
@@ -193,41 +239,28 @@ fn mapped_luns(
     }
 }
 
-/// The grant's boot block against its ACL: the LUN it boots from is one the ACL maps, and no
-/// older grant on this node boots the same card (a request names a card, never a grant).
+/// The grant's boot block against its ACL: the LUN it boots from is one the ACL maps.
 fn boot_config(
     boot: &ValidBoot,
     grant: &ValidGrant,
     luns: &[MappedLun],
     target: &str,
-    older: &BTreeMap<ObjectKey, BootConfig>,
 ) -> Result<BootConfig, (Reason, String)> {
     let lun = match boot.lun {
         Some(lun) if luns.iter().any(|m| m.lun == lun) => lun,
         Some(lun) => {
             return Err((
-                Reason::LunNotFound,
+                Reason::BootLunNotFound,
                 format!("spec.boot.lun: IscsiTarget {target} has no LUN {lun}"),
             ));
         }
         None => (luns.first().map(|m| m.lun)).ok_or_else(|| {
             (
-                Reason::LunNotFound,
+                Reason::BootLunNotFound,
                 format!("spec.boot: IscsiTarget {target} has no LUN to boot from"),
             )
         })?,
     };
-    for (other, config) in older {
-        if let Some(mac) = boot.macs.iter().find(|mac| config.macs.contains(mac)) {
-            return Err((
-                Reason::DuplicateBootMac,
-                format!(
-                    "spec.boot.macAddresses: {mac} already boots through InitiatorAccess {other}, \
-                     which is older; a card boots through one grant"
-                ),
-            ));
-        }
-    }
     Ok(BootConfig {
         macs: boot.macs.clone(),
         sources: boot.sources.clone(),

@@ -136,6 +136,11 @@ impl<B: Backend> Syncer<B> {
             })
         };
         let mut state = desired_state(&ready);
+        // Revocations first: what the declarations no longer back stops booting now, before
+        // imports and copies take their time.
+        if let Some(boot) = &self.boot {
+            boot.retain_desired(&state);
+        }
         let wanted: BTreeSet<ObjectKey> = if self.prefetch_all {
             requests.keys().cloned().collect()
         } else {
@@ -151,7 +156,7 @@ impl<B: Backend> Syncer<B> {
             "desired state computed"
         );
 
-        // Revocations first: what the target is about to lose stops booting now.
+        // And what the target is about to lose, before it does.
         if let Some(boot) = &self.boot {
             boot.retain_desired(&state);
         }

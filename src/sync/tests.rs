@@ -263,10 +263,13 @@ async fn a_boot_grant_boots_once_applied_and_stops_before_its_acl_goes() {
             "boot": {"macAddresses": [MAC], "sourceCidrs": ["127.0.0.0/8"]},
         },
         "status": {"nodes": [
-            {"node": "node-b", "applied": true, "connection": {"iqn": "x",
+            {"node": "node-b", "applied": true, "connection": {"iqn": "iqn.2026-11.dev.discus:lab.boot",
              "portals": ["10.0.0.12:3260", "0.0.0.0:3260", "not-a-portal"]}},
-            {"node": "node-c", "applied": false, "connection": {"iqn": "x",
+            // Not applied there, or applied for another target: no path to this one.
+            {"node": "node-c", "applied": false, "connection": {"iqn": "iqn.2026-11.dev.discus:lab.boot",
              "portals": ["10.0.0.13:3260"]}},
+            {"node": "node-d", "applied": true, "connection": {"iqn": "iqn.2026-11.dev.discus:lab.other",
+             "portals": ["10.0.0.14:3260"]}},
         ]},
     });
     resources.grants = vec![serde_json::from_value(grant).expect("InitiatorAccess")];

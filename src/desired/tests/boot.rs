@@ -43,13 +43,13 @@ fn a_boot_block_boots_the_grants_lowest_lun_unless_it_names_one() {
 }
 
 #[test]
-fn a_card_boots_through_the_oldest_grant_that_names_it() {
+fn a_card_two_grants_name_boots_through_neither_and_both_keep_their_access() {
     let state = world()
         .grant_object(created(
             boot_grant(
                 "newer",
                 "iqn.2010-04.org.ipxe:b",
-                json!({"macAddresses": [MAC.to_lowercase()]}),
+                json!({"macAddresses": [MAC.to_lowercase(), "52:54:00:ab:00:09"]}),
             ),
             "2026-11-20T00:00:00Z",
         ))
@@ -58,25 +58,37 @@ fn a_card_boots_through_the_oldest_grant_that_names_it() {
             "2026-11-19T00:00:00Z",
         ))
         .compute();
+    let mut told = reasons(&state);
+    told.sort();
     assert_eq!(
-        reasons(&state),
-        [(
-            Kind::InitiatorAccess,
-            "newer".into(),
-            Reason::DuplicateBootMac
-        )]
+        told,
+        [
+            (
+                Kind::InitiatorAccess,
+                "newer".into(),
+                Reason::DuplicateBootMac
+            ),
+            (
+                Kind::InitiatorAccess,
+                "older".into(),
+                Reason::DuplicateBootMac
+            ),
+        ]
     );
     assert!(
-        state.problems[0].message.contains("lab/older"),
-        "{}",
-        state.problems[0].message
+        state
+            .problems
+            .iter()
+            .all(|p| p.message.contains("52:54:00:ab:00:01"))
     );
-    assert_eq!(state.boots.keys().collect::<Vec<_>>(), [&key("older")]);
-    assert_eq!(state.targets[0].acls.len(), 1);
+    // The shared card boots through nobody; the other card of the newer grant still boots.
+    assert_eq!(state.boots.keys().collect::<Vec<_>>(), [&key("newer")]);
+    assert_eq!(state.boots[&key("newer")].macs.len(), 1);
+    assert_eq!(state.targets[0].acls.len(), 2);
 }
 
 #[test]
-fn a_boot_lun_the_target_lacks_refuses_the_grant() {
+fn a_boot_lun_the_target_lacks_withholds_the_script_not_the_access() {
     let state = world()
         .grant_object(boot_grant(
             "a",
@@ -86,10 +98,11 @@ fn a_boot_lun_the_target_lacks_refuses_the_grant() {
         .compute();
     assert_eq!(
         reasons(&state),
-        [(Kind::InitiatorAccess, "a".into(), Reason::LunNotFound)]
+        [(Kind::InitiatorAccess, "a".into(), Reason::BootLunNotFound)]
     );
     assert!(state.problems[0].message.starts_with("spec.boot.lun"));
-    assert!(state.boots.is_empty() && state.targets[0].acls.is_empty());
+    assert!(state.boots.is_empty());
+    assert_eq!(state.targets[0].acls.len(), 1);
 }
 
 #[test]
