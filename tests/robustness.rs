@@ -107,9 +107,11 @@ fn the_examples_serve_as_expected_before_mutation() {
     let documents: Vec<Value> = examples().into_iter().map(|(_, d)| d).collect();
     let state = desired_state_of(&documents);
     assert!(state.problems.is_empty(), "{:?}", state.problems);
-    // The installer, the golden image and the standalone demo; five grants between them.
-    assert_eq!(state.targets.len(), 3);
-    assert_eq!(state.targets.iter().map(|t| t.acls.len()).sum::<usize>(), 5);
+    // The installer, the golden image, the standalone demo and the network boot; seven grants
+    // between them, two of them booting a machine.
+    assert_eq!(state.targets.len(), 4);
+    assert_eq!(state.targets.iter().map(|t| t.acls.len()).sum::<usize>(), 7);
+    assert_eq!(state.boots.len(), 2);
 }
 
 #[test]
