@@ -97,19 +97,9 @@ impl BootTables {
         now: Timestamp,
     ) -> Result<(Arc<BootEntry>, String), Refusal> {
         let table = self.table.read();
-        let entry = table.decide(Some(mac), source, now)?;
+        let entry = table.decide(mac, source, now)?;
         let script = ipxe_script(&entry, local);
         Ok((entry, script))
-    }
-
-    /// What the current table decides for a request (`BootTable::decide`).
-    pub fn decide(
-        &self,
-        mac: Option<&str>,
-        source: IpAddr,
-        now: Timestamp,
-    ) -> Result<Arc<BootEntry>, Refusal> {
-        self.table.read().decide(mac, source, now)
     }
 }
 

@@ -130,11 +130,11 @@ impl BootTable {
     /// The grant a request may boot through: the card it names, from where it comes, now.
     pub fn decide(
         &self,
-        mac: Option<&str>,
+        mac: &str,
         source: IpAddr,
         now: Timestamp,
     ) -> Result<Arc<BootEntry>, Refusal> {
-        let mac: MacAddress = (mac.and_then(|m| m.parse().ok())).ok_or(Refusal::NoMac)?;
+        let mac: MacAddress = mac.parse().map_err(|_| Refusal::NoMac)?;
         let entry = self.by_mac.get(&mac).ok_or(Refusal::UnknownMac)?;
         if entry.config.expires_at.is_some_and(|end| now >= end) {
             return Err(Refusal::Expired);

@@ -94,7 +94,7 @@ impl Backend for Table {
     async fn apply(&self, op: &TableOp) -> Result<(), BackendError> {
         if let Some((tables, mac)) = &self.boot_probe {
             let loopback = std::net::Ipv4Addr::LOCALHOST.into();
-            let booted = tables.decide(Some(mac), loopback, Timestamp::now()).is_ok();
+            let booted = (tables.script(mac, loopback, loopback, Timestamp::now())).is_ok();
             self.booted_during_apply.lock().push(booted);
         }
         match op {
@@ -278,40 +278,31 @@ async fn a_boot_grant_boots_once_applied_and_stops_before_its_acl_goes() {
 
     let loopback = std::net::Ipv4Addr::LOCALHOST.into();
     let now = Timestamp::now();
-    let entry = tables.decide(Some(MAC), loopback, now).expect("boots");
+    let (entry, _) = tables.script(MAC, loopback, loopback, now).expect("boots");
     assert_eq!(entry.initiator, "iqn.2010-04.org.ipxe:pxe-1");
     let portals: Vec<String> = entry.portals.iter().map(ToString::to_string).collect();
     assert_eq!(portals, ["127.0.0.1:3260", "10.0.0.12:3260"]);
-    let refused = |mac: Option<&str>, source: [u8; 4], now: Timestamp| {
-        tables.decide(mac, source.into(), now).err()
+    let refused = |mac: &str, source: [u8; 4], now: Timestamp| {
+        tables.script(mac, source.into(), loopback, now).err()
     };
     assert_eq!(
-        refused(Some("52:54:00:00:00:02"), [127, 0, 0, 1], now),
+        refused("52:54:00:00:00:02", [127, 0, 0, 1], now),
         Some(Refusal::UnknownMac)
     );
-    assert_eq!(refused(None, [127, 0, 0, 1], now), Some(Refusal::NoMac));
+    assert_eq!(refused("", [127, 0, 0, 1], now), Some(Refusal::NoMac));
+    assert_eq!(refused("52:54", [127, 0, 0, 1], now), Some(Refusal::NoMac));
     assert_eq!(
-        refused(Some("52:54"), [127, 0, 0, 1], now),
-        Some(Refusal::NoMac)
-    );
-    assert_eq!(
-        refused(Some(MAC), [10, 1, 1, 1], now),
+        refused(MAC, [10, 1, 1, 1], now),
         Some(Refusal::SourceNotAllowed)
     );
     let later: Timestamp = "2099-01-01T00:00:00Z".parse().expect("time");
-    assert_eq!(
-        refused(Some(MAC), [127, 0, 0, 1], later),
-        Some(Refusal::Expired)
-    );
+    assert_eq!(refused(MAC, [127, 0, 0, 1], later), Some(Refusal::Expired));
 
     // The grant goes: the pass that takes its ACL away finds it out of the boot table already.
     resources.grants.clear();
     syncer.backend().booted_during_apply.lock().clear();
     syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
     assert_eq!(*syncer.backend().booted_during_apply.lock(), [false]);
-    assert_eq!(
-        refused(Some(MAC), [127, 0, 0, 1], now),
-        Some(Refusal::UnknownMac)
-    );
+    assert_eq!(refused(MAC, [127, 0, 0, 1], now), Some(Refusal::UnknownMac));
     let _ = std::fs::remove_dir_all(&dir);
 }
