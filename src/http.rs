@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use crate::http_server::{self, Limits};
 use crate::metrics::Metrics;
 
 /// Binds `address` now (so that a taken port fails the start) and serves in the background.
@@ -24,11 +25,12 @@ pub async fn start(address: SocketAddr, metrics: Arc<Metrics>) -> std::io::Resul
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(metrics);
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "the HTTP endpoints stopped");
-        }
-    });
+    tokio::spawn(http_server::serve(
+        listener,
+        app,
+        Limits::default(),
+        "metrics",
+    ));
     tracing::info!(address = %bound, "serving /metrics, /healthz and /readyz");
     Ok(bound)
 }

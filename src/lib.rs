@@ -12,6 +12,7 @@ pub mod desired;
 pub mod fsutil;
 pub mod fuzz;
 pub mod http;
+pub mod http_server;
 pub mod images;
 pub mod manifests;
 pub mod metrics;

@@ -124,7 +124,8 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         BackendChoice::Lio => {
             // One configfs writer per kernel, whatever its data directory.
             let _lio = Claim::take(Path::new(LIO_CLAIM), "the kernel's LIO target", "")?;
-            let backend = LioBackend::new(PathBuf::from(lio::CONFIGFS))?;
+            let backend =
+                LioBackend::new(PathBuf::from(lio::CONFIGFS), &config.data_dir.join("lio"))?;
             node_loop
                 .run(syncer(backend, images, settings, &config, metrics, boot))
                 .await

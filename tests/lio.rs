@@ -767,6 +767,13 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
     let targets = 300;
     manifest(&vm, "lab.yaml", &many_targets(&vm, targets, None));
 
+    // Killed between a target's mkdir and its alias, the one step that marks it as discus's: what
+    // the kernel and discus's record then hold. The sync finishes it rather than refusing it.
+    vm.must(
+        "mkdir -p /sys/kernel/config/target/iscsi/iqn.2026-11.dev.discus:t0/tpgt_1 /var/lib/discus/lio; \
+         printf '{\"targets\":[\"iqn.2026-11.dev.discus:t0\"]}' > /var/lib/discus/lio/unmarked.json",
+    );
+
     // Killed at several points of a large sync: each restart converges, nothing doubled or orphaned.
     let full = (targets, targets, targets, 2 * targets, 2 * targets);
     let mut interrupted = Vec::new();

@@ -17,10 +17,16 @@ const CARD: &str = "52:54:00:d1:5c:01";
 
 /// `curl` inside the host: the status code and the body.
 fn get(host: &Host, path: &str) -> (u16, String) {
+    get_from(host, "127.0.0.1", path)
+}
+
+/// `curl` inside the host from its address `source`.
+fn get_from(host: &Host, source: &str, path: &str) -> (u16, String) {
     let output = host
         .sandbox
         .command("curl")
         .args(["-s", "-S", "--max-time", "30", "-w", "\n%{http_code}"])
+        .args(["--interface", source])
         .arg(format!("http://{BOOT}{path}"))
         .output()
         .expect("curl runs");
@@ -142,8 +148,37 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
     // One source asking too often is told to wait.
     let limited = (0..30).any(|_| get(&host, "/boot/ipxe").0 == 429);
     assert!(limited, "no request of 30 was limited");
+
+    // Clients that connect and send nothing hold the endpoint neither for others nor for long.
+    silent_clients_are_bounded(&host);
     server.kill().expect("kill");
     server.wait().expect("wait");
+}
+
+/// One source's silent connections: beyond 8 they are closed at once, the source gets no answer
+/// while it holds 8 and another source is served; each is closed after 5 s without a request.
+fn silent_clients_are_bounded(host: &Host) {
+    use std::io::Read;
+    let opened = Instant::now();
+    let mut silent: Vec<_> = (0..8).map(|_| host.sandbox.connect(BOOT)).collect();
+    let mut ninth = host.sandbox.connect(BOOT);
+    ninth
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    assert_eq!(ninth.read(&mut [0; 64]).expect("closed, not timed out"), 0);
+    assert_eq!(get(host, "/boot/ipxe").0, 0, "the same source is answered");
+    assert_eq!(get_from(host, "127.0.0.2", "/boot/ipxe").0, 200);
+    for connection in &mut silent {
+        connection
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .expect("timeout");
+        assert_eq!(connection.read(&mut [0; 64]).expect("closed"), 0);
+    }
+    let held = opened.elapsed();
+    assert!(
+        held >= Duration::from_secs(4) && held < Duration::from_secs(15),
+        "silent connections held for {held:?}"
+    );
 }
 
 /// A provisioning network in `sandbox` as the examples assume it: the storage node at

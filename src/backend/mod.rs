@@ -7,6 +7,7 @@
 //! applying, the loop observes again: what is still planned has not converged.
 
 pub mod lio;
+mod record;
 pub mod tgt;
 
 use std::fmt;

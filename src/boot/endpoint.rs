@@ -4,7 +4,8 @@
 //! Deny by default: a card no applied grant names, an expired grant, a source outside the
 //! grant's networks and a request without a card all get the same 404, so the answer tells an
 //! outsider nothing; the log and `discus_boot_requests_total` say which it was. Each source
-//! address may ask a bounded number of times a minute (429 beyond). Every script served is an
+//! address (an IPv6 one: its /64) may ask a bounded number of times a minute (429 beyond), and
+//! connections are bounded in number and time (`http_server`). Every script served is an
 //! audit line (`boot script served`: grant, card, source address) and never carries a secret
 //! into a log. Scripts are not cached anywhere (`Cache-Control: no-store`).
 
@@ -18,7 +19,6 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::IncomingStream;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use k8s_openapi::jiff::Timestamp;
 use parking_lot::RwLock;
@@ -30,6 +30,7 @@ use super::table::{BootEntry, BootTable, Refusal};
 use crate::api::mac::MacAddress;
 use crate::api::printable;
 use crate::desired::ObjectKey;
+use crate::http_server::{self, Limits, Peer, source_key};
 use crate::metrics::Metrics;
 
 /// The one answer to every request that gets no script.
@@ -127,12 +128,7 @@ pub async fn start(
         .route("/boot/ipxe", get(boot_script))
         .with_state(Arc::clone(&endpoint));
     tokio::spawn(forget_quiet_sources(endpoint));
-    tokio::spawn(async move {
-        let app = app.into_make_service_with_connect_info::<Connection>();
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "the boot endpoint stopped");
-        }
-    });
+    tokio::spawn(http_server::serve(listener, app, Limits::default(), "boot"));
     tracing::info!(address = %bound, "serving iPXE boot scripts at /boot/ipxe");
     Ok(bound)
 }
@@ -147,22 +143,6 @@ async fn forget_quiet_sources(endpoint: Arc<Endpoint>) {
     }
 }
 
-/// Both ends of a request's connection: wildcard portals become the address it came in on.
-#[derive(Clone, Copy, Debug)]
-struct Connection {
-    local: Option<SocketAddr>,
-    peer: SocketAddr,
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, TcpListener>> for Connection {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Self {
-            local: stream.io().local_addr().ok(),
-            peer: *stream.remote_addr(),
-        }
-    }
-}
-
 #[derive(serde::Deserialize)]
 struct BootQuery {
     mac: Option<String>,
@@ -170,20 +150,17 @@ struct BootQuery {
 
 async fn boot_script(
     State(endpoint): State<Arc<Endpoint>>,
-    ConnectInfo(connection): ConnectInfo<Connection>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     query: Result<Query<BootQuery>, QueryRejection>,
 ) -> Response {
-    let source = connection.peer.ip().to_canonical();
-    if endpoint.limiter.check_key(&source).is_err() {
+    let source = peer.remote.ip().to_canonical();
+    if endpoint.limiter.check_key(&source_key(source)).is_err() {
         endpoint.metrics.boot_request("rate_limited");
         tracing::warn!(%source, "boot request refused: too many from this address");
         return (StatusCode::TOO_MANY_REQUESTS, "too many requests\n").into_response();
     }
     // Where the request came in: what wildcard portals and the ask-again URL become.
-    let Some(local) = connection.local else {
-        return (StatusCode::NOT_FOUND, REFUSED).into_response();
-    };
-    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+    let local = SocketAddr::new(peer.local.ip().to_canonical(), peer.local.port());
     // A query that does not parse (`mac` twice, say) is refused like a malformed card.
     let mac = query.map_or_else(|_| Some(String::new()), |Query(q)| q.mac);
     let Some(mac) = mac else {

@@ -4,7 +4,8 @@
 //! initiators off), and uninstalling discus stops its agents: LIO's targets stay in the kernel,
 //! and a tgtd that outlived its agent keeps serving. This is the one way to remove them all: the
 //! backend's own planner, asked for "nothing", removes what discus owns (storage objects named
-//! `discus-…`, targets aliased `discus:…`, what `owned.json` lists in tgtd) and never touches
+//! `discus-…`, targets aliased `discus:…` or bare and in `lio/unmarked.json`, what `owned.json`
+//! lists in tgtd) and never touches
 //! anything else. It starts nothing: without discus's tgtd there is nothing of tgt's to remove;
 //! when its tgtd holds nothing more, it is stopped.
 
@@ -42,7 +43,7 @@ pub fn run(args: TeardownArgs) -> ExitCode {
 }
 
 async fn teardown(args: &TeardownArgs) -> Result<(), BackendError> {
-    match LioBackend::new(args.configfs.join("target")) {
+    match LioBackend::new(args.configfs.join("target"), &args.data_dir.join("lio")) {
         Ok(lio) => {
             let removed = remove_all(&lio).await?;
             println!("lio: removed {removed} object(s) discus created");

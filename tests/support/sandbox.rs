@@ -122,9 +122,27 @@ impl Sandbox {
     /// `127.0.0.1:0`): a server in the test that programs in the sandbox reach on its loopback.
     /// Only the thread that binds it enters the namespace; the socket stays there.
     pub fn listen(&self, address: &str) -> std::net::TcpListener {
+        let address = address.to_owned();
+        self.inside(move || {
+            std::net::TcpListener::bind(&address)
+                .unwrap_or_else(|e| panic!("bind {address} in the sandbox: {e}"))
+        })
+    }
+
+    /// A TCP connection of the test process's from inside the sandbox's network namespace.
+    pub fn connect(&self, address: &str) -> std::net::TcpStream {
+        let address = address.to_owned();
+        self.inside(move || {
+            std::net::TcpStream::connect(&address)
+                .unwrap_or_else(|e| panic!("connect to {address} in the sandbox: {e}"))
+        })
+    }
+
+    /// Runs `make` on a thread of its own that entered the sandbox's network namespace: the
+    /// sockets it makes stay there.
+    fn inside<T: Send + 'static>(&self, make: impl FnOnce() -> T + Send + 'static) -> T {
         let namespace = std::fs::File::open(format!("/proc/{}/ns/net", self.pid))
             .expect("the sandbox's network namespace");
-        let address = address.to_owned();
         std::thread::spawn(move || {
             use std::os::fd::AsFd;
             rustix::thread::move_into_link_name_space(
@@ -132,11 +150,10 @@ impl Sandbox {
                 Some(rustix::thread::LinkNameSpaceType::Network),
             )
             .expect("setns into the sandbox's network namespace");
-            std::net::TcpListener::bind(&address)
-                .unwrap_or_else(|e| panic!("bind {address} in the sandbox: {e}"))
+            make()
         })
         .join()
-        .expect("the binding thread")
+        .expect("the namespace's thread")
     }
 
     /// The sandbox's `/var/lib/discus`, as the test sees it.

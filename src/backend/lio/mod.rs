@@ -3,6 +3,10 @@
 //! No targetcli, no saveconfig: every sync reads what the kernel holds, plans the difference to
 //! the declared state, and applies it. After a reboot configfs is empty and the first sync
 //! rebuilds everything from the declared state.
+//!
+//! discus marks its targets with their TPG's alias, one step after the target exists; so before
+//! it makes one it records so in `unmarked.json`, and a crash in between leaves a bare target it
+//! can still recognise as its own (see `plan::owned`).
 
 mod layout;
 mod model;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 pub use model::LioState;
 pub use plan::{LioOp, storage_name};
 
+use super::record::Record;
 use super::{Backend, BackendError, Capabilities, Plan, Session};
 use crate::desired::TargetConfig;
 
@@ -29,10 +34,36 @@ pub fn available() -> bool {
 
 pub struct LioBackend {
     configfs: Arc<write::Configfs>,
+    unmarked: Record<Unmarked>,
+}
+
+/// The targets discus began to make and may not have marked yet.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Unmarked {
+    targets: BTreeSet<String>,
+}
+
+impl Unmarked {
+    /// Before `op`: a target is recorded before it exists.
+    fn before(&mut self, op: &LioOp) -> bool {
+        match op {
+            LioOp::CreateTarget { iqn } => self.targets.insert(iqn.clone()),
+            _ => false,
+        }
+    }
+
+    /// After `op` succeeded: a marked or removed target needs no record.
+    fn after(&mut self, op: &LioOp) -> bool {
+        match op {
+            LioOp::CreateTpg { iqn, .. } | LioOp::DeleteTarget { iqn } => self.targets.remove(iqn),
+            _ => false,
+        }
+    }
 }
 
 impl LioBackend {
-    pub fn new(root: PathBuf) -> Result<Self, BackendError> {
+    /// Drives the configfs at `root`, keeping its record in `state_dir`.
+    pub fn new(root: PathBuf, state_dir: &Path) -> Result<Self, BackendError> {
         let root = layout::Root::new(root);
         if !root.core().exists() {
             return Err(BackendError::Unreachable(format!(
@@ -40,9 +71,31 @@ impl LioBackend {
                 root.path().display()
             )));
         }
+        let unmarked = Record::open(
+            state_dir.join("unmarked.json"),
+            || Ok(Unmarked::default()),
+            "discus cannot tell whether bare targets in configfs are its own. Remove the file and \
+             any target in configfs without a TPG alias that discus left",
+        )?;
         Ok(Self {
             configfs: Arc::new(write::Configfs { root }),
+            unmarked,
         })
+    }
+}
+
+impl LioBackend {
+    /// A state read from configfs, with the targets discus recorded as unmarked.
+    async fn with_record(
+        &self,
+        read: tokio::task::JoinHandle<std::io::Result<LioState>>,
+    ) -> Result<LioState, BackendError> {
+        let mut state = read
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+            .map_err(BackendError::Io)?;
+        state.unmarked = self.unmarked.read(|u| u.targets.clone()).await;
+        Ok(state)
     }
 }
 
@@ -65,10 +118,8 @@ impl Backend for LioBackend {
 
     async fn observe(&self) -> Result<LioState, BackendError> {
         let configfs = Arc::clone(&self.configfs);
-        tokio::task::spawn_blocking(move || read::read(&configfs.root))
-            .await
-            .map_err(|e| BackendError::Unreachable(e.to_string()))?
-            .map_err(BackendError::Io)
+        let state = tokio::task::spawn_blocking(move || read::read(&configfs.root));
+        self.with_record(state).await
     }
 
     fn scoped(&self) -> bool {
@@ -85,10 +136,9 @@ impl Backend for LioBackend {
             .flat_map(|t| t.luns.iter().map(|l| storage_name(&t.iqn, l.lun)))
             .collect();
         let (configfs, iqns) = (Arc::clone(&self.configfs), iqns.clone());
-        tokio::task::spawn_blocking(move || read::read_scoped(&configfs.root, &iqns, &storage))
-            .await
-            .map_err(|e| BackendError::Unreachable(e.to_string()))?
-            .map_err(BackendError::Io)
+        let state =
+            tokio::task::spawn_blocking(move || read::read_scoped(&configfs.root, &iqns, &storage));
+        self.with_record(state).await
     }
 
     fn keep_undeclared(&self, observed: &mut LioState, desired: &[TargetConfig]) {
@@ -100,10 +150,16 @@ impl Backend for LioBackend {
     }
 
     async fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
-        let (configfs, op) = (Arc::clone(&self.configfs), op.clone());
-        tokio::task::spawn_blocking(move || configfs.apply(&op))
+        self.unmarked.update(|u| u.before(op), true).await?;
+        let (configfs, owned_op) = (Arc::clone(&self.configfs), op.clone());
+        tokio::task::spawn_blocking(move || configfs.apply(&owned_op))
             .await
-            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+            .map_err(|e| BackendError::Unreachable(e.to_string()))??;
+        // Losing this update costs nothing: a marked target is owned whatever the record says.
+        if let Err(error) = self.unmarked.update(|u| u.after(op), false).await {
+            tracing::warn!(%error, "cannot update the record of unmarked targets");
+        }
+        Ok(())
     }
 
     fn backing_files(&self, observed: &LioState) -> Vec<PathBuf> {

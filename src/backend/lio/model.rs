@@ -12,6 +12,9 @@ pub struct LioState {
     /// Targets discus made that a pass over partial input must keep (see `keep_undeclared`):
     /// not read from configfs.
     pub kept: std::collections::BTreeSet<String>,
+    /// Targets discus began to make whose alias may not be written yet (from its record in the
+    /// data directory, not from configfs): see `plan::owned`.
+    pub unmarked: std::collections::BTreeSet<String>,
 }
 
 /// `core/<hba>/<name>`.

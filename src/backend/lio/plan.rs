@@ -5,7 +5,9 @@
 //! half-built target.
 //!
 //! discus marks what it makes: storage objects are named `discus-…`, and its TPGs carry the
-//! alias `discus:<namespace>/<name>`. Anything unmarked is never changed, even with a wanted IQN.
+//! alias `discus:<namespace>/<name>`. Anything unmarked is never changed, even with a wanted IQN —
+//! except a target discus recorded, before making it, that it was about to make, and that a crash
+//! left bare before its alias was written (nothing in it serves).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -315,11 +317,16 @@ fn alias(target: &TargetConfig) -> String {
     format!("{ALIAS_PREFIX}{}", target.owner)
 }
 
-/// Whether discus made this target.
-pub fn owned(target: &LioTarget) -> bool {
+/// Whether discus made this target: its TPG carries discus's alias, or discus recorded that it
+/// began to make it and it is still bare — a crash came between its `mkdir` and its alias.
+pub fn owned(observed: &LioState, target: &LioTarget) -> bool {
+    let bare = |tpg: &Tpg| {
+        !tpg.enabled && tpg.portals.is_empty() && tpg.luns.is_empty() && tpg.acls.is_empty()
+    };
     target
         .tpg()
         .is_some_and(|t| t.alias.starts_with(ALIAS_PREFIX))
+        || (observed.unmarked.contains(&target.iqn) && target.tpgs.iter().all(bare))
 }
 
 /// The CHAP fields an ACL must hold (empty when the target has no CHAP).
@@ -370,7 +377,7 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     let mut wanted: Vec<&TargetConfig> = Vec::new();
     for target in desired {
         match observed.target(&target.iqn) {
-            Some(found) if !owned(found) => plan.refused.push(Problem {
+            Some(found) if !owned(observed, found) => plan.refused.push(Problem {
                 kind: Kind::IscsiTarget,
                 key: target.owner.clone(),
                 reason: Reason::ForeignObject,
@@ -409,7 +416,7 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     // 1. Tear down what discus made and no longer wants, bottom-up.
     let wanted_iqns: BTreeSet<&str> = wanted.iter().map(|t| t.iqn.as_str()).collect();
     for target in &observed.targets {
-        if owned(target) && !wanted_iqns.contains(target.iqn.as_str()) {
+        if owned(observed, target) && !wanted_iqns.contains(target.iqn.as_str()) {
             if observed.kept.contains(&target.iqn) {
                 revoke_all(&mut plan, target);
             } else {
@@ -428,7 +435,7 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     let linked_by_others: BTreeSet<&str> = observed
         .targets
         .iter()
-        .filter(|t| !owned(t) || observed.kept.contains(&t.iqn))
+        .filter(|t| !owned(observed, t) || observed.kept.contains(&t.iqn))
         .flat_map(|t| &t.tpgs)
         .flat_map(|tpg| &tpg.luns)
         .filter_map(|lun| lun.storage.as_ref().map(|(_, name)| name.as_str()))
@@ -470,7 +477,7 @@ pub fn keep_undeclared(observed: &mut LioState, desired: &[TargetConfig]) {
     observed.kept = observed
         .targets
         .iter()
-        .filter(|t| owned(t) && !declared.contains(t.iqn.as_str()))
+        .filter(|t| owned(observed, t) && !declared.contains(t.iqn.as_str()))
         .map(|t| t.iqn.clone())
         .collect();
 }
@@ -621,7 +628,15 @@ fn build(
     let iqn = target.iqn.clone();
     let empty = Tpg::default();
     let found = match tpg {
-        Some(tpg) => tpg,
+        Some(tpg) if tpg.alias == alias(target) => tpg,
+        // Made up to its TPG before a crash, or another IscsiTarget's until now: marked again.
+        Some(tpg) => {
+            plan.ops.push(LioOp::CreateTpg {
+                iqn: iqn.clone(),
+                alias: alias(target),
+            });
+            tpg
+        }
         None => {
             plan.ops.push(LioOp::CreateTarget { iqn: iqn.clone() });
             plan.ops.push(LioOp::CreateTpg {
@@ -846,21 +861,28 @@ mod tests {
                     assert!(!used, "EBUSY: {name} is still linked");
                     state.storage.retain(|s| s.name != name);
                 }
-                LioOp::CreateTarget { iqn } => state.targets.push(LioTarget {
-                    iqn,
-                    tpgs: Vec::new(),
-                }),
+                // `mkdir` of what exists succeeds (EEXIST), as in write.rs.
+                LioOp::CreateTarget { iqn } => {
+                    if state.target(&iqn).is_none() {
+                        state.targets.push(LioTarget {
+                            iqn,
+                            tpgs: Vec::new(),
+                        });
+                    }
+                }
                 LioOp::CreateTpg { iqn, alias } => {
                     let target = state
                         .targets
                         .iter_mut()
                         .find(|t| t.iqn == iqn)
                         .expect("target");
-                    target.tpgs.push(Tpg {
-                        tag: 1,
-                        alias,
-                        ..Tpg::default()
-                    });
+                    if target.tpg().is_none() {
+                        target.tpgs.push(Tpg {
+                            tag: 1,
+                            ..Tpg::default()
+                        });
+                    }
+                    tpg(state, &iqn).alias = alias;
                 }
                 LioOp::SetAttribute { iqn, name, value } => {
                     let tpg = tpg(state, &iqn);
@@ -1142,6 +1164,69 @@ mod tests {
             plan.ops
         );
         assert_eq!(plan.refused[0].reason, Reason::ForeignObject);
+    }
+
+    /// The record the backend keeps before each operation (mod.rs `Unmarked::before`).
+    fn record_before(state: &mut LioState, ops: &[LioOp]) {
+        for op in ops {
+            if let LioOp::CreateTarget { iqn } = op {
+                state.unmarked.insert(iqn.clone());
+            }
+        }
+    }
+
+    #[test]
+    fn a_crash_anywhere_while_making_a_target_leaves_one_discus_finishes() {
+        let desired = [target(
+            vec![lun(0)],
+            vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], false)],
+        )];
+        let full = plan(&desired, &LioState::default()).ops;
+        // Killed after any whole operation, and inside `create TPG` (made, alias not written:
+        // the kernel's default alias).
+        let mut crashed: Vec<LioState> = (0..=full.len())
+            .map(|done| {
+                let mut state = LioState::default();
+                record_before(&mut state, &full[..done]);
+                simulate(&mut state, &full[..done]);
+                state
+            })
+            .collect();
+        let made = 1
+            + (full.iter())
+                .position(|o| matches!(o, LioOp::CreateTarget { .. }))
+                .expect("the target is made");
+        let mut inside = LioState::default();
+        record_before(&mut inside, &full[..made]);
+        simulate(&mut inside, &full[..made]);
+        inside.targets[0].tpgs.push(Tpg {
+            tag: 1,
+            alias: "LIO Target".into(),
+            ..Tpg::default()
+        });
+        crashed.push(inside.clone());
+        for mut state in crashed {
+            let refused = plan(&desired, &state).refused;
+            assert!(refused.is_empty(), "{refused:?} after a crash in {state:?}");
+            converge(&desired, &mut state);
+            assert_eq!(state.targets[0].tpgs[0].alias, "discus:lab/boot");
+        }
+
+        // Without discus's record, or once something else was put in it, it is not discus's.
+        let mut unrecorded = inside.clone();
+        unrecorded.unmarked.clear();
+        let mut used = inside;
+        used.targets[0].tpgs[0].portals.push("0.0.0.0:3260".into());
+        for state in [unrecorded, used] {
+            let plan = plan(&desired, &state);
+            assert_eq!(plan.refused[0].reason, Reason::ForeignObject);
+            assert!(plan.ops.iter().all(|o| o.target().is_none()), "{plan:?}");
+            let removal = super::plan(&[], &state).ops;
+            assert!(
+                removal.iter().all(|o| o.target().is_none()),
+                "not discus's to remove: {removal:?}"
+            );
+        }
     }
 
     #[test]

@@ -19,12 +19,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::sync::Mutex;
-
 pub use model::TgtState;
 pub use plan::{Owned, TgtOp, device_lun};
 use tgtadm::Tgtadm;
 
+use super::record::Record;
 use super::{Backend, BackendError, Capabilities, Plan, Session};
 use crate::desired::{Backing, TargetConfig};
 
@@ -62,51 +61,30 @@ pub struct TgtBackend {
     tgtadm: Tgtadm,
     view: Option<view::ReadOnlyView>,
     /// What discus owns, as tgtd holds it now. `owned.json` may lag behind it only in the safe
-    /// direction (see `remember`).
-    owned: Mutex<Owned>,
-}
-
-fn io_error(path: &Path, error: impl std::fmt::Display) -> BackendError {
-    BackendError::Io(std::io::Error::other(format!(
-        "{}: {error}",
-        path.display()
-    )))
+    /// direction (see `remember_before`).
+    owned: Record<Owned>,
 }
 
 impl TgtBackend {
     /// Loads what discus owns and makes sure its tgtd runs.
     pub async fn start(config: TgtConfig) -> Result<Self, BackendError> {
-        if let Err(error) = std::fs::create_dir_all(&config.state_dir) {
-            // A full disk must not keep discus from starting, and revoking: nothing is owned
-            // yet where the folder is missing.
-            tracing::warn!(path = %config.state_dir.display(), %error, "cannot create tgt's folder");
-        }
-        let owned_path = config.state_dir.join("owned.json");
-        let (owned, fresh) = match std::fs::read(&owned_path) {
-            Ok(bytes) => (
-                serde_json::from_slice(&bytes).map_err(|e| {
-                    io_error(
-                        &owned_path,
-                        format!(
-                            "{e}; discus cannot tell which targets and accounts in tgtd are its own. Move the \
-                             file away and remove discus's targets from tgtd (tgtadm -C {}) to start afresh",
-                            config.control_port
-                        ),
-                    )
-                })?,
-                false,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let owned = Record::open(
+            config.state_dir.join("owned.json"),
+            || {
                 let mut salt = [0u8; 16];
-                getrandom::fill(&mut salt).map_err(|e| io_error(&owned_path, e))?;
-                let owned = Owned {
+                getrandom::fill(&mut salt)
+                    .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+                Ok(Owned {
                     salt: hex::encode(salt),
                     ..Owned::default()
-                };
-                (owned, true)
-            }
-            Err(e) => return Err(io_error(&owned_path, e)),
-        };
+                })
+            },
+            &format!(
+                "discus cannot tell which targets and accounts in tgtd are its own. Move the file away \
+                 and remove discus's targets from tgtd (tgtadm -C {}) to start afresh",
+                config.control_port
+            ),
+        )?;
         let view = config.images.clone().map(|images| view::ReadOnlyView {
             images,
             view: config.state_dir.join("images-ro"),
@@ -119,21 +97,10 @@ impl TgtBackend {
                 timeout: config.timeout,
             },
             config,
-            owned: Mutex::new(owned),
+            owned,
         };
-        if fresh && let Err(error) = backend.save(&*backend.owned.lock().await) {
-            // A full disk must not keep discus from starting (and revoking). Nothing is owned
-            // yet; recording an account will need the space.
-            tracing::warn!(%error, "cannot record what discus owns in tgtd yet");
-        }
         daemon::ensure(&backend.config, &backend.tgtadm).await?;
         Ok(backend)
-    }
-
-    fn save(&self, owned: &Owned) -> Result<(), BackendError> {
-        let path = self.config.state_dir.join("owned.json");
-        let json = serde_json::to_vec_pretty(owned).map_err(|e| io_error(&path, e))?;
-        crate::fsutil::write_atomic(&path, &json).map_err(|e| io_error(&path, e))
     }
 
     /// The control port of the tgtd this backend drives.
@@ -150,18 +117,13 @@ impl TgtBackend {
     /// hold (that would keep an old password valid for good); a target is owned before it
     /// exists, so a crash in between leaves a harmless record, never an orphan.
     async fn remember_before(&self, op: &TgtOp) -> Result<(), BackendError> {
-        let mut owned = self.owned.lock().await;
-        if owned.before(op) {
-            self.save(&owned)?;
-        }
-        Ok(())
+        self.owned.update(|owned| owned.before(op), true).await
     }
 
     /// Drops the record of an account discus did not make after all.
     async fn forget_account(&self, user: &str) {
-        let mut owned = self.owned.lock().await;
-        owned.accounts.remove(user);
-        if let Err(error) = self.save(&owned) {
+        let forgotten = |owned: &mut Owned| owned.accounts.remove(user).is_some();
+        if let Err(error) = self.owned.update(forgotten, true).await {
             tracing::warn!(%error, "cannot record what discus owns in tgtd");
         }
     }
@@ -169,10 +131,7 @@ impl TgtBackend {
     /// Records what `op` changed. Failing to save is only logged: the record lags behind tgtd
     /// in the safe direction (an account it calls unknown is made again).
     async fn remember_after(&self, op: &TgtOp) {
-        let mut owned = self.owned.lock().await;
-        if owned.after(op)
-            && let Err(error) = self.save(&owned)
-        {
+        if let Err(error) = self.owned.update(|owned| owned.after(op), true).await {
             tracing::warn!(%error, "cannot record what discus owns in tgtd; it will be checked again");
         }
     }
@@ -218,7 +177,7 @@ impl Backend for TgtBackend {
             }
             other => other?,
         };
-        Ok((state, self.owned.lock().await.clone()))
+        Ok((state, self.owned.read(Owned::clone).await))
     }
 
     fn keep_undeclared(&self, (state, owned): &mut Self::Observed, desired: &[TargetConfig]) {
@@ -248,7 +207,7 @@ impl Backend for TgtBackend {
         }
         let recorded = match op {
             TgtOp::CreateAccount { user, .. } => {
-                self.owned.lock().await.accounts.contains_key(user)
+                self.owned.read(|o| o.accounts.contains_key(user)).await
             }
             _ => true,
         };
