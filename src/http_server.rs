@@ -1,9 +1,9 @@
 //! Serving HTTP with bounds, for the node's endpoints (`/metrics`, the boot scripts): a client
 //! that opens connections and sends nothing, or sends a byte a minute, must not hold the node's
 //! sockets and memory. One request per connection (no keep-alive); the request head must arrive
-//! within a deadline and the whole exchange within another; connections are capped overall and
-//! per source (an IPv6 source is its /64: one host has a whole one). A connection beyond a cap is
-//! closed at once, before anything is read.
+//! within a deadline and the whole exchange within another; connections are capped overall, per
+//! address, and per network (an IPv6 /64, which one host may fill with addresses, and which a
+//! whole LAN may share). A connection beyond a cap is closed at once, before anything is read.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -22,7 +22,9 @@ use tower::Service;
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub connections: usize,
-    pub per_source: usize,
+    pub per_address: usize,
+    /// Per [`network`]: an IPv4 address, an IPv6 /64.
+    pub per_network: usize,
     /// From accepting the connection to the end of the request head.
     pub head_deadline: Duration,
     /// From accepting the connection to the end of the response.
@@ -33,7 +35,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             connections: 256,
-            per_source: 8,
+            per_address: 8,
+            per_network: 64,
             head_deadline: Duration::from_secs(5),
             exchange_deadline: Duration::from_secs(15),
         }
@@ -48,8 +51,9 @@ pub struct Peer {
     pub remote: SocketAddr,
 }
 
-/// Whom a limit counts: an IPv4 address, or an IPv6 address's /64.
-pub fn source_key(address: IpAddr) -> IpAddr {
+/// The network an address counts in for the wider limits: an IPv4 address itself, an IPv6
+/// address's /64.
+pub fn network(address: IpAddr) -> IpAddr {
     match address.to_canonical() {
         IpAddr::V6(v6) => {
             let network = u128::from(v6) & !((1u128 << 64) - 1);
@@ -59,43 +63,54 @@ pub fn source_key(address: IpAddr) -> IpAddr {
     }
 }
 
-/// Open connections, overall and per source.
+/// Open connections, overall, per address and per network (an IPv4 address is its own).
 #[derive(Default)]
 struct Open {
     total: usize,
-    by_source: HashMap<IpAddr, usize>,
+    by_address: HashMap<IpAddr, usize>,
+    by_network: HashMap<IpAddr, usize>,
 }
 
 /// A connection's place under the caps, given back when it closes.
 struct Admitted {
     open: Arc<Mutex<Open>>,
-    source: IpAddr,
+    address: IpAddr,
+}
+
+fn count_down(counts: &mut HashMap<IpAddr, usize>, key: IpAddr) {
+    if let Some(count) = counts.get_mut(&key) {
+        *count -= 1;
+        if *count == 0 {
+            counts.remove(&key);
+        }
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut open = self.open.lock();
         open.total -= 1;
-        if let Some(count) = open.by_source.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                open.by_source.remove(&self.source);
-            }
-        }
+        count_down(&mut open.by_address, self.address);
+        count_down(&mut open.by_network, network(self.address));
     }
 }
 
-fn admit(open: &Arc<Mutex<Open>>, limits: &Limits, source: IpAddr) -> Option<Admitted> {
+fn admit(open: &Arc<Mutex<Open>>, limits: &Limits, address: IpAddr) -> Option<Admitted> {
+    let address = address.to_canonical();
     let mut counts = open.lock();
-    let from_source = counts.by_source.get(&source).copied().unwrap_or(0);
-    if counts.total >= limits.connections || from_source >= limits.per_source {
+    let of = |counts: &HashMap<IpAddr, usize>, key| counts.get(&key).copied().unwrap_or(0);
+    if counts.total >= limits.connections
+        || of(&counts.by_address, address) >= limits.per_address
+        || of(&counts.by_network, network(address)) >= limits.per_network
+    {
         return None;
     }
     counts.total += 1;
-    counts.by_source.insert(source, from_source + 1);
+    *counts.by_address.entry(address).or_default() += 1;
+    *counts.by_network.entry(network(address)).or_default() += 1;
     Some(Admitted {
         open: Arc::clone(open),
-        source,
+        address,
     })
 }
 
@@ -115,7 +130,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, name: 
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        let Some(admitted) = admit(&open, &limits, source_key(remote.ip())) else {
+        let Some(admitted) = admit(&open, &limits, remote.ip()) else {
             tracing::debug!(endpoint = name, %remote, "connection refused: too many open");
             continue;
         };
@@ -153,8 +168,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_ipv6_source_is_its_64_and_a_mapped_ipv4_is_itself() {
-        let key = |s: &str| source_key(s.parse().expect("address"));
+    fn an_ipv6_address_counts_in_its_64_and_a_mapped_ipv4_is_itself() {
+        let key = |s: &str| network(s.parse().expect("address"));
         assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
         assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
         assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
@@ -165,16 +180,38 @@ mod tests {
         let open = Arc::new(Mutex::new(Open::default()));
         let limits = Limits {
             connections: 3,
-            per_source: 2,
+            per_address: 2,
+            per_network: 2,
             ..Limits::default()
         };
         let (a, b) = (IpAddr::from([192, 0, 2, 1]), IpAddr::from([192, 0, 2, 2]));
         let first = admit(&open, &limits, a).expect("first");
         let _second = admit(&open, &limits, a).expect("second");
-        assert!(admit(&open, &limits, a).is_none(), "per source");
-        let _third = admit(&open, &limits, b).expect("another source");
+        assert!(admit(&open, &limits, a).is_none(), "per address");
+        let _third = admit(&open, &limits, b).expect("another address");
         assert!(admit(&open, &limits, b).is_none(), "overall");
         drop(first);
         assert!(admit(&open, &limits, a).is_some(), "freed on close");
+    }
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_share_its_cap_but_not_each_others() {
+        let open = Arc::new(Mutex::new(Open::default()));
+        let limits = Limits {
+            per_address: 1,
+            per_network: 3,
+            ..Limits::default()
+        };
+        let address = |s: &str| s.parse::<IpAddr>().expect("address");
+        let _held: Vec<_> = ["2001:db8::1", "2001:db8::2", "2001:db8::3"]
+            .into_iter()
+            .map(|a| admit(&open, &limits, address(a)).expect("one each"))
+            .collect();
+        assert!(admit(&open, &limits, address("2001:db8::1")).is_none());
+        assert!(
+            admit(&open, &limits, address("2001:db8::4")).is_none(),
+            "the /64"
+        );
+        assert!(admit(&open, &limits, address("2001:db8:0:1::1")).is_some());
     }
 }

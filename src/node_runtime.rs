@@ -69,9 +69,6 @@ pub enum SetupError {
     },
 }
 
-/// Where discus claims the kernel's LIO target for itself.
-const LIO_CLAIM: &str = "/run/discus/lio.lock";
-
 /// The loop a syncer runs in, whatever its backend.
 pub trait NodeLoop {
     type Output;
@@ -123,7 +120,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
     Ok(match choose_backend(config.backend) {
         BackendChoice::Lio => {
             // One configfs writer per kernel, whatever its data directory.
-            let _lio = Claim::take(Path::new(LIO_CLAIM), "the kernel's LIO target", "")?;
+            let _lio = Claim::take(Path::new(lio::CLAIM), "the kernel's LIO target", "")?;
             let backend =
                 LioBackend::new(PathBuf::from(lio::CONFIGFS), &config.data_dir.join("lio"))?;
             node_loop

@@ -39,30 +39,15 @@ fn image(vm: &LioVm, name: &str, size: usize) -> (String, String) {
 }
 
 fn manifest(vm: &LioVm, name: &str, yaml: &str) {
-    let path = vm.share().join("manifests").join(name);
-    let part = path.with_extension("part");
-    std::fs::write(&part, yaml).expect("manifest");
-    std::fs::rename(part, path).expect("manifest");
+    vm.manifest(name, yaml);
 }
 
 fn status(vm: &LioVm, kind: &str, name: &str) -> Value {
-    std::fs::read(vm.share().join(format!("status/{kind}/lab/{name}.json")))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(Value::Null)
+    vm.status(kind, name)
 }
 
 fn condition(vm: &LioVm, kind: &str, name: &str, condition: &str) -> (String, String) {
-    let status = status(vm, kind, name);
-    let found = status
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|c| c.iter().find(|c| c["type"] == condition).cloned())
-        .unwrap_or_default();
-    (
-        found["status"].as_str().unwrap_or("").to_owned(),
-        found["message"].as_str().unwrap_or("").to_owned(),
-    )
+    vm.condition(kind, name, condition)
 }
 
 fn wait_for(vm: &LioVm, what: &str, mut done: impl FnMut() -> bool) {

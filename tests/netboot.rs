@@ -5,11 +5,13 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::lio_vm::LioVm;
 use support::manifests;
-use support::netboot::{self, Firmware, ImageKind, Netboot};
+use support::netboot::{self, Firmware, ImageKind, Netboot, NetbootMachine};
 use support::serve_host::{Host, INITIATOR, Served};
 
 const BOOT: &str = "127.0.0.1:8090";
@@ -267,8 +269,8 @@ impl Machine {
         format!("iqn.2010-04.org.ipxe:{}", self.name())
     }
 
-    /// Its grant, boot block and CHAP Secret.
-    fn manifests(&self) -> [Value; 2] {
+    /// Its grant, boot block (for requests from `sources`) and CHAP Secret.
+    fn manifests(&self, sources: &str) -> [Value; 2] {
         let name = self.name();
         let mut secret = json!({"username": name, "password": format!("{name}-pw12")});
         if self.mutual {
@@ -283,7 +285,7 @@ impl Machine {
                 "targetRef": {"name": self.kind.name()},
                 "initiatorIqn": self.initiator(),
                 "chap": {"secretRef": {"name": format!("{name}-chap")}, "mutual": self.mutual},
-                "boot": {"macAddresses": [self.card], "sourceCidrs": ["10.20.0.0/24"]},
+                "boot": {"macAddresses": [self.card], "sourceCidrs": [sources]},
             }),
         );
         [
@@ -293,24 +295,30 @@ impl Machine {
     }
 }
 
-/// The two boot discs, each a target of its own on the node's provisioning address: the ISO as
-/// a CD, the raw image as a disk.
-fn boot_discs(host: &Host) -> Vec<Value> {
-    let images = netboot::boot_images();
+/// The two boot discs, each a target of its own on the portal `address`, copied into `images`
+/// (where discus sees them at `seen_at`): the raw image as a disk; the ISO as a CD where the
+/// backend has CD drives (tgt), else as a disk of 2048-byte blocks (LIO), which iPXE and the
+/// firmware boot as a CD too.
+fn boot_discs(images: &Path, seen_at: &Path, address: &str, cdrom: bool) -> Vec<Value> {
+    let built = netboot::boot_images();
     let mut objects = Vec::new();
     for kind in ImageKind::ALL {
-        let path = host.images.join(format!("{}.img", kind.name()));
-        std::fs::copy(images.image(kind), &path).expect("copy the boot image");
-        let digest = support::serve_host::sha256_file(&path);
-        let (format, device) = match kind {
-            ImageKind::Iso => ("iso", "cdrom"),
-            ImageKind::Raw => ("raw", "disk"),
+        let file = format!("{}.img", kind.name());
+        std::fs::copy(built.image(kind), images.join(&file)).expect("copy the boot image");
+        let digest = support::serve_host::sha256_file(&images.join(&file));
+        let (format, lun) = match kind {
+            ImageKind::Iso if cdrom => ("iso", json!({"deviceType": "cdrom"})),
+            ImageKind::Iso => ("iso", json!({"blockSize": 2048})),
+            ImageKind::Raw => ("raw", json!({})),
         };
+        let mut lun = lun;
+        lun["lun"] = json!(0);
+        lun["image"] = json!(kind.name());
         objects.push(manifests::discus(
             "DiscImage",
             "lab",
             kind.name(),
-            json!({"source": {"file": {"path": path}}, "sha256": digest, "format": format}),
+            json!({"source": {"file": {"path": seen_at.join(&file)}}, "sha256": digest, "format": format}),
         ));
         objects.push(manifests::discus(
             "IscsiTarget",
@@ -318,24 +326,17 @@ fn boot_discs(host: &Host) -> Vec<Value> {
             kind.name(),
             json!({
                 "iqn": format!("iqn.2026-11.dev.discus:boot-{}", kind.name()),
-                "portals": [{"address": NODE}],
-                "luns": [{"lun": 0, "image": kind.name(), "deviceType": device}],
+                "portals": [{"address": address}],
+                "luns": [lun],
             }),
         ));
     }
     objects
 }
 
-/// Machines without a disk power on; DHCP hands their iPXE the node's boot URL (no card in it:
-/// the endpoint asks again with it); discus answers each card with its grant's script; each
-/// boots its disc from tgt under SeaBIOS or OVMF and reports what the iBFT told the booted
-/// system.
-#[test]
-fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
-    let host = Host::new();
-    host.sandbox
-        .must(&["ip", "address", "add", &format!("{NODE}/32"), "dev", "lo"]);
-    let machines = [
+/// BIOS and UEFI machines, each booting the ISO or the raw disc, two of them with mutual CHAP.
+fn machines() -> [Machine; 4] {
+    [
         Machine {
             firmware: Firmware::Bios,
             kind: ImageKind::Iso,
@@ -360,9 +361,21 @@ fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
             card: "52:54:00:10:00:04",
             mutual: false,
         },
-    ];
-    let mut objects = boot_discs(&host);
-    objects.extend(machines.iter().flat_map(Machine::manifests));
+    ]
+}
+
+/// Machines without a disk power on; DHCP hands their iPXE the node's boot URL (no card in it:
+/// the endpoint asks again with it); discus answers each card with its grant's script; each
+/// boots its disc from tgt under SeaBIOS or OVMF and reports what the iBFT told the booted
+/// system.
+#[test]
+fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
+    let host = Host::new();
+    host.sandbox
+        .must(&["ip", "address", "add", &format!("{NODE}/32"), "dev", "lo"]);
+    let machines = machines();
+    let mut objects = boot_discs(&host.images, &host.images, NODE, true);
+    objects.extend(machines.iter().flat_map(|m| m.manifests("10.20.0.0/24")));
     host.manifest("netboot.yaml", &manifests::yaml(objects.iter()));
     let boot_address = format!("{NODE}:8090");
     let mut server = host.start_with(&["--boot-address", &boot_address]);
@@ -372,13 +385,42 @@ fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
             .all(|m| host.condition("InitiatorAccess", &m.name(), "Ready").0 == "True")
     });
 
-    let mut times = Vec::new();
+    let times = boot_all(
+        &machines,
+        |machine| {
+            Netboot::new(machine.firmware, format!("http://{boot_address}/boot/ipxe"))
+                .mac(machine.card)
+                .start_in(&host.sandbox)
+        },
+        (&format!("{NODE}:3260"), 1),
+        || host.log(),
+    );
+    println!("power-on to marker (TCG, tgt): {times}");
+    let log = host.log();
     for machine in &machines {
-        let booted = Netboot::new(machine.firmware, format!("http://{boot_address}/boot/ipxe"))
-            .mac(machine.card)
-            .start_in(&host.sandbox)
+        assert!(
+            log.contains(&format!("grant=lab/{}", machine.name())),
+            "{log}"
+        );
+    }
+    server.kill().expect("kill");
+    server.wait().expect("wait");
+}
+
+/// Powers each machine on with `start` and checks what its booted system read from the iBFT:
+/// the grant's initiator name and card, the target of its disc at `(portal, lun)`, the CHAP
+/// names. Returns the boot times; `log` is the node's, for failures.
+fn boot_all(
+    machines: &[Machine],
+    start: impl Fn(&Machine) -> NetbootMachine,
+    (portal, lun): (&str, u16),
+    log: impl Fn() -> String,
+) -> String {
+    let mut times = Vec::new();
+    for machine in machines {
+        let booted = start(machine)
             .wait_for_marker(Instant::now() + Duration::from_secs(300))
-            .unwrap_or_else(|why| panic!("{}: {why}\n{}", machine.name(), host.log()));
+            .unwrap_or_else(|why| panic!("{}: {why}\n{}", machine.name(), log()));
         let marker = booted.marker;
         assert_eq!(marker.kind, machine.kind.name());
         let ibft = marker
@@ -391,8 +433,8 @@ fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
             (target.name.as_str(), target.address.as_str(), target.lun),
             (
                 format!("iqn.2026-11.dev.discus:boot-{}", machine.kind.name()).as_str(),
-                format!("{NODE}:3260").as_str(),
-                Some(1)
+                portal,
+                Some(lun)
             ),
             "{}",
             machine.name()
@@ -408,14 +450,62 @@ fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
             booted.boot_time.as_secs_f64()
         ));
     }
-    println!("power-on to marker (TCG): {}", times.join(", "));
-    let log = host.log();
+    times.join(", ")
+}
+
+/// The same machines boot the same discs from LIO: discus runs in Debian's kernel under qemu
+/// (tests/support/lio_vm.rs) with its boot endpoint on, and each machine reaches the guest's
+/// portal and endpoint at 10.0.2.15 on its own network, as machines reach a storage node on
+/// theirs (qemu forwards those connections to the guest's forwarded ports).
+#[test]
+fn diskless_machines_boot_discs_from_lio() {
+    let vm = LioVm::boot();
+    let machines = machines();
+    let images = vm.share().join("images");
+    let mut objects = boot_discs(&images, Path::new("/host/images"), "0.0.0.0", false);
+    // Seen from the guest, every request comes from qemu's gateway.
+    objects.extend(machines.iter().flat_map(|m| m.manifests("10.0.2.2/32")));
+    vm.manifest("netboot.yaml", &manifests::yaml(objects.iter()));
+    vm.must(
+        "discus serve --backend lio --manifests /host/manifests --data-dir /var/lib/discus \
+         --file-root /host/images --node-name guest --boot-address 0.0.0.0:8090 \
+         > /tmp/serve.log 2>&1 &",
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !machines
+        .iter()
+        .all(|m| vm.condition("InitiatorAccess", &m.name(), "Ready").0 == "True")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the boot grants were not applied: {}",
+            vm.sh("tail -30 /tmp/serve.log").1
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    let node = "10.0.2.15";
+    let times = boot_all(
+        &machines,
+        |machine| {
+            Netboot::new(machine.firmware, format!("http://{node}:8090/boot/ipxe"))
+                .mac(machine.card)
+                .forward(
+                    &format!("{node}:8090"),
+                    &format!("127.0.0.1:{}", vm.boot_port),
+                )
+                .forward(&format!("{node}:3260"), &vm.portal())
+                .start()
+        },
+        (&format!("{node}:3260"), 0),
+        || vm.sh("tail -40 /tmp/serve.log").1,
+    );
+    println!("power-on to marker (TCG, LIO): {times}");
+    let (_, log) = vm.sh("cat /tmp/serve.log");
     for machine in &machines {
         assert!(
             log.contains(&format!("grant=lab/{}", machine.name())),
             "{log}"
         );
     }
-    server.kill().expect("kill");
-    server.wait().expect("wait");
 }

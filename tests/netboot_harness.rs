@@ -376,7 +376,7 @@ fn ipxe_sanboots_both_images_under_seabios_and_ovmf() {
             let ibft = booted.marker.ibft.expect("iPXE leaves an iBFT");
             assert_eq!(ibft.initiator, INITIATOR);
             assert_eq!(ibft.mac, "52:54:00:d1:5c:01");
-            assert_eq!(ibft.ip, "10.0.2.15");
+            assert_eq!(ibft.ip, "10.0.2.50");
             assert_eq!(ibft.targets.len(), 1, "{ibft:?}");
             let target = &ibft.targets[0];
             let iqn = if kind == ImageKind::Iso {

@@ -24,13 +24,12 @@ fn io_error(path: &Path, error: impl std::fmt::Display) -> BackendError {
 }
 
 impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
-    /// Loads `path`, or starts from `fresh()` where there is none. A file that does not parse is
-    /// an error ending with `unreadable` (what the operator can do); a fresh record that cannot
-    /// be saved yet is only logged: a full disk must not keep discus from starting, and revoking.
+    /// Loads `path`, or starts from `fresh()` where there is none. A fresh record that cannot be
+    /// saved yet is only logged: a full disk must not keep discus from starting, and revoking.
     pub fn open(
         path: PathBuf,
-        fresh: impl FnOnce() -> Result<T, BackendError>,
-        unreadable: &str,
+        fresh: impl Fn() -> Result<T, BackendError>,
+        unreadable: Unreadable,
     ) -> Result<Self, BackendError> {
         if let Some(dir) = path.parent()
             && let Err(error) = std::fs::create_dir_all(dir)
@@ -38,8 +37,16 @@ impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
             tracing::warn!(path = %dir.display(), %error, "cannot create the backend's folder");
         }
         let value = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| io_error(&path, format!("{e}; {unreadable}")))?,
+            Ok(bytes) => match (serde_json::from_slice(&bytes), unreadable) {
+                (Ok(value), _) => value,
+                (Err(e), Unreadable::Fail(hint)) => {
+                    return Err(io_error(&path, format!("{e}; {hint}")));
+                }
+                (Err(error), Unreadable::StartAfresh) => {
+                    tracing::warn!(path = %path.display(), %error, "unreadable; starting afresh");
+                    fresh()?
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let value = fresh()?;
                 if let Err(error) = save(&path, &value, true) {
@@ -59,19 +66,39 @@ impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
         look(&*self.value.lock().await)
     }
 
-    /// Applies `change` and, when it says it changed something, saves the record: `durably`
-    /// (synced) when a crash must not lose it, otherwise only so that readers never see half.
+    /// Applies `change` and, when it says it changed something, saves the record — `durably`
+    /// (synced) when a crash must not lose it, otherwise only so that readers never see half —
+    /// and only then holds it as the record: a change that cannot be saved is not made.
     pub async fn update(
         &self,
         change: impl FnOnce(&mut T) -> bool,
         durably: bool,
-    ) -> Result<(), BackendError> {
+    ) -> Result<(), BackendError>
+    where
+        T: Send + 'static,
+    {
         let mut value = self.value.lock().await;
-        if change(&mut value) {
-            save(&self.path, &*value, durably)?;
+        let mut changed = value.clone();
+        if !change(&mut changed) {
+            return Ok(());
         }
+        let (path, saved) = (self.path.clone(), changed.clone());
+        tokio::task::spawn_blocking(move || save(&path, &saved, durably))
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))??;
+        *value = changed;
         Ok(())
     }
+}
+
+/// What to do with a record that does not parse.
+#[derive(Clone, Debug)]
+pub enum Unreadable {
+    /// Refuse to start, with what the operator can do: the record is what keeps discus's hands
+    /// off objects it did not make.
+    Fail(String),
+    /// Start from a fresh record: losing it only narrows what discus claims.
+    StartAfresh,
 }
 
 fn save<T: Serialize>(path: &Path, value: &T, durably: bool) -> Result<(), BackendError> {

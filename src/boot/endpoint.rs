@@ -4,8 +4,8 @@
 //! Deny by default: a card no applied grant names, an expired grant, a source outside the
 //! grant's networks and a request without a card all get the same 404, so the answer tells an
 //! outsider nothing; the log and `discus_boot_requests_total` say which it was. Each source
-//! address (an IPv6 one: its /64) may ask a bounded number of times a minute (429 beyond), and
-//! connections are bounded in number and time (`http_server`). Every script served is an
+//! address may ask a bounded number of times a minute, and each IPv6 /64 sixteen times that (429
+//! beyond); connections are bounded in number and time (`http_server`). Every script served is an
 //! audit line (`boot script served`: grant, card, source address) and never carries a secret
 //! into a log. Scripts are not cached anywhere (`Cache-Control: no-store`).
 
@@ -30,7 +30,7 @@ use super::table::{BootEntry, BootTable, Refusal};
 use crate::api::mac::MacAddress;
 use crate::api::printable;
 use crate::desired::ObjectKey;
-use crate::http_server::{self, Limits, Peer, source_key};
+use crate::http_server::{self, Limits, Peer, network};
 use crate::metrics::Metrics;
 
 /// The one answer to every request that gets no script.
@@ -106,9 +106,16 @@ impl BootTables {
 
 struct Endpoint {
     tables: BootTables,
+    /// Per address, and per network (an IPv6 /64, whose many addresses one host may use) with
+    /// [`NETWORK_SHARE`] times the quota.
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    network_limiter: DefaultKeyedRateLimiter<IpAddr>,
     metrics: Arc<Metrics>,
 }
+
+/// How many addresses' worth of requests one IPv6 /64 may make: a rack booting together shares
+/// one, and so does one host with many addresses.
+const NETWORK_SHARE: u32 = 16;
 
 /// Binds `options.address` now (so that a taken port fails the start) and serves in the
 /// background.
@@ -122,6 +129,11 @@ pub async fn start(
     let endpoint = Arc::new(Endpoint {
         tables,
         limiter: RateLimiter::keyed(Quota::per_minute(options.requests_per_minute)),
+        network_limiter: RateLimiter::keyed(Quota::per_minute(
+            options
+                .requests_per_minute
+                .saturating_mul(NonZeroU32::new(NETWORK_SHARE).unwrap_or(NonZeroU32::MIN)),
+        )),
         metrics,
     });
     let app = Router::new()
@@ -138,8 +150,10 @@ async fn forget_quiet_sources(endpoint: Arc<Endpoint>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         every.tick().await;
-        endpoint.limiter.retain_recent();
-        endpoint.limiter.shrink_to_fit();
+        for limiter in [&endpoint.limiter, &endpoint.network_limiter] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }
 
@@ -154,7 +168,13 @@ async fn boot_script(
     query: Result<Query<BootQuery>, QueryRejection>,
 ) -> Response {
     let source = peer.remote.ip().to_canonical();
-    if endpoint.limiter.check_key(&source_key(source)).is_err() {
+    let limited = endpoint.limiter.check_key(&source).is_err()
+        || (source.is_ipv6()
+            && endpoint
+                .network_limiter
+                .check_key(&network(source))
+                .is_err());
+    if limited {
         endpoint.metrics.boot_request("rate_limited");
         tracing::warn!(%source, "boot request refused: too many from this address");
         return (StatusCode::TOO_MANY_REQUESTS, "too many requests\n").into_response();

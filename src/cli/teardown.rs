@@ -9,14 +9,15 @@
 //! anything else. It starts nothing: without discus's tgtd there is nothing of tgt's to remove;
 //! when its tgtd holds nothing more, it is stopped.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::backend::lio::LioBackend;
+use crate::backend::lio::{self, LioBackend};
 use crate::backend::tgt::{TgtBackend, TgtConfig};
 use crate::backend::{Backend, BackendError};
+use crate::fsutil::Claim;
 
 #[derive(Args)]
 pub struct TeardownArgs {
@@ -45,6 +46,9 @@ pub fn run(args: TeardownArgs) -> ExitCode {
 async fn teardown(args: &TeardownArgs) -> Result<(), BackendError> {
     match LioBackend::new(args.configfs.join("target"), &args.data_dir.join("lio")) {
         Ok(lio) => {
+            // Never beside a discus writing configfs on this host (it also holds the record).
+            let _claim = Claim::take(Path::new(lio::CLAIM), "the kernel's LIO target", "")
+                .map_err(|e| BackendError::Unreachable(e.to_string()))?;
             let removed = remove_all(&lio).await?;
             println!("lio: removed {removed} object(s) discus created");
         }

@@ -80,6 +80,8 @@ pub struct LioVm {
     dir: tempfile::TempDir,
     /// The host port forwarded to the guest's 3260.
     pub port: u16,
+    /// The host port forwarded to the guest's 8090 (a boot endpoint there).
+    pub boot_port: u16,
     jobs: AtomicU64,
     kernel: PathBuf,
     initrd: PathBuf,
@@ -334,15 +336,19 @@ impl LioVm {
             &modules,
             Path::new(env!("CARGO_BIN_EXE_discus")),
         );
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
+        let free_port = || {
+            TcpListener::bind("127.0.0.1:0")
+                .expect("port")
+                .local_addr()
+                .expect("addr")
+                .port()
+        };
+        let (port, boot_port) = (free_port(), free_port());
         let mut vm = Self {
             qemu: None,
             dir,
             port,
+            boot_port,
             jobs: AtomicU64::new(0),
             kernel,
             initrd,
@@ -394,7 +400,10 @@ impl LioVm {
             ])
             .args([
                 "-netdev",
-                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:3260", self.port),
+                &format!(
+                    "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:3260,hostfwd=tcp:127.0.0.1:{}-:8090",
+                    self.port, self.boot_port
+                ),
             ])
             .args(["-device", "virtio-net-pci,netdev=n0"])
             .args([
@@ -497,6 +506,36 @@ impl LioVm {
         let (code, output) = self.sh(command);
         assert_eq!(code, 0, "{command} failed in the guest:\n{output}");
         output
+    }
+
+    /// Writes the manifest `name` where discus in the guest reads them (`/host/manifests`), whole.
+    pub fn manifest(&self, name: &str, yaml: &str) {
+        let path = self.share().join("manifests").join(name);
+        let part = path.with_extension("part");
+        std::fs::write(&part, yaml).expect("manifest");
+        std::fs::rename(part, path).expect("manifest");
+    }
+
+    /// The status discus in the guest wrote for a resource of namespace `lab` (`null` if none).
+    pub fn status(&self, kind: &str, name: &str) -> serde_json::Value {
+        std::fs::read(self.share().join(format!("status/{kind}/lab/{name}.json")))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// A condition of that status: (status, message), empty when absent.
+    pub fn condition(&self, kind: &str, name: &str, condition: &str) -> (String, String) {
+        let status = self.status(kind, name);
+        let found = status
+            .pointer("/status/conditions")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|c| c.iter().find(|c| c["type"] == condition).cloned())
+            .unwrap_or_default();
+        (
+            found["status"].as_str().unwrap_or("").to_owned(),
+            found["message"].as_str().unwrap_or("").to_owned(),
+        )
     }
 
     /// The iSCSI portal the host reaches the guest's target at.

@@ -67,8 +67,8 @@
 //!   (iPXE's block device; OVMF finds the El Torito ESP image and iPXE starts its
 //!   BOOTX64.EFI).
 //! - **iBFT**: found under both firmwares (sysfs `acpi_header`: iBFT/FENSYS/iPXE): initiator
-//!   name, the NIC's MAC and DHCP address (10.0.2.15), each target's IQN, address 10.0.2.2 and
-//!   port, LUN (sysfs shows `01000000` for LUN 1), CHAP name and, with mutual CHAP, the
+//!   name, the NIC's MAC and DHCP address (10.0.2.50, as the harness asks qemu), each target's
+//!   IQN, address 10.0.2.2 and port, LUN (sysfs shows `01000000` for LUN 1), CHAP name and, with mutual CHAP, the
 //!   reverse name; the secrets are in sysfs too (`chap-secret`, `rev-chap-name-secret`).
 //! - **Mutual CHAP** works against tgt (`reverse-username`/`reverse-password` in the script, an
 //!   account bound `--outgoing`), and iPXE checks it: a wrong target secret ends in "Could not
@@ -662,6 +662,10 @@ pub struct Netboot {
     /// Another iPXE ROM than [`Firmware::rom`].
     pub rom: Option<PathBuf>,
     pub memory_mib: u32,
+    /// `(address:port, host address:port)`: connections the machine makes to an address of its
+    /// network (10.0.2.0/24) go to a port of the host (or sandbox) instead, through
+    /// `busybox nc` — as if the server were on the machine's own network.
+    pub forwards: Vec<(String, String)>,
 }
 
 impl Netboot {
@@ -672,7 +676,14 @@ impl Netboot {
             mac: "52:54:00:d1:5c:01".into(),
             rom: None,
             memory_mib: 512,
+            forwards: Vec::new(),
         }
+    }
+
+    /// Connections to `address` (`10.0.2.x:port`) reach `to` (`127.0.0.1:port`).
+    pub fn forward(mut self, address: &str, to: &str) -> Self {
+        self.forwards.push((address.to_owned(), to.to_owned()));
+        self
     }
 
     pub fn mac(mut self, mac: impl Into<String>) -> Self {
@@ -783,9 +794,24 @@ impl NetbootMachine {
                 ),
             ]);
         }
+        // The machine's own address leaves 10.0.2.15 free for a forwarded server.
+        let mut netdev = format!(
+            "user,id=n0,dhcpstart=10.0.2.50,bootfile={}",
+            qemu_escape(&options.bootfile)
+        );
+        if !options.forwards.is_empty() {
+            // Nothing but the forwards leaves the machine's network.
+            netdev.push_str(",restrict=on");
+        }
+        for (address, to) in &options.forwards {
+            let (host, port) = to.rsplit_once(':').expect("host:port");
+            netdev.push_str(&format!(
+                ",guestfwd=tcp:{address}-cmd:busybox nc {host} {port}"
+            ));
+        }
         command.args([
             "-netdev",
-            &format!("user,id=n0,bootfile={}", qemu_escape(&options.bootfile)),
+            &netdev,
             // Debian's ROMs say 1af4:1041 (modern virtio-net): a transitional device (1af4:1000,
             // qemu's default) does not get them run.
             "-device",

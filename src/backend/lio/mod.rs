@@ -12,6 +12,7 @@ mod layout;
 mod model;
 mod plan;
 pub(crate) mod read;
+mod unmarked;
 mod write;
 
 use std::collections::BTreeSet;
@@ -21,11 +22,15 @@ use std::sync::Arc;
 pub use model::LioState;
 pub use plan::{LioOp, storage_name};
 
-use super::record::Record;
+use super::record::{Record, Unreadable};
 use super::{Backend, BackendError, Capabilities, Plan, Session};
 use crate::desired::TargetConfig;
+use unmarked::Unmarked;
 
 pub const CONFIGFS: &str = "/sys/kernel/config/target";
+
+/// Where a discus claims the kernel's LIO target for itself: one configfs writer per kernel.
+pub const CLAIM: &str = "/run/discus/lio.lock";
 
 /// Whether this kernel has configfs target support.
 pub fn available() -> bool {
@@ -35,30 +40,6 @@ pub fn available() -> bool {
 pub struct LioBackend {
     configfs: Arc<write::Configfs>,
     unmarked: Record<Unmarked>,
-}
-
-/// The targets discus began to make and may not have marked yet.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct Unmarked {
-    targets: BTreeSet<String>,
-}
-
-impl Unmarked {
-    /// Before `op`: a target is recorded before it exists.
-    fn before(&mut self, op: &LioOp) -> bool {
-        match op {
-            LioOp::CreateTarget { iqn } => self.targets.insert(iqn.clone()),
-            _ => false,
-        }
-    }
-
-    /// After `op` succeeded: a marked or removed target needs no record.
-    fn after(&mut self, op: &LioOp) -> bool {
-        match op {
-            LioOp::CreateTpg { iqn, .. } | LioOp::DeleteTarget { iqn } => self.targets.remove(iqn),
-            _ => false,
-        }
-    }
 }
 
 impl LioBackend {
@@ -74,8 +55,9 @@ impl LioBackend {
         let unmarked = Record::open(
             state_dir.join("unmarked.json"),
             || Ok(Unmarked::default()),
-            "discus cannot tell whether bare targets in configfs are its own. Remove the file and \
-             any target in configfs without a TPG alias that discus left",
+            // Losing it only narrows what discus claims: a bare target it left is then refused
+            // (ForeignObject) until removed by hand.
+            Unreadable::StartAfresh,
         )?;
         Ok(Self {
             configfs: Arc::new(write::Configfs { root }),
@@ -85,15 +67,25 @@ impl LioBackend {
 }
 
 impl LioBackend {
-    /// A state read from configfs, with the targets discus recorded as unmarked.
+    /// A state read from configfs (of the targets `scope`, or all), with the targets discus
+    /// recorded as unmarked — less those the state shows need no record any more: gone (after a
+    /// reboot, or a step that failed) or marked.
     async fn with_record(
         &self,
         read: tokio::task::JoinHandle<std::io::Result<LioState>>,
+        scope: Option<&BTreeSet<String>>,
     ) -> Result<LioState, BackendError> {
         let mut state = read
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
             .map_err(BackendError::Io)?;
+        if let Err(error) = self
+            .unmarked
+            .update(|u| u.settle(&state, scope), true)
+            .await
+        {
+            tracing::warn!(%error, "cannot update the record of unmarked targets");
+        }
         state.unmarked = self.unmarked.read(|u| u.targets.clone()).await;
         Ok(state)
     }
@@ -119,7 +111,7 @@ impl Backend for LioBackend {
     async fn observe(&self) -> Result<LioState, BackendError> {
         let configfs = Arc::clone(&self.configfs);
         let state = tokio::task::spawn_blocking(move || read::read(&configfs.root));
-        self.with_record(state).await
+        self.with_record(state, None).await
     }
 
     fn scoped(&self) -> bool {
@@ -135,10 +127,10 @@ impl Backend for LioBackend {
             .iter()
             .flat_map(|t| t.luns.iter().map(|l| storage_name(&t.iqn, l.lun)))
             .collect();
-        let (configfs, iqns) = (Arc::clone(&self.configfs), iqns.clone());
+        let (configfs, read) = (Arc::clone(&self.configfs), iqns.clone());
         let state =
-            tokio::task::spawn_blocking(move || read::read_scoped(&configfs.root, &iqns, &storage));
-        self.with_record(state).await
+            tokio::task::spawn_blocking(move || read::read_scoped(&configfs.root, &read, &storage));
+        self.with_record(state, Some(iqns)).await
     }
 
     fn keep_undeclared(&self, observed: &mut LioState, desired: &[TargetConfig]) {
@@ -152,14 +144,19 @@ impl Backend for LioBackend {
     async fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
         self.unmarked.update(|u| u.before(op), true).await?;
         let (configfs, owned_op) = (Arc::clone(&self.configfs), op.clone());
-        tokio::task::spawn_blocking(move || configfs.apply(&owned_op))
+        let applied = tokio::task::spawn_blocking(move || configfs.apply(&owned_op))
             .await
-            .map_err(|e| BackendError::Unreachable(e.to_string()))??;
-        // Losing this update costs nothing: a marked target is owned whatever the record says.
-        if let Err(error) = self.unmarked.update(|u| u.after(op), false).await {
+            .map_err(|e| BackendError::Unreachable(e.to_string()))
+            .and_then(|applied| applied);
+        let settled = match &applied {
+            Ok(()) => self.unmarked.update(|u| u.after(op), true).await,
+            Err(_) => self.unmarked.update(|u| u.failed(op), true).await,
+        };
+        if let Err(error) = settled {
+            // The next observation settles the record again.
             tracing::warn!(%error, "cannot update the record of unmarked targets");
         }
-        Ok(())
+        applied
     }
 
     fn backing_files(&self, observed: &LioState) -> Vec<PathBuf> {

@@ -317,16 +317,21 @@ fn alias(target: &TargetConfig) -> String {
     format!("{ALIAS_PREFIX}{}", target.owner)
 }
 
-/// Whether discus made this target: its TPG carries discus's alias, or discus recorded that it
-/// began to make it and it is still bare — a crash came between its `mkdir` and its alias.
+/// Whether this target carries discus's mark: its TPG's alias.
+pub fn marked(target: &LioTarget) -> bool {
+    target
+        .tpg()
+        .is_some_and(|t| t.alias.starts_with(ALIAS_PREFIX))
+}
+
+/// Whether discus made this target: it is marked, or discus recorded that it was making or
+/// removing it and it is bare — a crash came between its `mkdir` and its alias, or between the
+/// `rmdir` of its TPG and its own (see unmarked.rs).
 pub fn owned(observed: &LioState, target: &LioTarget) -> bool {
     let bare = |tpg: &Tpg| {
         !tpg.enabled && tpg.portals.is_empty() && tpg.luns.is_empty() && tpg.acls.is_empty()
     };
-    target
-        .tpg()
-        .is_some_and(|t| t.alias.starts_with(ALIAS_PREFIX))
-        || (observed.unmarked.contains(&target.iqn) && target.tpgs.iter().all(bare))
+    marked(target) || (observed.unmarked.contains(&target.iqn) && target.tpgs.iter().all(bare))
 }
 
 /// The CHAP fields an ACL must hold (empty when the target has no CHAP).
@@ -460,12 +465,7 @@ pub fn plan(desired: &[TargetConfig], observed: &LioState) -> Plan<LioOp> {
     }
     // 4. Build each target top-down and enable it last.
     for target in &wanted {
-        build(
-            &mut plan,
-            target,
-            observed.target(&target.iqn).and_then(LioTarget::tpg),
-            &remade,
-        );
+        build(&mut plan, target, observed.target(&target.iqn), &remade);
     }
     plan
 }
@@ -622,12 +622,15 @@ fn prune(plan: &mut Plan<LioOp>, target: &TargetConfig, tpg: &Tpg, remade: &BTre
 fn build(
     plan: &mut Plan<LioOp>,
     target: &TargetConfig,
-    tpg: Option<&Tpg>,
+    existing: Option<&LioTarget>,
     remade: &BTreeSet<&str>,
 ) {
     let iqn = target.iqn.clone();
     let empty = Tpg::default();
-    let found = match tpg {
+    if existing.is_none() {
+        plan.ops.push(LioOp::CreateTarget { iqn: iqn.clone() });
+    }
+    let found = match existing.and_then(LioTarget::tpg) {
         Some(tpg) if tpg.alias == alias(target) => tpg,
         // Made up to its TPG before a crash, or another IscsiTarget's until now: marked again.
         Some(tpg) => {
@@ -638,7 +641,6 @@ fn build(
             tpg
         }
         None => {
-            plan.ops.push(LioOp::CreateTarget { iqn: iqn.clone() });
             plan.ops.push(LioOp::CreateTpg {
                 iqn: iqn.clone(),
                 alias: alias(target),
@@ -765,6 +767,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::super::model::{MappedLun, StorageObject, TpgLun};
+    use super::super::unmarked::Unmarked;
     use super::*;
     use crate::api::chap::{ChapAccount, ChapCredentials};
     use crate::api::iscsi_target::{DeviceType, Portal};
@@ -861,14 +864,13 @@ mod tests {
                     assert!(!used, "EBUSY: {name} is still linked");
                     state.storage.retain(|s| s.name != name);
                 }
-                // `mkdir` of what exists succeeds (EEXIST), as in write.rs.
+                // A target is made only where there was none (write.rs: EEXIST fails).
                 LioOp::CreateTarget { iqn } => {
-                    if state.target(&iqn).is_none() {
-                        state.targets.push(LioTarget {
-                            iqn,
-                            tpgs: Vec::new(),
-                        });
-                    }
+                    assert!(state.target(&iqn).is_none(), "EEXIST: {iqn}");
+                    state.targets.push(LioTarget {
+                        iqn,
+                        tpgs: Vec::new(),
+                    });
                 }
                 LioOp::CreateTpg { iqn, alias } => {
                     let target = state
@@ -1166,13 +1168,30 @@ mod tests {
         assert_eq!(plan.refused[0].reason, Reason::ForeignObject);
     }
 
-    /// The record the backend keeps before each operation (mod.rs `Unmarked::before`).
-    fn record_before(state: &mut LioState, ops: &[LioOp]) {
-        for op in ops {
-            if let LioOp::CreateTarget { iqn } = op {
-                state.unmarked.insert(iqn.clone());
+    /// configfs after a crash that came once `done` had run (the last of them possibly without
+    /// its record updated after it), as the backend observes it: with its record, settled.
+    fn crashed(before: &LioState, done: &[LioOp], last_recorded: bool) -> LioState {
+        let mut record = Unmarked {
+            targets: before.unmarked.clone(),
+        };
+        for (i, op) in done.iter().enumerate() {
+            record.before(op);
+            if last_recorded || i + 1 < done.len() {
+                record.after(op);
             }
         }
+        let mut state = before.clone();
+        simulate(&mut state, done);
+        record.settle(&state, None);
+        state.unmarked = record.targets;
+        state
+    }
+
+    /// Every state a crash can leave while `ops` run from `state`.
+    fn crashes(state: &LioState, ops: &[LioOp]) -> Vec<LioState> {
+        (0..=ops.len())
+            .flat_map(|done| [true, false].map(|last| crashed(state, &ops[..done], last)))
+            .collect()
     }
 
     #[test]
@@ -1181,35 +1200,30 @@ mod tests {
             vec![lun(0)],
             vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], false)],
         )];
-        let full = plan(&desired, &LioState::default()).ops;
-        // Killed after any whole operation, and inside `create TPG` (made, alias not written:
-        // the kernel's default alias).
-        let mut crashed: Vec<LioState> = (0..=full.len())
-            .map(|done| {
-                let mut state = LioState::default();
-                record_before(&mut state, &full[..done]);
-                simulate(&mut state, &full[..done]);
-                state
-            })
-            .collect();
+        let empty = LioState::default();
+        let full = plan(&desired, &empty).ops;
         let made = 1
             + (full.iter())
                 .position(|o| matches!(o, LioOp::CreateTarget { .. }))
                 .expect("the target is made");
-        let mut inside = LioState::default();
-        record_before(&mut inside, &full[..made]);
-        simulate(&mut inside, &full[..made]);
+        // Also inside `create TPG`: made, its alias not written (the kernel's default).
+        let mut inside = crashed(&empty, &full[..made], true);
         inside.targets[0].tpgs.push(Tpg {
             tag: 1,
             alias: "LIO Target".into(),
             ..Tpg::default()
         });
-        crashed.push(inside.clone());
-        for mut state in crashed {
+        let mut states = crashes(&empty, &full);
+        states.push(inside.clone());
+        for mut state in states {
             let refused = plan(&desired, &state).refused;
             assert!(refused.is_empty(), "{refused:?} after a crash in {state:?}");
             converge(&desired, &mut state);
             assert_eq!(state.targets[0].tpgs[0].alias, "discus:lab/boot");
+            assert!(
+                crashed(&state, &[], true).unmarked.is_empty(),
+                "settled once marked"
+            );
         }
 
         // Without discus's record, or once something else was put in it, it is not discus's.
@@ -1227,6 +1241,60 @@ mod tests {
                 "not discus's to remove: {removal:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_crash_anywhere_while_removing_a_target_leaves_one_discus_removes() {
+        let desired = [target(
+            vec![lun(0)],
+            vec![acl("iqn.1993-08.org.debian:01:a", "a", &[0], false)],
+        )];
+        let mut built = LioState::default();
+        converge(&desired, &mut built);
+        let removal = plan(&[], &built).ops;
+        for state in crashes(&built, &removal) {
+            let mut removed = state.clone();
+            converge(&[], &mut removed);
+            assert!(removed.targets.is_empty(), "{state:?}");
+            // Or declared again before the next pass: finished, never refused.
+            let mut again = state;
+            assert!(plan(&desired, &again).refused.is_empty(), "{again:?}");
+            converge(&desired, &mut again);
+        }
+        // Between the TPG's removal and the target's: bare, recorded, still discus's.
+        let tpg_gone = 1
+            + (removal.iter())
+                .position(|o| matches!(o, LioOp::DeleteTpg { .. }))
+                .expect("the TPG goes");
+        let state = crashed(&built, &removal[..tpg_gone], true);
+        assert!(state.targets[0].tpgs.is_empty() && state.unmarked.contains(IQN));
+        assert!(plan(&desired, &state).refused.is_empty());
+    }
+
+    #[test]
+    fn a_record_of_a_target_that_is_gone_claims_nothing_made_later() {
+        let desired = [target(vec![lun(0)], vec![])];
+        // A target discus failed to make, or made before a reboot: the record outlived it.
+        let stale = LioState {
+            unmarked: [IQN.to_owned()].into(),
+            ..LioState::default()
+        };
+        let settled = crashed(&stale, &[], true);
+        assert!(settled.unmarked.is_empty());
+        // Someone else's target, made step by step after that observation, found bare.
+        let mut foreign = settled;
+        foreign.targets.push(LioTarget {
+            iqn: IQN.into(),
+            tpgs: vec![Tpg {
+                tag: 1,
+                ..Tpg::default()
+            }],
+        });
+        assert!(plan(&[], &foreign).ops.is_empty());
+        assert_eq!(
+            plan(&desired, &foreign).refused[0].reason,
+            Reason::ForeignObject
+        );
     }
 
     #[test]

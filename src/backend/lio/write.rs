@@ -2,7 +2,8 @@
 //!
 //! Every value is written in one `write(2)` without a newline (configfs stores CHAP strings
 //! verbatim). `EEXIST` on a `mkdir` the plan asked for means it is already there: success, and the
-//! next observation checks its content. `EBUSY` and `ENOTEMPTY` mean the order was wrong: a bug,
+//! next observation checks its content — except for a target, which the plan makes only where
+//! there was none: one that appeared since is someone else's. `EBUSY` and `ENOTEMPTY` mean the order was wrong: a bug,
 //! reported loudly, never retried blindly.
 
 use std::io::{self, Write};
@@ -74,7 +75,9 @@ impl Configfs {
             LioOp::CreateTarget { iqn } => {
                 // The first `mkdir iscsi` loads iscsi_target_mod.
                 mkdir(&self.root.iscsi())?;
-                mkdir(&self.root.target(iqn))
+                // Planned only where configfs showed none: one there now is someone else's.
+                let target = self.root.target(iqn);
+                std::fs::create_dir(&target).map_err(|e| failed(op, &target, &e))
             }
             LioOp::CreateTpg { iqn, alias } => {
                 mkdir(self.tpg(iqn).path())?;

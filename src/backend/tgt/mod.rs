@@ -23,7 +23,7 @@ pub use model::TgtState;
 pub use plan::{Owned, TgtOp, device_lun};
 use tgtadm::Tgtadm;
 
-use super::record::Record;
+use super::record::{Record, Unreadable};
 use super::{Backend, BackendError, Capabilities, Plan, Session};
 use crate::desired::{Backing, TargetConfig};
 
@@ -79,11 +79,11 @@ impl TgtBackend {
                     ..Owned::default()
                 })
             },
-            &format!(
+            Unreadable::Fail(format!(
                 "discus cannot tell which targets and accounts in tgtd are its own. Move the file away \
                  and remove discus's targets from tgtd (tgtadm -C {}) to start afresh",
                 config.control_port
-            ),
+            )),
         )?;
         let view = config.images.clone().map(|images| view::ReadOnlyView {
             images,
