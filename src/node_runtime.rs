@@ -98,13 +98,13 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
     let boot = match config.boot {
         Some(options) => {
             let tables = BootTables::default();
-            boot::endpoint::start(options, tables.clone(), Arc::clone(&metrics))
+            let bound = boot::endpoint::start(options, tables.clone(), Arc::clone(&metrics))
                 .await
                 .map_err(|source| SetupError::Boot {
                     address: options.address,
                     source,
                 })?;
-            Some(tables)
+            Some(tables.serving_at(bound))
         }
         None => None,
     };

@@ -348,6 +348,12 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                     read_only: m.read_only,
                 })
                 .collect(),
+            // Where its machines get their script, unless a boot problem withholds it.
+            boot_urls: if report.desired.boots.contains_key(&key) && boot.is_empty() {
+                report.boot_urls.clone()
+            } else {
+                Vec::new()
+            },
         });
         if let Some((reason, message)) = summary(&boot) {
             entry.reason = Some(reason);
@@ -438,9 +444,12 @@ fn merge_connections(entries: &[AccessNodeStatus]) -> Option<Connection> {
     let mut merged = connections.next()?.clone();
     for other in connections {
         merged.portals.extend(other.portals.iter().cloned());
+        merged.boot_urls.extend(other.boot_urls.iter().cloned());
     }
     merged.portals.sort();
     merged.portals.dedup();
+    merged.boot_urls.sort();
+    merged.boot_urls.dedup();
     Some(merged)
 }
 

@@ -764,6 +764,23 @@ async fn every_node_boots_a_card_through_every_node_and_tells_it(cluster: &Clust
             "{script}"
         );
     }
+    // Status says where its machines get their script: every node's endpoint.
+    let mut urls: Vec<Value> = (cluster.agents.iter())
+        .map(|a| json!(format!("http://{}:{BOOT_PORT}/boot/ipxe", a.address)))
+        .collect();
+    urls.sort_by_key(ToString::to_string);
+    cluster
+        .wait_for(
+            "every node's boot URL in the grant's status",
+            Duration::from_secs(60),
+            async || {
+                let grant = cluster
+                    .object("InitiatorAccess", "demo", "demo-client")
+                    .await;
+                grant.pointer("/status/connection/bootUrls") == Some(&json!(urls))
+            },
+        )
+        .await;
     cluster
         .wait_for(
             "an Event for each script served",

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -97,6 +98,11 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
              set username client\nset password client-secret\nclear reverse-username\n\
              clear reverse-password\nsanboot iscsi:127.0.0.1::3260:1:iqn.2026-11.dev.discus:boot\n"
         )
+    );
+    // Status says where its machines get their script.
+    assert_eq!(
+        host.status("InitiatorAccess", "client")["status"]["connection"]["bootUrls"],
+        json!([format!("http://{BOOT}/boot/ipxe")])
     );
     // Without a card, any machine gets only the way to ask again with its card.
     assert_eq!(
@@ -508,4 +514,87 @@ fn diskless_machines_boot_discs_from_lio() {
             "{log}"
         );
     }
+}
+
+/// A machine booted from its disc, logged in and paused in grub, loses its grant: discus ends
+/// its session and removes its ACL; when the machine reads on (Linux, from the disc), iPXE
+/// logs in again and again, each login is refused (no session ever), and the machine never
+/// gets Linux.
+#[test]
+fn a_machine_whose_grant_is_revoked_mid_boot_cannot_log_in_again() {
+    let host = Host::new();
+    host.sandbox
+        .must(&["ip", "address", "add", &format!("{NODE}/32"), "dev", "lo"]);
+    let machine = Machine {
+        firmware: Firmware::Bios,
+        kind: ImageKind::Raw,
+        card: "52:54:00:10:00:09",
+        mutual: false,
+    };
+    let discs = boot_discs(&host.images, &host.images, NODE, true);
+    host.manifest("discs.yaml", &manifests::yaml(discs.iter()));
+    let grant = machine.manifests("10.20.0.0/24");
+    host.manifest("machine.yaml", &manifests::yaml(grant.iter()));
+    let boot_address = format!("{NODE}:8090");
+    let mut server = host.start_with(&["--boot-address", &boot_address]);
+    host.wait_for("the boot grant applied", || {
+        host.condition("InitiatorAccess", &machine.name(), "Ready")
+            .0
+            == "True"
+    });
+
+    let running = Netboot::new(machine.firmware, format!("http://{boot_address}/boot/ipxe"))
+        .mac(machine.card)
+        .paused()
+        .start_in(&host.sandbox);
+    running
+        .wait_for(
+            "discus netboot: paused",
+            Instant::now() + Duration::from_secs(300),
+        )
+        .unwrap_or_else(|why| panic!("{why}\n{}", host.log()));
+    let show = || host.tgtadm(&["--mode", "target", "--op", "show"]);
+    assert!(show().contains(&machine.initiator()), "{}", show());
+
+    host.remove_manifest("machine.yaml");
+    host.wait_for("the machine's session and ACL gone", || {
+        !show().contains(&machine.initiator())
+    });
+    // What connected to the portal so far (in TIME-WAIT for a minute: none is missed).
+    let connections = || -> BTreeSet<String> {
+        host.sandbox
+            .must(&["ss", "-Htan", "( sport = :3260 )"])
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(4).map(str::to_owned))
+            .filter(|peer| !peer.ends_with(":*"))
+            .collect()
+    };
+    let before = connections();
+    running.resume();
+    // iPXE logs in again to read Linux from the disc, and again: each login refused.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let tried = loop {
+        let tried: Vec<String> = connections().difference(&before).cloned().collect();
+        let console = netboot::readable(&running.console());
+        assert!(
+            !console.contains("discus netboot: Linux loaded"),
+            "the machine read Linux after its grant was revoked:\n{}",
+            running.console_tail(30)
+        );
+        assert!(!show().contains(&machine.initiator()), "{}", show());
+        if tried.len() >= 3 {
+            break tried;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the machine did not try to log in again ({tried:?}):\n{}",
+            running.console_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let refused = format!("{} logins refused", tried.len());
+    println!("after the revocation: {refused}");
+    assert!(!show().contains(&machine.initiator()), "{}", show());
+    server.kill().expect("kill");
+    server.wait().expect("wait");
 }

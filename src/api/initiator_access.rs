@@ -144,6 +144,10 @@ pub struct Connection {
     /// The LUNs this initiator sees.
     #[serde(default)]
     pub luns: Vec<ConnectionLun>,
+    /// For a grant with a boot block: the URLs of the nodes' boot endpoints that hand its
+    /// machines their script (`http://<node>:<port>/boot/ipxe`; iPXE adds `?mac=`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub boot_urls: Vec<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

@@ -62,6 +62,8 @@ const SERVED_BACKLOG: usize = 256;
 pub struct BootTables {
     table: Arc<RwLock<BootTable>>,
     served: broadcast::Sender<ServedScript>,
+    /// Where the endpoint listens, once it does.
+    address: Option<SocketAddr>,
 }
 
 impl Default for BootTables {
@@ -69,11 +71,39 @@ impl Default for BootTables {
         Self {
             table: Arc::default(),
             served: broadcast::channel(SERVED_BACKLOG).0,
+            address: None,
         }
     }
 }
 
 impl BootTables {
+    /// These tables, knowing where the endpoint listens.
+    pub fn serving_at(mut self, address: SocketAddr) -> Self {
+        self.address = Some(address);
+        self
+    }
+
+    /// The URLs machines can boot from on this node: the endpoint's address, or, where it
+    /// listens on every address, each of the node's `addresses` that is one.
+    pub fn urls(&self, addresses: &[IpAddr]) -> Vec<String> {
+        let Some(bound) = self.address else {
+            return Vec::new();
+        };
+        let hosts: Vec<IpAddr> = if bound.ip().is_unspecified() {
+            addresses
+                .iter()
+                .filter(|a| !a.is_unspecified())
+                .copied()
+                .collect()
+        } else {
+            vec![bound.ip()]
+        };
+        hosts
+            .into_iter()
+            .map(|host| format!("http://{}/boot/ipxe", SocketAddr::new(host, bound.port())))
+            .collect()
+    }
+
     pub fn replace(&self, table: BootTable) {
         *self.table.write() = table;
     }
@@ -235,4 +265,32 @@ fn script_response(script: String) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_urls_name_the_endpoint_or_each_node_address_where_it_listens_on_all() {
+        let tables = |at: &str| BootTables::default().serving_at(at.parse().expect("address"));
+        let node: Vec<IpAddr> = ["10.20.0.11", "2001:db8::11"]
+            .iter()
+            .map(|a| a.parse().expect("address"))
+            .collect();
+        assert_eq!(
+            tables("10.20.0.11:8090").urls(&node),
+            ["http://10.20.0.11:8090/boot/ipxe"]
+        );
+        assert_eq!(
+            tables("0.0.0.0:8090").urls(&node),
+            [
+                "http://10.20.0.11:8090/boot/ipxe",
+                "http://[2001:db8::11]:8090/boot/ipxe"
+            ]
+        );
+        let unknown = [IpAddr::from([0, 0, 0, 0])];
+        assert!(tables("0.0.0.0:8090").urls(&unknown).is_empty());
+        assert!(BootTables::default().urls(&node).is_empty(), "not serving");
+    }
 }

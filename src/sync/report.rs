@@ -36,6 +36,8 @@ pub struct NodeReport {
     /// The targets (IQNs) this pass read and reconciled; `None` when it covered all of them.
     /// Every other target is as the previous pass left it.
     pub scope: Option<BTreeSet<String>>,
+    /// Where machines can ask this node for boot scripts (empty when it serves none).
+    pub boot_urls: Vec<String>,
     /// Lookups for status, built once a pass: statuses of thousands of resources must not each
     /// search the whole report.
     index: ReportIndex,

@@ -169,6 +169,7 @@ impl<B: Backend> Syncer<B> {
         report.index();
         if let Some(boot) = &self.boot {
             boot.replace(BootTable::applied(&report, &resources.grants));
+            report.boot_urls = boot.urls(&node.addresses);
         }
         self.metrics
             .pass_finished(&report.summary(pass, started.elapsed()));

@@ -87,7 +87,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -150,6 +150,14 @@ terminal_input serial
 terminal_output serial
 set timeout=0
 menuentry "discus netboot @KIND@" {
+  # A machine whose SMBIOS product is discus-pause waits here for a line on its serial port,
+  # booted from the disc and logged in, before it reads the rest (Linux) from it.
+  if smbios --type 1 --get-string 5 --set product; then
+    if [ "$product" = "discus-pause" ]; then
+      echo "discus netboot: paused"
+      read go
+    fi
+  fi
   echo "discus netboot: grub (${grub_platform}) loads Linux"
   linux /vmlinuz console=ttyS0 loglevel=3 panic=-1 discus.kind=@KIND@
   initrd /initrd
@@ -178,6 +186,8 @@ const GRUB_MODULES: &[&str] = &[
     "terminal",
     "test",
     "boot",
+    "smbios",
+    "read",
 ];
 
 /// The two images.
@@ -662,6 +672,9 @@ pub struct Netboot {
     /// Another iPXE ROM than [`Firmware::rom`].
     pub rom: Option<PathBuf>,
     pub memory_mib: u32,
+    /// The machine's grub waits for a line on its serial port ([`NetbootMachine::resume`])
+    /// before it loads Linux from the disc.
+    pub paused: bool,
     /// `(address:port, host address:port)`: connections the machine makes to an address of its
     /// network (10.0.2.0/24) go to a port of the host (or sandbox) instead, through
     /// `busybox nc` — as if the server were on the machine's own network.
@@ -676,8 +689,15 @@ impl Netboot {
             mac: "52:54:00:d1:5c:01".into(),
             rom: None,
             memory_mib: 512,
+            paused: false,
             forwards: Vec::new(),
         }
+    }
+
+    /// The machine waits in grub, booted from the disc, until [`NetbootMachine::resume`].
+    pub fn paused(mut self) -> Self {
+        self.paused = true;
+        self
     }
 
     /// Connections to `address` (`10.0.2.x:port`) reach `to` (`127.0.0.1:port`).
@@ -740,6 +760,8 @@ pub struct NetbootMachine {
     /// The [`MILESTONES`] seen so far, with when (while someone waits).
     reached: Mutex<Vec<(&'static str, Duration)>>,
     pub firmware: Firmware,
+    /// The serial port's input.
+    keyboard: Mutex<std::io::PipeWriter>,
 }
 
 impl NetbootMachine {
@@ -821,9 +843,14 @@ impl NetbootMachine {
                 qemu_escape(&rom.display().to_string())
             ),
         ]);
+        if options.paused {
+            command.args(["-smbios", "type=1,product=discus-pause"]);
+        }
+        // The serial port's input: what `resume` types.
+        let (serial_in, keyboard) = std::io::pipe().expect("pipe");
         let console = std::fs::File::create(dir.path().join("console.log")).expect("console");
         command
-            .stdin(Stdio::null())
+            .stdin(serial_in)
             .stdout(console)
             .stderr(std::fs::File::create(dir.path().join("qemu.log")).expect("qemu.log"));
         std::fs::write(dir.path().join("command"), format!("{command:?}\n")).expect("command");
@@ -835,7 +862,15 @@ impl NetbootMachine {
             started,
             reached: Mutex::new(Vec::new()),
             firmware: options.firmware,
+            keyboard: Mutex::new(keyboard),
         }
+    }
+
+    /// Lets a paused machine go on ([`Netboot::paused`]).
+    pub fn resume(&self) {
+        use std::io::Write;
+        let mut keyboard = self.keyboard.lock().expect("keyboard");
+        keyboard.write_all(b"\r").expect("type on the serial port");
     }
 
     /// The serial console so far, as written (escape sequences and all).
