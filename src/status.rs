@@ -348,8 +348,8 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                     read_only: m.read_only,
                 })
                 .collect(),
-            // Where its machines get their script, unless a boot problem withholds it.
-            boot_urls: if report.desired.boots.contains_key(&key) && boot.is_empty() {
+            // Where its machines get their script: only where the boot table has the grant.
+            boot_urls: if report.booting.contains(&key) {
                 report.boot_urls.clone()
             } else {
                 Vec::new()

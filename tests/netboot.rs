@@ -152,6 +152,10 @@ fn the_boot_endpoint_answers_only_the_cards_of_applied_unexpired_grants_from_the
     host.wait_for("the card refused", || {
         get(&host, &format!("/boot/ipxe?mac={CARD}")) == refused
     });
+    host.wait_for("no boot URL in the grant's status", || {
+        let connection = &host.status("InitiatorAccess", "client")["status"]["connection"];
+        connection["iqn"].is_string() && connection.get("bootUrls").is_none()
+    });
 
     // One source asking too often is told to wait.
     let limited = (0..30).any(|_| get(&host, "/boot/ipxe").0 == 429);
@@ -595,6 +599,76 @@ fn a_machine_whose_grant_is_revoked_mid_boot_cannot_log_in_again() {
     let refused = format!("{} logins refused", tried.len());
     println!("after the revocation: {refused}");
     assert!(!show().contains(&machine.initiator()), "{}", show());
+    server.kill().expect("kill");
+    server.wait().expect("wait");
+}
+
+/// A card without iPXE on a real provisioning network: OVMF's own PXE asks the dnsmasq of
+/// examples/netboot — run as the example says, on a tap device in the host's namespace — for
+/// an address, gets iPXE (`ipxe.efi`, Debian's ipxe) over its TFTP, and iPXE asks again and
+/// gets discus's boot URL: the chain a user sets up, over real DHCP and TFTP exchanges.
+#[test]
+fn a_plain_pxe_card_boots_through_the_dnsmasq_example() {
+    let host = Host::new();
+    provisioning_network(&host.sandbox);
+    let machine = Machine {
+        firmware: Firmware::Uefi,
+        kind: ImageKind::Raw,
+        card: "52:54:00:10:00:0a",
+        mutual: false,
+    };
+    let mut objects = boot_discs(&host.images, &host.images, NODE, true);
+    objects.extend(machine.manifests("10.20.0.0/24"));
+    host.manifest("netboot.yaml", &manifests::yaml(objects.iter()));
+    let mut server = host.start_with(&["--boot-address", &format!("{NODE}:8090")]);
+    host.wait_for("the boot grant applied", || {
+        host.condition("InitiatorAccess", &machine.name(), "Ready")
+            .0
+            == "True"
+    });
+    let dir = host.sandbox.scratch("dnsmasq");
+    let log = dir.join("dnsmasq.log");
+    let conf = support::repo().join("examples/netboot/dnsmasq.conf");
+    let mut dnsmasq = host
+        .sandbox
+        .command("dnsmasq")
+        .arg("--keep-in-foreground")
+        .arg(format!("--conf-file={}", conf.display()))
+        // The test's own: its files in the test's folder, and what it does on stderr.
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
+        .arg(format!("--pid-file={}", dir.join("pid").display()))
+        .args(["--log-facility=-", "--log-dhcp"])
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("dnsmasq runs");
+    host.wait_for("dnsmasq serving DHCP", || {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(!said.contains("dnsmasq: "), "dnsmasq failed: {said}");
+        said.contains("DHCP, IP range")
+    });
+
+    let booted = Netboot::new(Firmware::Uefi, "")
+        .mac(machine.card)
+        .plain_pxe_on("eth1")
+        .start_in(&host.sandbox)
+        .wait_for_marker(Instant::now() + Duration::from_secs(300))
+        .unwrap_or_else(|why| {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("{why}\n--- dnsmasq:\n{said}\n--- discus:\n{}", host.log())
+        });
+    let ibft = booted.marker.ibft.expect("iBFT");
+    assert_eq!(ibft.initiator, machine.initiator());
+    assert_eq!(ibft.mac, machine.card);
+    assert_eq!(ibft.targets[0].address, format!("{NODE}:3260"));
+    let said = std::fs::read_to_string(&log).unwrap_or_default();
+    for step in ["sent size:", "ipxe.efi", "http://10.20.0.11:8090/boot/ipxe"] {
+        assert!(said.contains(step), "{step} not in dnsmasq's log:\n{said}");
+    }
+    println!(
+        "plain PXE → ipxe.efi → discus: power-on to marker {:.1} s",
+        booted.boot_time.as_secs_f64()
+    );
+    host.sandbox.kill(&mut dnsmasq);
     server.kill().expect("kill");
     server.wait().expect("wait");
 }

@@ -105,6 +105,9 @@ impl Failures {
 pub enum BackendError {
     #[error("{operation}: {message}")]
     Failed { operation: String, message: String },
+    /// What the operation was to make is there already, made by someone else meanwhile.
+    #[error("{operation}: {message}")]
+    Exists { operation: String, message: String },
     #[error("the target software is unreachable: {0}")]
     Unreachable(String),
     #[error("{0}")]

@@ -91,6 +91,22 @@ impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
     }
 }
 
+impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Record<T> {
+    /// Applies `change` — one that only narrows what the record claims — and holds it at once,
+    /// whether or not it can be saved (durably): a record that cannot be saved then claims less
+    /// in memory than on disk, never more, and the next change saves it again.
+    pub async fn narrow(&self, change: impl FnOnce(&mut T) -> bool) -> Result<(), BackendError> {
+        let mut value = self.value.lock().await;
+        if !change(&mut value) {
+            return Ok(());
+        }
+        let (path, saved) = (self.path.clone(), value.clone());
+        tokio::task::spawn_blocking(move || save(&path, &saved, true))
+            .await
+            .map_err(|e| BackendError::Unreachable(e.to_string()))?
+    }
+}
+
 /// What to do with a record that does not parse.
 #[derive(Clone, Debug)]
 pub enum Unreadable {
@@ -109,4 +125,41 @@ fn save<T: Serialize>(path: &Path, value: &T, durably: bool) -> Result<(), Backe
         crate::fsutil::write_replace(path, &json)
     };
     written.map_err(|e| io_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// A record whose folder became a file: nothing can be saved any more.
+    async fn unsavable(claimed: &[&str]) -> (tempfile::TempDir, Record<BTreeSet<String>>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folder = dir.path().join("lio");
+        let record = Record::open(
+            folder.join("record.json"),
+            || Ok(claimed.iter().map(|s| (*s).to_owned()).collect()),
+            Unreadable::StartAfresh,
+        )
+        .expect("opened");
+        std::fs::remove_dir_all(&folder).expect("remove");
+        std::fs::write(&folder, "").expect("a file where the folder was");
+        (dir, record)
+    }
+
+    #[tokio::test]
+    async fn a_claim_that_cannot_be_saved_is_not_held_and_a_release_always_is() {
+        let (_dir, record) = unsavable(&["a"]).await;
+        let claim = record
+            .update(|claims| claims.insert("b".to_owned()), true)
+            .await;
+        assert!(claim.is_err(), "saving cannot succeed");
+        let release = record.narrow(|claims| claims.remove("a")).await;
+        assert!(release.is_err(), "saving cannot succeed");
+        assert!(
+            record.read(BTreeSet::is_empty).await,
+            "neither a nor b held"
+        );
+    }
 }

@@ -89,12 +89,12 @@ impl BootTables {
         let Some(bound) = self.address else {
             return Vec::new();
         };
+        // `0.0.0.0` listens on IPv4 only, `[::]` on both.
+        let reachable = |a: &&IpAddr| {
+            !a.is_unspecified() && !a.is_loopback() && (bound.is_ipv6() || a.is_ipv4())
+        };
         let hosts: Vec<IpAddr> = if bound.ip().is_unspecified() {
-            addresses
-                .iter()
-                .filter(|a| !a.is_unspecified())
-                .copied()
-                .collect()
+            addresses.iter().filter(reachable).copied().collect()
         } else {
             vec![bound.ip()]
         };
@@ -198,12 +198,13 @@ async fn boot_script(
     query: Result<Query<BootQuery>, QueryRejection>,
 ) -> Response {
     let source = peer.remote.ip().to_canonical();
-    let limited = endpoint.limiter.check_key(&source).is_err()
-        || (source.is_ipv6()
-            && endpoint
-                .network_limiter
-                .check_key(&network(source))
-                .is_err());
+    // The /64 first: an address over its network's quota adds no key of its own.
+    let limited = (source.is_ipv6()
+        && endpoint
+            .network_limiter
+            .check_key(&network(source))
+            .is_err())
+        || endpoint.limiter.check_key(&source).is_err();
     if limited {
         endpoint.metrics.boot_request("rate_limited");
         tracing::warn!(%source, "boot request refused: too many from this address");
@@ -284,6 +285,10 @@ mod tests {
         );
         assert_eq!(
             tables("0.0.0.0:8090").urls(&node),
+            ["http://10.20.0.11:8090/boot/ipxe"]
+        );
+        assert_eq!(
+            tables("[::]:8090").urls(&node),
             [
                 "http://10.20.0.11:8090/boot/ipxe",
                 "http://[2001:db8::11]:8090/boot/ipxe"

@@ -66,6 +66,11 @@ pub struct BootTable {
 }
 
 impl BootTable {
+    /// The grants whose machines this table boots.
+    pub fn grants(&self) -> std::collections::BTreeSet<ObjectKey> {
+        self.by_mac.values().map(|e| e.grant.clone()).collect()
+    }
+
     /// The boot grants a pass applied. `grants` are the declarations with their status, where
     /// the other nodes serving a grant report their portals.
     pub fn applied(report: &NodeReport, grants: &[InitiatorAccess]) -> Self {

@@ -44,11 +44,11 @@ pub fn run(args: TeardownArgs) -> ExitCode {
 }
 
 async fn teardown(args: &TeardownArgs) -> Result<(), BackendError> {
+    // Never beside a discus writing configfs on this host; taken before its record is read.
+    let _claim = Claim::take(Path::new(lio::CLAIM), "the kernel's LIO target", "")
+        .map_err(|e| BackendError::Unreachable(e.to_string()))?;
     match LioBackend::new(args.configfs.join("target"), &args.data_dir.join("lio")) {
         Ok(lio) => {
-            // Never beside a discus writing configfs on this host (it also holds the record).
-            let _claim = Claim::take(Path::new(lio::CLAIM), "the kernel's LIO target", "")
-                .map_err(|e| BackendError::Unreachable(e.to_string()))?;
             let removed = remove_all(&lio).await?;
             println!("lio: removed {removed} object(s) discus created");
         }

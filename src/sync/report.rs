@@ -38,6 +38,8 @@ pub struct NodeReport {
     pub scope: Option<BTreeSet<String>>,
     /// Where machines can ask this node for boot scripts (empty when it serves none).
     pub boot_urls: Vec<String>,
+    /// The grants whose machines this node hands a script (its boot table).
+    pub booting: BTreeSet<ObjectKey>,
     /// Lookups for status, built once a pass: statuses of thousands of resources must not each
     /// search the whole report.
     index: ReportIndex,

@@ -168,8 +168,10 @@ impl<B: Backend> Syncer<B> {
         report.desired = state;
         report.index();
         if let Some(boot) = &self.boot {
-            boot.replace(BootTable::applied(&report, &resources.grants));
+            let table = BootTable::applied(&report, &resources.grants);
+            report.booting = table.grants();
             report.boot_urls = boot.urls(&node.addresses);
+            boot.replace(table);
         }
         self.metrics
             .pass_finished(&report.summary(pass, started.elapsed()));

@@ -336,14 +336,13 @@ impl LioVm {
             &modules,
             Path::new(env!("CARGO_BIN_EXE_discus")),
         );
-        let free_port = || {
-            TcpListener::bind("127.0.0.1:0")
-                .expect("port")
-                .local_addr()
-                .expect("addr")
-                .port()
-        };
-        let (port, boot_port) = (free_port(), free_port());
+        // Both held until both are known: two different ports.
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("port"))
+            .collect();
+        let port_of = |l: &TcpListener| l.local_addr().expect("addr").port();
+        let (port, boot_port) = (port_of(&listeners[0]), port_of(&listeners[1]));
+        drop(listeners);
         let mut vm = Self {
             qemu: None,
             dir,

@@ -671,6 +671,11 @@ pub struct Netboot {
     pub mac: String,
     /// Another iPXE ROM than [`Firmware::rom`].
     pub rom: Option<PathBuf>,
+    /// No option ROM on the card: the firmware's own PXE (OVMF has one; SeaBIOS has none).
+    pub plain_pxe: bool,
+    /// Plugged into this tap device (of the sandbox) instead of qemu's own network: DHCP, and
+    /// [`Netboot::bootfile`], come from whatever serves that network.
+    pub tap: Option<String>,
     pub memory_mib: u32,
     /// The machine's grub waits for a line on its serial port ([`NetbootMachine::resume`])
     /// before it loads Linux from the disc.
@@ -689,9 +694,18 @@ impl Netboot {
             mac: "52:54:00:d1:5c:01".into(),
             rom: None,
             memory_mib: 512,
+            plain_pxe: false,
+            tap: None,
             paused: false,
             forwards: Vec::new(),
         }
+    }
+
+    /// A card without iPXE, on the sandbox's tap device `tap`.
+    pub fn plain_pxe_on(mut self, tap: &str) -> Self {
+        self.plain_pxe = true;
+        self.tap = Some(tap.to_owned());
+        self
     }
 
     /// The machine waits in grub, booted from the disc, until [`NetbootMachine::resume`].
@@ -775,7 +789,7 @@ impl NetbootMachine {
             .clone()
             .unwrap_or_else(|| options.firmware.rom());
         assert!(
-            rom.exists(),
+            options.plain_pxe || rom.exists(),
             "{} (Debian's ipxe-qemu) must be installed",
             rom.display()
         );
@@ -817,10 +831,13 @@ impl NetbootMachine {
             ]);
         }
         // The machine's own address leaves 10.0.2.15 free for a forwarded server.
-        let mut netdev = format!(
-            "user,id=n0,dhcpstart=10.0.2.50,bootfile={}",
-            qemu_escape(&options.bootfile)
-        );
+        let mut netdev = match &options.tap {
+            Some(tap) => format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+            None => format!(
+                "user,id=n0,dhcpstart=10.0.2.50,bootfile={}",
+                qemu_escape(&options.bootfile)
+            ),
+        };
         if !options.forwards.is_empty() {
             // Nothing but the forwards leaves the machine's network.
             netdev.push_str(",restrict=on");
@@ -840,7 +857,11 @@ impl NetbootMachine {
             &format!(
                 "virtio-net-pci,netdev=n0,mac={},romfile={},disable-legacy=on,bootindex=1",
                 options.mac,
-                qemu_escape(&rom.display().to_string())
+                if options.plain_pxe {
+                    String::new()
+                } else {
+                    qemu_escape(&rom.display().to_string())
+                }
             ),
         ]);
         if options.paused {

@@ -79,11 +79,7 @@ impl LioBackend {
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
             .map_err(BackendError::Io)?;
-        if let Err(error) = self
-            .unmarked
-            .update(|u| u.settle(&state, scope), true)
-            .await
-        {
+        if let Err(error) = self.unmarked.narrow(|u| u.settle(&state, scope)).await {
             tracing::warn!(%error, "cannot update the record of unmarked targets");
         }
         state.unmarked = self.unmarked.read(|u| u.targets.clone()).await;
@@ -149,8 +145,9 @@ impl Backend for LioBackend {
             .map_err(|e| BackendError::Unreachable(e.to_string()))
             .and_then(|applied| applied);
         let settled = match &applied {
-            Ok(()) => self.unmarked.update(|u| u.after(op), true).await,
-            Err(_) => self.unmarked.update(|u| u.failed(op), true).await,
+            Ok(()) => self.unmarked.narrow(|u| u.after(op)).await,
+            Err(BackendError::Exists { .. }) => self.unmarked.narrow(|u| u.failed(op)).await,
+            Err(_) => Ok(()),
         };
         if let Err(error) = settled {
             // The next observation settles the record again.

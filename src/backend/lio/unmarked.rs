@@ -33,8 +33,8 @@ impl Unmarked {
         }
     }
 
-    /// After `op` failed: a target discus could not make is not its own (its `mkdir` fails only
-    /// when something else made it since configfs was read).
+    /// After `op` found its object there already: a target discus did not make is not its own
+    /// (its `mkdir` is planned only where configfs showed none).
     pub fn failed(&mut self, op: &LioOp) -> bool {
         match op {
             LioOp::CreateTarget { iqn } => self.targets.remove(iqn),

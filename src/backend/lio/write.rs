@@ -77,7 +77,16 @@ impl Configfs {
                 mkdir(&self.root.iscsi())?;
                 // Planned only where configfs showed none: one there now is someone else's.
                 let target = self.root.target(iqn);
-                std::fs::create_dir(&target).map_err(|e| failed(op, &target, &e))
+                std::fs::create_dir(&target).map_err(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => BackendError::Exists {
+                        operation: op.to_string(),
+                        message: format!(
+                            "{} appeared since discus read configfs: not discus's, left alone",
+                            target.display()
+                        ),
+                    },
+                    _ => failed(op, &target, &e),
+                })
             }
             LioOp::CreateTpg { iqn, alias } => {
                 mkdir(self.tpg(iqn).path())?;
