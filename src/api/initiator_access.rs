@@ -269,7 +269,7 @@ impl BootSpec {
                 continue;
             };
             if macs.contains(&mac) {
-                errors.push(macs_path.index(i), format!("{mac} is listed twice"));
+                errors.push(macs_path.clone(), rules::RuleError::MacTwice.to_string());
             }
             macs.push(mac);
         }

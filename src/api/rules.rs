@@ -122,6 +122,8 @@ pub enum RuleError {
     MacAddress,
     #[error("must be one network card's address, not a multicast group's")]
     MacMulticast,
+    #[error("must name each card once: the same MAC address twice, in either case")]
+    MacTwice,
     #[error("must be a network in CIDR notation, such as 192.0.2.0/24 or 2001:db8::/32")]
     Cidr,
 }

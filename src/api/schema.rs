@@ -142,6 +142,11 @@ pub fn mac_addresses(_: &mut SchemaGenerator) -> Schema {
         "minItems": 1,
         "maxItems": rules::MAX_BOOT_MACS,
         "x-kubernetes-list-type": "set",
+        // `set` refuses the same string twice; a card is the same in either case.
+        "x-kubernetes-validations": [rule(
+            "self.all(m, self.filter(n, n.lowerAscii() == m.lowerAscii()).size() == 1)",
+            &RuleError::MacTwice
+        )],
         "items": {
             "type": "string",
             "maxLength": 17,
