@@ -23,7 +23,7 @@ fn io_error(path: &Path, error: impl std::fmt::Display) -> BackendError {
     )))
 }
 
-impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
+impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Record<T> {
     /// Loads `path`, or starts from `fresh()` where there is none. A fresh record that cannot be
     /// saved yet is only logged: a full disk must not keep discus from starting, and revoking.
     pub fn open(
@@ -49,7 +49,7 @@ impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let value = fresh()?;
-                if let Err(error) = save(&path, &value, true) {
+                if let Err(error) = save(&path, &value) {
                     tracing::warn!(%error, "cannot save what discus owns yet");
                 }
                 value
@@ -66,42 +66,36 @@ impl<T: Serialize + DeserializeOwned + Clone> Record<T> {
         look(&*self.value.lock().await)
     }
 
-    /// Applies `change` and, when it says it changed something, saves the record — `durably`
-    /// (synced) when a crash must not lose it, otherwise only so that readers never see half —
-    /// and only then holds it as the record: a change that cannot be saved is not made.
-    pub async fn update(
-        &self,
-        change: impl FnOnce(&mut T) -> bool,
-        durably: bool,
-    ) -> Result<(), BackendError>
-    where
-        T: Send + 'static,
-    {
+    /// A change that widens what the record claims (an object about to be made): applied, saved
+    /// durably, and only then held — a claim that cannot be saved is not made, and the
+    /// operation it guards must not run.
+    pub async fn claim(&self, change: impl FnOnce(&mut T) -> bool) -> Result<(), BackendError> {
         let mut value = self.value.lock().await;
         let mut changed = value.clone();
         if !change(&mut changed) {
             return Ok(());
         }
-        let (path, saved) = (self.path.clone(), changed.clone());
-        tokio::task::spawn_blocking(move || save(&path, &saved, durably))
-            .await
-            .map_err(|e| BackendError::Unreachable(e.to_string()))??;
+        self.save(changed.clone()).await?;
         *value = changed;
         Ok(())
     }
-}
 
-impl<T: Serialize + DeserializeOwned + Clone + Send + 'static> Record<T> {
-    /// Applies `change` — one that only narrows what the record claims — and holds it at once,
-    /// whether or not it can be saved (durably): a record that cannot be saved then claims less
-    /// in memory than on disk, never more, and the next change saves it again.
-    pub async fn narrow(&self, change: impl FnOnce(&mut T) -> bool) -> Result<(), BackendError> {
+    /// A change that records what already happened (an object made, removed, or found to be
+    /// someone else's): held at once, then saved durably. A save that fails leaves the file
+    /// behind memory — claiming more, which the next pass settles — never memory behind the
+    /// target software.
+    pub async fn record(&self, change: impl FnOnce(&mut T) -> bool) -> Result<(), BackendError> {
         let mut value = self.value.lock().await;
         if !change(&mut value) {
             return Ok(());
         }
-        let (path, saved) = (self.path.clone(), value.clone());
-        tokio::task::spawn_blocking(move || save(&path, &saved, true))
+        self.save(value.clone()).await
+    }
+
+    /// Writes `value` to the record's file, durably, off the runtime's threads.
+    async fn save(&self, value: T) -> Result<(), BackendError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || save(&path, &value))
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
     }
@@ -117,14 +111,9 @@ pub enum Unreadable {
     StartAfresh,
 }
 
-fn save<T: Serialize>(path: &Path, value: &T, durably: bool) -> Result<(), BackendError> {
+fn save<T: Serialize>(path: &Path, value: &T) -> Result<(), BackendError> {
     let json = serde_json::to_vec_pretty(value).map_err(|e| io_error(path, e))?;
-    let written = if durably {
-        crate::fsutil::write_atomic(path, &json)
-    } else {
-        crate::fsutil::write_replace(path, &json)
-    };
-    written.map_err(|e| io_error(path, e))
+    crate::fsutil::write_atomic(path, &json).map_err(|e| io_error(path, e))
 }
 
 #[cfg(test)]
@@ -151,11 +140,9 @@ mod tests {
     #[tokio::test]
     async fn a_claim_that_cannot_be_saved_is_not_held_and_a_release_always_is() {
         let (_dir, record) = unsavable(&["a"]).await;
-        let claim = record
-            .update(|claims| claims.insert("b".to_owned()), true)
-            .await;
+        let claim = record.claim(|claims| claims.insert("b".to_owned())).await;
         assert!(claim.is_err(), "saving cannot succeed");
-        let release = record.narrow(|claims| claims.remove("a")).await;
+        let release = record.record(|claims| claims.remove("a")).await;
         assert!(release.is_err(), "saving cannot succeed");
         assert!(
             record.read(BTreeSet::is_empty).await,

@@ -79,7 +79,7 @@ impl LioBackend {
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))?
             .map_err(BackendError::Io)?;
-        if let Err(error) = self.unmarked.narrow(|u| u.settle(&state, scope)).await {
+        if let Err(error) = self.unmarked.record(|u| u.settle(&state, scope)).await {
             tracing::warn!(%error, "cannot update the record of unmarked targets");
         }
         state.unmarked = self.unmarked.read(|u| u.targets.clone()).await;
@@ -138,15 +138,15 @@ impl Backend for LioBackend {
     }
 
     async fn apply(&self, op: &LioOp) -> Result<(), BackendError> {
-        self.unmarked.update(|u| u.before(op), true).await?;
+        self.unmarked.claim(|u| u.before(op)).await?;
         let (configfs, owned_op) = (Arc::clone(&self.configfs), op.clone());
         let applied = tokio::task::spawn_blocking(move || configfs.apply(&owned_op))
             .await
             .map_err(|e| BackendError::Unreachable(e.to_string()))
             .and_then(|applied| applied);
         let settled = match &applied {
-            Ok(()) => self.unmarked.narrow(|u| u.after(op)).await,
-            Err(BackendError::Exists { .. }) => self.unmarked.narrow(|u| u.failed(op)).await,
+            Ok(()) => self.unmarked.record(|u| u.after(op)).await,
+            Err(BackendError::Exists { .. }) => self.unmarked.record(|u| u.failed(op)).await,
             Err(_) => Ok(()),
         };
         if let Err(error) = settled {

@@ -117,13 +117,13 @@ impl TgtBackend {
     /// hold (that would keep an old password valid for good); a target is owned before it
     /// exists, so a crash in between leaves a harmless record, never an orphan.
     async fn remember_before(&self, op: &TgtOp) -> Result<(), BackendError> {
-        self.owned.update(|owned| owned.before(op), true).await
+        self.owned.claim(|owned| owned.before(op)).await
     }
 
     /// Drops the record of an account discus did not make after all.
     async fn forget_account(&self, user: &str) {
         let forgotten = |owned: &mut Owned| owned.accounts.remove(user).is_some();
-        if let Err(error) = self.owned.update(forgotten, true).await {
+        if let Err(error) = self.owned.record(forgotten).await {
             tracing::warn!(%error, "cannot record what discus owns in tgtd");
         }
     }
@@ -131,7 +131,7 @@ impl TgtBackend {
     /// Records what `op` changed. Failing to save is only logged: the record lags behind tgtd
     /// in the safe direction (an account it calls unknown is made again).
     async fn remember_after(&self, op: &TgtOp) {
-        if let Err(error) = self.owned.update(|owned| owned.after(op), true).await {
+        if let Err(error) = self.owned.record(|owned| owned.after(op)).await {
             tracing::warn!(%error, "cannot record what discus owns in tgtd; it will be checked again");
         }
     }
