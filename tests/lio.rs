@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use support::chaos::Rng;
+use support::diskless;
 use support::initiator::{Login, read_lun as read_lun_as};
 use support::lio_vm::LioVm;
 use support::manifests;
+use support::netboot::Netboot;
 use support::serve_host::raw_image;
 
 const INITIATOR: &str = "iqn.2026-11.dev.discus:test-client";
@@ -434,6 +436,53 @@ fn lio_serves_read_only_images_with_chap_and_ends_revoked_grants() {
     );
 
     killed_anywhere_lio_never_admits_more_and_converges(&vm);
+    diskless_machines_boot_discs_from_lio(&vm);
+}
+
+/// The diskless machines of tests/netboot.rs boot the same discs from LIO: discus in the guest
+/// with its boot endpoint on, each machine reaching the guest's portal and endpoint at
+/// 10.0.2.15 on its own network, as machines reach a storage node on theirs (qemu forwards those
+/// connections to the guest's forwarded ports). What the guest held before is replaced.
+fn diskless_machines_boot_discs_from_lio(vm: &LioVm) {
+    let machines = diskless::machines();
+    let images = vm.share().join("images");
+    let mut objects = diskless::boot_discs(&images, Path::new("/host/images"), "0.0.0.0", false);
+    // Seen from the guest, every request comes from qemu's gateway.
+    objects.extend(machines.iter().flat_map(|m| m.manifests("10.0.2.2/32")));
+    manifest(vm, "lab.yaml", &manifests::yaml(objects.iter()));
+    vm.must(&format!(
+        "{SERVE} --boot-address 0.0.0.0:8090 > /tmp/serve.log 2>&1 &"
+    ));
+    wait_for(vm, "the boot grants applied", || {
+        machines
+            .iter()
+            .all(|m| condition(vm, "InitiatorAccess", &m.name(), "Ready").0 == "True")
+    });
+
+    let node = "10.0.2.15";
+    let times = diskless::boot_all(
+        &machines,
+        |machine| {
+            Netboot::new(machine.firmware, format!("http://{node}:8090/boot/ipxe"))
+                .mac(machine.card)
+                .forward(
+                    &format!("{node}:8090"),
+                    &format!("127.0.0.1:{}", vm.boot_port),
+                )
+                .forward(&format!("{node}:3260"), &vm.portal())
+                .start()
+        },
+        (&format!("{node}:3260"), 0),
+        || vm.sh("tail -40 /tmp/serve.log").1,
+    );
+    println!("power-on to marker (TCG, LIO): {times}");
+    let log = vm.must("cat /tmp/serve.log");
+    for machine in &machines {
+        assert!(
+            log.contains(&format!("grant=lab/{}", machine.name())),
+            "{log}"
+        );
+    }
 }
 
 const STEADY: &str = "iqn.2026-11.dev.discus:steady-client";
@@ -749,7 +798,9 @@ fn once(vm: &LioVm) {
 #[test]
 fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
     let mut vm = LioVm::boot();
-    let targets = 300;
+    // Enough for every pass to be long enough to kill mid-way; the benchmark measures larger
+    // syncs (benches/lio.rs).
+    let targets = 150;
     manifest(&vm, "lab.yaml", &many_targets(&vm, targets, None));
 
     // Killed between a target's mkdir and its alias, the one step that marks it as discus's: what
@@ -762,7 +813,7 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
     // Killed at several points of a large sync: each restart converges, nothing doubled or orphaned.
     let full = (targets, targets, targets, 2 * targets, 2 * targets);
     let mut interrupted = Vec::new();
-    for reached in [20, 120, 220] {
+    for reached in [10, 60, 110] {
         // SIGKILL as soon as the sync has built `reached` targets: mid-sync, whatever the speed.
         vm.must(&format!(
             "{SERVE} > /tmp/serve.log 2>&1 & pid=$!; \

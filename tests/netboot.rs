@@ -6,13 +6,12 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::lio_vm::LioVm;
+use support::diskless::{Machine, boot_all, boot_discs, machines};
 use support::manifests;
-use support::netboot::{self, Firmware, ImageKind, Netboot, NetbootMachine};
+use support::netboot::{self, Firmware, ImageKind, Netboot};
 use support::serve_host::{Host, INITIATOR, Served};
 
 const BOOT: &str = "127.0.0.1:8090";
@@ -261,119 +260,6 @@ fn tgt_compares_initiator_names_as_written() {
 /// (qemu's user-mode network takes a machine's connections there).
 const NODE: &str = "10.20.0.11";
 
-/// One diskless machine of the boot test: its firmware, the disc it boots, its card, and
-/// whether its grant uses mutual CHAP.
-struct Machine {
-    firmware: Firmware,
-    kind: ImageKind,
-    card: &'static str,
-    mutual: bool,
-}
-
-impl Machine {
-    fn name(&self) -> String {
-        format!("{}-{}", self.firmware.name(), self.kind.name())
-    }
-
-    fn initiator(&self) -> String {
-        format!("iqn.2010-04.org.ipxe:{}", self.name())
-    }
-
-    /// Its grant, boot block (for requests from `sources`) and CHAP Secret.
-    fn manifests(&self, sources: &str) -> [Value; 2] {
-        let name = self.name();
-        let mut secret = json!({"username": name, "password": format!("{name}-pw12")});
-        if self.mutual {
-            secret["mutualUsername"] = json!(format!("{}-target", self.kind.name()));
-            secret["mutualPassword"] = json!("target $ pw #1");
-        }
-        let grant = manifests::discus(
-            "InitiatorAccess",
-            "lab",
-            &name,
-            json!({
-                "targetRef": {"name": self.kind.name()},
-                "initiatorIqn": self.initiator(),
-                "chap": {"secretRef": {"name": format!("{name}-chap")}, "mutual": self.mutual},
-                "boot": {"macAddresses": [self.card], "sourceCidrs": [sources]},
-            }),
-        );
-        [
-            grant,
-            manifests::secret("lab", &format!("{name}-chap"), secret),
-        ]
-    }
-}
-
-/// The two boot discs, each a target of its own on the portal `address`, copied into `images`
-/// (where discus sees them at `seen_at`): the raw image as a disk; the ISO as a CD where the
-/// backend has CD drives (tgt), else as a disk of 2048-byte blocks (LIO), which iPXE and the
-/// firmware boot as a CD too.
-fn boot_discs(images: &Path, seen_at: &Path, address: &str, cdrom: bool) -> Vec<Value> {
-    let built = netboot::boot_images();
-    let mut objects = Vec::new();
-    for kind in ImageKind::ALL {
-        let file = format!("{}.img", kind.name());
-        std::fs::copy(built.image(kind), images.join(&file)).expect("copy the boot image");
-        let digest = support::serve_host::sha256_file(&images.join(&file));
-        let (format, lun) = match kind {
-            ImageKind::Iso if cdrom => ("iso", json!({"deviceType": "cdrom"})),
-            ImageKind::Iso => ("iso", json!({"blockSize": 2048})),
-            ImageKind::Raw => ("raw", json!({})),
-        };
-        let mut lun = lun;
-        lun["lun"] = json!(0);
-        lun["image"] = json!(kind.name());
-        objects.push(manifests::discus(
-            "DiscImage",
-            "lab",
-            kind.name(),
-            json!({"source": {"file": {"path": seen_at.join(&file)}}, "sha256": digest, "format": format}),
-        ));
-        objects.push(manifests::discus(
-            "IscsiTarget",
-            "lab",
-            kind.name(),
-            json!({
-                "iqn": format!("iqn.2026-11.dev.discus:boot-{}", kind.name()),
-                "portals": [{"address": address}],
-                "luns": [lun],
-            }),
-        ));
-    }
-    objects
-}
-
-/// BIOS and UEFI machines, each booting the ISO or the raw disc, two of them with mutual CHAP.
-fn machines() -> [Machine; 4] {
-    [
-        Machine {
-            firmware: Firmware::Bios,
-            kind: ImageKind::Iso,
-            card: "52:54:00:10:00:01",
-            mutual: false,
-        },
-        Machine {
-            firmware: Firmware::Uefi,
-            kind: ImageKind::Iso,
-            card: "52:54:00:10:00:02",
-            mutual: true,
-        },
-        Machine {
-            firmware: Firmware::Bios,
-            kind: ImageKind::Raw,
-            card: "52:54:00:10:00:03",
-            mutual: true,
-        },
-        Machine {
-            firmware: Firmware::Uefi,
-            kind: ImageKind::Raw,
-            card: "52:54:00:10:00:04",
-            mutual: false,
-        },
-    ]
-}
-
 /// Machines without a disk power on; DHCP hands their iPXE the node's boot URL (no card in it:
 /// the endpoint asks again with it); discus answers each card with its grant's script; each
 /// boots its disc from tgt under SeaBIOS or OVMF and reports what the iBFT told the booted
@@ -415,109 +301,6 @@ fn diskless_machines_boot_discs_through_discus_under_bios_and_uefi() {
     }
     server.kill().expect("kill");
     server.wait().expect("wait");
-}
-
-/// Powers each machine on with `start` and checks what its booted system read from the iBFT:
-/// the grant's initiator name and card, the target of its disc at `(portal, lun)`, the CHAP
-/// names. Returns the boot times; `log` is the node's, for failures.
-fn boot_all(
-    machines: &[Machine],
-    start: impl Fn(&Machine) -> NetbootMachine,
-    (portal, lun): (&str, u16),
-    log: impl Fn() -> String,
-) -> String {
-    let mut times = Vec::new();
-    for machine in machines {
-        let booted = start(machine)
-            .wait_for_marker(Instant::now() + Duration::from_secs(300))
-            .unwrap_or_else(|why| panic!("{}: {why}\n{}", machine.name(), log()));
-        let marker = booted.marker;
-        assert_eq!(marker.kind, machine.kind.name());
-        let ibft = marker
-            .ibft
-            .unwrap_or_else(|| panic!("{}: no iBFT", machine.name()));
-        assert_eq!(ibft.initiator, machine.initiator());
-        assert_eq!(ibft.mac, machine.card);
-        let target = &ibft.targets[0];
-        assert_eq!(
-            (target.name.as_str(), target.address.as_str(), target.lun),
-            (
-                format!("iqn.2026-11.dev.discus:boot-{}", machine.kind.name()).as_str(),
-                portal,
-                Some(lun)
-            ),
-            "{}",
-            machine.name()
-        );
-        assert_eq!(target.chap_name.as_deref(), Some(machine.name().as_str()));
-        let reverse = machine
-            .mutual
-            .then(|| format!("{}-target", machine.kind.name()));
-        assert_eq!(target.reverse_chap_name, reverse, "{}", machine.name());
-        times.push(format!(
-            "{} {:.1} s",
-            machine.name(),
-            booted.boot_time.as_secs_f64()
-        ));
-    }
-    times.join(", ")
-}
-
-/// The same machines boot the same discs from LIO: discus runs in Debian's kernel under qemu
-/// (tests/support/lio_vm.rs) with its boot endpoint on, and each machine reaches the guest's
-/// portal and endpoint at 10.0.2.15 on its own network, as machines reach a storage node on
-/// theirs (qemu forwards those connections to the guest's forwarded ports).
-#[test]
-fn diskless_machines_boot_discs_from_lio() {
-    let vm = LioVm::boot();
-    let machines = machines();
-    let images = vm.share().join("images");
-    let mut objects = boot_discs(&images, Path::new("/host/images"), "0.0.0.0", false);
-    // Seen from the guest, every request comes from qemu's gateway.
-    objects.extend(machines.iter().flat_map(|m| m.manifests("10.0.2.2/32")));
-    vm.manifest("netboot.yaml", &manifests::yaml(objects.iter()));
-    vm.must(
-        "discus serve --backend lio --manifests /host/manifests --data-dir /var/lib/discus \
-         --file-root /host/images --node-name guest --boot-address 0.0.0.0:8090 \
-         > /tmp/serve.log 2>&1 &",
-    );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !machines
-        .iter()
-        .all(|m| vm.condition("InitiatorAccess", &m.name(), "Ready").0 == "True")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the boot grants were not applied: {}",
-            vm.sh("tail -30 /tmp/serve.log").1
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-
-    let node = "10.0.2.15";
-    let times = boot_all(
-        &machines,
-        |machine| {
-            Netboot::new(machine.firmware, format!("http://{node}:8090/boot/ipxe"))
-                .mac(machine.card)
-                .forward(
-                    &format!("{node}:8090"),
-                    &format!("127.0.0.1:{}", vm.boot_port),
-                )
-                .forward(&format!("{node}:3260"), &vm.portal())
-                .start()
-        },
-        (&format!("{node}:3260"), 0),
-        || vm.sh("tail -40 /tmp/serve.log").1,
-    );
-    println!("power-on to marker (TCG, LIO): {times}");
-    let (_, log) = vm.sh("cat /tmp/serve.log");
-    for machine in &machines {
-        assert!(
-            log.contains(&format!("grant=lab/{}", machine.name())),
-            "{log}"
-        );
-    }
 }
 
 /// A machine booted from its disc, logged in and paused in grub, loses its grant: discus ends

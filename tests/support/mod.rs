@@ -6,6 +6,7 @@ pub mod chaos;
 pub mod chart;
 pub mod cluster;
 pub mod control_plane;
+pub mod diskless;
 pub mod docker;
 pub mod http;
 pub mod initiator;
