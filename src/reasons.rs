@@ -190,6 +190,10 @@ pub enum EventReason {
     ImportFailed,
     /// A node handed a grant's boot script to a machine (the audit trail of network boot).
     BootScriptServed,
+    /// An initiator's session began on a node (the audit trail of who connected when).
+    LoggedIn,
+    /// …and ended.
+    LoggedOut,
 }
 
 impl EventReason {
@@ -206,6 +210,7 @@ impl EventReason {
             Self::Revoked | Self::Expired => "Revoke",
             Self::Verified | Self::ImportFailed => "Import",
             Self::BootScriptServed => "Boot",
+            Self::LoggedIn | Self::LoggedOut => "Connect",
         }
     }
 }

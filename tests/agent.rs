@@ -1161,6 +1161,36 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
         .object("InitiatorAccess", "demo", "demo-client")
         .await;
     assert!(ready(&grant), "{grant:#}");
+    // Who connected when: every node told each session's start and end on the grant.
+    cluster
+        .wait_for(
+            "LoggedIn and LoggedOut from every node",
+            Duration::from_secs(30),
+            async || {
+                let events = cluster.events().await;
+                cluster.agents.iter().all(|agent| {
+                    ["LoggedIn", "LoggedOut"].iter().all(|reason| {
+                        events.iter().any(|e| {
+                            e.pointer("/regarding/name") == Some(&json!("expiring"))
+                                && e["reason"] == *reason
+                                && e["note"].as_str().is_some_and(|n| {
+                                    n.starts_with(&format!("{expiring} logged "))
+                                        && n.contains(&format!(" on node {}", agent.name))
+                                        && n.contains(" from ")
+                                })
+                        })
+                    })
+                })
+            },
+        )
+        .await;
+    let events = cluster.events().await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.to_string().contains("discus-demo-1")),
+        "a secret in an Event"
+    );
 
     // An agent stopped as the kubelet stops a Pod exits cleanly and leaves its targets serving.
     let node_b = cluster.agent("node-b");

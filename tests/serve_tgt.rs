@@ -296,6 +296,20 @@ fn a_removed_or_expired_grant_ends_its_sessions_and_the_others_keep_working() {
         host.condition("InitiatorAccess", "client", "Ready").0,
         "True"
     );
+    // The audit trail: each session's start and end, with its grant, initiator and address.
+    let log = host.log();
+    for (grant, initiator) in [("leaving", leaving), ("expiring", expiring)] {
+        for told in ["session started", "session ended"] {
+            assert!(
+                log.lines().any(|l| l.contains(told)
+                    && l.contains(&format!("grant=lab/{grant} "))
+                    && l.contains(&format!("initiator={initiator} "))
+                    && l.contains("address=127.0.0.1")),
+                "no {told:?} of {grant}:\n{log}"
+            );
+        }
+    }
+    assert!(!log.contains("client-secret"), "{log}");
     for child in [&mut leaving_session, &mut expiring_session, &mut server] {
         host.sandbox.kill(child);
     }

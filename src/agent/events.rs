@@ -19,6 +19,7 @@ use crate::desired::{ObjectKey, object_key};
 use crate::metrics::Metrics;
 use crate::reasons::{EventReason, Kind, Reason};
 use crate::status;
+use crate::sync::SessionChange;
 
 const CONCURRENT_EVENTS: usize = 8;
 
@@ -259,10 +260,62 @@ impl NodeEvents {
     }
 }
 
-/// Tells every boot script this node serves as an Event on its grant, for as long as the
-/// endpoint serves: who booted what, from where, in `kubectl describe`.
-pub async fn tell_boot_scripts(
-    mut served: tokio::sync::broadcast::Receiver<crate::boot::ServedScript>,
+/// News a node tells as an Event on a grant, as it happens (not from a change of status): the
+/// audit trail of who booted and who connected, in `kubectl get events`.
+pub trait GrantNews: Clone + Send + 'static {
+    /// The grant it is about (its UID when known); nothing to tell without one.
+    fn grant(&self) -> Option<(&ObjectKey, Option<&str>)>;
+    fn event(&self, node: &str) -> Event;
+}
+
+impl GrantNews for crate::boot::ServedScript {
+    fn grant(&self) -> Option<(&ObjectKey, Option<&str>)> {
+        Some((&self.grant, self.uid.as_deref()))
+    }
+
+    fn event(&self, node: &str) -> Event {
+        normal(
+            EventReason::BootScriptServed,
+            format!(
+                "node {node} served the boot script to card {} at {}",
+                self.mac, self.source
+            ),
+        )
+    }
+}
+
+impl GrantNews for SessionChange {
+    fn grant(&self) -> Option<(&ObjectKey, Option<&str>)> {
+        self.grant.as_ref().map(|grant| (grant, None))
+    }
+
+    fn event(&self, node: &str) -> Event {
+        let from = match self.address.as_str() {
+            "" => String::new(),
+            address => format!(" from {address}"),
+        };
+        let (initiator, target) = (&self.initiator, &self.target);
+        match self.ended_after {
+            None => normal(
+                EventReason::LoggedIn,
+                format!("{initiator} logged in to {target}{from} on node {node}"),
+            ),
+            Some(lasted) => normal(
+                EventReason::LoggedOut,
+                format!(
+                    "{initiator} logged out of {target}{from} on node {node} (seen for {:#})",
+                    k8s_openapi::jiff::SignedDuration::from_secs(
+                        i64::try_from(lasted.as_secs()).unwrap_or(i64::MAX)
+                    )
+                ),
+            ),
+        }
+    }
+}
+
+/// Tells each piece of `news` as an Event on its grant, for as long as news comes.
+pub async fn tell<N: GrantNews>(
+    mut news: tokio::sync::broadcast::Receiver<N>,
     client: kube::Client,
     node: String,
     metrics: std::sync::Arc<Metrics>,
@@ -276,36 +329,33 @@ pub async fn tell_boot_scripts(
         },
     );
     loop {
-        let script = match served.recv().await {
-            Ok(script) => script,
+        let item = match news.recv().await {
+            Ok(item) => item,
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(
                     missed,
-                    "boot scripts served faster than Events can tell them; the log has them all"
+                    "news came faster than Events can tell it; the log has it all"
                 );
                 continue;
             }
             Err(RecvError::Closed) => return,
         };
+        let Some((grant, uid)) = item.grant() else {
+            continue;
+        };
         let reference = ObjectReference {
             api_version: Some(crate::api::API_VERSION.into()),
             kind: Some("InitiatorAccess".into()),
-            name: Some(script.grant.name.clone()),
-            namespace: Some(script.grant.namespace.clone()),
-            uid: script.uid.clone(),
+            name: Some(grant.name.clone()),
+            namespace: Some(grant.namespace.clone()),
+            uid: uid.map(str::to_owned),
             ..ObjectReference::default()
         };
-        let event = normal(
-            EventReason::BootScriptServed,
-            format!(
-                "node {node} served the boot script to card {} at {}",
-                script.mac, script.source
-            ),
-        );
+        let event = item.event(&node);
         let published = super::bounded(recorder.publish(&event, &reference)).await;
         metrics.event_published(published.is_ok());
         if let Err(error) = published {
-            tracing::warn!(grant = %script.grant, %error, "cannot publish a boot event");
+            tracing::warn!(%grant, reason = %event.reason, %error, "cannot publish an event");
         }
     }
 }
@@ -414,5 +464,40 @@ mod tests {
         let reference = reference(&object);
         assert_eq!(reference.resource_version, None);
         assert_eq!(reference.uid.as_deref(), Some("uid-boot"));
+    }
+
+    #[test]
+    fn sessions_are_told_on_their_grant_with_initiator_address_node_and_duration() {
+        let began = SessionChange {
+            target: "iqn.t:a".into(),
+            initiator: "iqn.i:one".into(),
+            address: "10.0.0.1".into(),
+            grant: Some(ObjectKey::new("lab", "one")),
+            ended_after: None,
+        };
+        let event = began.event("node-a");
+        assert_eq!(event.reason, "LoggedIn");
+        assert_eq!(
+            event.note.as_deref(),
+            Some("iqn.i:one logged in to iqn.t:a from 10.0.0.1 on node node-a")
+        );
+        let ended = SessionChange {
+            ended_after: Some(std::time::Duration::from_secs(3723)),
+            ..began.clone()
+        };
+        let event = ended.event("node-a");
+        assert_eq!(event.reason, "LoggedOut");
+        assert_eq!(
+            event.note.as_deref(),
+            Some(
+                "iqn.i:one logged out of iqn.t:a from 10.0.0.1 on node node-a (seen for 1h 2m 3s)"
+            )
+        );
+        assert_eq!(ended.grant().map(|(g, _)| g.name.as_str()), Some("one"));
+        let unowned = SessionChange {
+            grant: None,
+            ..began
+        };
+        assert!(unowned.grant().is_none(), "no grant, no Event");
     }
 }

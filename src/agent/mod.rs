@@ -135,13 +135,19 @@ impl NodeLoop for AgentLoop {
         tracing::info!(%node, backend = syncer.backend().name(), "waiting for every watch to list");
         let metrics = Arc::clone(syncer.metrics());
         if let Some(boot) = syncer.boot_tables() {
-            tokio::spawn(events::tell_boot_scripts(
+            tokio::spawn(events::tell(
                 boot.served(),
                 client.clone(),
                 node.clone(),
                 Arc::clone(&metrics),
             ));
         }
+        tokio::spawn(events::tell(
+            syncer.session_news(),
+            client.clone(),
+            node.clone(),
+            Arc::clone(&metrics),
+        ));
         let publisher = Publisher::start(
             NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics)),
             events::NodeEvents::new(client, &node, metrics),

@@ -8,6 +8,7 @@
 mod reconcile;
 mod report;
 mod requests;
+mod sessions;
 mod syncer;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{ObjectKey, Snapshot};
 
 pub use report::{NextPass, NodeReport, Pass, Unsettled};
+pub use sessions::SessionChange;
 pub use syncer::Syncer;
 
 /// Everything declared: the input of a sync.

@@ -2,10 +2,12 @@
 //! change only the targets it touched — and what it leaves the next pass (its memory).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::report::{NodeReport, Pass, Unsettled};
+use super::sessions;
 use super::syncer::Syncer;
 use crate::backend::{Backend, BackendError, Failures, Operation, Session};
 use crate::desired::{DesiredState, Kind, Problem, TargetConfig};
@@ -73,7 +75,7 @@ impl<B: Backend> Syncer<B> {
                 report
                     .problems
                     .extend(memory.refused.iter().map(|(_, p)| p.clone()));
-                self.record_sessions(report);
+                report.session_since = self.sessions.lock().since();
                 return;
             }
             Some(Ok(observed)) => observed,
@@ -84,10 +86,17 @@ impl<B: Backend> Syncer<B> {
                     initiator: None,
                     message: format!("{} backend: {error}", self.backend.name()),
                 }));
+                report.sessions = last_seen(&memory, scope.as_ref());
                 self.remember(state, report, &memory, scope.as_ref(), Vec::new());
+                report.session_since = self.sessions.lock().since();
                 return;
             }
         };
+        // Sessions before anything changes, admitted by what the last pass applied: one a
+        // revocation ends is told as begun too, with its grant.
+        let before = self.backend.sessions(&observed);
+        let applied = memory.targets.as_deref().unwrap_or(&state.targets);
+        self.read_sessions(applied, &before, scope.as_ref(), report);
         let plan = self.backend.plan(&desired, &observed);
         self.apply(&plan.ops, report).await;
         report.problems.extend(plan.refused.iter().cloned());
@@ -104,9 +113,13 @@ impl<B: Backend> Syncer<B> {
                 .await
                 .unwrap_or_else(|| Err(BackendError::Unreachable("nothing to observe".into())))
         };
-        self.check_converged(&desired, after, report);
+        if self.check_converged(&desired, after, report) {
+            let now = report.sessions.clone();
+            self.read_sessions(&state.targets, &now, scope.as_ref(), report);
+        } else {
+            report.sessions = last_seen(&memory, scope.as_ref());
+        }
         self.remember(state, report, &memory, scope.as_ref(), refused);
-        self.record_sessions(report);
     }
 
     /// Applies a plan in its order. After a failure, what builds on it would build on a missing
@@ -134,13 +147,14 @@ impl<B: Backend> Syncer<B> {
     }
 
     /// What the backend holds after applying: whatever a new plan would still do did not
-    /// converge (unless it already failed); the sessions are what it holds now.
+    /// converge (unless it already failed); the sessions are what it holds now. False when the
+    /// backend could not be read (and the sessions were not).
     fn check_converged(
         &self,
         desired: &[TargetConfig],
         after: Result<B::Observed, BackendError>,
         report: &mut NodeReport,
-    ) {
+    ) -> bool {
         let after = match after {
             Ok(after) => after,
             Err(error) => {
@@ -149,7 +163,7 @@ impl<B: Backend> Syncer<B> {
                     initiator: None,
                     message: format!("{} backend: {error}", self.backend.name()),
                 });
-                return;
+                return false;
             }
         };
         for op in self.backend.plan(desired, &after).ops {
@@ -165,6 +179,7 @@ impl<B: Backend> Syncer<B> {
             }
         }
         report.sessions = self.backend.sessions(&after);
+        true
     }
 
     /// Keeps what the next pass needs to scope itself: the targets as applied, whether they
@@ -203,29 +218,38 @@ impl<B: Backend> Syncer<B> {
         };
     }
 
-    /// When each live session was first seen, for status.
-    fn record_sessions(&self, report: &mut NodeReport) {
-        let now = Timestamp::now();
-        {
-            let mut since = self.session_since.lock();
-            let live: BTreeSet<(String, String, String)> = report
-                .sessions
-                .iter()
-                .map(|s| {
-                    (
-                        s.target.clone(),
-                        s.initiator.clone(),
-                        s.address.clone().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            since.retain(|k, _| live.contains(k));
-            for key in live {
-                since.entry(key).or_insert(now);
-            }
-            report.session_since = since.clone();
+    /// A reading of the backend's sessions on the targets in `scope`, made while `targets` were
+    /// applied, into the book: what began or ended since the last reading is logged here and
+    /// handed to whoever tells Events.
+    fn read_sessions(
+        &self,
+        targets: &[TargetConfig],
+        sessions: &[Session],
+        scope: Option<&BTreeSet<String>>,
+        report: &mut NodeReport,
+    ) {
+        let changes = {
+            let mut book = self.sessions.lock();
+            let now = (Timestamp::now(), Instant::now());
+            let changes = book.read(sessions, scope, targets, now);
+            report.session_since = book.since();
+            changes
+        };
+        for change in changes {
+            sessions::log(&report.node, &change);
+            // Nobody listening (discus serve) is fine: the log line is the record.
+            let _ = self.session_news.send(change);
         }
     }
+}
+
+/// The sessions of the targets a pass covers as the last pass that read them saw them: a backend
+/// that cannot be read ended no session.
+fn last_seen(memory: &Memory, scope: Option<&BTreeSet<String>>) -> Vec<Session> {
+    (memory.sessions.iter())
+        .filter(|s| scope.is_none_or(|iqns| iqns.contains(&s.target)))
+        .cloned()
+        .collect()
 }
 
 /// The IQN of the target a refusal is about: the target itself, or the one a grant applies to.

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 // Cannot be poisoned: facts read as empty after a panic would tear every placed target down.
 use parking_lot::Mutex;
+use tokio::sync::broadcast;
 
 use super::Resources;
 use super::reconcile::Memory;
 use super::report::{NodeReport, Pass};
 use super::requests::import_requests;
+use super::sessions::{SessionBook, SessionChange};
 use crate::backend::Backend;
 use crate::boot::{BootTable, BootTables};
 use crate::desired::{
@@ -22,6 +24,10 @@ use crate::desired::{
 use crate::images::manager::{ImageManager, ImageState};
 use crate::images::{self, ImportRequest};
 use crate::metrics::Metrics;
+
+/// How many session changes wait for the Event teller before the oldest are dropped (the log
+/// line of each is written regardless).
+const SESSION_NEWS: usize = 1024;
 
 pub struct Syncer<B: Backend> {
     pub(super) backend: B,
@@ -33,7 +39,10 @@ pub struct Syncer<B: Backend> {
     /// Fetch every declared image, not only those a target placed here needs (one server that
     /// is the only node).
     pub(super) prefetch_all: bool,
-    pub(super) session_since: Mutex<BTreeMap<(String, String, String), Timestamp>>,
+    /// The live sessions, from pass to pass.
+    pub(super) sessions: Mutex<SessionBook>,
+    /// Sessions begun and ended, for whoever tells them as Events (the agent).
+    pub(super) session_news: broadcast::Sender<SessionChange>,
     pub(super) memory: Mutex<Memory>,
     pub(super) metrics: Arc<Metrics>,
     /// The boot endpoint's table, when it serves: kept to what each pass applied.
@@ -58,7 +67,8 @@ impl<B: Backend> Syncer<B> {
             settings,
             default_max_virtual_size,
             prefetch_all: false,
-            session_since: Mutex::default(),
+            sessions: Mutex::default(),
+            session_news: broadcast::channel(SESSION_NEWS).0,
             memory: Mutex::default(),
             boot: None,
         }
@@ -73,6 +83,11 @@ impl<B: Backend> Syncer<B> {
     pub fn with_boot(mut self, tables: BootTables) -> Self {
         self.boot = Some(tables);
         self
+    }
+
+    /// Sessions begun and ended on this node from now on, as passes see them.
+    pub fn session_news(&self) -> broadcast::Receiver<SessionChange> {
+        self.session_news.subscribe()
     }
 
     /// The node's metrics, which every pass updates.
