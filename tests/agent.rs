@@ -1161,7 +1161,14 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
         .object("InitiatorAccess", "demo", "demo-client")
         .await;
     assert!(ready(&grant), "{grant:#}");
-    // Who connected when: every node told each session's start and end on the grant.
+    // Who connected when: every node told each session's start and end on the grant (by its
+    // UID, which `kubectl describe` looks for).
+    let uid = cluster
+        .object("InitiatorAccess", "demo", "expiring")
+        .await
+        .pointer("/metadata/uid")
+        .cloned()
+        .expect("uid");
     cluster
         .wait_for(
             "LoggedIn and LoggedOut from every node",
@@ -1172,6 +1179,7 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
                     ["LoggedIn", "LoggedOut"].iter().all(|reason| {
                         events.iter().any(|e| {
                             e.pointer("/regarding/name") == Some(&json!("expiring"))
+                                && e.pointer("/regarding/uid") == Some(&uid)
                                 && e["reason"] == *reason
                                 && e["note"].as_str().is_some_and(|n| {
                                     n.starts_with(&format!("{expiring} logged "))

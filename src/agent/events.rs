@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::SignedDuration;
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
@@ -286,7 +287,7 @@ impl GrantNews for crate::boot::ServedScript {
 
 impl GrantNews for SessionChange {
     fn grant(&self) -> Option<(&ObjectKey, Option<&str>)> {
-        self.grant.as_ref().map(|grant| (grant, None))
+        (self.grant.as_ref()).map(|grant| (&grant.key, grant.uid.as_deref()))
     }
 
     fn event(&self, node: &str) -> Event {
@@ -304,16 +305,16 @@ impl GrantNews for SessionChange {
                 EventReason::LoggedOut,
                 format!(
                     "{initiator} logged out of {target}{from} on node {node} (seen for {:#})",
-                    k8s_openapi::jiff::SignedDuration::from_secs(
-                        i64::try_from(lasted.as_secs()).unwrap_or(i64::MAX)
-                    )
+                    SignedDuration::try_from(lasted).unwrap_or(SignedDuration::MAX)
                 ),
             ),
         }
     }
 }
 
-/// Tells each piece of `news` as an Event on its grant, for as long as news comes.
+/// Tells each piece of `news` as an Event on its grant, for as long as news comes. Each is an
+/// Event of its own: a recorder would fold a repeat (a second login of the same initiator within
+/// minutes) into the first Event's count, and its note (address, duration) would be lost.
 pub async fn tell<N: GrantNews>(
     mut news: tokio::sync::broadcast::Receiver<N>,
     client: kube::Client,
@@ -321,13 +322,10 @@ pub async fn tell<N: GrantNews>(
     metrics: std::sync::Arc<Metrics>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
-    let recorder = Recorder::new(
-        client,
-        Reporter {
-            controller: "discus.dev/agent".into(),
-            instance: Some(node.clone()),
-        },
-    );
+    let reporter = Reporter {
+        controller: "discus.dev/agent".into(),
+        instance: Some(node.clone()),
+    };
     loop {
         let item = match news.recv().await {
             Ok(item) => item,
@@ -352,6 +350,7 @@ pub async fn tell<N: GrantNews>(
             ..ObjectReference::default()
         };
         let event = item.event(&node);
+        let recorder = Recorder::new(client.clone(), reporter.clone());
         let published = super::bounded(recorder.publish(&event, &reference)).await;
         metrics.event_published(published.is_ok());
         if let Err(error) = published {
@@ -364,6 +363,7 @@ pub async fn tell<N: GrantNews>(
 mod tests {
     use super::*;
     use crate::api::IscsiTarget;
+    use crate::sync::GrantRef;
 
     fn target(name: &str) -> IscsiTarget {
         serde_json::from_value(serde_json::json!({
@@ -472,7 +472,10 @@ mod tests {
             target: "iqn.t:a".into(),
             initiator: "iqn.i:one".into(),
             address: "10.0.0.1".into(),
-            grant: Some(ObjectKey::new("lab", "one")),
+            grant: Some(GrantRef {
+                key: ObjectKey::new("lab", "one"),
+                uid: Some("uid-one".into()),
+            }),
             ended_after: None,
         };
         let event = began.event("node-a");
@@ -493,7 +496,10 @@ mod tests {
                 "iqn.i:one logged out of iqn.t:a from 10.0.0.1 on node node-a (seen for 1h 2m 3s)"
             )
         );
-        assert_eq!(ended.grant().map(|(g, _)| g.name.as_str()), Some("one"));
+        assert_eq!(
+            ended.grant().map(|(g, uid)| (g.name.as_str(), uid)),
+            Some(("one", Some("uid-one")))
+        );
         let unowned = SessionChange {
             grant: None,
             ..began

@@ -253,6 +253,7 @@ fn tell_served(endpoint: &Endpoint, entry: &BootEntry, mac: &str, source: IpAddr
         });
     }
     tracing::info!(
+        target: "discus::audit",
         grant = %entry.grant,
         mac = %mac.to_ascii_lowercase(),
         %source,

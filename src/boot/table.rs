@@ -75,9 +75,6 @@ impl BootTable {
     /// the other nodes serving a grant report their portals.
     pub fn applied(report: &NodeReport, grants: &[InitiatorAccess]) -> Self {
         let elsewhere = portals_elsewhere(&report.node, grants);
-        let uids: BTreeMap<ObjectKey, &String> = (grants.iter())
-            .filter_map(|g| Some((object_key(&g.metadata), g.metadata.uid.as_ref()?)))
-            .collect();
         let mut table = Self::default();
         for (grant, config) in &report.desired.boots {
             let Some((target, acl)) = report.grant_acl(grant) else {
@@ -96,7 +93,7 @@ impl BootTable {
             let lun = config.lun;
             table.insert(BootEntry {
                 grant: grant.clone(),
-                uid: uids.get(grant).map(|uid| (*uid).clone()),
+                uid: report.grant_uids.get(grant).cloned(),
                 config: config.clone(),
                 initiator: acl.initiator.clone(),
                 chap: acl.chap.clone(),

@@ -2,15 +2,12 @@
 //! change only the targets it touched — and what it leaves the next pass (its memory).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
-
-use k8s_openapi::jiff::Timestamp;
 
 use super::report::{NodeReport, Pass, Unsettled};
-use super::sessions;
+use super::sessions::{self, Admitted, ReadAt};
 use super::syncer::Syncer;
 use crate::backend::{Backend, BackendError, Failures, Operation, Session};
-use crate::desired::{DesiredState, Kind, Problem, TargetConfig};
+use crate::desired::{DesiredState, Kind, ObjectKey, Problem, TargetConfig};
 use crate::metrics::ErrorKind;
 
 /// What the previous pass left for the next.
@@ -19,14 +16,27 @@ pub(super) struct Memory {
     targets: Option<Vec<TargetConfig>>,
     converged: bool,
     sessions: Vec<Session>,
+    /// The UIDs of the grants declared then, for the sessions their ACLs admitted.
+    grant_uids: BTreeMap<ObjectKey, String>,
     /// What the backend refused, by target IQN.
     refused: Vec<(String, Problem)>,
 }
 
 impl<B: Backend> Syncer<B> {
     /// Observe, plan, apply, observe again — everything, or, after a change, only the targets
-    /// it touched (when the backend can, and the last pass converged).
+    /// it touched (when the backend can, and the last pass converged) — and the sessions since.
     pub(super) async fn reconcile(
+        &self,
+        state: &DesiredState,
+        report: &mut NodeReport,
+        pass: Pass,
+        partial: bool,
+    ) {
+        self.reconcile_targets(state, report, pass, partial).await;
+        report.session_since = self.sessions.lock().since();
+    }
+
+    async fn reconcile_targets(
         &self,
         state: &DesiredState,
         report: &mut NodeReport,
@@ -75,7 +85,6 @@ impl<B: Backend> Syncer<B> {
                 report
                     .problems
                     .extend(memory.refused.iter().map(|(_, p)| p.clone()));
-                report.session_since = self.sessions.lock().since();
                 return;
             }
             Some(Ok(observed)) => observed,
@@ -88,15 +97,23 @@ impl<B: Backend> Syncer<B> {
                 }));
                 report.sessions = last_seen(&memory, scope.as_ref());
                 self.remember(state, report, &memory, scope.as_ref(), Vec::new());
-                report.session_since = self.sessions.lock().since();
                 return;
             }
         };
-        // Sessions before anything changes, admitted by what the last pass applied: one a
+        // Sessions before anything changes, admitted by what the last pass declared: one a
         // revocation ends is told as begun too, with its grant.
         let before = self.backend.sessions(&observed);
-        let applied = memory.targets.as_deref().unwrap_or(&state.targets);
-        self.read_sessions(applied, &before, scope.as_ref(), report);
+        let admitted = match &memory.targets {
+            Some(targets) => Admitted {
+                targets,
+                uids: &memory.grant_uids,
+            },
+            None => Admitted {
+                targets: &state.targets,
+                uids: &report.grant_uids,
+            },
+        };
+        self.read_sessions(&admitted, &before, scope.as_ref(), &report.node);
         let plan = self.backend.plan(&desired, &observed);
         self.apply(&plan.ops, report).await;
         report.problems.extend(plan.refused.iter().cloned());
@@ -114,10 +131,14 @@ impl<B: Backend> Syncer<B> {
                 .unwrap_or_else(|| Err(BackendError::Unreachable("nothing to observe".into())))
         };
         if self.check_converged(&desired, after, report) {
-            let now = report.sessions.clone();
-            self.read_sessions(&state.targets, &now, scope.as_ref(), report);
+            let admitted = Admitted {
+                targets: &state.targets,
+                uids: &report.grant_uids,
+            };
+            self.read_sessions(&admitted, &report.sessions, scope.as_ref(), &report.node);
         } else {
-            report.sessions = last_seen(&memory, scope.as_ref());
+            // Unread after applying: the sessions as this pass first read them.
+            report.sessions = before;
         }
         self.remember(state, report, &memory, scope.as_ref(), refused);
     }
@@ -214,29 +235,24 @@ impl<B: Backend> Syncer<B> {
             targets: Some(state.targets.clone()),
             converged: report.unsettled.is_empty(),
             sessions: report.sessions.clone(),
+            grant_uids: report.grant_uids.clone(),
             refused,
         };
     }
 
-    /// A reading of the backend's sessions on the targets in `scope`, made while `targets` were
-    /// applied, into the book: what began or ended since the last reading is logged here and
+    /// A reading of the backend's sessions on the targets in `scope`, with what `admitted`
+    /// them, into the book: what began or ended since the last reading is logged here and
     /// handed to whoever tells Events.
     fn read_sessions(
         &self,
-        targets: &[TargetConfig],
+        admitted: &Admitted<'_>,
         sessions: &[Session],
         scope: Option<&BTreeSet<String>>,
-        report: &mut NodeReport,
+        node: &str,
     ) {
-        let changes = {
-            let mut book = self.sessions.lock();
-            let now = (Timestamp::now(), Instant::now());
-            let changes = book.read(sessions, scope, targets, now);
-            report.session_since = book.since();
-            changes
-        };
+        let changes = (self.sessions.lock()).read(sessions, scope, admitted, ReadAt::now());
         for change in changes {
-            sessions::log(&report.node, &change);
+            sessions::log(node, &change);
             // Nobody listening (discus serve) is fine: the log line is the record.
             let _ = self.session_news.send(change);
         }

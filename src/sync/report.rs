@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::Timestamp;
 
+use super::sessions::SessionKey;
 use crate::backend::Session;
 use crate::desired::{self, DesiredState, Kind, ObjectKey, Problem, TargetConfig};
 use crate::images::manager::ImageState;
@@ -28,8 +29,10 @@ pub struct NodeReport {
     pub problems: Vec<Problem>,
     pub unsettled: Vec<Unsettled>,
     pub sessions: Vec<Session>,
-    /// When each session (target, initiator, address) was first seen.
-    pub session_since: BTreeMap<(String, String, String), Timestamp>,
+    /// When each session was first seen.
+    pub session_since: BTreeMap<SessionKey, Timestamp>,
+    /// The UID of each declared grant, for Events about it.
+    pub grant_uids: BTreeMap<ObjectKey, String>,
     pub images: BTreeMap<ObjectKey, ImageState>,
     /// API LUN → the LUN initiators see.
     pub device_luns: BTreeMap<u32, u32>,

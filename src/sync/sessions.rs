@@ -1,14 +1,14 @@
 //! The sessions this node serves, followed from pass to pass: when each began (for status) and
 //! which began or ended since the last pass — the audit trail of who connected when, told as a
-//! JSON log line on every node and as an Event where there is an API.
+//! log line on every node and as an Event where there is an API.
 //!
 //! A session is seen when a pass reads the backend (after a change, and at every resync), so a
-//! start or an end is told at most one resync late, and a session shorter than that may be
-//! missed. A pass reads them before it changes anything and again after, so a session that a
-//! revocation ends is told as begun and ended even when it began since the last pass. The
-//! first reading after a start only sets the baseline: a restart does not tell every
-//! live session again (their `since` is then the restart's time). A pass that could not read the
-//! backend changes nothing here: an unknown answer is not a logout.
+//! start or an end is told when the next pass reads its target, and a session shorter than the
+//! time between two readings may be missed. A pass reads them before it changes anything and
+//! again after, so a session that a revocation ends is told as begun and ended even when it
+//! began since the last pass. The first reading after a start only sets the baseline: a restart
+//! does not tell every live session again (their `since` is then the restart's time). A pass
+//! that could not read the backend changes nothing here: an unknown answer is not a logout.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -22,12 +22,64 @@ use crate::desired::{ObjectKey, TargetConfig};
 /// backend does not say).
 pub type SessionKey = (String, String, String);
 
-/// A live session: when it was first seen, and the grant whose ACL admitted it then.
+/// The key of a session the backend reports.
+pub fn key(session: &Session) -> SessionKey {
+    (
+        session.target.clone(),
+        session.initiator.clone(),
+        session.address.clone().unwrap_or_default(),
+    )
+}
+
+/// The grant whose ACL admitted a session: its key, and its UID (`kubectl describe` finds Events
+/// by it, and it tells a grant from a later one of the same name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantRef {
+    pub key: ObjectKey,
+    pub uid: Option<String>,
+}
+
+/// What admitted the sessions of a reading: the targets applied, and the UIDs of the grants.
+pub struct Admitted<'a> {
+    pub targets: &'a [TargetConfig],
+    pub uids: &'a BTreeMap<ObjectKey, String>,
+}
+
+impl Admitted<'_> {
+    /// The grant whose ACL on `target` names `initiator` exactly as the backend compares it.
+    fn grant(&self, target: &str, initiator: &str) -> Option<GrantRef> {
+        let target = self.targets.iter().find(|t| t.iqn == target)?;
+        let acl = target.acls.iter().find(|a| a.initiator == initiator)?;
+        Some(GrantRef {
+            key: acl.grant.clone(),
+            uid: self.uids.get(&acl.grant).cloned(),
+        })
+    }
+}
+
+/// When a reading was made: the wall clock for status, the monotonic one for durations.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadAt {
+    pub time: Timestamp,
+    pub instant: Instant,
+}
+
+impl ReadAt {
+    pub fn now() -> Self {
+        Self {
+            time: Timestamp::now(),
+            instant: Instant::now(),
+        }
+    }
+}
+
+/// A live session: when it was first seen and last held, and the grant whose ACL admitted it.
 #[derive(Clone, Debug)]
 struct Live {
     since: Timestamp,
-    seen: Instant,
-    grant: Option<ObjectKey>,
+    first_held: Instant,
+    last_held: Instant,
+    grant: Option<GrantRef>,
 }
 
 /// A session that began or ended since the previous reading.
@@ -36,10 +88,10 @@ pub struct SessionChange {
     pub target: String,
     pub initiator: String,
     pub address: String,
-    /// The grant whose ACL admitted it (none for a target or ACL discus no longer declares).
-    pub grant: Option<ObjectKey>,
+    /// The grant whose ACL admitted it (none for a target or ACL discus does not declare).
+    pub grant: Option<GrantRef>,
     /// `None` when it began; when it ended, how long this node saw it: from the first reading
-    /// that held it to the one that did not (it lasted at least that, and up to one resync more).
+    /// that held it to the last (it lasted at least that long).
     pub ended_after: Option<Duration>,
 }
 
@@ -53,14 +105,14 @@ pub struct SessionBook {
 
 impl SessionBook {
     /// Takes a reading of the backend's sessions on the targets in `scope` (all when `None`),
-    /// with `targets` declared; returns what began and ended on them since the last reading
+    /// with what admitted them; returns what began and ended on them since the last reading
     /// (nothing at the first). Sessions on other targets are as last read.
     pub fn read(
         &mut self,
         sessions: &[Session],
         scope: Option<&BTreeSet<String>>,
-        targets: &[TargetConfig],
-        now: (Timestamp, Instant),
+        admitted: &Admitted<'_>,
+        at: ReadAt,
     ) -> Vec<SessionChange> {
         let in_scope = |target: &String| scope.is_none_or(|iqns| iqns.contains(target));
         let reading: BTreeSet<SessionKey> = (sessions.iter())
@@ -69,22 +121,33 @@ impl SessionBook {
             .collect();
         let mut changes = Vec::new();
         self.live.retain(|key, live| {
-            let stays = !in_scope(&key.0) || reading.contains(key);
-            if !stays {
-                changes.push(change(key, live.grant.clone(), Some(now.1 - live.seen)));
+            if !in_scope(&key.0) {
+                return true;
             }
-            stays
+            let held = reading.contains(key);
+            if held {
+                live.last_held = at.instant;
+            } else {
+                let seen = live.last_held - live.first_held;
+                changes.push(change(key, live.grant.clone(), Some(seen)));
+            }
+            held
         });
         for key in reading {
             if self.live.contains_key(&key) {
                 continue;
             }
-            let grant = grant_of(targets, &key.0, &key.1);
+            let grant = admitted.grant(&key.0, &key.1);
             if self.started {
                 changes.push(change(&key, grant.clone(), None));
             }
-            let (since, seen) = now;
-            self.live.insert(key, Live { since, seen, grant });
+            let live = Live {
+                since: at.time,
+                first_held: at.instant,
+                last_held: at.instant,
+                grant,
+            };
+            self.live.insert(key, live);
         }
         self.started = true;
         changes
@@ -98,17 +161,9 @@ impl SessionBook {
     }
 }
 
-fn key(session: &Session) -> SessionKey {
-    (
-        session.target.clone(),
-        session.initiator.clone(),
-        session.address.clone().unwrap_or_default(),
-    )
-}
-
 fn change(
     key: &SessionKey,
-    grant: Option<ObjectKey>,
+    grant: Option<GrantRef>,
     ended_after: Option<Duration>,
 ) -> SessionChange {
     SessionChange {
@@ -120,38 +175,22 @@ fn change(
     }
 }
 
-/// The grant whose ACL on `target` names `initiator` exactly as the backend compares it.
-fn grant_of(targets: &[TargetConfig], target: &str, initiator: &str) -> Option<ObjectKey> {
-    let target = targets.iter().find(|t| t.iqn == target)?;
-    let acl = target.acls.iter().find(|a| a.initiator == initiator)?;
-    Some(acl.grant.clone())
-}
-
 /// The audit line of a change, on every node (the log is the record where there is no API).
 pub fn log(node: &str, change: &SessionChange) {
-    let grant = change
-        .grant
-        .as_ref()
-        .map(ToString::to_string)
+    let grant = (change.grant.as_ref())
+        .map(|grant| grant.key.to_string())
         .unwrap_or_default();
+    let (target, initiator, address) = (&change.target, &change.initiator, &change.address);
     match change.ended_after {
         None => tracing::info!(
             target: "discus::audit",
-            %node,
-            %grant,
-            target_iqn = %change.target,
-            initiator = %change.initiator,
-            address = %change.address,
+            %node, %grant, iqn = %target, %initiator, %address,
             "session started"
         ),
-        Some(lasted) => tracing::info!(
+        Some(seen) => tracing::info!(
             target: "discus::audit",
-            %node,
-            %grant,
-            target_iqn = %change.target,
-            initiator = %change.initiator,
-            address = %change.address,
-            seen_seconds = lasted.as_secs(),
+            %node, %grant, iqn = %target, %initiator, %address,
+            seen_seconds = seen.as_secs(),
             "session ended"
         ),
     }
@@ -187,76 +226,116 @@ mod tests {
         }]
     }
 
+    fn uids() -> BTreeMap<ObjectKey, String> {
+        [(ObjectKey::new("lab", "two"), "uid-two".to_owned())].into()
+    }
+
+    /// A reading `s` seconds after the first.
+    fn at(start: ReadAt, s: u64) -> ReadAt {
+        ReadAt {
+            time: start.time + k8s_openapi::jiff::SignedDuration::from_secs(s as i64),
+            instant: start.instant + Duration::from_secs(s),
+        }
+    }
+
     #[test]
     fn the_first_reading_tells_nothing_and_later_ones_tell_each_start_and_end_once() {
-        let mut book = SessionBook::default();
-        let t0 = (Timestamp::UNIX_EPOCH, Instant::now());
-        let later = |s: u64| {
-            (
-                t0.0 + k8s_openapi::jiff::SignedDuration::from_secs(s as i64),
-                t0.1 + Duration::from_secs(s),
-            )
+        let (targets, uids) = (targets(), uids());
+        let admitted = Admitted {
+            targets: &targets,
+            uids: &uids,
         };
+        let mut book = SessionBook::default();
+        let t0 = ReadAt::now();
         let one = session("iqn.t:a", "iqn.i:one", "10.0.0.1:5000");
         let two = session("iqn.t:a", "iqn.i:two", "10.0.0.2:5000");
         assert!(
-            book.read(std::slice::from_ref(&one), None, &targets(), t0)
+            book.read(std::slice::from_ref(&one), None, &admitted, t0)
                 .is_empty()
         );
 
-        let changes = book.read(&[one.clone(), two.clone()], None, &targets(), later(10));
+        let both = [one.clone(), two.clone()];
+        let two_by = GrantRef {
+            key: ObjectKey::new("lab", "two"),
+            uid: Some("uid-two".into()),
+        };
         assert_eq!(
-            changes,
+            book.read(&both, None, &admitted, at(t0, 10)),
             vec![SessionChange {
                 target: "iqn.t:a".into(),
                 initiator: "iqn.i:two".into(),
                 address: "10.0.0.2:5000".into(),
-                grant: Some(ObjectKey::new("lab", "two")),
+                grant: Some(two_by.clone()),
                 ended_after: None,
             }]
         );
-        assert!(
-            book.read(&[one.clone(), two.clone()], None, &targets(), later(20))
-                .is_empty()
-        );
+        assert!(book.read(&both, None, &admitted, at(t0, 20)).is_empty());
 
-        // The grant is gone from what is declared when its session ends: the end still names it.
-        let changes = book.read(std::slice::from_ref(&one), None, &[], later(70));
+        // Gone at 70 s, last held at 20 s: seen for 10 s. The grant is no longer declared: the
+        // end still names the one that admitted it.
+        let gone = Admitted {
+            targets: &[],
+            uids: &uids,
+        };
+        let changes = book.read(std::slice::from_ref(&one), None, &gone, at(t0, 70));
         assert_eq!(changes.len(), 1);
-        assert_eq!(changes[0].grant, Some(ObjectKey::new("lab", "two")));
-        assert_eq!(changes[0].ended_after, Some(Duration::from_secs(60)));
+        assert_eq!(changes[0].grant, Some(two_by));
+        assert_eq!(changes[0].ended_after, Some(Duration::from_secs(10)));
         assert_eq!(
             book.since().into_keys().collect::<Vec<_>>(),
             vec![key(&one)]
         );
-        assert_eq!(book.since()[&key(&one)], t0.0);
+        assert_eq!(book.since()[&key(&one)], t0.time);
+    }
+
+    #[test]
+    fn a_session_held_at_one_reading_only_is_seen_for_no_time() {
+        let (targets, uids) = (targets(), uids());
+        let admitted = Admitted {
+            targets: &targets,
+            uids: &uids,
+        };
+        let mut book = SessionBook::default();
+        let t0 = ReadAt::now();
+        book.read(&[], None, &admitted, t0);
+        let one = session("iqn.t:a", "iqn.i:one", "10.0.0.1:1");
+        book.read(std::slice::from_ref(&one), None, &admitted, at(t0, 1));
+        let changes = book.read(&[], None, &admitted, at(t0, 31));
+        assert_eq!(changes[0].ended_after, Some(Duration::ZERO));
+        assert_eq!(changes[0].grant.as_ref().map(|g| g.uid.clone()), Some(None));
     }
 
     #[test]
     fn a_scoped_reading_leaves_the_sessions_of_other_targets_alone() {
+        let (targets, uids) = (targets(), uids());
+        let admitted = Admitted {
+            targets: &targets,
+            uids: &uids,
+        };
         let mut book = SessionBook::default();
-        let now = (Timestamp::UNIX_EPOCH, Instant::now());
+        let now = ReadAt::now();
         let elsewhere = session("iqn.t:b", "iqn.i:one", "10.0.0.1:1");
-        book.read(std::slice::from_ref(&elsewhere), None, &targets(), now);
+        book.read(std::slice::from_ref(&elsewhere), None, &admitted, now);
         let scope: BTreeSet<String> = ["iqn.t:a".to_owned()].into();
         let here = session("iqn.t:a", "iqn.i:one", "10.0.0.1:2");
-        let changes = book.read(std::slice::from_ref(&here), Some(&scope), &targets(), now);
+        let changes = book.read(std::slice::from_ref(&here), Some(&scope), &admitted, now);
         assert_eq!(changes.len(), 1, "only the new session on the target read");
-        assert!(book.read(&[here], Some(&scope), &targets(), now).is_empty());
+        assert!(book.read(&[here], Some(&scope), &admitted, now).is_empty());
         assert!(book.since().contains_key(&key(&elsewhere)));
     }
 
     #[test]
     fn a_session_no_acl_names_is_told_without_a_grant() {
+        let (targets, uids) = (targets(), uids());
+        let admitted = Admitted {
+            targets: &targets,
+            uids: &uids,
+        };
         let mut book = SessionBook::default();
-        let now = (Timestamp::UNIX_EPOCH, Instant::now());
-        book.read(&[], None, &targets(), now);
-        let changes = book.read(
-            &[session("iqn.t:a", "IQN.I:ONE", "10.0.0.1:1")],
-            None,
-            &targets(),
-            now,
-        );
+        let now = ReadAt::now();
+        book.read(&[], None, &admitted, now);
+        let upper = session("iqn.t:a", "IQN.I:ONE", "10.0.0.1:1");
+        let changes = book.read(&[upper], None, &admitted, now);
         assert_eq!(
             changes[0].grant, None,
             "tgt and LIO compare names as written"
@@ -265,18 +344,18 @@ mod tests {
 
     #[test]
     fn the_same_initiator_from_two_addresses_is_two_sessions() {
+        let (targets, uids) = (targets(), uids());
+        let admitted = Admitted {
+            targets: &targets,
+            uids: &uids,
+        };
         let mut book = SessionBook::default();
-        let now = (Timestamp::UNIX_EPOCH, Instant::now());
-        book.read(&[], None, &targets(), now);
-        let changes = book.read(
-            &[
-                session("iqn.t:a", "iqn.i:one", "10.0.0.1:1"),
-                session("iqn.t:a", "iqn.i:one", "10.0.1.1:1"),
-            ],
-            None,
-            &targets(),
-            now,
-        );
-        assert_eq!(changes.len(), 2);
+        let now = ReadAt::now();
+        book.read(&[], None, &admitted, now);
+        let two = [
+            session("iqn.t:a", "iqn.i:one", "10.0.0.1:1"),
+            session("iqn.t:a", "iqn.i:one", "10.0.1.1:1"),
+        ];
+        assert_eq!(book.read(&two, None, &admitted, now).len(), 2);
     }
 }

@@ -125,6 +125,9 @@ impl<B: Backend> Syncer<B> {
         let node = self.node_facts();
         self.images.importer().deny_node(&node.own_networks);
         let mut report = NodeReport::new(&node.name, self.backend.name());
+        report.grant_uids = (resources.grants.iter())
+            .filter_map(|g| Some((desired::object_key(&g.metadata), g.metadata.uid.clone()?)))
+            .collect();
         // Every spec validated once, for everything this pass computes.
         let snapshot = resources.snapshot();
         // Until the files served at the start are known, an unchecked image cannot be told

@@ -28,6 +28,10 @@ struct Table {
     boot_probe: Option<(BootTables, &'static str)>,
     /// What the boot table answered for the card during each operation: whether it booted.
     booted_during_apply: parking_lot::Mutex<Vec<bool>>,
+    /// Initiators logged in (to any target whose ACL names them), and from where.
+    logged_in: parking_lot::Mutex<Vec<(String, String)>>,
+    /// Whether every reading fails.
+    unreadable: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -74,6 +78,9 @@ impl Backend for Table {
         lun
     }
     async fn observe(&self) -> Result<Self::Observed, BackendError> {
+        if self.unreadable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BackendError::Unreachable("unreadable".into()));
+        }
         Ok(self.targets.lock().clone())
     }
     fn keep_undeclared(&self, _: &mut Self::Observed, _: &[TargetConfig]) {}
@@ -116,8 +123,20 @@ impl Backend for Table {
             .map(|lun| lun.backing.path().to_owned())
             .collect()
     }
-    fn sessions(&self, _: &Self::Observed) -> Vec<Session> {
-        Vec::new()
+    fn sessions(&self, observed: &Self::Observed) -> Vec<Session> {
+        let logged_in = self.logged_in.lock();
+        (observed.values())
+            .flat_map(|t| t.acls.iter().map(move |acl| (t, acl)))
+            .flat_map(|(t, acl)| {
+                (logged_in.iter())
+                    .filter(|(initiator, _)| *initiator == acl.initiator)
+                    .map(|(initiator, address)| Session {
+                        target: t.iqn.clone(),
+                        initiator: initiator.clone(),
+                        address: Some(address.clone()),
+                    })
+            })
+            .collect()
     }
 }
 
@@ -304,5 +323,83 @@ async fn a_boot_grant_boots_once_applied_and_stops_before_its_acl_goes() {
     syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
     assert_eq!(*syncer.backend().booted_during_apply.lock(), [false]);
     assert_eq!(refused(MAC, [127, 0, 0, 1], now), Some(Refusal::UnknownMac));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A session is told begun and ended once each, with its grant (and UID); one that began since
+/// the last pass and is ended by the pass that revokes its grant is told too; a backend that
+/// cannot be read ends no session.
+#[tokio::test]
+async fn sessions_are_told_once_with_their_grant_and_never_on_an_unread_backend() {
+    const CLIENT: &str = "iqn.2026-11.dev.discus:client";
+    let dir = scratch("sessions");
+    let syncer = syncer_over(&dir, Table::default());
+    let mut news = syncer.session_news();
+    let mut resources = resources(&dir);
+    let grant = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "InitiatorAccess",
+        "metadata": {"name": "client", "namespace": "lab", "uid": "uid-client"},
+        "spec": {"targetRef": {"name": "boot"}, "initiatorIqn": CLIENT},
+    });
+    resources.grants = vec![serde_json::from_value(grant).expect("InitiatorAccess")];
+    serve_until_served(&syncer, &resources).await;
+    let mut told = || {
+        let mut all = Vec::new();
+        while let Ok(change) = news.try_recv() {
+            all.push((change.ended_after.is_some(), change.grant));
+        }
+        all
+    };
+    let by_client = Some(GrantRef {
+        key: ObjectKey::new("lab", "client"),
+        uid: Some("uid-client".into()),
+    });
+
+    // Logs in; the next pass tells it once; an unreadable backend tells nothing and keeps it.
+    let from = "10.0.0.9".to_owned();
+    syncer
+        .backend()
+        .logged_in
+        .lock()
+        .push((CLIENT.into(), from.clone()));
+    syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(told(), [(false, by_client.clone())]);
+    let since = syncer
+        .sync(&resources, Timestamp::now(), Pass::Full)
+        .await
+        .session_since;
+    assert_eq!(since.len(), 1);
+    syncer
+        .backend()
+        .unreadable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let unread = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(told(), []);
+    assert_eq!(
+        unread.session_since, since,
+        "a failed reading ends no session"
+    );
+    assert_eq!(unread.sessions.len(), 1);
+    syncer
+        .backend()
+        .unreadable
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(told(), []);
+
+    // Out and in again between two passes; then the grant goes: the pass that revokes it reads
+    // the session first, so it is told begun and ended, with the grant that admitted it.
+    syncer.backend().logged_in.lock().clear();
+    syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(told(), [(true, by_client.clone())]);
+    syncer
+        .backend()
+        .logged_in
+        .lock()
+        .push((CLIENT.into(), from));
+    resources.grants.clear();
+    syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(told(), [(false, by_client.clone()), (true, by_client)]);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,11 +18,14 @@ pub const ATTRIBUTES: [&str; 6] = [
     "demo_mode_discovery",
 ];
 
+/// An attribute's value, "" when it cannot be read.
 fn text(path: &Path) -> String {
+    read_text(path).unwrap_or_default()
+}
+
+fn read_text(path: &Path) -> io::Result<String> {
     // configfs appends a newline to what it shows.
-    std::fs::read_to_string(path)
-        .map(|t| t.strip_suffix('\n').map(str::to_owned).unwrap_or(t))
-        .unwrap_or_default()
+    std::fs::read_to_string(path).map(|t| t.strip_suffix('\n').map(str::to_owned).unwrap_or(t))
 }
 
 fn dirs(path: &Path) -> io::Result<Vec<String>> {
@@ -301,6 +304,8 @@ fn acl(dir: &AclDir, initiator: &str) -> io::Result<Acl> {
             write_protect: text(&dir.write_protect(index)) == "1",
         });
     }
-    acl.sessions = session_addresses(&text(&dir.info()));
+    // Unreadable is not "no session": the reading fails rather than tell logouts that did not
+    // happen.
+    acl.sessions = session_addresses(&read_text(&dir.info())?);
     Ok(acl)
 }
