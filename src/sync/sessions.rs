@@ -230,6 +230,28 @@ mod tests {
         [(ObjectKey::new("lab", "two"), "uid-two".to_owned())].into()
     }
 
+    /// The target and grants of these tests, as declared.
+    struct Declared {
+        targets: Vec<TargetConfig>,
+        uids: BTreeMap<ObjectKey, String>,
+    }
+
+    impl Declared {
+        fn new() -> Self {
+            Self {
+                targets: targets(),
+                uids: uids(),
+            }
+        }
+
+        fn admitted(&self) -> Admitted<'_> {
+            Admitted {
+                targets: &self.targets,
+                uids: &self.uids,
+            }
+        }
+    }
+
     /// A reading `s` seconds after the first.
     fn at(start: ReadAt, s: u64) -> ReadAt {
         ReadAt {
@@ -240,11 +262,8 @@ mod tests {
 
     #[test]
     fn the_first_reading_tells_nothing_and_later_ones_tell_each_start_and_end_once() {
-        let (targets, uids) = (targets(), uids());
-        let admitted = Admitted {
-            targets: &targets,
-            uids: &uids,
-        };
+        let declared = Declared::new();
+        let admitted = declared.admitted();
         let mut book = SessionBook::default();
         let t0 = ReadAt::now();
         let one = session("iqn.t:a", "iqn.i:one", "10.0.0.1:5000");
@@ -275,7 +294,7 @@ mod tests {
         // end still names the one that admitted it.
         let gone = Admitted {
             targets: &[],
-            uids: &uids,
+            uids: &declared.uids,
         };
         let changes = book.read(std::slice::from_ref(&one), None, &gone, at(t0, 70));
         assert_eq!(changes.len(), 1);
@@ -290,11 +309,8 @@ mod tests {
 
     #[test]
     fn a_session_held_at_one_reading_only_is_seen_for_no_time() {
-        let (targets, uids) = (targets(), uids());
-        let admitted = Admitted {
-            targets: &targets,
-            uids: &uids,
-        };
+        let declared = Declared::new();
+        let admitted = declared.admitted();
         let mut book = SessionBook::default();
         let t0 = ReadAt::now();
         book.read(&[], None, &admitted, t0);
@@ -307,11 +323,8 @@ mod tests {
 
     #[test]
     fn a_scoped_reading_leaves_the_sessions_of_other_targets_alone() {
-        let (targets, uids) = (targets(), uids());
-        let admitted = Admitted {
-            targets: &targets,
-            uids: &uids,
-        };
+        let declared = Declared::new();
+        let admitted = declared.admitted();
         let mut book = SessionBook::default();
         let now = ReadAt::now();
         let elsewhere = session("iqn.t:b", "iqn.i:one", "10.0.0.1:1");
@@ -326,11 +339,8 @@ mod tests {
 
     #[test]
     fn a_session_no_acl_names_is_told_without_a_grant() {
-        let (targets, uids) = (targets(), uids());
-        let admitted = Admitted {
-            targets: &targets,
-            uids: &uids,
-        };
+        let declared = Declared::new();
+        let admitted = declared.admitted();
         let mut book = SessionBook::default();
         let now = ReadAt::now();
         book.read(&[], None, &admitted, now);
@@ -344,11 +354,8 @@ mod tests {
 
     #[test]
     fn the_same_initiator_from_two_addresses_is_two_sessions() {
-        let (targets, uids) = (targets(), uids());
-        let admitted = Admitted {
-            targets: &targets,
-            uids: &uids,
-        };
+        let declared = Declared::new();
+        let admitted = declared.admitted();
         let mut book = SessionBook::default();
         let now = ReadAt::now();
         book.read(&[], None, &admitted, now);
