@@ -20,7 +20,7 @@ use crate::api::{
 use crate::desired::{ObjectKey, Problem, object_key};
 use crate::images::manager::ImageState;
 use crate::reasons::{ConditionType, Kind, Reason};
-use crate::sync::NodeReport;
+use crate::sync::{NodeReport, session_key};
 
 /// One condition as wanted now.
 struct Wanted {
@@ -325,12 +325,11 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         .sessions_on(&target.iqn)
         .filter(|s| s.initiator == initiator)
         .map(|s| {
-            let address = s.address.clone().unwrap_or_default();
-            let since = report
-                .session_since
-                .get(&(s.target.clone(), s.initiator.clone(), address.clone()))
-                .map(ToString::to_string);
-            SessionStatus { address, since }
+            let since = report.session_since.get(&session_key(s));
+            SessionStatus {
+                address: s.address.clone().unwrap_or_default(),
+                since: since.map(ToString::to_string),
+            }
         })
         .collect();
     let unsettled = report.unsettled_messages(&target.iqn, Some(initiator));
