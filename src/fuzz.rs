@@ -70,6 +70,7 @@ pub fn manifests(data: &[u8]) {
         ready: &BTreeMap::new(),
         settings: &Settings::default(),
         now: Timestamp::UNIX_EPOCH,
+        holds: None,
     });
 }
 

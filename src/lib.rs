@@ -7,6 +7,7 @@ pub mod api;
 pub mod backend;
 pub mod boot;
 pub mod cli;
+pub mod client;
 pub mod crds;
 pub mod desired;
 pub mod fsutil;

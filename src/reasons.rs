@@ -115,6 +115,11 @@ pub enum Reason {
     NodeLost,
     /// An InitiatorAccess past its `expiresAt`: access has ended.
     Expired,
+    /// A grant held by heartbeat whose Lease this node has not seen renewed within its grace:
+    /// access has ended here until a renewal comes.
+    HeartbeatLapsed,
+    /// A grant held by heartbeat where no node watches Leases (`discus serve`).
+    HeartbeatUnsupported,
 }
 
 impl Reason {
@@ -150,7 +155,8 @@ impl Reason {
             | Self::ForeignObject
             | Self::ImportFailed
             | Self::PortalNotAllowed
-            | Self::IqnNotAllowed => true,
+            | Self::IqnNotAllowed
+            | Self::HeartbeatUnsupported => true,
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady
@@ -165,7 +171,8 @@ impl Reason {
             | Self::NoNode
             | Self::NotNeeded
             | Self::NodeLost
-            | Self::Expired => false,
+            | Self::Expired
+            | Self::HeartbeatLapsed => false,
         }
     }
 }

@@ -10,7 +10,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
-use crate::api::initiator_access::{AccessNodeStatus, Connection, ConnectionLun, SessionStatus};
+use crate::api::initiator_access::{
+    AccessNodeStatus, Connection, ConnectionLun, HeartbeatStatus, SessionStatus,
+};
 use crate::api::iscsi_target::{LunStatus, TargetNodeStatus};
 use crate::api::quantity::format_bytes;
 use crate::api::{
@@ -365,11 +367,13 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
     Some(entry)
 }
 
-/// A grant's whole status from every node's entry; `expired` says whether it is past its time.
+/// A grant's whole status from every node's entry; `expired` says whether it is past its time,
+/// `heartbeat` what the lease holder saw of a held grant's Lease.
 pub fn grant_status(
     grant: &InitiatorAccess,
     entries: Vec<AccessNodeStatus>,
     expired: bool,
+    heartbeat: Option<HeartbeatStatus>,
     previous: Option<&InitiatorAccessStatus>,
     now: Timestamp,
 ) -> InitiatorAccessStatus {
@@ -433,6 +437,7 @@ pub fn grant_status(
             now,
         ),
         connection,
+        heartbeat,
         nodes: entries,
     }
 }

@@ -1211,6 +1211,241 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
     assert!(still.contains("Unit Serial Number"), "{still}");
 }
 
+/// Access held by heartbeat: a grant applied on every node only while its holder renews its
+/// Lease, with the least rights `discus client-rbac` prints; silence ends the sessions within
+/// the grace on every node, a renewal brings access back, a release ends it at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_grant_lives_by_its_holder_s_heartbeat_on_every_node() {
+    let mut cluster = Cluster::start().await;
+    for (name, number) in [("node-a", 81), ("node-b", 82)] {
+        cluster.add_node(name, number).await;
+    }
+    let held = "iqn.2026-11.dev.discus:held";
+    let grace = Duration::from_secs(12);
+    cluster.apply(&demo_manifests());
+    cluster.apply_objects(&[
+        grant("held", held, json!({"heartbeat": {"graceSeconds": grace.as_secs()}})),
+        grant("other", "iqn.2026-11.dev.discus:other", json!({"chap": {"secretRef": {"name": "other-chap"}}})),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "other-chap", "namespace": "demo"},
+               "stringData": {"username": "other", "password": "other-secret-1"}}),
+    ]);
+    // The client's rights, as an administrator grants them.
+    let rbac = support::discus()
+        .args([
+            "client-rbac",
+            "held",
+            "-n",
+            "demo",
+            "--service-account",
+            "demo:client-a",
+            "--kubeconfig",
+        ])
+        .arg(cluster.plane.file("admin.kubeconfig"))
+        .output()
+        .expect("client-rbac");
+    assert!(
+        rbac.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rbac.stderr)
+    );
+    cluster.apply(&String::from_utf8_lossy(&rbac.stdout));
+    let client = cluster
+        .plane
+        .service_account_kubeconfig("demo", "client-a")
+        .await
+        .expect("token");
+    // Nobody renews yet: not applied, and every node says why.
+    cluster
+        .wait_for(
+            "the held grant not applied, with why",
+            Duration::from_secs(60),
+            async || {
+                let entries = cluster.entries("InitiatorAccess", "held").await;
+                entries.len() == 2
+                    && entries
+                        .iter()
+                        .all(|(_, r)| r.as_deref() == Some("HeartbeatLapsed"))
+            },
+        )
+        .await;
+    assert!(!acl_on(cluster.agent_ref("node-a"), held));
+
+    let mut holder = hold(&client);
+    let started = Instant::now();
+    cluster
+        .wait_ready_on("InitiatorAccess", "held", &["node-a", "node-b"])
+        .await;
+    println!(
+        "held grant applied on every node {:?} after `discus hold` started",
+        started.elapsed()
+    );
+    let status = cluster.object("InitiatorAccess", "demo", "held").await;
+    assert_eq!(
+        status.pointer("/status/heartbeat/holder"),
+        Some(&json!("client-a")),
+        "{status:#}"
+    );
+    // The client's Role reads its own Secret, never another client's.
+    let kubectl = |args: &[&str]| {
+        cluster
+            .plane
+            .kubectl()
+            .arg("--kubeconfig")
+            .arg(&client)
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    assert!(
+        kubectl(&["get", "secret", "-n", "demo", "demo-chap"])
+            .status
+            .success()
+    );
+    let refused = kubectl(&["get", "secret", "-n", "demo", "other-chap"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Forbidden"),
+        "{refused:?}"
+    );
+
+    let mut sessions = sessions_on_every_node(&cluster, held);
+    cluster
+        .wait_for(
+            "a session on every node",
+            Duration::from_secs(20),
+            async || cluster.agents.iter().all(|a| session_on(a, held)),
+        )
+        .await;
+    // The holder dies without a word: access ends within the grace and a pass on every node.
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let last_renewal = renew_time(&cluster, "held");
+    cluster
+        .wait_for(
+            "the sessions to end",
+            grace + Duration::from_secs(30),
+            async || cluster.agents.iter().all(|a| !session_on(a, held)),
+        )
+        .await;
+    let revoked = Timestamp::now().duration_since(last_renewal);
+    println!(
+        "heartbeat revocation: sessions ended on every node {revoked:#} after the last renewal (grace {grace:?})"
+    );
+    let past_grace = revoked - SignedDuration::try_from(grace).expect("grace");
+    assert!(
+        past_grace > SignedDuration::from_millis(-100) && past_grace < SignedDuration::from_secs(5),
+        "ended {past_grace:#} past the grace"
+    );
+    cluster
+        .wait_for(
+            "Ready False: HeartbeatLapsed",
+            Duration::from_secs(20),
+            async || {
+                let grant = cluster.object("InitiatorAccess", "demo", "held").await;
+                condition(&grant, "Ready") == Some(("False".into(), "HeartbeatLapsed".into()))
+            },
+        )
+        .await;
+    // Renewals again: access comes back, and libiscsi, trying all along, logs in again.
+    let mut holder = hold(&client);
+    cluster
+        .wait_for(
+            "sessions again on every node",
+            Duration::from_secs(40),
+            async || cluster.agents.iter().all(|a| session_on(a, held)),
+        )
+        .await;
+    // Stopped as a person stops it: released, access ends at once.
+    let released = Instant::now();
+    assert!(support::signal(&holder, "TERM"));
+    let status = holder.wait().expect("hold exits");
+    assert!(status.success(), "discus hold exits cleanly on SIGTERM");
+    cluster
+        .wait_for(
+            "the sessions to end on release",
+            Duration::from_secs(20),
+            async || cluster.agents.iter().all(|a| !session_on(a, held)),
+        )
+        .await;
+    println!(
+        "release: sessions ended on every node {:?} after SIGTERM",
+        released.elapsed()
+    );
+    assert!(released.elapsed() < grace, "{:?}", released.elapsed());
+    for session in &mut sessions {
+        let _ = session.kill();
+        let _ = session.wait();
+    }
+    // The other grant never noticed.
+    assert!(ready(
+        &cluster.object("InitiatorAccess", "demo", "other").await
+    ));
+}
+
+/// The renew time of a grant's Lease (on this machine's clock: the holder runs here).
+fn renew_time(cluster: &Cluster, grant: &str) -> Timestamp {
+    let time = cluster.kubectl(&[
+        "get",
+        "lease",
+        "-n",
+        "demo",
+        grant,
+        "-o",
+        "jsonpath={.spec.renewTime}",
+    ]);
+    time.trim().parse().expect("a renew time")
+}
+
+/// `discus hold held` with a client's kubeconfig.
+fn hold(kubeconfig: &Path) -> Child {
+    support::discus()
+        .args([
+            "hold",
+            "held",
+            "-n",
+            "demo",
+            "--holder",
+            "client-a",
+            "--kubeconfig",
+        ])
+        .arg(kubeconfig)
+        .spawn()
+        .expect("discus hold starts")
+}
+
+/// libiscsi sessions of `initiator` on every node, logging in again whenever refused.
+fn sessions_on_every_node(cluster: &Cluster, initiator: &str) -> Vec<Child> {
+    (cluster.agents.iter())
+        .map(|agent| {
+            std::process::Command::new("iscsi-perf")
+                .args(["-i", initiator, "-t", "300"])
+                .arg(format!(
+                    "iscsi://demo%discus-demo-1@{}/{DEMO_IQN}/1",
+                    agent.portal()
+                ))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("iscsi-perf runs")
+        })
+        .collect()
+}
+
+fn session_on(agent: &Agent, initiator: &str) -> bool {
+    agent
+        .tgtadm(&["--mode", "target", "--op", "show"])
+        .contains(initiator)
+}
+
+/// A condition's status and reason.
+fn condition(object: &Value, kind: &str) -> Option<(String, String)> {
+    let conditions = object.pointer("/status/conditions")?.as_array()?;
+    let c = conditions.iter().find(|c| c["type"] == kind)?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+    ))
+}
+
 /// Every agent enforces `expiresAt` on its own clock: access ends on time even when the
 /// apiserver is gone.
 #[tokio::test(flavor = "multi_thread")]
@@ -1218,60 +1453,86 @@ async fn access_ends_on_time_while_the_apiserver_is_down() {
     let mut cluster = Cluster::start().await;
     cluster.add_node("node-a", 41).await;
     let expiring = "iqn.2026-11.dev.discus:expiring";
-    let expires_at =
-        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_secs(20);
-    let expires_at = expires_at
-        .round(k8s_openapi::jiff::Unit::Second)
-        .expect("round");
+    let held = "iqn.2026-11.dev.discus:held";
+    let grace = Duration::from_secs(12);
+    let expires_at = Timestamp::now() + SignedDuration::from_secs(20);
+    let expires_at = expires_at.round(Unit::Second).expect("round");
     cluster.apply(&demo_manifests());
-    cluster.apply_objects(&[grant(
-        "expiring",
-        expiring,
-        json!({"expiresAt": expires_at.to_string()}),
-    )]);
-    cluster
-        .wait_ready_on("InitiatorAccess", "expiring", &["node-a"])
-        .await;
-    let portal = cluster.agents[0].portal();
-    let mut session = std::process::Command::new("iscsi-perf")
-        .args(["-i", expiring, "-t", "120"])
-        .arg(format!("iscsi://demo%discus-demo-1@{portal}/{DEMO_IQN}/1"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iscsi-perf runs");
+    cluster.apply_objects(&[
+        grant(
+            "expiring",
+            expiring,
+            json!({"expiresAt": expires_at.to_string()}),
+        ),
+        grant(
+            "held",
+            held,
+            json!({"heartbeat": {"graceSeconds": grace.as_secs()}}),
+        ),
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "held", "namespace": "demo",
+                            "labels": {"discus.dev/grant-heartbeat": ""}}}),
+    ]);
+    let mut holder = hold(&cluster.plane.file("admin.kubeconfig"));
+    for name in ["expiring", "held"] {
+        cluster
+            .wait_ready_on("InitiatorAccess", name, &["node-a"])
+            .await;
+    }
+    let mut sessions = sessions_on_every_node(&cluster, expiring);
+    sessions.extend(sessions_on_every_node(&cluster, held));
     let agent = cluster.agent_ref("node-a");
     cluster
-        .wait_for("the session", Duration::from_secs(20), async || {
-            agent
-                .tgtadm(&["--mode", "target", "--op", "show"])
-                .contains(expiring)
+        .wait_for("the sessions", Duration::from_secs(20), async || {
+            session_on(agent, expiring) && session_on(agent, held)
         })
         .await;
 
+    // The holder goes on trying to renew; nothing gets through.
+    let last_renewal = renew_time(&cluster, "held");
     cluster.plane.stop();
     let agent = cluster.agent_ref("node-a");
     let start = Instant::now();
-    while agent
-        .tgtadm(&["--mode", "target", "--op", "show"])
-        .contains(expiring)
-    {
+    let mut ended: [Option<Timestamp>; 2] = [None, None];
+    while ended.iter().any(Option::is_none) {
+        for (initiator, end) in [expiring, held].into_iter().zip(&mut ended) {
+            if end.is_none() && !session_on(agent, initiator) {
+                *end = Some(Timestamp::now());
+            }
+        }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "the session outlived its grant:\n{}",
+            "a session outlived its grant:\n{}",
             agent.log()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let late = k8s_openapi::jiff::Timestamp::now().duration_since(expires_at);
-    println!("with the apiserver down, the session ended {late} after expiresAt");
+    let [Some(expired), Some(lapsed)] = ended else {
+        unreachable!("the loop ends when both ended")
+    };
+    let late = expired.duration_since(expires_at);
+    println!("with the apiserver down, the session ended {late:#} after expiresAt");
     assert!(
         (-1..10).contains(&late.as_secs()),
         "ended {late} after expiresAt"
     );
-    let _ = session.kill();
-    let _ = session.wait();
+    let lapse = lapsed.duration_since(last_renewal);
+    println!(
+        "with the apiserver down, the held grant's session ended {lapse:#} after the last renewal (grace {grace:?})"
+    );
+    let past_grace = lapse - SignedDuration::try_from(grace).expect("grace");
+    assert!(
+        past_grace > SignedDuration::from_millis(-100) && past_grace < SignedDuration::from_secs(5),
+        "ended {past_grace:#} past the grace"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+    for session in &mut sessions {
+        let _ = session.kill();
+        let _ = session.wait();
+    }
     // The demo client, which has no expiry, still gets in.
+    let portal = cluster.agents[0].portal();
     assert!(unit_serial(&portal, DEMO_IQN).contains("Unit Serial Number"));
 }
 

@@ -309,8 +309,9 @@ fn check_kubectl(shell: &Shell) -> Vec<String> {
     let mut global = kubectl();
     global.arg("options");
     let mut problems = options_are_known(shell, &mut [verb, global]);
+    // `-f -` reads what a command before it in a pipe prints.
     for file in shell.files_after("-f") {
-        if !repo().join(file).exists() {
+        if file != "-" && !repo().join(file).exists() {
             problems.push(format!("{}: {file}: no such file", shell.page));
         }
     }

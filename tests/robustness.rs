@@ -99,6 +99,7 @@ fn desired_state_of(documents: &[Value]) -> desired::DesiredState {
         ready: &ready,
         settings: &Settings::default(),
         now: "2026-11-21T12:00:00Z".parse().expect("now"),
+        holds: None,
     })
 }
 

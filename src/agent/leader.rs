@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use crate::api::initiator_access::HeartbeatStatus;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
@@ -298,8 +299,16 @@ impl Aggregator {
             |grant: &InitiatorAccess| grant.status.clone().unwrap_or_default(),
             |status| status.nodes.clone(),
             |grant, entries, status| {
-                let expired = snapshot.expired(&object_key(grant.meta()), now);
-                status::grant_status(grant, entries, expired, Some(status), now)
+                let key = object_key(grant.meta());
+                let expired = snapshot.expired(&key, now);
+                let heartbeat = grant.spec.heartbeat.as_ref().map(|_| {
+                    let renewal = stores.renewal(&key);
+                    HeartbeatStatus {
+                        holder: renewal.as_ref().and_then(|r| r.holder.clone()),
+                        renew_time: (renewal.and_then(|r| r.renewed)).map(|t| t.to_string()),
+                    }
+                });
+                status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
             },
         ));
         let next_change = liveness

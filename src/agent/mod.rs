@@ -7,6 +7,7 @@ mod connection;
 mod events;
 mod generated_secrets;
 mod heartbeat;
+mod holds;
 mod leader;
 mod liveness;
 mod node_status;

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -20,13 +20,16 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
+use crate::api::initiator_access::GRANT_HEARTBEAT_LABEL;
+use crate::api::rules;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{NodeFacts, ObjectKey, object_key};
+use crate::desired::{Holds, NodeFacts, ObjectKey, object_key};
 use crate::manifests::ObjectId;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
 use super::connection::ApiTimeouts;
+use super::holds::{GrantLeases, HoldTracker, Renewal};
 use super::watch_backoff::watch_backoff;
 
 /// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
@@ -57,6 +60,9 @@ pub struct Stores {
     secrets: Vec<Store<Secret>>,
     node: Store<Node>,
     heartbeats: Store<Lease>,
+    /// The Leases holders of grants held by heartbeat renew, one store per namespace.
+    grant_leases: Vec<Store<Lease>>,
+    holds: Arc<Mutex<HoldTracker>>,
     node_name: String,
 }
 
@@ -108,6 +114,8 @@ impl Stores {
                 Heartbeats,
                 watch(wakers),
             ),
+            grant_leases: Vec::new(),
+            holds: Arc::default(),
             node_name: node_name.to_owned(),
         };
         for namespace in &namespaces {
@@ -133,6 +141,12 @@ impl Stores {
                 namespaced_api(client, namespace),
                 timeouts.watcher(),
                 EveryChange,
+                watch(wakers),
+            ));
+            stores.grant_leases.push(spawn_reflector(
+                namespaced_api(client, namespace),
+                timeouts.watcher().labels(GRANT_HEARTBEAT_LABEL),
+                GrantLeases::new(Arc::clone(&stores.holds)),
                 watch(wakers),
             ));
         }
@@ -161,6 +175,10 @@ impl Stores {
         check("Secret", self.secrets.iter().all(listed));
         check("Node", listed(&self.node));
         check("Lease", listed(&self.heartbeats));
+        check(
+            "Lease (grant heartbeats)",
+            self.grant_leases.iter().all(listed),
+        );
         waiting
     }
 
@@ -184,7 +202,27 @@ impl Stores {
             .invalid
             .iter()
             .any(|(id, _)| matches!(id.kind.as_str(), "DiscImage" | "IscsiTarget"));
+        snapshot.resources.holds = Some(self.holds(&snapshot.resources.grants));
         snapshot
+    }
+
+    /// Whether each grant held by heartbeat is held now, on this node's clock.
+    fn holds(&self, grants: &[InitiatorAccess]) -> Holds {
+        let now = std::time::Instant::now();
+        let tracker = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = grants.iter().filter_map(|grant| {
+            let grace = rules::grace_seconds(grant.spec.heartbeat.as_ref()?.grace_seconds).ok()?;
+            let key = object_key(&grant.metadata);
+            let hold = tracker.judge(&key, grace, now);
+            Some((key, hold))
+        });
+        held.collect()
+    }
+
+    /// The holder and last renewal of a grant's Lease, as this node saw them.
+    pub fn renewal(&self, grant: &ObjectKey) -> Option<Renewal> {
+        let tracker = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        tracker.renewal(grant)
     }
 
     /// The node's labels and InternalIP addresses, once its Node is known.
@@ -291,7 +329,7 @@ pub fn node_facts(name: &str, node: &Node) -> NodeFacts {
 }
 
 /// Decides, for each watch event, whom it wakes.
-trait Relevance<K>: Send + 'static {
+pub(super) trait Relevance<K>: Send + 'static {
     fn wake(&mut self, event: &watcher::Event<K>, wakers: &Wakers);
 }
 

@@ -70,6 +70,25 @@ pub struct InitiatorAccessSpec {
     /// nodes' boot endpoint (`/boot/ipxe`). Without it, no node ever hands out a script for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootSpec>,
+    /// Access held by heartbeat: the grant is applied on a node only while its holder renews the
+    /// Lease named after the grant, in its namespace (`discus hold`, `discus connect --hold`).
+    /// Renewals silent for `graceSeconds`, as each node sees them, end access there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<HeartbeatSpec>,
+}
+
+/// The label that makes a Lease a grant's heartbeat (its value is not read): the Lease named
+/// after the grant, in its namespace.
+pub const GRANT_HEARTBEAT_LABEL: &str = "discus.dev/grant-heartbeat";
+
+/// How a grant is held by its holder's renewals.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatSpec {
+    /// How long a node keeps access after it last saw the Lease renewed (10 to 86400). The
+    /// holder renews every third of it.
+    #[schemars(schema_with = "schema::grace_seconds")]
+    pub grace_seconds: u32,
 }
 
 /// Which machines boot through a grant, and from which LUN.
@@ -127,10 +146,25 @@ pub struct InitiatorAccessStatus {
     /// What the initiator needs to connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<Connection>,
+    /// For a grant held by heartbeat: its Lease's holder and last renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<HeartbeatStatus>,
     /// One entry per storage node, each written by that node's agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
     pub nodes: Vec<AccessNodeStatus>,
+}
+
+/// A held grant's Lease as the lease holder last saw it (each node judges renewals on its own).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatStatus {
+    /// The Lease's `holderIdentity`; absent while no Lease is seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// The Lease's last `renewTime`, on the holder's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_time: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -197,6 +231,8 @@ pub struct ValidGrant {
     pub chap: Option<ChapSpec>,
     pub expires_at: Option<Timestamp>,
     pub boot: Option<ValidBoot>,
+    /// `spec.heartbeat.graceSeconds`: held by heartbeat, with this grace.
+    pub heartbeat: Option<std::time::Duration>,
 }
 
 /// A boot block that passed every rule: addresses normalised, networks parsed.
@@ -240,6 +276,10 @@ impl InitiatorAccessSpec {
             .and_then(|t| errors.check(&spec.child("expiresAt"), rules::timestamp(t)));
         let boot =
             (self.boot.as_ref()).map(|boot| boot.validate(self, &spec.child("boot"), &mut errors));
+        let heartbeat = (self.heartbeat.as_ref()).and_then(|h| {
+            let path = spec.child("heartbeat").child("graceSeconds");
+            errors.check(&path, rules::grace_seconds(h.grace_seconds))
+        });
         errors.into_result(ValidGrant {
             target: self.target_ref.name.clone(),
             initiator: self.initiator_iqn.clone(),
@@ -248,6 +288,7 @@ impl InitiatorAccessSpec {
             chap: self.chap.clone(),
             expires_at,
             boot,
+            heartbeat,
         })
     }
 }

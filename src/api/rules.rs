@@ -34,6 +34,10 @@ pub const CHAP_USERNAME_MAX_BYTES: usize = 255;
 pub const CHAP_SECRET_MIN_CHARS: usize = 12;
 pub const CHAP_SECRET_MAX_CHARS: usize = 16;
 pub const MAX_LUN: u32 = 255;
+/// A held grant's grace: long enough for a renewal every third of it to survive a lost one,
+/// short enough to end access within a day.
+pub const MIN_GRACE_SECONDS: u32 = 10;
+pub const MAX_GRACE_SECONDS: u32 = 86_400;
 pub const BLOCK_SIZES: [u32; 4] = [512, 1024, 2048, 4096];
 pub const URL_MAX_BYTES: usize = 2048;
 pub const PATH_MAX_BYTES: usize = 4096;
@@ -108,6 +112,8 @@ pub enum RuleError {
     PathDotDot,
     #[error("must be between 0 and {MAX_LUN}, got {0}")]
     LunRange(u32),
+    #[error("must be between {MIN_GRACE_SECONDS} and {MAX_GRACE_SECONDS} seconds, got {0}")]
+    GraceSeconds(u32),
     #[error("must be one of 512, 1024, 2048 or 4096, got {0}")]
     BlockSize(u32),
     #[error("must be an IPv4 or IPv6 address")]
@@ -240,6 +246,14 @@ pub fn lun(number: u32) -> Result<(), RuleError> {
         Ok(())
     } else {
         Err(RuleError::LunRange(number))
+    }
+}
+
+pub fn grace_seconds(seconds: u32) -> Result<std::time::Duration, RuleError> {
+    if (MIN_GRACE_SECONDS..=MAX_GRACE_SECONDS).contains(&seconds) {
+        Ok(std::time::Duration::from_secs(u64::from(seconds)))
+    } else {
+        Err(RuleError::GraceSeconds(seconds))
     }
 }
 
@@ -443,6 +457,9 @@ mod tests {
         assert_eq!(lun(0), Ok(()));
         assert_eq!(lun(255), Ok(()));
         assert_eq!(lun(256), Err(RuleError::LunRange(256)));
+        assert_eq!(grace_seconds(9), Err(RuleError::GraceSeconds(9)));
+        assert_eq!(grace_seconds(86_401), Err(RuleError::GraceSeconds(86_401)));
+        assert_eq!(grace_seconds(30), Ok(std::time::Duration::from_secs(30)));
         assert_eq!(block_size(2048), Ok(()));
         assert_eq!(block_size(1000), Err(RuleError::BlockSize(1000)));
         assert_eq!(port(3260), Ok(3260));

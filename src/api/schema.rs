@@ -87,6 +87,14 @@ pub fn lun(_: &mut SchemaGenerator) -> Schema {
     json_schema!({ "type": "integer", "minimum": 0, "maximum": rules::MAX_LUN })
 }
 
+pub fn grace_seconds(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "integer",
+        "minimum": rules::MIN_GRACE_SECONDS,
+        "maximum": rules::MAX_GRACE_SECONDS,
+    })
+}
+
 pub fn luns(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",

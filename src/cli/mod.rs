@@ -1,6 +1,7 @@
 //! The `discus` command line.
 
 mod agent;
+mod client;
 mod image;
 mod node_args;
 mod serve;
@@ -59,6 +60,12 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Remove every target discus created on this node (after its agent is gone), nothing else.
     Teardown(teardown::TeardownArgs),
+    /// Keep a grant held by heartbeat (spec.heartbeat): renew its Lease until interrupted, then
+    /// release it, which ends access on every node.
+    Hold(client::HoldArgs),
+    /// Print the least RBAC a client needs for one grant: a Role limited to the grant, its CHAP
+    /// Secret and its heartbeat Lease, the bindings, and the Lease (apply it as an administrator).
+    ClientRbac(client::ClientRbacArgs),
     /// Show the status `discus serve` wrote: one line per resource.
     Status {
         /// The data directory `discus serve` uses.
@@ -93,6 +100,8 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Teardown(args) => teardown::run(args),
+        Command::Hold(args) => client::hold(args),
+        Command::ClientRbac(args) => client::client_rbac(args),
         Command::Status { data_dir } => {
             print!("{}", crate::standalone::status_table(&data_dir));
             let waiting = crate::standalone::not_ready_messages(&data_dir);

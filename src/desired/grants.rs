@@ -101,6 +101,10 @@ fn apply(
         }
         Some(Placement::Served(index)) => *index,
     };
+    // Not held: no ACL, as if it were not declared (a newer grant for the initiator may apply).
+    if let Some(until) = super::holds::check(inputs, key, valid)? {
+        state.next_lapse = Some(state.next_lapse.map_or(until, |next| next.min(until)));
+    }
     let target = &state.targets[index];
 
     if let Some(existing) = target

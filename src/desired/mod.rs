@@ -9,6 +9,7 @@
 //! lets an initiator in.
 
 mod grants;
+mod holds;
 mod policy;
 mod problem;
 mod snapshot;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
+pub use holds::{Hold, Holds};
 pub use policy::Policy;
 pub use problem::{Kind, ObjectKey, Problem, Reason};
 pub use snapshot::{Checked, Snapshot, wake_for_expiry};
@@ -88,6 +90,9 @@ pub struct Inputs<'a> {
     pub ready: &'a BTreeMap<ObjectKey, ReadyImage>,
     pub settings: &'a Settings,
     pub now: Timestamp,
+    /// Whether each grant held by heartbeat is held now, as this node judged it; `None` where
+    /// nothing watches heartbeats (`discus serve`).
+    pub holds: Option<&'a Holds>,
 }
 
 /// The node's complete desired configuration.
@@ -101,6 +106,8 @@ pub struct DesiredState {
     pub expired: Vec<ObjectKey>,
     /// The next moment a grant expires, so a sync can be scheduled for it.
     pub next_expiry: Option<Timestamp>,
+    /// When the first held grant lapses unless renewed, for the same reason.
+    pub next_lapse: Option<std::time::Instant>,
     /// The IQN every valid IscsiTarget is (or would be) served under, placed here or not.
     pub iqns: BTreeMap<ObjectKey, String>,
     /// The DiscImages this node needs: those of the targets placed on it, and those whose

@@ -118,6 +118,7 @@ pub(super) fn write_statuses(
                 grant,
                 entries,
                 expired,
+                None,
                 parsed(old).as_ref(),
                 now
             ))

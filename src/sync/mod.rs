@@ -31,6 +31,9 @@ pub struct Resources {
     /// Some input could not be read and nothing earlier is known of it: what these resources do
     /// not declare may still be declared there. A pass then removes no target and no image.
     pub partial: bool,
+    /// Whether each grant held by heartbeat is held, as this node judged it; `None` where
+    /// nothing watches heartbeats (`discus serve`), so such grants are never applied.
+    pub holds: Option<crate::desired::Holds>,
 }
 
 impl Resources {

@@ -209,7 +209,12 @@ impl NodeReport {
     pub fn next_pass(&self, resync: std::time::Duration) -> NextPass {
         let now = Timestamp::now();
         let expiry = (self.desired.next_expiry).map(|at| desired::wake_for_expiry(at, now));
-        match expiry {
+        // Just past the lapse, as for an expiry: a pass then sees it lapsed.
+        let lapse = (self.desired.next_lapse).map(|until| {
+            until.saturating_duration_since(std::time::Instant::now())
+                + std::time::Duration::from_millis(10)
+        });
+        match expiry.into_iter().chain(lapse).min() {
             Some(expiry) if expiry < resync => NextPass {
                 after: expiry,
                 pass: Pass::Changes,

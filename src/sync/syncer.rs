@@ -151,6 +151,7 @@ impl<B: Backend> Syncer<B> {
                 ready,
                 settings: &self.settings,
                 now,
+                holds: resources.holds.as_ref(),
             })
         };
         let mut state = desired_state(&ready);

@@ -52,3 +52,12 @@ pub fn files_in(folder: &str) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+/// Sends signal `name` (`TERM`, `INT`, …) to a process this test started.
+pub fn signal(child: &std::process::Child, name: &str) -> bool {
+    std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}

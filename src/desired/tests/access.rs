@@ -296,3 +296,113 @@ fn a_second_grant_for_the_same_initiator_and_target_is_refused() {
     );
     assert_eq!(state.targets[0].acls[0].grant, key("first"));
 }
+
+fn held_grant(world: World, name: &str, initiator: &str) -> World {
+    world.grant(
+        name,
+        json!({
+            "targetRef": {"name": "boot"}, "initiatorIqn": initiator,
+            "chap": {"secretRef": {"name": "host-a-chap"}},
+            "heartbeat": {"graceSeconds": 30},
+        }),
+    )
+}
+
+#[test]
+fn a_held_grant_has_an_acl_only_while_held() {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(12);
+    let world = held_grant(
+        World::new().boot_target().chap_grant("plain"),
+        "held",
+        "iqn.2026-11.dev.discus:held",
+    )
+    .grant(
+        "never-judged",
+        json!({
+            "targetRef": {"name": "boot"}, "initiatorIqn": "iqn.2026-11.dev.discus:other",
+            "chap": {"secretRef": {"name": "host-a-chap"}},
+            "heartbeat": {"graceSeconds": 60},
+        }),
+    );
+    let mut world = world;
+    world.holds = Some(Holds::from([(key("held"), Hold::Held { until })]));
+    let state = world.compute();
+    let initiators: Vec<&str> = state.targets[0]
+        .acls
+        .iter()
+        .map(|a| a.initiator.as_str())
+        .collect();
+    assert_eq!(initiators, [INITIATOR, "iqn.2026-11.dev.discus:held"]);
+    assert_eq!(state.next_lapse, Some(until));
+    // A grant nobody judged is not held: fail closed, and say why.
+    let problem = (state.problems.iter())
+        .find(|p| p.key == key("never-judged"))
+        .expect("problem");
+    assert_eq!(problem.reason, Reason::HeartbeatLapsed);
+    assert!(
+        problem.message.contains("lab/never-judged") && problem.message.contains("60s"),
+        "{problem}"
+    );
+
+    world.holds = Some(Holds::from([(
+        key("held"),
+        Hold::Lapsed("silent for 31s".into()),
+    )]));
+    let state = world.compute();
+    assert_eq!(
+        state.targets[0].acls.len(),
+        1,
+        "only the grant without heartbeat"
+    );
+    assert_eq!(state.next_lapse, None);
+    let problem = (state.problems.iter())
+        .find(|p| p.key == key("held"))
+        .expect("problem");
+    assert_eq!(
+        (problem.reason, problem.message.as_str()),
+        (Reason::HeartbeatLapsed, "silent for 31s")
+    );
+    assert!(!problem.reason.stalls());
+}
+
+#[test]
+fn a_held_grant_where_nothing_judges_heartbeats_is_never_applied_and_stalls() {
+    let mut world = held_grant(
+        World::new().boot_target().chap_grant("plain"),
+        "held",
+        "iqn.2026-11.dev.discus:held",
+    );
+    world.holds = None;
+    let state = world.compute();
+    assert_eq!(state.targets[0].acls.len(), 1);
+    let problem = (state.problems.iter())
+        .find(|p| p.key == key("held"))
+        .expect("problem");
+    assert_eq!(problem.reason, Reason::HeartbeatUnsupported);
+    assert!(
+        problem.reason.stalls() && problem.message.starts_with("spec.heartbeat: "),
+        "{problem}"
+    );
+}
+
+#[test]
+fn a_grace_out_of_range_names_the_field() {
+    let world = World::new().boot_target().grant(
+        "held",
+        json!({
+            "targetRef": {"name": "boot"}, "initiatorIqn": INITIATOR,
+            "heartbeat": {"graceSeconds": 5},
+        }),
+    );
+    let state = world.compute();
+    let problem = (state.problems.iter())
+        .find(|p| p.key == key("held"))
+        .expect("problem");
+    assert_eq!(problem.reason, Reason::InvalidSpec);
+    assert!(
+        problem
+            .message
+            .contains("spec.heartbeat.graceSeconds: must be between 10 and 86400 seconds, got 5"),
+        "{problem}"
+    );
+}

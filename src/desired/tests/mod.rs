@@ -25,6 +25,7 @@ struct World {
     ready: BTreeMap<ObjectKey, ReadyImage>,
     settings: Settings,
     now: Timestamp,
+    holds: Option<Holds>,
 }
 
 fn object<T: serde::de::DeserializeOwned>(kind: &str, name: &str, spec: Value) -> T {
@@ -64,6 +65,7 @@ impl World {
             ready: BTreeMap::new(),
             settings: Settings::default(),
             now: "2026-11-21T12:00:00Z".parse().expect("now"),
+            holds: Some(Holds::new()),
         }
     }
 
@@ -149,6 +151,7 @@ impl World {
             ready: &self.ready,
             settings: &self.settings,
             now: self.now,
+            holds: self.holds.as_ref(),
         })
     }
 }
