@@ -347,6 +347,9 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
                     lun: m.lun,
                     device_lun: report.device_lun(m.lun),
                     read_only: m.read_only,
+                    serial: (target.luns.iter())
+                        .find(|l| l.lun == m.lun)
+                        .map(|l| l.serial.clone()),
                 })
                 .collect(),
             // Where its machines get their script: only where the boot table has the grant.
@@ -416,6 +419,10 @@ pub fn grant_status(
         )
     };
     let mut wanted = kstatus(ready, &reason, &message, stalled);
+    // A held grant whose holder is silent rests, as its holder wants: not in progress.
+    if reason == Reason::HeartbeatLapsed.as_str() {
+        wanted.truncate(1);
+    }
     if expired {
         // An expired grant is finished, not in progress: only Ready and Expired.
         wanted.truncate(1);

@@ -1341,7 +1341,9 @@ async fn a_held_grant_lives_by_its_holder_s_heartbeat_on_every_node() {
             Duration::from_secs(20),
             async || {
                 let grant = cluster.object("InitiatorAccess", "demo", "held").await;
+                // At rest, as its holder wants: not in progress (kstatus Current).
                 condition(&grant, "Ready") == Some(("False".into(), "HeartbeatLapsed".into()))
+                    && condition(&grant, "Reconciling").is_none_or(|(status, _)| status == "False")
             },
         )
         .await;

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -146,7 +148,7 @@ impl Stores {
             stores.grant_leases.push(spawn_reflector(
                 namespaced_api(client, namespace),
                 timeouts.watcher().labels(GRANT_HEARTBEAT_LABEL),
-                GrantLeases::new(Arc::clone(&stores.holds)),
+                GrantLeases::new(Arc::clone(&stores.holds), namespace.clone()),
                 watch(wakers),
             ));
         }
@@ -209,7 +211,7 @@ impl Stores {
     /// Whether each grant held by heartbeat is held now, on this node's clock.
     fn holds(&self, grants: &[InitiatorAccess]) -> Holds {
         let now = std::time::Instant::now();
-        let tracker = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
+        let tracker = self.holds.lock();
         let held = grants.iter().filter_map(|grant| {
             let grace = rules::grace_seconds(grant.spec.heartbeat.as_ref()?.grace_seconds).ok()?;
             let key = object_key(&grant.metadata);
@@ -221,8 +223,7 @@ impl Stores {
 
     /// The holder and last renewal of a grant's Lease, as this node saw them.
     pub fn renewal(&self, grant: &ObjectKey) -> Option<Renewal> {
-        let tracker = self.holds.lock().unwrap_or_else(PoisonError::into_inner);
-        tracker.renewal(grant)
+        self.holds.lock().renewal(grant)
     }
 
     /// The node's labels and InternalIP addresses, once its Node is known.

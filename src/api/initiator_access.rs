@@ -192,6 +192,10 @@ pub struct ConnectionLun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_lun: Option<u32>,
     pub read_only: bool,
+    /// The SCSI unit serial number the LUN presents on every node (VPD page 0x80): how a
+    /// client finds its block device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

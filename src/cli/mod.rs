@@ -60,6 +60,11 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Remove every target discus created on this node (after its agent is gone), nothing else.
     Teardown(teardown::TeardownArgs),
+    /// Connect this machine to a grant's target with open-iscsi: log in, find the block device,
+    /// optionally mount it read-only; or list the grants for this machine (--list).
+    Connect(client::ConnectArgs),
+    /// Undo what `discus connect` did for a grant: unmount, log out, remove its node records.
+    Disconnect(client::DisconnectArgs),
     /// Keep a grant held by heartbeat (spec.heartbeat): renew its Lease until interrupted, then
     /// release it, which ends access on every node.
     Hold(client::HoldArgs),
@@ -100,6 +105,8 @@ pub fn run() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Teardown(args) => teardown::run(args),
+        Command::Connect(args) => client::connect(args),
+        Command::Disconnect(args) => client::disconnect(args),
         Command::Hold(args) => client::hold(args),
         Command::ClientRbac(args) => client::client_rbac(args),
         Command::Status { data_dir } => {

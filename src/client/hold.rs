@@ -2,9 +2,11 @@
 //!
 //! The Lease is named after the grant, in its namespace; an administrator creates it (`discus
 //! client-rbac` prints it), because RBAC cannot let a client create one object by name only. The
-//! holder renews it every third of the grace, each renewal given a third of the grace to get
-//! through, so that one lost renewal never ends access. Interrupted, it releases the Lease (no
-//! renew time): every node ends access at once instead of after the grace.
+//! holder renews it every third of the grace, and at least every 10 s: a node that restarts
+//! counts renewals only from the first it sees, so frequent renewals keep that gap short. Each
+//! renewal has until the next to get through, so that one lost renewal never ends access.
+//! Interrupted, it releases the Lease (no renew time): every node ends access at once instead of
+//! after the grace.
 
 use std::future::Future;
 use std::time::Duration;
@@ -23,6 +25,8 @@ use crate::desired::ObjectKey;
 
 /// How long a failed renewal waits before the next try, at first (doubling up to the period).
 const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest time between two renewals.
+const MAX_PERIOD: Duration = Duration::from_secs(10);
 
 /// The grace of a grant held by heartbeat, read from the apiserver.
 pub async fn grace_of(client: &Client, grant: &ObjectKey) -> Result<Duration, ClientError> {
@@ -42,9 +46,10 @@ pub async fn grace_of(client: &Client, grant: &ObjectKey) -> Result<Duration, Cl
     })
 }
 
-/// Renews the grant's Lease as `holder` until `stop` resolves, then releases it. Returns an
-/// error only when the first renewal fails for a reason trying again cannot fix (no Lease, no
-/// permission); later failures are logged and tried again.
+/// Renews the grant's Lease as `holder` until `stop` resolves, then releases it. Fails when the
+/// first renewal fails (a wrong grant or missing rights show at once), and when a later one is
+/// refused for good (the Lease deleted, the client's rights revoked: access is ending anyway);
+/// other failures are logged and tried again.
 pub async fn hold(
     client: &Client,
     grant: &ObjectKey,
@@ -53,7 +58,7 @@ pub async fn hold(
     stop: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &grant.namespace);
-    let every = grace / 3;
+    let every = (grace / 3).min(MAX_PERIOD);
     renew(&api, grant, holder, grace, every).await?;
     eprintln!(
         "holding InitiatorAccess {grant}: Lease renewed every {}s as {holder}",
@@ -72,6 +77,7 @@ pub async fn hold(
                 failures = 0;
                 every
             }
+            Err(refused @ ClientError::Refused(_)) => return Err(refused),
             Err(error) => {
                 let retry = RETRY_FIRST.saturating_mul(1 << failures.min(16)).min(every);
                 failures = failures.saturating_add(1);

@@ -1,9 +1,13 @@
 //! The client side: what runs on a machine that uses discus's discs, with the user's own
 //! Kubernetes credentials. The apiserver is the server: RBAC decides what a client may read, the
-//! storage nodes enforce every grant. `hold` renews a grant's heartbeat Lease; `rbac` prints the
-//! least rights a client needs.
+//! storage nodes enforce every grant. `connect` turns a grant into a block device through
+//! open-iscsi (`open_iscsi`, `devices`); `hold` renews a grant's heartbeat Lease; `rbac` prints
+//! the least rights a client needs.
 
+pub mod connect;
+pub mod devices;
 pub mod hold;
+pub mod open_iscsi;
 pub mod rbac;
 
 use std::path::Path;

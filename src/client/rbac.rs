@@ -2,9 +2,10 @@
 //! administrator applies.
 //!
 //! A Role limited by `resourceNames` to the grant, its CHAP Secret and its heartbeat Lease, so
-//! that one client can never read another's secret; a binding of the chart's client ClusterRole
-//! (`get`, `list`, `watch` of InitiatorAccesses) in the grant's namespace for `discus connect
-//! --list`; and, for a grant held by heartbeat, the Lease itself: RBAC cannot let a client create
+//! that one client can never read another's secret; when asked (`--allow-list`), a binding of the
+//! chart's client ClusterRole (`get`, `list`, `watch` of InitiatorAccesses) in the grant's
+//! namespace for `discus connect --list`, which shows the client every grant's initiator name
+//! there; and, for a grant held by heartbeat, the Lease itself: RBAC cannot let a client create
 //! one object by name, so the administrator creates it and the client only renews it.
 
 use serde_json::{Value, json};
@@ -57,11 +58,19 @@ impl Subject {
     }
 }
 
+/// What to grant beyond the grant's own objects.
+#[derive(Clone, Debug, Default)]
+pub struct Options<'a> {
+    /// Bind this ClusterRole (the chart's client role) in the grant's namespace, for
+    /// `discus connect --list`.
+    pub cluster_role: Option<&'a str>,
+}
+
 /// The manifests, in the order to apply them.
 pub fn manifests(
     grant: &InitiatorAccess,
     subject: &Subject,
-    cluster_role: &str,
+    options: &Options<'_>,
 ) -> Result<Vec<Value>, ClientError> {
     let key = object_key(&grant.metadata);
     rules::object_name(&key.name)
@@ -99,13 +108,15 @@ pub fn manifests(
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
             "subjects": [subject.to_json()],
         }),
-        json!({
+    ];
+    if let Some(cluster_role) = options.cluster_role {
+        objects.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": meta(&format!("{role}-list")),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
             "subjects": [subject.to_json()],
-        }),
-    ];
+        }));
+    }
     if held {
         let mut lease = meta(&key.name);
         lease["labels"][GRANT_HEARTBEAT_LABEL] = json!("");
@@ -167,7 +178,10 @@ mod tests {
             "chap": {"secretRef": {"name": "web-1-chap"}}, "heartbeat": {"graceSeconds": 30},
         }));
         let subject = Subject::service_account("clients:web-1").expect("subject");
-        let objects = manifests(&held, &subject, CLIENT_CLUSTER_ROLE).expect("manifests");
+        let options = Options {
+            cluster_role: Some(CLIENT_CLUSTER_ROLE),
+        };
+        let objects = manifests(&held, &subject, &options).expect("manifests");
         let kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
         assert_eq!(kinds, ["Role", "RoleBinding", "RoleBinding", "Lease"]);
         assert_eq!(objects[0]["metadata"]["name"], "discus-client-web-1");
@@ -206,9 +220,10 @@ mod tests {
         let plain = grant(
             json!({"targetRef": {"name": "debian"}, "initiatorIqn": "iqn.2026-11.dev.discus:web-1"}),
         );
-        let objects =
-            manifests(&plain, &Subject::User("alice".into()), "discus-client").expect("manifests");
-        assert_eq!(objects.len(), 3);
+        let objects = manifests(&plain, &Subject::User("alice".into()), &Options::default())
+            .expect("manifests");
+        // Without --allow-list, no binding that shows other grants.
+        assert_eq!(objects.len(), 2);
         assert!(rule_of(&objects, "secrets").is_none() && rule_of(&objects, "leases").is_none());
     }
 

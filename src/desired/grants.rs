@@ -18,8 +18,9 @@ pub(super) fn resolve(
     state: &mut DesiredState,
 ) {
     // Oldest first: of two grants for one initiator on one target, the older one wins.
+    let mut lapsed = LapsedClaims::new();
     for grant in &inputs.snapshot.grants {
-        if let Err((reason, message)) = apply(inputs, placements, grant, state) {
+        if let Err((reason, message)) = apply(inputs, placements, grant, state, &mut lapsed) {
             state.problems.push(Problem {
                 kind: Kind::InitiatorAccess,
                 key: grant.key.clone(),
@@ -65,6 +66,10 @@ fn withhold_shared_cards(state: &mut DesiredState) {
     state.boots.retain(|_, config| !config.macs.is_empty());
 }
 
+/// The initiators, by target, of held grants that lapsed: still theirs, so that a newer grant
+/// for the same initiator never takes over while the holder is silent.
+type LapsedClaims = BTreeMap<(usize, String), ObjectKey>;
+
 /// Adds the grant's ACL to its target, or says why it cannot. `Ok` also covers the grants that
 /// rightly have no ACL here: expired, or for a target this node does not serve.
 fn apply(
@@ -72,6 +77,7 @@ fn apply(
     placements: &BTreeMap<ObjectKey, Placement>,
     grant: &Checked<'_, InitiatorAccess, ValidGrant>,
     state: &mut DesiredState,
+    lapsed: &mut LapsedClaims,
 ) -> Result<(), (Reason, String)> {
     let key = &grant.key;
     let valid =
@@ -101,26 +107,34 @@ fn apply(
         }
         Some(Placement::Served(index)) => *index,
     };
-    // Not held: no ACL, as if it were not declared (a newer grant for the initiator may apply).
-    if let Some(until) = super::holds::check(inputs, key, valid)? {
-        state.next_lapse = Some(state.next_lapse.map_or(until, |next| next.min(until)));
-    }
     let target = &state.targets[index];
-
-    if let Some(existing) = target
-        .acls
-        .iter()
+    let claim = (index, valid.initiator.clone());
+    let older = (target.acls.iter())
         .find(|acl| acl.initiator == valid.initiator)
-    {
+        .map(|acl| &acl.grant)
+        .or_else(|| lapsed.get(&claim));
+    if let Some(older) = older {
         return Err((
             Reason::DuplicateGrant,
             format!(
                 "InitiatorAccess {} already gives {} access to IscsiTarget {}, and is older; \
                  list every LUN in one grant",
-                existing.grant.name, valid.initiator, valid.target
+                older.name, valid.initiator, valid.target
             ),
         ));
     }
+    // Not held: no ACL, and the initiator stays the grant's.
+    match super::holds::check(inputs, key, valid) {
+        Ok(Some(until)) => {
+            state.next_lapse = Some(state.next_lapse.map_or(until, |next| next.min(until)));
+        }
+        Ok(None) => {}
+        Err(why) => {
+            lapsed.insert(claim, key.clone());
+            return Err(why);
+        }
+    }
+    let target = &state.targets[index];
     let chap = credentials(inputs, key, valid, target.chap_required, &valid.target)?;
     let luns = mapped_luns(valid, target)?;
     // A boot block that cannot boot withholds the script, never the access.

@@ -406,3 +406,31 @@ fn a_grace_out_of_range_names_the_field() {
         "{problem}"
     );
 }
+
+#[test]
+fn a_lapsed_held_grant_keeps_its_initiator_from_a_newer_grant() {
+    let mut world = held_grant(World::new().boot_target(), "held", INITIATOR).secret(
+        "host-a-chap",
+        &[("username", "host-a"), ("password", "s3cret-s3cret")],
+    );
+    world = world.grant_object(created(
+        object(
+            "InitiatorAccess",
+            "newer",
+            json!({"targetRef": {"name": "boot"}, "initiatorIqn": INITIATOR,
+                   "chap": {"secretRef": {"name": "host-a-chap"}}, "readOnly": false}),
+        ),
+        "2030-01-01T00:00:00Z",
+    ));
+    world.holds = Some(Holds::from([(key("held"), Hold::Lapsed("silent".into()))]));
+    let state = world.compute();
+    assert!(
+        state.targets[0].acls.is_empty(),
+        "{:?}",
+        state.targets[0].acls
+    );
+    let newer = (state.problems.iter())
+        .find(|p| p.key == key("newer"))
+        .expect("problem");
+    assert_eq!(newer.reason, Reason::DuplicateGrant, "{newer}");
+}
