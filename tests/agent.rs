@@ -2265,6 +2265,120 @@ async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
         Some(&json!("10.0.2.15:3260")),
         "{target:#}"
     );
+    a_client_connects_with_open_iscsi(&cluster, &vm).await;
+}
+
+const GUEST_IQN: &str = "iqn.2026-11.dev.discus:guest";
+const GUEST_PASSWORD: &str = "guest-secret-1";
+
+/// The guest as a client too: `discus connect` with open-iscsi, as a ServiceAccount bound by
+/// the Role `discus client-rbac` prints, logs in to the guest's own LIO through the portal in
+/// status, finds the device, mounts it; disconnect leaves nothing behind.
+async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_vm::LioVm) {
+    let secret = |name: &str, data: Value| {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": name, "namespace": "demo"}, "stringData": data})
+    };
+    cluster.apply_objects(&[
+        secret("guest-chap", json!({"username": "guest", "password": GUEST_PASSWORD,
+                                    "mutualUsername": "lio-node", "mutualPassword": "target-secret-2"})),
+        grant("guest", GUEST_IQN, json!({"chap": {"secretRef": {"name": "guest-chap"}, "mutual": true}})),
+        secret("other-chap", json!({"username": "other", "password": "other-secret-1"})),
+        grant("other", "iqn.2026-11.dev.discus:other", json!({"chap": {"secretRef": {"name": "other-chap"}}})),
+    ]);
+    let rbac = support::discus()
+        .args([
+            "client-rbac",
+            "guest",
+            "-n",
+            "demo",
+            "--service-account",
+            "demo:guest",
+        ])
+        .args(["--allow-list", "--kubeconfig"])
+        .arg(cluster.plane.file("admin.kubeconfig"))
+        .output()
+        .expect("client-rbac");
+    assert!(
+        rbac.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rbac.stderr)
+    );
+    cluster.apply(&String::from_utf8_lossy(&rbac.stdout));
+    let kubeconfig = cluster
+        .plane
+        .service_account_kubeconfig("demo", "guest")
+        .await
+        .expect("token");
+    let kubeconfig = std::fs::read_to_string(kubeconfig)
+        .expect("kubeconfig")
+        .replace("https://127.0.0.1:", "https://10.0.2.2:");
+    std::fs::write(vm.share().join("client.kubeconfig"), kubeconfig).expect("kubeconfig");
+    vm.must(&format!(
+        "echo InitiatorName={GUEST_IQN} > /etc/iscsi/initiatorname.iscsi && iscsid"
+    ));
+    let client = "--kubeconfig /host/client.kubeconfig";
+
+    let listed = vm.must(&format!("discus connect {client} --list -n demo -o json"));
+    let listed: Value = serde_json::from_str(&listed).unwrap_or_else(|e| panic!("{e}: {listed}"));
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|g| g["name"].as_str())
+        .collect();
+    assert_eq!(names, ["guest"], "{listed:#}");
+
+    // Every command line in the guest, read over and over while connect runs.
+    vm.must("(while [ ! -e /tmp/scanned ]; do cat /proc/[0-9]*/cmdline; done > /tmp/cmdlines 2>/dev/null; touch /tmp/scan-done) &");
+    let connected = vm.must(&format!(
+        "discus connect {client} guest -n demo --mount /mnt/disc --timeout-seconds 120"
+    ));
+    vm.must("touch /tmp/scanned; while [ ! -e /tmp/scan-done ]; do sleep 0.1; done");
+    let (scanned, _) = vm.sh("grep -q connect /tmp/cmdlines");
+    assert_eq!(scanned, 0, "the scan saw connect's own command line");
+    let (found, _) = vm.sh(&format!("grep -q {GUEST_PASSWORD} /tmp/cmdlines"));
+    assert_eq!(found, 1, "a CHAP secret on a command line while connecting");
+    println!(
+        "discus connect in the guest (TCG): {}",
+        connected
+            .lines()
+            .find(|l| l.starts_with("connected"))
+            .unwrap_or(&connected)
+    );
+    let device = (connected.lines())
+        .find(|l| l.starts_with("/dev/"))
+        .unwrap_or_else(|| panic!("no device printed: {connected}"));
+    let digest = vm.must(&format!("sha256sum {device}"));
+    assert!(digest.starts_with(DEMO_ISO_SHA256), "{digest}");
+    assert_eq!(vm.must("ls /mnt/disc").trim(), "README.TXT");
+    // Again: nothing changes.
+    let records = || vm.must("find /etc/iscsi/nodes -type f | sort | xargs cat");
+    let before = records();
+    vm.must(&format!(
+        "discus connect {client} guest -n demo --mount /mnt/disc"
+    ));
+    assert_eq!(records(), before);
+    assert_eq!(vm.must("iscsiadm -m session | wc -l").trim(), "1");
+
+    // Another client's Secret: refused, and the error names the rule.
+    let (code, refused) = vm.sh(&format!(
+        "discus connect {client} other -n demo --initiator-iqn iqn.2026-11.dev.discus:other \
+         --state-dir /tmp/other"
+    ));
+    assert_ne!(code, 0);
+    assert!(
+        refused.contains("403 Forbidden") && refused.contains("Secret demo/other-chap"),
+        "{refused}"
+    );
+
+    vm.must("discus disconnect guest -n demo");
+    let (code, sessions) = vm.sh("iscsiadm -m session");
+    assert_eq!(code, 21, "no session left: {sessions}");
+    assert_eq!(vm.must("find /etc/iscsi/nodes -type f | wc -l").trim(), "0");
+    let (mounted, _) = vm.sh("grep -q ' /mnt/disc ' /proc/mounts");
+    assert_ne!(mounted, 0, "unmounted");
+    assert_eq!(vm.must("ls /var/lib/discus/connect | wc -l").trim(), "0");
 }
 
 /// What tgtd on an agent's node holds.

@@ -69,10 +69,17 @@ pub async fn list(
         Some(namespace) => Api::namespaced(api.clone(), namespace),
         None => Api::all(api.clone()),
     };
-    let listed = grants.list(&ListParams::default()).await.map_err(|e| {
-        let scope = ObjectKey::new(namespace.unwrap_or("(all)"), "*");
-        explain(&e, "list", "InitiatorAccesses", &scope)
-    })?;
+    let listed = grants
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| match &e {
+            kube::Error::Api(status) if status.code == 403 => ClientError::Refused(format!(
+                "403 Forbidden: this client may not list InitiatorAccesses in {}; `discus \
+             client-rbac GRANT -n NAMESPACE --allow-list` binds the role that lets it",
+                namespace.unwrap_or("every namespace")
+            )),
+            _ => ClientError::Api(format!("cannot list InitiatorAccesses: {e}")),
+        })?;
     let mut mine: Vec<Listed> = (listed.items.iter())
         .filter(|g| g.spec.initiator_iqn == initiator)
         .map(listed_grant)
@@ -310,8 +317,8 @@ async fn wait_for_devices(
     }
 }
 
-/// Mounts the first LUN read-only at `dir` (its multipath device when there is one), unless
-/// it is mounted there already.
+/// Mounts the first LUN read-only at `dir` (made when missing; its multipath device when there
+/// is one), unless it is mounted there already; another device there is an error.
 async fn mount_first(
     luns: &[(u32, Vec<Device>)],
     dir: &Path,
@@ -323,19 +330,28 @@ async fn mount_first(
         .and_then(|(_, devices)| devices.first())
         .map(|d| d.multipath.clone().unwrap_or_else(|| d.dev.clone()))
         .ok_or_else(|| ClientError::Refused("no device to mount".to_owned()))?;
-    if !is_mount_point(dir) {
-        made.mount = Some(dir.to_owned());
-        made.write(state_dir, key)?;
-        run(
-            "mount",
-            &[
+    match mounted_device(dir) {
+        None => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ClientError::Refused(format!("{}: {e}", dir.display())))?;
+            made.mount = Some(dir.to_owned());
+            made.write(state_dir, key)?;
+            let args = [
                 "-o".as_ref(),
                 "ro".as_ref(),
                 device.as_os_str(),
                 dir.as_os_str(),
-            ],
-        )
-        .await?;
+            ];
+            run("mount", &args).await?;
+        }
+        Some(number) if Some(number) == device_number(&device) => {}
+        Some((major, minor)) => {
+            return Err(ClientError::Refused(format!(
+                "{} has another device mounted ({major}:{minor}); unmount it or choose another \
+                 --mount",
+                dir.display()
+            )));
+        }
     }
     Ok(dir.to_owned())
 }
@@ -369,15 +385,34 @@ pub async fn disconnect(
 
 /// Whether `dir` is a mount point, from this process's mount table.
 fn is_mount_point(dir: &Path) -> bool {
-    let Ok(dir) = std::fs::canonicalize(dir) else {
-        return false;
-    };
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    // Field 5 is the mount point, with spaces and such escaped as octal.
+    mounted_device(dir).is_some()
+}
+
+/// The device (major, minor) mounted at `dir`, from this process's mount table.
+fn mounted_device(dir: &Path) -> Option<(u32, u32)> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let dir = dir.as_os_str().to_string_lossy();
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Field 3 is major:minor, field 5 the mount point (spaces and such escaped as octal); the
+    // last mount on a point is the one seen there.
     table
         .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|point| unescape_octal(point) == dir.as_os_str().to_string_lossy())
+        .rev()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let (number, point) = (fields.get(2)?, fields.get(4)?);
+            (unescape_octal(point) == dir).then_some(*number)
+        })
+        .and_then(|number| {
+            let (major, minor) = number.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+}
+
+/// The (major, minor) of a block device.
+fn device_number(device: &Path) -> Option<(u32, u32)> {
+    let rdev = rustix::fs::stat(device).ok()?.st_rdev;
+    Some((rustix::fs::major(rdev), rustix::fs::minor(rdev)))
 }
 
 fn unescape_octal(text: &str) -> String {

@@ -1,5 +1,6 @@
 //! A control plane ready for discus agents, shared by the agent tests and the agent bench: the
-//! CRDs, a namespace for the resources, `discus-system`, the shipped RBAC bound there, the
+//! CRDs, a namespace for the resources, `discus-system`, the shipped RBAC bound there (and the
+//! clients' ClusterRole), the
 //! agents' ServiceAccount token, and storage-node hosts on a private LAN.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -64,6 +65,11 @@ impl Kube {
             "apply",
             "-f",
             &rbac.join("agent.yaml").display().to_string(),
+        ]);
+        kube.kubectl(&[
+            "apply",
+            "-f",
+            &rbac.join("client.yaml").display().to_string(),
         ]);
         kube.kubectl(&[
             "apply",

@@ -5,7 +5,9 @@
 //!   `~/.cache/discus/lio-kernel-<version>/` (never relied on: it is rebuilt when absent).
 //! - The initramfs is a static busybox, the modules LIO needs (`crc32c_generic` included, or every
 //!   login fails), 9p to share a folder with the host, and the discus binary of this test run with
-//!   the libraries it links.
+//!   the libraries it links. The guest can be a client too: open-iscsi's initiator modules, and
+//!   `iscsid` and `iscsiadm` from Debian's package (unpacked once into
+//!   `~/.cache/discus/open-iscsi-<version>/`) with the libraries they link.
 //! - The guest listens on 0.0.0.0:3260; the host reaches it through a forward on 127.0.0.1.
 //! - The host hands manifests and images over the shared folder and runs commands in the guest
 //!   through it (`inbox/`, `outbox/`); discus writes its status into it.
@@ -42,11 +44,27 @@ const MODULES: &[&str] = &[
     "9pnet",
     "9pnet_virtio",
     "9p",
+    // The initiator side (open-iscsi), disks and ISO 9660.
+    "scsi_mod",
+    "crc64",
+    "crc64_rocksoft_generic",
+    "crc64-rocksoft",
+    "t10-pi",
+    "sd_mod",
+    "scsi_transport_iscsi",
+    "libiscsi",
+    "libiscsi_tcp",
+    "iscsi_tcp",
+    "cdrom",
+    "isofs",
 ];
+
+/// The packages of open-iscsi's `iscsid` and `iscsiadm` that a Debian machine lacks.
+const OPEN_ISCSI_PACKAGES: &[&str] = &["open-iscsi", "libopeniscsiusr", "libisns0"];
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/local/bin
+export PATH=/bin:/sbin:/usr/local/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -56,7 +74,7 @@ ip link set lo up
 ip link set eth0 up
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
-mkdir -p /host /var/lib/discus /tmp
+mkdir -p /host /var/lib/discus /tmp /run/lock/iscsi /etc/iscsi/nodes
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host
 ln -s /host/status /var/lib/discus/status
 mkdir -p /run
@@ -274,6 +292,7 @@ fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
         root.join("lib64/ld-linux-x86-64.so.2"),
     )
     .expect("loader");
+    install_open_iscsi(&root);
     for file in ["init", "bin/busybox", "usr/local/bin/discus"] {
         let mut permissions = std::fs::metadata(root.join(file))
             .expect("file")
@@ -284,6 +303,133 @@ fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
     let image = dir.join("initrd.cpio");
     cpio(&root, &image);
     image
+}
+
+/// `iscsid`, `iscsiadm`, their configuration and every library they link that the guest lacks.
+fn install_open_iscsi(root: &Path) {
+    let unpacked = unpacked_packages(OPEN_ISCSI_PACKAGES);
+    std::fs::create_dir_all(root.join("sbin")).expect("mkdir");
+    std::fs::create_dir_all(root.join("etc/iscsi")).expect("mkdir");
+    std::fs::copy(
+        unpacked.join("etc/iscsi/iscsid.conf"),
+        root.join("etc/iscsi/iscsid.conf"),
+    )
+    .expect("iscsid.conf");
+    // iscsid serves only root, whom it knows by name.
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
+    let libraries = unpacked.join("usr/lib/x86_64-linux-gnu");
+    for program in ["iscsid", "iscsiadm"] {
+        let binary = unpacked.join("sbin").join(program);
+        std::fs::copy(&binary, root.join("sbin").join(program)).expect("program");
+        let mut permissions = std::fs::metadata(&binary).expect("program").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(root.join("sbin").join(program), permissions).expect("chmod");
+        for (name, path) in linked_libraries(&binary, &libraries) {
+            let to = root.join("lib/x86_64-linux-gnu").join(name);
+            if !to.exists() {
+                std::fs::copy(&path, &to).expect("library");
+            }
+        }
+    }
+}
+
+/// The libraries a program links, by the name the loader looks for and where it found them
+/// (the loader's own `--list`; `extra` searched first).
+fn linked_libraries(program: &Path, extra: &Path) -> Vec<(String, PathBuf)> {
+    let output = Command::new("/lib64/ld-linux-x86-64.so.2")
+        .arg("--list")
+        .arg(program)
+        .env("LD_LIBRARY_PATH", extra)
+        .output()
+        .expect("the loader lists libraries");
+    assert!(
+        output.status.success(),
+        "ld.so --list {}",
+        program.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, rest) = line.trim().split_once(" => ")?;
+            let path = rest.split_whitespace().next()?;
+            Some((name.to_owned(), PathBuf::from(path)))
+        })
+        .collect()
+}
+
+/// Debian packages unpacked (not installed) into one folder, once: `~/.cache/discus/
+/// <first package>-<its version>/`, built aside and renamed into place; never relied on.
+pub fn unpacked_packages(packages: &[&str]) -> PathBuf {
+    let version = Command::new("apt-cache")
+        .args(["show", "--no-all-versions", packages[0]])
+        .output()
+        .expect("apt-cache");
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: ").map(str::to_owned))
+        .unwrap_or_else(|| panic!("apt-cache knows no {}", packages[0]));
+    let cache = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join(".cache/discus")
+        .join(format!(
+            "{}-{}",
+            packages[0],
+            version.replace([':', '/'], "_")
+        ));
+    if cache.exists() {
+        return cache;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let download = Command::new("apt-get")
+        .arg("download")
+        .args(packages)
+        .current_dir(work.path())
+        .output()
+        .expect("apt-get download");
+    assert!(
+        download.status.success(),
+        "apt-get download {packages:?}: {}",
+        String::from_utf8_lossy(&download.stderr)
+    );
+    let partial = work.path().join("root");
+    for deb in std::fs::read_dir(work.path())
+        .expect("dir")
+        .filter_map(Result::ok)
+    {
+        let deb = deb.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            run(
+                "dpkg-deb",
+                &[
+                    "-x",
+                    &deb.display().to_string(),
+                    &partial.display().to_string(),
+                ],
+            );
+        }
+    }
+    let name = cache
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let aside = cache.with_file_name(format!("{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&aside);
+    run(
+        "cp",
+        &[
+            "-a",
+            &partial.display().to_string(),
+            &aside.display().to_string(),
+        ],
+    );
+    // Another test process may have won the race: its folder is as good.
+    if std::fs::rename(&aside, &cache).is_err() {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+    cache
 }
 
 /// Packs the folder `root` into `image`, an uncompressed newc cpio archive (an initramfs).
