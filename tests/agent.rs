@@ -2270,18 +2270,30 @@ async fn an_agent_in_a_real_kernel_serves_what_kubectl_applied_through_lio() {
 
 const GUEST_IQN: &str = "iqn.2026-11.dev.discus:guest";
 const GUEST_PASSWORD: &str = "guest-secret-1";
+const GUEST_MUTUAL_PASSWORD: &str = "target-secret-2";
 
-/// The guest as a client too: `discus connect` with open-iscsi, as a ServiceAccount bound by
-/// the Role `discus client-rbac` prints, logs in to the guest's own LIO through the portal in
-/// status, finds the device, mounts it; disconnect leaves nothing behind.
+/// The guest as a client too, of two storage nodes: its own LIO, and a second agent in it
+/// serving through tgt at a second address. `discus connect` with open-iscsi, as a
+/// ServiceAccount bound by the Role `discus client-rbac` prints, logs in through both portals in
+/// status, finds both paths' devices by serial (tgt and LIO number the LUN differently), mounts
+/// one; disconnect leaves nothing behind.
 async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_vm::LioVm) {
+    cluster
+        .create_node("tgt-node", std::net::Ipv4Addr::new(10, 0, 2, 16))
+        .await;
+    vm.must(
+        "ip addr add 10.0.2.16/24 dev eth0 && KUBECONFIG=/host/kubeconfig discus agent \
+         --node-name tgt-node --backend tgt --data-dir /var/lib/discus-tgt --file-root /host/images \
+         --namespaces demo --iqn-prefix demo=iqn.2026-11.dev.discus: \
+         --lease-namespace discus-system > /host/agent-tgt.log 2>&1 &",
+    );
     let secret = |name: &str, data: Value| {
         json!({"apiVersion": "v1", "kind": "Secret",
                "metadata": {"name": name, "namespace": "demo"}, "stringData": data})
     };
     cluster.apply_objects(&[
         secret("guest-chap", json!({"username": "guest", "password": GUEST_PASSWORD,
-                                    "mutualUsername": "lio-node", "mutualPassword": "target-secret-2"})),
+                                    "mutualUsername": "lio-node", "mutualPassword": GUEST_MUTUAL_PASSWORD})),
         grant("guest", GUEST_IQN, json!({"chap": {"secretRef": {"name": "guest-chap"}, "mutual": true}})),
         secret("other-chap", json!({"username": "other", "password": "other-secret-1"})),
         grant("other", "iqn.2026-11.dev.discus:other", json!({"chap": {"secretRef": {"name": "other-chap"}}})),
@@ -2305,6 +2317,9 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
         String::from_utf8_lossy(&rbac.stderr)
     );
     cluster.apply(&String::from_utf8_lossy(&rbac.stdout));
+    cluster
+        .wait_ready_on("InitiatorAccess", "guest", &["lio-node", "tgt-node"])
+        .await;
     let kubeconfig = cluster
         .plane
         .service_account_kubeconfig("demo", "guest")
@@ -2329,16 +2344,35 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
         .collect();
     assert_eq!(names, ["guest"], "{listed:#}");
 
-    // Every command line in the guest, read over and over while connect runs.
-    vm.must("(while [ ! -e /tmp/scanned ]; do cat /proc/[0-9]*/cmdline; done > /tmp/cmdlines 2>/dev/null; touch /tmp/scan-done) &");
+    // Every iscsiadm command line, as it runs: never a secret (connect's own has none).
+    std::fs::write(
+        vm.share().join("iscsiadm"),
+        "#!/bin/sh\necho \"$@\" >> /tmp/iscsiadm-args\nexec /sbin/iscsiadm \"$@\"\n",
+    )
+    .expect("wrapper");
+    vm.must("cp /host/iscsiadm /bin/iscsiadm && chmod 755 /bin/iscsiadm");
     let connected = vm.must(&format!(
         "discus connect {client} guest -n demo --mount /mnt/disc --timeout-seconds 120"
     ));
-    vm.must("touch /tmp/scanned; while [ ! -e /tmp/scan-done ]; do sleep 0.1; done");
-    let (scanned, _) = vm.sh("grep -q connect /tmp/cmdlines");
-    assert_eq!(scanned, 0, "the scan saw connect's own command line");
-    let (found, _) = vm.sh(&format!("grep -q {GUEST_PASSWORD} /tmp/cmdlines"));
-    assert_eq!(found, 1, "a CHAP secret on a command line while connecting");
+    let arguments = vm.must("cat /tmp/iscsiadm-args");
+    assert!(arguments.contains("--login"), "{arguments}");
+    for secret in [GUEST_PASSWORD, GUEST_MUTUAL_PASSWORD] {
+        assert!(
+            !arguments.contains(secret) && !connected.contains(secret),
+            "{secret} shown"
+        );
+    }
+    // The records hold the secrets, readable by root only, and start by hand only.
+    let modes = vm.must("find /etc/iscsi/nodes -type f -exec stat -c %a {} \\;");
+    assert_eq!(modes.lines().collect::<Vec<_>>(), ["600", "600"], "{modes}");
+    let records = vm.must("find /etc/iscsi/nodes -type f | xargs cat");
+    assert_eq!(
+        records.matches("node.startup = manual").count(),
+        2,
+        "{records}"
+    );
+    let options = vm.must("grep ' /mnt/disc ' /proc/mounts");
+    assert!(options.contains(" ro,nosuid,nodev,noexec"), "{options}");
     println!(
         "discus connect in the guest (TCG): {}",
         connected
@@ -2346,11 +2380,17 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
             .find(|l| l.starts_with("connected"))
             .unwrap_or(&connected)
     );
-    let device = (connected.lines())
+    // One line per LUN: both paths (no multipathd here), each the whole image.
+    let devices: Vec<&str> = (connected.lines())
         .find(|l| l.starts_with("/dev/"))
-        .unwrap_or_else(|| panic!("no device printed: {connected}"));
-    let digest = vm.must(&format!("sha256sum {device}"));
-    assert!(digest.starts_with(DEMO_ISO_SHA256), "{digest}");
+        .unwrap_or_else(|| panic!("no device printed: {connected}"))
+        .split(' ')
+        .collect();
+    assert_eq!(devices.len(), 2, "{connected}");
+    for device in devices {
+        let digest = vm.must(&format!("sha256sum {device}"));
+        assert!(digest.starts_with(DEMO_ISO_SHA256), "{digest}");
+    }
     assert_eq!(vm.must("ls /mnt/disc").trim(), "README.TXT");
     // Again: nothing changes.
     let records = || vm.must("find /etc/iscsi/nodes -type f | sort | xargs cat");
@@ -2359,7 +2399,7 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
         "discus connect {client} guest -n demo --mount /mnt/disc"
     ));
     assert_eq!(records(), before);
-    assert_eq!(vm.must("iscsiadm -m session | wc -l").trim(), "1");
+    assert_eq!(vm.must("iscsiadm -m session | wc -l").trim(), "2");
 
     // Another client's Secret: refused, and the error names the rule.
     let (code, refused) = vm.sh(&format!(
@@ -2378,7 +2418,79 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
     assert_eq!(vm.must("find /etc/iscsi/nodes -type f | wc -l").trim(), "0");
     let (mounted, _) = vm.sh("grep -q ' /mnt/disc ' /proc/mounts");
     assert_ne!(mounted, 0, "unmounted");
-    assert_eq!(vm.must("ls /var/lib/discus/connect | wc -l").trim(), "0");
+    let left = vm.must("ls -A /var/lib/discus/connect");
+    assert!(left.lines().all(|f| f.ends_with(".lock")), "{left}");
+    let again = vm.must("discus disconnect guest -n demo");
+    assert!(again.contains("nothing to disconnect"), "{again}");
+
+    // A record another tool made is neither used nor removed.
+    vm.must("iscsiadm -m node -o new -T iqn.2026-11.dev.discus:demo -p 10.0.2.15:3260 >/dev/null");
+    let (code, refused) = vm.sh(&format!("discus connect {client} guest -n demo"));
+    assert_ne!(code, 0);
+    assert!(
+        refused.contains("exists that discus connect did not make"),
+        "{refused}"
+    );
+    assert_eq!(vm.must("find /etc/iscsi/nodes -type f | wc -l").trim(), "1");
+    vm.must("iscsiadm -m node -o delete -T iqn.2026-11.dev.discus:demo -p 10.0.2.15:3260");
+    connect_holds_a_held_grant_until_stopped(cluster, vm).await;
+}
+
+/// `discus connect --hold`: renewals first (the grant is applied only while renewed), then the
+/// connection; SIGTERM disconnects and only then releases.
+async fn connect_holds_a_held_grant_until_stopped(cluster: &Cluster, vm: &support::lio_vm::LioVm) {
+    cluster.kubectl(&["delete", "iacc", "-n", "demo", "guest"]);
+    cluster.apply_objects(&[grant(
+        "guest-held",
+        GUEST_IQN,
+        json!({"chap": {"secretRef": {"name": "guest-chap"}, "mutual": true},
+               "heartbeat": {"graceSeconds": 30}}),
+    )]);
+    let rbac = support::discus()
+        .args([
+            "client-rbac",
+            "guest-held",
+            "-n",
+            "demo",
+            "--service-account",
+            "demo:guest",
+        ])
+        .arg("--kubeconfig")
+        .arg(cluster.plane.file("admin.kubeconfig"))
+        .output()
+        .expect("client-rbac");
+    assert!(
+        rbac.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rbac.stderr)
+    );
+    cluster.apply(&String::from_utf8_lossy(&rbac.stdout));
+    vm.must(
+        "discus connect --kubeconfig /host/client.kubeconfig --hold guest-held -n demo \
+         --timeout-seconds 120 > /tmp/hold.log 2>&1 & echo $! > /tmp/hold.pid",
+    );
+    let log = || vm.must("cat /tmp/hold.log");
+    let start = Instant::now();
+    while !log().contains("connected InitiatorAccess demo/guest-held") {
+        assert!(start.elapsed() < Duration::from_secs(180), "{}", log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(vm.must("iscsiadm -m session | wc -l").trim(), "2");
+    vm.must("kill -TERM $(cat /tmp/hold.pid)");
+    while !log().contains("released InitiatorAccess demo/guest-held") {
+        assert!(start.elapsed() < Duration::from_secs(240), "{}", log());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let log = log();
+    let (disconnected, released) = (
+        log.find("disconnected InitiatorAccess")
+            .expect("disconnected"),
+        log.find("released InitiatorAccess").expect("released"),
+    );
+    assert!(disconnected < released, "disconnect before release:\n{log}");
+    let (code, _) = vm.sh("iscsiadm -m session");
+    assert_eq!(code, 21, "no session left");
+    assert_eq!(vm.must("find /etc/iscsi/nodes -type f | wc -l").trim(), "0");
 }
 
 /// What tgtd on an agent's node holds.

@@ -92,6 +92,17 @@ fn desired_state_of(documents: &[Value]) -> desired::DesiredState {
         addresses: vec!["10.0.0.1".parse().expect("ip")],
         own_networks: Vec::new(),
     };
+    // Every grant held by heartbeat is held: its holder renews.
+    let held_until = std::time::Instant::now() + std::time::Duration::from_secs(3600);
+    let holds: desired::Holds = (grants.iter())
+        .filter(|g| g.spec.heartbeat.is_some())
+        .map(|g| {
+            (
+                desired::object_key(&g.metadata),
+                desired::Hold::Held { until: held_until },
+            )
+        })
+        .collect();
     let snapshot = desired::Snapshot::new(&images, &targets, &grants, &secrets);
     desired::desired_state(&Inputs {
         snapshot: &snapshot,
@@ -99,7 +110,7 @@ fn desired_state_of(documents: &[Value]) -> desired::DesiredState {
         ready: &ready,
         settings: &Settings::default(),
         now: "2026-11-21T12:00:00Z".parse().expect("now"),
-        holds: None,
+        holds: Some(&holds),
     })
 }
 
@@ -108,10 +119,10 @@ fn the_examples_serve_as_expected_before_mutation() {
     let documents: Vec<Value> = examples().into_iter().map(|(_, d)| d).collect();
     let state = desired_state_of(&documents);
     assert!(state.problems.is_empty(), "{:?}", state.problems);
-    // The installer, the golden image, the standalone demo and the network boot; seven grants
-    // between them, two of them booting a machine.
+    // The installer, the golden image, the standalone demo and the network boot; eight grants
+    // between them (one held by heartbeat), two of them booting a machine.
     assert_eq!(state.targets.len(), 4);
-    assert_eq!(state.targets.iter().map(|t| t.acls.len()).sum::<usize>(), 7);
+    assert_eq!(state.targets.iter().map(|t| t.acls.len()).sum::<usize>(), 8);
     assert_eq!(state.boots.len(), 2);
 }
 

@@ -8,8 +8,9 @@ use clap::Args;
 use kube::Api;
 
 use crate::api::InitiatorAccess;
-use crate::client::connect::{self, Connected, Listed, Machine};
+use crate::client::connect::{self, Connected, Machine};
 use crate::client::devices::{Device, Roots};
+use crate::client::list::{self, Listed};
 use crate::client::open_iscsi::{self, Iscsiadm};
 use crate::client::rbac::{self, Subject};
 use crate::client::{self, ClientError, explain, hold};
@@ -157,7 +158,7 @@ pub struct MachineArgs {
     #[arg(long)]
     initiator_iqn: Option<String>,
     /// Where connect writes down what it created, for disconnect.
-    #[arg(long, default_value = "/var/lib/discus/connect")]
+    #[arg(long, default_value = client::STATE_DIR)]
     state_dir: PathBuf,
     /// The kubeconfig to use; otherwise as kubectl finds one.
     #[arg(long)]
@@ -230,7 +231,7 @@ pub struct DisconnectArgs {
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
     /// Where connect wrote down what it created.
-    #[arg(long, default_value = "/var/lib/discus/connect")]
+    #[arg(long, default_value = client::STATE_DIR)]
     state_dir: PathBuf,
 }
 
@@ -239,7 +240,7 @@ pub fn connect(args: ConnectArgs) -> ExitCode {
         let machine = args.machine.machine().await?;
         if args.list {
             let namespace = (!args.all_namespaces).then_some(args.namespace.as_str());
-            let grants = connect::list(&machine.api, namespace, &machine.initiator).await?;
+            let grants = list::list(&machine.api, namespace, &machine.initiator).await?;
             return print_list(&grants, args.output);
         }
         let key = grant_key(args.name.as_deref().unwrap_or_default(), &args.namespace)?;
@@ -254,48 +255,66 @@ pub fn connect(args: ConnectArgs) -> ExitCode {
 }
 
 /// Holds the grant (renewals start first: a held grant is Ready only while renewed), connects,
-/// and at SIGINT or SIGTERM releases it and disconnects.
+/// and at SIGINT or SIGTERM (during connect too) disconnects — unmounts, logs out, removes its
+/// records — and then releases the Lease. A hold that fails ends it all, with its error.
 async fn connect_and_hold(
     machine: &Machine,
     key: &ObjectKey,
     args: &ConnectArgs,
     deadline: std::time::Duration,
 ) -> Result<(), ClientError> {
-    let stop_requested = stop_signal();
+    let mut stop_requested = std::pin::pin!(stop_signal());
     let grace = hold::grace_of(&machine.api, key).await?;
     let holder = args.holder.clone().unwrap_or_else(host_name);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let holding = {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let mut holding = {
         let (api, key) = (machine.api.clone(), key.clone());
         tokio::spawn(async move {
-            hold::hold(&api, &key, &holder, grace, async move {
-                let _ = stopped.await;
-            })
-            .await
+            let released = async move {
+                let _ = released.await;
+            };
+            hold::hold(&api, &key, &holder, grace, released).await
         })
     };
-    let connected = connect::connect(machine, key, args.mount.as_deref(), deadline).await;
-    let outcome = match connected {
-        Ok(connected) => {
-            print_connected(key, &connected);
-            let mut holding = std::pin::pin!(holding);
-            tokio::select! {
-                () = stop_requested => {
-                    let _ = stop.send(());
-                    holding.await.map_err(|e| ClientError::Api(e.to_string()))?
+    let mut hold_ended = false;
+    let outcome = tokio::select! {
+        connected = connect::connect(machine, key, args.mount.as_deref(), deadline) => {
+            match connected {
+                Ok(connected) => {
+                    print_connected(key, &connected);
+                    tokio::select! {
+                        () = &mut stop_requested => Ok(()),
+                        ended = &mut holding => Err(hold_failed(&mut hold_ended, ended)),
+                    }
                 }
-                ended = &mut holding => ended.map_err(|e| ClientError::Api(e.to_string()))?,
+                Err(error) => Err(error),
             }
         }
-        Err(error) => {
-            let _ = stop.send(());
-            let _ = holding.await;
-            Err(error)
-        }
+        () = &mut stop_requested => Ok(()),
+        ended = &mut holding => Err(hold_failed(&mut hold_ended, ended)),
     };
-    connect::disconnect(&machine.iscsiadm, &machine.state_dir, key).await?;
-    eprintln!("disconnected InitiatorAccess {key}");
-    outcome
+    let disconnected = connect::disconnect(&machine.iscsiadm, &machine.state_dir, key).await;
+    if let Ok(true) = disconnected {
+        eprintln!("disconnected InitiatorAccess {key}");
+    }
+    let _ = release.send(());
+    if !hold_ended && let Ok(Err(error)) = holding.await {
+        eprintln!("warning: {error}");
+    }
+    outcome.and(disconnected.map(drop))
+}
+
+/// Why holding ended before it was asked to, remembering that it did.
+fn hold_failed(
+    ended: &mut bool,
+    result: Result<Result<(), ClientError>, tokio::task::JoinError>,
+) -> ClientError {
+    *ended = true;
+    match result {
+        Ok(Err(error)) => error,
+        Ok(Ok(())) => ClientError::Api("holding the grant stopped".to_owned()),
+        Err(error) => ClientError::Api(format!("holding the grant failed: {error}")),
+    }
 }
 
 pub fn disconnect(args: DisconnectArgs) -> ExitCode {

@@ -1,8 +1,9 @@
 //! The block devices of a target's LUN on this machine, found in sysfs: every iSCSI session to
-//! the target, the SCSI devices under it with the LUN's number, each checked against the unit
-//! serial number the storage nodes present (VPD page 0x80), so that a device of another target
-//! or image is never taken for it. Without udev there is no `/dev/disk/by-id`: sysfs is always
-//! there.
+//! the target, and under it the SCSI devices with the unit serial number the storage nodes
+//! present for the LUN (VPD page 0x80), so that a device of another target or image is never
+//! taken for it. The serial, not the LUN number, says which: tgt presents LUN n as n + 1 and LIO
+//! as n, and one target may be served by both. Without a serial in status, the LUN number does.
+//! Without udev there is no `/dev/disk/by-id`: sysfs is always there.
 
 use std::path::{Path, PathBuf};
 
@@ -33,36 +34,44 @@ impl Default for Roots {
     }
 }
 
-/// The running devices of LUN `lun` of `target` whose serial is `serial` (any serial when the
-/// status named none).
-pub fn find(roots: &Roots, target: &str, lun: u32, serial: Option<&str>) -> Vec<Device> {
+/// Which LUN: by its unit serial (on any LUN number), or by number.
+#[derive(Clone, Copy, Debug)]
+pub enum Wanted<'a> {
+    Serial(&'a str),
+    Number(u32),
+}
+
+/// The running devices of the `wanted` LUN of `target`.
+pub fn find(roots: &Roots, target: &str, wanted: Wanted<'_>) -> Vec<Device> {
     let mut devices = Vec::new();
     for session in children(&roots.sys.join("class/iscsi_session")) {
         if read_trimmed(&session.join("targetname")).as_deref() != Some(target) {
             continue;
         }
-        for block in lun_blocks(&session.join("device"), lun) {
+        for (number, block) in running_blocks(&session.join("device")) {
             let Some(name) = block.file_name().map(|n| n.to_string_lossy().into_owned()) else {
                 continue;
             };
             let sys_block = roots.sys.join("block").join(&name);
-            if serial.is_some_and(|s| unit_serial(&sys_block).as_deref() != Some(s)) {
-                continue;
+            let it = match wanted {
+                Wanted::Serial(serial) => unit_serial(&sys_block).as_deref() == Some(serial),
+                Wanted::Number(lun) => number == lun,
+            };
+            if it {
+                devices.push(Device {
+                    dev: roots.dev.join(&name),
+                    by_id: by_id(&roots.dev, &name),
+                    multipath: multipath(roots, &sys_block),
+                });
             }
-            devices.push(Device {
-                dev: roots.dev.join(&name),
-                by_id: by_id(&roots.dev, &name),
-                multipath: multipath(roots, &sys_block),
-            });
         }
     }
     devices.sort_by(|a, b| a.dev.cmp(&b.dev));
     devices
 }
 
-/// The block devices of the running SCSI devices `H:C:T:<lun>` under a session.
-fn lun_blocks(session_device: &Path, lun: u32) -> Vec<PathBuf> {
-    let suffix = format!(":{lun}");
+/// The block devices of the running SCSI devices `H:C:T:L` under a session, with their LUN.
+fn running_blocks(session_device: &Path) -> Vec<(u32, PathBuf)> {
     children(session_device)
         .into_iter()
         .filter(|t| {
@@ -70,12 +79,17 @@ fn lun_blocks(session_device: &Path, lun: u32) -> Vec<PathBuf> {
                 .is_some_and(|n| n.to_string_lossy().starts_with("target"))
         })
         .flat_map(|target| children(&target))
-        .filter(|d| {
-            d.file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with(&suffix))
-        })
         .filter(|d| read_trimmed(&d.join("state")).as_deref() == Some("running"))
-        .flat_map(|d| children(&d.join("block")))
+        .filter_map(|d| {
+            let name = d.file_name()?.to_string_lossy().into_owned();
+            let lun = name.rsplit(':').next()?.parse().ok()?;
+            Some(
+                children(&d.join("block"))
+                    .into_iter()
+                    .map(move |b| (lun, b)),
+            )
+        })
+        .flatten()
         .collect()
 }
 
@@ -104,8 +118,14 @@ fn by_id(dev: &Path, name: &str) -> Option<PathBuf> {
     links.into_iter().next()
 }
 
+/// The dm-multipath device holding a path, if one does (another device-mapper holder — LVM,
+/// dm-crypt — is not it).
 fn multipath(roots: &Roots, sys_block: &Path) -> Option<PathBuf> {
-    let holder = children(&sys_block.join("holders")).into_iter().next()?;
+    let holder = children(&sys_block.join("holders"))
+        .into_iter()
+        .find(|holder| {
+            read_trimmed(&holder.join("dm/uuid")).is_some_and(|uuid| uuid.starts_with("mpath-"))
+        })?;
     let name = read_trimmed(&holder.join("dm/name"))?;
     Some(roots.dev.join("mapper").join(name))
 }
@@ -149,6 +169,13 @@ mod tests {
             write(sys.join("block").join(name).join("device/vpd_pg80"), &page);
         }
         write(sys.join("block/sdb/holders/dm-0/dm/name"), b"mpatha\n");
+        write(
+            sys.join("block/sdb/holders/dm-0/dm/uuid"),
+            b"mpath-36001405abc\n",
+        );
+        // An LVM volume on sdc is no multipath device.
+        write(sys.join("block/sdc/holders/dm-1/dm/name"), b"vg-lv\n");
+        write(sys.join("block/sdc/holders/dm-1/dm/uuid"), b"LVM-abc\n");
         Roots {
             sys,
             dev: root.join("dev"),
@@ -156,15 +183,11 @@ mod tests {
     }
 
     #[test]
-    fn the_lun_s_device_is_found_by_target_number_and_serial() {
+    fn the_lun_s_device_is_found_by_serial_on_any_number_or_by_number() {
         let dir = tempfile::tempdir().expect("tempdir");
         let roots = sysfs(dir.path(), "iqn.2026-11.dev.discus:demo");
-        let found = find(
-            &roots,
-            "iqn.2026-11.dev.discus:demo",
-            0,
-            Some("discus-aaaa"),
-        );
+        let target = "iqn.2026-11.dev.discus:demo";
+        let found = find(&roots, target, Wanted::Serial("discus-aaaa"));
         assert_eq!(
             found,
             [Device {
@@ -173,21 +196,15 @@ mod tests {
                 multipath: Some(roots.dev.join("mapper/mpatha")),
             }]
         );
+        let sdc = &find(&roots, target, Wanted::Serial("discus-bbbb"))[0];
+        assert_eq!((&sdc.dev, &sdc.multipath), (&roots.dev.join("sdc"), &None));
         assert_eq!(
-            find(&roots, "iqn.2026-11.dev.discus:demo", 1, None).len(),
-            1
+            find(&roots, target, Wanted::Number(1))[0].dev,
+            roots.dev.join("sdc")
         );
-        // Another image behind the same LUN number, another target: not it.
-        assert!(
-            find(
-                &roots,
-                "iqn.2026-11.dev.discus:demo",
-                0,
-                Some("discus-bbbb")
-            )
-            .is_empty()
-        );
-        assert!(find(&roots, "iqn.2026-11.dev.discus:other", 0, None).is_empty());
-        assert!(find(&roots, "iqn.2026-11.dev.discus:demo", 2, None).is_empty());
+        // Another image, another target, a LUN that is not there: nothing.
+        assert!(find(&roots, target, Wanted::Serial("discus-cccc")).is_empty());
+        assert!(find(&roots, "iqn.2026-11.dev.discus:other", Wanted::Number(0)).is_empty());
+        assert!(find(&roots, target, Wanted::Number(2)).is_empty());
     }
 }

@@ -7,8 +7,12 @@
 pub mod connect;
 pub mod devices;
 pub mod hold;
+pub mod list;
+mod mount;
 pub mod open_iscsi;
+mod program;
 pub mod rbac;
+mod state;
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,6 +22,9 @@ use kube::{Client, Config};
 
 use crate::agent::ApiTimeouts;
 use crate::desired::ObjectKey;
+
+/// Where `discus connect` writes down what it made, for `discus disconnect`.
+pub const STATE_DIR: &str = "/var/lib/discus/connect";
 
 /// How long a client waits for any answer of the apiserver.
 pub const API_TIMEOUT: Duration = Duration::from_secs(20);
@@ -57,8 +64,8 @@ pub fn explain(error: &kube::Error, verb: &str, what: &str, key: &ObjectKey) -> 
     match error {
         kube::Error::Api(status) if status.code == 403 => ClientError::Refused(format!(
             "403 Forbidden: this client may not {verb} {what} {key}; it needs a Role with \
-             `{verb}` on it (`discus client-rbac {} -n {}` prints one)",
-            key.name, key.namespace
+             `{verb}` on it (`discus client-rbac GRANT -n {}` prints one for a grant)",
+            key.namespace
         )),
         kube::Error::Api(status) if status.code == 404 => {
             ClientError::Api(format!("{what} {key} not found"))

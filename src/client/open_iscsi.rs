@@ -1,16 +1,19 @@
 //! open-iscsi on the client: its initiator name, its node records, logins and logouts.
 //!
 //! `iscsiadm` runs with argument vectors and a deadline, never through a shell. CHAP secrets
-//! never go on its command line (where `/proc/*/cmdline` shows them to every user): the record
-//! `iscsiadm -o new` creates is edited in place — written aside, then
-//! renamed, readable by root only — and iscsiadm reads the secrets from it at login.
+//! never go on its command line (where `/proc/*/cmdline` shows them to every user): discus
+//! writes them into the record `iscsiadm -o new` creates (a new version written aside, readable
+//! by root only, renamed over it), and iscsiadm reads them from there at login.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::api::chap::ChapCredentials;
+use super::program::{self, complaint};
+
+use crate::api::chap::{ChapAccount, ChapCredentials};
 use crate::api::rules;
 
 /// Where open-iscsi keeps its initiator name.
@@ -102,24 +105,18 @@ impl Default for Iscsiadm {
 
 impl Iscsiadm {
     async fn run(&self, args: &[&str]) -> Result<Output, InitiatorError> {
-        let mut command = tokio::process::Command::new(&self.program);
-        command.args(args).kill_on_drop(true);
-        let what = args.join(" ");
-        let output = tokio::time::timeout(ISCSIADM_DEADLINE, command.output())
+        let os_args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let output = program::run(self.program.as_os_str(), &os_args, ISCSIADM_DEADLINE)
             .await
-            .map_err(|_| InitiatorError::Iscsiadm {
-                what: what.clone(),
-                why: format!("no answer within {}s", ISCSIADM_DEADLINE.as_secs()),
-            })?
-            .map_err(|e| InitiatorError::Iscsiadm {
-                what: what.clone(),
-                why: format!("{e} (is open-iscsi installed?)"),
+            .map_err(|why| InitiatorError::Iscsiadm {
+                what: args.join(" "),
+                why: format!("{why} (is open-iscsi installed?)"),
             })?;
         if matches!(
             output.status.code(),
             Some(ISCSID_NOT_CONNECTED | ISCSID_COMM_ERROR)
         ) {
-            return Err(InitiatorError::IscsidDown(stderr(&output)));
+            return Err(InitiatorError::IscsidDown(complaint(&output)));
         }
         Ok(output)
     }
@@ -129,7 +126,7 @@ impl Iscsiadm {
         let output = self.run(&["-m", "session"]).await?;
         match output.status.code() {
             Some(0 | NO_OBJECTS_FOUND) => Ok(()),
-            _ => Err(InitiatorError::IscsidDown(stderr(&output))),
+            _ => Err(InitiatorError::IscsidDown(complaint(&output))),
         }
     }
 
@@ -140,7 +137,7 @@ impl Iscsiadm {
         match output.status.code() {
             Some(0) => Ok(true),
             Some(NO_OBJECTS_FOUND) => Ok(false),
-            _ => Err(node.failed(stderr(&output))),
+            _ => Err(node.failed(complaint(&output))),
         }
     }
 
@@ -155,7 +152,7 @@ impl Iscsiadm {
         args.extend(["-o", "new"]);
         let output = self.run(&args).await?;
         if !output.status.success() {
-            return Err(node.failed(stderr(&output)));
+            return Err(node.failed(complaint(&output)));
         }
         self.set_chap(node, chap)
     }
@@ -172,7 +169,7 @@ impl Iscsiadm {
                 RECORD_ROOTS.join(" or ")
             ))
         })?;
-        write_chap(&path, chap).map_err(|e| node.failed(e.to_string()))
+        write_chap(&path, chap).map_err(|e| node.failed(e))
     }
 
     pub async fn delete_record(&self, node: &Node) -> Result<(), InitiatorError> {
@@ -182,7 +179,7 @@ impl Iscsiadm {
         let output = self.run(&args).await?;
         match output.status.code() {
             Some(0 | NO_OBJECTS_FOUND) => Ok(()),
-            _ => Err(node.failed(stderr(&output))),
+            _ => Err(node.failed(complaint(&output))),
         }
     }
 
@@ -196,14 +193,14 @@ impl Iscsiadm {
             Some(0 | SESSION_EXISTS) => Ok(()),
             Some(LOGIN_AUTH_FAILED) => Err(InitiatorError::LoginRefused {
                 portal,
-                why: "authentication failed: the CHAP credentials of the grant's Secret were \
-                      refused (changed since the record was written? run discus disconnect, \
-                      then connect again)"
+                why: "authentication or authorization failed: the node has no ACL for this \
+                      initiator (is the grant applied there? kubectl get iacc -o wide), or \
+                      refused the CHAP credentials of the grant's Secret"
                     .to_owned(),
             }),
             _ => Err(InitiatorError::LoginRefused {
                 portal,
-                why: stderr(&output),
+                why: complaint(&output),
             }),
         }
     }
@@ -216,36 +213,69 @@ impl Iscsiadm {
         let output = self.run(&args).await?;
         match output.status.code() {
             Some(0 | NO_OBJECTS_FOUND) => Ok(()),
-            _ => Err(node.failed(stderr(&output))),
+            _ => Err(node.failed(complaint(&output))),
+        }
+    }
+
+    /// The sessions open-iscsi has, as (target, portal).
+    pub async fn sessions(&self) -> Result<Vec<(String, SocketAddr)>, InitiatorError> {
+        let output = self.run(&["-m", "session"]).await?;
+        match output.status.code() {
+            Some(0) => Ok(parse_sessions(&String::from_utf8_lossy(&output.stdout))),
+            Some(NO_OBJECTS_FOUND) => Ok(Vec::new()),
+            _ => Err(InitiatorError::Iscsiadm {
+                what: "-m session".to_owned(),
+                why: complaint(&output),
+            }),
         }
     }
 }
 
-/// iscsiadm's complaint, on one line.
-fn stderr(output: &Output) -> String {
-    let text = String::from_utf8_lossy(&output.stderr);
-    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    format!("exit {}: {text}", output.status.code().unwrap_or(-1))
+/// `iscsiadm -m session` lines: `tcp: [1] 10.0.2.15:3260,1 iqn.… (non-flash)`.
+fn parse_sessions(text: &str) -> Vec<(String, SocketAddr)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace().skip(2);
+            let (portal, target) = (words.next()?, words.next()?);
+            let portal = portal.rsplit_once(',').map_or(portal, |(p, _)| p);
+            Some((target.to_owned(), portal.parse().ok()?))
+        })
+        .collect()
 }
 
-/// The record file of `node` (open-iscsi names it `<address>,<port>` in the target's folder,
-/// or `<address>,<port>,<tpgt>/<iface>` once discovery knows the portal group).
+/// The record file of `node` (open-iscsi names it `<address>,<port>` in the target's folder
+/// when it knows no portal group). Of two folders that hold one, the one written last.
 pub fn record_path(node: &Node) -> Option<PathBuf> {
     let name = format!("{},{}", node.portal.ip(), node.portal.port());
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     RECORD_ROOTS
         .iter()
         .map(|root| Path::new(root).join(&node.target).join(&name))
-        .find(|path| path.is_file())
+        .filter(|path| path.is_file())
+        .max_by_key(|path| modified(path))
 }
 
-/// Sets the record's CHAP settings (or none), keeping every other line as iscsiadm wrote it.
-fn write_chap(path: &Path, chap: Option<&ChapCredentials>) -> std::io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    let edited = with_chap(&text, chap);
-    crate::fsutil::write_atomic(path, edited.as_bytes())
+/// Sets the record's CHAP settings (or none) and manual start-up, keeping every other line as
+/// iscsiadm wrote it. The new text is written beside the record root (`/etc/iscsi`), readable
+/// by root only, and renamed over the record: a crash never leaves a file in a target's folder.
+fn write_chap(path: &Path, chap: Option<&ChapCredentials>) -> Result<(), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let edited = with_chap(&text, chap)?;
+    let aside = (path.ancestors().nth(3)).ok_or("a record path has a root")?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".discus-record-")
+        .tempfile_in(aside)
+        .map_err(|e| e.to_string())?;
+    std::io::Write::write_all(&mut file, edited.as_bytes()).map_err(|e| e.to_string())?;
+    file.as_file().sync_all().map_err(|e| e.to_string())?;
+    file.persist(path)
+        .map(drop)
+        .map_err(|e| e.error.to_string())
 }
 
-const AUTH_KEYS: [&str; 5] = [
+const OWN_KEYS: [&str; 7] = [
+    "node.startup",
+    "node.conn[0].startup",
     "node.session.auth.authmethod",
     "node.session.auth.username",
     "node.session.auth.password",
@@ -253,42 +283,60 @@ const AUTH_KEYS: [&str; 5] = [
     "node.session.auth.password_in",
 ];
 
-/// A record's text with its CHAP settings replaced, before `# END RECORD`.
-fn with_chap(text: &str, chap: Option<&ChapCredentials>) -> String {
+/// A record's text with its CHAP settings replaced and manual start-up (never logged in at
+/// boot by itself), before `# END RECORD`.
+fn with_chap(text: &str, chap: Option<&ChapCredentials>) -> Result<String, String> {
     let key_of = |line: &str| line.split('=').next().unwrap_or_default().trim().to_owned();
     let mut lines: Vec<String> = (text.lines())
-        .filter(|line| !AUTH_KEYS.contains(&key_of(line).as_str()))
+        .filter(|line| !OWN_KEYS.contains(&key_of(line).as_str()))
         .map(str::to_owned)
         .collect();
-    let mut auth = vec![format!(
-        "node.session.auth.authmethod = {}",
-        if chap.is_some() { "CHAP" } else { "None" }
-    )];
+    let mut own = vec![
+        "node.startup = manual".to_owned(),
+        "node.conn[0].startup = manual".to_owned(),
+        format!(
+            "node.session.auth.authmethod = {}",
+            if chap.is_some() { "CHAP" } else { "None" }
+        ),
+    ];
     if let Some(chap) = chap {
-        auth.push(format!(
-            "node.session.auth.username = {}",
-            chap.initiator.username
-        ));
-        auth.push(format!(
-            "node.session.auth.password = {}",
-            chap.initiator.password.expose()
-        ));
+        own.extend(account_lines("", &chap.initiator)?);
         if let Some(target) = &chap.mutual {
-            auth.push(format!(
-                "node.session.auth.username_in = {}",
-                target.username
-            ));
-            auth.push(format!(
-                "node.session.auth.password_in = {}",
-                target.password.expose()
-            ));
+            own.extend(account_lines("_in", target)?);
         }
     }
     let end = (lines.iter().position(|l| l.trim() == "# END RECORD")).unwrap_or(lines.len());
-    lines.splice(end..end, auth);
+    lines.splice(end..end, own);
     let mut text = lines.join("\n");
     text.push('\n');
-    text
+    Ok(text)
+}
+
+/// A CHAP account's two record lines. open-iscsi trims a value's leading blanks and `=` and its
+/// trailing blanks: such a value would not be stored as it is, and is refused.
+fn account_lines(suffix: &str, account: &ChapAccount) -> Result<[String; 2], String> {
+    let stored_as_is = |value: &str| {
+        !value.starts_with(|c: char| c == '=' || c.is_whitespace())
+            && !value.ends_with(char::is_whitespace)
+    };
+    if !stored_as_is(&account.username) || !stored_as_is(account.password.expose()) {
+        return Err(format!(
+            "the CHAP {} of the grant's Secret starts with a blank or '=', or ends with a \
+             blank: open-iscsi cannot store it as it is",
+            if suffix.is_empty() {
+                "credentials"
+            } else {
+                "mutual credentials"
+            }
+        ));
+    }
+    Ok([
+        format!("node.session.auth.username{suffix} = {}", account.username),
+        format!(
+            "node.session.auth.password{suffix} = {}",
+            account.password.expose()
+        ),
+    ])
 }
 
 #[cfg(test)]
@@ -313,23 +361,54 @@ mod tests {
             initiator: account("web-1", "s3cret-s3cret"),
             mutual: Some(account("target", "other-s3cret")),
         };
-        let edited = with_chap(RECORD, Some(&chap));
+        let edited = with_chap(RECORD, Some(&chap)).expect("edited");
         assert_eq!(
             edited,
             "# BEGIN RECORD 2.1.8\nnode.name = iqn.2026-11.dev.discus:demo\n\
              node.session.auth.chap_algs = MD5\nnode.conn[0].port = 3260\n\
+             node.startup = manual\nnode.conn[0].startup = manual\n\
              node.session.auth.authmethod = CHAP\nnode.session.auth.username = web-1\n\
              node.session.auth.password = s3cret-s3cret\nnode.session.auth.username_in = target\n\
              node.session.auth.password_in = other-s3cret\n# END RECORD\n"
         );
         // Written again, the same: idempotent.
-        assert_eq!(with_chap(&edited, Some(&chap)), edited);
+        assert_eq!(with_chap(&edited, Some(&chap)).as_ref(), Ok(&edited));
         // And taken away again.
         assert_eq!(
-            with_chap(&edited, None),
+            with_chap(&edited, None).expect("edited"),
             "# BEGIN RECORD 2.1.8\nnode.name = iqn.2026-11.dev.discus:demo\n\
              node.session.auth.chap_algs = MD5\nnode.conn[0].port = 3260\n\
+             node.startup = manual\nnode.conn[0].startup = manual\n\
              node.session.auth.authmethod = None\n# END RECORD\n"
+        );
+        // A secret open-iscsi would store otherwise is refused, and not shown.
+        let padded = ChapCredentials {
+            initiator: account("web-1", " s3cret-s3cret"),
+            mutual: None,
+        };
+        let refused = with_chap(RECORD, Some(&padded)).expect_err("refused");
+        assert!(
+            refused.contains("starts with a blank") && !refused.contains("s3cret"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn sessions_are_read_from_iscsiadm_s_list() {
+        let listed = "tcp: [1] 10.0.2.15:3260,1 iqn.2026-11.dev.discus:demo (non-flash)\n\
+                      tcp: [2] [fd00::16]:3260,1 iqn.2026-11.dev.discus:demo (non-flash)\n";
+        assert_eq!(
+            parse_sessions(listed),
+            [
+                (
+                    "iqn.2026-11.dev.discus:demo".to_owned(),
+                    "10.0.2.15:3260".parse().expect("portal")
+                ),
+                (
+                    "iqn.2026-11.dev.discus:demo".to_owned(),
+                    "[fd00::16]:3260".parse().expect("portal")
+                ),
+            ]
         );
     }
 

@@ -7,7 +7,8 @@
 //!   login fails), 9p to share a folder with the host, and the discus binary of this test run with
 //!   the libraries it links. The guest can be a client too: open-iscsi's initiator modules, and
 //!   `iscsid` and `iscsiadm` from Debian's package (unpacked once into
-//!   `~/.cache/discus/open-iscsi-<version>/`) with the libraries they link.
+//!   `~/.cache/discus/open-iscsi-<version>/`) with the libraries they link. tgt's `tgtd` and
+//!   `tgtadm` (the host's) let a second agent serve through tgt beside LIO.
 //! - The guest listens on 0.0.0.0:3260; the host reaches it through a forward on 127.0.0.1.
 //! - The host hands manifests and images over the shared folder and runs commands in the guest
 //!   through it (`inbox/`, `outbox/`); discus writes its status into it.
@@ -78,6 +79,7 @@ mkdir -p /host /var/lib/discus /tmp /run/lock/iscsi /etc/iscsi/nodes
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 host /host
 ln -s /host/status /var/lib/discus/status
 mkdir -p /run
+ln -s /run /var/run
 echo ready > /host/ready
 # Commands from the host: inbox/<n> is run with sh, its output and exit code go to outbox/.
 while true; do
@@ -293,6 +295,7 @@ fn initramfs(dir: &Path, modules: &Path, discus: &Path) -> PathBuf {
     )
     .expect("loader");
     install_open_iscsi(&root);
+    install_tgt(&root);
     for file in ["init", "bin/busybox", "usr/local/bin/discus"] {
         let mut permissions = std::fs::metadata(root.join(file))
             .expect("file")
@@ -320,16 +323,32 @@ fn install_open_iscsi(root: &Path) {
     std::fs::write(root.join("etc/group"), "root:x:0:\n").expect("group");
     let libraries = unpacked.join("usr/lib/x86_64-linux-gnu");
     for program in ["iscsid", "iscsiadm"] {
-        let binary = unpacked.join("sbin").join(program);
-        std::fs::copy(&binary, root.join("sbin").join(program)).expect("program");
-        let mut permissions = std::fs::metadata(&binary).expect("program").permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
-        std::fs::set_permissions(root.join("sbin").join(program), permissions).expect("chmod");
-        for (name, path) in linked_libraries(&binary, &libraries) {
-            let to = root.join("lib/x86_64-linux-gnu").join(name);
-            if !to.exists() {
-                std::fs::copy(&path, &to).expect("library");
-            }
+        install_program(root, &unpacked.join("sbin").join(program), &libraries);
+    }
+}
+
+/// tgt's daemon and admin tool, from the host (where .ci/run installs tgt): a second backend in
+/// the same guest.
+fn install_tgt(root: &Path) {
+    for program in ["/usr/sbin/tgtd", "/usr/sbin/tgtadm"] {
+        install_program(root, Path::new(program), Path::new("/nonexistent"));
+    }
+}
+
+/// A program into the guest's `/sbin`, with every library it links that the guest lacks
+/// (`libraries` searched first).
+fn install_program(root: &Path, binary: &Path, libraries: &Path) {
+    let to = root
+        .join("sbin")
+        .join(binary.file_name().expect("a program"));
+    std::fs::copy(binary, &to).expect("program");
+    let mut permissions = std::fs::metadata(binary).expect("program").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+    std::fs::set_permissions(&to, permissions).expect("chmod");
+    for (name, path) in linked_libraries(binary, libraries) {
+        let to = root.join("lib/x86_64-linux-gnu").join(name);
+        if !to.exists() {
+            std::fs::copy(&path, &to).expect("library");
         }
     }
 }
