@@ -1098,41 +1098,18 @@ async fn an_expiring_grant_ends_its_sessions_on_time_on_every_node() {
     cluster
         .wait_ready_on("InitiatorAccess", "expiring", &["node-a", "node-b"])
         .await;
-    let mut sessions: Vec<Child> = cluster
-        .agents
-        .iter()
-        .map(|agent| {
-            std::process::Command::new("iscsi-perf")
-                .args(["-i", expiring, "-t", "120"])
-                .arg(format!(
-                    "iscsi://demo%discus-demo-1@{}/{DEMO_IQN}/1",
-                    agent.portal()
-                ))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("iscsi-perf runs")
-        })
-        .collect();
+    let mut sessions = sessions_on_every_node(&cluster, expiring);
     cluster
         .wait_for(
             "a session on every node",
             Duration::from_secs(20),
-            async || {
-                cluster.agents.iter().all(|a| {
-                    a.tgtadm(&["--mode", "target", "--op", "show"])
-                        .contains(expiring)
-                })
-            },
+            async || cluster.agents.iter().all(|a| session_on(a, expiring)),
         )
         .await;
     // libiscsi keeps trying to log in again, refused: the session in tgtd is what ends.
     cluster
         .wait_for("the sessions to end", Duration::from_secs(60), async || {
-            cluster.agents.iter().all(|a| {
-                !a.tgtadm(&["--mode", "target", "--op", "show"])
-                    .contains(expiring)
-            })
+            cluster.agents.iter().all(|a| !session_on(a, expiring))
         })
         .await;
     for session in &mut sessions {

@@ -114,8 +114,8 @@ async fn attach(
     for node in &nodes {
         ensure_record(machine, key, node, chap, &sessions, made).await?;
     }
-    login_any(&machine.iscsiadm, &nodes).await?;
-    let luns = wait_for_devices(&machine.roots, connection, until).await?;
+    let paths = login_any(&machine.iscsiadm, &nodes).await?;
+    let luns = wait_for_devices(&machine.roots, connection, paths, until).await?;
     Ok(Connected {
         luns,
         mounted: None,
@@ -221,8 +221,9 @@ async fn ensure_record(
     Ok(machine.iscsiadm.create_record(node, chap).await?)
 }
 
-/// Logs in at every portal; one path is enough, the others are said.
-async fn login_any(iscsiadm: &Iscsiadm, nodes: &[Node]) -> Result<(), ClientError> {
+/// Logs in at every portal; one path is enough, the others are said. Returns how many paths
+/// logged in.
+async fn login_any(iscsiadm: &Iscsiadm, nodes: &[Node]) -> Result<usize, ClientError> {
     let mut refused = Vec::new();
     for node in nodes {
         if let Err(error) = iscsiadm.login(node).await {
@@ -232,35 +233,43 @@ async fn login_any(iscsiadm: &Iscsiadm, nodes: &[Node]) -> Result<(), ClientErro
     if refused.len() == nodes.len() {
         return Err(ClientError::Refused(refused.join("; ")));
     }
+    let paths = nodes.len() - refused.len();
     for why in refused {
         eprintln!("warning: {why}");
     }
-    Ok(())
+    Ok(paths)
 }
 
+/// How long the devices of the other paths may take to show once each LUN has one.
+const OTHER_PATHS: Duration = Duration::from_secs(10);
+
+/// The devices of every LUN: one per path logged in, or, once each LUN has one, what the other
+/// paths showed within `OTHER_PATHS` (said, when some did not).
 async fn wait_for_devices(
     roots: &Roots,
     connection: &Connection,
+    paths: usize,
     until: Instant,
 ) -> Result<Vec<(u32, Vec<Device>)>, ClientError> {
+    let mut every_lun_since: Option<Instant> = None;
     loop {
-        let found: Vec<(u32, Vec<Device>)> = (connection.luns.iter())
-            .map(|l| {
-                let wanted = match &l.serial {
-                    Some(serial) => Wanted::Serial(serial),
-                    None => Wanted::Number(l.device_lun.unwrap_or(l.lun)),
-                };
-                (l.lun, devices::find(roots, &connection.iqn, wanted))
-            })
-            .collect();
-        let missing: Vec<u32> = (found.iter())
-            .filter(|(_, d)| d.is_empty())
-            .map(|(lun, _)| *lun)
-            .collect();
-        if missing.is_empty() {
+        let found = lun_devices(roots, connection);
+        let fewest = found.iter().map(|(_, d)| d.len()).min().unwrap_or(0);
+        let now = Instant::now();
+        if fewest >= paths {
             return Ok(found);
         }
-        if Instant::now() + POLL > until {
+        if fewest > 0 {
+            let since = *every_lun_since.get_or_insert(now);
+            if now.duration_since(since) >= OTHER_PATHS || now + POLL > until {
+                eprintln!("warning: {fewest} of {paths} paths show the LUNs' devices");
+                return Ok(found);
+            }
+        } else if now + POLL > until {
+            let missing: Vec<u32> = (found.iter())
+                .filter(|(_, d)| d.is_empty())
+                .map(|(lun, _)| *lun)
+                .collect();
             return Err(ClientError::Refused(format!(
                 "logged in to {}, but no block device of LUN(s) {missing:?} with the serial in \
                  the grant's status appeared in time (iscsiadm -m session -P 3 shows what the \
@@ -270,6 +279,19 @@ async fn wait_for_devices(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Each LUN's devices now: by the serial in status, or by number without one.
+fn lun_devices(roots: &Roots, connection: &Connection) -> Vec<(u32, Vec<Device>)> {
+    (connection.luns.iter())
+        .map(|l| {
+            let wanted = match &l.serial {
+                Some(serial) => Wanted::Serial(serial),
+                None => Wanted::Number(l.device_lun.unwrap_or(l.lun)),
+            };
+            (l.lun, devices::find(roots, &connection.iqn, wanted))
+        })
+        .collect()
 }
 
 /// Mounts the first LUN read-only at `dir` (its multipath device when there is one), unless it

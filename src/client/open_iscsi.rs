@@ -76,10 +76,6 @@ pub struct Node {
 }
 
 impl Node {
-    fn args<'a>(&'a self, portal: &'a str) -> [&'a str; 6] {
-        ["-m", "node", "-T", &self.target, "-p", portal]
-    }
-
     fn failed(&self, why: impl Into<String>) -> InitiatorError {
         InitiatorError::Record {
             target: self.target.clone(),
@@ -121,6 +117,14 @@ impl Iscsiadm {
         Ok(output)
     }
 
+    /// Runs iscsiadm on one node record: `-m node -T <target> -p <portal>` and `extra`.
+    async fn on_node(&self, node: &Node, extra: &[&str]) -> Result<Output, InitiatorError> {
+        let portal = node.portal.to_string();
+        let mut args = vec!["-m", "node", "-T", &node.target, "-p", &portal];
+        args.extend_from_slice(extra);
+        self.run(&args).await
+    }
+
     /// Fails when iscsid does not answer.
     pub async fn check_iscsid(&self) -> Result<(), InitiatorError> {
         let output = self.run(&["-m", "session"]).await?;
@@ -132,8 +136,7 @@ impl Iscsiadm {
 
     /// Whether a node record exists for `node`.
     pub async fn has_record(&self, node: &Node) -> Result<bool, InitiatorError> {
-        let portal = node.portal.to_string();
-        let output = self.run(&node.args(&portal)).await?;
+        let output = self.on_node(node, &[]).await?;
         match output.status.code() {
             Some(0) => Ok(true),
             Some(NO_OBJECTS_FOUND) => Ok(false),
@@ -147,10 +150,7 @@ impl Iscsiadm {
         node: &Node,
         chap: Option<&ChapCredentials>,
     ) -> Result<(), InitiatorError> {
-        let portal = node.portal.to_string();
-        let mut args = node.args(&portal).to_vec();
-        args.extend(["-o", "new"]);
-        let output = self.run(&args).await?;
+        let output = self.on_node(node, &["-o", "new"]).await?;
         if !output.status.success() {
             return Err(node.failed(complaint(&output)));
         }
@@ -173,10 +173,7 @@ impl Iscsiadm {
     }
 
     pub async fn delete_record(&self, node: &Node) -> Result<(), InitiatorError> {
-        let portal = node.portal.to_string();
-        let mut args = node.args(&portal).to_vec();
-        args.extend(["-o", "delete"]);
-        let output = self.run(&args).await?;
+        let output = self.on_node(node, &["-o", "delete"]).await?;
         match output.status.code() {
             Some(0 | NO_OBJECTS_FOUND) => Ok(()),
             _ => Err(node.failed(complaint(&output))),
@@ -185,10 +182,8 @@ impl Iscsiadm {
 
     /// Logs in; a session that exists already is fine.
     pub async fn login(&self, node: &Node) -> Result<(), InitiatorError> {
+        let output = self.on_node(node, &["--login"]).await?;
         let portal = node.portal.to_string();
-        let mut args = node.args(&portal).to_vec();
-        args.push("--login");
-        let output = self.run(&args).await?;
         match output.status.code() {
             Some(0 | SESSION_EXISTS) => Ok(()),
             Some(LOGIN_AUTH_FAILED) => Err(InitiatorError::LoginRefused {
@@ -207,10 +202,7 @@ impl Iscsiadm {
 
     /// Logs out; no session is fine.
     pub async fn logout(&self, node: &Node) -> Result<(), InitiatorError> {
-        let portal = node.portal.to_string();
-        let mut args = node.args(&portal).to_vec();
-        args.push("--logout");
-        let output = self.run(&args).await?;
+        let output = self.on_node(node, &["--logout"]).await?;
         match output.status.code() {
             Some(0 | NO_OBJECTS_FOUND) => Ok(()),
             _ => Err(node.failed(complaint(&output))),
