@@ -67,7 +67,7 @@ impl Claim {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let mut file = open_lock_file(path).map_err(io)?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        match lock_within(&file, CLAIM_PATIENCE) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => {
                 let mut holder = String::new();
@@ -86,6 +86,25 @@ impl Claim {
             .and_then(|()| file.rewind())
             .and_then(|()| write!(file, "{}", std::process::id()));
         Ok(Self { _file: file })
+    }
+}
+
+/// How long a claim waits for its holder to let go. A discus killed and started again at once
+/// (a supervisor's restart) may find its lock still held for a moment — by a child it was
+/// starting, which holds the locked file until it executes its program — though no discus holds
+/// it any more.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Locks `file`, trying again until `patience` has passed while another holds it.
+fn lock_within(file: &std::fs::File, patience: std::time::Duration) -> rustix::io::Result<()> {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 
