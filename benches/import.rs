@@ -44,6 +44,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn importer(dir: &Path, roots: Vec<std::path::PathBuf>) -> Importer {
     Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: dir.to_owned(),
         file_roots: roots,
         fetch: FetchOptions {

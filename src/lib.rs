@@ -23,4 +23,5 @@ pub mod standalone;
 pub mod status;
 pub mod sync;
 pub mod telemetry;
+pub mod upload;
 pub mod validate;

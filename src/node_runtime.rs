@@ -84,6 +84,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         ", or give this one its own --data-dir",
     )?;
     let importer = Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: config.data_dir.clone(),
         file_roots: config.file_roots.clone(),
         fetch: config.fetch.clone(),

@@ -179,6 +179,7 @@ impl Node {
 
 fn importer(data: &Path, file_roots: Vec<PathBuf>, fetch: FetchOptions, qemu: QemuImg) -> Importer {
     Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: data.to_owned(),
         file_roots,
         fetch,
@@ -542,6 +543,7 @@ async fn loopback_is_refused_unless_allowed_even_by_name() {
     server.route("/a.raw", b"x".to_vec(), Behavior::normal());
     let dir = tempfile::tempdir().expect("tempdir");
     let importer = Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: dir.path().to_owned(),
         file_roots: Vec::new(),
         fetch: FetchOptions::default(),

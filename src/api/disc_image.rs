@@ -216,6 +216,8 @@ pub struct DiscImageNodeStatus {
 pub enum ImagePhase {
     #[default]
     Pending,
+    /// Awaiting bytes from `discus image upload`.
+    Uploading,
     Downloading,
     Verifying,
     Converting,

@@ -114,6 +114,7 @@ async fn fetch(args: FetchArgs) -> Result<String, String> {
         _ => return Err("give exactly one of --url and --file".into()),
     };
     let importer = Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: args.data_dir,
         file_roots,
         fetch: FetchOptions {

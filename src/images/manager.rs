@@ -56,8 +56,15 @@ impl JobKey {
 }
 
 enum Job {
-    Running(watch::Receiver<Progress>),
+    Running(Running),
     Done(Outcome),
+}
+
+struct Running {
+    progress: watch::Receiver<Progress>,
+    task: tokio::task::AbortHandle,
+    /// An upload: it waits on a client for as long as it runs.
+    upload: bool,
 }
 
 pub struct ImageManager {
@@ -128,8 +135,8 @@ impl ImageManager {
         let mut jobs = self.jobs.lock();
         let key = JobKey::of(request);
         match jobs.get(&key) {
-            Some(Job::Running(progress)) => {
-                return ImageState::InProgress(progress.borrow().clone());
+            Some(Job::Running(running)) => {
+                return ImageState::InProgress(running.progress.borrow().clone());
             }
             Some(Job::Done(Err((message, retry_at))))
                 if retry_at.is_none_or(|at| Instant::now() < at) =>
@@ -150,9 +157,14 @@ impl ImageManager {
                 jobs.insert(key, Job::Done(Ok(stored.clone())));
                 ImageState::Ready(stored)
             }
-            Ok(Some(stored)) => self.start(&mut jobs, key, |reporter| self.check(stored, reporter)),
+            Ok(Some(stored)) => self.start(&mut jobs, key, false, |reporter| {
+                self.check(stored, reporter)
+            }),
             Ok(None) | Err(_) => {
-                self.start(&mut jobs, key, |reporter| self.import(request, reporter))
+                let upload = matches!(request.source, super::Source::Upload { .. });
+                self.start(&mut jobs, key, upload, |reporter| {
+                    self.import(request, reporter)
+                })
             }
         }
     }
@@ -162,6 +174,7 @@ impl ImageManager {
         &self,
         jobs: &mut BTreeMap<JobKey, Job>,
         key: JobKey,
+        upload: bool,
         job: impl FnOnce(ProgressReporter) -> F,
     ) -> ImageState
     where
@@ -169,18 +182,42 @@ impl ImageManager {
     {
         let (reporter, receiver) = progress::channel();
         let initial = receiver.borrow().clone();
-        jobs.insert(key.clone(), Job::Running(receiver));
-        let (jobs, finished, job) = (
+        let (shared, finished, job) = (
             Arc::clone(&self.jobs),
             Arc::clone(&self.finished),
             job(reporter),
         );
-        tokio::spawn(async move {
+        let done = key.clone();
+        // The caller holds the jobs' lock: the task cannot record its outcome before it is
+        // recorded as running.
+        let task = tokio::spawn(async move {
             let outcome = job.await;
-            jobs.lock().insert(key, Job::Done(outcome));
+            shared.lock().insert(done, Job::Done(outcome));
             finished.notify_one();
         });
+        let running = Running {
+            progress: receiver,
+            task: task.abort_handle(),
+            upload,
+        };
+        jobs.insert(key, Job::Running(running));
         ImageState::InProgress(initial)
+    }
+
+    /// Ends the uploads no request asks for any more (their DiscImage is gone, names another
+    /// digest, or is not needed on this node): an upload waits on a client for as long as it
+    /// runs, and nothing may be received for an image nobody asks for. What it received so far
+    /// stays until garbage collection, so that a request that comes back resumes it.
+    pub fn end_uploads_except<'a>(&self, requests: impl IntoIterator<Item = &'a ImportRequest>) {
+        let asked: std::collections::BTreeSet<JobKey> =
+            requests.into_iter().map(JobKey::of).collect();
+        self.jobs.lock().retain(|key, job| match job {
+            Job::Running(running) if running.upload && !asked.contains(key) => {
+                running.task.abort();
+                false
+            }
+            _ => true,
+        });
     }
 
     /// Fetches, verifies and stores the image.
@@ -238,11 +275,11 @@ impl ImageManager {
         }
     }
 
-    /// Whether any import is still running.
+    /// Whether any import is still running (an upload waits on a client: it does not count).
     pub fn busy(&self) -> bool {
         self.jobs
             .lock()
             .values()
-            .any(|j| matches!(j, Job::Running(_)))
+            .any(|j| matches!(j, Job::Running(running) if !running.upload))
     }
 }

@@ -19,6 +19,7 @@ pub mod qemu;
 pub mod scrub;
 mod sink;
 pub mod store;
+pub mod upload;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ pub use fetch::{FetchOptions, HttpAuth};
 pub use inspect::Format;
 pub use progress::{Phase, Progress, ProgressReporter};
 pub use store::{Needed, Requester, Store, StoredImage};
+pub use upload::{UploadOptions, Uploads};
 
 use crate::api::disc_image::ImageFormat;
 use sink::Sink;
@@ -41,8 +43,17 @@ pub const DEFAULT_MAX_VIRTUAL_SIZE: u64 = 128 << 30;
 /// Where an image comes from.
 #[derive(Clone, Debug)]
 pub enum Source {
-    Http { url: Url, auth: HttpAuth },
-    File { path: PathBuf },
+    Http {
+        url: Url,
+        auth: HttpAuth,
+    },
+    File {
+        path: PathBuf,
+    },
+    /// Bytes a client uploads to the node for the DiscImage with this uid.
+    Upload {
+        uid: String,
+    },
 }
 
 impl Source {
@@ -68,6 +79,10 @@ impl Source {
                 field(b"file");
                 field(path.as_os_str().as_encoded_bytes());
             }
+            Self::Upload { uid } => {
+                field(b"upload");
+                field(uid.as_bytes());
+            }
         }
         hex::encode(hash.finalize())
     }
@@ -91,6 +106,7 @@ pub struct ImporterConfig {
     /// Folders `file` sources may read from; none by default.
     pub file_roots: Vec<PathBuf>,
     pub fetch: FetchOptions,
+    pub upload: UploadOptions,
     pub qemu: qemu::QemuImg,
 }
 
@@ -100,6 +116,8 @@ pub enum ImportError {
     Fetch(#[from] fetch::FetchError),
     #[error(transparent)]
     File(#[from] file::FileSourceError),
+    #[error(transparent)]
+    Upload(#[from] upload::UploadError),
     #[error(
         "the image's SHA-256 is {actual}, but spec.sha256 is {expected}; the download was deleted and is \
          not served"
@@ -135,7 +153,8 @@ impl ImportError {
             Self::Fetch(fetch::FetchError::NoSpace { .. })
             | Self::File(file::FileSourceError::Space(fetch::FetchError::NoSpace { .. }))
             | Self::Store(_)
-            | Self::Io(_) => true,
+            | Self::Io(_)
+            | Self::Upload(upload::UploadError::Store(_) | upload::UploadError::Io(_)) => true,
             Self::Qemu(qemu::QemuError::Timeout { .. } | qemu::QemuError::Spawn { .. }) => true,
             _ => false,
         }
@@ -145,6 +164,7 @@ impl ImportError {
 pub struct Importer {
     store: Store,
     fetcher: fetch::Fetcher,
+    uploads: Uploads,
     qemu: qemu::QemuImg,
     file_roots: Vec<PathBuf>,
 }
@@ -163,8 +183,10 @@ fn download_limit(format: ImageFormat, max_virtual_size: u64) -> u64 {
 impl Importer {
     /// Opens the store (removing leftovers of interrupted work).
     pub fn new(config: ImporterConfig) -> Result<Self, ImportError> {
+        let store = Store::open(&config.data_dir)?;
         Ok(Self {
-            store: Store::open(&config.data_dir)?,
+            uploads: Uploads::new(store.clone(), config.upload),
+            store,
             fetcher: fetch::Fetcher::new(config.fetch),
             qemu: config.qemu,
             file_roots: config.file_roots,
@@ -173,6 +195,11 @@ impl Importer {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The uploads this node awaits, for the upload endpoint.
+    pub fn uploads(&self) -> &Uploads {
+        &self.uploads
     }
 
     /// The node's own networks now, which no download may reach.
@@ -254,6 +281,13 @@ impl Importer {
         progress: &mut ProgressReporter,
     ) -> Result<sink::Written, ImportError> {
         let limit = download_limit(request.format, request.max_virtual_size);
+        if let Source::Upload { uid } = &request.source {
+            // Judged against the digest as it arrives: only matching bytes come back.
+            return Ok(self
+                .uploads
+                .receive(uid, &request.sha256, limit, progress)
+                .await?);
+        }
         let pace = self.fetcher.options().pace();
         let sink = Sink::start(self.store.staging()?)?;
         let received = match &request.source {
@@ -265,6 +299,7 @@ impl Importer {
             Source::File { path } => {
                 file::copy(path, &self.file_roots, limit, pace, &sink, progress).await?
             }
+            Source::Upload { .. } => return Err(upload::UploadError::NotAwaited.into()),
         };
         let written = sink.finish().await?;
         progress.update(Phase::Verifying, received, Some(received));

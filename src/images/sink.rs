@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::store::Staging;
 
@@ -21,6 +21,8 @@ enum Message {
     Data(Bytes),
     /// Start again from zero (a server that cannot resume).
     Reset,
+    /// Tell when everything before was written.
+    Barrier(Arc<Mutex<Option<oneshot::Sender<()>>>>),
 }
 
 /// The result of a finished sink.
@@ -104,6 +106,7 @@ fn hash(state: &mut Sha256, message: Message) -> io::Result<()> {
     match message {
         Message::Data(data) => state.update(&data),
         Message::Reset => *state = Sha256::new(),
+        Message::Barrier(_) => {}
     }
     Ok(())
 }
@@ -118,6 +121,11 @@ fn write((staging, bytes): &mut (Staging, u64), message: Message) -> io::Result<
             staging.file_mut().set_len(0)?;
             staging.file_mut().rewind()?;
             *bytes = 0;
+        }
+        Message::Barrier(written) => {
+            if let Some(tell) = written.lock().take() {
+                let _ = tell.send(());
+            }
         }
     }
     Ok(())
@@ -143,6 +151,12 @@ impl Drop for Sink {
 impl Sink {
     /// Starts hashing and writing into `staging`.
     pub fn start(staging: Staging) -> io::Result<Self> {
+        Self::resume(staging, Sha256::new(), 0)
+    }
+
+    /// Goes on hashing and writing after the `held` bytes `staging` holds already, which
+    /// `hashed` has hashed (an upload continued after an interruption).
+    pub fn resume(staging: Staging, hashed: Sha256, held: u64) -> io::Result<Self> {
         let dir = staging
             .path()
             .parent()
@@ -151,14 +165,14 @@ impl Sink {
         let shared = Shared::default();
         let hasher = Worker::spawn(
             "discus-hash",
-            Sha256::new(),
+            hashed,
             hash,
             |state| Ok(hex::encode(state.finalize())),
             shared.clone(),
         )?;
         let writer = Worker::spawn(
             "discus-write",
-            (staging, 0u64),
+            (staging, held),
             write,
             |(mut staging, bytes)| {
                 staging.file_mut().flush()?;
@@ -185,6 +199,18 @@ impl Sink {
 
     pub async fn reset(&self) -> io::Result<()> {
         self.send(Message::Reset).await
+    }
+
+    /// Waits until every byte sent so far is written to the file (not synced): what an upload
+    /// says it holds is in the file that a restart resumes from.
+    pub async fn settle(&self) -> io::Result<()> {
+        let (tell, written) = oneshot::channel();
+        self.send(Message::Barrier(Arc::new(Mutex::new(Some(tell)))))
+            .await?;
+        written.await.map_err(|_| {
+            let failure = self.shared.failure.lock().take();
+            failure.unwrap_or_else(|| io::Error::other("the image writer stopped"))
+        })
     }
 
     async fn send(&self, message: Message) -> io::Result<()> {

@@ -5,6 +5,8 @@
 //! index/<source sha256>.json   what a verified source became: format, size, served digest, and
 //!                              the namespaces entitled to it
 //! tmp/                         work in progress; nothing here is ever served
+//! uploads/<DiscImage uid>.part  an upload received so far, kept across restarts so that it
+//!                              resumes; never served, removed when no DiscImage awaits it
 //! ```
 //!
 //! A file reaches `images/` only by a rename after its digest was checked, so a half-written or
@@ -36,6 +38,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -122,6 +125,25 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// The file of an upload in `uploads/`, created if absent, locked for as long as it lives
+    /// and positioned at its end. Unlike work in `tmp/`, it stays when dropped, for the upload to
+    /// resume; [`Store::into_work`] makes it work that goes when dropped.
+    fn kept(path: PathBuf) -> io::Result<Self> {
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(io::Error::from)?;
+        io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+        let mut kept = NamedTempFile::from_parts(file, tempfile::TempPath::try_from_path(path)?);
+        kept.disable_cleanup(true);
+        Ok(Self { file: kept })
+    }
+
     pub fn path(&self) -> &Path {
         self.file.path()
     }
@@ -149,6 +171,8 @@ pub struct Store {
 pub struct Needed {
     pub sources: BTreeMap<String, BTreeSet<String>>,
     pub served: BTreeSet<String>,
+    /// DiscImages (by uid) that await an upload on this node: their partial uploads are kept.
+    pub uploads: BTreeSet<String>,
 }
 
 impl Needed {
@@ -201,6 +225,60 @@ impl Store {
 
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    fn uploads_dir(&self) -> PathBuf {
+        self.root.join("uploads")
+    }
+
+    /// The partial upload for the DiscImage with this uid (created empty if there is none),
+    /// locked while it lives and kept when dropped. `uid` must be a uid the caller checked
+    /// (`upload::check_uid`): it names the file.
+    pub fn upload_file(&self, uid: &str) -> Result<Staging, StoreError> {
+        let dir = self.uploads_dir();
+        create_dir(&dir)?;
+        let path = dir.join(format!("{uid}.part"));
+        Staging::kept(path.clone()).at(&path)
+    }
+
+    /// Moves a complete upload into `tmp/`: work like any other, removed when dropped unless
+    /// committed.
+    pub fn into_work(&self, upload: Staging) -> Result<Staging, StoreError> {
+        let dir = self.tmp_dir();
+        create_dir(&dir)?;
+        let (file, kept) = upload.file.into_parts();
+        let from = kept.keep().map_err(|e| e.error).at(&dir)?;
+        let name = from
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let to = dir.join(format!("upload-{}", name.to_string_lossy()));
+        fs::rename(&from, &to).at(&to)?;
+        let work = tempfile::TempPath::try_from_path(&to).at(&to)?;
+        Ok(Staging {
+            file: NamedTempFile::from_parts(file, work),
+        })
+    }
+
+    /// Removes the partial uploads no DiscImage awaits (unless a process is receiving into one).
+    fn collect_uploads(&self, needed: &Needed) -> Result<(), StoreError> {
+        for path in entries(&self.uploads_dir())? {
+            let awaited = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".part"))
+                .is_some_and(|uid| needed.uploads.contains(uid));
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
+            let free =
+                rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+            if !awaited && free.is_ok() {
+                tracing::info!(path = %path.display(), "removing an upload no DiscImage awaits");
+                remove_if_present(&path)?;
+            }
+        }
+        Ok(())
     }
 
     /// Where the image with this served digest lives.
@@ -489,6 +567,7 @@ impl Store {
         for path in entries(&self.index_dir())? {
             self.collect_record(&path, needed)?;
         }
+        self.collect_uploads(needed)?;
         if self.images_dir().exists() {
             sync_dir(&self.images_dir())?;
         }
@@ -569,6 +648,7 @@ mod tests {
     fn needed(sources: &[(&str, &str)], served: &[&str]) -> Needed {
         let mut needed = Needed {
             served: served.iter().map(|s| (*s).to_owned()).collect(),
+            uploads: BTreeSet::new(),
             ..Needed::default()
         };
         for (sha256, namespace) in sources {

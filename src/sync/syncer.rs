@@ -169,6 +169,10 @@ impl<B: Backend> Syncer<B> {
             // An image turned out to be stored: compute again with it.
             state = desired_state(&ready);
         }
+        if !partial {
+            let asked = wanted.iter().filter_map(|key| requests.get(key));
+            self.images.end_uploads_except(asked);
+        }
         self.make_writable_copies(&mut state, &mut report).await;
         tracing::debug!(
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -331,6 +335,7 @@ impl<B: Backend> Syncer<B> {
     fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
         let mut needed = images::Needed {
             sources: Default::default(),
+            uploads: Default::default(),
             served: state
                 .targets
                 .iter()
@@ -340,6 +345,9 @@ impl<B: Backend> Syncer<B> {
         };
         for request in requests.values() {
             needed.source(&request.sha256, &request.requester);
+            if let images::Source::Upload { uid } = &request.source {
+                needed.uploads.insert(uid.clone());
+            }
         }
         if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");

@@ -188,6 +188,7 @@ fn storage_node() -> NodeFacts {
 /// A syncer over a `Table`, with the real image store under `dir`.
 fn syncer_over(dir: &std::path::Path, backend: Table) -> Syncer<Table> {
     let importer = Importer::new(ImporterConfig {
+        upload: Default::default(),
         data_dir: dir.join("data"),
         file_roots: vec![dir.to_owned()],
         fetch: FetchOptions::default(),

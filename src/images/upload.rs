@@ -1,0 +1,512 @@
+//! Uploads: bytes a client pushes to this node, instead of the node fetching them.
+//!
+//! An import whose source is an upload waits here for its bytes (phase `Uploading`), for as
+//! long as its DiscImage asks for it. The upload endpoint — after checking the client's token —
+//! appends what the client sends at the offset the node holds, through the same sink as a
+//! download: each byte hashed once as it arrives and written to `uploads/<uid>.part`, a file that
+//! survives a restart, so that an upload resumes from what the node holds (whose bytes are hashed
+//! once more at the start). When the declared length is reached, the digest is compared with the
+//! one the DiscImage names. Bytes that match move on through the import (inspect, convert,
+//! store); bytes that do not are dropped, the client is told, and the image awaits a new upload.
+//! Nothing here is ever served.
+//!
+//! An append starts only at the offset the node holds (or at zero, to start again), never goes
+//! past the declared length, never starts when the disk cannot hold the rest, and ends when the
+//! client sends nothing for a while. One request per upload at a time, and a bounded number of
+//! uploads receiving at once.
+
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::io::{self, Read, Seek};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Semaphore, oneshot, watch};
+
+use super::fetch::{self, FetchError};
+use super::sink::{Sink, Written};
+use super::store::{Staging, Store, StoreError};
+use super::{Phase, ProgressReporter};
+
+/// How much a node receives at once, and how long it waits for a silent client.
+#[derive(Clone, Copy, Debug)]
+pub struct UploadOptions {
+    /// Uploads receiving bytes at the same time; more are refused until one ends.
+    pub concurrent: usize,
+    /// A request that brings no byte for this long ends; what it brought is kept.
+    pub idle_timeout: Duration,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        Self {
+            concurrent: 4,
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0:?} is not a Kubernetes uid")]
+    Uid(String),
+    #[error("this node does not await an upload for that DiscImage")]
+    NotAwaited,
+    #[error("the DiscImage now names another digest; ask for a new token")]
+    OtherDigest,
+    #[error("another request is uploading to this image; wait for it to end")]
+    InProgress,
+    #[error("{0} uploads are receiving on this node; try again shortly")]
+    Busy(usize),
+    #[error("the node holds {held} bytes of this upload; continue from there (or from 0)")]
+    Offset { held: u64 },
+    #[error("an upload of {length} bytes is in progress; start again from 0 to change its length")]
+    Length { length: u64 },
+    #[error("the upload declares {length} bytes, more than the image may have ({limit} bytes)")]
+    TooLarge { length: u64, limit: u64 },
+    #[error("the request brings more bytes than the upload declares ({length} bytes)")]
+    TooLong { length: u64 },
+    #[error(transparent)]
+    Space(#[from] FetchError),
+    #[error("no byte for {} s; the node holds {held} bytes, continue from there", idle.as_secs())]
+    Idle { idle: Duration, held: u64 },
+    #[error("the request ended after {held} bytes ({why}); continue from there")]
+    Interrupted { held: u64, why: String },
+    #[error(
+        "the uploaded bytes' SHA-256 is {actual}, but the DiscImage's spec.sha256 is {expected}; \
+         they were dropped, and the image awaits a new upload"
+    )]
+    DigestMismatch { expected: String, actual: String },
+    #[error("the node stopped waiting for this upload; try again")]
+    Abandoned,
+    #[error("upload store: {0}")]
+    Store(#[from] StoreError),
+    #[error("upload store: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Where an upload stands, as the endpoint tells a client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Held {
+    pub bytes: u64,
+    /// The length the upload declared, once a request declared it.
+    pub length: Option<u64>,
+}
+
+/// What an append achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// More bytes are needed.
+    Partial(Held),
+    /// Every byte arrived and their digest is the DiscImage's: the import goes on.
+    Verified,
+}
+
+/// The uploads this node awaits, by DiscImage uid.
+pub struct Uploads {
+    store: Store,
+    options: UploadOptions,
+    awaited: Mutex<BTreeMap<String, Arc<Awaited>>>,
+    receiving: Arc<Semaphore>,
+}
+
+/// One awaited upload: what it must hash to, and what it received.
+struct Awaited {
+    sha256: String,
+    limit: u64,
+    receiving: tokio::sync::Mutex<Receiving>,
+    held: watch::Sender<Held>,
+}
+
+struct Receiving {
+    /// Taken when the last byte arrived, until the job judged it.
+    sink: Option<Sink>,
+    held: Held,
+    /// To the job: every byte arrived.
+    complete: Option<oneshot::Sender<Complete>>,
+}
+
+/// The bytes of a complete upload, and where to say what the job found.
+struct Complete {
+    sink: Sink,
+    verdict: oneshot::Sender<Result<(), UploadError>>,
+}
+
+/// Whether `uid` is one Kubernetes made: it names a file.
+pub fn check_uid(uid: &str) -> Result<(), UploadError> {
+    let fine = !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b) || b == b'-');
+    fine.then_some(())
+        .ok_or_else(|| UploadError::Uid(uid.chars().take(80).collect()))
+}
+
+impl Uploads {
+    pub fn new(store: Store, options: UploadOptions) -> Self {
+        Self {
+            store,
+            options,
+            awaited: Mutex::default(),
+            receiving: Arc::new(Semaphore::new(options.concurrent)),
+        }
+    }
+
+    /// Where the upload for `uid` stands, if this node awaits one.
+    pub fn held(&self, uid: &str, sha256: &str) -> Result<Held, UploadError> {
+        let awaited = self.awaited(uid, sha256)?;
+        let held = *awaited.held.borrow();
+        Ok(held)
+    }
+
+    fn awaited(&self, uid: &str, sha256: &str) -> Result<Arc<Awaited>, UploadError> {
+        let awaited = self
+            .awaited
+            .lock()
+            .get(uid)
+            .cloned()
+            .ok_or(UploadError::NotAwaited)?;
+        if awaited.sha256 != sha256 {
+            return Err(UploadError::OtherDigest);
+        }
+        Ok(awaited)
+    }
+
+    /// Awaits the upload for the DiscImage `uid` until bytes with `sha256`, at most `limit` of
+    /// them, arrived, and returns them as work in `tmp/`. Bytes that do not match are dropped
+    /// and the wait goes on. Ends only with the bytes, an error of the store, or when dropped.
+    pub async fn receive(
+        &self,
+        uid: &str,
+        sha256: &str,
+        limit: u64,
+        progress: &mut ProgressReporter,
+    ) -> Result<Written, UploadError> {
+        check_uid(uid)?;
+        let (sink, held) = resume(self.store.upload_file(uid)?, limit).await?;
+        let held = Held {
+            bytes: held,
+            length: None,
+        };
+        let (complete_tx, mut complete_rx) = oneshot::channel();
+        let awaited = Arc::new(Awaited {
+            sha256: sha256.to_owned(),
+            limit,
+            receiving: tokio::sync::Mutex::new(Receiving {
+                sink: Some(sink),
+                held,
+                complete: Some(complete_tx),
+            }),
+            held: watch::Sender::new(held),
+        });
+        self.awaited
+            .lock()
+            .insert(uid.to_owned(), Arc::clone(&awaited));
+        let _listed = Listed {
+            uploads: self,
+            uid,
+            awaited: &awaited,
+        };
+        loop {
+            let complete = wait_for_bytes(&awaited, complete_rx, progress).await?;
+            let written = complete.sink.finish().await?;
+            progress.update(Phase::Verifying, written.bytes, Some(written.bytes));
+            if written.sha256 == sha256 {
+                let _ = complete.verdict.send(Ok(()));
+                tracing::info!(
+                    uid,
+                    sha256,
+                    bytes = written.bytes,
+                    "received an upload whose digest matches"
+                );
+                return Ok(Written {
+                    staging: self.store.into_work(written.staging)?,
+                    sha256: written.sha256,
+                    bytes: written.bytes,
+                });
+            }
+            tracing::warn!(uid, expected = sha256, actual = %written.sha256, "dropped an upload whose digest does not match");
+            let mismatch = UploadError::DigestMismatch {
+                expected: sha256.to_owned(),
+                actual: written.sha256,
+            };
+            let _ = complete.verdict.send(Err(mismatch));
+            let (complete_tx, next_rx) = oneshot::channel();
+            complete_rx = next_rx;
+            let mut receiving = awaited.receiving.lock().await;
+            *receiving = Receiving {
+                sink: Some(start_over(written.staging)?),
+                held: Held::default(),
+                complete: Some(complete_tx),
+            };
+            awaited.held.send_replace(receiving.held);
+        }
+    }
+
+    /// Appends a client's bytes to the upload for `uid` at `offset`, declaring its whole
+    /// `length` (and, when the request says so, the bytes it brings). Returns when the body
+    /// ended, and — once it was the last byte — when their digest was judged.
+    pub async fn append<S, E>(
+        &self,
+        uid: &str,
+        sha256: &str,
+        offset: u64,
+        length: u64,
+        announced: Option<u64>,
+        body: S,
+    ) -> Result<Appended, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: Display,
+    {
+        let awaited = self.awaited(uid, sha256)?;
+        let _permit = Arc::clone(&self.receiving)
+            .try_acquire_owned()
+            .map_err(|_| UploadError::Busy(self.options.concurrent))?;
+        let mut receiving = awaited
+            .receiving
+            .try_lock()
+            .map_err(|_| UploadError::InProgress)?;
+        let sink = receiving.sink.as_ref().ok_or(UploadError::InProgress)?;
+        check_append(&receiving.held, awaited.limit, offset, length, announced)?;
+        if offset == 0 && receiving.held.bytes > 0 {
+            sink.reset().await?;
+        }
+        fetch::ensure_space(sink.dir(), length - offset)?;
+        receiving.held = Held {
+            bytes: offset,
+            length: Some(length),
+        };
+        awaited.held.send_replace(receiving.held);
+        let streamed = self.stream(&awaited, &mut receiving, length, body).await;
+        if let Err(UploadError::TooLong { .. }) = &streamed
+            && let Some(sink) = &receiving.sink
+        {
+            // Bytes past the declared length: nothing of this upload is kept.
+            sink.reset().await?;
+            receiving.held = Held::default();
+            awaited.held.send_replace(receiving.held);
+        }
+        if let Some(sink) = &receiving.sink {
+            // What the node says it holds is in the file, even if the upload stops here.
+            sink.settle().await?;
+        }
+        streamed?;
+        if receiving.held.bytes < length {
+            return Ok(Appended::Partial(receiving.held));
+        }
+        let verdict = hand_over(&mut receiving)?;
+        drop(receiving);
+        verdict.await.map_err(|_| UploadError::Abandoned)??;
+        Ok(Appended::Verified)
+    }
+
+    /// Streams the body into the sink, counting what the node holds.
+    async fn stream<S, E>(
+        &self,
+        awaited: &Awaited,
+        receiving: &mut Receiving,
+        length: u64,
+        mut body: S,
+    ) -> Result<(), UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: Display,
+    {
+        let idle = self.options.idle_timeout;
+        loop {
+            let held = receiving.held.bytes;
+            let next = tokio::time::timeout(idle, body.next())
+                .await
+                .map_err(|_| UploadError::Idle { idle, held })?;
+            let chunk = match next {
+                None => return Ok(()),
+                Some(Ok(chunk)) => chunk,
+                Some(Err(why)) => {
+                    return Err(UploadError::Interrupted {
+                        held,
+                        why: why.to_string(),
+                    });
+                }
+            };
+            if held + chunk.len() as u64 > length {
+                return Err(UploadError::TooLong { length });
+            }
+            let sink = receiving.sink.as_ref().ok_or(UploadError::Abandoned)?;
+            let size = chunk.len() as u64;
+            sink.write(chunk).await?;
+            receiving.held.bytes += size;
+            awaited.held.send_replace(receiving.held);
+        }
+    }
+}
+
+/// Takes an upload out of the list when its import ends (done, failed or dropped), unless a
+/// newer import of the same image replaced it.
+struct Listed<'a> {
+    uploads: &'a Uploads,
+    uid: &'a str,
+    awaited: &'a Arc<Awaited>,
+}
+
+impl Drop for Listed<'_> {
+    fn drop(&mut self) {
+        let mut awaited = self.uploads.awaited.lock();
+        if awaited
+            .get(self.uid)
+            .is_some_and(|a| Arc::ptr_eq(a, self.awaited))
+        {
+            awaited.remove(self.uid);
+        }
+    }
+}
+
+/// The rules of an append: where it starts, how long the upload is, what the request brings.
+fn check_append(
+    held: &Held,
+    limit: u64,
+    offset: u64,
+    length: u64,
+    announced: Option<u64>,
+) -> Result<(), UploadError> {
+    if length > limit {
+        return Err(UploadError::TooLarge { length, limit });
+    }
+    if offset != 0 && offset != held.bytes {
+        return Err(UploadError::Offset { held: held.bytes });
+    }
+    if let Some(declared) = held.length
+        && offset != 0
+        && declared != length
+    {
+        return Err(UploadError::Length { length: declared });
+    }
+    if offset > length || announced.is_some_and(|n| n > length - offset) {
+        return Err(UploadError::TooLong { length });
+    }
+    Ok(())
+}
+
+/// Gives the complete bytes to the waiting import; the receiver gets its verdict.
+fn hand_over(
+    receiving: &mut Receiving,
+) -> Result<oneshot::Receiver<Result<(), UploadError>>, UploadError> {
+    let (sink, complete) = receiving
+        .sink
+        .take()
+        .zip(receiving.complete.take())
+        .ok_or(UploadError::Abandoned)?;
+    let (verdict, told) = oneshot::channel();
+    complete
+        .send(Complete { sink, verdict })
+        .map_err(|_| UploadError::Abandoned)?;
+    Ok(told)
+}
+
+/// Reports progress until every byte arrived.
+async fn wait_for_bytes(
+    awaited: &Awaited,
+    mut complete: oneshot::Receiver<Complete>,
+    progress: &mut ProgressReporter,
+) -> Result<Complete, UploadError> {
+    let mut held = awaited.held.subscribe();
+    loop {
+        let now = *held.borrow_and_update();
+        progress.update(Phase::Uploading, now.bytes, now.length);
+        tokio::select! {
+            done = &mut complete => return done.map_err(|_| UploadError::Abandoned),
+            _ = held.changed() => {}
+        }
+    }
+}
+
+/// A sink that goes on after what the upload's file holds (hashed again first); a file longer
+/// than any upload may be starts again.
+async fn resume(mut staging: Staging, limit: u64) -> Result<(Sink, u64), UploadError> {
+    let (staging, hashed, held) = tokio::task::spawn_blocking(move || {
+        let held = staging.file().metadata()?.len();
+        if held > limit {
+            staging.file_mut().set_len(0)?;
+            staging.file_mut().rewind()?;
+            return Ok::<_, io::Error>((staging, Sha256::new(), 0));
+        }
+        let mut hash = Sha256::new();
+        let mut buffer = vec![0u8; 4 << 20];
+        let mut file = staging.file();
+        file.rewind()?;
+        let mut read = 0u64;
+        while read < held {
+            let n = file.read(&mut buffer)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buffer[..n]);
+            read += n as u64;
+        }
+        Ok((staging, hash, read))
+    })
+    .await
+    .map_err(io::Error::other)??;
+    if held > 0 {
+        tracing::info!(bytes = held, "resuming an upload from what the node holds");
+    }
+    Ok((Sink::resume(staging, hashed, held)?, held))
+}
+
+/// An empty upload file, for bytes that did not match.
+fn start_over(mut staging: Staging) -> Result<Sink, UploadError> {
+    staging.file_mut().set_len(0)?;
+    staging.file_mut().rewind()?;
+    Ok(Sink::start(staging)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(bytes: u64, length: Option<u64>) -> Held {
+        Held { bytes, length }
+    }
+
+    #[test]
+    fn appends_start_where_the_node_is_or_at_zero() {
+        assert!(check_append(&held(10, Some(100)), 1000, 10, 100, Some(90)).is_ok());
+        assert!(check_append(&held(10, Some(100)), 1000, 0, 200, None).is_ok());
+        assert!(matches!(
+            check_append(&held(10, Some(100)), 1000, 5, 100, None),
+            Err(UploadError::Offset { held: 10 })
+        ));
+        assert!(matches!(
+            check_append(&held(10, Some(100)), 1000, 10, 200, None),
+            Err(UploadError::Length { length: 100 })
+        ));
+    }
+
+    #[test]
+    fn appends_never_pass_the_declared_length_or_the_limit() {
+        assert!(matches!(
+            check_append(&held(0, None), 1000, 0, 100, Some(101)),
+            Err(UploadError::TooLong { length: 100 })
+        ));
+        assert!(matches!(
+            check_append(&held(0, None), 1000, 0, 1001, None),
+            Err(UploadError::TooLarge {
+                length: 1001,
+                limit: 1000
+            })
+        ));
+    }
+
+    #[test]
+    fn only_kubernetes_uids_name_files() {
+        assert!(check_uid("0b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a").is_ok());
+        for bad in ["", "../x", "A", "x/y", &"a".repeat(65)] {
+            assert!(check_uid(bad).is_err(), "{bad}");
+        }
+    }
+}
