@@ -4,6 +4,7 @@
 //! within a deadline and the whole exchange within another; connections are capped overall, per
 //! address, and per network (an IPv6 /64, which one host may fill with addresses, and which a
 //! whole LAN may share). A connection beyond a cap is closed at once, before anything is read.
+//! Over TLS (the upload endpoint), the handshake counts as part of the request head.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -116,6 +117,27 @@ fn admit(open: &Arc<Mutex<Open>>, limits: &Limits, address: IpAddr) -> Option<Ad
 
 /// Serves `router` on `listener` until the process ends; `name` says which endpoint in logs.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, name: &'static str) {
+    serve_with(listener, router, limits, name, None).await
+}
+
+/// Like [`serve`], over TLS: the handshake must end within the head deadline.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    name: &'static str,
+    tls: tokio_rustls::TlsAcceptor,
+) {
+    serve_with(listener, router, limits, name, Some(tls)).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    name: &'static str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let open = Arc::new(Mutex::new(Open::default()));
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -135,18 +157,42 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, name: 
             continue;
         };
         let peer = Peer { local, remote };
-        tokio::spawn(exchange(stream, peer, router.clone(), limits, admitted));
+        let router = router.clone();
+        match &tls {
+            None => tokio::spawn(exchange(stream, peer, router, limits, admitted)),
+            Some(tls) => tokio::spawn(exchange_tls(
+                stream,
+                tls.clone(),
+                peer,
+                router,
+                limits,
+                admitted,
+            )),
+        };
+    }
+}
+
+/// The TLS handshake within the head deadline, then the exchange.
+async fn exchange_tls(
+    stream: TcpStream,
+    tls: tokio_rustls::TlsAcceptor,
+    peer: Peer,
+    router: Router,
+    limits: Limits,
+    admitted: Admitted,
+) {
+    match tokio::time::timeout(limits.head_deadline, tls.accept(stream)).await {
+        Ok(Ok(stream)) => exchange(stream, peer, router, limits, admitted).await,
+        Ok(Err(error)) => tracing::debug!(remote = %peer.remote, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(remote = %peer.remote, "TLS handshake took too long; closed"),
     }
 }
 
 /// One request and its answer, within the deadlines.
-async fn exchange(
-    stream: TcpStream,
-    peer: Peer,
-    router: Router,
-    limits: Limits,
-    _admitted: Admitted,
-) {
+async fn exchange<S>(stream: S, peer: Peer, router: Router, limits: Limits, _admitted: Admitted)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut request: hyper::Request<_>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         router.clone().call(request)

@@ -16,7 +16,7 @@ use crate::images::manager::ImageManager;
 use crate::images::scrub::ScrubConfig;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
 use crate::metrics::Metrics;
-use crate::sync::Syncer;
+use crate::sync::{Syncer, UploadReception};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -47,6 +47,10 @@ pub struct NodeConfig {
     pub policy: crate::desired::Policy,
     /// How the stored images are read again in the background.
     pub scrub: ScrubConfig,
+    /// Where to receive uploads, if anywhere.
+    pub upload: Option<crate::upload::endpoint::EndpointConfig>,
+    /// What an uploaded image is told where the node receives none.
+    pub upload_off: UploadReception,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +71,11 @@ pub enum SetupError {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot receive uploads on {address} (--upload-listen): {source}")]
+    Upload {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The loop a syncer runs in, whatever its backend.
@@ -83,13 +92,21 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         &config.data_dir.display().to_string(),
         ", or give this one its own --data-dir",
     )?;
-    let importer = Importer::new(ImporterConfig {
+    let importer = Arc::new(Importer::new(ImporterConfig {
         upload: Default::default(),
         data_dir: config.data_dir.clone(),
         file_roots: config.file_roots.clone(),
         fetch: config.fetch.clone(),
         qemu: crate::images::qemu::QemuImg::default(),
-    })?;
+    })?);
+    if let Some(upload) = &config.upload {
+        crate::upload::endpoint::start(upload, Arc::clone(&importer))
+            .await
+            .map_err(|source| SetupError::Upload {
+                address: upload.address,
+                source,
+            })?;
+    }
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.http_address {
         http::start(address, Arc::clone(&metrics))
@@ -109,7 +126,7 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         }
         None => None,
     };
-    let images = ImageManager::new(Arc::new(importer), Arc::clone(&metrics), config.scrub);
+    let images = ImageManager::new(importer, Arc::clone(&metrics), config.scrub);
     // For as long as the process lives; `--once` ends with its pass.
     tokio::spawn(Arc::clone(images.scrub()).run());
     let settings = Settings {
@@ -165,6 +182,10 @@ fn syncer<B: Backend>(
     if let Some(tables) = boot {
         syncer = syncer.with_boot(tables);
     }
+    syncer = syncer.with_uploads(match config.upload {
+        Some(_) => UploadReception::On,
+        None => config.upload_off.clone(),
+    });
     if config.prefetch_all {
         syncer.prefetch_all()
     } else {

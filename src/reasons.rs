@@ -120,6 +120,9 @@ pub enum Reason {
     HeartbeatLapsed,
     /// A grant held by heartbeat where no node watches Leases (`discus serve`).
     HeartbeatUnsupported,
+    /// An uploaded image where the node receives no uploads (its endpoint is off, or
+    /// `discus serve`).
+    UploadUnavailable,
 }
 
 impl Reason {
@@ -156,7 +159,8 @@ impl Reason {
             | Self::ImportFailed
             | Self::PortalNotAllowed
             | Self::IqnNotAllowed
-            | Self::HeartbeatUnsupported => true,
+            | Self::HeartbeatUnsupported
+            | Self::UploadUnavailable => true,
             Self::ImageNotFound
             | Self::ImageInvalid
             | Self::ImageNotReady

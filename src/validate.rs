@@ -343,7 +343,9 @@ mod tests {
         );
         assert_eq!(
             check(&both),
-            ["m.yaml: DiscImage/lab/debian: spec.source: exactly one of http or file must be set"]
+            [
+                "m.yaml: DiscImage/lab/debian: spec.source: exactly one of http, file or upload must be set"
+            ]
         );
     }
 

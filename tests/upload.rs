@@ -19,6 +19,9 @@ use discus::images::{
     FetchOptions, ImportError, ImportRequest, Importer, ImporterConfig, ProgressReporter,
     Requester, StoredImage, UploadOptions, qemu::QemuImg,
 };
+use discus::upload::endpoint::{self, EndpointConfig, Keys};
+use discus::upload::tls::{NodeIdentity, pinned_client};
+use discus::upload::token::{LIFETIME, Scope, SigningKey};
 
 const UID: &str = "0b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -275,6 +278,7 @@ async fn appends_out_of_bounds_are_refused_and_keep_nothing() {
     let options = UploadOptions {
         concurrent: 1,
         idle_timeout: Duration::from_millis(300),
+        min_rate: 1,
     };
     let awaiting = Awaiting::start(importer(&data, options), &digest).await;
     let length = image.len() as u64;
@@ -336,4 +340,235 @@ async fn appends_out_of_bounds_are_refused_and_keep_nothing() {
     let rest = awaiting.send(2000, length, &image[2000..]).await;
     assert_eq!(rest.expect("the rest"), Appended::Verified);
     awaiting.stored().await;
+}
+
+#[tokio::test]
+async fn a_trickle_is_cut_off_and_what_it_brought_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let image = image_bytes(1 << 20, 5);
+    let digest = sha256(&image);
+    let options = UploadOptions {
+        concurrent: 1,
+        idle_timeout: Duration::from_millis(300),
+        min_rate: 10 << 20,
+    };
+    let awaiting = Awaiting::start(importer(&data, options), &digest).await;
+    let length = image.len() as u64;
+    let bytes = image.clone();
+    let trickle = stream::iter(0..1000usize).then(move |i| {
+        let chunk = Bytes::copy_from_slice(&bytes[i * 100..(i + 1) * 100]);
+        async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, std::io::Error>(chunk)
+        }
+    });
+    let cut = awaiting.append(0, length, Box::pin(trickle)).await;
+    let held = match cut {
+        Err(UploadError::TooSlow { held, min_rate, .. }) => {
+            assert_eq!(min_rate, 10 << 20);
+            held
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(held % 100, 0, "whole chunks: {held}");
+    assert_eq!(awaiting.held().expect("held").bytes, held);
+    let rest = awaiting.send(held, length, &image[held as usize..]).await;
+    assert_eq!(rest.expect("the rest"), Appended::Verified);
+    awaiting.stored().await;
+}
+
+/// A node's upload endpoint on loopback, over TLS with its own certificate.
+struct Https {
+    address: std::net::SocketAddr,
+    fingerprint: String,
+}
+
+impl Https {
+    async fn start(importer: &Arc<Importer>) -> Self {
+        let identity = NodeIdentity::generate("n1", &[[127, 0, 0, 1].into()]).expect("identity");
+        let fingerprint = identity.fingerprint().to_owned();
+        let keys = Arc::new(Keys::default());
+        keys.set(key());
+        let config = EndpointConfig {
+            address: "127.0.0.1:0".parse().expect("address"),
+            identity: Arc::new(identity),
+            keys,
+        };
+        let address = endpoint::start(&config, Arc::clone(importer))
+            .await
+            .expect("the endpoint starts");
+        Self {
+            address,
+            fingerprint,
+        }
+    }
+
+    fn url(&self, uid: &str) -> String {
+        format!("https://{}{}", self.address, endpoint::path(uid))
+    }
+
+    /// A client that accepts only the certificate with `fingerprint`.
+    fn client(fingerprint: &str) -> reqwest::Client {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(pinned_client(fingerprint).expect("pinned"))
+            .build()
+            .expect("client")
+    }
+
+    async fn patch(
+        &self,
+        token: Option<&str>,
+        offset: u64,
+        length: u64,
+        bytes: &[u8],
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let mut request = Self::client(&self.fingerprint)
+            .patch(self.url(UID))
+            .header("Upload-Offset", offset)
+            .header("Upload-Length", length)
+            .body(bytes.to_vec());
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("an answer");
+        let status = response.status();
+        let body = response.bytes().await.expect("a body");
+        (
+            status,
+            serde_json::from_slice(&body).expect("a JSON answer"),
+        )
+    }
+}
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32]).expect("key")
+}
+
+fn token(uid: &str, sha256: &str, at: std::time::SystemTime) -> String {
+    use secrecy::ExposeSecret;
+    let scope = Scope {
+        uid: uid.into(),
+        sha256: sha256.into(),
+        namespace: "lab".into(),
+        name: "installer".into(),
+    };
+    key()
+        .mint(&scope, at)
+        .expect("mint")
+        .text
+        .expose_secret()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_upload_over_https_with_a_token_resumes_and_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_bytes(2 << 20, 6);
+    let digest = sha256(&image);
+    let importer = importer(&dir.path().join("data"), UploadOptions::default());
+    let https = Https::start(&importer).await;
+    let awaiting = Awaiting::start(Arc::clone(&importer), &digest).await;
+    let token = token(UID, &digest, std::time::SystemTime::now());
+    let length = image.len() as u64;
+
+    let (status, body) = https
+        .patch(Some(&token), 0, length, &image[..1 << 20])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["bytes"], 1 << 20);
+    // Where it stands, as a client that lost its connection asks.
+    let head = Https::client(&https.fingerprint)
+        .head(https.url(UID))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["upload-offset"], "1048576");
+    assert_eq!(head.headers()["upload-length"], length.to_string().as_str());
+    let (status, body) = https
+        .patch(Some(&token), 1 << 20, length, &image[1 << 20..])
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let stored = awaiting.stored().await;
+    assert_eq!(
+        sha256(&std::fs::read(&stored.path).expect("stored")),
+        digest
+    );
+}
+
+#[tokio::test]
+async fn https_refuses_without_a_valid_token_for_the_image_and_keeps_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let image = image_bytes(1 << 20, 7);
+    let digest = sha256(&image);
+    let importer = importer(&data, UploadOptions::default());
+    let https = Https::start(&importer).await;
+    let awaiting = Awaiting::start(Arc::clone(&importer), &digest).await;
+    let length = image.len() as u64;
+    let now = std::time::SystemTime::now();
+
+    let (status, body) = https.patch(None, 0, length, &image).await;
+    assert_eq!(status, 401, "{body}");
+    let expired = token(UID, &digest, now - LIFETIME - Duration::from_secs(120));
+    let (status, body) = https.patch(Some(&expired), 0, length, &image).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("expired"),
+        "{body}"
+    );
+    let other_image = token("1b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a", &digest, now);
+    let (status, body) = https.patch(Some(&other_image), 0, length, &image).await;
+    assert_eq!(status, 403, "{body}");
+    let forged = {
+        use secrecy::ExposeSecret;
+        let scope = Scope {
+            uid: UID.into(),
+            sha256: digest.clone(),
+            namespace: "lab".into(),
+            name: "installer".into(),
+        };
+        let other_key = SigningKey::from_bytes(&[8; 32]).expect("key");
+        other_key
+            .mint(&scope, now)
+            .expect("mint")
+            .text
+            .expose_secret()
+            .to_owned()
+    };
+    let (status, body) = https.patch(Some(&forged), 0, length, &image).await;
+    assert_eq!(status, 401, "{body}");
+
+    let good = token(UID, &digest, now);
+    let (status, body) = https.patch(Some(&good), 0, 1000, &image[..2000]).await;
+    assert_eq!(status, 413, "a body longer than declared: {body}");
+    let mut wrong = image.clone();
+    wrong[7] ^= 0x40;
+    let (status, body) = https.patch(Some(&good), 0, length, &wrong).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("spec.sha256"),
+        "{body}"
+    );
+    // A client that pins another certificate never sends a byte.
+    let impostor = Https::client(&"ab".repeat(32))
+        .patch(https.url(UID))
+        .bearer_auth(&good)
+        .header("Upload-Offset", 0)
+        .header("Upload-Length", length)
+        .body(image.clone())
+        .send()
+        .await;
+    assert!(impostor.is_err(), "{impostor:?}");
+    assert!(entries(&data.join("images")).is_empty());
+    awaiting.wait_for(0).await;
+    assert!(!awaiting.task.is_finished());
 }

@@ -77,14 +77,24 @@ pub struct DiscImageSpec {
 
 /// Where an image comes from. More kinds of source may be added; exactly one is set.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.file) ? 1 : 0) == 1").message("exactly one of http or file must be set"))]
+#[x_kube(validation = Rule::new("(has(self.http) ? 1 : 0) + (has(self.file) ? 1 : 0) + (has(self.upload) ? 1 : 0) == 1").message(ONE_SOURCE))]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<FileSource>,
+    /// Bytes sent by `discus image upload` to a storage node's upload endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadSource>,
 }
+
+const ONE_SOURCE: &str = "exactly one of http, file or upload must be set";
+
+/// The image is uploaded with `discus image upload`; it has no settings (yet). The bytes must
+/// hash to `spec.sha256` like any other source's.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct UploadSource {}
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -247,6 +257,7 @@ pub enum ValidSource {
     File {
         path: String,
     },
+    Upload,
 }
 
 impl DiscImageSpec {
@@ -254,8 +265,8 @@ impl DiscImageSpec {
         let spec = FieldPath::root("spec");
         let mut errors = FieldErrors::new();
         let source_path = spec.child("source");
-        let source = match (&self.source.http, &self.source.file) {
-            (Some(http), None) => {
+        let source = match (&self.source.http, &self.source.file, &self.source.upload) {
+            (Some(http), None, None) => {
                 let path = source_path.child("http");
                 let url = errors.check(&path.child("url"), rules::http_url(&http.url));
                 if let Some(ca) = &http.ca_bundle_secret_ref {
@@ -277,7 +288,8 @@ impl DiscImageSpec {
                     headers: http.headers_secret_ref.clone(),
                 })
             }
-            (None, Some(file)) => errors
+            (None, None, Some(UploadSource {})) => Some(ValidSource::Upload),
+            (None, Some(file), None) => errors
                 .check(
                     &source_path.child("file").child("path"),
                     rules::node_path(&file.path),
@@ -286,7 +298,7 @@ impl DiscImageSpec {
                     path: file.path.clone(),
                 }),
             _ => {
-                errors.push(source_path, "exactly one of http or file must be set");
+                errors.push(source_path, ONE_SOURCE);
                 None
             }
         };

@@ -163,6 +163,8 @@ impl NodeArgs {
                 rate: self.scrub_rate,
                 interval: self.scrub_interval_seconds,
             },
+            upload: None,
+            upload_off: crate::sync::UploadReception::off_in_agent(),
         })
     }
 

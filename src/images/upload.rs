@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use super::fetch::{self, FetchError};
+use super::pace::Pace;
 use super::sink::{Sink, Written};
 use super::store::{Staging, Store, StoreError};
 use super::{Phase, ProgressReporter};
@@ -39,6 +40,9 @@ pub struct UploadOptions {
     pub concurrent: usize,
     /// A request that brings no byte for this long ends; what it brought is kept.
     pub idle_timeout: Duration,
+    /// A request must keep this average rate (bytes per second) after a grace of
+    /// `idle_timeout`, so that a client sending a trickle does not hold a place for hours.
+    pub min_rate: u64,
 }
 
 impl Default for UploadOptions {
@@ -46,6 +50,7 @@ impl Default for UploadOptions {
         Self {
             concurrent: 4,
             idle_timeout: Duration::from_secs(60),
+            min_rate: 64 << 10,
         }
     }
 }
@@ -74,6 +79,17 @@ pub enum UploadError {
     Space(#[from] FetchError),
     #[error("no byte for {} s; the node holds {held} bytes, continue from there", idle.as_secs())]
     Idle { idle: Duration, held: u64 },
+    #[error(
+        "the request brought {brought} bytes in {} s, slower than the {min_rate} bytes/s on \
+         average a node asks for; the node holds {held} bytes, continue from there",
+        elapsed.as_secs()
+    )]
+    TooSlow {
+        brought: u64,
+        elapsed: Duration,
+        min_rate: u64,
+        held: u64,
+    },
     #[error("the request ended after {held} bytes ({why}); continue from there")]
     Interrupted { held: u64, why: String },
     #[error(
@@ -319,11 +335,23 @@ impl Uploads {
         E: Display,
     {
         let idle = self.options.idle_timeout;
+        let pace = Pace::start(idle, self.options.min_rate);
+        let start = receiving.held.bytes;
         loop {
             let held = receiving.held.bytes;
-            let next = tokio::time::timeout(idle, body.next())
+            let brought = held - start;
+            let wait = (tokio::time::Instant::now() + idle).min(pace.deadline(brought));
+            let next = tokio::time::timeout_at(wait, body.next())
                 .await
-                .map_err(|_| UploadError::Idle { idle, held })?;
+                .map_err(|_| match pace.would_miss(brought, Duration::ZERO) {
+                    true => UploadError::TooSlow {
+                        brought,
+                        elapsed: pace.elapsed(),
+                        min_rate: pace.min_rate(),
+                        held,
+                    },
+                    false => UploadError::Idle { idle, held },
+                })?;
             let chunk = match next {
                 None => return Ok(()),
                 Some(Ok(chunk)) => chunk,

@@ -48,6 +48,7 @@ pub enum Outcome {
 pub async fn serve(options: ServeOptions) -> Result<Outcome, ServeError> {
     let mut config = options.node.clone();
     config.prefetch_all = true;
+    config.upload_off = crate::sync::UploadReception::off_in_serve();
     node_runtime::start(config, ServeLoop(&options)).await?
 }
 

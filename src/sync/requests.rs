@@ -8,11 +8,40 @@ use crate::api::disc_image::{SecretKeyRef, SecretRef, ValidImage, ValidSource};
 use crate::desired::{Kind, ObjectKey, Problem, Reason, Snapshot};
 use crate::images::{HttpAuth, ImportRequest, Requester, Source};
 
+/// Whether this node receives uploads (`spec.source.upload`), or why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UploadReception {
+    /// The node's upload endpoint is on.
+    On,
+    /// Off: the message says how to turn it on, or what to use instead.
+    Off(String),
+}
+
+impl UploadReception {
+    /// An agent whose upload endpoint is off.
+    pub fn off_in_agent() -> Self {
+        Self::Off(
+            "spec.source.upload: this node's upload endpoint is off; turn it on (the chart's              upload.enabled, the agent's --upload-listen) or use an http source"
+                .into(),
+        )
+    }
+
+    /// `discus serve`, which has no uploads.
+    pub fn off_in_serve() -> Self {
+        Self::Off(
+            "spec.source.upload: uploads go to a cluster's storage nodes; `discus serve` reads              images as spec.source.file under --file-root"
+                .into(),
+        )
+    }
+}
+
 /// An import request for every valid DiscImage (the invalid ones are the desired state's
-/// problems); those whose Secrets are missing become problems.
+/// problems); those whose Secrets are missing, or whose upload this node cannot receive, become
+/// problems.
 pub fn import_requests(
     snapshot: &Snapshot<'_>,
     default_max_virtual_size: u64,
+    uploads: &UploadReception,
     problems: &mut Vec<Problem>,
 ) -> BTreeMap<ObjectKey, ImportRequest> {
     let mut requests = BTreeMap::new();
@@ -20,19 +49,23 @@ pub fn import_requests(
         let Ok(valid) = &image.valid else {
             continue;
         };
-        match request(
-            &image.key,
-            valid,
-            snapshot.secrets,
-            default_max_virtual_size,
-        ) {
-            Ok(request) => {
+        let uid = image.object.metadata.uid.as_deref();
+        let source = source(&image.key, valid, uid, uploads, snapshot.secrets);
+        match source {
+            Ok(source) => {
+                let request = ImportRequest {
+                    requester: Requester::Namespace(image.key.namespace.clone()),
+                    source,
+                    sha256: valid.sha256.clone(),
+                    format: valid.format,
+                    max_virtual_size: valid.max_virtual_size.unwrap_or(default_max_virtual_size),
+                };
                 requests.insert(image.key.clone(), request);
             }
-            Err(message) => problems.push(Problem {
+            Err((reason, message)) => problems.push(Problem {
                 kind: Kind::DiscImage,
                 key: image.key.clone(),
-                reason: Reason::SecretNotFound,
+                reason,
                 message,
             }),
         }
@@ -40,13 +73,14 @@ pub fn import_requests(
     requests
 }
 
-fn request(
+fn source(
     key: &ObjectKey,
     image: &ValidImage,
+    uid: Option<&str>,
+    uploads: &UploadReception,
     secrets: &BTreeMap<ObjectKey, SecretData>,
-    default_max_virtual_size: u64,
-) -> Result<ImportRequest, String> {
-    let source = match &image.source {
+) -> Result<Source, (Reason, String)> {
+    Ok(match &image.source {
         ValidSource::File { path } => Source::File { path: path.into() },
         ValidSource::Http {
             url,
@@ -54,15 +88,20 @@ fn request(
             headers,
         } => Source::Http {
             url: url.clone(),
-            auth: http_auth(key, ca_bundle.as_ref(), headers.as_ref(), secrets)?,
+            auth: http_auth(key, ca_bundle.as_ref(), headers.as_ref(), secrets)
+                .map_err(|message| (Reason::SecretNotFound, message))?,
         },
-    };
-    Ok(ImportRequest {
-        requester: Requester::Namespace(key.namespace.clone()),
-        source,
-        sha256: image.sha256.clone(),
-        format: image.format,
-        max_virtual_size: image.max_virtual_size.unwrap_or(default_max_virtual_size),
+        ValidSource::Upload => match (uploads, uid) {
+            (UploadReception::Off(why), _) => {
+                return Err((Reason::UploadUnavailable, why.clone()));
+            }
+            (UploadReception::On, None) => {
+                return Err((Reason::NotConverged, "the DiscImage has no uid yet".into()));
+            }
+            (UploadReception::On, Some(uid)) => Source::Upload {
+                uid: uid.to_owned(),
+            },
+        },
     })
 }
 

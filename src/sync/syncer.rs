@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use super::Resources;
 use super::reconcile::Memory;
 use super::report::{NodeReport, Pass};
-use super::requests::import_requests;
+use super::requests::{UploadReception, import_requests};
 use super::sessions::{SessionBook, SessionChange};
 use crate::backend::Backend;
 use crate::boot::{BootTable, BootTables};
@@ -47,6 +47,8 @@ pub struct Syncer<B: Backend> {
     pub(super) metrics: Arc<Metrics>,
     /// The boot endpoint's table, when it serves: kept to what each pass applied.
     pub(super) boot: Option<BootTables>,
+    /// Whether the node receives uploads.
+    pub(super) uploads: UploadReception,
 }
 
 impl<B: Backend> Syncer<B> {
@@ -71,7 +73,14 @@ impl<B: Backend> Syncer<B> {
             session_news: broadcast::channel(SESSION_NEWS).0,
             memory: Mutex::default(),
             boot: None,
+            uploads: UploadReception::off_in_agent(),
         }
+    }
+
+    /// Whether the node receives uploads (off by default).
+    pub fn with_uploads(mut self, uploads: UploadReception) -> Self {
+        self.uploads = uploads;
+        self
     }
 
     /// The boot endpoint's table, when it serves.
@@ -138,6 +147,7 @@ impl<B: Backend> Syncer<B> {
         let requests = import_requests(
             &snapshot,
             self.default_max_virtual_size,
+            &self.uploads,
             &mut report.problems,
         );
         let (mut ready, store_unreadable) = self.stored(&requests, &mut report);

@@ -404,3 +404,73 @@ async fn sessions_are_told_once_with_their_grant_and_never_on_an_unread_backend(
     assert_eq!(told(), [(false, by_client.clone()), (true, by_client)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An uploaded image: a target needs it, its bytes come from a client.
+fn uploaded(uid: &str) -> Resources {
+    let image = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "DiscImage",
+        "metadata": {"name": "disc", "namespace": "lab", "uid": uid},
+        "spec": {"source": {"upload": {}}, "sha256": "ab".repeat(32)},
+    });
+    let target = serde_json::json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "IscsiTarget",
+        "metadata": {"name": "boot", "namespace": "lab"},
+        "spec": {
+            "luns": [{"lun": 0, "image": "disc"}],
+            "authentication": "none",
+            "nodeSelector": {"matchLabels": {"discus.dev/storage": "true"}},
+        },
+    });
+    Resources {
+        images: vec![serde_json::from_value(image).expect("DiscImage")],
+        targets: vec![serde_json::from_value(target).expect("IscsiTarget")],
+        ..Resources::default()
+    }
+}
+
+#[tokio::test]
+async fn an_upload_is_awaited_only_where_uploads_are_received_and_only_while_asked_for() {
+    use crate::desired::Reason;
+    use crate::images::Phase;
+    use crate::images::manager::ImageState;
+    let dir = scratch("upload");
+    let uid = "0b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a";
+    let sha256 = "ab".repeat(32);
+    let resources = uploaded(uid);
+    let key = ObjectKey::new("lab", "disc");
+
+    let off = syncer_over(&dir.join("off"), Table::default());
+    let report = off.sync(&resources, Timestamp::now(), Pass::Full).await;
+    let problem = (report.problems.iter())
+        .find(|p| p.key == key && p.reason == Reason::UploadUnavailable)
+        .expect("an UploadUnavailable problem");
+    assert!(
+        problem.message.contains("upload endpoint is off"),
+        "{problem:?}"
+    );
+
+    let on = syncer_over(&dir.join("on"), Table::default()).with_uploads(UploadReception::On);
+    let report = on.sync(&resources, Timestamp::now(), Pass::Full).await;
+    match report.images.get(&key) {
+        Some(ImageState::InProgress(progress)) => {
+            assert!(matches!(progress.phase, Phase::Pending | Phase::Uploading));
+        }
+        other => panic!("{other:?}"),
+    }
+    let uploads = on.images().importer().uploads();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while uploads.held(uid, &sha256).is_err() {
+        assert!(std::time::Instant::now() < deadline, "never awaited");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // The DiscImage is gone: nothing is received for it any more.
+    on.sync(&Resources::default(), Timestamp::now(), Pass::Full)
+        .await;
+    while uploads.held(uid, &sha256).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still awaited");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,4 +4,6 @@
 //! The bytes themselves go where a download goes (`images::upload`): hashed as they arrive,
 //! verified against the DiscImage's digest, never served before.
 
+pub mod endpoint;
+pub mod tls;
 pub mod token;
