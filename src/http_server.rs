@@ -64,6 +64,19 @@ pub fn network(address: IpAddr) -> IpAddr {
     }
 }
 
+/// Where a listener bound to `bound` can be reached among the node's `addresses`: the bound
+/// address itself, or — bound to a wildcard — every address of the node it covers (`0.0.0.0`
+/// listens on IPv4 only, `[::]` on both), loopback aside.
+pub fn reachable(bound: SocketAddr, addresses: &[IpAddr]) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    (addresses.iter())
+        .filter(|a| !a.is_unspecified() && !a.is_loopback() && (bound.is_ipv6() || a.is_ipv4()))
+        .map(|a| SocketAddr::new(*a, bound.port()))
+        .collect()
+}
+
 /// Open connections, overall, per address and per network (an IPv4 address is its own).
 #[derive(Default)]
 struct Open {

@@ -16,7 +16,7 @@ use crate::images::manager::ImageManager;
 use crate::images::scrub::ScrubConfig;
 use crate::images::{FetchOptions, Importer, ImporterConfig};
 use crate::metrics::Metrics;
-use crate::sync::{Syncer, UploadReception};
+use crate::sync::{Receiving, Syncer, UploadReception};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum BackendChoice {
@@ -99,14 +99,21 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         fetch: config.fetch.clone(),
         qemu: crate::images::qemu::QemuImg::default(),
     })?);
-    if let Some(upload) = &config.upload {
-        crate::upload::endpoint::start(upload, Arc::clone(&importer))
-            .await
-            .map_err(|source| SetupError::Upload {
-                address: upload.address,
-                source,
-            })?;
-    }
+    let uploads = match &config.upload {
+        Some(upload) => {
+            let bound = crate::upload::endpoint::start(upload, Arc::clone(&importer))
+                .await
+                .map_err(|source| SetupError::Upload {
+                    address: upload.address,
+                    source,
+                })?;
+            UploadReception::On(Receiving {
+                bound,
+                certificate_sha256: upload.identity.fingerprint().to_owned(),
+            })
+        }
+        None => config.upload_off.clone(),
+    };
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = config.http_address {
         http::start(address, Arc::clone(&metrics))
@@ -142,7 +149,9 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             let backend =
                 LioBackend::new(PathBuf::from(lio::CONFIGFS), &config.data_dir.join("lio"))?;
             node_loop
-                .run(syncer(backend, images, settings, &config, metrics, boot))
+                .run(syncer(
+                    backend, images, settings, &config, metrics, boot, uploads,
+                ))
                 .await
         }
         BackendChoice::Tgt | BackendChoice::Auto => {
@@ -157,7 +166,9 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
             tgt.control_port = config.tgt_control_port;
             let backend = TgtBackend::start(tgt).await?;
             node_loop
-                .run(syncer(backend, images, settings, &config, metrics, boot))
+                .run(syncer(
+                    backend, images, settings, &config, metrics, boot, uploads,
+                ))
                 .await
         }
     })
@@ -170,6 +181,7 @@ fn syncer<B: Backend>(
     config: &NodeConfig,
     metrics: Arc<Metrics>,
     boot: Option<BootTables>,
+    uploads: UploadReception,
 ) -> Syncer<B> {
     let mut syncer = Syncer::new(
         backend,
@@ -182,10 +194,7 @@ fn syncer<B: Backend>(
     if let Some(tables) = boot {
         syncer = syncer.with_boot(tables);
     }
-    syncer = syncer.with_uploads(match config.upload {
-        Some(_) => UploadReception::On,
-        None => config.upload_off.clone(),
-    });
+    syncer = syncer.with_uploads(uploads);
     if config.prefetch_all {
         syncer.prefetch_all()
     } else {

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
-use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
+use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase, UploadEndpointStatus};
 use crate::api::initiator_access::{
     AccessNodeStatus, Connection, ConnectionLun, HeartbeatStatus, SessionStatus,
 };
@@ -134,6 +134,9 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
             entry.phase = progress.phase;
             entry.bytes_done = i64::try_from(progress.bytes_done).ok();
             entry.bytes_total = progress.bytes_total.and_then(|t| i64::try_from(t).ok());
+            if progress.phase == ImagePhase::Uploading {
+                entry.upload = upload_endpoint(image, report);
+            }
         }
         ImageState::Failed { message, .. } => {
             entry.phase = ImagePhase::Failed;
@@ -141,6 +144,20 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
         }
     }
     Some(entry)
+}
+
+/// Where this node receives the image's upload.
+fn upload_endpoint(image: &DiscImage, report: &NodeReport) -> Option<UploadEndpointStatus> {
+    let endpoint = report.upload.as_ref()?;
+    let path = crate::upload::endpoint::path(image.meta().uid.as_deref()?);
+    Some(UploadEndpointStatus {
+        urls: endpoint
+            .urls
+            .iter()
+            .map(|url| format!("{url}{path}"))
+            .collect(),
+        certificate_sha256: endpoint.certificate_sha256.clone(),
+    })
 }
 
 /// An image's whole status from every node's entry.

@@ -310,6 +310,7 @@ impl Agent {
             .expect("log");
         let http = format!("{}:9464", self.address);
         let boot = format!("{}:{BOOT_PORT}", self.address);
+        let upload = format!("{}:8443", self.address);
         // Quick liveness, for the tests of lost nodes; `extra` may set these otherwise.
         let liveness = [
             ("--leader-lease-seconds", "3"),
@@ -348,6 +349,8 @@ impl Agent {
                 &http,
                 "--boot-address",
                 &boot,
+                "--upload-listen",
+                &upload,
             ])
             .args(liveness)
             .args(extra)
@@ -487,9 +490,168 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     events_tell_what_happened_on_each_node(&cluster, &nodes).await;
     every_node_boots_a_card_through_every_node_and_tells_it(&cluster).await;
     each_agent_says_how_it_is(&cluster);
+    an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(&cluster).await;
     let requests = nothing_is_written_at_rest(&cluster).await;
     the_agents_use_exactly_their_rights_and_never_show_a_secret(&cluster, &requests, &password)
         .await;
+}
+
+/// A user uploads an image with `discus image upload` from a host of its own, bound only by
+/// the Role docs/upload.md gives; the node that needs it (and only it) receives it over HTTPS,
+/// verifies and stores it. Another user, who may not read the token's Secret, is refused with
+/// the rule it lacks. A run killed half-way resumes from what the node holds.
+async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(cluster: &Cluster) {
+    const SIZE: usize = 256 << 20;
+    let image: Vec<u8> = (0..SIZE as u64)
+        .step_by(8)
+        .flat_map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 7).to_le_bytes())
+        .collect();
+    let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&image));
+    let host = Sandbox::new();
+    cluster.lan.as_ref().expect("a LAN").plug(&host, 50);
+    let file = host.scratch("upload").join("disc.raw");
+    std::fs::write(&file, &image).expect("the image file");
+    cluster.kubectl(&["label", "node", "node-b", "upload-here=yes"]);
+    cluster.apply_objects(&[json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "DiscImage",
+        "metadata": {"name": "uploaded", "namespace": "demo"},
+        "spec": {
+            "source": {"upload": {}},
+            "sha256": digest,
+            "format": "raw",
+            "nodeSelector": {"matchLabels": {"upload-here": "yes"}},
+        },
+    })]);
+    let uploader = uploader_kubeconfig(cluster, "uploader", true).await;
+    let bystander = uploader_kubeconfig(cluster, "bystander", false).await;
+    let upload = |kubeconfig: &Path| {
+        let mut command = host.command(env!("CARGO_BIN_EXE_discus"));
+        command.args(["image", "upload"]).arg(&file).args([
+            "--name",
+            "uploaded",
+            "-n",
+            "demo",
+            "-o",
+            "json",
+            "--timeout-seconds",
+            "180",
+            "--kubeconfig",
+        ]);
+        command.arg(kubeconfig);
+        command
+    };
+
+    let refused = upload(&bystander).output().expect("discus image upload");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("403 Forbidden") && stderr.contains("Secret demo/uploaded-upload"),
+        "{stderr}"
+    );
+
+    // Killed once the node holds a part of it…
+    let uid = cluster.object("DiscImage", "demo", "uploaded").await["metadata"]["uid"]
+        .as_str()
+        .expect("uid")
+        .to_owned();
+    let part = (cluster.agent_ref("node-b").sandbox.data_dir())
+        .join("uploads")
+        .join(format!("{uid}.part"));
+    let mut first = upload(&uploader)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("discus image upload");
+    cluster
+        .wait_for(
+            "a part of the upload on node-b",
+            Duration::from_secs(120),
+            async || std::fs::metadata(&part).is_ok_and(|m| m.len() >= 16 << 20),
+        )
+        .await;
+    host.kill(&mut first);
+    // …it resumes from there.
+    let output = upload(&uploader).output().expect("discus image upload");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let uploaded: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    println!("discus image upload, resumed: {uploaded}");
+    assert_eq!(uploaded["sha256"], json!(digest));
+    assert_eq!(uploaded["nodes"], json!(["node-b"]));
+    assert!(uploaded["resumedFrom"].as_u64() > Some(0), "{uploaded}");
+    cluster
+        .wait_ready_on("DiscImage", "uploaded", &["node-b"])
+        .await;
+    let stored = (cluster.agent_ref("node-b").sandbox.data_dir())
+        .join("images")
+        .join(format!("{digest}.raw"));
+    let bytes = std::fs::read(&stored).expect("stored on node-b");
+    assert_eq!(
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)),
+        digest
+    );
+    for other in ["node-a", "node-c"] {
+        let elsewhere = (cluster.agent_ref(other).sandbox.data_dir()).join("images");
+        assert!(!elsewhere.join(format!("{digest}.raw")).exists(), "{other}");
+    }
+    // The token never shows where it should not.
+    let secret = cluster.kubectl(&[
+        "get",
+        "secret",
+        "-n",
+        "demo",
+        "uploaded-upload",
+        "-o",
+        "jsonpath={.data.token}",
+    ]);
+    let token = String::from_utf8(
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, secret.trim())
+            .expect("base64"),
+    )
+    .expect("text");
+    for agent in &cluster.agents {
+        assert!(
+            !agent.log().contains(&token),
+            "{} logged the token",
+            agent.name
+        );
+    }
+}
+
+/// A ServiceAccount in `demo` with the Role docs/upload.md gives (without the token's Secret
+/// unless `secret`), and a kubeconfig of its token.
+async fn uploader_kubeconfig(cluster: &Cluster, name: &str, secret: bool) -> std::path::PathBuf {
+    let mut rules = vec![json!({
+        "apiGroups": ["discus.dev"], "resources": ["discimages"], "verbs": ["get", "create", "patch"],
+    })];
+    if secret {
+        rules.push(json!({
+            "apiGroups": [""], "resources": ["secrets"],
+            "resourceNames": ["uploaded-upload"], "verbs": ["get"],
+        }));
+    }
+    cluster.apply_objects(&[
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "demo"}}),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": name, "namespace": "demo"}, "rules": rules,
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": "demo"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": "demo"}],
+        }),
+    ]);
+    cluster
+        .plane
+        .service_account_kubeconfig("demo", name)
+        .await
+        .expect("a token")
 }
 
 async fn the_demo_becomes_current_on_every_node(cluster: &Cluster, nodes: &[&str]) {

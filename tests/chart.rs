@@ -273,6 +273,7 @@ fn every_agent_option_is_a_value_of_the_chart() {
     assert!(args.contains(&"--file-root=/srv/images"), "{args:?}");
     assert!(args.contains(&"--http-address=[::]:9464"), "{args:?}");
     assert!(args.contains(&"--boot-address=[::]:8090"), "{args:?}");
+    assert!(args.contains(&"--upload-listen=[::]:8443"), "{args:?}");
     assert_eq!(
         agent.pointer("/ports/1"),
         Some(&json!({"name": "boot", "containerPort": 8090, "protocol": "TCP"}))

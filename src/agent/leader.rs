@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -28,12 +28,16 @@ use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::{InFlight, field_manager};
 use super::stores::{Stores, Wakers};
+use super::upload_tokens::{self, Due};
+use crate::upload::endpoint::Keys;
 
 /// The field manager of everything the lease holder writes.
 pub const MANAGER: &str = "discus-leader";
 /// The Lease whose holder aggregates.
 pub const LEASE: &str = "discus-leader";
 const CONCURRENT_WRITES: usize = 16;
+/// An upload token written is not written again for this long while the store does not show it.
+const TOKEN_IN_FLIGHT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct LeaderOptions {
@@ -47,6 +51,8 @@ pub struct LeaderOptions {
     pub node_lost_after: Duration,
     /// …and, this much later, gone: its entries are removed.
     pub prune_after: Duration,
+    /// The agents' upload signing key, for the tokens the lease holder mints.
+    pub upload_keys: Arc<Keys>,
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
@@ -97,10 +103,14 @@ pub async fn run(
             continue;
         }
         aggregator.generate_secrets(&stores).await;
+        let tokens_due = aggregator
+            .upload_tokens(&stores, &options.upload_keys)
+            .await;
         let wait = aggregator
             .aggregate(&stores, Timestamp::now())
             .await
-            .unwrap_or(Duration::from_secs(60));
+            .unwrap_or(Duration::from_secs(60))
+            .min(tokens_due.unwrap_or(Duration::MAX));
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             tokio::select! {
@@ -134,6 +144,10 @@ pub struct Aggregator {
     in_flight: Mutex<HashMap<(Kind, ObjectKey, String), InFlight>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
     created_secrets: Mutex<BTreeSet<ObjectKey>>,
+    /// Upload tokens written, and when: not written again before the store shows them.
+    written_tokens: Mutex<BTreeMap<ObjectKey, Instant>>,
+    /// Token Secret names taken by Secrets discus did not make, told once each.
+    taken_tokens: Mutex<BTreeSet<ObjectKey>>,
 }
 
 struct Write {
@@ -191,6 +205,8 @@ impl Aggregator {
             liveness: Mutex::new(liveness),
             in_flight: Mutex::default(),
             created_secrets: Mutex::default(),
+            written_tokens: Mutex::default(),
+            taken_tokens: Mutex::default(),
         }
     }
 
@@ -239,6 +255,61 @@ impl Aggregator {
                 }
             }
         }
+    }
+
+    /// Mints the upload token of every DiscImage awaiting an upload whose token is missing or
+    /// due (see `upload_tokens`); returns when the next one falls due.
+    pub async fn upload_tokens(&self, stores: &Stores, keys: &Keys) -> Option<Duration> {
+        let key = keys.current()?;
+        let now = SystemTime::now();
+        let seconds = upload_tokens::seconds(now);
+        let mut next: Option<u64> = None;
+        let mut writes = Vec::new();
+        {
+            let written = self.written_tokens.lock();
+            let mut taken = self.taken_tokens.lock();
+            for guarded in stores.images() {
+                let Ok(image) = &guarded.0 else { continue };
+                let secret_key = upload_tokens::token_key(image);
+                let existing = stores.secret(&secret_key);
+                match upload_tokens::due(image, existing.as_deref(), &key, seconds) {
+                    Due::Mint => {
+                        let recent = (written.get(&secret_key))
+                            .is_some_and(|at| at.elapsed() < TOKEN_IN_FLIGHT);
+                        if !recent {
+                            writes.push((secret_key, upload_tokens::build(image, &key, now)));
+                        }
+                    }
+                    Due::No(Some(at)) => next = Some(next.map_or(at, |n| n.min(at))),
+                    Due::No(None) => {}
+                    Due::Taken => {
+                        if taken.insert(secret_key.clone()) {
+                            tracing::warn!(secret = %secret_key, "a Secret discus did not make holds the name of an upload token; it is left alone and the DiscImage gets no token");
+                        }
+                    }
+                }
+            }
+        }
+        for (secret_key, built) in writes {
+            let written = match built {
+                Ok(secret) => upload_tokens::write(&self.client, &secret)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error),
+            };
+            match written {
+                Ok(()) => {
+                    tracing::info!(secret = %secret_key, "minted an upload token");
+                    self.written_tokens
+                        .lock()
+                        .insert(secret_key, Instant::now());
+                }
+                Err(error) => {
+                    tracing::warn!(secret = %secret_key, %error, "cannot write an upload token")
+                }
+            }
+        }
+        next.map(|at| Duration::from_secs(at.saturating_sub(seconds).max(1)))
     }
 
     /// Writes every top-level status that changed, marks the entries of lost nodes and removes

@@ -15,6 +15,7 @@ mod publisher;
 mod retry;
 mod stores;
 mod sync_loop;
+mod upload_tokens;
 mod watch_backoff;
 
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct AgentOptions {
     pub api_timeouts: ApiTimeouts,
     /// No sync pass finished for this long (since the start, too): `/healthz` fails.
     pub stuck_after: Duration,
+    /// The agents' upload signing key as this agent knows it (its endpoint's too).
+    pub upload_keys: Arc<crate::upload::endpoint::Keys>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +127,13 @@ impl NodeLoop for AgentLoop {
                 iqn_authority: options.node.iqn_authority.clone(),
                 node_lost_after: options.node_lost_after,
                 prune_after: options.prune_after,
+                upload_keys: Arc::clone(&options.upload_keys),
             },
+        ));
+        tokio::spawn(upload_tokens::maintain_key(
+            client.clone(),
+            options.lease_namespace.clone(),
+            Arc::clone(&options.upload_keys),
         ));
         tokio::spawn(heartbeat::run(
             client.clone(),

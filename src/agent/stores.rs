@@ -232,6 +232,12 @@ impl Stores {
         Some(node_facts(&self.node_name, &node))
     }
 
+    /// A Secret in a watched namespace's store.
+    pub fn secret(&self, key: &ObjectKey) -> Option<Arc<Secret>> {
+        let reference = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+        self.secrets.iter().find_map(|store| store.get(&reference))
+    }
+
     /// Whether a Secret is in a watched namespace's store.
     pub fn secret_exists(&self, key: &ObjectKey) -> bool {
         let reference = reflector::ObjectRef::new(&key.name).within(&key.namespace);

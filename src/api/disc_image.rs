@@ -220,6 +220,20 @@ pub struct DiscImageNodeStatus {
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// While the node awaits the image's upload: where to send it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadEndpointStatus>,
+}
+
+/// Where a node receives an upload (`discus image upload` reads it).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadEndpointStatus {
+    /// HTTPS URLs of the node's upload endpoint for this image, one per address it listens on.
+    pub urls: Vec<String>,
+    /// The SHA-256 of the certificate the node serves them with (made at its start): a client
+    /// accepts that certificate and no other.
+    pub certificate_sha256: String,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -89,18 +89,9 @@ impl BootTables {
         let Some(bound) = self.address else {
             return Vec::new();
         };
-        // `0.0.0.0` listens on IPv4 only, `[::]` on both.
-        let reachable = |a: &&IpAddr| {
-            !a.is_unspecified() && !a.is_loopback() && (bound.is_ipv6() || a.is_ipv4())
-        };
-        let hosts: Vec<IpAddr> = if bound.ip().is_unspecified() {
-            addresses.iter().filter(reachable).copied().collect()
-        } else {
-            vec![bound.ip()]
-        };
-        hosts
+        http_server::reachable(bound, addresses)
             .into_iter()
-            .map(|host| format!("http://{}/boot/ipxe", SocketAddr::new(host, bound.port())))
+            .map(|at| format!("http://{at}/boot/ipxe"))
             .collect()
     }
 

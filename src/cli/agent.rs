@@ -1,6 +1,7 @@
 //! `discus agent` and its options.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -8,6 +9,8 @@ use clap::Args;
 use super::node_args::{NodeArgs, seconds};
 use crate::agent::{self, AgentOptions};
 use crate::desired::NodeFacts;
+use crate::upload::endpoint::{EndpointConfig, Keys};
+use crate::upload::tls::NodeIdentity;
 
 #[derive(Args)]
 pub struct AgentArgs {
@@ -40,6 +43,10 @@ pub struct AgentArgs {
     /// seconds; more than --resync-seconds.
     #[arg(long, default_value = "300", value_parser = seconds)]
     stuck_after_seconds: Duration,
+    /// Receive `discus image upload` over HTTPS on this address (for example 0.0.0.0:8443;
+    /// docs/upload.md); off unless given.
+    #[arg(long, env = "DISCUS_UPLOAD_LISTEN", value_name = "ADDRESS")]
+    upload_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -63,10 +70,27 @@ pub fn run(args: AgentArgs) -> ExitCode {
         name: args.node_name,
         ..NodeFacts::default()
     };
-    let node = match args.node.config(facts, crate::desired::Policy::strict()) {
+    let node_name = facts.name.clone();
+    let mut node = match args.node.config(facts, crate::desired::Policy::strict()) {
         Ok(node) => node,
         Err(error) => return super::fail(&error),
     };
+    let upload_keys = Arc::new(Keys::default());
+    if let Some(address) = args.upload_listen {
+        let names: Vec<_> = Some(address.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .into_iter()
+            .collect();
+        let identity = match NodeIdentity::generate(&node_name, &names) {
+            Ok(identity) => identity,
+            Err(error) => return super::fail(&format!("--upload-listen: {error}")),
+        };
+        node.upload = Some(EndpointConfig {
+            address,
+            identity: Arc::new(identity),
+            keys: Arc::clone(&upload_keys),
+        });
+    }
     let options = AgentOptions {
         node,
         namespaces: args
@@ -82,6 +106,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         resync,
         api_timeouts,
         stuck_after: args.stuck_after_seconds,
+        upload_keys,
     };
     let runtime = match super::runtime() {
         Ok(runtime) => runtime,

@@ -1,3 +1,5 @@
+//! `discus image upload`: a local image into the cluster (see `client::upload`).
+//!
 //! `discus image fetch`: import one image into a node's store, for pre-seeding and tests.
 //!
 //! It runs as the node's operator (root on the node), not as a tenant: it finds and stores images
@@ -14,6 +16,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use crate::api::disc_image::ImageFormat;
 use crate::api::{quantity, rules};
+use crate::client::{self, upload::UploadRequest};
+use crate::desired::ObjectKey;
 use crate::images::{
     self, DestinationPolicy, FetchOptions, HttpAuth, ImportRequest, Importer, ImporterConfig,
     Requester, Source,
@@ -25,6 +29,43 @@ pub enum ImageCommand {
     /// and store it. Prints one JSON object:
     /// {"path","format","virtualSize","sha256","servedSha256"}.
     Fetch(FetchArgs),
+    /// Upload a local image into the cluster as a DiscImage (docs/upload.md): hash it, declare
+    /// the DiscImage, send the bytes to a storage node over HTTPS (resuming what the node holds),
+    /// and wait until the node stored it.
+    Upload(UploadArgs),
+}
+
+#[derive(Args)]
+pub struct UploadArgs {
+    /// The image file.
+    file: PathBuf,
+    /// The DiscImage's name.
+    #[arg(long)]
+    name: String,
+    /// Its namespace.
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// auto, iso, raw, qcow2, vhdx or vmdk.
+    #[arg(long, default_value = "auto", value_parser = parse_format)]
+    format: ImageFormat,
+    /// Return once the node verified the bytes, without waiting for it to store them.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for a node, the token, and the image, in seconds.
+    #[arg(long, default_value = "600", value_parser = super::node_args::seconds)]
+    timeout_seconds: std::time::Duration,
+    /// Print one JSON object instead of text (progress stays on stderr).
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
+    output: Output,
+    /// The kubeconfig to use; otherwise as kubectl finds one.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -75,6 +116,16 @@ fn parse_size(value: &str) -> Result<u64, String> {
 
 pub fn run(command: ImageCommand) -> ExitCode {
     match command {
+        ImageCommand::Upload(args) => match super::runtime()
+            .map_err(|e| e.to_string())
+            .and_then(|rt| rt.block_on(upload(args)))
+        {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => super::fail(&message),
+        },
         ImageCommand::Fetch(args) => match super::runtime()
             .map_err(|e| e.to_string())
             .and_then(|rt| rt.block_on(fetch(args)))
@@ -85,6 +136,47 @@ pub fn run(command: ImageCommand) -> ExitCode {
             }
             Err(message) => super::fail(&message),
         },
+    }
+}
+
+async fn upload(args: UploadArgs) -> Result<String, String> {
+    for (what, value) in [("--name", &args.name), ("--namespace", &args.namespace)] {
+        rules::object_name(value).map_err(|e| format!("{what} {e}"))?;
+    }
+    let client = client::api_client(args.kubeconfig.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    let request = UploadRequest {
+        file: args.file,
+        key: ObjectKey::new(&args.namespace, &args.name),
+        format: args.format,
+        wait: !args.no_wait,
+        timeout: args.timeout_seconds,
+        progress: true,
+    };
+    let uploaded = client::upload::upload(&client, &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match args.output {
+        Output::Json => serde_json::to_string(&uploaded).map_err(|e| e.to_string()),
+        Output::Text => Ok(format!(
+            "DiscImage {}/{} ({} bytes, sha256 {}) is {} on node {} ({:.1} s{})",
+            uploaded.namespace,
+            uploaded.name,
+            uploaded.bytes,
+            uploaded.sha256,
+            if request.wait { "stored" } else { "verified" },
+            match uploaded.nodes.join(", ") {
+                nodes if nodes.is_empty() => "(uploaded before)".to_owned(),
+                nodes => nodes,
+            },
+            uploaded.seconds,
+            if uploaded.resumed_from > 0 {
+                format!(", resumed at byte {}", uploaded.resumed_from)
+            } else {
+                String::new()
+            }
+        )),
     }
 }
 

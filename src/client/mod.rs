@@ -13,6 +13,7 @@ pub mod open_iscsi;
 mod program;
 pub mod rbac;
 mod state;
+pub mod upload;
 
 use std::path::Path;
 use std::time::Duration;

@@ -18,7 +18,7 @@ use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{ObjectKey, Snapshot};
 
 pub use report::{NextPass, NodeReport, Pass, Unsettled};
-pub use requests::UploadReception;
+pub use requests::{Receiving, UploadReception};
 pub use sessions::{GrantRef, SessionChange, key as session_key};
 pub use syncer::Syncer;
 

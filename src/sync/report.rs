@@ -43,6 +43,8 @@ pub struct NodeReport {
     pub boot_urls: Vec<String>,
     /// The grants whose machines this node hands a script (its boot table).
     pub booting: BTreeSet<ObjectKey>,
+    /// Where this node receives uploads (none when it receives none); the URLs lack the path.
+    pub upload: Option<crate::api::disc_image::UploadEndpointStatus>,
     /// Lookups for status, built once a pass: statuses of thousands of resources must not each
     /// search the whole report.
     index: ReportIndex,

@@ -12,9 +12,16 @@ use crate::images::{HttpAuth, ImportRequest, Requester, Source};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum UploadReception {
     /// The node's upload endpoint is on.
-    On,
+    On(Receiving),
     /// Off: the message says how to turn it on, or what to use instead.
     Off(String),
+}
+
+/// Where the node's upload endpoint listens, and the certificate it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receiving {
+    pub bound: std::net::SocketAddr,
+    pub certificate_sha256: String,
 }
 
 impl UploadReception {
@@ -95,10 +102,10 @@ fn source(
             (UploadReception::Off(why), _) => {
                 return Err((Reason::UploadUnavailable, why.clone()));
             }
-            (UploadReception::On, None) => {
+            (UploadReception::On(_), None) => {
                 return Err((Reason::NotConverged, "the DiscImage has no uid yet".into()));
             }
-            (UploadReception::On, Some(uid)) => Source::Upload {
+            (UploadReception::On(_), Some(uid)) => Source::Upload {
                 uid: uid.to_owned(),
             },
         },

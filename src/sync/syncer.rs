@@ -15,6 +15,7 @@ use super::reconcile::Memory;
 use super::report::{NodeReport, Pass};
 use super::requests::{UploadReception, import_requests};
 use super::sessions::{SessionBook, SessionChange};
+use crate::api::disc_image::UploadEndpointStatus;
 use crate::backend::Backend;
 use crate::boot::{BootTable, BootTables};
 use crate::desired::{
@@ -199,6 +200,7 @@ impl<B: Backend> Syncer<B> {
             self.collect_garbage(&requests, &state);
         }
         report.desired = state;
+        report.upload = self.upload_endpoint(&node.addresses);
         report.index();
         if let Some(boot) = &self.boot {
             let table = BootTable::applied(&report, &resources.grants);
@@ -338,6 +340,20 @@ impl<B: Backend> Syncer<B> {
                 message,
             });
         }
+    }
+
+    /// Where clients reach this node's upload endpoint, if it has one.
+    fn upload_endpoint(&self, addresses: &[std::net::IpAddr]) -> Option<UploadEndpointStatus> {
+        let UploadReception::On(receiving) = &self.uploads else {
+            return None;
+        };
+        Some(UploadEndpointStatus {
+            urls: crate::http_server::reachable(receiving.bound, addresses)
+                .into_iter()
+                .map(|at| format!("https://{at}"))
+                .collect(),
+            certificate_sha256: receiving.certificate_sha256.clone(),
+        })
     }
 
     /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a

@@ -451,7 +451,12 @@ async fn an_upload_is_awaited_only_where_uploads_are_received_and_only_while_ask
         "{problem:?}"
     );
 
-    let on = syncer_over(&dir.join("on"), Table::default()).with_uploads(UploadReception::On);
+    let receiving = Receiving {
+        bound: "192.0.2.9:8443".parse().expect("address"),
+        certificate_sha256: "cd".repeat(32),
+    };
+    let on =
+        syncer_over(&dir.join("on"), Table::default()).with_uploads(UploadReception::On(receiving));
     let report = on.sync(&resources, Timestamp::now(), Pass::Full).await;
     match report.images.get(&key) {
         Some(ImageState::InProgress(progress)) => {
@@ -459,6 +464,10 @@ async fn an_upload_is_awaited_only_where_uploads_are_received_and_only_while_ask
         }
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        report.upload.as_ref().map(|u| u.urls.clone()),
+        Some(vec!["https://192.0.2.9:8443".to_owned()])
+    );
     let uploads = on.images().importer().uploads();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while uploads.held(uid, &sha256).is_err() {

@@ -153,6 +153,22 @@ impl SigningKey {
     }
 }
 
+/// The name of the Secret that holds a DiscImage's upload token (`discus image upload` reads
+/// it): `<name>-upload`, or, for a name too long for that, its start and a digest of it.
+pub fn token_secret_name(image: &str) -> String {
+    const SUFFIX: &str = "-upload";
+    if image.len() + SUFFIX.len() <= 253 {
+        return format!("{image}{SUFFIX}");
+    }
+    use sha2::Digest;
+    let digest = hex::encode(&sha2::Sha256::digest(image)[..8]);
+    let start = image
+        .get(..200)
+        .unwrap_or(image)
+        .trim_end_matches(['-', '.']);
+    format!("{start}-{digest}{SUFFIX}")
+}
+
 fn seconds(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -235,5 +251,14 @@ mod tests {
         let token = key.mint(&scope(), SystemTime::now()).expect("mint");
         let shown = format!("{token:?}");
         assert!(!shown.contains(token.text.expose_secret()), "{shown}");
+    }
+
+    #[test]
+    fn token_secret_names_fit() {
+        assert_eq!(token_secret_name("installer"), "installer-upload");
+        let long = "a".repeat(250);
+        let name = token_secret_name(&long);
+        assert!(name.len() <= 253 && name.ends_with("-upload"), "{name}");
+        assert_ne!(name, token_secret_name(&"a".repeat(251)));
     }
 }

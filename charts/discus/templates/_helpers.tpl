@@ -74,3 +74,11 @@ app.kubernetes.io/component: agent
 {{- printf "%s:%d" .Values.boot.address (int .Values.boot.port) -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "discus.uploadAddress" -}}
+{{- if contains ":" .Values.upload.address -}}
+{{- printf "[%s]:%d" .Values.upload.address (int .Values.upload.port) -}}
+{{- else -}}
+{{- printf "%s:%d" .Values.upload.address (int .Values.upload.port) -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,443 @@
+//! `discus image upload`: a local file into the cluster, verified, resumable.
+//!
+//! It hashes the file (one pass), declares the DiscImage with that digest (server-side apply;
+//! an existing one that names another digest or another source is refused), waits until a
+//! storage node awaits the upload and the lease holder minted its token, reads the token from
+//! the Secret the DiscImage owns (RBAC decides who may), and sends the bytes to the node's
+//! endpoint over HTTPS — accepting only the certificate whose digest the node published in
+//! status. An interrupted transfer continues from what the node holds; a run started again does
+//! too. It returns once the node verified and stored the image (or `--no-wait`: once the node
+//! verified the bytes).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::{ClientError, explain};
+use crate::api::DiscImage;
+use crate::api::disc_image::{DiscImageNodeStatus, ImageFormat, ImagePhase, UploadEndpointStatus};
+use crate::desired::ObjectKey;
+use crate::upload::endpoint::{LENGTH, OFFSET};
+use crate::upload::tls::pinned_client;
+use crate::upload::token::token_secret_name;
+
+const MANAGER: &str = "discus-image-upload";
+/// How often status is read while waiting.
+const POLL: Duration = Duration::from_secs(1);
+/// How many failed requests in a row end an upload.
+const ATTEMPTS: u32 = 8;
+const CHUNK: usize = 1 << 20;
+
+pub struct UploadRequest {
+    pub file: PathBuf,
+    pub key: ObjectKey,
+    pub format: ImageFormat,
+    /// Wait until the node stored the image, not only verified its bytes.
+    pub wait: bool,
+    /// How long to wait for a node, a token, and the image to be ready.
+    pub timeout: Duration,
+    /// Print progress to stderr.
+    pub progress: bool,
+}
+
+/// What an upload did.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Uploaded {
+    pub namespace: String,
+    pub name: String,
+    pub sha256: String,
+    pub bytes: u64,
+    /// The nodes that received it; none when it was Ready on a node already and no other
+    /// awaited it.
+    pub nodes: Vec<String>,
+    /// Where the last request started: more than 0 when it resumed what a node held.
+    pub resumed_from: u64,
+    pub seconds: f64,
+}
+
+/// Uploads `request.file` as the DiscImage `request.key`.
+pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded, ClientError> {
+    let started = Instant::now();
+    if request.progress {
+        eprintln!("hashing {}…", request.file.display());
+    }
+    let (sha256, bytes) = hash_file(&request.file).await?;
+    let images = Api::<DiscImage>::namespaced(client.clone(), &request.key.namespace);
+    declare(&images, request, &sha256).await?;
+    let deadline = Instant::now() + request.timeout;
+    let mut resumed_from = 0;
+    let mut nodes = Vec::new();
+    let mut failures = 0;
+    loop {
+        let awaiting = awaiting_node(&images, &request.key, &nodes, deadline).await?;
+        let Some((entry, endpoint)) = awaiting else {
+            break;
+        };
+        let token = read_token(client, &request.key, deadline).await?;
+        match send(&endpoint, &token, &request.file, bytes, request.progress).await {
+            Ok(Sent::Verified { from }) => {
+                resumed_from = resumed_from.max(from);
+                nodes.push(entry.node);
+                failures = 0;
+            }
+            Ok(Sent::Again) => {}
+            Err(Failure::Fatal(message)) => return Err(ClientError::Refused(message)),
+            Err(Failure::Transient(message)) => {
+                failures += 1;
+                if failures >= ATTEMPTS {
+                    return Err(ClientError::Api(message));
+                }
+                eprintln!("{message}; trying again");
+                tokio::time::sleep(POLL * failures).await;
+            }
+        }
+    }
+    if request.wait {
+        for node in &nodes {
+            wait_ready(&images, &request.key, node, deadline).await?;
+        }
+    }
+    Ok(Uploaded {
+        namespace: request.key.namespace.clone(),
+        name: request.key.name.clone(),
+        sha256,
+        bytes,
+        nodes,
+        resumed_from,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The file's SHA-256 and size, in one pass.
+async fn hash_file(path: &Path) -> Result<(String, u64), ClientError> {
+    let path = path.to_owned();
+    let failed = |e: std::io::Error, path: &Path| {
+        ClientError::Refused(format!("cannot read {}: {e}", path.display()))
+    };
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path).map_err(|e| failed(e, &path))?;
+        let mut hash = Sha256::new();
+        let mut buffer = vec![0u8; 4 << 20];
+        let mut total = 0u64;
+        loop {
+            let n = file.read(&mut buffer).map_err(|e| failed(e, &path))?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buffer[..n]);
+            total += n as u64;
+        }
+        Ok((hex::encode(hash.finalize()), total))
+    })
+    .await
+    .map_err(|e| ClientError::Api(e.to_string()))?
+}
+
+/// Declares the DiscImage, or checks that the one there is for these bytes.
+async fn declare(
+    images: &Api<DiscImage>,
+    request: &UploadRequest,
+    sha256: &str,
+) -> Result<(), ClientError> {
+    let key = &request.key;
+    let existing = images
+        .get_opt(&key.name)
+        .await
+        .map_err(|e| explain(&e, "get", "DiscImage", key))?;
+    if let Some(image) = existing {
+        if image.spec.source.upload.is_none() {
+            return Err(ClientError::Refused(format!(
+                "DiscImage {key} exists and its source is not an upload; choose another name"
+            )));
+        }
+        if image.spec.sha256 != sha256 {
+            return Err(ClientError::Refused(format!(
+                "DiscImage {key} exists for other bytes (spec.sha256 {}); this file's SHA-256 is \
+                 {sha256}. Choose another name, or delete that DiscImage first",
+                image.spec.sha256
+            )));
+        }
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": "discus.dev/v1alpha1",
+        "kind": "DiscImage",
+        "metadata": {"name": key.name, "namespace": key.namespace},
+        "spec": {"source": {"upload": {}}, "sha256": sha256, "format": request.format},
+    });
+    images
+        .patch(&key.name, &PatchParams::apply(MANAGER), &Patch::Apply(body))
+        .await
+        .map_err(|e| explain(&e, "create", "DiscImage", key))?;
+    Ok(())
+}
+
+/// A node that awaits the upload (other than those that received it from this run, `done`) and
+/// where to reach it; none once no other awaits it and it is Ready on a node or this run sent
+/// it; an error when the wait is over.
+async fn awaiting_node(
+    images: &Api<DiscImage>,
+    key: &ObjectKey,
+    done: &[String],
+    deadline: Instant,
+) -> Result<Option<(DiscImageNodeStatus, UploadEndpointStatus)>, ClientError> {
+    let mut last = String::from("no storage node reported it yet");
+    while Instant::now() < deadline {
+        let image = images
+            .get(&key.name)
+            .await
+            .map_err(|e| explain(&e, "get", "DiscImage", key))?;
+        let nodes = image.status.map(|s| s.nodes).unwrap_or_default();
+        let waiting = (nodes.iter()).find(|n| n.upload.is_some() && !done.contains(&n.node));
+        if let Some(entry) = waiting {
+            let endpoint = entry.upload.clone().unwrap_or_default();
+            return Ok(Some((entry.clone(), endpoint)));
+        }
+        if !done.is_empty() || nodes.iter().any(|n| n.phase == ImagePhase::Ready) {
+            return Ok(None);
+        }
+        if let Some(entry) = nodes.iter().find(|n| n.message.is_some()) {
+            last = format!(
+                "{}: {}",
+                entry.node,
+                entry.message.clone().unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Err(ClientError::Api(format!(
+        "no storage node awaits the upload of DiscImage {key} ({last}); is a target placing it, \
+         or its nodeSelector selecting nodes, with upload enabled on them?"
+    )))
+}
+
+/// The DiscImage's upload token, once the lease holder minted it.
+async fn read_token(
+    client: &Client,
+    key: &ObjectKey,
+    deadline: Instant,
+) -> Result<SecretString, ClientError> {
+    let secrets = Api::<Secret>::namespaced(client.clone(), &key.namespace);
+    let secret_key = key.sibling(&token_secret_name(&key.name));
+    while Instant::now() < deadline {
+        let secret = secrets
+            .get_opt(&secret_key.name)
+            .await
+            .map_err(|e| explain(&e, "get", "Secret", &secret_key))?;
+        let token = (secret.and_then(|s| s.data))
+            .and_then(|d| d.get("token").cloned())
+            .and_then(|t| String::from_utf8(t.0).ok());
+        if let Some(token) = token {
+            return Ok(SecretString::from(token));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Err(ClientError::Api(format!(
+        "no upload token in Secret {secret_key}: the agents mint it while a node awaits the upload"
+    )))
+}
+
+enum Sent {
+    /// Every byte arrived and matched; the request sent them from `from` on.
+    Verified { from: u64 },
+    /// The node wants more, from where it stands.
+    Again,
+}
+
+enum Failure {
+    Fatal(String),
+    Transient(String),
+}
+
+/// Sends what the node does not hold yet, from where it stands.
+async fn send(
+    endpoint: &UploadEndpointStatus,
+    token: &SecretString,
+    file: &Path,
+    length: u64,
+    progress: bool,
+) -> Result<Sent, Failure> {
+    let url = (endpoint.urls.first())
+        .ok_or_else(|| Failure::Transient("the node published no upload address".into()))?;
+    let tls = pinned_client(&endpoint.certificate_sha256)
+        .map_err(|e| Failure::Fatal(format!("the node's published certificate: {e}")))?;
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| Failure::Fatal(e.to_string()))?;
+    let offset = held(&http, url, token).await?;
+    let body = file_stream(file, offset, length, progress)
+        .await
+        .map_err(|e| Failure::Fatal(format!("cannot read {}: {e}", file.display())))?;
+    let response = http
+        .patch(url)
+        .bearer_auth(token.expose_secret())
+        .header(OFFSET, offset)
+        .header(LENGTH, length)
+        .header(reqwest::header::CONTENT_LENGTH, length - offset)
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .map_err(|e| Failure::Transient(format!("the upload was cut: {}", innermost(&e))))?;
+    let status = response.status();
+    let message = answer_message(response).await;
+    match status.as_u16() {
+        201 => Ok(Sent::Verified { from: offset }),
+        200 | 409 | 408 => Ok(Sent::Again),
+        401 | 404 | 503 => Err(Failure::Transient(format!("the node said: {message}"))),
+        _ => Err(Failure::Fatal(format!(
+            "the node refused the upload: {message}"
+        ))),
+    }
+}
+
+/// How many bytes the node holds.
+async fn held(http: &reqwest::Client, url: &str, token: &SecretString) -> Result<u64, Failure> {
+    let response = http
+        .head(url)
+        .bearer_auth(token.expose_secret())
+        .send()
+        .await
+        .map_err(|e| Failure::Transient(format!("cannot reach the node: {}", innermost(&e))))?;
+    if !response.status().is_success() {
+        return Err(Failure::Transient(format!(
+            "the node answered {} to where the upload stands",
+            response.status()
+        )));
+    }
+    let offset = (response.headers().get(OFFSET))
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(0);
+    Ok(offset)
+}
+
+async fn answer_message(response: reqwest::Response) -> String {
+    let body = response.bytes().await.unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned())
+}
+
+fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut error = error;
+    while let Some(source) = error.source() {
+        error = source;
+    }
+    error.to_string()
+}
+
+/// The file from `offset`, in chunks, telling progress on stderr about once a second.
+async fn file_stream(
+    path: &Path,
+    offset: u64,
+    length: u64,
+    progress: bool,
+) -> std::io::Result<impl futures::Stream<Item = std::io::Result<Vec<u8>>> + use<>> {
+    let mut file = tokio::fs::File::open(path).await?;
+    file.seek(std::io::SeekFrom::Start(offset)).await?;
+    let meter = Meter::new(offset, length, progress);
+    Ok(futures::stream::try_unfold(
+        (file, meter),
+        |(mut file, mut meter)| async move {
+            let mut chunk = vec![0u8; CHUNK];
+            let n = file.read(&mut chunk).await?;
+            if n == 0 {
+                meter.done();
+                return Ok(None);
+            }
+            chunk.truncate(n);
+            meter.add(n as u64);
+            Ok(Some((chunk, (file, meter))))
+        },
+    ))
+}
+
+/// Progress on stderr: bytes, rate, time left.
+struct Meter {
+    start: Instant,
+    from: u64,
+    done: u64,
+    length: u64,
+    last: Instant,
+    on: bool,
+}
+
+impl Meter {
+    fn new(from: u64, length: u64, on: bool) -> Self {
+        Self {
+            start: Instant::now(),
+            from,
+            done: from,
+            length,
+            last: Instant::now(),
+            on,
+        }
+    }
+
+    fn add(&mut self, n: u64) {
+        self.done += n;
+        if self.on && self.last.elapsed() >= Duration::from_secs(1) {
+            self.last = Instant::now();
+            eprintln!("{}", self.line());
+        }
+    }
+
+    fn done(&self) {
+        if self.on {
+            eprintln!("{}", self.line());
+        }
+    }
+
+    fn line(&self) -> String {
+        let seconds = self.start.elapsed().as_secs_f64().max(0.001);
+        let rate = (self.done - self.from) as f64 / seconds;
+        let left = (self.length - self.done) as f64 / rate.max(1.0);
+        format!(
+            "{:.1} of {:.1} MiB ({:.1} MiB/s, {:.0} s left)",
+            self.done as f64 / 1048576.0,
+            self.length as f64 / 1048576.0,
+            rate / 1048576.0,
+            left
+        )
+    }
+}
+
+/// Waits until `node` stored the image, or says why not.
+async fn wait_ready(
+    images: &Api<DiscImage>,
+    key: &ObjectKey,
+    node: &str,
+    deadline: Instant,
+) -> Result<(), ClientError> {
+    while Instant::now() < deadline {
+        let image = images
+            .get(&key.name)
+            .await
+            .map_err(|e| explain(&e, "get", "DiscImage", key))?;
+        let nodes = image.status.map(|s| s.nodes).unwrap_or_default();
+        match nodes.iter().find(|n| n.node == node) {
+            Some(entry) if entry.phase == ImagePhase::Ready => return Ok(()),
+            Some(entry) if entry.phase == ImagePhase::Failed => {
+                return Err(ClientError::Api(format!(
+                    "node {node} received the image but did not store it: {}",
+                    entry.message.clone().unwrap_or_default()
+                )));
+            }
+            _ => tokio::time::sleep(POLL).await,
+        }
+    }
+    Err(ClientError::Api(format!(
+        "node {node} verified the upload but has not reported DiscImage {key} Ready yet"
+    )))
+}
