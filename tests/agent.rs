@@ -459,13 +459,10 @@ fn writes_to(events: &[Value], group: &str) -> usize {
         .count()
 }
 
-/// (apiGroup, resource[/subresource], verb) of every rule of the shipped roles (deploy/rbac/,
-/// rendered from the chart).
+/// (apiGroup, resource[/subresource], verb) of every rule of the shipped roles (the chart's, as
+/// deploy/rbac/ has them, with uploads on).
 fn granted() -> std::collections::BTreeSet<support::rbac::Permission> {
-    let text =
-        std::fs::read_to_string(support::repo().join("deploy/rbac/agent.yaml")).expect("rbac");
-    let documents: Vec<Value> = serde_saphyr::from_multiple(&text).expect("rbac yaml");
-    support::rbac::granted(&documents)
+    support::rbac::granted(&support::cluster::agent_rbac_with_uploads())
 }
 
 /// What the agents' requests used, as (apiGroup, resource[/subresource], verb).
@@ -490,7 +487,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     events_tell_what_happened_on_each_node(&cluster, &nodes).await;
     every_node_boots_a_card_through_every_node_and_tells_it(&cluster).await;
     each_agent_says_how_it_is(&cluster);
-    an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(&cluster).await;
+    an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(&mut cluster).await;
     let requests = nothing_is_written_at_rest(&cluster).await;
     the_agents_use_exactly_their_rights_and_never_show_a_secret(&cluster, &requests, &password)
         .await;
@@ -499,8 +496,11 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
 /// A user uploads an image with `discus image upload` from a host of its own, bound only by
 /// the Role docs/upload.md gives; the node that needs it (and only it) receives it over HTTPS,
 /// verifies and stores it. Another user, who may not read the token's Secret, is refused with
-/// the rule it lacks. A run killed half-way resumes from what the node holds.
-async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(cluster: &Cluster) {
+/// the rule it lacks. A run killed half-way resumes from what the node holds; a run whose node's
+/// agent is killed and started again under it goes on once the node is back.
+async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
+    cluster: &mut Cluster,
+) {
     const SIZE: usize = 256 << 20;
     let image: Vec<u8> = (0..SIZE as u64)
         .step_by(8)
@@ -571,8 +571,28 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(cl
         )
         .await;
     host.kill(&mut first);
-    // …it resumes from there.
-    let output = upload(&uploader).output().expect("discus image upload");
+    let killed_at = std::fs::metadata(&part).expect("the part").len();
+    // …it resumes from there, and goes on when the node's agent restarts under it.
+    let second = upload(&uploader)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("discus image upload");
+    cluster
+        .wait_for(
+            "more of the upload on node-b",
+            Duration::from_secs(120),
+            async || {
+                // Gone from uploads/: all of it arrived.
+                std::fs::metadata(&part).map_or(true, |m| m.len() >= killed_at + (16 << 20))
+            },
+        )
+        .await;
+    let kubeconfig = cluster.agent_kubeconfig.clone();
+    let agent = cluster.agent("node-b");
+    agent.kill();
+    agent.start_with(&kubeconfig, &[]);
+    let output = second.wait_with_output().expect("discus image upload");
     assert!(
         output.status.success(),
         "{}",

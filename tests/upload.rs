@@ -572,3 +572,27 @@ async fn https_refuses_without_a_valid_token_for_the_image_and_keeps_nothing() {
     awaiting.wait_for(0).await;
     assert!(!awaiting.task.is_finished());
 }
+
+#[tokio::test]
+async fn a_request_in_flight_ends_when_its_image_is_no_longer_awaited() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_bytes(1 << 20, 8);
+    let digest = sha256(&image);
+    let awaiting = Awaiting::start(
+        importer(&dir.path().join("data"), UploadOptions::default()),
+        &digest,
+    )
+    .await;
+    let length = image.len() as u64;
+    let slow =
+        stream::iter(vec![Ok(Bytes::copy_from_slice(&image[..1000]))]).chain(stream::pending());
+    let (appended, ()) = tokio::join!(awaiting.append(0, length, Box::pin(slow)), async {
+        awaiting.wait_for(1000).await;
+        // The DiscImage is gone: the agent ends the import that awaited it.
+        awaiting.task.abort();
+    });
+    assert!(
+        matches!(appended, Err(UploadError::NotAwaited)),
+        "{appended:?}"
+    );
+}

@@ -51,8 +51,9 @@ pub struct LeaderOptions {
     pub node_lost_after: Duration,
     /// …and, this much later, gone: its entries are removed.
     pub prune_after: Duration,
-    /// The agents' upload signing key, for the tokens the lease holder mints.
-    pub upload_keys: Arc<Keys>,
+    /// The agents' upload signing key, for the tokens the lease holder mints (when it receives
+    /// uploads).
+    pub upload_keys: Option<Arc<Keys>>,
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
@@ -103,9 +104,10 @@ pub async fn run(
             continue;
         }
         aggregator.generate_secrets(&stores).await;
-        let tokens_due = aggregator
-            .upload_tokens(&stores, &options.upload_keys)
-            .await;
+        let tokens_due = match &options.upload_keys {
+            Some(keys) => aggregator.upload_tokens(&stores, keys).await,
+            None => None,
+        };
         let wait = aggregator
             .aggregate(&stores, Timestamp::now())
             .await
@@ -266,8 +268,10 @@ impl Aggregator {
         let mut next: Option<u64> = None;
         let mut writes = Vec::new();
         {
-            let written = self.written_tokens.lock();
+            let mut written = self.written_tokens.lock();
             let mut taken = self.taken_tokens.lock();
+            written.retain(|_, at| at.elapsed() < TOKEN_IN_FLIGHT);
+            taken.retain(|key| stores.secret(key).is_some());
             for guarded in stores.images() {
                 let Ok(image) = &guarded.0 else { continue };
                 let secret_key = upload_tokens::token_key(image);
@@ -290,25 +294,24 @@ impl Aggregator {
                 }
             }
         }
-        for (secret_key, built) in writes {
-            let written = match built {
-                Ok(secret) => upload_tokens::write(&self.client, &secret)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(error) => Err(error),
-            };
-            match written {
-                Ok(()) => {
-                    tracing::info!(secret = %secret_key, "minted an upload token");
-                    self.written_tokens
-                        .lock()
-                        .insert(secret_key, Instant::now());
+        futures::stream::iter(writes)
+            .for_each_concurrent(CONCURRENT_WRITES, |(secret_key, built)| async move {
+                let written = match built {
+                    Ok(secret) => upload_tokens::write(&self.client, &secret)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(error) => Err(error),
+                };
+                match written {
+                    Ok(()) => tracing::info!(secret = %secret_key, "minted an upload token"),
+                    Err(error) => {
+                        tracing::warn!(secret = %secret_key, %error, "cannot write an upload token; trying again shortly")
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(secret = %secret_key, %error, "cannot write an upload token")
-                }
-            }
-        }
+                // Written or not, not again before the store shows it or a while passed.
+                self.written_tokens.lock().insert(secret_key, Instant::now());
+            })
+            .await;
         next.map(|at| Duration::from_secs(at.saturating_sub(seconds).max(1)))
     }
 

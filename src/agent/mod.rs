@@ -58,8 +58,9 @@ pub struct AgentOptions {
     pub api_timeouts: ApiTimeouts,
     /// No sync pass finished for this long (since the start, too): `/healthz` fails.
     pub stuck_after: Duration,
-    /// The agents' upload signing key as this agent knows it (its endpoint's too).
-    pub upload_keys: Arc<crate::upload::endpoint::Keys>,
+    /// The agents' upload signing key as this agent knows it (its endpoint's too), when it
+    /// receives uploads: only then does it read or make the key, and mint tokens as lease holder.
+    pub upload_keys: Option<Arc<crate::upload::endpoint::Keys>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,14 +128,16 @@ impl NodeLoop for AgentLoop {
                 iqn_authority: options.node.iqn_authority.clone(),
                 node_lost_after: options.node_lost_after,
                 prune_after: options.prune_after,
-                upload_keys: Arc::clone(&options.upload_keys),
+                upload_keys: options.upload_keys.clone(),
             },
         ));
-        tokio::spawn(upload_tokens::maintain_key(
-            client.clone(),
-            options.lease_namespace.clone(),
-            Arc::clone(&options.upload_keys),
-        ));
+        if let Some(keys) = &options.upload_keys {
+            tokio::spawn(upload_tokens::maintain_key(
+                client.clone(),
+                options.lease_namespace.clone(),
+                Arc::clone(keys),
+            ));
+        }
         tokio::spawn(heartbeat::run(
             client.clone(),
             options.lease_namespace.clone(),

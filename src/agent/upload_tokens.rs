@@ -10,7 +10,8 @@
 //! node that reported it, the lease holder keeps a token in a Secret the DiscImage owns,
 //! `<name>-upload` in its namespace (data: `token`, `expires`, `keyId`), minted again when half
 //! its life is gone or the key changed. Whoever RBAC lets read that Secret may upload; nobody
-//! else can. A Secret of that name that discus did not make for this DiscImage is never touched.
+//! else can. A Secret of that name without discus's label and an owner reference to
+//! this DiscImage is never touched.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,24 +51,40 @@ pub async fn maintain_key(client: Client, namespace: String, keys: Arc<Keys>) {
                 }
                 KEY_REFRESH
             }
-            Err(error) => {
+            Err(KeyError::Unreachable(error)) => {
                 tracing::warn!(%error, secret = KEY_SECRET, "cannot read or make the upload signing key; retrying");
                 Duration::from_secs(10)
+            }
+            Err(KeyError::Invalid(error)) => {
+                // A key replaced by one that cannot be used: refuse every token rather than go
+                // on with the old one.
+                tracing::warn!(%error, secret = KEY_SECRET, "the upload signing key is not usable; every upload token is refused until it is");
+                keys.clear();
+                KEY_REFRESH
             }
         };
         tokio::time::sleep(wait).await;
     }
 }
 
-async fn load_or_make(secrets: &Api<Secret>) -> Result<SigningKey, String> {
+enum KeyError {
+    /// The apiserver did not answer: keep the key as it is.
+    Unreachable(String),
+    /// The Secret holds no usable key.
+    Invalid(String),
+}
+
+async fn load_or_make(secrets: &Api<Secret>) -> Result<SigningKey, KeyError> {
+    let unreachable = |e: kube::Error| KeyError::Unreachable(e.to_string());
     if let Some(secret) = super::bounded(secrets.get_opt(KEY_SECRET))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(unreachable)?
     {
         return key_of(&secret);
     }
     let mut bytes = vec![0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness from the system: {e}"))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| KeyError::Unreachable(format!("no randomness from the system: {e}")))?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(KEY_SECRET.to_owned()),
@@ -84,18 +101,21 @@ async fn load_or_make(secrets: &Api<Secret>) -> Result<SigningKey, String> {
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let secret = super::bounded(secrets.get(KEY_SECRET))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(unreachable)?;
             key_of(&secret)
         }
-        Err(error) => Err(error.to_string()),
+        Err(error) => Err(unreachable(error)),
     }
 }
 
-fn key_of(secret: &Secret) -> Result<SigningKey, String> {
+fn key_of(secret: &Secret) -> Result<SigningKey, KeyError> {
     let bytes = (secret.data.as_ref())
         .and_then(|d| d.get(KEY_FIELD))
-        .ok_or_else(|| format!("Secret {KEY_SECRET} has no key {KEY_FIELD:?}"))?;
-    SigningKey::from_bytes(&bytes.0).map_err(|e| format!("Secret {KEY_SECRET}: {e}"))
+        .ok_or_else(|| {
+            KeyError::Invalid(format!("Secret {KEY_SECRET} has no key {KEY_FIELD:?}"))
+        })?;
+    SigningKey::from_bytes(&bytes.0)
+        .map_err(|e| KeyError::Invalid(format!("Secret {KEY_SECRET}: {e}")))
 }
 
 fn managed_by() -> BTreeMap<String, String> {
@@ -120,14 +140,13 @@ fn minted(secret: &Secret) -> Option<Minted> {
     })
 }
 
-/// Whether a DiscImage awaits an upload somewhere: its source is an upload, and no node
-/// reported it, or one that did is not Ready.
+/// Whether a DiscImage awaits an upload somewhere: its source is an upload and a node reports
+/// that it awaits the bytes.
 pub fn awaits_upload(image: &DiscImage) -> bool {
-    if image.spec.source.upload.is_none() || image.uid().is_none() {
-        return false;
-    }
-    let nodes = image.status.as_ref().map(|s| s.nodes.as_slice());
-    nodes.is_none_or(|nodes| nodes.is_empty() || nodes.iter().any(|n| n.phase != ImagePhase::Ready))
+    image.spec.source.upload.is_some()
+        && image.uid().is_some()
+        && (image.status.as_ref())
+            .is_some_and(|s| (s.nodes.iter()).any(|n| n.phase == ImagePhase::Uploading))
 }
 
 /// Whether a token Secret that exists is discus's for this DiscImage.
@@ -277,7 +296,7 @@ mod tests {
         );
         let ready = image(&[ImagePhase::Ready, ImagePhase::Ready]);
         assert_eq!(due(&ready, None, &key(1), seconds(now)), Due::No(None));
-        assert_eq!(due(&image(&[]), None, &key(1), seconds(now)), Due::Mint);
+        assert_eq!(due(&image(&[]), None, &key(1), seconds(now)), Due::No(None));
     }
 
     #[test]

@@ -75,8 +75,9 @@ pub fn run(args: AgentArgs) -> ExitCode {
         Ok(node) => node,
         Err(error) => return super::fail(&error),
     };
-    let upload_keys = Arc::new(Keys::default());
+    let mut upload_keys = None;
     if let Some(address) = args.upload_listen {
+        let keys = Arc::new(Keys::default());
         let names: Vec<_> = Some(address.ip())
             .filter(|ip| !ip.is_unspecified())
             .into_iter()
@@ -88,8 +89,9 @@ pub fn run(args: AgentArgs) -> ExitCode {
         node.upload = Some(EndpointConfig {
             address,
             identity: Arc::new(identity),
-            keys: Arc::clone(&upload_keys),
+            keys: Arc::clone(&keys),
         });
+        upload_keys = Some(keys);
     }
     let options = AgentOptions {
         node,

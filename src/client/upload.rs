@@ -31,8 +31,9 @@ use crate::upload::token::token_secret_name;
 const MANAGER: &str = "discus-image-upload";
 /// How often status is read while waiting.
 const POLL: Duration = Duration::from_secs(1);
-/// How many failed requests in a row end an upload.
-const ATTEMPTS: u32 = 8;
+/// How long failed requests are tried again without progress: more than a node waits for a
+/// silent request to end (which holds the upload until then).
+const RETRY_WINDOW: Duration = Duration::from_secs(180);
 const CHUNK: usize = 1 << 20;
 
 pub struct UploadRequest {
@@ -72,39 +73,25 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
     let (sha256, bytes) = hash_file(&request.file).await?;
     let images = Api::<DiscImage>::namespaced(client.clone(), &request.key.namespace);
     declare(&images, request, &sha256).await?;
-    let deadline = Instant::now() + request.timeout;
-    let mut resumed_from = 0;
-    let mut nodes = Vec::new();
-    let mut failures = 0;
+    let mut delivery = Delivery::default();
     loop {
-        let awaiting = awaiting_node(&images, &request.key, &nodes, deadline).await?;
-        let Some((entry, endpoint)) = awaiting else {
+        deliver(client, &images, request, bytes, &mut delivery).await?;
+        if !request.wait {
             break;
-        };
-        let token = read_token(client, &request.key, deadline).await?;
-        match send(&endpoint, &token, &request.file, bytes, request.progress).await {
-            Ok(Sent::Verified { from }) => {
-                resumed_from = resumed_from.max(from);
-                nodes.push(entry.node);
-                failures = 0;
-            }
-            Ok(Sent::Again) => {}
-            Err(Failure::Fatal(message)) => return Err(ClientError::Refused(message)),
-            Err(Failure::Transient(message)) => {
-                failures += 1;
-                if failures >= ATTEMPTS {
-                    return Err(ClientError::Api(message));
-                }
-                eprintln!("{message}; trying again");
-                tokio::time::sleep(POLL * failures).await;
-            }
+        }
+        let deadline = Instant::now() + request.timeout;
+        match wait_ready(&images, &request.key, &delivery.nodes, deadline).await? {
+            // A node lost what it verified (it restarted before storing it): send it again.
+            Some(again) => delivery.nodes.retain(|n| n.node != again),
+            None => break,
         }
     }
-    if request.wait {
-        for node in &nodes {
-            wait_ready(&images, &request.key, node, deadline).await?;
-        }
-    }
+    let Delivery {
+        nodes,
+        resumed_from,
+        ..
+    } = delivery;
+    let nodes = nodes.into_iter().map(|n| n.node).collect();
     Ok(Uploaded {
         namespace: request.key.namespace.clone(),
         name: request.key.name.clone(),
@@ -114,6 +101,64 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
         resumed_from,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// What an upload delivered so far.
+#[derive(Default)]
+struct Delivery {
+    /// The nodes that verified the bytes.
+    nodes: Vec<Delivered>,
+    resumed_from: u64,
+    /// Since when requests fail without progress.
+    failing_since: Option<Instant>,
+}
+
+/// A node that verified the bytes, and the certificate it had then (a new one: it restarted).
+struct Delivered {
+    node: String,
+    certificate_sha256: String,
+}
+
+/// Sends the file to every node that awaits it, until none does.
+async fn deliver(
+    client: &Client,
+    images: &Api<DiscImage>,
+    request: &UploadRequest,
+    bytes: u64,
+    delivery: &mut Delivery,
+) -> Result<(), ClientError> {
+    loop {
+        let deadline = Instant::now() + request.timeout;
+        let done: Vec<&str> = delivery.nodes.iter().map(|n| n.node.as_str()).collect();
+        let awaiting = awaiting_node(images, &request.key, &done, deadline).await?;
+        let Some((entry, endpoint)) = awaiting else {
+            return Ok(());
+        };
+        let token = read_token(client, &request.key, deadline).await?;
+        match send(&endpoint, &token, &request.file, bytes, request.progress).await {
+            Ok(Sent::Verified { from }) => {
+                delivery.resumed_from = delivery.resumed_from.max(from);
+                delivery.nodes.push(Delivered {
+                    node: entry.node,
+                    certificate_sha256: endpoint.certificate_sha256,
+                });
+                delivery.failing_since = None;
+            }
+            Ok(Sent::Again) => delivery.failing_since = None,
+            Err(Failure::Fatal(message)) => return Err(ClientError::Refused(message)),
+            Err(Failure::Transient(message)) => {
+                let since = *delivery.failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= RETRY_WINDOW {
+                    return Err(ClientError::Api(format!(
+                        "{message}; gave up after {} s without progress",
+                        RETRY_WINDOW.as_secs()
+                    )));
+                }
+                eprintln!("{message}; trying again");
+                tokio::time::sleep(POLL * 2).await;
+            }
+        }
+    }
 }
 
 /// The file's SHA-256 and size, in one pass.
@@ -187,7 +232,7 @@ async fn declare(
 async fn awaiting_node(
     images: &Api<DiscImage>,
     key: &ObjectKey,
-    done: &[String],
+    done: &[&str],
     deadline: Instant,
 ) -> Result<Option<(DiscImageNodeStatus, UploadEndpointStatus)>, ClientError> {
     let mut last = String::from("no storage node reported it yet");
@@ -197,7 +242,8 @@ async fn awaiting_node(
             .await
             .map_err(|e| explain(&e, "get", "DiscImage", key))?;
         let nodes = image.status.map(|s| s.nodes).unwrap_or_default();
-        let waiting = (nodes.iter()).find(|n| n.upload.is_some() && !done.contains(&n.node));
+        let waiting =
+            (nodes.iter()).find(|n| n.upload.is_some() && !done.contains(&n.node.as_str()));
         if let Some(entry) = waiting {
             let endpoint = entry.upload.clone().unwrap_or_default();
             return Ok(Some((entry.clone(), endpoint)));
@@ -266,8 +312,6 @@ async fn send(
     length: u64,
     progress: bool,
 ) -> Result<Sent, Failure> {
-    let url = (endpoint.urls.first())
-        .ok_or_else(|| Failure::Transient("the node published no upload address".into()))?;
     let tls = pinned_client(&endpoint.certificate_sha256)
         .map_err(|e| Failure::Fatal(format!("the node's published certificate: {e}")))?;
     let http = reqwest::Client::builder()
@@ -275,7 +319,13 @@ async fn send(
         .connect_timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| Failure::Fatal(e.to_string()))?;
-    let offset = held(&http, url, token).await?;
+    let (url, held) = reachable(&http, &endpoint.urls, token).await?;
+    // What the node holds for another length, or more than the file has: start again from 0.
+    let offset = if held.bytes <= length && held.length.is_none_or(|l| l == length) {
+        held.bytes
+    } else {
+        0
+    };
     let body = file_stream(file, offset, length, progress)
         .await
         .map_err(|e| Failure::Fatal(format!("cannot read {}: {e}", file.display())))?;
@@ -293,16 +343,42 @@ async fn send(
     let message = answer_message(response).await;
     match status.as_u16() {
         201 => Ok(Sent::Verified { from: offset }),
-        200 | 409 | 408 => Ok(Sent::Again),
-        401 | 404 | 503 => Err(Failure::Transient(format!("the node said: {message}"))),
+        200 | 408 => Ok(Sent::Again),
+        401 | 404 | 409 | 500 | 503 => Err(Failure::Transient(format!("the node said: {message}"))),
         _ => Err(Failure::Fatal(format!(
             "the node refused the upload: {message}"
         ))),
     }
 }
 
-/// How many bytes the node holds.
-async fn held(http: &reqwest::Client, url: &str, token: &SecretString) -> Result<u64, Failure> {
+/// Where an upload stands on a node.
+struct NodeHeld {
+    bytes: u64,
+    length: Option<u64>,
+}
+
+/// The first of the node's addresses that answers, and where the upload stands there.
+async fn reachable<'a>(
+    http: &reqwest::Client,
+    urls: &'a [String],
+    token: &SecretString,
+) -> Result<(&'a str, NodeHeld), Failure> {
+    let mut last = Failure::Transient("the node published no upload address".into());
+    for url in urls {
+        match held(http, url, token).await {
+            Ok(held) => return Ok((url, held)),
+            Err(failure) => last = failure,
+        }
+    }
+    Err(last)
+}
+
+/// Where the upload stands on the node at `url`.
+async fn held(
+    http: &reqwest::Client,
+    url: &str,
+    token: &SecretString,
+) -> Result<NodeHeld, Failure> {
     let response = http
         .head(url)
         .bearer_auth(token.expose_secret())
@@ -315,10 +391,15 @@ async fn held(http: &reqwest::Client, url: &str, token: &SecretString) -> Result
             response.status()
         )));
     }
-    let offset = (response.headers().get(OFFSET))
-        .and_then(|v| v.to_str().ok()?.parse().ok())
-        .unwrap_or(0);
-    Ok(offset)
+    let number = |name: reqwest::header::HeaderName| -> Option<u64> {
+        response.headers().get(name)?.to_str().ok()?.parse().ok()
+    };
+    let bytes = number(OFFSET)
+        .ok_or_else(|| Failure::Transient("the node did not say where the upload stands".into()))?;
+    Ok(NodeHeld {
+        bytes,
+        length: number(LENGTH),
+    })
 }
 
 async fn answer_message(response: reqwest::Response) -> String {
@@ -413,31 +494,50 @@ impl Meter {
     }
 }
 
-/// Waits until `node` stored the image, or says why not.
+/// Waits until every node in `nodes` stored the image; a node that awaits it again with a
+/// certificate other than the one it verified the bytes under (it restarted and lost them
+/// before storing them) is returned, to be sent them again.
 async fn wait_ready(
     images: &Api<DiscImage>,
     key: &ObjectKey,
-    node: &str,
+    nodes: &[Delivered],
     deadline: Instant,
-) -> Result<(), ClientError> {
+) -> Result<Option<String>, ClientError> {
     while Instant::now() < deadline {
         let image = images
             .get(&key.name)
             .await
             .map_err(|e| explain(&e, "get", "DiscImage", key))?;
-        let nodes = image.status.map(|s| s.nodes).unwrap_or_default();
-        match nodes.iter().find(|n| n.node == node) {
-            Some(entry) if entry.phase == ImagePhase::Ready => return Ok(()),
-            Some(entry) if entry.phase == ImagePhase::Failed => {
-                return Err(ClientError::Api(format!(
-                    "node {node} received the image but did not store it: {}",
-                    entry.message.clone().unwrap_or_default()
-                )));
+        let entries = image.status.map(|s| s.nodes).unwrap_or_default();
+        let mut ready = 0;
+        for delivered in nodes {
+            let node = &delivered.node;
+            match entries.iter().find(|e| e.node == *node) {
+                Some(e) if e.phase == ImagePhase::Ready => ready += 1,
+                Some(e) if e.phase == ImagePhase::Failed => {
+                    return Err(ClientError::Api(format!(
+                        "node {node} received the image but did not store it: {}",
+                        e.message.clone().unwrap_or_default()
+                    )));
+                }
+                Some(e)
+                    if e.upload
+                        .as_ref()
+                        .is_some_and(|u| u.certificate_sha256 != delivered.certificate_sha256) =>
+                {
+                    return Ok(Some(node.clone()));
+                }
+                _ => {}
             }
-            _ => tokio::time::sleep(POLL).await,
         }
+        if ready == nodes.len() {
+            return Ok(None);
+        }
+        tokio::time::sleep(POLL).await;
     }
+    let names: Vec<&str> = nodes.iter().map(|n| n.node.as_str()).collect();
     Err(ClientError::Api(format!(
-        "node {node} verified the upload but has not reported DiscImage {key} Ready yet"
+        "the nodes {names:?} verified the upload of DiscImage {key} but have not all reported \
+         it Ready"
     )))
 }

@@ -212,7 +212,15 @@ impl ImageManager {
         let asked: std::collections::BTreeSet<JobKey> =
             requests.into_iter().map(JobKey::of).collect();
         self.jobs.lock().retain(|key, job| match job {
-            Job::Running(running) if running.upload && !asked.contains(key) => {
+            // Once its bytes were verified, an upload is an import like any other.
+            Job::Running(running)
+                if running.upload
+                    && !asked.contains(key)
+                    && matches!(
+                        running.progress.borrow().phase,
+                        Phase::Pending | Phase::Uploading
+                    ) =>
+            {
                 running.task.abort();
                 false
             }

@@ -82,11 +82,9 @@ impl<T: Send + 'static> Worker<T> {
         })
     }
 
-    async fn send(&self, message: Message) -> bool {
-        match &self.tx {
-            Some(tx) => tx.send(message).await.is_ok(),
-            None => false,
-        }
+    /// A place in the queue, or none when the worker stopped.
+    async fn reserve(&self) -> Option<mpsc::Permit<'_, Message>> {
+        self.tx.as_ref()?.reserve().await.ok()
     }
 
     /// Closes the queue and waits for the thread (blocking: call it where blocking is fine).
@@ -213,8 +211,15 @@ impl Sink {
         })
     }
 
+    /// Gives `message` to both workers, or to neither: a place in both queues is taken before
+    /// either is given it, so a caller cancelled while waiting (a client that went away) never
+    /// leaves bytes hashed that are not written, or written that are not hashed.
     async fn send(&self, message: Message) -> io::Result<()> {
-        if self.hasher.send(message.clone()).await && self.writer.send(message).await {
+        if let Some(hashing) = self.hasher.reserve().await
+            && let Some(writing) = self.writer.reserve().await
+        {
+            hashing.send(message.clone());
+            writing.send(message);
             return Ok(());
         }
         // A worker stopped: say why.

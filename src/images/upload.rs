@@ -136,6 +136,21 @@ struct Awaited {
     limit: u64,
     receiving: tokio::sync::Mutex<Receiving>,
     held: watch::Sender<Held>,
+    /// Set when the import stops awaiting (its DiscImage is gone): a request in flight ends.
+    ended_flag: std::sync::atomic::AtomicBool,
+    ended: tokio::sync::Notify,
+}
+
+impl Awaited {
+    fn is_ended(&self) -> bool {
+        self.ended_flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn end(&self) {
+        self.ended_flag
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.ended.notify_waiters();
+    }
 }
 
 struct Receiving {
@@ -219,6 +234,8 @@ impl Uploads {
                 complete: Some(complete_tx),
             }),
             held: watch::Sender::new(held),
+            ended_flag: Default::default(),
+            ended: Default::default(),
         });
         self.awaited
             .lock()
@@ -233,15 +250,16 @@ impl Uploads {
             let written = complete.sink.finish().await?;
             progress.update(Phase::Verifying, written.bytes, Some(written.bytes));
             if written.sha256 == sha256 {
-                let _ = complete.verdict.send(Ok(()));
                 tracing::info!(
                     uid,
                     sha256,
                     bytes = written.bytes,
                     "received an upload whose digest matches"
                 );
+                let staging = self.store.into_work(written.staging)?;
+                let _ = complete.verdict.send(Ok(()));
                 return Ok(Written {
-                    staging: self.store.into_work(written.staging)?,
+                    staging,
                     sha256: written.sha256,
                     bytes: written.bytes,
                 });
@@ -288,38 +306,64 @@ impl Uploads {
             .receiving
             .try_lock()
             .map_err(|_| UploadError::InProgress)?;
-        let sink = receiving.sink.as_ref().ok_or(UploadError::InProgress)?;
+        let complete = (self.take(&awaited, &mut receiving, offset, length, announced, body)).await;
+        match complete {
+            Ok(false) => Ok(Appended::Partial(receiving.held)),
+            Ok(true) => {
+                let verdict = hand_over(&mut receiving)?;
+                drop(receiving);
+                verdict.await.map_err(|_| UploadError::Abandoned)??;
+                Ok(Appended::Verified)
+            }
+            Err(error) => {
+                if let UploadError::Io(_) = error {
+                    // The file could not be written: this wait ends, and the next resumes from
+                    // what the file holds.
+                    receiving.sink = None;
+                    receiving.complete = None;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes the body into the upload; whether the upload is complete.
+    async fn take<S, E>(
+        &self,
+        awaited: &Awaited,
+        receiving: &mut Receiving,
+        offset: u64,
+        length: u64,
+        announced: Option<u64>,
+        body: S,
+    ) -> Result<bool, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: Display,
+    {
+        let sink = receiving.sink.as_ref().ok_or(UploadError::Abandoned)?;
         check_append(&receiving.held, awaited.limit, offset, length, announced)?;
+        fetch::ensure_space(sink.dir(), length - offset)?;
         if offset == 0 && receiving.held.bytes > 0 {
             sink.reset().await?;
         }
-        fetch::ensure_space(sink.dir(), length - offset)?;
         receiving.held = Held {
             bytes: offset,
             length: Some(length),
         };
         awaited.held.send_replace(receiving.held);
-        let streamed = self.stream(&awaited, &mut receiving, length, body).await;
-        if let Err(UploadError::TooLong { .. }) = &streamed
-            && let Some(sink) = &receiving.sink
-        {
+        let streamed = self.stream(awaited, receiving, length, body).await;
+        let sink = receiving.sink.as_ref().ok_or(UploadError::Abandoned)?;
+        if let Err(UploadError::TooLong { .. }) = &streamed {
             // Bytes past the declared length: nothing of this upload is kept.
             sink.reset().await?;
             receiving.held = Held::default();
             awaited.held.send_replace(receiving.held);
         }
-        if let Some(sink) = &receiving.sink {
-            // What the node says it holds is in the file, even if the upload stops here.
-            sink.settle().await?;
-        }
+        // What the node says it holds is in the file, even if the upload stops here.
+        sink.settle().await?;
         streamed?;
-        if receiving.held.bytes < length {
-            return Ok(Appended::Partial(receiving.held));
-        }
-        let verdict = hand_over(&mut receiving)?;
-        drop(receiving);
-        verdict.await.map_err(|_| UploadError::Abandoned)??;
-        Ok(Appended::Verified)
+        Ok(receiving.held.bytes == length)
     }
 
     /// Streams the body into the sink, counting what the node holds.
@@ -337,21 +381,29 @@ impl Uploads {
         let idle = self.options.idle_timeout;
         let pace = Pace::start(idle, self.options.min_rate);
         let start = receiving.held.bytes;
+        let ended = awaited.ended.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
         loop {
+            if awaited.is_ended() {
+                return Err(UploadError::NotAwaited);
+            }
             let held = receiving.held.bytes;
             let brought = held - start;
             let wait = (tokio::time::Instant::now() + idle).min(pace.deadline(brought));
-            let next = tokio::time::timeout_at(wait, body.next())
-                .await
-                .map_err(|_| match pace.would_miss(brought, Duration::ZERO) {
-                    true => UploadError::TooSlow {
-                        brought,
-                        elapsed: pace.elapsed(),
-                        min_rate: pace.min_rate(),
-                        held,
-                    },
-                    false => UploadError::Idle { idle, held },
-                })?;
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(wait, body.next()) => next,
+                () = &mut ended => return Err(UploadError::NotAwaited),
+            };
+            let next = next.map_err(|_| match pace.would_miss(brought, Duration::ZERO) {
+                true => UploadError::TooSlow {
+                    brought,
+                    elapsed: pace.elapsed(),
+                    min_rate: pace.min_rate(),
+                    held,
+                },
+                false => UploadError::Idle { idle, held },
+            })?;
             let chunk = match next {
                 None => return Ok(()),
                 Some(Ok(chunk)) => chunk,
@@ -384,6 +436,7 @@ struct Listed<'a> {
 
 impl Drop for Listed<'_> {
     fn drop(&mut self) {
+        self.awaited.end();
         let mut awaited = self.uploads.awaited.lock();
         if awaited
             .get(self.uid)
@@ -447,7 +500,14 @@ async fn wait_for_bytes(
         let now = *held.borrow_and_update();
         progress.update(Phase::Uploading, now.bytes, now.length);
         tokio::select! {
-            done = &mut complete => return done.map_err(|_| UploadError::Abandoned),
+            done = &mut complete => {
+                return done.map_err(|_| {
+                    UploadError::Io(io::Error::other(
+                        "the upload's file could not be written; it resumes from what the file \
+                         holds",
+                    ))
+                });
+            }
             _ = held.changed() => {}
         }
     }

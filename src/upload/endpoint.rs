@@ -60,6 +60,11 @@ impl Keys {
         *self.current.write() = Some(Arc::new(key));
     }
 
+    /// Forgets the key: every token is refused until one is set.
+    pub fn clear(&self) {
+        *self.current.write() = None;
+    }
+
     pub fn current(&self) -> Option<Arc<SigningKey>> {
         self.current.read().clone()
     }

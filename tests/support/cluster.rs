@@ -61,11 +61,12 @@ impl Kube {
             agent_kubeconfig: PathBuf::new(),
         };
         let rbac = super::repo().join("deploy/rbac");
-        kube.kubectl(&[
-            "apply",
-            "-f",
-            &rbac.join("agent.yaml").display().to_string(),
-        ]);
+        // The agents' roles as deploy/rbac/agent.yaml has them, with the rights uploads need:
+        // the test agents receive uploads.
+        let agent_rbac = tempfile::NamedTempFile::new().expect("temp file");
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": agent_rbac_with_uploads()});
+        std::fs::write(agent_rbac.path(), list.to_string()).expect("write");
+        kube.kubectl(&["apply", "-f", &agent_rbac.path().display().to_string()]);
         kube.kubectl(&[
             "apply",
             "-f",
@@ -141,6 +142,17 @@ impl Kube {
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+}
+
+/// The agents' roles (templates/agent-rbac.yaml, which deploy/rbac/agent.yaml renders with the
+/// defaults), with `upload.enabled`.
+pub fn agent_rbac_with_uploads() -> Vec<serde_json::Value> {
+    super::chart::render(&[
+        "--set",
+        "upload.enabled=true",
+        "--show-only",
+        "templates/agent-rbac.yaml",
+    ])
 }
 
 /// A host of its own with the demo ISO in `DEMO_DIR`.
