@@ -116,26 +116,22 @@ fn parse_size(value: &str) -> Result<u64, String> {
 
 pub fn run(command: ImageCommand) -> ExitCode {
     match command {
-        ImageCommand::Upload(args) => match super::runtime()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(upload(args)))
-        {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(message) => super::fail(&message),
-        },
-        ImageCommand::Fetch(args) => match super::runtime()
-            .map_err(|e| e.to_string())
-            .and_then(|rt| rt.block_on(fetch(args)))
-        {
-            Ok(json) => {
-                println!("{json}");
-                ExitCode::SUCCESS
-            }
-            Err(message) => super::fail(&message),
-        },
+        ImageCommand::Upload(args) => print_or_fail(upload(args)),
+        ImageCommand::Fetch(args) => print_or_fail(fetch(args)),
+    }
+}
+
+/// Runs a command on a runtime of its own and prints what it says, or fails with its error.
+fn print_or_fail(command: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
+    let result = super::runtime()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(command));
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(message) => super::fail(&message),
     }
 }
 

@@ -237,11 +237,7 @@ async fn awaiting_node(
 ) -> Result<Option<(DiscImageNodeStatus, UploadEndpointStatus)>, ClientError> {
     let mut last = String::from("no storage node reported it yet");
     while Instant::now() < deadline {
-        let image = images
-            .get(&key.name)
-            .await
-            .map_err(|e| explain(&e, "get", "DiscImage", key))?;
-        let nodes = image.status.map(|s| s.nodes).unwrap_or_default();
+        let nodes = node_entries(images, key).await?;
         let waiting =
             (nodes.iter()).find(|n| n.upload.is_some() && !done.contains(&n.node.as_str()));
         if let Some(entry) = waiting {
@@ -264,6 +260,18 @@ async fn awaiting_node(
         "no storage node awaits the upload of DiscImage {key} ({last}); is a target placing it, \
          or its nodeSelector selecting nodes, with upload enabled on them?"
     )))
+}
+
+/// The DiscImage's entries of every node, as status has them now.
+async fn node_entries(
+    images: &Api<DiscImage>,
+    key: &ObjectKey,
+) -> Result<Vec<DiscImageNodeStatus>, ClientError> {
+    let image = images
+        .get(&key.name)
+        .await
+        .map_err(|e| explain(&e, "get", "DiscImage", key))?;
+    Ok(image.status.map(|s| s.nodes).unwrap_or_default())
 }
 
 /// The DiscImage's upload token, once the lease holder minted it.
@@ -504,11 +512,7 @@ async fn wait_ready(
     deadline: Instant,
 ) -> Result<Option<String>, ClientError> {
     while Instant::now() < deadline {
-        let image = images
-            .get(&key.name)
-            .await
-            .map_err(|e| explain(&e, "get", "DiscImage", key))?;
-        let entries = image.status.map(|s| s.nodes).unwrap_or_default();
+        let entries = node_entries(images, key).await?;
         let mut ready = 0;
         for delivered in nodes {
             let node = &delivered.node;

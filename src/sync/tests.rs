@@ -159,7 +159,16 @@ fn resources(dir: &std::path::Path) -> Resources {
         "metadata": {"name": "disc", "namespace": "lab"},
         "spec": {"source": {"file": {"path": disc}}, "sha256": sha256, "format": "raw"},
     });
-    let target = serde_json::json!({
+    Resources {
+        images: vec![serde_json::from_value(image).expect("DiscImage")],
+        targets: vec![boot_target()],
+        ..Resources::default()
+    }
+}
+
+/// A target on the storage nodes with the image `disc` as LUN 0.
+fn boot_target() -> crate::api::IscsiTarget {
+    serde_json::from_value(serde_json::json!({
         "apiVersion": "discus.dev/v1alpha1",
         "kind": "IscsiTarget",
         "metadata": {"name": "boot", "namespace": "lab"},
@@ -168,12 +177,8 @@ fn resources(dir: &std::path::Path) -> Resources {
             "authentication": "none",
             "nodeSelector": {"matchLabels": {"discus.dev/storage": "true"}},
         },
-    });
-    Resources {
-        images: vec![serde_json::from_value(image).expect("DiscImage")],
-        targets: vec![serde_json::from_value(target).expect("IscsiTarget")],
-        ..Resources::default()
-    }
+    }))
+    .expect("IscsiTarget")
 }
 
 fn storage_node() -> NodeFacts {
@@ -413,19 +418,9 @@ fn uploaded(uid: &str) -> Resources {
         "metadata": {"name": "disc", "namespace": "lab", "uid": uid},
         "spec": {"source": {"upload": {}}, "sha256": "ab".repeat(32)},
     });
-    let target = serde_json::json!({
-        "apiVersion": "discus.dev/v1alpha1",
-        "kind": "IscsiTarget",
-        "metadata": {"name": "boot", "namespace": "lab"},
-        "spec": {
-            "luns": [{"lun": 0, "image": "disc"}],
-            "authentication": "none",
-            "nodeSelector": {"matchLabels": {"discus.dev/storage": "true"}},
-        },
-    });
     Resources {
         images: vec![serde_json::from_value(image).expect("DiscImage")],
-        targets: vec![serde_json::from_value(target).expect("IscsiTarget")],
+        targets: vec![boot_target()],
         ..Resources::default()
     }
 }
