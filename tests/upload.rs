@@ -4,6 +4,8 @@
 //! leaves nothing that could be served.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
+mod support;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -595,4 +597,32 @@ async fn a_request_in_flight_ends_when_its_image_is_no_longer_awaited() {
         matches!(appended, Err(UploadError::NotAwaited)),
         "{appended:?}"
     );
+}
+
+/// A node whose disk cannot hold the upload: refused before a byte is written, nothing kept.
+/// The store is on a small tmpfs in a host of its own, reached through that host's root.
+#[tokio::test]
+async fn an_upload_the_disk_cannot_hold_is_refused_and_keeps_nothing() {
+    let sandbox = support::sandbox::Sandbox::new();
+    let small = sandbox.scratch("small");
+    let shown = small.display().to_string();
+    sandbox.must(&["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", &shown]);
+    let data = std::path::PathBuf::from(format!("/proc/{}/root{shown}/data", sandbox.pid()));
+    let image = image_bytes(4 << 20, 9);
+    let digest = sha256(&image);
+    let awaiting = Awaiting::start(importer(&data, UploadOptions::default()), &digest).await;
+    let refused = awaiting.send(0, image.len() as u64, &image).await;
+    match refused {
+        Err(UploadError::Space(error)) => {
+            assert!(
+                error.to_string().contains("not enough free space"),
+                "{error}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(awaiting.held().expect("held"), Held::default());
+    assert!(entries(&data.join("images")).is_empty());
+    let part = data.join("uploads").join(format!("{UID}.part"));
+    assert_eq!(std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0), 0);
 }
