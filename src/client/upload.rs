@@ -439,8 +439,14 @@ async fn file_stream(
     Ok(futures::stream::try_unfold(
         (file, meter),
         |(mut file, mut meter)| async move {
-            let mut chunk = vec![0u8; CHUNK];
-            let n = file.read(&mut chunk).await?;
+            // Never past the length hashed and declared, whatever the file does meanwhile.
+            let rest = meter.length.saturating_sub(meter.done);
+            let mut chunk = vec![0u8; CHUNK.min(usize::try_from(rest).unwrap_or(CHUNK))];
+            let n = if chunk.is_empty() {
+                0
+            } else {
+                file.read(&mut chunk).await?
+            };
             if n == 0 {
                 meter.done();
                 return Ok(None);
@@ -491,7 +497,7 @@ impl Meter {
     fn line(&self) -> String {
         let seconds = self.start.elapsed().as_secs_f64().max(0.001);
         let rate = (self.done - self.from) as f64 / seconds;
-        let left = (self.length - self.done) as f64 / rate.max(1.0);
+        let left = self.length.saturating_sub(self.done) as f64 / rate.max(1.0);
         format!(
             "{:.1} of {:.1} MiB ({:.1} MiB/s, {:.0} s left)",
             self.done as f64 / 1048576.0,

@@ -269,16 +269,19 @@ impl Uploads {
                 expected: sha256.to_owned(),
                 actual: written.sha256,
             };
-            let _ = complete.verdict.send(Err(mismatch));
             let (complete_tx, next_rx) = oneshot::channel();
             complete_rx = next_rx;
-            let mut receiving = awaited.receiving.lock().await;
-            *receiving = Receiving {
-                sink: Some(start_over(written.staging)?),
-                held: Held::default(),
-                complete: Some(complete_tx),
-            };
-            awaited.held.send_replace(receiving.held);
+            {
+                let mut receiving = awaited.receiving.lock().await;
+                *receiving = Receiving {
+                    sink: Some(start_over(written.staging)?),
+                    held: Held::default(),
+                    complete: Some(complete_tx),
+                };
+                awaited.held.send_replace(receiving.held);
+            }
+            // Told once the upload can start over, so that a client starting at once finds it so.
+            let _ = complete.verdict.send(Err(mismatch));
         }
     }
 
