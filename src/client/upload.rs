@@ -17,7 +17,7 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
-use sha2::{Digest, Sha256};
+use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{ClientError, explain};
@@ -168,19 +168,8 @@ async fn hash_file(path: &Path) -> Result<(String, u64), ClientError> {
         ClientError::Refused(format!("cannot read {}: {e}", path.display()))
     };
     tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut file = std::fs::File::open(&path).map_err(|e| failed(e, &path))?;
-        let mut hash = Sha256::new();
-        let mut buffer = vec![0u8; 4 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = file.read(&mut buffer).map_err(|e| failed(e, &path))?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buffer[..n]);
-            total += n as u64;
-        }
+        let file = std::fs::File::open(&path).map_err(|e| failed(e, &path))?;
+        let (hash, total) = crate::images::hash_reader(file).map_err(|e| failed(e, &path))?;
         Ok((hex::encode(hash.finalize()), total))
     })
     .await

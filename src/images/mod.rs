@@ -390,21 +390,26 @@ fn check_size(size: u64, limit: u64) -> Result<(), ImportError> {
     }
 }
 
+/// Hashes everything `reader` gives, in large reads (blocking): the hash, not finished, so that
+/// more may follow, and how many bytes it hashed.
+pub fn hash_reader(mut reader: impl Read) -> std::io::Result<(Sha256, u64)> {
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((hash, total));
+        }
+        hash.update(&buffer[..n]);
+        total += n as u64;
+    }
+}
+
 /// Hashes a file qemu-img wrote (the one place a second pass is unavoidable).
 async fn hash_file(staging: store::Staging) -> Result<(store::Staging, String, u64), ImportError> {
     tokio::task::spawn_blocking(move || {
-        let mut hash = Sha256::new();
-        let mut buffer = vec![0u8; 4 << 20];
-        let mut file = staging.file();
-        let mut total = 0u64;
-        loop {
-            let n = file.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buffer[..n]);
-            total += n as u64;
-        }
+        let (hash, total) = hash_reader(staging.file())?;
         Ok((staging, hex::encode(hash.finalize()), total))
     })
     .await

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::io::{self, Read, Seek};
+use std::io::{self, Seek};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -526,19 +526,9 @@ async fn resume(mut staging: Staging, limit: u64) -> Result<(Sink, u64), UploadE
             staging.file_mut().rewind()?;
             return Ok::<_, io::Error>((staging, Sha256::new(), 0));
         }
-        let mut hash = Sha256::new();
-        let mut buffer = vec![0u8; 4 << 20];
-        let mut file = staging.file();
-        file.rewind()?;
-        let mut read = 0u64;
-        while read < held {
-            let n = file.read(&mut buffer)?;
-            if n == 0 {
-                break;
-            }
-            hash.update(&buffer[..n]);
-            read += n as u64;
-        }
+        // Locked by this process: nobody writes it meanwhile. Read to its end, where appends go.
+        staging.file_mut().rewind()?;
+        let (hash, read) = super::hash_reader(staging.file())?;
         Ok((staging, hash, read))
     })
     .await
