@@ -52,6 +52,7 @@ fn importer(dir: &Path, roots: Vec<std::path::PathBuf>) -> Importer {
             ..FetchOptions::default()
         },
         qemu: QemuImg::default(),
+        peer_keys: None,
     })
     .expect("importer")
 }

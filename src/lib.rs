@@ -9,6 +9,7 @@ pub mod boot;
 pub mod cli;
 pub mod client;
 pub mod crds;
+pub mod credentials;
 pub mod desired;
 pub mod fsutil;
 pub mod fuzz;

@@ -98,6 +98,10 @@ pub async fn start<L: NodeLoop>(config: NodeConfig, node_loop: L) -> Result<L::O
         file_roots: config.file_roots.clone(),
         fetch: config.fetch.clone(),
         qemu: crate::images::qemu::QemuImg::default(),
+        peer_keys: config
+            .upload
+            .as_ref()
+            .map(|upload| Arc::clone(&upload.keys)),
     })?);
     let uploads = match &config.upload {
         Some(upload) => {

@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
-use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase, UploadEndpointStatus};
+use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase, NodeEndpointStatus};
 use crate::api::initiator_access::{
     AccessNodeStatus, Connection, ConnectionLun, HeartbeatStatus, SessionStatus,
 };
@@ -129,13 +129,18 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
                 serde_json::from_value(serde_json::Value::String(stored.format.clone())).ok();
             entry.virtual_size = Some(format_bytes(stored.virtual_size));
             entry.served_sha256 = Some(stored.served_sha256.clone());
+            if image.spec.source.upload.is_some() {
+                entry.peer = endpoint_at(report, &crate::images::peers::path(&stored.sha256));
+            }
         }
         ImageState::InProgress(progress) => {
             entry.phase = progress.phase;
             entry.bytes_done = i64::try_from(progress.bytes_done).ok();
             entry.bytes_total = progress.bytes_total.and_then(|t| i64::try_from(t).ok());
             if progress.phase == ImagePhase::Uploading {
-                entry.upload = upload_endpoint(image, report);
+                let uid = image.meta().uid.as_deref();
+                entry.upload =
+                    uid.and_then(|uid| endpoint_at(report, &crate::upload::endpoint::path(uid)));
             }
         }
         ImageState::Failed { message, .. } => {
@@ -146,11 +151,10 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
     Some(entry)
 }
 
-/// Where this node receives the image's upload.
-fn upload_endpoint(image: &DiscImage, report: &NodeReport) -> Option<UploadEndpointStatus> {
+/// `path` on this node's upload endpoint, if it has one.
+fn endpoint_at(report: &NodeReport, path: &str) -> Option<NodeEndpointStatus> {
     let endpoint = report.upload.as_ref()?;
-    let path = crate::upload::endpoint::path(image.meta().uid.as_deref()?);
-    Some(UploadEndpointStatus {
+    Some(NodeEndpointStatus {
         urls: endpoint
             .urls
             .iter()

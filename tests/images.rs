@@ -184,6 +184,7 @@ fn importer(data: &Path, file_roots: Vec<PathBuf>, fetch: FetchOptions, qemu: Qe
         file_roots,
         fetch,
         qemu,
+        peer_keys: None,
     })
     .expect("importer")
 }
@@ -548,6 +549,7 @@ async fn loopback_is_refused_unless_allowed_even_by_name() {
         file_roots: Vec::new(),
         fetch: FetchOptions::default(),
         qemu: discus::images::qemu::QemuImg::default(),
+        peer_keys: None,
     })
     .expect("importer");
     for url in [
@@ -589,6 +591,7 @@ async fn headers_from_the_secret_are_sent() {
             "Authorization".into(),
             discus::api::chap::Password::new("Bearer t0ken".into()),
         )],
+        ..HttpAuth::default()
     };
     let url = server.url("/private.raw").parse().expect("url");
     node.import(
@@ -1004,7 +1007,7 @@ async fn https_sources_are_trusted_through_the_ca_bundle_only() {
 
     let trusted = HttpAuth {
         ca_bundle: Some(ca.into_bytes()),
-        headers: Vec::new(),
+        ..HttpAuth::default()
     };
     node.import(
         Source::Http {
@@ -1038,7 +1041,7 @@ async fn https_sources_are_trusted_through_the_ca_bundle_only() {
 
     let garbage = HttpAuth {
         ca_bundle: Some(b"not a certificate".to_vec()),
-        headers: Vec::new(),
+        ..HttpAuth::default()
     };
     let error = untrusted
         .import(
@@ -1290,6 +1293,7 @@ async fn secret_headers_never_leave_the_origin_the_source_names() {
                 discus::api::chap::Password::new("k3y".into()),
             ),
         ],
+        ..HttpAuth::default()
     };
     for path in ["/same", "/away", "/round-trip"] {
         let node = Node::new(Vec::new());
@@ -1341,7 +1345,7 @@ async fn an_https_source_never_continues_over_plain_http() {
         url: tls.url("/a.iso").parse().expect("url"),
         auth: HttpAuth {
             ca_bundle: Some(ca.into_bytes()),
-            headers: Vec::new(),
+            ..HttpAuth::default()
         },
     };
     let error = node

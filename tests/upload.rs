@@ -1,7 +1,8 @@
 //! Uploads into a node's real store: an import whose source is an upload awaits the bytes a
 //! client appends, verifies them against the DiscImage's digest and stores them like a download;
 //! what the node holds survives a restart and the upload resumes from it; every refused append
-//! leaves nothing that could be served.
+//! leaves nothing that could be served. Another node fetches a verified upload from the node
+//! that holds it, over HTTPS, with a peer token, and checks it before storing it.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 mod support;
@@ -16,14 +17,17 @@ use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
 use discus::api::disc_image::ImageFormat;
+use discus::credentials::Keys;
+use discus::credentials::tls::{NodeIdentity, pinned_client};
+use discus::credentials::token::{Audience, LIFETIME, Scope, SigningKey};
+use discus::images::inspect::Format;
+use discus::images::peers::PeerError;
 use discus::images::upload::{Appended, Held, UploadError};
 use discus::images::{
-    FetchOptions, ImportError, ImportRequest, Importer, ImporterConfig, ProgressReporter,
-    Requester, StoredImage, UploadOptions, qemu::QemuImg,
+    FetchOptions, ImportError, ImportRequest, Importer, ImporterConfig, PeerCopy, PeerSource,
+    ProgressReporter, Requester, Source, StoredImage, UploadOptions, qemu::QemuImg,
 };
-use discus::upload::endpoint::{self, EndpointConfig, Keys};
-use discus::upload::tls::{NodeIdentity, pinned_client};
-use discus::upload::token::{LIFETIME, Scope, SigningKey};
+use discus::upload::endpoint::{self, EndpointConfig};
 
 const UID: &str = "0b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -44,13 +48,24 @@ fn sha256(bytes: &[u8]) -> String {
 }
 
 fn importer(data: &Path, upload: UploadOptions) -> Arc<Importer> {
+    node(data, upload, None)
+}
+
+/// A node's importer; with `peer_keys`, it fetches uploaded images from other nodes (and gives
+/// up on one after two attempts).
+fn node(data: &Path, upload: UploadOptions, peer_keys: Option<Arc<Keys>>) -> Arc<Importer> {
     Arc::new(
         Importer::new(ImporterConfig {
             data_dir: data.to_owned(),
             file_roots: Vec::new(),
-            fetch: FetchOptions::default(),
+            fetch: FetchOptions {
+                attempts: 2,
+                first_backoff: Duration::from_millis(10),
+                ..FetchOptions::default()
+            },
             upload,
             qemu: QemuImg::default(),
+            peer_keys,
         })
         .expect("importer"),
     )
@@ -410,6 +425,14 @@ impl Https {
         format!("https://{}{}", self.address, endpoint::path(uid))
     }
 
+    fn image_url(&self, sha256: &str) -> String {
+        format!(
+            "https://{}{}",
+            self.address,
+            discus::images::peers::path(sha256)
+        )
+    }
+
     /// A client that accepts only the certificate with `fingerprint`.
     fn client(fingerprint: &str) -> reqwest::Client {
         reqwest::Client::builder()
@@ -448,15 +471,25 @@ fn key() -> SigningKey {
 }
 
 fn token(uid: &str, sha256: &str, at: std::time::SystemTime) -> String {
+    minted(uid, sha256, "lab", Audience::Upload, at)
+}
+
+fn minted(
+    uid: &str,
+    sha256: &str,
+    namespace: &str,
+    audience: Audience,
+    at: std::time::SystemTime,
+) -> String {
     use secrecy::ExposeSecret;
     let scope = Scope {
         uid: uid.into(),
         sha256: sha256.into(),
-        namespace: "lab".into(),
+        namespace: namespace.into(),
         name: "installer".into(),
     };
     key()
-        .mint(&scope, at)
+        .mint(&scope, audience, at)
         .expect("mint")
         .text
         .expose_secret()
@@ -537,7 +570,7 @@ async fn https_refuses_without_a_valid_token_for_the_image_and_keeps_nothing() {
         };
         let other_key = SigningKey::from_bytes(&[8; 32]).expect("key");
         other_key
-            .mint(&scope, now)
+            .mint(&scope, Audience::Upload, now)
             .expect("mint")
             .text
             .expose_secret()
@@ -625,4 +658,154 @@ async fn an_upload_the_disk_cannot_hold_is_refused_and_keeps_nothing() {
     assert!(entries(&data.join("images")).is_empty());
     let part = data.join("uploads").join(format!("{UID}.part"));
     assert_eq!(std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0), 0);
+}
+
+/// What a node that needs the image asks for: it from the node `copy` says holds it.
+fn from_peer(sha256: &str, copy: PeerCopy) -> ImportRequest {
+    ImportRequest {
+        source: Source::Peer(PeerSource {
+            uid: UID.into(),
+            name: "installer".into(),
+            copies: vec![copy],
+        }),
+        ..request(UID, sha256)
+    }
+}
+
+/// Node A receives an upload and stores it; node B, with the agents' key, fetches it from A as
+/// A's status entry would say (its URL, certificate and served digest). A wrong certificate, a
+/// served digest the bytes do not have, or no key: B stores nothing. A answers only a peer
+/// token for that digest and the namespace that uploaded it, serves ranges (a dropped transfer
+/// resumes), and serves nothing it has not hashed since its start.
+#[tokio::test]
+async fn another_node_fetches_a_verified_upload_from_the_node_that_holds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = image_bytes(3 << 20, 11);
+    let digest = sha256(&image);
+    let holder = importer(&dir.path().join("a"), UploadOptions::default());
+    let https = Https::start(&holder).await;
+    let awaiting = Awaiting::start(Arc::clone(&holder), &digest).await;
+    let appended = awaiting.send(0, image.len() as u64, &image).await;
+    assert_eq!(appended.expect("the upload"), Appended::Verified);
+    let held = awaiting.stored().await;
+    let copy = PeerCopy {
+        node: "a".into(),
+        urls: vec![https.image_url(&digest).parse().expect("url")],
+        certificate_sha256: https.fingerprint.clone(),
+        served_sha256: held.served_sha256.clone(),
+        format: Format::from_name(&held.format).expect("a format"),
+    };
+    let keys = Arc::new(Keys::default());
+    keys.set(key());
+    let b_data = dir.path().join("b");
+    let fetcher = node(&b_data, UploadOptions::default(), Some(Arc::clone(&keys)));
+    let import = async |importer: &Importer, request: ImportRequest| {
+        importer
+            .import(&request, &mut ProgressReporter::silent())
+            .await
+    };
+
+    let impostor = PeerCopy {
+        certificate_sha256: "ab".repeat(32),
+        ..copy.clone()
+    };
+    let refused = import(&fetcher, from_peer(&digest, impostor)).await;
+    assert!(
+        matches!(refused, Err(ImportError::Peer(PeerError::Fetch { .. }))),
+        "{refused:?}"
+    );
+    let liar = PeerCopy {
+        served_sha256: "cd".repeat(32),
+        ..copy.clone()
+    };
+    let refused = import(&fetcher, from_peer(&digest, liar)).await;
+    assert!(
+        matches!(refused, Err(ImportError::Peer(PeerError::Digest { .. }))),
+        "{refused:?}"
+    );
+    let keyless = node(&dir.path().join("c"), UploadOptions::default(), None);
+    let refused = import(&keyless, from_peer(&digest, copy.clone())).await;
+    assert!(
+        matches!(refused, Err(ImportError::Peer(PeerError::NoKey))),
+        "{refused:?}"
+    );
+    assert!(entries(&b_data.join("images")).is_empty());
+    assert!(entries(&b_data.join("tmp")).is_empty());
+
+    let stored = import(&fetcher, from_peer(&digest, copy.clone()))
+        .await
+        .expect("fetched from the holder");
+    assert_eq!(
+        sha256(&std::fs::read(&stored.path).expect("stored")),
+        digest
+    );
+    assert_eq!(
+        (stored.sha256.as_str(), stored.format.as_str()),
+        (digest.as_str(), "raw")
+    );
+    // Stored for the namespace whose upload proved the bytes, as on the holder.
+    let lab = Requester::Namespace("lab".into());
+    assert!(
+        fetcher
+            .store()
+            .lookup(&digest, &lab)
+            .expect("lookup")
+            .is_some()
+    );
+
+    // What the holder answers, and to whom.
+    let get = |token: Option<String>, sha256: &str, range: Option<&str>| {
+        let mut request = Https::client(&https.fingerprint).get(https.image_url(sha256));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(range) = range {
+            request = request.header("Range", range);
+        }
+        request.send()
+    };
+    let now = std::time::SystemTime::now();
+    let peer = |sha256: &str, namespace: &str| minted(UID, sha256, namespace, Audience::Peer, now);
+    let status =
+        |response: reqwest::Result<reqwest::Response>| response.expect("an answer").status();
+    assert_eq!(status(get(None, &digest, None).await), 401);
+    let upload_token = minted(UID, &digest, "lab", Audience::Upload, now);
+    assert_eq!(status(get(Some(upload_token), &digest, None).await), 401);
+    let other_digest = "ef".repeat(32);
+    assert_eq!(
+        status(get(Some(peer(&other_digest, "lab")), &digest, None).await),
+        403
+    );
+    assert_eq!(
+        status(get(Some(peer(&other_digest, "lab")), &other_digest, None).await),
+        404
+    );
+    assert_eq!(
+        status(get(Some(peer(&digest, "elsewhere")), &digest, None).await),
+        404
+    );
+    let resumed = get(Some(peer(&digest, "lab")), &digest, Some("bytes=1048576-"))
+        .await
+        .expect("a range");
+    assert_eq!(resumed.status(), 206);
+    assert_eq!(
+        resumed.headers()["content-range"],
+        format!("bytes 1048576-{}/{}", image.len() - 1, image.len()).as_str()
+    );
+    assert_eq!(
+        &resumed.bytes().await.expect("the rest")[..],
+        &image[1 << 20..]
+    );
+
+    // The holder started again: it serves its copy to no peer before hashing it again.
+    drop(https);
+    let restarted = importer(&dir.path().join("a"), UploadOptions::default());
+    let https = Https::start(&restarted).await;
+    let answer = Https::client(&https.fingerprint)
+        .get(https.image_url(&digest))
+        .bearer_auth(peer(&digest, "lab"))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status(), 503);
 }

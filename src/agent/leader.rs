@@ -29,7 +29,7 @@ use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::{InFlight, field_manager};
 use super::stores::{Stores, Wakers};
 use super::upload_tokens::{self, Due};
-use crate::upload::endpoint::Keys;
+use crate::credentials::Keys;
 
 /// The field manager of everything the lease holder writes.
 pub const MANAGER: &str = "discus-leader";

@@ -60,7 +60,7 @@ pub struct AgentOptions {
     pub stuck_after: Duration,
     /// The agents' upload signing key as this agent knows it (its endpoint's too), when it
     /// receives uploads: only then does it read or make the key, and mint tokens as lease holder.
-    pub upload_keys: Option<Arc<crate::upload::endpoint::Keys>>,
+    pub upload_keys: Option<Arc<crate::credentials::Keys>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -26,9 +26,9 @@ use secrecy::ExposeSecret;
 
 use crate::api::DiscImage;
 use crate::api::disc_image::ImagePhase;
+use crate::credentials::Keys;
+use crate::credentials::token::{Audience, Scope, SigningKey, token_secret_name};
 use crate::desired::ObjectKey;
-use crate::upload::endpoint::Keys;
-use crate::upload::token::{Scope, SigningKey, token_secret_name};
 
 /// The Secret with the agents' signing key, in their namespace.
 pub const KEY_SECRET: &str = "discus-upload-key";
@@ -196,7 +196,9 @@ pub fn build(image: &DiscImage, key: &SigningKey, now: SystemTime) -> Result<Sec
         namespace: image.namespace().unwrap_or_default(),
         name: name.clone(),
     };
-    let minted = key.mint(&scope, now).map_err(|e| e.to_string())?;
+    let minted = key
+        .mint(&scope, Audience::Upload, now)
+        .map_err(|e| e.to_string())?;
     let mut labels = managed_by();
     labels.insert(TOKEN_LABEL.to_owned(), "true".to_owned());
     let field = |v: &str| ByteString(v.as_bytes().to_vec());
@@ -287,7 +289,7 @@ mod tests {
         let secret = build(&awaiting, &key(1), now).expect("secret");
         let fresh = due(&awaiting, Some(&secret), &key(1), seconds(now));
         assert!(matches!(fresh, Due::No(Some(_))), "{fresh:?}");
-        let later = seconds(now) + crate::upload::token::LIFETIME.as_secs() / 2 + 1;
+        let later = seconds(now) + crate::credentials::token::LIFETIME.as_secs() / 2 + 1;
         assert_eq!(due(&awaiting, Some(&secret), &key(1), later), Due::Mint);
         assert_eq!(
             due(&awaiting, Some(&secret), &key(2), seconds(now)),

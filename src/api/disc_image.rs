@@ -222,13 +222,18 @@ pub struct DiscImageNodeStatus {
     pub message: Option<String>,
     /// While the node awaits the image's upload: where to send it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub upload: Option<UploadEndpointStatus>,
+    pub upload: Option<NodeEndpointStatus>,
+    /// Once ready, for an uploaded image: where the other storage nodes that need it fetch it
+    /// from this node (with a token only the agents can make).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<NodeEndpointStatus>,
 }
 
-/// Where a node receives an upload (`discus image upload` reads it).
+/// Where a node's upload endpoint offers an image: to a client uploading it (`discus image
+/// upload` reads it), or to the other agents once the node holds it.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct UploadEndpointStatus {
+pub struct NodeEndpointStatus {
     /// HTTPS URLs of the node's upload endpoint for this image, one per address it listens on.
     pub urls: Vec<String>,
     /// The SHA-256 of the certificate the node serves them with (made at its start): a client

@@ -8,9 +8,10 @@ use clap::Args;
 
 use super::node_args::{NodeArgs, seconds};
 use crate::agent::{self, AgentOptions};
+use crate::credentials::Keys;
+use crate::credentials::tls::NodeIdentity;
 use crate::desired::NodeFacts;
-use crate::upload::endpoint::{EndpointConfig, Keys};
-use crate::upload::tls::NodeIdentity;
+use crate::upload::endpoint::EndpointConfig;
 
 #[derive(Args)]
 pub struct AgentArgs {

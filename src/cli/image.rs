@@ -210,6 +210,7 @@ async fn fetch(args: FetchArgs) -> Result<String, String> {
             ..FetchOptions::default()
         },
         qemu: images::qemu::QemuImg::default(),
+        peer_keys: None,
     })
     .map_err(|e| e.to_string())?;
     let request = ImportRequest {

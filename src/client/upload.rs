@@ -7,7 +7,8 @@
 //! endpoint over HTTPS — accepting only the certificate whose digest the node published in
 //! status. An interrupted transfer continues from what the node holds; a run started again does
 //! too. It returns once the node verified and stored the image (or `--no-wait`: once the node
-//! verified the bytes).
+//! verified the bytes). The bytes go to one node: every other node that needs the image fetches
+//! it from a node that holds it (`images::peers`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -22,11 +23,11 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::{ClientError, explain};
 use crate::api::DiscImage;
-use crate::api::disc_image::{DiscImageNodeStatus, ImageFormat, ImagePhase, UploadEndpointStatus};
+use crate::api::disc_image::{DiscImageNodeStatus, ImageFormat, ImagePhase, NodeEndpointStatus};
+use crate::credentials::tls::pinned_client;
+use crate::credentials::token::token_secret_name;
 use crate::desired::ObjectKey;
 use crate::upload::endpoint::{LENGTH, OFFSET};
-use crate::upload::tls::pinned_client;
-use crate::upload::token::token_secret_name;
 
 const MANAGER: &str = "discus-image-upload";
 /// How often status is read while waiting.
@@ -119,7 +120,7 @@ struct Delivered {
     certificate_sha256: String,
 }
 
-/// Sends the file to every node that awaits it, until none does.
+/// Sends the file to a node that awaits it, unless a node holds it already.
 async fn deliver(
     client: &Client,
     images: &Api<DiscImage>,
@@ -215,26 +216,27 @@ async fn declare(
     Ok(())
 }
 
-/// A node that awaits the upload (other than those that received it from this run, `done`) and
-/// where to reach it; none once no other awaits it and it is Ready on a node or this run sent
-/// it; an error when the wait is over.
+/// A node that awaits the upload, and where to reach it — of those, the one that holds the most
+/// of it; none once a node holds the image or this run sent it to one (`done`): the others
+/// fetch it from there. An error when the wait is over.
 async fn awaiting_node(
     images: &Api<DiscImage>,
     key: &ObjectKey,
     done: &[&str],
     deadline: Instant,
-) -> Result<Option<(DiscImageNodeStatus, UploadEndpointStatus)>, ClientError> {
+) -> Result<Option<(DiscImageNodeStatus, NodeEndpointStatus)>, ClientError> {
     let mut last = String::from("no storage node reported it yet");
     while Instant::now() < deadline {
         let nodes = node_entries(images, key).await?;
-        let waiting =
-            (nodes.iter()).find(|n| n.upload.is_some() && !done.contains(&n.node.as_str()));
+        if !done.is_empty() || nodes.iter().any(|n| n.phase == ImagePhase::Ready) {
+            return Ok(None);
+        }
+        let waiting = (nodes.iter().rev())
+            .filter(|n| n.upload.is_some())
+            .max_by_key(|n| n.bytes_done.unwrap_or(0));
         if let Some(entry) = waiting {
             let endpoint = entry.upload.clone().unwrap_or_default();
             return Ok(Some((entry.clone(), endpoint)));
-        }
-        if !done.is_empty() || nodes.iter().any(|n| n.phase == ImagePhase::Ready) {
-            return Ok(None);
         }
         if let Some(entry) = nodes.iter().find(|n| n.message.is_some()) {
             last = format!(
@@ -303,7 +305,7 @@ enum Failure {
 
 /// Sends what the node does not hold yet, from where it stands.
 async fn send(
-    endpoint: &UploadEndpointStatus,
+    endpoint: &NodeEndpointStatus,
     token: &SecretString,
     file: &Path,
     length: u64,

@@ -77,6 +77,9 @@ pub struct HttpAuth {
     /// Request headers (for example `Authorization`), never logged, sent only to the URL's own
     /// origin.
     pub headers: Vec<(String, Password)>,
+    /// Accept exactly the certificate with this SHA-256 (another node's, from its status), and
+    /// no other: a peer, never a DiscImage's source.
+    pub pinned_certificate: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +189,9 @@ fn check_url(url: &Url, policy: &DestinationPolicy) -> Result<(), Refusal> {
 
 pub struct Fetcher {
     options: FetchOptions,
+    /// Whether every address passes the destination policy: a DiscImage's source does; another
+    /// node, at the address its agent published, does not (it is in the node's own networks).
+    guarded: bool,
 }
 
 /// One attempt's outcome, when it did not finish the download.
@@ -220,7 +226,31 @@ impl Fetcher {
         // reqwest is built without a default TLS provider so that one (ring) serves kube and
         // reqwest alike; installing it twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Self { options }
+        Self {
+            options,
+            guarded: true,
+        }
+    }
+
+    /// A fetcher for other nodes, which the agents name: no destination policy, no redirects
+    /// (a node answers itself), and the certificate pinned by each fetch's `HttpAuth`.
+    pub fn for_peers(options: FetchOptions) -> Self {
+        Self {
+            options: FetchOptions {
+                max_redirects: 0,
+                ..options
+            },
+            guarded: false,
+        }
+    }
+
+    /// Whether the fetcher may connect where `url` points.
+    fn check(&self, url: &Url) -> Result<(), Refusal> {
+        if self.guarded {
+            check_url(url, &self.options.destinations)
+        } else {
+            Ok(())
+        }
     }
 
     pub fn options(&self) -> &FetchOptions {
@@ -236,10 +266,17 @@ impl Fetcher {
             .redirect(reqwest::redirect::Policy::none())
             // A proxy would resolve names out of the guard's sight.
             .no_proxy()
-            .dns_resolver(Arc::new(GuardedResolver {
-                policy: Arc::new(self.options.destinations.clone()),
-            }))
             .user_agent(concat!("discus/", env!("CARGO_PKG_VERSION")));
+        if self.guarded {
+            builder = builder.dns_resolver(Arc::new(GuardedResolver {
+                policy: Arc::new(self.options.destinations.clone()),
+            }));
+        }
+        if let Some(pinned) = &auth.pinned_certificate {
+            let tls = crate::credentials::tls::pinned_client(pinned)
+                .map_err(|e| FetchError::Client(e.to_string()))?;
+            builder = builder.use_preconfigured_tls(tls);
+        }
         if let Some(pem) = &auth.ca_bundle {
             let certificates = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| FetchError::CaBundle(format!("not a PEM certificate bundle: {e}")))?;
@@ -278,7 +315,7 @@ impl Fetcher {
         sink: &Sink,
         progress: &mut ProgressReporter,
     ) -> Result<u64, FetchError> {
-        check_url(url, &self.options.destinations)?;
+        self.check(url)?;
         let client = self.client(auth)?;
         let transfer = Transfer {
             url,
@@ -450,7 +487,7 @@ impl Fetcher {
         // back: the hop that sends it back chose where.
         let mut with_secrets = true;
         for _ in 0..=self.options.max_redirects {
-            check_url(&url, &self.options.destinations).map_err(|e| Retry::Permanent(e.into()))?;
+            self.check(&url).map_err(|e| Retry::Permanent(e.into()))?;
             with_secrets &= url.origin() == origin;
             let mut request = client.get(url.clone()).headers(range.clone());
             if with_secrets {

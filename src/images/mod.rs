@@ -14,6 +14,7 @@ pub mod file;
 pub mod inspect;
 pub mod manager;
 pub mod pace;
+pub mod peers;
 pub mod progress;
 pub mod qemu;
 pub mod scrub;
@@ -30,6 +31,7 @@ use url::Url;
 pub use destinations::DestinationPolicy;
 pub use fetch::{FetchOptions, HttpAuth};
 pub use inspect::Format;
+pub use peers::{PeerCopy, PeerSource};
 pub use progress::{Phase, Progress, ProgressReporter};
 pub use store::{Needed, Requester, Store, StoredImage};
 pub use upload::{UploadOptions, Uploads};
@@ -54,6 +56,8 @@ pub enum Source {
     Upload {
         uid: String,
     },
+    /// An uploaded image, from other nodes that hold it.
+    Peer(PeerSource),
 }
 
 impl Source {
@@ -83,6 +87,19 @@ impl Source {
                 field(b"upload");
                 field(uid.as_bytes());
             }
+            // A node that restarted (a new certificate) or another node: a new job at once.
+            Self::Peer(peer) => {
+                field(b"peer");
+                field(peer.uid.as_bytes());
+                for copy in &peer.copies {
+                    field(copy.node.as_bytes());
+                    field(copy.certificate_sha256.as_bytes());
+                    field(copy.served_sha256.as_bytes());
+                    for url in &copy.urls {
+                        field(url.as_str().as_bytes());
+                    }
+                }
+            }
         }
         hex::encode(hash.finalize())
     }
@@ -108,6 +125,9 @@ pub struct ImporterConfig {
     pub fetch: FetchOptions,
     pub upload: UploadOptions,
     pub qemu: qemu::QemuImg,
+    /// The agents' key, with which this node fetches uploaded images from other nodes (an
+    /// agent whose upload endpoint is on).
+    pub peer_keys: Option<std::sync::Arc<crate::credentials::Keys>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +138,8 @@ pub enum ImportError {
     File(#[from] file::FileSourceError),
     #[error(transparent)]
     Upload(#[from] upload::UploadError),
+    #[error(transparent)]
+    Peer(#[from] peers::PeerError),
     #[error(
         "the image's SHA-256 is {actual}, but spec.sha256 is {expected}; the download was deleted and is \
          not served"
@@ -156,6 +178,8 @@ impl ImportError {
             | Self::Io(_)
             | Self::Upload(upload::UploadError::Store(_) | upload::UploadError::Io(_)) => true,
             Self::Qemu(qemu::QemuError::Timeout { .. } | qemu::QemuError::Spawn { .. }) => true,
+            // Another node may answer later, or another node hold it.
+            Self::Peer(_) => true,
             _ => false,
         }
     }
@@ -164,6 +188,8 @@ impl ImportError {
 pub struct Importer {
     store: Store,
     fetcher: fetch::Fetcher,
+    peer_fetcher: fetch::Fetcher,
+    peer_keys: Option<std::sync::Arc<crate::credentials::Keys>>,
     uploads: Uploads,
     qemu: qemu::QemuImg,
     file_roots: Vec<PathBuf>,
@@ -187,6 +213,8 @@ impl Importer {
         Ok(Self {
             uploads: Uploads::new(store.clone(), config.upload),
             store,
+            peer_fetcher: fetch::Fetcher::for_peers(config.fetch.clone()),
+            peer_keys: config.peer_keys,
             fetcher: fetch::Fetcher::new(config.fetch),
             qemu: config.qemu,
             file_roots: config.file_roots,
@@ -248,6 +276,9 @@ impl Importer {
             Ok(None) | Err(ImportError::Store(_)) => {}
             Err(other) => return Err(other),
         }
+        if let Source::Peer(peer) = &request.source {
+            return self.import_from_peer(request, peer, progress).await;
+        }
         let written = self.transfer(request, progress).await?;
         // The requester's own source delivered these bytes: if they are stored already (for
         // another namespace), it shares them, without converting again.
@@ -270,6 +301,40 @@ impl Importer {
             self.convert(written.staging, format, request, progress)
                 .await?
         };
+        progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
+        Ok(stored)
+    }
+
+    /// Fetches an uploaded image from a node that holds it, and stores what that node serves as
+    /// what the source became there: verified against the digest that node published, and
+    /// raw. The source's own digest was verified where the upload arrived.
+    async fn import_from_peer(
+        &self,
+        request: &ImportRequest,
+        peer: &PeerSource,
+        progress: &mut ProgressReporter,
+    ) -> Result<StoredImage, ImportError> {
+        let keys = self.peer_keys.as_deref();
+        let (written, copy) = peers::fetch(
+            &self.peer_fetcher,
+            keys,
+            &self.store,
+            request,
+            peer,
+            progress,
+        )
+        .await?;
+        progress.update(Phase::Verifying, written.bytes, Some(written.bytes));
+        inspect::check_declared(request.format, copy.format)?;
+        check_size(written.bytes, request.max_virtual_size)?;
+        let stored = self.store.commit(
+            written.staging,
+            &request.sha256,
+            &copy.served_sha256,
+            copy.format,
+            &request.requester,
+        )?;
+        tracing::info!(sha256 = %request.sha256, node = copy.node, bytes = written.bytes, "stored an uploaded image fetched from another node");
         progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
         Ok(stored)
     }
@@ -299,7 +364,9 @@ impl Importer {
             Source::File { path } => {
                 file::copy(path, &self.file_roots, limit, pace, &sink, progress).await?
             }
-            Source::Upload { .. } => return Err(upload::UploadError::NotAwaited.into()),
+            Source::Upload { .. } | Source::Peer(_) => {
+                return Err(upload::UploadError::NotAwaited.into());
+            }
         };
         let written = sink.finish().await?;
         progress.update(Phase::Verifying, received, Some(received));

@@ -44,7 +44,7 @@ pub struct NodeReport {
     /// The grants whose machines this node hands a script (its boot table).
     pub booting: BTreeSet<ObjectKey>,
     /// Where this node receives uploads (none when it receives none); the URLs lack the path.
-    pub upload: Option<crate::api::disc_image::UploadEndpointStatus>,
+    pub upload: Option<crate::api::disc_image::NodeEndpointStatus>,
     /// Lookups for status, built once a pass: statuses of thousands of resources must not each
     /// search the whole report.
     index: ReportIndex,

@@ -15,7 +15,7 @@ use super::reconcile::Memory;
 use super::report::{NodeReport, Pass};
 use super::requests::{UploadReception, import_requests};
 use super::sessions::{SessionBook, SessionChange};
-use crate::api::disc_image::UploadEndpointStatus;
+use crate::api::disc_image::NodeEndpointStatus;
 use crate::backend::Backend;
 use crate::boot::{BootTable, BootTables};
 use crate::desired::{
@@ -147,6 +147,7 @@ impl<B: Backend> Syncer<B> {
         // What is stored already; the desired state says which of the rest this node needs.
         let requests = import_requests(
             &snapshot,
+            &node.name,
             self.default_max_virtual_size,
             &self.uploads,
             &mut report.problems,
@@ -343,11 +344,11 @@ impl<B: Backend> Syncer<B> {
     }
 
     /// Where clients reach this node's upload endpoint, if it has one.
-    fn upload_endpoint(&self, addresses: &[std::net::IpAddr]) -> Option<UploadEndpointStatus> {
+    fn upload_endpoint(&self, addresses: &[std::net::IpAddr]) -> Option<NodeEndpointStatus> {
         let UploadReception::On(receiving) = &self.uploads else {
             return None;
         };
-        Some(UploadEndpointStatus {
+        Some(NodeEndpointStatus {
             urls: crate::http_server::reachable(receiving.bound, addresses)
                 .into_iter()
                 .map(|at| format!("https://{at}"))
@@ -371,9 +372,12 @@ impl<B: Backend> Syncer<B> {
         };
         for request in requests.values() {
             needed.source(&request.sha256, &request.requester);
-            if let images::Source::Upload { uid } = &request.source {
-                needed.uploads.insert(uid.clone());
-            }
+            // What a client sent so far stays while the image comes from a peer instead.
+            match &request.source {
+                images::Source::Upload { uid } => needed.uploads.insert(uid.clone()),
+                images::Source::Peer(peer) => needed.uploads.insert(peer.uid.clone()),
+                _ => false,
+            };
         }
         if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");

@@ -198,6 +198,7 @@ fn syncer_over(dir: &std::path::Path, backend: Table) -> Syncer<Table> {
         file_roots: vec![dir.to_owned()],
         fetch: FetchOptions::default(),
         qemu: crate::images::qemu::QemuImg::default(),
+        peer_keys: None,
     })
     .expect("store");
     let metrics = Arc::new(Metrics::new());

@@ -4,6 +4,7 @@
 //! HEAD  /v1/uploads/<DiscImage uid>    where the upload stands: Upload-Offset, Upload-Length
 //! PATCH /v1/uploads/<DiscImage uid>    appends the body at Upload-Offset (the held bytes, or 0
 //!                                      to start again) of an upload of Upload-Length bytes
+//! GET   /v1/images/<sha256>            a verified uploaded image, to another agent (`peers`)
 //! ```
 //!
 //! The headers are those of the tus resumable-upload protocol, and mean the same. Every request
@@ -22,13 +23,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::patch;
-use parking_lot::RwLock;
+use axum::routing::{get, patch};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 
-use super::tls::NodeIdentity;
-use super::token::{Scope, SigningKey, TokenError};
+use crate::credentials::Keys;
+use crate::credentials::tls::NodeIdentity;
+use crate::credentials::token::{Audience, Scope, TokenError};
 use crate::http_server::{self, Limits};
 use crate::images::Importer;
 use crate::images::fetch::FetchError;
@@ -42,34 +43,6 @@ pub fn path(uid: &str) -> String {
     format!("/v1/uploads/{uid}")
 }
 
-/// The agents' signing key as this node knows it: none until it read the key's Secret.
-#[derive(Default)]
-pub struct Keys {
-    current: RwLock<Option<Arc<SigningKey>>>,
-}
-
-impl std::fmt::Debug for Keys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let id = self.current().map(|k| k.id().to_owned());
-        f.debug_struct("Keys").field("current", &id).finish()
-    }
-}
-
-impl Keys {
-    pub fn set(&self, key: SigningKey) {
-        *self.current.write() = Some(Arc::new(key));
-    }
-
-    /// Forgets the key: every token is refused until one is set.
-    pub fn clear(&self) {
-        *self.current.write() = None;
-    }
-
-    pub fn current(&self) -> Option<Arc<SigningKey>> {
-        self.current.read().clone()
-    }
-}
-
 /// Where the endpoint listens, with what certificate, checking tokens with which key.
 #[derive(Clone, Debug)]
 pub struct EndpointConfig {
@@ -78,8 +51,8 @@ pub struct EndpointConfig {
     pub keys: Arc<Keys>,
 }
 
-struct Endpoint {
-    importer: Arc<Importer>,
+pub(super) struct Endpoint {
+    pub(super) importer: Arc<Importer>,
     keys: Arc<Keys>,
 }
 
@@ -106,6 +79,7 @@ pub async fn start(
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/v1/uploads/{uid}", patch(append).head(status))
+        .route("/v1/images/{sha256}", get(super::peers::image))
         .with_state(Arc::new(Endpoint { importer, keys }));
     tokio::spawn(http_server::serve_tls(
         listener,
@@ -119,7 +93,7 @@ pub async fn start(
 }
 
 /// An answer: a status, where the upload stands (when known), and a message.
-struct Answer {
+pub(super) struct Answer {
     status: StatusCode,
     held: Option<Held>,
     message: String,
@@ -152,7 +126,7 @@ impl IntoResponse for Answer {
     }
 }
 
-fn refused(status: StatusCode, message: impl ToString) -> Answer {
+pub(super) fn refused(status: StatusCode, message: impl ToString) -> Answer {
     Answer {
         status,
         held: None,
@@ -230,8 +204,20 @@ async fn append(
 }
 
 impl Endpoint {
-    /// The scope of the request's token, which must be for `uid`.
+    /// The scope of the request's upload token, which must be for `uid`.
     fn authorize(&self, headers: &HeaderMap, uid: &str) -> Result<Scope, Answer> {
+        let scope = self.scope(headers, Audience::Upload)?;
+        if scope.uid != uid {
+            return Err(refused(
+                StatusCode::FORBIDDEN,
+                "the token is for another DiscImage",
+            ));
+        }
+        Ok(scope)
+    }
+
+    /// The scope of the request's token, if the agents' key signed it for `audience`.
+    pub(super) fn scope(&self, headers: &HeaderMap, audience: Audience) -> Result<Scope, Answer> {
         let Some(key) = self.keys.current() else {
             return Err(refused(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -244,20 +230,13 @@ impl Endpoint {
                 "no token: send Authorization: Bearer <the DiscImage's upload token>",
             )
         })?;
-        let scope = key.verify(&token).map_err(|error| {
+        key.verify(&token, audience).map_err(|error| {
             let status = match error {
                 TokenError::Sign(_) | TokenError::ShortKey(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::UNAUTHORIZED,
             };
             refused(status, error)
-        })?;
-        if scope.uid != uid {
-            return Err(refused(
-                StatusCode::FORBIDDEN,
-                "the token is for another DiscImage",
-            ));
-        }
-        Ok(scope)
+        })
     }
 }
 

@@ -1,9 +1,9 @@
-//! Uploads into the cluster (`discus image upload`): who may send bytes for a DiscImage, and
-//! how a node proves who it is to the client sending them.
+//! Uploads into the cluster (`discus image upload`): the HTTPS endpoint a client sends an
+//! image's bytes to, and from which the other agents fetch it once the node verified it.
 //!
 //! The bytes themselves go where a download goes (`images::upload`): hashed as they arrive,
-//! verified against the DiscImage's digest, never served before.
+//! verified against the DiscImage's digest, never served before. Who may send or fetch them is
+//! `credentials`' business.
 
 pub mod endpoint;
-pub mod tls;
-pub mod token;
+pub mod peers;

@@ -1,4 +1,5 @@
-//! Upload tokens: what lets a client send bytes for one DiscImage, and nothing else.
+//! Tokens: what lets a client send bytes for one DiscImage, or an agent fetch one uploaded image
+//! from another node, and nothing else.
 //!
 //! A token is a JWT (HS256) signed with a key only the agents hold. It names one DiscImage — by
 //! uid, so a DiscImage deleted and created again under the same name needs a new token — and
@@ -6,6 +7,11 @@
 //! into a Secret the DiscImage owns: whoever RBAC lets read that Secret may upload, and nobody
 //! else. A node checks the signature, the expiry (with a minute of leeway for clocks between
 //! nodes), the audience and the issuer, then that it awaits an upload for that uid and digest.
+//!
+//! An agent that needs an uploaded image another node holds mints itself a token of the peer
+//! audience, for that image's digest on behalf of its DiscImage's namespace: only the agents
+//! hold the key, so only an agent has one, and an upload token is no peer token (nor the
+//! reverse).
 //!
 //! The key's id (a digest of the key) travels in the token's header, so that a token signed with
 //! a key that was replaced is told apart from a forged one, and minted again.
@@ -18,7 +24,24 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const ISSUER: &str = "discus";
-pub const AUDIENCE: &str = "discus-upload";
+
+/// Who a token is for: the audiences are apart, so a token for one never serves the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// A client sending an image's bytes to a node.
+    Upload,
+    /// An agent fetching a verified uploaded image from another node.
+    Peer,
+}
+
+impl Audience {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Upload => "discus-upload",
+            Self::Peer => "discus-peer",
+        }
+    }
+}
 /// How long a token is valid; the lease holder mints a new one when half of it is gone.
 pub const LIFETIME: Duration = Duration::from_secs(3600);
 /// The fewest bytes of key: HS256 wants at least its output's 32.
@@ -104,12 +127,17 @@ impl SigningKey {
         &self.id
     }
 
-    /// A token for `scope`, valid for [`LIFETIME`] from `now`.
-    pub fn mint(&self, scope: &Scope, now: SystemTime) -> Result<Token, TokenError> {
+    /// A token for `scope` and `audience`, valid for [`LIFETIME`] from `now`.
+    pub fn mint(
+        &self,
+        scope: &Scope,
+        audience: Audience,
+        now: SystemTime,
+    ) -> Result<Token, TokenError> {
         let iat = seconds(now);
         let claims = Claims {
             iss: ISSUER.into(),
-            aud: AUDIENCE.into(),
+            aud: audience.name().into(),
             iat,
             exp: iat + LIFETIME.as_secs(),
             scope: scope.clone(),
@@ -126,8 +154,8 @@ impl SigningKey {
         })
     }
 
-    /// What a token allows, if this key signed it and it has not expired.
-    pub fn verify(&self, token: &SecretString) -> Result<Scope, TokenError> {
+    /// What a token allows, if this key signed it for `audience` and it has not expired.
+    pub fn verify(&self, token: &SecretString, audience: Audience) -> Result<Scope, TokenError> {
         let text = token.expose_secret();
         let header =
             jsonwebtoken::decode_header(text).map_err(|e| TokenError::Invalid(e.to_string()))?;
@@ -135,7 +163,7 @@ impl SigningKey {
             return Err(TokenError::OtherKey);
         }
         let mut rules = Validation::new(Algorithm::HS256);
-        rules.set_audience(&[AUDIENCE]);
+        rules.set_audience(&[audience.name()]);
         rules.set_issuer(&[ISSUER]);
         rules.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         let claims = jsonwebtoken::decode::<Claims>(text, &self.decoding, &rules).map_err(|e| {
@@ -194,21 +222,28 @@ mod tests {
 
     #[test]
     fn a_token_allows_what_it_names_until_it_expires() {
-        let token = key(1).mint(&scope(), SystemTime::now()).expect("mint");
-        assert_eq!(key(1).verify(&token.text).expect("valid"), scope());
+        let token = key(1)
+            .mint(&scope(), Audience::Upload, SystemTime::now())
+            .expect("mint");
+        assert_eq!(
+            key(1).verify(&token.text, Audience::Upload).expect("valid"),
+            scope()
+        );
         let old = SystemTime::now() - LIFETIME - Duration::from_secs(120);
-        let expired = key(1).mint(&scope(), old).expect("mint");
+        let expired = key(1).mint(&scope(), Audience::Upload, old).expect("mint");
         assert!(matches!(
-            key(1).verify(&expired.text),
+            key(1).verify(&expired.text, Audience::Upload),
             Err(TokenError::Expired)
         ));
     }
 
     #[test]
     fn a_token_of_another_key_or_a_tampered_one_is_refused() {
-        let token = key(1).mint(&scope(), SystemTime::now()).expect("mint");
+        let token = key(1)
+            .mint(&scope(), Audience::Upload, SystemTime::now())
+            .expect("mint");
         assert!(matches!(
-            key(2).verify(&token.text),
+            key(2).verify(&token.text, Audience::Upload),
             Err(TokenError::OtherKey)
         ));
         // The same key id with other claims: the signature no longer matches.
@@ -220,6 +255,7 @@ mod tests {
                     uid: "1b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a".into(),
                     ..scope()
                 },
+                Audience::Upload,
                 SystemTime::now(),
             )
             .expect("mint");
@@ -227,11 +263,30 @@ mod tests {
         parts[1] = other_text.split('.').nth(1).unwrap_or_default();
         let forged = SecretString::from(parts.join("."));
         assert!(matches!(
-            key(1).verify(&forged),
+            key(1).verify(&forged, Audience::Upload),
             Err(TokenError::Invalid(_))
         ));
         assert!(matches!(
-            key(1).verify(&SecretString::from("not a token")),
+            key(1).verify(&SecretString::from("not a token"), Audience::Upload),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn a_token_serves_its_own_audience_only() {
+        let upload = key(1)
+            .mint(&scope(), Audience::Upload, SystemTime::now())
+            .expect("mint");
+        let peer = key(1)
+            .mint(&scope(), Audience::Peer, SystemTime::now())
+            .expect("mint");
+        assert!(key(1).verify(&peer.text, Audience::Peer).is_ok());
+        assert!(matches!(
+            key(1).verify(&upload.text, Audience::Peer),
+            Err(TokenError::Invalid(_))
+        ));
+        assert!(matches!(
+            key(1).verify(&peer.text, Audience::Upload),
             Err(TokenError::Invalid(_))
         ));
     }
@@ -248,7 +303,9 @@ mod tests {
             shown.contains(key.id()) && !shown.contains("0707"),
             "{shown}"
         );
-        let token = key.mint(&scope(), SystemTime::now()).expect("mint");
+        let token = key
+            .mint(&scope(), Audience::Upload, SystemTime::now())
+            .expect("mint");
         let shown = format!("{token:?}");
         assert!(!shown.contains(token.text.expose_secret()), "{shown}");
     }
