@@ -640,6 +640,89 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
             agent.name
         );
     }
+    the_other_node_that_needs_it_fetches_it_from_the_node_that_holds_it(cluster, &digest).await;
+}
+
+/// node-c comes to need the uploaded image: it fetches it from node-b (which holds the verified
+/// copy), not from the user; an initiator reads the same bytes under the same serial from both.
+async fn the_other_node_that_needs_it_fetches_it_from_the_node_that_holds_it(
+    cluster: &Cluster,
+    digest: &str,
+) {
+    const IQN: &str = "iqn.2026-11.dev.discus:uploaded";
+    cluster.kubectl(&["label", "node", "node-c", "upload-here=yes"]);
+    cluster.apply_objects(&[
+        json!({
+            "apiVersion": "discus.dev/v1alpha1",
+            "kind": "IscsiTarget",
+            "metadata": {"name": "uploaded", "namespace": "demo"},
+            "spec": {
+                "iqn": IQN,
+                "luns": [{"lun": 0, "image": "uploaded"}],
+                "nodeSelector": {"matchLabels": {"upload-here": "yes"}},
+            },
+        }),
+        json!({
+            "apiVersion": "discus.dev/v1alpha1",
+            "kind": "InitiatorAccess",
+            "metadata": {"name": "uploaded-client", "namespace": "demo"},
+            "spec": {
+                "targetRef": {"name": "uploaded"},
+                "initiatorIqn": INITIATOR,
+                "chap": {"secretRef": {"name": "demo-chap"}},
+            },
+        }),
+    ]);
+    cluster
+        .wait_ready_on("DiscImage", "uploaded", &["node-b", "node-c"])
+        .await;
+    cluster
+        .wait_ready_on("IscsiTarget", "uploaded", &["node-b", "node-c"])
+        .await;
+    let fetched = cluster.agent_ref("node-c").log();
+    assert!(
+        fetched.contains("stored an uploaded image fetched from another node")
+            && fetched.contains("node-b"),
+        "node-c did not fetch it from node-b"
+    );
+    let image = cluster.object("DiscImage", "demo", "uploaded").await;
+    let entries = image["status"]["nodes"].as_array().expect("entries");
+    for entry in entries {
+        assert_eq!(entry["servedSha256"], json!(digest), "{entry}");
+        assert!(entry["peer"]["certificateSha256"].is_string(), "{entry}");
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let mut serials = Vec::new();
+    for node in ["node-b", "node-c"] {
+        let portal = cluster.agent_ref(node).portal();
+        let out = scratch.path().join(node);
+        assert_eq!(read_lun(&portal, IQN, 1, &out), digest, "{node}");
+        let inquiry = unit_serial(&portal, IQN);
+        let serial = (inquiry.lines())
+            .find(|l| l.contains("Unit Serial Number"))
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!serial.is_empty(), "{node}: {inquiry}");
+        serials.push(serial);
+    }
+    serials.dedup();
+    assert_eq!(serials.len(), 1, "{serials:?}");
+    // The peer tokens node-c minted never show either (a JWT's header starts so).
+    for agent in &cluster.agents {
+        assert!(
+            !agent.log().contains("eyJ"),
+            "{} logged a token",
+            agent.name
+        );
+    }
+    cluster.kubectl(&["label", "node", "node-c", "upload-here-"]);
+    cluster.kubectl(&[
+        "delete",
+        "-n",
+        "demo",
+        "iscsitarget/uploaded",
+        "initiatoraccess/uploaded-client",
+    ]);
 }
 
 /// A ServiceAccount in `demo` with the Role docs/upload.md gives (without the token's Secret
