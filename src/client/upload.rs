@@ -303,6 +303,22 @@ enum Failure {
     Transient(String),
 }
 
+/// One request of an upload, as each try of `discus image upload` sends it: what the node at
+/// `endpoint` does not hold yet of `file` (`length` bytes, hashed and declared), from where it
+/// stands. `Ok` once the node verified every byte; the node's word otherwise. For benchmarks.
+pub async fn send_once(
+    endpoint: &NodeEndpointStatus,
+    token: &SecretString,
+    file: &Path,
+    length: u64,
+) -> Result<(), String> {
+    match send(endpoint, token, file, length, false).await {
+        Ok(Sent::Verified { .. }) => Ok(()),
+        Ok(Sent::Again) => Err("the node wants more".into()),
+        Err(Failure::Fatal(message) | Failure::Transient(message)) => Err(message),
+    }
+}
+
 /// Sends what the node does not hold yet, from where it stands.
 async fn send(
     endpoint: &NodeEndpointStatus,
