@@ -129,7 +129,7 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
                 serde_json::from_value(serde_json::Value::String(stored.format.clone())).ok();
             entry.virtual_size = Some(format_bytes(stored.virtual_size));
             entry.served_sha256 = Some(stored.served_sha256.clone());
-            if image.spec.source.upload.is_some() {
+            if report.offered.contains(&key) {
                 entry.peer = endpoint_at(report, &crate::images::peers::path(&stored.sha256));
             }
         }

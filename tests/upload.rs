@@ -688,6 +688,11 @@ async fn another_node_fetches_a_verified_upload_from_the_node_that_holds_it() {
     let appended = awaiting.send(0, image.len() as u64, &image).await;
     assert_eq!(appended.expect("the upload"), Appended::Verified);
     let held = awaiting.stored().await;
+    // What a pass of the holder's agent does once the image is Ready there.
+    let offer = [(digest.clone(), "lab".to_owned())];
+    holder
+        .peer_offers()
+        .replace(offer.iter().cloned().collect());
     let copy = PeerCopy {
         node: "a".into(),
         urls: vec![https.image_url(&digest).parse().expect("url")],
@@ -714,15 +719,20 @@ async fn another_node_fetches_a_verified_upload_from_the_node_that_holds_it() {
         matches!(refused, Err(ImportError::Peer(PeerError::Fetch { .. }))),
         "{refused:?}"
     );
-    let liar = PeerCopy {
-        served_sha256: "cd".repeat(32),
-        ..copy.clone()
-    };
-    let refused = import(&fetcher, from_peer(&digest, liar)).await;
-    assert!(
-        matches!(refused, Err(ImportError::Peer(PeerError::Digest { .. }))),
-        "{refused:?}"
-    );
+    // A holder that says the bytes are other than they are; one that says a raw image is
+    // served as other bytes than it came as.
+    for format in [Format::Qcow2, Format::Raw] {
+        let liar = PeerCopy {
+            served_sha256: "cd".repeat(32),
+            format,
+            ..copy.clone()
+        };
+        let refused = import(&fetcher, from_peer(&digest, liar)).await;
+        assert!(
+            matches!(refused, Err(ImportError::Peer(PeerError::Digest { .. }))),
+            "{refused:?}"
+        );
+    }
     let keyless = node(&dir.path().join("c"), UploadOptions::default(), None);
     let refused = import(&keyless, from_peer(&digest, copy.clone())).await;
     assert!(
@@ -784,6 +794,15 @@ async fn another_node_fetches_a_verified_upload_from_the_node_that_holds_it() {
         status(get(Some(peer(&digest, "elsewhere")), &digest, None).await),
         404
     );
+    // Stored, but not offered (not an uploaded image, or not read since the start).
+    holder.peer_offers().replace(Default::default());
+    assert_eq!(
+        status(get(Some(peer(&digest, "lab")), &digest, None).await),
+        503
+    );
+    holder
+        .peer_offers()
+        .replace(offer.iter().cloned().collect());
     let resumed = get(Some(peer(&digest, "lab")), &digest, Some("bytes=1048576-"))
         .await
         .expect("a range");
@@ -797,7 +816,7 @@ async fn another_node_fetches_a_verified_upload_from_the_node_that_holds_it() {
         &image[1 << 20..]
     );
 
-    // The holder started again: it serves its copy to no peer before hashing it again.
+    // The holder started again: it offers its copy to no peer before a pass says so.
     drop(https);
     let restarted = importer(&dir.path().join("a"), UploadOptions::default());
     let https = Https::start(&restarted).await;

@@ -87,18 +87,11 @@ impl Source {
                 field(b"upload");
                 field(uid.as_bytes());
             }
-            // A node that restarted (a new certificate) or another node: a new job at once.
+            // Not the nodes: one more that holds the image, or one that restarted, changes them,
+            // and the fetch under way goes on (a failed one starts again with those of then).
             Self::Peer(peer) => {
                 field(b"peer");
                 field(peer.uid.as_bytes());
-                for copy in &peer.copies {
-                    field(copy.node.as_bytes());
-                    field(copy.certificate_sha256.as_bytes());
-                    field(copy.served_sha256.as_bytes());
-                    for url in &copy.urls {
-                        field(url.as_str().as_bytes());
-                    }
-                }
             }
         }
         hex::encode(hash.finalize())
@@ -190,6 +183,7 @@ pub struct Importer {
     fetcher: fetch::Fetcher,
     peer_fetcher: fetch::Fetcher,
     peer_keys: Option<std::sync::Arc<crate::credentials::Keys>>,
+    peer_offers: peers::Offers,
     uploads: Uploads,
     qemu: qemu::QemuImg,
     file_roots: Vec<PathBuf>,
@@ -215,6 +209,7 @@ impl Importer {
             store,
             peer_fetcher: fetch::Fetcher::for_peers(config.fetch.clone()),
             peer_keys: config.peer_keys,
+            peer_offers: peers::Offers::default(),
             fetcher: fetch::Fetcher::new(config.fetch),
             qemu: config.qemu,
             file_roots: config.file_roots,
@@ -228,6 +223,11 @@ impl Importer {
     /// The uploads this node awaits, for the upload endpoint.
     pub fn uploads(&self) -> &Uploads {
         &self.uploads
+    }
+
+    /// The uploaded images this node gives other nodes, for the upload endpoint.
+    pub fn peer_offers(&self) -> &peers::Offers {
+        &self.peer_offers
     }
 
     /// The node's own networks now, which no download may reach.
@@ -327,7 +327,7 @@ impl Importer {
         progress.update(Phase::Verifying, written.bytes, Some(written.bytes));
         inspect::check_declared(request.format, copy.format)?;
         check_size(written.bytes, request.max_virtual_size)?;
-        let stored = self.store.commit(
+        let stored = self.store.commit_from_peer(
             written.staging,
             &request.sha256,
             &copy.served_sha256,

@@ -7,15 +7,20 @@
 //! is reached at the address its agent published, whatever the destination policy says (it is
 //! in the cluster's own networks); only the certificate it published is accepted; and the
 //! request carries a peer token this agent mints with the agents' key. The bytes are the holder's
-//! raw file: they must hash to the digest it published for them (`servedSha256`, the source's
-//! own digest for iso and raw images) before anything is stored.
+//! raw file: they must hash to the digest it published for them (`servedSha256`: the source's
+//! own digest for iso and raw images, which nothing else may be) before anything is stored.
+//!
+//! The holder's side: [`Offers`] says what a node gives (the endpoint's `GET` asks it).
 
+use std::collections::BTreeSet;
 use std::time::SystemTime;
+
+use parking_lot::RwLock;
 
 use url::Url;
 
 use super::fetch::{FetchError, Fetcher, HttpAuth};
-use super::inspect::{self, Format};
+use super::inspect::Format;
 use super::progress::ProgressReporter;
 use super::sink::{Sink, Written};
 use super::{ImportError, ImportRequest, Requester, Store};
@@ -51,6 +56,25 @@ pub struct PeerCopy {
     pub format: Format,
 }
 
+/// The uploaded images this node gives other nodes: (source digest, namespace) of each it holds
+/// `Ready` for an uploaded DiscImage of that namespace and hashed since its start — what its
+/// status entries publish. Each pass replaces them.
+#[derive(Debug, Default)]
+pub struct Offers {
+    offered: RwLock<BTreeSet<(String, String)>>,
+}
+
+impl Offers {
+    pub fn replace(&self, offered: BTreeSet<(String, String)>) {
+        *self.offered.write() = offered;
+    }
+
+    pub fn offers(&self, sha256: &str, namespace: &str) -> bool {
+        let key = (sha256.to_owned(), namespace.to_owned());
+        self.offered.read().contains(&key)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     #[error(
@@ -77,8 +101,6 @@ pub enum PeerError {
         expected: String,
         actual: String,
     },
-    #[error("from node {node}: the bytes are a {format} image, not a raw one; nothing was kept")]
-    NotRaw { node: String, format: &'static str },
 }
 
 /// Fetches the image from the first copy that gives bytes with the digest its node published;
@@ -115,7 +137,7 @@ pub(super) async fn fetch<'a>(
                 continue;
             }
             let written = sink.finish().await?;
-            match check(&written, copy) {
+            match check(&written, request, copy) {
                 Ok(()) => return Ok((written, copy)),
                 Err(error) => last = error,
             }
@@ -149,24 +171,16 @@ fn token(
     )))
 }
 
-/// Whether the bytes are the raw image the node published.
-fn check(written: &Written, copy: &PeerCopy) -> Result<(), PeerError> {
-    if written.sha256 != copy.served_sha256 {
+/// Whether the bytes are the raw image the node published: for an iso or raw image, the
+/// source's own bytes.
+fn check(written: &Written, request: &ImportRequest, copy: &PeerCopy) -> Result<(), PeerError> {
+    let as_it_came = copy.format.is_raw() && copy.served_sha256 != request.sha256;
+    if as_it_came || written.sha256 != copy.served_sha256 {
         return Err(PeerError::Digest {
             node: copy.node.clone(),
             expected: copy.served_sha256.clone(),
             actual: written.sha256.clone(),
         });
     }
-    match inspect::detect(written.staging.file()) {
-        Ok(format) if format.is_raw() => Ok(()),
-        Ok(format) => Err(PeerError::NotRaw {
-            node: copy.node.clone(),
-            format: format.as_str(),
-        }),
-        Err(_) => Err(PeerError::NotRaw {
-            node: copy.node.clone(),
-            format: "unreadable",
-        }),
-    }
+    Ok(())
 }

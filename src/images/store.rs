@@ -59,6 +59,12 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("the source {sha256} became {recorded} on this node, not {offered}: nothing was kept")]
+    OtherServedDigest {
+        sha256: String,
+        recorded: String,
+        offered: String,
+    },
 }
 
 trait Context<T> {
@@ -481,11 +487,37 @@ impl Store {
     /// is served.
     pub fn commit(
         &self,
+        served: Staging,
+        sha256: &str,
+        served_sha256: &str,
+        format: Format,
+        requester: &Requester,
+    ) -> Result<StoredImage, StoreError> {
+        self.commit_as(served, sha256, served_sha256, format, requester, false)
+    }
+
+    /// Like [`Self::commit`], for bytes another node says the source became (their digest
+    /// checked here, the source's there): refused if this node recorded something else for the
+    /// source, which another node's word never changes.
+    pub fn commit_from_peer(
+        &self,
+        served: Staging,
+        sha256: &str,
+        served_sha256: &str,
+        format: Format,
+        requester: &Requester,
+    ) -> Result<StoredImage, StoreError> {
+        self.commit_as(served, sha256, served_sha256, format, requester, true)
+    }
+
+    fn commit_as(
+        &self,
         mut served: Staging,
         sha256: &str,
         served_sha256: &str,
         format: Format,
         requester: &Requester,
+        keep_recorded: bool,
     ) -> Result<StoredImage, StoreError> {
         let staged = served.path().to_owned();
         served.file_mut().sync_all().at(&staged)?;
@@ -495,6 +527,16 @@ impl Store {
         permissions.set_readonly(true);
         served.file().set_permissions(permissions).at(&staged)?;
         let _lock = self.lock()?;
+        if keep_recorded
+            && let Some(record) = self.record(sha256)?
+            && record.served_sha256 != served_sha256
+        {
+            return Err(StoreError::OtherServedDigest {
+                sha256: sha256.to_owned(),
+                recorded: record.served_sha256,
+                offered: served_sha256.to_owned(),
+            });
+        }
         create_dir(&self.images_dir())?;
         // Another import of the same bytes may have won the race; the content is the same.
         served
@@ -687,6 +729,42 @@ mod tests {
                 .next()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn another_node_s_word_never_changes_what_a_source_became_here() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
+        store
+            .commit(
+                staged(&store, b"mine"),
+                "aa",
+                "bb",
+                Format::Qcow2,
+                &ns("lab"),
+            )
+            .expect("commit");
+        let refused = store.commit_from_peer(
+            staged(&store, b"theirs"),
+            "aa",
+            "cc",
+            Format::Qcow2,
+            &ns("other"),
+        );
+        assert!(
+            matches!(refused, Err(StoreError::OtherServedDigest { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(store.lookup("aa", &ns("other")).expect("lookup"), None);
+        assert!(!store.image_path("cc").exists());
+        let same = store.commit_from_peer(
+            staged(&store, b"mine"),
+            "aa",
+            "bb",
+            Format::Qcow2,
+            &ns("other"),
+        );
+        assert_eq!(same.expect("the same bytes").served_sha256, "bb");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct NodeReport {
     pub booting: BTreeSet<ObjectKey>,
     /// Where this node receives uploads (none when it receives none); the URLs lack the path.
     pub upload: Option<crate::api::disc_image::NodeEndpointStatus>,
+    /// The uploaded images this node offers the other nodes (`images::peers::Offers`).
+    pub offered: BTreeSet<ObjectKey>,
     /// Lookups for status, built once a pass: statuses of thousands of resources must not each
     /// search the whole report.
     index: ReportIndex,

@@ -147,6 +147,10 @@ fn peer_copy(entry: &DiscImageNodeStatus, sha256: &str) -> Option<PeerCopy> {
     sha256_hex(&served_sha256).ok()?;
     sha256_hex(&endpoint.certificate_sha256).ok()?;
     let format = Format::from_name(entry.format?.as_str())?;
+    // An iso or raw image is served as it came: anything else is not that image.
+    if format.is_raw() && served_sha256 != sha256 {
+        return None;
+    }
     let urls: Vec<Url> = (endpoint.urls.iter())
         .filter_map(|text| peer_url(text, sha256))
         .collect();
@@ -240,6 +244,13 @@ mod tests {
     #[test]
     fn an_uploaded_image_comes_from_the_other_nodes_that_hold_it_else_from_its_client() {
         let good = format!("https://10.0.0.2:8443/v1/images/{}", digest(SHA));
+        // Converted: the raw bytes have a digest of their own.
+        let mut converted = entry("converted", "Ready", &good);
+        converted["format"] = "qcow2".into();
+        converted["servedSha256"] = digest("ef").into();
+        // An iso is served as it came: other bytes are not that image.
+        let mut other_bytes = entry("other-bytes", "Ready", &good);
+        other_bytes["servedSha256"] = digest("ef").into();
         let image = image(vec![
             entry("self", "Ready", &good),
             entry("uploading", "Uploading", &good),
@@ -248,13 +259,16 @@ mod tests {
             entry("named", "Ready", &good.replace("10.0.0.2", "evil.example")),
             entry("elsewhere", "Ready", "https://10.0.0.3:8443/v1/uploads/u1"),
             entry("with-query", "Ready", &format!("{good}?x=1")),
+            converted.clone(),
+            other_bytes,
         ]);
         let Source::Peer(peer) = uploaded(&image, "u1", &digest(SHA), "self") else {
             panic!("a peer source");
         };
         let nodes: Vec<&str> = peer.copies.iter().map(|c| c.node.as_str()).collect();
-        assert_eq!(nodes, ["holder"]);
+        assert_eq!(nodes, ["holder", "converted"]);
         assert_eq!(peer.copies[0].served_sha256, digest(SHA));
+        assert_eq!(peer.copies[1].served_sha256, digest("ef"));
         assert_eq!(peer.copies[0].format, Format::Iso);
         assert_eq!((peer.uid.as_str(), peer.name.as_str()), ("u1", "installer"));
 

@@ -202,6 +202,7 @@ impl<B: Backend> Syncer<B> {
         }
         report.desired = state;
         report.upload = self.upload_endpoint(&node.addresses);
+        report.offered = self.offer_uploads(&requests, &report);
         report.index();
         if let Some(boot) = &self.boot {
             let table = BootTable::applied(&report, &resources.grants);
@@ -357,6 +358,42 @@ impl<B: Backend> Syncer<B> {
         })
     }
 
+    /// The uploaded images this node gives the other nodes from now on: those it holds Ready
+    /// and hashed since its start (a copy served since before the start waits for the scrub).
+    fn offer_uploads(
+        &self,
+        requests: &BTreeMap<ObjectKey, ImportRequest>,
+        report: &NodeReport,
+    ) -> BTreeSet<ObjectKey> {
+        let importer = self.images.importer();
+        let mut offered = BTreeSet::new();
+        let mut keys = BTreeSet::new();
+        if report.upload.is_some() {
+            for (key, request) in requests {
+                let uploaded = matches!(
+                    request.source,
+                    images::Source::Upload { .. } | images::Source::Peer(_)
+                );
+                let (Some(ImageState::Ready(stored)), images::Requester::Namespace(namespace)) =
+                    (report.images.get(key), &request.requester)
+                else {
+                    continue;
+                };
+                if uploaded
+                    && importer
+                        .store()
+                        .verified_at(&stored.served_sha256)
+                        .is_some()
+                {
+                    offered.insert((request.sha256.clone(), namespace.clone()));
+                    keys.insert(key.clone());
+                }
+            }
+        }
+        importer.peer_offers().replace(offered);
+        keys
+    }
+
     /// Removes stored images no DiscImage names and no LUN uses. Callers run a sync only with a
     /// complete set of resources, so an empty list here really means "nothing declared".
     fn collect_garbage(&self, requests: &BTreeMap<ObjectKey, ImportRequest>, state: &DesiredState) {
@@ -372,12 +409,9 @@ impl<B: Backend> Syncer<B> {
         };
         for request in requests.values() {
             needed.source(&request.sha256, &request.requester);
-            // What a client sent so far stays while the image comes from a peer instead.
-            match &request.source {
-                images::Source::Upload { uid } => needed.uploads.insert(uid.clone()),
-                images::Source::Peer(peer) => needed.uploads.insert(peer.uid.clone()),
-                _ => false,
-            };
+            if let images::Source::Upload { uid } = &request.source {
+                needed.uploads.insert(uid.clone());
+            }
         }
         if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");

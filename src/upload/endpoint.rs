@@ -227,7 +227,7 @@ impl Endpoint {
         let token = bearer(headers).ok_or_else(|| {
             refused(
                 StatusCode::UNAUTHORIZED,
-                "no token: send Authorization: Bearer <the DiscImage's upload token>",
+                "no token: send Authorization: Bearer <token>",
             )
         })?;
         key.verify(&token, audience).map_err(|error| {

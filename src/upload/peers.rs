@@ -3,9 +3,9 @@
 //! An uploaded image reaches one node from its client; every other node that needs it fetches
 //! it from a node that holds it (`images::peers`). This is the holding node's side. It answers
 //! only a peer token (which only the agents can mint) for that digest, and only with a copy it
-//! holds for the token's namespace — the namespace whose upload proved those bytes — and hashed
-//! since the start (when it was stored, or read again by the scrub: a copy served before the
-//! start and not yet read again waits for the scrub, which reads those first). It serves the stored raw file, with Range requests so that a
+//! offers (`images::peers::Offers`): one it holds Ready for an uploaded DiscImage of the token's
+//! namespace — whose upload proved those bytes — and hashed since the start (when it was stored,
+//! or read again by the scrub, which reads first what was served before the start). It serves the stored raw file, with Range requests so that a
 //! dropped transfer resumes; the fetching agent checks the digest of what it got against the
 //! one this node published.
 
@@ -53,15 +53,15 @@ pub(super) async fn image(
                 .into_response();
         }
     };
-    if endpoint
+    if !endpoint
         .importer
-        .store()
-        .verified_at(&stored.served_sha256)
-        .is_none()
+        .peer_offers()
+        .offers(&sha256, &scope.namespace)
     {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this node has not read its copy again since it started; try again shortly",
+            "this node does not offer that image now (not an uploaded image it holds Ready, or \
+             not read again since it started); try again shortly",
         )
         .into_response();
     }
