@@ -9,7 +9,8 @@
 //!
 //! The floor of a verified durable import is the slower of the two things it must do: hash the
 //! bytes (`openssl dgst -sha256` of the file) and write them durably (`dd conv=fsync` of the file
-//! to the same file system). Target: at most 1.3× for both. Everything is on the file system of
+//! to the same file system, the faster of one before and one after discus's). Target: at most
+//! 1.3× for both. Everything is on the file system of
 //! `$TMPDIR` (default /var/tmp), the kind of disk a node stores images on; the source file is in
 //! the page cache for every side alike.
 //!
@@ -176,6 +177,12 @@ async fn upload_then_peer(
         .expect("the upload");
     let stored = awaiting.await.expect("import task").expect("stored");
     let upload = start.elapsed();
+    // What a pass of the holder's agent does once the image is Ready there.
+    let offered = [(sha256.to_owned(), "lab".to_owned())];
+    holder
+        .importer
+        .peer_offers()
+        .replace(offered.into_iter().collect());
 
     let copy = PeerCopy {
         node: "a".into(),
@@ -247,17 +254,24 @@ fn main() {
     for run in 1..=runs {
         settle();
         let hash = timed("openssl", &["dgst", "-sha256", &file_arg]);
-        let dd: Vec<&str> = dd_args.iter().map(String::as_str).collect();
-        settle();
-        let write = timed("dd", &dd);
-        std::fs::remove_file(&copy).expect("clean");
-        let floor = hash.max(write);
+        let dd = || {
+            settle();
+            let args: Vec<&str> = dd_args.iter().map(String::as_str).collect();
+            let took = timed("dd", &args);
+            std::fs::remove_file(&copy).expect("clean");
+            took
+        };
+        let before = dd();
         let (a, b) = (work.path().join("a"), work.path().join("b"));
         let (upload, peer) =
             runtime.block_on(upload_then_peer(&file, &sha256, size as u64, &a, &b));
         for dir in [&a, &b] {
             std::fs::remove_dir_all(dir).expect("clean");
         }
+        // The disk of a VM is fast and slow by turns: the floor is the faster of two writes,
+        // one on each side of discus's.
+        let write = before.min(dd());
+        let floor = hash.max(write);
         let (u, p) = (
             upload.as_secs_f64() / floor.as_secs_f64(),
             peer.as_secs_f64() / floor.as_secs_f64(),

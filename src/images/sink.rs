@@ -109,16 +109,75 @@ fn hash(state: &mut Sha256, message: Message) -> io::Result<()> {
     Ok(())
 }
 
-fn write((staging, bytes): &mut (Staging, u64), message: Message) -> io::Result<()> {
+/// How many bytes the writer leaves to the kernel before it has the flusher write them back.
+const WRITE_BACK_STEP: u64 = 32 << 20;
+
+/// The staging file as the writer fills it.
+struct Output {
+    staging: Staging,
+    bytes: u64,
+    /// Up to where the file was handed to the flusher.
+    written_back: u64,
+    flusher: Flusher,
+}
+
+/// Writes the staging file back to disk beside the writer (`fdatasync` of a second handle), so
+/// that the disk works while the network brings more and the commit's fsync finds little left;
+/// the pages stay cached, for what reads the image next. Hints that come while it flushes are
+/// dropped: the flush under way takes their bytes too.
+struct Flusher {
+    hint: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(staging: &Staging) -> io::Result<Self> {
+        let file = staging.file().try_clone()?;
+        let (hint, hints) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("discus-flush".into())
+            .spawn(move || {
+                while hints.recv().is_ok() {
+                    // A hint only: the commit's fsync is what makes the file durable.
+                    let _ = file.sync_data();
+                }
+            })?;
+        Ok(Self {
+            hint: Some(hint),
+            thread: Some(thread),
+        })
+    }
+
+    fn hint(&self) {
+        if let Some(hint) = &self.hint {
+            let _ = hint.try_send(());
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.hint.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn write(output: &mut Output, message: Message) -> io::Result<()> {
     match message {
         Message::Data(data) => {
-            staging.file_mut().write_all(&data)?;
-            *bytes += data.len() as u64;
+            output.staging.file_mut().write_all(&data)?;
+            output.bytes += data.len() as u64;
+            if output.bytes - output.written_back >= WRITE_BACK_STEP {
+                start_write_back(output);
+            }
         }
         Message::Reset => {
-            staging.file_mut().set_len(0)?;
-            staging.file_mut().rewind()?;
-            *bytes = 0;
+            output.staging.file_mut().set_len(0)?;
+            output.staging.file_mut().rewind()?;
+            output.bytes = 0;
+            output.written_back = 0;
         }
         Message::Barrier(written) => {
             if let Some(tell) = written.lock().take() {
@@ -127,6 +186,11 @@ fn write((staging, bytes): &mut (Staging, u64), message: Message) -> io::Result<
         }
     }
     Ok(())
+}
+
+fn start_write_back(output: &mut Output) {
+    output.flusher.hint();
+    output.written_back = output.bytes;
 }
 
 pub struct Sink {
@@ -170,9 +234,16 @@ impl Sink {
         )?;
         let writer = Worker::spawn(
             "discus-write",
-            (staging, held),
+            Output {
+                flusher: Flusher::start(&staging)?,
+                staging,
+                bytes: held,
+                written_back: held,
+            },
             write,
-            |(mut staging, bytes)| {
+            |Output {
+                 mut staging, bytes, ..
+             }| {
                 staging.file_mut().flush()?;
                 Ok((staging, bytes))
             },
