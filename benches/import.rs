@@ -15,10 +15,11 @@
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
 mod http;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use discus::api::disc_image::ImageFormat;
 use discus::images::{
@@ -27,20 +28,10 @@ use discus::images::{
 };
 use sha2::{Digest, Sha256};
 
+use support::{incompressible, median, timed};
+
 const SIZE: usize = 1 << 30;
 const RUNS: usize = 5;
-
-fn timed(program: &str, args: &[&str]) -> Duration {
-    let start = Instant::now();
-    let status = Command::new(program).args(args).status().expect(program);
-    assert!(status.success(), "{program} {args:?}");
-    start.elapsed()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 fn importer(dir: &Path, roots: Vec<std::path::PathBuf>) -> Importer {
     Importer::new(ImporterConfig {
@@ -64,20 +55,7 @@ fn main() {
         .expect("tmpfs");
     let raw_path = work.path().join("disk.raw");
     // Incompressible, so qcow2 stores every cluster and qemu-img has real work to do.
-    let mut raw = Vec::with_capacity(SIZE);
-    let mut block = Sha256::digest(b"discus-bench").to_vec();
-    while raw.len() < SIZE {
-        block = Sha256::digest(&block).to_vec();
-        raw.extend(
-            block
-                .iter()
-                .cycle()
-                .take(4096)
-                .enumerate()
-                .map(|(i, b)| b ^ (i as u8)),
-        );
-    }
-    raw.truncate(SIZE);
+    let raw = incompressible(SIZE, b"discus-bench");
     std::fs::write(&raw_path, &raw).expect("write raw");
     let raw_digest = hex::encode(Sha256::digest(&raw));
     let qcow2_path = work.path().join("disk.qcow2");

@@ -17,8 +17,10 @@
 //! `cargo test --bench upload` runs it once with 16 MiB, as a smoke test that it still works.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmarks fail by panicking
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,22 +38,9 @@ use discus::images::{
 };
 use discus::upload::endpoint::{self, EndpointConfig};
 
+use support::{incompressible, median, timed};
+
 const UID: &str = "0b6a2c1e-57d4-4c7e-9a55-8f3d2b1c0e9a";
-
-fn timed(program: &str, args: &[&str]) -> Duration {
-    let start = Instant::now();
-    let status = (Command::new(program).args(args))
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect(program);
-    assert!(status.success(), "{program} {args:?}");
-    start.elapsed()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
 
 fn key() -> SigningKey {
     SigningKey::from_bytes(&[5; 32]).expect("key")
@@ -83,20 +72,7 @@ fn request(sha256: &str, source: Source) -> ImportRequest {
 
 /// Incompressible bytes, written to `path`; their digest.
 fn write_image(path: &Path, size: usize) -> String {
-    let mut bytes = Vec::with_capacity(size);
-    let mut block = Sha256::digest(b"discus-upload-bench").to_vec();
-    while bytes.len() < size {
-        block = Sha256::digest(&block).to_vec();
-        bytes.extend(
-            block
-                .iter()
-                .cycle()
-                .take(4096)
-                .enumerate()
-                .map(|(i, b)| b ^ (i as u8)),
-        );
-    }
-    bytes.truncate(size);
+    let bytes = incompressible(size, b"discus-upload-bench");
     std::fs::write(path, &bytes).expect("write the image");
     hex::encode(Sha256::digest(&bytes))
 }
