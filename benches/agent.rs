@@ -1,5 +1,6 @@
 //! `discus agent` at scale on a real control plane (`cargo bench --bench agent`;
-//! `DISCUS_BENCH_TARGETS=50` for a quick run, default 1000):
+//! `DISCUS_BENCH_TARGETS=50` for a quick run, default 1000; `cargo test` runs it with 5 targets
+//! and 5 s at rest, so that it cannot rot):
 //!
 //! - three agents, each in a host of its own on a private LAN with kube-apiserver and etcd, as in
 //!   tests/agent.rs (the shipped RBAC, a ServiceAccount token, `--namespaces`, tgt, a file source),
@@ -22,11 +23,16 @@
 //! last figure is small.
 //!
 //! Other knobs: `DISCUS_BENCH_TIMEOUT` (seconds to wait for all Ready, default 1800),
+//! `DISCUS_BENCH_STATUS_SETTLE` (the agents' `--status-settle-seconds`; 0 writes every state),
+//! `DISCUS_BENCH_PROFILE=<seconds>` (kube-apiserver's CPU profile over that many seconds from the
+//! start of the apply, summed up with `go tool pprof`),
 //! `DISCUS_BENCH_KEEP_LOGS=<folder>` (keep the agents' logs). tgtd runs 16 I/O threads per LUN,
 //! each a PID of the host's: three nodes of 1000 targets on one kernel need kernel.pid_max above
 //! its default of 32768 (`sysctl -w kernel.pid_max=4194304`; the bench checks first).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
+#[path = "support/plot.rs"]
+mod plot;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -50,20 +56,24 @@ use support::sandbox::Sandbox;
 
 const NAMESPACE: &str = "bench";
 const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
+/// The lease holder's field manager (src/agent/leader.rs).
+const LEADER_MANAGER: &str = "discus-leader";
 const DEMO_ISO_SHA256: &str = "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795";
 const NODES: [(&str, u8); 3] = [("node-a", 11), ("node-b", 12), ("node-c", 13)];
 /// No agent writes to discus objects for this long: settled.
 const QUIET: Duration = Duration::from_secs(10);
-const REST: Duration = Duration::from_secs(60);
 
 fn main() {
-    let targets: usize = env_number("DISCUS_BENCH_TARGETS", 1000);
+    // `cargo bench` passes --bench; `cargo test --bench agent` does not: a smoke test.
+    let full = std::env::args().any(|a| a == "--bench");
+    let targets: usize = env_number("DISCUS_BENCH_TARGETS", if full { 1000 } else { 5 });
+    let rest = Duration::from_secs(if full { 60 } else { 5 });
     let timeout = Duration::from_secs(env_number("DISCUS_BENCH_TIMEOUT", 1800) as u64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(run(targets, timeout));
+    runtime.block_on(run(targets, rest, timeout));
 }
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -73,7 +83,7 @@ fn env_number(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-async fn run(targets: usize, timeout: Duration) {
+async fn run(targets: usize, rest: Duration, timeout: Duration) {
     let bench_started = Instant::now();
     check_pid_space(targets);
     let yaml = manifests(targets);
@@ -101,6 +111,12 @@ async fn run(targets: usize, timeout: Duration) {
         "kubectl apply --dry-run=server, no agents: {:.2} s",
         dry_run.as_secs_f64()
     );
+    // And stored, where no agent looks: what the apply costs with nobody else writing.
+    let alone = cluster.apply_alone(targets);
+    eprintln!(
+        "kubectl apply in a namespace no agent watches: {:.2} s",
+        alone.as_secs_f64()
+    );
     for (name, number) in NODES {
         cluster.add_node(name, number).await;
     }
@@ -109,6 +125,7 @@ async fn run(targets: usize, timeout: Duration) {
 
     let readiness = Readiness::watch(&cluster.client, targets).await;
     let cpu_start = cpu_snapshot(&cluster);
+    let profile = cluster.profile_apiserver();
     let started = Instant::now();
     let apply_started = Timestamp::now();
     let apply_took = cluster.apply_timed(&yaml, false);
@@ -129,24 +146,31 @@ async fn run(targets: usize, timeout: Duration) {
     );
     for (agent, memory) in cluster.agents.iter().zip(&rss) {
         eprintln!(
-            "{}: RSS {:.1} MiB (peak {:.1} MiB), {:.1} s of CPU so far",
+            "{}: RSS {:.1} MiB (of which {:.1} MiB its own, the rest its binary; peak {:.1} MiB), \
+             {:.1} s of CPU so far",
             agent.name,
             memory.rss_mib(),
+            memory.anon_mib(),
             memory.peak_mib(),
             memory.cpu_seconds
         );
     }
 
+    if let Some(profile) = profile {
+        profile.report();
+    }
     // Settle, then a minute at rest.
     let settled_after = cluster.settle().await;
     eprintln!(
         "settled {:.1} s after all Ready; at rest for {} s",
         settled_after.as_secs_f64(),
-        REST.as_secs()
+        rest.as_secs()
     );
+    let cold_start = cluster.status_writes(apply_started, Timestamp::now());
+    let plotted = cold_start.plot(targets, took);
     let cpu_rest = cpu_snapshot(&cluster);
     let rest_start = Timestamp::now();
-    tokio::time::sleep(REST).await;
+    tokio::time::sleep(rest).await;
     let rest_end = Timestamp::now();
     let cpu_end = cpu_snapshot(&cluster);
     let still_ready = readiness.ready_count();
@@ -166,20 +190,24 @@ async fn run(targets: usize, timeout: Duration) {
     let discus_writes: usize = at_rest.iter().map(|c| c.discus_writes).sum();
     println!();
     println!(
-        "| targets | grants | agents | serve --once (baseline) | agents, apply to all Ready | ratio | of which kubectl apply | kubectl apply alone (server dry run, no agents) | RSS per agent at all Ready (MiB) | requests per agent per minute at rest | discus writes at rest | Lease writes per agent per minute |"
+        "| targets | grants | agents | serve --once (baseline) | agents, apply to all Ready | ratio | kubectl apply alone (server dry run, no agents) | ratio | kubectl apply alone (stored, no agents) | ratio | of which kubectl apply | status writes per object per node | RSS per agent at all Ready, of which heap (MiB) | requests per agent per minute at rest | discus writes at rest | Lease writes per agent per minute |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {targets} | {} | {} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.2} s | {} | {} | {discus_writes} | {} |",
+        "| {targets} | {} | {} | {:.2} s | {:.2} s | {:.2} | {:.2} s | {:.2} | {:.2} s | {:.2} | {:.2} s | {:.2} | {} | {} | {discus_writes} | {} |",
         2 * targets,
         NODES.len(),
         serve.as_secs_f64(),
         took.as_secs_f64(),
         took.as_secs_f64() / serve.as_secs_f64(),
-        apply_took.as_secs_f64(),
         dry_run.as_secs_f64(),
+        took.as_secs_f64() / dry_run.as_secs_f64(),
+        alone.as_secs_f64(),
+        took.as_secs_f64() / alone.as_secs_f64(),
+        apply_took.as_secs_f64(),
+        cold_start.per_object_per_node(objects),
         rss.iter()
-            .map(|m| format!("{:.1}", m.rss_mib()))
+            .map(|m| format!("{:.1} ({:.1})", m.rss_mib(), m.anon_mib()))
             .collect::<Vec<_>>()
             .join(" / "),
         per_agent(&|c| c.requests as f64 / minutes),
@@ -230,7 +258,12 @@ async fn run(targets: usize, timeout: Duration) {
     );
     println!("- the apply: {kubectl_writes}");
     println!(
-        "- CPU seconds during the minute at rest: {}",
+        "- status writes from the apply until settled: {}",
+        cold_start.summary(&cluster.agents, objects)
+    );
+    println!("- plot: {}", plotted.display());
+    println!(
+        "- CPU seconds during the rest: {}",
         cpu_used(&cpu_rest, &cpu_end)
     );
     println!(
@@ -298,20 +331,25 @@ fn check_pid_space(targets: usize) {
 
 /// The manifests: one DiscImage, one CHAP Secret, `n` targets of one LUN, two grants each.
 fn manifests(n: usize) -> String {
+    manifests_in(NAMESPACE, n)
+}
+
+/// The manifests, in `namespace`.
+fn manifests_in(namespace: &str, n: usize) -> String {
     let mut yaml = format!(
-        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: bench-demo, namespace: {NAMESPACE}}}\n\
+        "apiVersion: discus.dev/v1alpha1\nkind: DiscImage\nmetadata: {{name: bench-demo, namespace: {namespace}}}\n\
          spec: {{source: {{file: {{path: {DEMO_DIR}/discus-demo.iso}}}}, sha256: {DEMO_ISO_SHA256}, format: iso}}\n\
-         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: bench-chap, namespace: {NAMESPACE}}}\n\
+         ---\napiVersion: v1\nkind: Secret\nmetadata: {{name: bench-chap, namespace: {namespace}}}\n\
          type: Opaque\nstringData: {{username: bench, password: bench-secret-1}}\n"
     );
     for i in 1..=n {
         yaml.push_str(&format!(
-            "---\napiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: t-{i:04}, namespace: {NAMESPACE}}}\n\
+            "---\napiVersion: discus.dev/v1alpha1\nkind: IscsiTarget\nmetadata: {{name: t-{i:04}, namespace: {namespace}}}\n\
              spec: {{iqn: 'iqn.2026-11.dev.discus:bench-{i:04}', luns: [{{lun: 0, image: bench-demo}}]}}\n"
         ));
         for g in ["a", "b"] {
             yaml.push_str(&format!(
-                "---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: g-{i:04}-{g}, namespace: {NAMESPACE}}}\n\
+                "---\napiVersion: discus.dev/v1alpha1\nkind: InitiatorAccess\nmetadata: {{name: g-{i:04}-{g}, namespace: {namespace}}}\n\
                  spec: {{targetRef: {{name: t-{i:04}}}, initiatorIqn: 'iqn.2026-11.dev.discus:client-{i:04}-{g}', \
                  chap: {{secretRef: {{name: bench-chap}}}}}}\n"
             ));
@@ -429,6 +467,10 @@ impl Cluster {
                 "--lease-namespace",
                 "discus-system",
             ])
+            .args(
+                std::env::var("DISCUS_BENCH_STATUS_SETTLE")
+                    .map(|seconds| format!("--status-settle-seconds={seconds}")),
+            )
             .env("KUBECONFIG", &self.agent_kubeconfig)
             // Debug adds one line per sync pass, which the bench waits for.
             .env("RUST_LOG", "discus=debug")
@@ -465,6 +507,18 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// The manifests applied to a namespace of their own, which no agent watches; how long it
+    /// took. (They stay: there is no namespace controller to delete them.)
+    fn apply_alone(&self, targets: usize) -> Duration {
+        let namespace = format!("{NAMESPACE}-alone");
+        let created = (self.plane.kubectl())
+            .args(["create", "namespace", &namespace])
+            .output()
+            .expect("kubectl");
+        assert!(created.status.success(), "kubectl create namespace");
+        self.apply_timed(&manifests_in(&namespace, targets), false)
     }
 
     /// `kubectl apply --server-side` of the manifests; how long it took.
@@ -633,6 +687,67 @@ impl Cluster {
             .collect()
     }
 
+    /// With `DISCUS_BENCH_PROFILE=<seconds>`, kube-apiserver's CPU profile over that many
+    /// seconds from now (its /debug/pprof, through kubectl as the admin).
+    fn profile_apiserver(&self) -> Option<Profile> {
+        let seconds: u64 = std::env::var("DISCUS_BENCH_PROFILE").ok()?.parse().ok()?;
+        let path = std::env::temp_dir().join(format!(
+            "discus-bench-apiserver-{}.pprof",
+            std::process::id()
+        ));
+        let file = std::fs::File::create(&path).expect("profile file");
+        let process = (self.plane.kubectl())
+            .args([
+                "get",
+                "--raw",
+                &format!("/debug/pprof/profile?seconds={seconds}"),
+            ])
+            .stdout(file)
+            .spawn()
+            .expect("kubectl");
+        Some(Profile { path, process })
+    }
+
+    /// The agents' writes to discus objects between `from` and `to`.
+    fn status_writes(&mut self, from: Timestamp, to: Timestamp) -> StatusWrites {
+        self.audit.read();
+        let mut writes = StatusWrites {
+            by_agent: vec![(0, 0); self.agents.len()],
+            ..StatusWrites::default()
+        };
+        let mut per_entry: HashMap<(&str, &str, &str), usize> = HashMap::new();
+        let since = |e: &Request| e.received.duration_since(from).as_secs_f64();
+        for event in self.audit.events.values() {
+            if event.received < from || event.received >= to {
+                continue;
+            }
+            if event.user_agent.starts_with("kubectl") && event.verb == "patch" {
+                writes.kubectl.push(since(event));
+            }
+            if event.user != AGENT_USER || event.group != "discus.dev" || !event.is_write() {
+                continue;
+            }
+            let ip = event.source.as_str();
+            let Some(agent) = self.agents.iter().position(|a| a.address.to_string() == ip) else {
+                continue;
+            };
+            let counts = &mut writes.by_agent[agent];
+            if event.manager == LEADER_MANAGER {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
+            }
+            *per_entry
+                .entry((&event.resource, &event.object, &event.manager))
+                .or_default() += 1;
+            writes.times.push(since(event));
+        }
+        for count in per_entry.values() {
+            *writes.repeats.entry(*count).or_default() += 1;
+        }
+        writes
+    }
+
     /// Fails with the logs if an agent has exited.
     fn check_alive(&mut self) {
         let mut dead = Vec::new();
@@ -708,6 +823,7 @@ impl Agent {
         assert_eq!(comm(pid), "discus", "pid {pid} is the agent");
         Memory {
             rss_kib: field("VmRSS:"),
+            anon_kib: field("RssAnon:"),
             peak_kib: field("VmHWM:"),
             cpu_seconds: cpu_seconds(pid, false),
         }
@@ -854,6 +970,8 @@ fn cpu_used(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> St
 /// What an agent has used so far.
 struct Memory {
     rss_kib: u64,
+    /// Of which the process's own (heap, stacks), not pages of its binary.
+    anon_kib: u64,
     peak_kib: u64,
     cpu_seconds: f64,
 }
@@ -863,8 +981,121 @@ impl Memory {
         self.rss_kib as f64 / 1024.0
     }
 
+    fn anon_mib(&self) -> f64 {
+        self.anon_kib as f64 / 1024.0
+    }
+
     fn peak_mib(&self) -> f64 {
         self.peak_kib as f64 / 1024.0
+    }
+}
+
+/// kube-apiserver's CPU profile, being taken.
+struct Profile {
+    path: PathBuf,
+    process: Child,
+}
+
+impl Profile {
+    /// Waits for the profile, and prints where the apiserver's time went (`go tool pprof`).
+    fn report(mut self) {
+        assert!(
+            self.process.wait().expect("kubectl").success(),
+            "the apiserver's profile"
+        );
+        let top = std::process::Command::new("go")
+            .args(["tool", "pprof", "-top", "-cum", "-nodecount=40"])
+            .arg(&self.path)
+            .output()
+            .expect("go tool pprof");
+        println!(
+            "- kube-apiserver's CPU profile ({}), by cumulative time:\n```\n{}```",
+            self.path.display(),
+            String::from_utf8_lossy(&top.stdout)
+        );
+    }
+}
+
+/// The agents' writes to discus objects in a span of time.
+#[derive(Default)]
+struct StatusWrites {
+    /// Per agent: writes of its node's entries, and of top-level status as the lease holder.
+    by_agent: Vec<(usize, usize)>,
+    /// How many (object, field manager) pairs were written once, twice, …
+    repeats: BTreeMap<usize, usize>,
+    /// Each write's time since the span began, in seconds.
+    times: Vec<f64>,
+    /// kubectl's patches in the same span, likewise.
+    kubectl: Vec<f64>,
+}
+
+impl StatusWrites {
+    fn total(&self) -> usize {
+        self.by_agent.iter().map(|(n, l)| n + l).sum()
+    }
+
+    /// Every agent write (entries and aggregates) per object and node.
+    fn per_object_per_node(&self, objects: usize) -> f64 {
+        self.total() as f64 / (objects * NODES.len()) as f64
+    }
+
+    fn summary(&self, agents: &[Agent], objects: usize) -> String {
+        let by_agent: Vec<String> = agents
+            .iter()
+            .zip(&self.by_agent)
+            .map(|(a, (entries, top))| {
+                format!(
+                    "{} {entries} of its entries ({:.2} per object) and {top} as lease holder",
+                    a.name,
+                    *entries as f64 / objects as f64
+                )
+            })
+            .collect();
+        let repeats: Vec<String> = (self.repeats.iter())
+            .map(|(times, pairs)| format!("{pairs} written {times}×"))
+            .collect();
+        format!(
+            "{} in all, {:.2} per object per node; {}; per object and field manager: {}",
+            self.total(),
+            self.per_object_per_node(objects),
+            by_agent.join(", "),
+            repeats.join(", ")
+        )
+    }
+
+    /// Writes per second over the cold start, with kubectl's patches beside them.
+    fn plot(&self, targets: usize, all_ready: Duration) -> PathBuf {
+        let until = self
+            .times
+            .iter()
+            .chain(&self.kubectl)
+            .fold(all_ready.as_secs_f64(), |a, b| a.max(*b));
+        let width = (until / 60.0).max(1.0);
+        let ready = all_ready.as_secs_f64();
+        plot::draw(&plot::Chart {
+            file: &format!(
+                "agent-cold-start-{targets}{}.svg",
+                std::env::var("DISCUS_BENCH_STATUS_SETTLE")
+                    .map(|s| format!("-settle-{s}"))
+                    .unwrap_or_default()
+            ),
+            title: &format!(
+                "Cold start of {targets} targets and {} grants on three agents: all Ready after {ready:.0} s",
+                2 * targets
+            ),
+            x: "seconds since the start of kubectl apply",
+            y: "writes per second",
+            series: vec![
+                plot::Series {
+                    label: "kubectl apply (patches)".to_owned(),
+                    points: plot::rate(&self.kubectl, width, until),
+                },
+                plot::Series {
+                    label: "agents' status writes".to_owned(),
+                    points: plot::rate(&self.times, width, until),
+                },
+            ],
+        })
     }
 }
 
@@ -896,6 +1127,10 @@ struct Request {
     resource: String,
     /// `/<subresource>`, or empty.
     subresource: String,
+    /// `namespace/name` of the object.
+    object: String,
+    /// The `fieldManager` of an apply, or empty.
+    manager: String,
     code: i64,
 }
 
@@ -947,6 +1182,12 @@ impl AuditTail {
                 .and_then(|done| Duration::try_from(done.duration_since(received)).ok())
                 .unwrap_or_default();
             let subresource = text("/objectRef/subresource");
+            let uri = text("/requestURI");
+            let manager = uri
+                .split(['?', '&'])
+                .find_map(|p| p.strip_prefix("fieldManager="))
+                .unwrap_or_default()
+                .to_owned();
             self.events.insert(
                 text("/auditID"),
                 Request {
@@ -963,6 +1204,12 @@ impl AuditTail {
                     } else {
                         format!("/{subresource}")
                     },
+                    object: format!(
+                        "{}/{}",
+                        text("/objectRef/namespace"),
+                        text("/objectRef/name")
+                    ),
+                    manager,
                     code: event
                         .pointer("/responseStatus/code")
                         .and_then(Value::as_i64)

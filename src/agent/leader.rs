@@ -24,6 +24,7 @@ use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
 
 use super::apply_status;
+use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::{InFlight, field_manager};
@@ -54,6 +55,8 @@ pub struct LeaderOptions {
     /// The agents' upload signing key, for the tokens the lease holder mints (when it receives
     /// uploads).
     pub upload_keys: Option<Arc<Keys>>,
+    /// How long top-level status that only reports progress waits for the next (`coalesce`).
+    pub status_settle: Duration,
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
@@ -87,6 +90,7 @@ pub async fn run(
         client,
         options.iqn_authority.clone(),
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
+        options.status_settle,
     );
     stores.ready().await;
     let mut was_holding = false;
@@ -144,6 +148,8 @@ pub struct Aggregator {
     /// What was last written per object and manager, until the store shows it (`Null`: an
     /// entry removed), for `IN_FLIGHT_FOR` at most (see `node_status`).
     in_flight: Mutex<HashMap<(Kind, ObjectKey, String), InFlight>>,
+    /// Top-level status that only reports progress waits here for the next (see `coalesce`).
+    coalescer: Mutex<Coalescer<(Kind, ObjectKey, String)>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
     created_secrets: Mutex<BTreeSet<ObjectKey>>,
     /// Upload tokens written, and when: not written again before the store shows them.
@@ -164,26 +170,60 @@ struct Write {
 struct Writes<'a> {
     kind: Kind,
     in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>,
+    coalescer: &'a mut Coalescer<(Kind, ObjectKey, String)>,
     writes: Vec<Write>,
+    /// When the earliest write held back falls due.
+    held_until: Option<Instant>,
+    now: Instant,
 }
 
 impl<'a> Writes<'a> {
-    fn new(kind: Kind, in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>) -> Self {
+    fn new(
+        kind: Kind,
+        in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>,
+        coalescer: &'a mut Coalescer<(Kind, ObjectKey, String)>,
+    ) -> Self {
         Self {
             kind,
             in_flight,
+            coalescer,
             writes: Vec::new(),
+            held_until: None,
+            now: Instant::now(),
         }
     }
 
-    /// Queues a write unless the same is already in flight.
+    /// Queues a write that users act on (see `coalesce`) unless the same is already in flight.
     fn push(&mut self, key: &ObjectKey, manager: String, status: Option<Value>) {
+        self.push_when(key, manager, status, Standing::Final, None);
+    }
+
+    /// Queues a write unless the same is already in flight or it is not due yet: `standing` is
+    /// what it says, `current` what the object says now.
+    fn push_when(
+        &mut self,
+        key: &ObjectKey,
+        manager: String,
+        status: Option<Value>,
+        standing: Standing,
+        current: Option<Standing>,
+    ) {
         let flight = (self.kind, key.clone(), manager);
         let value = status.clone().unwrap_or(Value::Null);
-        let now = Instant::now();
-        if (self.in_flight.get(&flight)).is_some_and(|f| f.repeats(&value, now)) {
+        let written = self.in_flight.get(&flight);
+        if written.is_some_and(|f| f.repeats(&value, self.now)) {
             return;
         }
+        // A Ready written and not yet in the store counts: its loss never waits.
+        let current = match written.map(|f| top_level_standing(f.value())) {
+            Some(Standing::Ready) => Some(Standing::Ready),
+            _ => current,
+        };
+        if let When::At(at) = self.coalescer.due(&flight, standing, current, self.now) {
+            self.held_until = earliest(self.held_until, Some(at));
+            return;
+        }
+        self.coalescer.settled(&flight);
         self.writes.push(Write {
             kind: self.kind,
             key: flight.1,
@@ -194,18 +234,25 @@ impl<'a> Writes<'a> {
 
     /// Nothing to write for this object and manager: what was in flight has landed.
     fn landed(&mut self, key: &ObjectKey, manager: &str) {
-        self.in_flight
-            .remove(&(self.kind, key.clone(), manager.to_owned()));
+        let flight = (self.kind, key.clone(), manager.to_owned());
+        self.coalescer.settled(&flight);
+        self.in_flight.remove(&flight);
     }
 }
 
 impl Aggregator {
-    pub fn new(client: Client, iqn_authority: String, liveness: Tracker) -> Self {
+    pub fn new(
+        client: Client,
+        iqn_authority: String,
+        liveness: Tracker,
+        status_settle: Duration,
+    ) -> Self {
         Self {
             client,
             iqn_authority,
             liveness: Mutex::new(liveness),
             in_flight: Mutex::default(),
+            coalescer: Mutex::new(Coalescer::new(status_settle)),
             created_secrets: Mutex::default(),
             written_tokens: Mutex::default(),
             taken_tokens: Mutex::default(),
@@ -333,6 +380,7 @@ impl Aggregator {
         liveness.observe(stores.heartbeats().iter().map(|l| l.as_ref()), clock);
         let live = |node: &str| liveness.of(node, clock);
         let mut in_flight = self.in_flight.lock();
+        let mut coalescer = self.coalescer.lock();
         let mut nodes: BTreeSet<String> = BTreeSet::new();
         // Every target's and grant's spec validated once, for their IQNs and expiries.
         let (targets, grants): (Vec<_>, Vec<_>) =
@@ -344,8 +392,8 @@ impl Aggregator {
             grants.iter().filter_map(|g| g.0.as_ref().ok()),
             &no_secrets,
         );
-        let mut writes = plan_kind(
-            Writes::new(Kind::DiscImage, &mut in_flight),
+        let (mut writes, mut held_until) = plan_kind(
+            Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer),
             stores.images(),
             &mut nodes,
             &live,
@@ -353,8 +401,8 @@ impl Aggregator {
             |status| status.nodes.clone(),
             |image, entries, status| status::image_status(image, entries, Some(status), now),
         );
-        writes.extend(plan_kind(
-            Writes::new(Kind::IscsiTarget, &mut in_flight),
+        let (more, held) = plan_kind(
+            Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer),
             targets.iter().cloned(),
             &mut nodes,
             &live,
@@ -364,9 +412,11 @@ impl Aggregator {
                 let iqn = snapshot.target_iqn(&object_key(target.meta()), &self.iqn_authority);
                 status::target_status(target, entries, iqn, Some(status), now)
             },
-        ));
-        writes.extend(plan_kind(
-            Writes::new(Kind::InitiatorAccess, &mut in_flight),
+        );
+        writes.extend(more);
+        held_until = earliest(held_until, held);
+        let (more, held) = plan_kind(
+            Writes::new(Kind::InitiatorAccess, &mut in_flight, &mut coalescer),
             grants.iter().cloned(),
             &mut nodes,
             &live,
@@ -384,12 +434,19 @@ impl Aggregator {
                 });
                 status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
             },
-        ));
+        );
+        writes.extend(more);
+        held_until = earliest(held_until, held);
+        coalescer.forget_stale(clock);
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
             .map(|at| at.saturating_duration_since(clock));
         let expiry = (snapshot.next_expiry(now)).map(|at| wake_for_expiry(at, now));
-        (writes, [expiry, next_change].into_iter().flatten().min())
+        let held = held_until.map(|at| at.saturating_duration_since(clock));
+        (
+            writes,
+            [expiry, next_change, held].into_iter().flatten().min(),
+        )
     }
 
     async fn write(&self, write: Write) {
@@ -427,7 +484,7 @@ fn plan_kind<K, S, E>(
     status_of: impl Fn(&K) -> S,
     entries_of: impl Fn(&S) -> Vec<E>,
     mut top: impl FnMut(&K, Vec<E>, &S) -> S,
-) -> Vec<Write>
+) -> (Vec<Write>, Option<Instant>)
 where
     K: Resource<DynamicType = ()>,
     S: Serialize,
@@ -446,7 +503,7 @@ where
             Err(invalid) => invalid_write(&mut writes, invalid),
         }
     }
-    writes.writes
+    (writes.writes, writes.held_until)
 }
 
 /// The entries to aggregate: a live node's as it wrote it, a lost node's marked (in the object
@@ -495,7 +552,32 @@ fn top_level_write<S: Serialize>(
     if wanted == current {
         writes.landed(&key, MANAGER);
     } else {
-        writes.push(&key, MANAGER.to_owned(), Some(wanted));
+        let standing = top_level_standing(&wanted);
+        // Conditions about an older generation are not Ready for kstatus: the new ones go out
+        // as Ready reached, at once.
+        let fresh = current.get("observedGeneration") == wanted.get("observedGeneration");
+        let now = (current.get("conditions"))
+            .filter(|_| fresh)
+            .map(|_| top_level_standing(&current));
+        writes.push_when(&key, MANAGER.to_owned(), Some(wanted), standing, now);
+    }
+}
+
+/// What a top-level status says, for when to write it (see `coalesce`): Ready, Stalled, or on
+/// its way.
+fn top_level_standing(status: &Value) -> Standing {
+    let holds = |kind: &str| {
+        (status.get("conditions").and_then(Value::as_array))
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == kind && c["status"] == "True")
+    };
+    if holds("Ready") {
+        Standing::Ready
+    } else if holds("Stalled") {
+        Standing::Final
+    } else {
+        Standing::Passing
     }
 }
 

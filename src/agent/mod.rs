@@ -3,6 +3,7 @@
 //! holding the leader lease writes what concerns every node. Nothing here waits on the apiserver
 //! without a deadline (`connection`), and the sync loop does not wait on it at all (`sync_loop`).
 
+mod coalesce;
 mod connection;
 mod events;
 mod generated_secrets;
@@ -58,6 +59,8 @@ pub struct AgentOptions {
     pub api_timeouts: ApiTimeouts,
     /// No sync pass finished for this long (since the start, too): `/healthz` fails.
     pub stuck_after: Duration,
+    /// How long status that only reports progress waits for the next (`coalesce`).
+    pub status_settle: Duration,
     /// The agents' upload signing key as this agent knows it (its endpoint's too), when it
     /// receives uploads: only then does it read or make the key, and mint tokens as lease holder.
     pub upload_keys: Option<Arc<crate::credentials::Keys>>,
@@ -129,6 +132,7 @@ impl NodeLoop for AgentLoop {
                 node_lost_after: options.node_lost_after,
                 prune_after: options.prune_after,
                 upload_keys: options.upload_keys.clone(),
+                status_settle: options.status_settle,
             },
         ));
         if let Some(keys) = &options.upload_keys {
@@ -162,7 +166,12 @@ impl NodeLoop for AgentLoop {
             Arc::clone(&metrics),
         ));
         let publisher = Publisher::start(
-            NodeStatusWriter::new(client.clone(), &node, Arc::clone(&metrics)),
+            NodeStatusWriter::new(
+                client.clone(),
+                &node,
+                options.status_settle,
+                Arc::clone(&metrics),
+            ),
             events::NodeEvents::new(client, &node, metrics),
             Arc::clone(&stores),
         );

@@ -27,7 +27,8 @@ use crate::status;
 use crate::sync::NodeReport;
 
 use super::apply_status;
-use super::events::{Observed, Summary};
+use super::coalesce::{Coalescer, Standing, When, earliest};
+use super::events::{Observed, State, Summary};
 use super::stores::Stores;
 
 /// How many status writes are in flight at once.
@@ -49,6 +50,8 @@ pub struct NodeStatusWriter {
     /// Entries written and not yet seen in the stores, so that a pass right after a write does
     /// not write the same again.
     in_flight: Mutex<HashMap<(Kind, ObjectKey), InFlight>>,
+    /// Entries that only report progress wait here for the next (see `coalesce`).
+    coalescer: Mutex<Coalescer<(Kind, ObjectKey)>>,
     metrics: Arc<Metrics>,
 }
 
@@ -88,15 +91,18 @@ pub struct Published {
     pub written: usize,
     pub failed: usize,
     pub observed: Observed,
+    /// When the earliest entry held back falls due: publish again then.
+    pub held_until: Option<Instant>,
 }
 
 impl NodeStatusWriter {
-    pub fn new(client: Client, node: &str, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, node: &str, status_settle: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             client,
             node: node.to_owned(),
             manager: field_manager(node),
             in_flight: Mutex::default(),
+            coalescer: Mutex::new(Coalescer::new(status_settle)),
             metrics,
         }
     }
@@ -105,7 +111,13 @@ impl NodeStatusWriter {
     pub async fn publish(&self, stores: &Stores, report: &NodeReport) -> Published {
         let mut writes = Vec::new();
         let mut observed = Observed::default();
-        let mut out = (&mut writes, &mut observed);
+        let mut held_until = None;
+        let mut out = Collected {
+            writes: &mut writes,
+            observed: &mut observed,
+            held_until: &mut held_until,
+            now: Instant::now(),
+        };
         self.collect(Kind::DiscImage, stores.images(), &mut out, |image| {
             (
                 status::image_entry(image, report),
@@ -139,6 +151,7 @@ impl NodeStatusWriter {
                     .cloned(),
             )
         });
+        self.coalescer.lock().forget_stale(Instant::now());
         let total = writes.len();
         let mut results = std::pin::pin!(
             futures::stream::iter(writes)
@@ -162,41 +175,62 @@ impl NodeStatusWriter {
             written,
             failed,
             observed,
+            held_until,
         }
     }
 
     /// The writes one kind needs: where the wanted entry differs from the object's and from
-    /// what is in flight.
+    /// what is in flight, and is due (see `coalesce`).
     fn collect<K, E>(
         &self,
         kind: Kind,
         objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
-        (writes, observed): &mut (&mut Vec<Write>, &mut Observed),
+        out: &mut Collected<'_>,
         entries: impl Fn(&K) -> (Option<E>, Option<E>),
     ) where
         K: Resource<DynamicType = ()>,
-        E: Serialize + PartialEq + Summary,
+        E: Serialize + serde::de::DeserializeOwned + PartialEq + Summary,
     {
         let mut in_flight = self.in_flight.lock();
+        let mut coalescer = self.coalescer.lock();
         for guarded in objects {
             let Ok(object) = &guarded.0 else {
                 continue;
             };
             let (wanted, current) = entries(object);
             if let Some(entry) = &wanted {
-                observed.insert(kind, object, entry.state());
+                out.observed.insert(kind, object, entry.state());
             }
             let key = (kind, object_key(object.meta()));
             if wanted == current {
                 in_flight.remove(&key);
+                coalescer.settled(&key);
                 continue;
             }
+            let standing = wanted
+                .as_ref()
+                .map_or(Standing::Final, |e| standing_of(&e.state()));
             let entry = wanted.and_then(|e| serde_json::to_value(e).ok());
             let body = entry.clone().unwrap_or(Value::Null);
-            if (in_flight.get(&key)).is_some_and(|f| f.repeats(&body, Instant::now())) {
+            let written = in_flight.get(&key);
+            if written.is_some_and(|f| f.repeats(&body, out.now)) {
                 continue;
             }
-            writes.push(Write {
+            // A Ready written and not yet in the store counts: its loss never waits.
+            let written_ready = written
+                .and_then(|f| serde_json::from_value::<E>(f.value().clone()).ok())
+                .is_some_and(|e| e.state() == State::Good);
+            let current = if written_ready {
+                Some(Standing::Ready)
+            } else {
+                current.as_ref().map(|e| standing_of(&e.state()))
+            };
+            if let When::At(at) = coalescer.due(&key, standing, current, out.now) {
+                *out.held_until = earliest(*out.held_until, Some(at));
+                continue;
+            }
+            coalescer.settled(&key);
+            out.writes.push(Write {
                 kind: key.0,
                 key: key.1,
                 entry,
@@ -236,6 +270,23 @@ impl NodeStatusWriter {
                 }
             }
         }
+    }
+}
+
+/// What `collect` gathers over the kinds of one publication.
+struct Collected<'a> {
+    writes: &'a mut Vec<Write>,
+    observed: &'a mut Observed,
+    held_until: &'a mut Option<Instant>,
+    now: Instant,
+}
+
+/// How soon an entry in this state is written (see `coalesce`).
+fn standing_of(state: &State) -> Standing {
+    match state {
+        State::Good => Standing::Ready,
+        State::Pending => Standing::Passing,
+        State::Expired | State::Stalled { .. } => Standing::Final,
     }
 }
 

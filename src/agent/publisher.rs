@@ -5,9 +5,11 @@
 //! 2 s later and then twice as late each time up to 30 s while the apiserver keeps failing
 //! (sooner with a newer report, which the sync loop makes at most once a pass): a long fault
 //! costs the apiserver a few writes a minute, not a round of every pending write every 2 s.
+//! Entries that only report progress are held back a moment (`coalesce`); the task publishes
+//! again when the first of them falls due.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -47,13 +49,20 @@ async fn publish(
     stores: Arc<Stores>,
 ) {
     let mut retry = RETRY;
-    while reports.changed().await.is_ok() {
+    let mut held_until = None;
+    loop {
+        // A new report, or entries held back (see `coalesce`) falling due.
+        tokio::select! {
+            changed = reports.changed() => if changed.is_err() { return },
+            () = sleep_until(held_until) => {}
+        }
         loop {
             let Some(report) = reports.borrow_and_update().clone() else {
                 break;
             };
             let published = writer.publish(&stores, &report).await;
             events.observe(published.observed).await;
+            held_until = published.held_until;
             tracing::debug!(
                 written = published.written,
                 failed = published.failed,
@@ -70,6 +79,14 @@ async fn publish(
             }
             retry = next_retry(retry);
         }
+    }
+}
+
+/// Sleeps until `at`, or for ever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct AgentArgs {
     /// seconds; more than --resync-seconds.
     #[arg(long, default_value = "300", value_parser = seconds)]
     stuck_after_seconds: Duration,
+    /// Status that only reports progress (not Ready, failed or expired) waits this long for the
+    /// next, so that a state passed through in a moment is never written; 0 writes every state.
+    #[arg(long, default_value = "2", value_parser = super::node_args::seconds_or_none)]
+    status_settle_seconds: Duration,
     /// Receive `discus image upload` over HTTPS on this address (for example 0.0.0.0:8443;
     /// docs/upload.md); off unless given.
     #[arg(long, env = "DISCUS_UPLOAD_LISTEN", value_name = "ADDRESS")]
@@ -109,6 +113,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
         resync,
         api_timeouts,
         stuck_after: args.stuck_after_seconds,
+        status_settle: args.status_settle_seconds,
         upload_keys,
     };
     let runtime = match super::runtime() {

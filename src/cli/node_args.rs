@@ -185,6 +185,14 @@ fn parse_rate(value: &str) -> Result<u64, String> {
 }
 
 /// Seconds, at least one.
+/// A whole number of seconds, 0 allowed.
+pub fn seconds_or_none(value: &str) -> Result<Duration, String> {
+    match value.parse::<u64>() {
+        Err(_) => Err("must be a whole number of seconds".to_owned()),
+        Ok(n) => Ok(Duration::from_secs(n)),
+    }
+}
+
 pub fn seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
         Ok(0) | Err(_) => Err("must be a whole number of seconds, at least 1".to_owned()),

@@ -112,7 +112,11 @@ impl ControlPlane {
                 "--service-cluster-ip-range=10.0.0.0/24".into(),
                 "--endpoint-reconciler-type=none".into(),
                 "--allow-privileged=true".into(),
-                "--profiling=false".into(),
+                // /debug/pprof for `cargo bench --bench agent` with DISCUS_BENCH_PROFILE.
+                format!(
+                    "--profiling={}",
+                    std::env::var_os("DISCUS_BENCH_PROFILE").is_some()
+                ),
                 format!("--audit-log-path={}", p("audit.log")),
                 format!("--audit-policy-file={}", p("audit-policy.yaml")),
             ]
