@@ -6,7 +6,10 @@
 //! of a Ready (one node more, a session), waits until the object has wanted a new status for a
 //! moment (`--status-settle-seconds`, 2 by default): if it moves on meanwhile, the latest state
 //! goes out once, in place of every state it passed through. What users and tools act on goes
-//! out at once: Ready reached, a failure, an expiry, a removal, and any loss of Ready.
+//! out at once: Ready reached, a failure, an expiry, a removal, any loss of Ready, and the
+//! conditions of a new generation. The price: a new object has no status at all until it is
+//! Ready or its first state has lasted that moment (kstatus reads that as Current; docs/agent.md
+//! says so).
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -223,7 +223,6 @@ impl<'a> Writes<'a> {
             self.held_until = earliest(self.held_until, Some(at));
             return;
         }
-        self.coalescer.settled(&flight);
         self.writes.push(Write {
             kind: self.kind,
             key: flight.1,
@@ -460,10 +459,10 @@ impl Aggregator {
         }
         match apply_status(&self.client, write.kind, &write.key, &write.manager, &body).await {
             Ok(()) => {
-                self.in_flight.lock().insert(
-                    (write.kind, write.key, write.manager),
-                    InFlight::new(write.status.unwrap_or(Value::Null)),
-                );
+                let flight = (write.kind, write.key, write.manager);
+                self.coalescer.lock().settled(&flight);
+                let written = InFlight::new(write.status.unwrap_or(Value::Null));
+                self.in_flight.lock().insert(flight, written);
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(error) => {
@@ -552,19 +551,21 @@ fn top_level_write<S: Serialize>(
     if wanted == current {
         writes.landed(&key, MANAGER);
     } else {
-        let standing = top_level_standing(&wanted);
-        // Conditions about an older generation are not Ready for kstatus: the new ones go out
-        // as Ready reached, at once.
+        // Conditions about an older generation are what kstatus waits on after a change: the
+        // new ones go out at once, whatever they say.
         let fresh = current.get("observedGeneration") == wanted.get("observedGeneration");
-        let now = (current.get("conditions"))
-            .filter(|_| fresh)
-            .map(|_| top_level_standing(&current));
+        let standing = if fresh {
+            top_level_standing(&wanted)
+        } else {
+            Standing::Final
+        };
+        let now = (current.get("conditions")).map(|_| top_level_standing(&current));
         writes.push_when(&key, MANAGER.to_owned(), Some(wanted), standing, now);
     }
 }
 
-/// What a top-level status says, for when to write it (see `coalesce`): Ready, Stalled, or on
-/// its way.
+/// What a top-level status says, for when to write it (see `coalesce`): Ready; Stalled or
+/// Expired (access ended), for users to act on; or on its way.
 fn top_level_standing(status: &Value) -> Standing {
     let holds = |kind: &str| {
         (status.get("conditions").and_then(Value::as_array))
@@ -574,7 +575,7 @@ fn top_level_standing(status: &Value) -> Standing {
     };
     if holds("Ready") {
         Standing::Ready
-    } else if holds("Stalled") {
+    } else if holds("Stalled") || holds("Expired") {
         Standing::Final
     } else {
         Standing::Passing
@@ -610,4 +611,27 @@ fn top_level<S: Serialize>(status: &S) -> Value {
         fields.remove("nodes");
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_top_level_status_says_decides_when_it_goes_out() {
+        let conditions = |pairs: &[(&str, &str)]| {
+            let list: Vec<Value> = (pairs.iter())
+                .map(|(kind, status)| json!({"type": kind, "status": status}))
+                .collect();
+            json!({"observedGeneration": 2, "conditions": list})
+        };
+        let ready = conditions(&[("Ready", "True"), ("Reconciling", "False")]);
+        assert_eq!(top_level_standing(&ready), Standing::Ready);
+        let stalled = conditions(&[("Ready", "False"), ("Stalled", "True")]);
+        assert_eq!(top_level_standing(&stalled), Standing::Final);
+        let expired = conditions(&[("Ready", "False"), ("Expired", "True")]);
+        assert_eq!(top_level_standing(&expired), Standing::Final);
+        let pending = conditions(&[("Ready", "False"), ("Reconciling", "True")]);
+        assert_eq!(top_level_standing(&pending), Standing::Passing);
+    }
 }

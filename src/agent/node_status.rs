@@ -21,6 +21,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
+use crate::api::initiator_access::AccessNodeStatus;
+use crate::api::iscsi_target::TargetNodeStatus;
 use crate::desired::{Kind, ObjectKey, object_key};
 use crate::metrics::Metrics;
 use crate::status;
@@ -189,7 +192,7 @@ impl NodeStatusWriter {
         entries: impl Fn(&K) -> (Option<E>, Option<E>),
     ) where
         K: Resource<DynamicType = ()>,
-        E: Serialize + serde::de::DeserializeOwned + PartialEq + Summary,
+        E: Serialize + serde::de::DeserializeOwned + PartialEq + Summary + Coalesced,
     {
         let mut in_flight = self.in_flight.lock();
         let mut coalescer = self.coalescer.lock();
@@ -207,9 +210,7 @@ impl NodeStatusWriter {
                 coalescer.settled(&key);
                 continue;
             }
-            let standing = wanted
-                .as_ref()
-                .map_or(Standing::Final, |e| standing_of(&e.state()));
+            let standing = wanted.as_ref().map_or(Standing::Final, Coalesced::standing);
             let entry = wanted.and_then(|e| serde_json::to_value(e).ok());
             let body = entry.clone().unwrap_or(Value::Null);
             let written = in_flight.get(&key);
@@ -219,17 +220,16 @@ impl NodeStatusWriter {
             // A Ready written and not yet in the store counts: its loss never waits.
             let written_ready = written
                 .and_then(|f| serde_json::from_value::<E>(f.value().clone()).ok())
-                .is_some_and(|e| e.state() == State::Good);
+                .is_some_and(|e| e.standing() == Standing::Ready);
             let current = if written_ready {
                 Some(Standing::Ready)
             } else {
-                current.as_ref().map(|e| standing_of(&e.state()))
+                current.as_ref().map(Coalesced::standing)
             };
             if let When::At(at) = coalescer.due(&key, standing, current, out.now) {
                 *out.held_until = earliest(*out.held_until, Some(at));
                 continue;
             }
-            coalescer.settled(&key);
             out.writes.push(Write {
                 kind: key.0,
                 key: key.1,
@@ -254,9 +254,11 @@ impl NodeStatusWriter {
         match result {
             Ok(()) => {
                 let written = InFlight::new(write.entry.unwrap_or(Value::Null));
-                self.in_flight
-                    .lock()
-                    .insert((write.kind, write.key), written);
+                let key = (write.kind, write.key);
+                // Out: the next change waits anew. (One that failed is not settled: it is
+                // tried again as the publisher's backoff says, not held once more.)
+                self.coalescer.lock().settled(&key);
+                self.in_flight.lock().insert(key, written);
                 Outcome::Written
             }
             // Deleted meanwhile: nothing to report on.
@@ -281,12 +283,40 @@ struct Collected<'a> {
     now: Instant,
 }
 
-/// How soon an entry in this state is written (see `coalesce`).
-fn standing_of(state: &State) -> Standing {
+/// How soon an entry is written (see `coalesce`): a failure, an expiry or anything only a
+/// person can fix at once, even beside a Ready (a grant applied whose boot LUN is missing).
+trait Coalesced {
+    fn standing(&self) -> Standing;
+}
+
+fn standing_of(state: State, reason: Option<&str>) -> Standing {
     match state {
+        _ if reason.is_some_and(status::is_stalling) => Standing::Final,
         State::Good => Standing::Ready,
         State::Pending => Standing::Passing,
         State::Expired | State::Stalled { .. } => Standing::Final,
+    }
+}
+
+impl Coalesced for TargetNodeStatus {
+    fn standing(&self) -> Standing {
+        standing_of(self.state(), self.reason.as_deref())
+    }
+}
+
+impl Coalesced for AccessNodeStatus {
+    fn standing(&self) -> Standing {
+        standing_of(self.state(), self.reason.as_deref())
+    }
+}
+
+impl Coalesced for DiscImageNodeStatus {
+    fn standing(&self) -> Standing {
+        match self.phase {
+            // Failed even without a reason: the lease holder makes it Stalled.
+            ImagePhase::Failed => Standing::Final,
+            _ => standing_of(self.state(), self.reason.as_deref()),
+        }
     }
 }
 
@@ -322,6 +352,39 @@ struct Write {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_wait_for_nothing_even_beside_a_ready() {
+        let image = |phase, reason: Option<&str>| DiscImageNodeStatus {
+            phase,
+            reason: reason.map(str::to_owned),
+            ..DiscImageNodeStatus::default()
+        };
+        // A failed import says no reason on the node: still a failure.
+        assert_eq!(image(ImagePhase::Failed, None).standing(), Standing::Final);
+        assert_eq!(
+            image(ImagePhase::Downloading, None).standing(),
+            Standing::Passing
+        );
+        assert_eq!(image(ImagePhase::Ready, None).standing(), Standing::Ready);
+        // Applied, but its boot LUN is missing: a person must act.
+        let grant = AccessNodeStatus {
+            applied: true,
+            reason: Some("BootLunNotFound".to_owned()),
+            ..AccessNodeStatus::default()
+        };
+        assert_eq!(grant.standing(), Standing::Final);
+        let expired = AccessNodeStatus {
+            reason: Some("Expired".to_owned()),
+            ..AccessNodeStatus::default()
+        };
+        assert_eq!(expired.standing(), Standing::Final);
+        let waiting = TargetNodeStatus {
+            reason: Some("ImageNotReady".to_owned()),
+            ..TargetNodeStatus::default()
+        };
+        assert_eq!(waiting.standing(), Standing::Passing);
+    }
 
     #[test]
     fn a_write_the_store_never_shows_is_made_again_after_a_while() {

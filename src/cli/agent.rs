@@ -45,8 +45,9 @@ pub struct AgentArgs {
     #[arg(long, default_value = "300", value_parser = seconds)]
     stuck_after_seconds: Duration,
     /// Status that only reports progress (not Ready, failed or expired) waits this long for the
-    /// next, so that a state passed through in a moment is never written; 0 writes every state.
-    #[arg(long, default_value = "2", value_parser = super::node_args::seconds_or_none)]
+    /// next, so that a state passed through in a moment is never written; 0 writes every state
+    /// (at most 60).
+    #[arg(long, default_value = "2", value_parser = super::node_args::settle_seconds)]
     status_settle_seconds: Duration,
     /// Receive `discus image upload` over HTTPS on this address (for example 0.0.0.0:8443;
     /// docs/upload.md); off unless given.

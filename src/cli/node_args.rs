@@ -184,15 +184,15 @@ fn parse_rate(value: &str) -> Result<u64, String> {
     }
 }
 
-/// Seconds, at least one.
-/// A whole number of seconds, 0 allowed.
-pub fn seconds_or_none(value: &str) -> Result<Duration, String> {
+/// Seconds, from 0 to 60: how long status that only reports progress may wait.
+pub fn settle_seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
-        Err(_) => Err("must be a whole number of seconds".to_owned()),
-        Ok(n) => Ok(Duration::from_secs(n)),
+        Ok(n) if n <= 60 => Ok(Duration::from_secs(n)),
+        _ => Err("must be a whole number of seconds from 0 to 60".to_owned()),
     }
 }
 
+/// Seconds, at least one.
 pub fn seconds(value: &str) -> Result<Duration, String> {
     match value.parse::<u64>() {
         Ok(0) | Err(_) => Err("must be a whole number of seconds, at least 1".to_owned()),
