@@ -552,12 +552,14 @@ fn top_level_write<S: Serialize>(
         writes.landed(&key, MANAGER);
     } else {
         // Conditions about an older generation are what kstatus waits on after a change: the
-        // new ones go out at once, whatever they say.
-        let fresh = current.get("observedGeneration") == wanted.get("observedGeneration");
-        let standing = if fresh {
-            top_level_standing(&wanted)
-        } else {
-            Standing::Final
+        // new ones go out at once, whatever they say. (A new object has none yet.)
+        let generations = (
+            current.get("observedGeneration"),
+            wanted.get("observedGeneration"),
+        );
+        let standing = match generations {
+            (Some(seen), Some(now)) if seen != now => Standing::Final,
+            _ => top_level_standing(&wanted),
         };
         let now = (current.get("conditions")).map(|_| top_level_standing(&current));
         writes.push_when(&key, MANAGER.to_owned(), Some(wanted), standing, now);
@@ -633,5 +635,32 @@ mod tests {
         assert_eq!(top_level_standing(&expired), Standing::Final);
         let pending = conditions(&[("Ready", "False"), ("Reconciling", "True")]);
         assert_eq!(top_level_standing(&pending), Standing::Passing);
+    }
+
+    #[test]
+    fn a_new_generation_goes_out_at_once_and_a_new_object_s_progress_waits() {
+        let meta = ObjectMeta {
+            name: Some("t".to_owned()),
+            namespace: Some("lab".to_owned()),
+            ..ObjectMeta::default()
+        };
+        let status = |generation: i64, ready: &str| {
+            json!({"observedGeneration": generation,
+                   "conditions": [{"type": "Ready", "status": ready}]})
+        };
+        let (mut in_flight, mut coalescer) =
+            (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
+        top_level_write(&mut writes, &meta, &status(2, "False"), &status(1, "True"));
+        assert_eq!(
+            writes.writes.len(),
+            1,
+            "the new generation's conditions, at once"
+        );
+        // A new object, not Ready yet: its first status waits for the next state.
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}));
+        assert!(writes.writes.is_empty() && writes.held_until.is_some());
     }
 }
