@@ -53,15 +53,19 @@ impl<K: Eq + Hash + Clone> Coalescer<K> {
     }
 
     /// Whether `key`'s write of a `wanted` status, in place of a `current` one (`None`: it has
-    /// none), is due at `now`. The wait runs from the first pass that wanted a change, whatever
-    /// came after: a status that keeps moving is written every `settle`, no more often.
+    /// none), is due at `now`; `written` is what a write made and not yet in the store says (a
+    /// Ready there counts: its loss never waits). The wait runs from the first pass that wanted
+    /// a change, whatever came after: a status that keeps moving is written every `settle`, no
+    /// more often.
     pub fn due(
         &mut self,
         key: &K,
         wanted: Standing,
         current: Option<Standing>,
+        written: Option<Standing>,
         now: Instant,
     ) -> When {
+        let current = written.filter(|w| *w == Standing::Ready).or(current);
         let since = *self.diverged.entry(key.clone()).or_insert(now);
         let waits = match wanted {
             // Progress, unless it is Ready lost.
@@ -109,21 +113,21 @@ mod tests {
     fn progress_waits_and_its_latest_state_goes_out_once() {
         let mut coalescer = Coalescer::new(SETTLE);
         let start = Instant::now();
-        let due = coalescer.due(&"t-1", Standing::Passing, None, start);
+        let due = coalescer.due(&"t-1", Standing::Passing, None, None, start);
         assert_eq!(due, When::At(start + SETTLE), "waiting for the image");
         // A second later, still on its way (another message): the wait runs from the first.
         let later = start + Duration::from_secs(1);
-        let due = coalescer.due(&"t-1", Standing::Passing, None, later);
+        let due = coalescer.due(&"t-1", Standing::Passing, None, None, later);
         assert_eq!(due, When::At(start + SETTLE));
         assert_eq!(
-            coalescer.due(&"t-1", Standing::Passing, None, start + SETTLE),
+            coalescer.due(&"t-1", Standing::Passing, None, None, start + SETTLE),
             When::Now
         );
         // Ready within the wait: written at once, in place of what came before.
         let mut coalescer = Coalescer::new(SETTLE);
-        coalescer.due(&"t-2", Standing::Passing, None, start);
+        coalescer.due(&"t-2", Standing::Passing, None, None, start);
         assert_eq!(
-            coalescer.due(&"t-2", Standing::Ready, None, later),
+            coalescer.due(&"t-2", Standing::Ready, None, None, later),
             When::Now
         );
     }
@@ -133,7 +137,7 @@ mod tests {
         let mut coalescer = Coalescer::new(SETTLE);
         let start = Instant::now();
         // Served by one node, then two: one write of the second, a moment later.
-        let due = coalescer.due(&"t", Standing::Ready, Some(Standing::Ready), start);
+        let due = coalescer.due(&"t", Standing::Ready, Some(Standing::Ready), None, start);
         assert_eq!(due, When::At(start + SETTLE));
     }
 
@@ -150,7 +154,7 @@ mod tests {
             (Standing::Passing, Some(Standing::Ready)),
         ] {
             assert_eq!(
-                coalescer.due(&"x", wanted, current, now),
+                coalescer.due(&"x", wanted, current, None, now),
                 When::Now,
                 "{wanted:?} over {current:?}"
             );
@@ -159,14 +163,35 @@ mod tests {
     }
 
     #[test]
+    fn a_ready_written_and_not_yet_in_the_store_counts() {
+        let mut coalescer = Coalescer::new(SETTLE);
+        let now = Instant::now();
+        // The store still shows the progress before it; losing that Ready goes out at once.
+        let due = coalescer.due(
+            &"t",
+            Standing::Passing,
+            Some(Standing::Passing),
+            Some(Standing::Ready),
+            now,
+        );
+        assert_eq!(due, When::Now);
+    }
+
+    #[test]
     fn once_written_the_next_change_waits_anew() {
         let mut coalescer = Coalescer::new(SETTLE);
         let start = Instant::now();
-        coalescer.due(&"g", Standing::Passing, None, start);
+        coalescer.due(&"g", Standing::Passing, None, None, start);
         coalescer.settled(&"g");
         let later = start + SETTLE * 3;
         assert_eq!(
-            coalescer.due(&"g", Standing::Passing, Some(Standing::Passing), later),
+            coalescer.due(
+                &"g",
+                Standing::Passing,
+                Some(Standing::Passing),
+                None,
+                later
+            ),
             When::At(later + SETTLE)
         );
         coalescer.forget_stale(later + STALE);

@@ -164,6 +164,7 @@ struct Write {
     manager: String,
     /// `None` drops what the manager owned.
     status: Option<Value>,
+    standing: Standing,
 }
 
 /// The lease holder's writes, in the making.
@@ -214,12 +215,9 @@ impl<'a> Writes<'a> {
         if written.is_some_and(|f| f.repeats(&value, self.now)) {
             return;
         }
-        // A Ready written and not yet in the store counts: its loss never waits.
-        let current = match written.map(|f| top_level_standing(f.value())) {
-            Some(Standing::Ready) => Some(Standing::Ready),
-            _ => current,
-        };
-        if let When::At(at) = self.coalescer.due(&flight, standing, current, self.now) {
+        let written = written.map(InFlight::standing);
+        let due = (self.coalescer).due(&flight, standing, current, written, self.now);
+        if let When::At(at) = due {
             self.held_until = earliest(self.held_until, Some(at));
             return;
         }
@@ -228,6 +226,7 @@ impl<'a> Writes<'a> {
             key: flight.1,
             manager: flight.2,
             status,
+            standing,
         });
     }
 
@@ -461,7 +460,7 @@ impl Aggregator {
             Ok(()) => {
                 let flight = (write.kind, write.key, write.manager);
                 self.coalescer.lock().settled(&flight);
-                let written = InFlight::new(write.status.unwrap_or(Value::Null));
+                let written = InFlight::new(write.status.unwrap_or(Value::Null), write.standing);
                 self.in_flight.lock().insert(flight, written);
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}

@@ -67,15 +67,22 @@ pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug)]
 pub struct InFlight {
     value: Value,
+    /// What it said, for when the next write goes out (`coalesce`).
+    standing: Standing,
     at: Instant,
 }
 
 impl InFlight {
-    pub fn new(value: Value) -> Self {
+    pub fn new(value: Value, standing: Standing) -> Self {
         Self {
             value,
+            standing,
             at: Instant::now(),
         }
+    }
+
+    pub fn standing(&self) -> Standing {
+        self.standing
     }
 
     /// Whether writing `value` now would repeat this write while it may still land.
@@ -192,7 +199,7 @@ impl NodeStatusWriter {
         entries: impl Fn(&K) -> (Option<E>, Option<E>),
     ) where
         K: Resource<DynamicType = ()>,
-        E: Serialize + serde::de::DeserializeOwned + PartialEq + Summary + Coalesced,
+        E: Serialize + PartialEq + Summary + Coalesced,
     {
         let mut in_flight = self.in_flight.lock();
         let mut coalescer = self.coalescer.lock();
@@ -217,16 +224,9 @@ impl NodeStatusWriter {
             if written.is_some_and(|f| f.repeats(&body, out.now)) {
                 continue;
             }
-            // A Ready written and not yet in the store counts: its loss never waits.
-            let written_ready = written
-                .and_then(|f| serde_json::from_value::<E>(f.value().clone()).ok())
-                .is_some_and(|e| e.standing() == Standing::Ready);
-            let current = if written_ready {
-                Some(Standing::Ready)
-            } else {
-                current.as_ref().map(Coalesced::standing)
-            };
-            if let When::At(at) = coalescer.due(&key, standing, current, out.now) {
+            let current = current.as_ref().map(Coalesced::standing);
+            let written = written.map(InFlight::standing);
+            if let When::At(at) = coalescer.due(&key, standing, current, written, out.now) {
                 *out.held_until = earliest(*out.held_until, Some(at));
                 continue;
             }
@@ -234,6 +234,7 @@ impl NodeStatusWriter {
                 kind: key.0,
                 key: key.1,
                 entry,
+                standing,
             });
         }
     }
@@ -253,7 +254,7 @@ impl NodeStatusWriter {
             .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
             Ok(()) => {
-                let written = InFlight::new(write.entry.unwrap_or(Value::Null));
+                let written = InFlight::new(write.entry.unwrap_or(Value::Null), write.standing);
                 let key = (write.kind, write.key);
                 // Out: the next change waits anew. (One that failed is not settled: it is
                 // tried again as the publisher's backoff says, not held once more.)
@@ -347,6 +348,7 @@ struct Write {
     kind: Kind,
     key: ObjectKey,
     entry: Option<Value>,
+    standing: Standing,
 }
 
 #[cfg(test)]
@@ -389,7 +391,7 @@ mod tests {
     #[test]
     fn a_write_the_store_never_shows_is_made_again_after_a_while() {
         let entry = json!({"node": "node-a", "applied": true});
-        let written = InFlight::new(entry.clone());
+        let written = InFlight::new(entry.clone(), Standing::Ready);
         let now = Instant::now();
         assert!(written.repeats(&entry, now), "just written: in flight");
         let other = json!({"node": "node-a", "applied": false});
