@@ -13,11 +13,13 @@ demo-stop:
 	tools/demo-stop
 
 ## Everything CI checks: formatting, lints, the dependency graph, the CRDs, and every test
-## (unit, CLI, and against a real kube-apiserver built from pinned sources).
+## (unit, CLI, and against a real kube-apiserver built from pinned sources), with each
+## benchmark once at a small size (fio and vegeta built by tools/build-bench-tools).
 test: lint
 	@if cargo tree --locked -e normal -i k8s-openapi --depth 0 -d 2>/dev/null | grep -q k8s-openapi; then \
 	  echo "two versions of k8s-openapi in the dependency graph: cargo tree -d -i k8s-openapi"; exit 1; fi
-	control_plane=$$(tools/build-control-plane) && DISCUS_CONTROL_PLANE="$$control_plane" cargo test --locked
+	control_plane=$$(tools/build-control-plane) && bench_tools=$$(tools/build-bench-tools) && \
+	  DISCUS_CONTROL_PLANE="$$control_plane" DISCUS_BENCH_TOOLS="$$bench_tools" cargo test --locked
 
 lint:
 	cargo fmt --all --check

@@ -1,6 +1,8 @@
-//! What the benchmarks share: timing a command, the median of runs, incompressible bytes.
-#![allow(clippy::expect_used)] // benchmarks fail by panicking
+//! What the benchmarks share: timing a command, the median of runs, incompressible bytes, and
+//! the load generators of tools/build-bench-tools.
+#![allow(clippy::expect_used, dead_code)] // benchmarks fail by panicking; not every bench uses all
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,4 +36,23 @@ pub fn incompressible(size: usize, seed: &[u8]) -> Vec<u8> {
     }
     bytes.truncate(size);
     bytes
+}
+
+/// The directory holding `fio` and `vegeta`: `DISCUS_BENCH_TOOLS`, or what
+/// tools/build-bench-tools builds (cached in ~/.cache/discus after the first time).
+pub fn tools() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("DISCUS_BENCH_TOOLS") {
+            return PathBuf::from(dir);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/build-bench-tools");
+        let output = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("tools/build-bench-tools runs");
+        assert!(output.status.success(), "tools/build-bench-tools failed");
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+    .clone()
 }

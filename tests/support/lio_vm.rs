@@ -593,6 +593,7 @@ impl LioVm {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+        eprintln!("guest booted in {:.1} s", start.elapsed().as_secs_f64());
     }
 
     /// Stops the guest and boots it again: configfs starts empty, as after a power cut.
@@ -639,6 +640,12 @@ impl LioVm {
             .unwrap_or(-1);
         let output =
             std::fs::read_to_string(share.join(format!("outbox/{n}.out"))).unwrap_or_default();
+        // Shown when a test fails (or with --nocapture): where the guest's time went.
+        let shown: String = command.chars().take(100).collect();
+        eprintln!(
+            "guest {:>6.1} s  rc {code}  {shown}",
+            start.elapsed().as_secs_f64()
+        );
         (code, output)
     }
 

@@ -127,14 +127,16 @@ impl Host {
         self.start_with(&[])
     }
 
-    /// `discus serve` in the background with more options, re-syncing every second; its log
-    /// starts afresh.
+    /// `discus serve` in the background with more options, re-syncing every second unless they
+    /// say otherwise; its log starts afresh.
     pub fn start_with(&self, options: &[&str]) -> Child {
         let log = std::fs::File::create(self.sandbox.path().join("serve.log")).expect("log");
+        let resync = (!options.contains(&"--resync-seconds")).then_some(["--resync-seconds", "1"]);
         self.sandbox
             .command(DISCUS)
             .args(self.serve_args())
-            .args(["--resync-seconds", "1", "--log-level", "debug"])
+            .args(resync.into_iter().flatten())
+            .args(["--log-level", "debug"])
             .args(options)
             .stderr(log)
             .spawn()

@@ -1,0 +1,695 @@
+//! What a machine reading its disc through discus gets, against what the same machine would get
+//! from the file itself and from a target a skilled admin set up by hand, all in the same run
+//! (`cargo bench --bench datapath`). On tgt, in a host of its own (tests/support/sandbox.rs),
+//! every reader is fio (tools/build-bench-tools): its libiscsi engine as the initiator, its
+//! psync engine for the file.
+//!
+//! 1. **One initiator**: sequential 1 MiB reads (iodepth 16) and random 4 KiB reads (iodepth 32)
+//!    of an image of `DISCUS_BENCH_SIZE_MIB` (default 1024), in the page cache, through
+//!    - the file itself, read by one process on the node: the floor;
+//!    - a target configured by hand the way tgt's documentation and a skilled admin do it: a
+//!      tgtd of its own started as Debian's service starts it, one target, the same file as a
+//!      read-only LUN with tgt's defaults, CHAP and an initiator ACL;
+//!    - discus serving the same file to a grant with CHAP.
+//!
+//!    Each the median of three runs, interleaved. Goals: discus ≥ 0.8× the floor for cached
+//!    sequential reads, and no worse than the hand-made target.
+//! 2. **Boot storm**: `DISCUS_BENCH_STORM` (default `64,256`) initiators, each with a grant and
+//!    CHAP secret of its own, log in at once and each reads the boot working set: the first
+//!    `DISCUS_BENCH_WORKING_SET_MIB` (default 256) of the image, 64 KiB at a time, mostly in
+//!    order with 10% at random (a boot: kernel and initrd in one go, then scattered files).
+//!    Reported: all succeeded or not, each initiator's time from the start to its last byte
+//!    (p50, p99, max), logins alone (as many `iscsi-inq` at once), tgtd's CPU time and memory,
+//!    and the image's pages in the page cache (fincore): one copy of the working set, whatever
+//!    the number of initiators; the storm starts with none of them cached, as does its floor. The
+//!    floor: as many processes reading the same working set of the file the same way. Goal:
+//!    all succeed; p99 ≤ 2× the floor's p99.
+//!
+//! Plots (benches/support/plot.rs): completion CDF of each storm beside its floor, and the
+//! aggregate throughput by number of initiators. `cargo test --bench datapath` runs it with
+//! 32 MiB and a storm of 4, so that it cannot rot.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmarks fail by panicking
+
+#[path = "support/mod.rs"]
+mod bench_support;
+#[path = "support/fio.rs"]
+mod fio;
+#[path = "support/plot.rs"]
+mod plot;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use bench_support::{incompressible, median, tools};
+use fio::{Job, Reads, Source};
+use support::manifests;
+use support::serve_host::{Host, INITIATOR, PORTAL};
+
+const IQN: &str = "iqn.2026-11.dev.discus:boot";
+const HAND_IQN: &str = "iqn.2026-11.dev.discus:by-hand";
+/// The hand-made target's tgtd: its own control port and portal beside discus's.
+const HAND_CONTROL_PORT: &str = "3262";
+const HAND_PORTAL: &str = "127.0.0.1:3262";
+const PASSWORD: &str = "client-secret";
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --bench datapath` does not: a smoke test.
+    let full = std::env::args().any(|a| a == "--bench");
+    let size_mib = env_number("DISCUS_BENCH_SIZE_MIB", if full { 1024 } else { 32 });
+    let working_set_mib = env_number("DISCUS_BENCH_WORKING_SET_MIB", if full { 256 } else { 8 });
+    let storms: Vec<usize> = std::env::var("DISCUS_BENCH_STORM")
+        .unwrap_or_else(|_| if full { "64,256" } else { "4" }.to_owned())
+        .split(',')
+        .map(|n| n.trim().parse().expect("DISCUS_BENCH_STORM: numbers"))
+        .collect();
+    let most = storms.iter().copied().max().unwrap_or(0);
+    println!(
+        "data path on tgt: {size_mib} MiB image, storms of {storms:?} reading {working_set_mib} MiB each"
+    );
+
+    let bench = Bench::new(size_mib, most);
+    bench.one_initiator(if full { 10 } else { 2 });
+    let mut plots = Vec::new();
+    for &n in &storms {
+        plots.push(bench.storm(n, working_set_mib));
+    }
+    draw(&plots, &bench.single);
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.trim().parse().expect("a whole number"))
+        .unwrap_or(default)
+}
+
+struct Bench {
+    host: Host,
+    /// The file discus serves, as stored: what the floor and the hand-made target read.
+    stored: PathBuf,
+    jobs: PathBuf,
+    /// Sequential MiB/s of one initiator through discus and of one reader of the file, for the
+    /// throughput plot.
+    single: std::cell::Cell<(f64, f64)>,
+}
+
+impl Bench {
+    /// A host with the image, discus serving it to the bench's initiator and to `storm` more,
+    /// each with CHAP of its own, and a tgtd of the admin's with the same file.
+    fn new(size_mib: usize, storm: usize) -> Self {
+        let host = Host::new();
+        let image = host.images.join("disk.raw");
+        let bytes = incompressible(size_mib << 20, b"datapath");
+        std::fs::write(&image, &bytes).expect("image");
+        let digest = hex::encode(Sha256::digest(&bytes));
+        drop(bytes);
+        host.manifest("lab.yaml", &manifests_for(&image, &digest, storm));
+        let start = Instant::now();
+        host.converge();
+        println!(
+            "discus serve --once: {} grants Ready in {:.1} s",
+            storm + 1,
+            start.elapsed().as_secs_f64()
+        );
+        let stored = host.stored_image(&digest);
+        let bench = Self {
+            jobs: host.sandbox.scratch("jobs"),
+            host,
+            stored,
+            single: std::cell::Cell::new((0.0, 0.0)),
+        };
+        bench.configure_by_hand();
+        bench
+    }
+
+    /// tgtd as Debian's tgt.service starts it (`tgtd -f`, its defaults), and the target an admin
+    /// writes with tgtadm (as /etc/tgt/targets.conf would make it): the LUN with tgt's default
+    /// backing store (rdwr, buffered), read-only, CHAP, one initiator admitted.
+    fn configure_by_hand(&self) {
+        let sandbox = &self.host.sandbox;
+        let log = std::fs::File::create(sandbox.path().join("tgtd-by-hand.log")).expect("log");
+        let tgtd = sandbox
+            .command("tgtd")
+            .args(["-f", "-C", HAND_CONTROL_PORT, "--iscsi"])
+            .arg(format!("portal={HAND_PORTAL}"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("tgtd runs");
+        std::mem::forget(tgtd); // it ends with the sandbox
+        let admin = |args: &[&str]| {
+            let mut all = vec!["tgtadm", "-C", HAND_CONTROL_PORT, "--lld", "iscsi"];
+            all.extend_from_slice(args);
+            wait_until(
+                Duration::from_secs(30),
+                "the hand-made tgtd answers",
+                || {
+                    sandbox
+                        .command(all[0])
+                        .args(&all[1..])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                },
+            );
+        };
+        let stored = self.stored.display().to_string();
+        admin(&[
+            "--mode", "target", "--op", "new", "--tid", "1", "-T", HAND_IQN,
+        ]);
+        admin(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "new",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            &stored,
+        ]);
+        admin(&[
+            "--mode",
+            "logicalunit",
+            "--op",
+            "update",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "--params",
+            "readonly=1",
+        ]);
+        admin(&[
+            "--mode",
+            "account",
+            "--op",
+            "new",
+            "--user",
+            "client",
+            "--password",
+            PASSWORD,
+        ]);
+        admin(&[
+            "--mode", "account", "--op", "bind", "--tid", "1", "--user", "client",
+        ]);
+        admin(&[
+            "--mode",
+            "target",
+            "--op",
+            "bind",
+            "--tid",
+            "1",
+            "--initiator-name",
+            INITIATOR,
+        ]);
+    }
+
+    fn discus_lun(&self, initiator: &str, user: &str, password: &str) -> Source {
+        Source::Lun {
+            portal: PORTAL.into(),
+            iqn: IQN.into(),
+            lun: 1,
+            initiator: initiator.into(),
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    fn hand_lun(&self) -> Source {
+        Source::Lun {
+            portal: HAND_PORTAL.into(),
+            iqn: HAND_IQN.into(),
+            lun: 1,
+            initiator: INITIATOR.into(),
+            user: "client".into(),
+            password: PASSWORD.into(),
+        }
+    }
+
+    /// Runs fio on one job file in the host; its reads by job name.
+    fn fio(&self, name: &str, jobs: &[Job], together: bool) -> Vec<(String, Reads)> {
+        let path = self.jobs.join(format!("{name}.fio"));
+        fio::job_file(&path, jobs, together);
+        let output = self
+            .host
+            .sandbox
+            .command(tools().join("fio"))
+            .args(["--output-format=json"])
+            .arg(&path)
+            .output()
+            .expect("fio runs");
+        assert!(
+            output.status.success(),
+            "fio {name} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        fio::parse(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    /// Sequential and random reads from the floor, the hand-made target and discus, the median
+    /// of three interleaved rounds; prints the table and the ratios.
+    fn one_initiator(&self, random_seconds: usize) {
+        let seconds = random_seconds.to_string();
+        let shapes = |source: &Source| {
+            vec![
+                Job::new(
+                    "sequential",
+                    source,
+                    &[("rw", "read"), ("bs", "1M"), ("iodepth", "16")],
+                ),
+                Job::new(
+                    "random",
+                    source,
+                    &[
+                        ("rw", "randread"),
+                        ("bs", "4k"),
+                        ("iodepth", "32"),
+                        ("time_based", "1"),
+                        ("runtime", &seconds),
+                    ],
+                ),
+            ]
+        };
+        let sources = [
+            ("floor (the file)", Source::File(self.stored.clone())),
+            ("tgt by hand", self.hand_lun()),
+            ("discus", self.discus_lun(INITIATOR, "client", PASSWORD)),
+        ];
+        // Into the page cache, for every reader alike.
+        std::fs::read(&self.stored).expect("warm the page cache");
+        let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sources.len()];
+        for round in 0..3 {
+            for (i, (_, source)) in sources.iter().enumerate() {
+                let reads = self.fio(&format!("single-{round}-{i}"), &shapes(source), false);
+                let of = |name: &str| reads.iter().find(|(n, _)| n == name).expect(name).1;
+                results[i].push((
+                    of("sequential").bytes_per_second / f64::from(1 << 20),
+                    of("random").iops,
+                ));
+            }
+        }
+        let median =
+            |i: usize, pick: fn(&(f64, f64)) -> f64| median(results[i].iter().map(pick).collect());
+        println!("\none initiator, the median of 3 runs:");
+        println!(
+            "{:<18} {:>14} {:>14}",
+            "reader", "sequential 1M", "random 4k"
+        );
+        for (i, (name, _)) in sources.iter().enumerate() {
+            println!(
+                "{name:<18} {:>9.0} MiB/s {:>9.0} IOPS",
+                median(i, |r| r.0),
+                median(i, |r| r.1)
+            );
+        }
+        let (floor, hand, discus) = (0, 1, 2);
+        println!(
+            "discus / floor: sequential {:.2} (goal >= 0.8), random {:.3}",
+            median(discus, |r| r.0) / median(floor, |r| r.0),
+            median(discus, |r| r.1) / median(floor, |r| r.1)
+        );
+        println!(
+            "discus / tgt by hand: sequential {:.2}, random {:.2} (goal >= 1.0 within noise)",
+            median(discus, |r| r.0) / median(hand, |r| r.0),
+            median(discus, |r| r.1) / median(hand, |r| r.1)
+        );
+        self.single
+            .set((median(discus, |r| r.0), median(floor, |r| r.0)));
+    }
+
+    /// `n` initiators at once, each reading the working set through its own grant, against `n`
+    /// processes reading it from the file.
+    fn storm(&self, n: usize, working_set_mib: usize) -> Storm {
+        let size = format!("{working_set_mib}M");
+        let shape = [
+            ("rw", "randread"),
+            ("percentage_random", "10"),
+            ("bs", "64k"),
+            ("iodepth", "4"),
+            // The first working_set_mib of the image, and that many bytes in all: fio's
+            // sequential share stops at the region's end, the random one may read a block twice.
+            ("size", size.as_str()),
+            ("io_size", size.as_str()),
+        ];
+        let tgtd = self.discus_tgtd();
+        // The working set leaves the page cache: the storm's readers bring it back, once.
+        drop_from_page_cache(&self.stored);
+        let cpu_before = cpu_seconds(tgtd);
+
+        let discus: Vec<Job> = (0..n)
+            .map(|i| {
+                let source = self.discus_lun(&storm_initiator(i), &format!("c{i}"), &password(i));
+                Job::new(&format!("c{i}"), &source, &shape)
+            })
+            .collect();
+        let finished = self.at_once(&format!("storm-{n}"), discus, working_set_mib);
+        let cpu = cpu_seconds(tgtd) - cpu_before;
+        let resident = resident_mib(&self.stored);
+        let tgtd_mib = rss_kib(tgtd) as f64 / 1024.0;
+
+        let floor: Vec<Job> = (0..n)
+            .map(|i| {
+                let source = Source::File(self.stored.clone());
+                Job::new(&format!("f{i}"), &source, &shape)
+            })
+            .collect();
+        drop_from_page_cache(&self.stored);
+        let floor_finished = self.at_once(&format!("floor-{n}"), floor, working_set_mib);
+        let logins = self.logins(n);
+
+        let ok = finished.iter().filter(|t| t.is_some()).count();
+        let times: Vec<f64> = finished.iter().flatten().copied().collect();
+        let floor_times: Vec<f64> = floor_finished.iter().flatten().copied().collect();
+        let (p50, p99, max) = percentiles(&times);
+        let (f50, f99, fmax) = percentiles(&floor_times);
+        let (l50, l99, lmax) = percentiles(&logins);
+        println!("\nboot storm of {n} initiators, {working_set_mib} MiB each:");
+        println!("  succeeded: {ok} of {n}");
+        println!("  time to the last byte: p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s");
+        println!(
+            "  floor ({n} readers of the file): p50 {f50:.2} s, p99 {f99:.2} s, max {fmax:.2} s"
+        );
+        println!("  p99 / floor p99: {:.2} (goal <= 2)", p99 / f99);
+        println!("  logins alone (iscsi-inq): p50 {l50:.3} s, p99 {l99:.3} s, max {lmax:.3} s");
+        println!(
+            "  tgtd: {cpu:.1} s of CPU, {tgtd_mib:.0} MiB resident; the image's pages in the page \
+             cache: {resident:.0} MiB, one copy of the {working_set_mib} MiB working set for all {n}"
+        );
+        assert_eq!(ok, n, "every initiator of the storm reads its working set");
+        let makespan = |t: &[f64]| t.iter().copied().fold(0.0, f64::max);
+        Storm {
+            n,
+            aggregate_mib_s: (n * working_set_mib) as f64 / makespan(&times),
+            floor_aggregate_mib_s: (n * working_set_mib) as f64 / makespan(&floor_times),
+            times,
+            floor_times,
+        }
+    }
+
+    /// Starts one fio per job at the same moment; each one's time from that moment to its exit,
+    /// or None if it failed or read less than the working set.
+    fn at_once(&self, name: &str, jobs: Vec<Job>, working_set_mib: usize) -> Vec<Option<f64>> {
+        let mut running: Vec<(Child, PathBuf)> = Vec::new();
+        let start = Instant::now();
+        for job in jobs {
+            let path = self.jobs.join(format!("{name}-{}.fio", job.name));
+            fio::job_file(&path, &[job], false);
+            let child = self
+                .host
+                .sandbox
+                .command(tools().join("fio"))
+                .args(["--output-format=json"])
+                .arg(&path)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("fio runs");
+            running.push((child, path));
+        }
+        let mut finished = vec![None; running.len()];
+        let deadline = Duration::from_secs(1800);
+        // Reaped in any order: each time is taken when its process is seen to have ended.
+        let mut left: Vec<usize> = (0..running.len()).collect();
+        let mut failures = Vec::new();
+        while !left.is_empty() {
+            assert!(start.elapsed() < deadline, "{name}: the storm did not end");
+            left.retain(|&i| {
+                let (child, path) = &mut running[i];
+                match child.try_wait().expect("wait") {
+                    None => true,
+                    Some(status) => {
+                        let elapsed = start.elapsed().as_secs_f64();
+                        let (mut out, mut err) = (String::new(), String::new());
+                        if let Some(mut stdout) = child.stdout.take() {
+                            let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+                        }
+                        if let Some(mut stderr) = child.stderr.take() {
+                            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+                        }
+                        let read_all = status.success()
+                            && fio::parse(&out)
+                                .iter()
+                                .all(|(_, r)| r.bytes >= (working_set_mib as u64) << 20);
+                        if !read_all && failures.len() < 3 {
+                            failures.push(format!("{}: {status}: {err}{out}", path.display()));
+                        }
+                        finished[i] = read_all.then_some(elapsed);
+                        false
+                    }
+                }
+            });
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for failure in failures {
+            eprintln!("{name}: a reader failed: {failure}");
+        }
+        finished
+    }
+
+    /// `n` logins at once (`iscsi-inq`: log in, INQUIRY, log out), each one's time.
+    fn logins(&self, n: usize) -> Vec<f64> {
+        let start = Instant::now();
+        let mut children: Vec<Child> = (0..n)
+            .map(|i| {
+                let url = format!("iscsi://c{i}%{}@{PORTAL}/{IQN}/1", password(i));
+                self.host
+                    .sandbox
+                    .command("iscsi-inq")
+                    .args(["-i", &storm_initiator(i), &url])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("iscsi-inq runs")
+            })
+            .collect();
+        let mut times = vec![f64::NAN; n];
+        let mut left: Vec<usize> = (0..n).collect();
+        while !left.is_empty() {
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "logins did not end"
+            );
+            left.retain(|&i| match children[i].try_wait().expect("wait") {
+                None => true,
+                Some(status) => {
+                    assert!(status.success(), "login {i} failed");
+                    times[i] = start.elapsed().as_secs_f64();
+                    false
+                }
+            });
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        times
+    }
+
+    /// The host PID of the tgtd discus started (its pid file in the host's data dir).
+    fn discus_tgtd(&self) -> u32 {
+        let inside: u32 =
+            std::fs::read_to_string(self.host.sandbox.data_dir().join("tgt/tgtd.pid"))
+                .expect("discus's tgtd.pid")
+                .trim()
+                .parse()
+                .expect("a pid");
+        host_pid(self.host.sandbox.pid(), inside)
+    }
+}
+
+struct Storm {
+    n: usize,
+    times: Vec<f64>,
+    floor_times: Vec<f64>,
+    aggregate_mib_s: f64,
+    floor_aggregate_mib_s: f64,
+}
+
+fn draw(storms: &[Storm], single: &std::cell::Cell<(f64, f64)>) {
+    let mut series = Vec::new();
+    for storm in storms {
+        series.push(plot::Series {
+            label: format!("{} initiators through discus", storm.n),
+            points: plot::cdf(&storm.times),
+        });
+        series.push(plot::Series {
+            label: format!("{} readers of the file (floor)", storm.n),
+            points: plot::cdf(&storm.floor_times),
+        });
+    }
+    let cdf = plot::draw(&plot::Chart {
+        file: "datapath-boot-storm-cdf.svg",
+        title: "Boot storm on tgt: time until each machine has its working set",
+        x: "seconds from the start",
+        y: "share of machines done",
+        series,
+    });
+    let (one_discus, one_floor) = single.get();
+    let mut discus = vec![(1.0, one_discus)];
+    let mut floor = vec![(1.0, one_floor)];
+    for storm in storms {
+        discus.push((storm.n as f64, storm.aggregate_mib_s));
+        floor.push((storm.n as f64, storm.floor_aggregate_mib_s));
+    }
+    let throughput = plot::draw(&plot::Chart {
+        file: "datapath-throughput.svg",
+        title: "Aggregate reads on tgt by number of initiators (1: 1 MiB sequential; more: the storm)",
+        x: "initiators (readers)",
+        y: "MiB/s",
+        series: vec![
+            plot::Series {
+                label: "through discus".into(),
+                points: discus,
+            },
+            plot::Series {
+                label: "readers of the file (floor)".into(),
+                points: floor,
+            },
+        ],
+    });
+    println!("\nplots: {}, {}", cdf.display(), throughput.display());
+}
+
+fn storm_initiator(i: usize) -> String {
+    format!("iqn.2026-11.dev.discus:storm-{i}")
+}
+
+fn password(i: usize) -> String {
+    format!("storm-pw-{i:05}")
+}
+
+/// The image, the target with it as LUN 0, the bench's grant, and `storm` more grants, each
+/// with a CHAP Secret of its own.
+fn manifests_for(image: &Path, digest: &str, storm: usize) -> String {
+    let mut objects = vec![
+        support::serve_host::raw_image("disk", image, digest),
+        manifests::discus(
+            "IscsiTarget",
+            "lab",
+            "boot",
+            json!({"iqn": IQN, "luns": [{"lun": 0, "image": "disk"}]}),
+        ),
+    ];
+    let mut grant = |name: &str, initiator: &str, user: &str, password: &str| {
+        let secret = format!("{name}-chap");
+        objects.push(manifests::discus(
+            "InitiatorAccess",
+            "lab",
+            name,
+            json!({"targetRef": {"name": "boot"}, "initiatorIqn": initiator,
+                   "chap": {"secretRef": {"name": secret}}}),
+        ));
+        objects.push(manifests::secret(
+            "lab",
+            &secret,
+            json!({"username": user, "password": password}),
+        ));
+    };
+    grant("client", INITIATOR, "client", PASSWORD);
+    for i in 0..storm {
+        grant(
+            &format!("c{i}"),
+            &storm_initiator(i),
+            &format!("c{i}"),
+            &password(i),
+        );
+    }
+    manifests::yaml(&objects)
+}
+
+fn wait_until(deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn percentiles(values: &[f64]) -> (f64, f64, f64) {
+    if values.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1];
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Drops a file's pages from the page cache (POSIX_FADV_DONTNEED, through GNU dd).
+fn drop_from_page_cache(path: &Path) {
+    let status = std::process::Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .expect("dd runs");
+    assert!(status.success(), "dd iflag=nocache");
+}
+
+/// How much of a file is in the page cache, in MiB (util-linux's fincore).
+fn resident_mib(path: &Path) -> f64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore runs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse::<f64>()
+        .unwrap_or(0.0)
+        / f64::from(1 << 20)
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// User and system CPU time of a process (and its reaped children), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+/// The host PID of the process that is `inside` in the PID namespace of `holder`'s sandbox.
+fn host_pid(holder: u32, inside: u32) -> u32 {
+    let ns = std::fs::read_link(format!("/proc/{holder}/ns/pid")).expect("pid namespace");
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != Some(ns.clone()) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let ns_pids = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap_or_default();
+        if ns_pids.split_whitespace().last() == Some(&inside.to_string()) {
+            return pid;
+        }
+    }
+    panic!("no process {inside} in the sandbox")
+}
