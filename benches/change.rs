@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use support::manifests;
-use support::serve_host::{Host, raw_image};
+use support::serve_host::{Host, numbered_target, raw_image};
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
@@ -70,6 +70,15 @@ fn measure(n: usize) -> Measured {
     wait_until(&host, Duration::from_secs(600), "the first pass", || {
         host.log().contains("sync pass done")
     });
+    // No pass under way when the file appears: the next pass logged is the change's.
+    let mut quiet = (host.log().len(), Instant::now());
+    wait_until(&host, Duration::from_secs(120), "a quiet second", || {
+        let length = host.log().len();
+        if length != quiet.0 {
+            quiet = (length, Instant::now());
+        }
+        quiet.1.elapsed() >= Duration::from_secs(1)
+    });
     let passes_before = host.log().matches("sync pass done").count();
     let staged = host.sandbox.scratch("staged").join("new.yaml");
     std::fs::write(&staged, manifests::yaml([&grant("g-new", n / 2, 9)])).expect("manifest");
@@ -114,12 +123,7 @@ fn manifests_for(image: &std::path::Path, digest: &str, n: usize) -> String {
         support::serve_host::chap_secret("client-secret"),
     ];
     for i in 0..n {
-        objects.push(manifests::discus(
-            "IscsiTarget",
-            "lab",
-            &format!("t{i}"),
-            json!({"iqn": format!("iqn.2026-11.dev.discus:t{i}"), "luns": [{"lun": 0, "image": "small"}]}),
-        ));
+        objects.push(numbered_target(i, "small"));
         for g in 0..2 {
             objects.push(grant(&format!("g{i}-{g}"), i, g));
         }

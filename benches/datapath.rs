@@ -143,74 +143,44 @@ impl Bench {
             .spawn()
             .expect("tgtd runs");
         std::mem::forget(tgtd); // it ends with the sandbox
-        let admin = |args: &[&str]| {
-            let mut all = vec!["tgtadm", "-C", HAND_CONTROL_PORT, "--lld", "iscsi"];
-            all.extend_from_slice(args);
-            wait_until(
-                Duration::from_secs(30),
-                "the hand-made tgtd answers",
-                || {
-                    sandbox
-                        .command(all[0])
-                        .args(&all[1..])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success())
-                },
-            );
+        let tgtadm = ["tgtadm", "-C", HAND_CONTROL_PORT, "--lld", "iscsi"];
+        wait_until(
+            Duration::from_secs(30),
+            "the hand-made tgtd answers",
+            || {
+                (sandbox.command(tgtadm[0]).args(&tgtadm[1..]))
+                    .args(["--mode", "target", "--op", "show"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+        // Each command: its words, then the one value that may hold anything.
+        let admin = |words: &str, value: &str| {
+            let mut args = tgtadm.to_vec();
+            args.extend(words.split_whitespace());
+            args.push(value);
+            let status = (sandbox.command(args[0]).args(&args[1..]))
+                .stdout(Stdio::null())
+                .status()
+                .expect("tgtadm runs");
+            // Not the command line: one of them holds the password.
+            assert!(status.success(), "tgtadm {words} … failed");
         };
         let stored = self.stored.display().to_string();
-        admin(&[
-            "--mode", "target", "--op", "new", "--tid", "1", "-T", HAND_IQN,
-        ]);
-        admin(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "new",
-            "--tid",
-            "1",
-            "--lun",
-            "1",
-            "-b",
-            &stored,
-        ]);
-        admin(&[
-            "--mode",
-            "logicalunit",
-            "--op",
-            "update",
-            "--tid",
-            "1",
-            "--lun",
-            "1",
-            "--params",
+        admin("--mode target --op new --tid 1 -T", HAND_IQN);
+        admin("--mode logicalunit --op new --tid 1 --lun 1 -b", &stored);
+        admin(
+            "--mode logicalunit --op update --tid 1 --lun 1 --params",
             "readonly=1",
-        ]);
-        admin(&[
-            "--mode",
-            "account",
-            "--op",
-            "new",
-            "--user",
-            "client",
-            "--password",
-            PASSWORD,
-        ]);
-        admin(&[
-            "--mode", "account", "--op", "bind", "--tid", "1", "--user", "client",
-        ]);
-        admin(&[
-            "--mode",
-            "target",
-            "--op",
-            "bind",
-            "--tid",
-            "1",
-            "--initiator-name",
+        );
+        admin("--mode account --op new --user client --password", PASSWORD);
+        admin("--mode account --op bind --tid 1 --user", "client");
+        admin(
+            "--mode target --op bind --tid 1 --initiator-name",
             INITIATOR,
-        ]);
+        );
     }
 
     fn discus_lun(&self, initiator: &str, user: &str, password: &str) -> Source {
@@ -403,20 +373,24 @@ impl Bench {
         for job in jobs {
             let path = self.jobs.join(format!("{name}-{}.fio", job.name));
             fio::job_file(&path, &[job], false);
+            // Into files, not pipes: a reader that says much never blocks on a full pipe.
+            let output =
+                |ext: &str| std::fs::File::create(path.with_extension(ext)).expect("output");
             let child = self
                 .host
                 .sandbox
                 .command(tools().join("fio"))
                 .args(["--output-format=json"])
                 .arg(&path)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
+                .stdout(output("json"))
+                .stderr(output("err"))
                 .spawn()
                 .expect("fio runs");
             running.push((child, path));
         }
         let mut finished = vec![None; running.len()];
-        let deadline = Duration::from_secs(1800);
+        // Generous: a storm of 256 reading 256 MiB each took 146 s here.
+        let deadline = Duration::from_secs(120 + (running.len() * working_set_mib) as u64 / 16);
         // Reaped in any order: each time is taken when its process is seen to have ended.
         let mut left: Vec<usize> = (0..running.len()).collect();
         let mut failures = Vec::new();
@@ -428,19 +402,18 @@ impl Bench {
                     None => true,
                     Some(status) => {
                         let elapsed = start.elapsed().as_secs_f64();
-                        let (mut out, mut err) = (String::new(), String::new());
-                        if let Some(mut stdout) = child.stdout.take() {
-                            let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
-                        }
-                        if let Some(mut stderr) = child.stderr.take() {
-                            let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
-                        }
+                        let out = std::fs::read_to_string(path.with_extension("json"))
+                            .unwrap_or_default();
+                        // fio's JSON repeats the job's options, the password among them: only
+                        // its own complaints are shown.
+                        let err =
+                            std::fs::read_to_string(path.with_extension("err")).unwrap_or_default();
                         let read_all = status.success()
                             && fio::parse(&out)
                                 .iter()
                                 .all(|(_, r)| r.bytes >= (working_set_mib as u64) << 20);
                         if !read_all && failures.len() < 3 {
-                            failures.push(format!("{}: {status}: {err}{out}", path.display()));
+                            failures.push(format!("{}: {status}: {err}", path.display()));
                         }
                         finished[i] = read_all.then_some(elapsed);
                         false
@@ -460,11 +433,13 @@ impl Bench {
         let start = Instant::now();
         let mut children: Vec<Child> = (0..n)
             .map(|i| {
-                let url = format!("iscsi://c{i}%{}@{PORTAL}/{IQN}/1", password(i));
+                // The password through libiscsi's environment variable, not the command line.
+                let url = format!("iscsi://c{i}@{PORTAL}/{IQN}/1");
                 self.host
                     .sandbox
                     .command("iscsi-inq")
                     .args(["-i", &storm_initiator(i), &url])
+                    .env("LIBISCSI_CHAP_PASSWORD", password(i))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()
@@ -659,7 +634,7 @@ fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS")
 }
 
-/// User and system CPU time of a process (and its reaped children), in seconds.
+/// User and system CPU time of a process (its threads included), in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat

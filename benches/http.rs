@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use bench_support::{median, tools};
 use support::manifests;
-use support::serve_host::Host;
+use support::serve_host::{Host, numbered_target};
 
 const METRICS: &str = "127.0.0.1:9464";
 const BOOT: &str = "127.0.0.1:8090";
@@ -188,12 +188,7 @@ fn manifests_for(image: &std::path::Path, digest: &str, n: usize) -> String {
         support::serve_host::chap_secret("machine-secret"),
     ];
     for i in 0..n {
-        objects.push(manifests::discus(
-            "IscsiTarget",
-            "lab",
-            &format!("t{i}"),
-            json!({"iqn": format!("iqn.2026-11.dev.discus:t{i}"), "luns": [{"lun": 0, "image": "disk"}]}),
-        ));
+        objects.push(numbered_target(i, "disk"));
         objects.push(manifests::discus(
             "InitiatorAccess",
             "lab",

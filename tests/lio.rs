@@ -928,6 +928,10 @@ fn lio_survives_crashes_and_reboots_and_changes_stay_small_at_scale() {
         )
     );
 
-    vm.must("kill $(pidof discus); while pidof discus > /dev/null; do sleep 0.1; done");
+    // What the scale scenarios made goes before the machines' discs are served.
+    vm.must(
+        "kill $(pidof discus); while pidof discus > /dev/null; do sleep 0.1; done; \
+         discus teardown --data-dir /var/lib/discus",
+    );
     diskless_machines_boot_discs_from_lio(&vm);
 }

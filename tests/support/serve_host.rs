@@ -339,6 +339,17 @@ pub fn raw_image(name: &str, image: &Path, digest: &str) -> Value {
     )
 }
 
+/// The IscsiTarget `t<i>` in `lab` (IQN `…:t<i>`) with the DiscImage `image` as LUN 0: one of
+/// the many targets of a test or benchmark at scale.
+pub fn numbered_target(i: usize, image: &str) -> Value {
+    manifests::discus(
+        "IscsiTarget",
+        "lab",
+        &format!("t{i}"),
+        json!({"iqn": format!("iqn.2026-11.dev.discus:t{i}"), "luns": [{"lun": 0, "image": image}]}),
+    )
+}
+
 /// The whole set `Served` describes, as one manifest file.
 pub fn served(image: &Path, digest: &str) -> String {
     Served::new(image, digest).yaml()
