@@ -25,6 +25,9 @@ use serde_json::json;
 use support::manifests;
 use support::serve_host::{Host, numbered_target, raw_image};
 
+/// How often a wait looks: fine enough to time a change of a few hundred milliseconds.
+const POLL: Duration = Duration::from_millis(5);
+
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let sizes: Vec<usize> = std::env::var("DISCUS_BENCH_SIZES")
@@ -67,12 +70,12 @@ fn measure(n: usize) -> Measured {
     let cold = start.elapsed();
 
     let mut serve = host.start_with(&["--resync-seconds", "3600"]);
-    wait_until(&host, Duration::from_secs(600), "the first pass", || {
+    host.wait_polling(Duration::from_secs(600), POLL, "the first pass", || {
         host.log().contains("sync pass done")
     });
     // No pass under way when the file appears: the next pass logged is the change's.
     let mut quiet = (host.log().len(), Instant::now());
-    wait_until(&host, Duration::from_secs(120), "a quiet second", || {
+    host.wait_polling(Duration::from_secs(120), POLL, "a quiet second", || {
         let length = host.log().len();
         if length != quiet.0 {
             quiet = (length, Instant::now());
@@ -84,17 +87,17 @@ fn measure(n: usize) -> Measured {
     std::fs::write(&staged, manifests::yaml([&grant("g-new", n / 2, 9)])).expect("manifest");
     let start = Instant::now();
     std::fs::rename(&staged, host.manifests.join("new.yaml")).expect("rename");
-    wait_until(
-        &host,
+    host.wait_polling(
         Duration::from_secs(120),
+        POLL,
         "the new grant's Ready",
         || host.condition("InitiatorAccess", "g-new", "Ready").0 == "True",
     );
     let change = start.elapsed();
     // The pass logs its parts after it wrote the status.
-    wait_until(
-        &host,
+    host.wait_polling(
         Duration::from_secs(60),
+        POLL,
         "the change's pass logged",
         || host.log().matches("sync pass done").count() > passes_before,
     );
@@ -142,18 +145,6 @@ fn grant(name: &str, target: usize, client: usize) -> serde_json::Value {
             "chap": {"secretRef": {"name": "client-chap"}},
         }),
     )
-}
-
-fn wait_until(host: &Host, deadline: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out waiting for {what}; serve log:\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// tgtd's 16 I/O threads per LUN must fit under kernel.pid_max, and their stacks under

@@ -56,8 +56,9 @@ fn main() {
         "100000000",
     ]);
     let deadline = Duration::from_secs(60 + targets as u64);
-    wait_until(
+    host.wait_polling(
         deadline,
+        Duration::from_millis(200),
         "every grant is Ready",
         || {
             (0..targets).all(|i| {
@@ -66,7 +67,6 @@ fn main() {
                     == "True"
             })
         },
-        &host,
     );
 
     let at_rest = passes_during(&host, Duration::from_secs(seconds as u64), || ());
@@ -202,16 +202,4 @@ fn manifests_for(image: &std::path::Path, digest: &str, n: usize) -> String {
         ));
     }
     manifests::yaml(&objects)
-}
-
-fn wait_until(deadline: Duration, what: &str, mut done: impl FnMut() -> bool, host: &Host) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < deadline,
-            "timed out waiting until {what}; serve log:\n{}",
-            host.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -199,15 +199,32 @@ impl Host {
         (text("status"), text("reason"), text("message"))
     }
 
-    pub fn wait_for(&self, what: &str, mut done: impl FnMut() -> bool) {
+    pub fn wait_for(&self, what: &str, done: impl FnMut() -> bool) {
+        self.wait_polling(
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            what,
+            done,
+        );
+    }
+
+    /// Asks `done` every `every` until it holds; fails with the serve log after `deadline`.
+    pub fn wait_polling(
+        &self,
+        deadline: Duration,
+        every: Duration,
+        what: &str,
+        mut done: impl FnMut() -> bool,
+    ) {
         let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if done() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+        while !done() {
+            assert!(
+                start.elapsed() < deadline,
+                "timed out waiting for {what}; serve log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(every);
         }
-        panic!("timed out waiting for {what}; serve log:\n{}", self.log());
     }
 
     pub fn tgtadm(&self, args: &[&str]) -> String {
