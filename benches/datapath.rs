@@ -48,6 +48,7 @@ use sha2::{Digest, Sha256};
 
 use bench_support::{incompressible, median, tools};
 use fio::{Job, Reads, Source};
+use support::initiator::Login;
 use support::manifests;
 use support::serve_host::{Host, INITIATOR, PORTAL};
 
@@ -183,26 +184,26 @@ impl Bench {
         );
     }
 
-    fn discus_lun(&self, initiator: &str, user: &str, password: &str) -> Source {
-        Source::Lun {
-            portal: PORTAL.into(),
-            iqn: IQN.into(),
+    fn discus_lun<'a>(initiator: &'a str, user: &'a str, password: &'a str) -> Source<'a> {
+        Source::Lun(Login {
+            portal: PORTAL,
+            iqn: IQN,
             lun: 1,
-            initiator: initiator.into(),
-            user: user.into(),
-            password: password.into(),
-        }
+            initiator,
+            user,
+            password,
+        })
     }
 
-    fn hand_lun(&self) -> Source {
-        Source::Lun {
-            portal: HAND_PORTAL.into(),
-            iqn: HAND_IQN.into(),
+    fn hand_lun() -> Source<'static> {
+        Source::Lun(Login {
+            portal: HAND_PORTAL,
+            iqn: HAND_IQN,
             lun: 1,
-            initiator: INITIATOR.into(),
-            user: "client".into(),
-            password: PASSWORD.into(),
-        }
+            initiator: INITIATOR,
+            user: "client",
+            password: PASSWORD,
+        })
     }
 
     /// Runs fio on one job file in the host; its reads by job name.
@@ -250,9 +251,9 @@ impl Bench {
             ]
         };
         let sources = [
-            ("floor (the file)", Source::File(self.stored.clone())),
-            ("tgt by hand", self.hand_lun()),
-            ("discus", self.discus_lun(INITIATOR, "client", PASSWORD)),
+            ("floor (the file)", Source::File(&self.stored)),
+            ("tgt by hand", Self::hand_lun()),
+            ("discus", Self::discus_lun(INITIATOR, "client", PASSWORD)),
         ];
         // Into the page cache, for every reader alike.
         std::fs::read(&self.stored).expect("warm the page cache");
@@ -317,8 +318,10 @@ impl Bench {
 
         let discus: Vec<Job> = (0..n)
             .map(|i| {
-                let source = self.discus_lun(&storm_initiator(i), &format!("c{i}"), &password(i));
-                Job::new(&format!("c{i}"), &source, &shape)
+                let (initiator, user, password) =
+                    (storm_initiator(i), format!("c{i}"), password(i));
+                let source = Self::discus_lun(&initiator, &user, &password);
+                Job::new(&user, &source, &shape)
             })
             .collect();
         let finished = self.at_once(&format!("storm-{n}"), discus, working_set_mib);
@@ -327,10 +330,7 @@ impl Bench {
         let tgtd_mib = rss_kib(tgtd) as f64 / 1024.0;
 
         let floor: Vec<Job> = (0..n)
-            .map(|i| {
-                let source = Source::File(self.stored.clone());
-                Job::new(&format!("f{i}"), &source, &shape)
-            })
+            .map(|i| Job::new(&format!("f{i}"), &Source::File(&self.stored), &shape))
             .collect();
         drop_from_page_cache(&self.stored);
         let floor_finished = self.at_once(&format!("floor-{n}"), floor, working_set_mib);

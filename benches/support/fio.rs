@@ -4,71 +4,60 @@
 #![allow(clippy::expect_used, dead_code)] // benchmarks fail by panicking; not every bench uses all
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
-/// Where a job reads: a LUN through libiscsi, or a local file (the floor).
-#[derive(Clone)]
-pub enum Source {
-    Lun {
-        portal: String,
-        iqn: String,
-        /// The LUN as the target numbers it (tgt's first LUN is 1, LIO's 0).
-        lun: u32,
-        initiator: String,
-        user: String,
-        password: String,
-    },
-    File(PathBuf),
+use crate::support::initiator::Login;
+
+/// Where a job reads: a LUN through libiscsi (`Login::lun` as the target numbers it: tgt's
+/// first is 1, LIO's 0), or a local file (the floor).
+pub enum Source<'a> {
+    Lun(Login<'a>),
+    File(&'a Path),
 }
 
-/// One fio job: a name, where it reads, and its options (`rw`, `bs`, `iodepth`, …).
+/// One fio job: its name and its section of the job file, rendered from where it reads and its
+/// options (`rw`, `bs`, `iodepth`, …).
 pub struct Job {
     pub name: String,
-    pub source: Source,
-    pub options: Vec<(&'static str, String)>,
+    section: String,
 }
 
 impl Job {
-    pub fn new(name: &str, source: &Source, options: &[(&'static str, &str)]) -> Self {
-        Self {
-            name: name.to_owned(),
-            source: source.clone(),
-            options: options.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
-        }
-    }
-
-    fn section(&self) -> String {
-        let mut text = format!("[{}]\n", self.name);
-        match &self.source {
-            Source::Lun {
+    pub fn new(name: &str, source: &Source<'_>, options: &[(&'static str, &str)]) -> Self {
+        let mut section = format!("[{name}]\n");
+        match source {
+            Source::Lun(Login {
                 portal,
                 iqn,
                 lun,
                 initiator,
                 user,
                 password,
-            } => {
-                let _ = writeln!(text, "ioengine=libiscsi\ninitiator={initiator}");
+            }) => {
+                let _ = writeln!(section, "ioengine=libiscsi\ninitiator={initiator}");
                 // fio splits file names at ':': every one is escaped.
                 let url = format!("iscsi://{user}%{password}@{portal}/{iqn}/{lun}");
-                let _ = writeln!(text, "filename={}", url.replace(':', "\\:"));
+                let _ = writeln!(section, "filename={}", url.replace(':', "\\:"));
             }
             // Buffered reads of the file as a program on the node would make them, from the
             // page cache as it is (fio would otherwise drop the file's pages first).
             Source::File(path) => {
                 let _ = writeln!(
-                    text,
+                    section,
                     "ioengine=psync\ninvalidate=0\nfilename={}",
                     path.display()
                 );
             }
         }
-        for (key, value) in &self.options {
-            let _ = writeln!(text, "{key}={value}");
+        for (key, value) in options {
+            let _ = writeln!(section, "{key}={value}");
         }
-        text
+        Self {
+            name: name.to_owned(),
+            section,
+        }
     }
 }
 
@@ -81,7 +70,7 @@ pub fn job_file(path: &Path, jobs: &[Job], together: bool) {
         text.push_str("stonewall\n");
     }
     for job in jobs {
-        text.push_str(&job.section());
+        text.push_str(&job.section);
     }
     let mut file = std::fs::OpenOptions::new()
         .write(true)

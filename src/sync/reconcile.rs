@@ -140,6 +140,12 @@ impl<B: Backend> Syncer<B> {
             // Unread after applying: the sessions as this pass first read them.
             report.sessions = before;
         }
+        if scope.is_none() && pass == Pass::Changes && memory.converged {
+            // A backend read whole: what the pass left as it was keeps its status.
+            report.scope = (memory.targets.as_ref()).and_then(|before| {
+                touched(before, &memory.sessions, &state.targets, &plan.ops, report)
+            });
+        }
         self.remember(state, report, &memory, scope.as_ref(), refused);
     }
 
@@ -278,6 +284,33 @@ fn refused_target(targets: &[TargetConfig], problem: &Problem) -> String {
         })
         .map(|t| t.iqn.clone())
         .unwrap_or_default()
+}
+
+/// The targets (IQNs) whose served state a pass over the whole backend may have changed since the
+/// last converged one: declared differently, planned for, unsettled, or with other sessions.
+/// Every other target is as that pass left it. `None` when an operation on what targets share (a
+/// portal, an account) may have changed any of them.
+fn touched<Op: Operation>(
+    before: &[TargetConfig],
+    sessions_before: &[Session],
+    now: &[TargetConfig],
+    ops: &[Op],
+    report: &NodeReport,
+) -> Option<BTreeSet<String>> {
+    if ops.iter().any(|op| op.target().is_none()) {
+        return None;
+    }
+    let then: BTreeSet<&Session> = sessions_before.iter().collect();
+    let sessions: BTreeSet<&Session> = report.sessions.iter().collect();
+    let mut touched = changed_targets(before, now);
+    let named = (ops.iter().filter_map(Operation::target))
+        .chain(report.unsettled.iter().filter_map(|u| u.target.as_deref()))
+        .chain(
+            then.symmetric_difference(&sessions)
+                .map(|s| s.target.as_str()),
+        );
+    touched.extend(named.map(str::to_owned));
+    Some(touched)
 }
 
 /// The targets (IQNs) whose desired configuration differs between two passes, added and removed

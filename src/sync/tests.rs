@@ -479,3 +479,48 @@ async fn an_upload_is_awaited_only_where_uploads_are_received_and_only_while_ask
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend read whole (tgt) still tells status which targets a change left as they were: the
+/// ones declared the same, not planned for, with the same sessions. A full pass says nothing.
+#[tokio::test]
+async fn a_change_on_a_backend_read_whole_touches_only_what_it_changed() {
+    let dir = scratch("touched");
+    let syncer = syncer_over(&dir, Table::default());
+    let mut resources = resources(&dir);
+    let mut other = boot_target();
+    other.metadata.name = Some("other".into());
+    resources.targets.push(other);
+    let report = serve_until_served(&syncer, &resources).await;
+    assert_eq!(report.desired.targets.len(), 2, "{:?}", report.problems);
+    let iqn = |name: &str| report.desired.iqns[&ObjectKey::new("lab", name)].clone();
+    let (boot, other) = (iqn("boot"), iqn("other"));
+    let converged = syncer.sync(&resources, Timestamp::now(), Pass::Full).await;
+    assert_eq!(converged.scope, None, "a full pass covers every target");
+
+    // A grant on `boot`: only `boot` is touched.
+    resources.grants = vec![
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "discus.dev/v1alpha1",
+            "kind": "InitiatorAccess",
+            "metadata": {"name": "m1", "namespace": "lab"},
+            "spec": {"targetRef": {"name": "boot"}, "initiatorIqn": "iqn.2026-12.dev.discus:m1"},
+        }))
+        .expect("InitiatorAccess"),
+    ];
+    let changed = syncer
+        .sync(&resources, Timestamp::now(), Pass::Changes)
+        .await;
+    assert_eq!(changed.scope, Some([boot.clone()].into()));
+    assert!(!changed.untouched_target(&ObjectKey::new("lab", "boot")));
+    assert!(changed.untouched_target(&ObjectKey::new("lab", "other")));
+
+    // Nothing declared changed, but a machine logged in to `boot`: its sessions are news.
+    (syncer.backend().logged_in.lock())
+        .push(("iqn.2026-12.dev.discus:m1".into(), "10.0.0.9".into()));
+    let logged_in = syncer
+        .sync(&resources, Timestamp::now(), Pass::Changes)
+        .await;
+    assert_eq!(logged_in.scope, Some([boot].into()));
+    assert!(!logged_in.scope.as_ref().is_some_and(|s| s.contains(&other)));
+    let _ = std::fs::remove_dir_all(&dir);
+}

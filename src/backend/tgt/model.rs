@@ -1,6 +1,6 @@
 //! What tgtd holds, as discus reads it (read.rs) and plans against it (plan.rs).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Everything tgtd holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,6 +13,15 @@ pub struct TgtState {
     /// Targets discus made that a pass over partial input keeps (see `keep_undeclared`): not
     /// read from tgtd.
     pub kept: BTreeSet<String>,
+}
+
+impl TgtState {
+    /// Its targets by IQN: a planner that looks each desired target up stays linear in them.
+    pub fn targets_by_name(&self) -> BTreeMap<&str, &TgtTarget> {
+        (self.targets.iter())
+            .map(|t| (t.name.as_str(), t))
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -47,9 +47,10 @@ pub fn device_lun(lun: u32) -> u32 {
 /// in without CHAP).
 pub fn plan(desired: &[TargetConfig], observed: &TgtState, owned: &Owned) -> Plan<TgtOp> {
     let mut plan = Plan::default();
-    let (wanted_targets, passwords) = wanted_targets(desired, observed, owned, &mut plan);
+    let found = observed.targets_by_name();
+    let (wanted_targets, passwords) = wanted_targets(desired, &found, owned, &mut plan);
     let changes = account_changes(&passwords, observed, owned);
-    let placed = place(&wanted_targets, observed, &changes, &mut plan);
+    let placed = place(&wanted_targets, observed, &found, &changes, &mut plan);
 
     let wanted_portals: BTreeSet<String> = wanted_targets
         .iter()

@@ -1,7 +1,7 @@
 //! Targets: which of tgtd's are discus's and wanted (placed), which go (offline first, ACLs
 //! and accounts unbound before deletion), and each wanted target's LUNs.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::acls::unbind_addresses;
 use super::device_lun;
@@ -10,23 +10,21 @@ use super::wanted::{Wanted, WantedLun, refuse};
 use super::{Owned, TgtOp};
 use crate::api::iscsi_target::DeviceType;
 use crate::backend::Plan;
-use crate::backend::tgt::model::{TgtLun, TgtState};
+use crate::backend::tgt::model::{TgtLun, TgtState, TgtTarget};
 
 /// Gives every wanted target its tid and the initiators it will admit: grants whose accounts
 /// discus cannot use are refused.
 pub(super) fn place<'a>(
     wanted_targets: &'a [Wanted<'a>],
     observed: &'a TgtState,
+    found_by_name: &BTreeMap<&str, &'a TgtTarget>,
     changes: &AccountChanges,
     plan: &mut Plan<TgtOp>,
 ) -> Vec<Placed<'a>> {
     let mut next_tid = observed.targets.iter().map(|t| t.tid).max().unwrap_or(0) + 1;
     let mut placed = Vec::new();
     for wanted in wanted_targets {
-        let found = observed
-            .targets
-            .iter()
-            .find(|t| t.name == wanted.target.iqn);
+        let found = found_by_name.get(wanted.target.iqn.as_str()).copied();
         let tid = found.map_or_else(
             || {
                 next_tid += 1;

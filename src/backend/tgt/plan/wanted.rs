@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::{Owned, TgtOp};
 use crate::api::chap::{ChapAccount, Password};
 use crate::backend::Plan;
-use crate::backend::tgt::model::TgtState;
+use crate::backend::tgt::model::TgtTarget;
 use crate::desired::{AclConfig, Kind, LunConfig, Problem, Reason, TargetConfig};
 
 /// A LUN as tgt must hold it.
@@ -164,7 +164,7 @@ pub(super) fn wanted<'a>(
 /// password across the daemon.
 pub(super) fn wanted_targets<'a>(
     desired: &'a [TargetConfig],
-    observed: &TgtState,
+    found: &BTreeMap<&str, &TgtTarget>,
     owned: &Owned,
     plan: &mut Plan<TgtOp>,
 ) -> (
@@ -174,7 +174,7 @@ pub(super) fn wanted_targets<'a>(
     let mut passwords = BTreeMap::new();
     let mut wanted_targets = Vec::new();
     for target in desired {
-        if let Some(found) = observed.targets.iter().find(|t| t.name == target.iqn)
+        if let Some(found) = found.get(target.iqn.as_str())
             && !owned.targets.contains(&target.iqn)
         {
             plan.refused.push(Problem {
