@@ -21,7 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::backend::Backend;
 use crate::desired::NodeFacts;
-use crate::sync::{Pass, Syncer};
+use crate::sync::{Pass, Resync, Syncer};
 
 use super::publisher::Publisher;
 use super::stores::{Stores, Wakers};
@@ -61,6 +61,7 @@ impl<B: Backend + 'static> SyncLoop<'_, B> {
         let metrics = Arc::clone(self.syncer.metrics());
         let mut waiting = Waiting::default();
         let mut pass = Pass::Full;
+        let mut resync = Resync::every(self.resync);
         loop {
             let facts = match self.readiness(&mut waiting) {
                 Ok(facts) => facts,
@@ -82,7 +83,8 @@ impl<B: Backend + 'static> SyncLoop<'_, B> {
                 .syncer
                 .sync(&snapshot.resources, Timestamp::now(), pass)
                 .await;
-            let next = report.next_pass(self.resync);
+            resync.ran(pass);
+            let next = report.next_pass(&resync);
             tracing::debug!(targets = report.desired.targets.len(), "sync pass done");
             self.publisher.publish(report);
             pass = Pass::Changes;
@@ -92,6 +94,7 @@ impl<B: Backend + 'static> SyncLoop<'_, B> {
                 () = tokio::time::sleep(next.after) => pass = next.pass,
                 () = &mut shutdown => return,
             }
+            pass = resync.at_least(pass);
         }
     }
 

@@ -9,7 +9,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::backend::Backend;
 pub use crate::node_runtime::BackendChoice;
 use crate::node_runtime::{self, NodeConfig, NodeLoop};
-use crate::sync::{Pass, Syncer};
+use crate::sync::{Pass, Resync, Syncer};
 
 mod folder;
 mod status_files;
@@ -76,6 +76,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
         .expect_passes_within((options.resync * 10).max(Duration::from_secs(300)));
     let mut cache = ManifestCache::default();
     let mut pass = Pass::Full;
+    let mut resync = Resync::every(options.resync);
     loop {
         let started = std::time::Instant::now();
         let loaded = load_cached(&options.manifests, &mut cache);
@@ -89,6 +90,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             forget_missing(&mut previous);
         }
         let report = syncer.sync(&loaded.resources, now, pass).await;
+        resync.ran(pass);
         let syncing = started.elapsed() - loading;
         let written = write_statuses(&status_dir, &loaded, &report, previous, now);
         tracing::debug!(
@@ -119,7 +121,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
         // Sleep until something changes: the folder, an import, the clock of a grant, or drift
         // worth correcting. A change reads only what it touches; the periodic pass reads
         // everything, for drift.
-        let next = report.next_pass(options.resync);
+        let next = report.next_pass(&resync);
         pass = Pass::Changes;
         tokio::select! {
             _ = changes.recv() => {
@@ -132,6 +134,7 @@ async fn run<B: Backend>(syncer: Syncer<B>, options: &ServeOptions) -> Result<Ou
             _ = tokio::signal::ctrl_c() => return Ok(Outcome::Stopped),
             _ = terminate.recv() => return Ok(Outcome::Stopped),
         }
+        pass = resync.at_least(pass);
     }
 }
 

@@ -146,7 +146,7 @@ struct Folder<'a> {
 }
 
 impl Folder<'_> {
-    /// One resource's status: kept as it is when the pass left it untouched and it was Ready,
+    /// One resource's status: kept as it is when the pass left it untouched and it was settled,
     /// else computed from the previous one; `Stalled` when its manifest is stale.
     fn put(
         &mut self,
@@ -163,7 +163,7 @@ impl Folder<'_> {
             key,
         };
         let keep = untouched
-            && self.previous.get(&path).is_some_and(is_ready)
+            && self.previous.get(&path).is_some_and(settled)
             && !self.loaded.changed.contains(&id);
         if keep && let Some(old) = self.previous.remove(&path) {
             self.current.insert(path, old);
@@ -276,6 +276,16 @@ fn is_ready(object: &Value) -> bool {
     ready_condition(object).is_some_and(|c| c["status"] == "True")
 }
 
+/// Ready, and no node says anything is amiss (a boot problem leaves a grant Ready with a reason):
+/// a status that can be kept as it is while nothing it depends on changes. One with a reason is
+/// computed again, since what it names (another grant's card, say) may have changed elsewhere.
+fn settled(object: &Value) -> bool {
+    let quiet = |node: &Value| node.get("reason").is_none_or(Value::is_null);
+    is_ready(object)
+        && (object.pointer("/status/nodes").and_then(Value::as_array))
+            .is_none_or(|nodes| nodes.iter().all(quiet))
+}
+
 /// `discus status`: every resource's status, as a table.
 pub fn status_table(data_dir: &Path) -> String {
     let statuses = read_statuses(&data_dir.join("status"));
@@ -377,4 +387,25 @@ pub fn not_ready_messages(data_dir: &Path) -> Vec<String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_ready_status_no_node_finds_fault_with_is_kept() {
+        let status = |ready: &str, reason: Option<&str>| {
+            json!({"status": {
+                "conditions": [{"type": "Ready", "status": ready}],
+                "nodes": [{"node": "n1", "applied": true}, {"node": "n2", "applied": true, "reason": reason}],
+            }})
+        };
+        assert!(settled(&status("True", None)));
+        assert!(!settled(&status("True", Some("DuplicateBootMac"))));
+        assert!(!settled(&status("False", None)));
+        assert!(settled(
+            &json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+        ));
+    }
 }

@@ -17,7 +17,7 @@ use crate::api::chap::SecretData;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{ObjectKey, Snapshot};
 
-pub use report::{NextPass, NodeReport, Pass, Unsettled};
+pub use report::{NextPass, NodeReport, Pass, Resync, Unsettled};
 pub use requests::{Receiving, UploadReception};
 pub use sessions::{GrantRef, SessionChange, key as session_key};
 pub use syncer::Syncer;

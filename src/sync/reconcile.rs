@@ -138,13 +138,21 @@ impl<B: Backend> Syncer<B> {
             self.read_sessions(&admitted, &report.sessions, scope.as_ref(), &report.node);
         } else {
             // Unread after applying: the sessions as this pass first read them.
-            report.sessions = before;
+            report.sessions = before.clone();
         }
         if scope.is_none() && pass == Pass::Changes && memory.converged {
             // A backend read whole: what the pass left as it was keeps its status.
-            report.scope = (memory.targets.as_ref()).and_then(|before| {
-                touched(before, &memory.sessions, &state.targets, &plan.ops, report)
+            let readings = [memory.sessions.as_slice(), &before, &report.sessions];
+            let touched = (memory.targets.as_ref()).and_then(|then| {
+                touched(
+                    then,
+                    &state.targets,
+                    &plan.ops,
+                    &readings,
+                    &report.unsettled,
+                )
             });
+            report.scope = touched;
         }
         self.remember(state, report, &memory, scope.as_ref(), refused);
     }
@@ -287,30 +295,46 @@ fn refused_target(targets: &[TargetConfig], problem: &Problem) -> String {
 }
 
 /// The targets (IQNs) whose served state a pass over the whole backend may have changed since the
-/// last converged one: declared differently, planned for, unsettled, or with other sessions.
-/// Every other target is as that pass left it. `None` when an operation on what targets share (a
-/// portal, an account) may have changed any of them.
+/// last converged one: declared differently, planned for, unsettled, or with other sessions in
+/// any of the pass's readings (the last pass's, before applying, after). Every other target is as
+/// that pass left it. `None` when an operation on what targets share (a portal, an account) may
+/// have changed any of them.
 fn touched<Op: Operation>(
     before: &[TargetConfig],
-    sessions_before: &[Session],
     now: &[TargetConfig],
     ops: &[Op],
-    report: &NodeReport,
+    readings: &[&[Session]],
+    unsettled: &[Unsettled],
 ) -> Option<BTreeSet<String>> {
     if ops.iter().any(|op| op.target().is_none()) {
         return None;
     }
-    let then: BTreeSet<&Session> = sessions_before.iter().collect();
-    let sessions: BTreeSet<&Session> = report.sessions.iter().collect();
     let mut touched = changed_targets(before, now);
     let named = (ops.iter().filter_map(Operation::target))
-        .chain(report.unsettled.iter().filter_map(|u| u.target.as_deref()))
+        .chain(unsettled.iter().filter_map(|u| u.target.as_deref()))
         .chain(
-            then.symmetric_difference(&sessions)
-                .map(|s| s.target.as_str()),
+            readings
+                .windows(2)
+                .flat_map(|pair| sessions_changed(pair[0], pair[1])),
         );
     touched.extend(named.map(str::to_owned));
     Some(touched)
+}
+
+/// The targets whose sessions differ between two readings, counted: two sessions of one
+/// initiator from one address (two portals, or iPXE's beside the system's) are two.
+fn sessions_changed<'a>(then: &'a [Session], now: &'a [Session]) -> BTreeSet<&'a str> {
+    let mut count: BTreeMap<&Session, i64> = BTreeMap::new();
+    for session in then {
+        *count.entry(session).or_default() += 1;
+    }
+    for session in now {
+        *count.entry(session).or_default() -= 1;
+    }
+    (count.into_iter())
+        .filter(|(_, n)| *n != 0)
+        .map(|(session, _)| session.target.as_str())
+        .collect()
 }
 
 /// The targets (IQNs) whose desired configuration differs between two passes, added and removed

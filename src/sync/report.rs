@@ -36,8 +36,10 @@ pub struct NodeReport {
     pub images: BTreeMap<ObjectKey, ImageState>,
     /// API LUN → the LUN initiators see.
     pub device_luns: BTreeMap<u32, u32>,
-    /// The targets (IQNs) this pass read and reconciled; `None` when it covered all of them.
-    /// Every other target is as the previous pass left it.
+    /// The targets (IQNs) this pass may have changed: those it read and reconciled (a scoped
+    /// pass), or, on a backend read whole, those it found or left different from the last
+    /// converged pass; `None` when it may have changed any. Every other target is as the
+    /// previous pass left it.
     pub scope: Option<BTreeSet<String>>,
     /// Where machines can ask this node for boot scripts (empty when it serves none).
     pub boot_urls: Vec<String>,
@@ -210,7 +212,9 @@ pub struct NextPass {
 }
 
 impl NodeReport {
-    pub fn next_pass(&self, resync: std::time::Duration) -> NextPass {
+    /// When the next pass is due without news, and what kind: a grant's expiry or lapse, or the
+    /// periodic full pass, whichever comes first.
+    pub fn next_pass(&self, resync: &Resync) -> NextPass {
         let now = Timestamp::now();
         let expiry = (self.desired.next_expiry).map(|at| desired::wake_for_expiry(at, now));
         // Just past the lapse, as for an expiry: a pass then sees it lapsed.
@@ -218,16 +222,55 @@ impl NodeReport {
             until.saturating_duration_since(std::time::Instant::now())
                 + std::time::Duration::from_millis(10)
         });
+        let full = resync.due_in();
         match expiry.into_iter().chain(lapse).min() {
-            Some(expiry) if expiry < resync => NextPass {
+            Some(expiry) if expiry < full => NextPass {
                 after: expiry,
                 pass: Pass::Changes,
             },
             _ => NextPass {
-                after: resync,
+                after: full,
                 pass: Pass::Full,
             },
         }
+    }
+}
+
+/// The periodic full pass, which finds drift: due every `every` since the last one, however
+/// many passes news wakes in between (a folder that changes every few seconds must not put it
+/// off for good).
+#[derive(Debug)]
+pub struct Resync {
+    every: std::time::Duration,
+    last_full: std::time::Instant,
+}
+
+impl Resync {
+    pub fn every(every: std::time::Duration) -> Self {
+        Self {
+            every,
+            last_full: std::time::Instant::now(),
+        }
+    }
+
+    /// A pass ran.
+    pub fn ran(&mut self, pass: Pass) {
+        if pass == Pass::Full {
+            self.last_full = std::time::Instant::now();
+        }
+    }
+
+    /// What a pass that starts now must be at least: `Full` once one is due.
+    pub fn at_least(&self, pass: Pass) -> Pass {
+        if self.due_in().is_zero() {
+            Pass::Full
+        } else {
+            pass
+        }
+    }
+
+    fn due_in(&self) -> std::time::Duration {
+        self.every.saturating_sub(self.last_full.elapsed())
     }
 }
 
@@ -253,6 +296,19 @@ impl Pass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn news_never_puts_the_full_pass_off() {
+        let hourly = Resync::every(std::time::Duration::from_secs(3600));
+        assert_eq!(hourly.at_least(Pass::Changes), Pass::Changes);
+        let mut due = Resync::every(std::time::Duration::ZERO);
+        assert_eq!(due.at_least(Pass::Changes), Pass::Full);
+        due.ran(Pass::Changes);
+        assert_eq!(due.at_least(Pass::Changes), Pass::Full);
+        let report = NodeReport::new("n", "tgt");
+        assert_eq!(report.next_pass(&hourly).pass, Pass::Full);
+        assert!(report.next_pass(&due).after.is_zero());
+    }
     use crate::desired::Reason;
 
     fn target(name: &str, grants: &[&str]) -> TargetConfig {

@@ -4,7 +4,7 @@
 //! in memory (the planners are tested on their own; this is about the pass), the images go
 //! through the real store.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -520,7 +520,19 @@ async fn a_change_on_a_backend_read_whole_touches_only_what_it_changed() {
     let logged_in = syncer
         .sync(&resources, Timestamp::now(), Pass::Changes)
         .await;
-    assert_eq!(logged_in.scope, Some([boot].into()));
+    assert_eq!(logged_in.scope, Some([boot.clone()].into()));
     assert!(!logged_in.scope.as_ref().is_some_and(|s| s.contains(&other)));
+    let quiet = syncer
+        .sync(&resources, Timestamp::now(), Pass::Changes)
+        .await;
+    assert_eq!(quiet.scope, Some(BTreeSet::new()), "nothing new");
+
+    // A second session of the same machine from the same address (another portal) is news too.
+    (syncer.backend().logged_in.lock())
+        .push(("iqn.2026-12.dev.discus:m1".into(), "10.0.0.9".into()));
+    let twice = syncer
+        .sync(&resources, Timestamp::now(), Pass::Changes)
+        .await;
+    assert_eq!(twice.scope, Some([boot].into()));
     let _ = std::fs::remove_dir_all(&dir);
 }
