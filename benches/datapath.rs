@@ -210,46 +210,14 @@ impl Bench {
     fn fio(&self, name: &str, jobs: &[Job], together: bool) -> Vec<(String, Reads)> {
         let path = self.jobs.join(format!("{name}.fio"));
         fio::job_file(&path, jobs, together);
-        let output = self
-            .host
-            .sandbox
-            .command(tools().join("fio"))
-            .args(["--output-format=json"])
-            .arg(&path)
-            .output()
-            .expect("fio runs");
-        assert!(
-            output.status.success(),
-            "fio {name} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        fio::parse(&String::from_utf8_lossy(&output.stdout))
+        fio::run(self.host.sandbox.command(tools().join("fio")), &path)
     }
 
     /// Sequential and random reads from the floor, the hand-made target and discus, the median
     /// of three interleaved rounds; prints the table and the ratios.
     fn one_initiator(&self, random_seconds: usize) {
         let seconds = random_seconds.to_string();
-        let shapes = |source: &Source| {
-            vec![
-                Job::new(
-                    "sequential",
-                    source,
-                    &[("rw", "read"), ("bs", "1M"), ("iodepth", "16")],
-                ),
-                Job::new(
-                    "random",
-                    source,
-                    &[
-                        ("rw", "randread"),
-                        ("bs", "4k"),
-                        ("iodepth", "32"),
-                        ("time_based", "1"),
-                        ("runtime", &seconds),
-                    ],
-                ),
-            ]
-        };
+        let shapes = |source: &Source| fio::one_initiator(source, &seconds);
         let sources = [
             ("floor (the file)", Source::File(&self.stored)),
             ("tgt by hand", Self::hand_lun()),

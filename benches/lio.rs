@@ -23,7 +23,7 @@ mod fio;
 mod support;
 
 use bench_support::{incompressible, median, tools};
-use fio::{Job, Source};
+use fio::Source;
 use support::initiator::Login;
 use support::lio_vm;
 
@@ -300,37 +300,9 @@ fn datapath(vm: &mut LioVm, mib: usize) {
     ];
     let jobs_dir = tempfile::tempdir().expect("scratch");
     let read = |name: &str, source: &Source<'_>| {
-        let jobs = [
-            Job::new(
-                "sequential",
-                source,
-                &[("rw", "read"), ("bs", "1M"), ("iodepth", "16")],
-            ),
-            Job::new(
-                "random",
-                source,
-                &[
-                    ("rw", "randread"),
-                    ("bs", "4k"),
-                    ("iodepth", "32"),
-                    ("time_based", "1"),
-                    ("runtime", "10"),
-                ],
-            ),
-        ];
         let path = jobs_dir.path().join(format!("{name}.fio"));
-        fio::job_file(&path, &jobs, false);
-        let output = std::process::Command::new(tools().join("fio"))
-            .arg("--output-format=json")
-            .arg(&path)
-            .output()
-            .expect("fio runs");
-        assert!(
-            output.status.success(),
-            "fio {name} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let reads = fio::parse(&String::from_utf8_lossy(&output.stdout));
+        fio::job_file(&path, &fio::one_initiator(source, "10"), false);
+        let reads = fio::run(std::process::Command::new(tools().join("fio")), &path);
         let of = |job: &str| reads.iter().find(|(n, _)| n == job).expect("job").1;
         (
             of("sequential").bytes_per_second / f64::from(1 << 20),

@@ -61,6 +61,46 @@ impl Job {
     }
 }
 
+/// The one-initiator reads: sequential 1 MiB reads of the whole LUN or file, then `seconds` of
+/// random 4 KiB reads, each at the queue depth an initiator would use.
+pub fn one_initiator(source: &Source<'_>, seconds: &str) -> [Job; 2] {
+    [
+        Job::new(
+            "sequential",
+            source,
+            &[("rw", "read"), ("bs", "1M"), ("iodepth", "16")],
+        ),
+        Job::new(
+            "random",
+            source,
+            &[
+                ("rw", "randread"),
+                ("bs", "4k"),
+                ("iodepth", "32"),
+                ("time_based", "1"),
+                ("runtime", seconds),
+            ],
+        ),
+    ]
+}
+
+/// Runs `fio` (a command with no arguments yet, wherever it is to run) on the job file at
+/// `path`; the reads of each job by name. Panics with fio's errors if it fails.
+pub fn run(mut fio: std::process::Command, path: &Path) -> Vec<(String, Reads)> {
+    let output = fio
+        .arg("--output-format=json")
+        .arg(path)
+        .output()
+        .expect("fio runs");
+    assert!(
+        output.status.success(),
+        "fio {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    parse(&String::from_utf8_lossy(&output.stdout))
+}
+
 /// Writes `jobs` as a job file (mode 0600) at `path`, each job after the previous one ends
 /// (`stonewall`) unless `together`.
 pub fn job_file(path: &Path, jobs: &[Job], together: bool) {
