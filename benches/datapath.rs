@@ -14,20 +14,23 @@
 //!
 //!    Each the median of three runs, interleaved. Goals: discus ≥ 0.8× the floor for cached
 //!    sequential reads, and no worse than the hand-made target.
-//! 2. **Boot storm**: `DISCUS_BENCH_STORM` (default `64,256`) initiators, each with a grant and
-//!    CHAP secret of its own, log in at once and each reads the boot working set: the first
+//! 2. **Boot storm**: `DISCUS_BENCH_STORM` (default `1,64,256`) initiators, each with a grant
+//!    and CHAP secret of its own, log in at once and each reads the boot working set: the first
 //!    `DISCUS_BENCH_WORKING_SET_MIB` (default 256) of the image, 64 KiB at a time, mostly in
 //!    order with 10% at random (a boot: kernel and initrd in one go, then scattered files).
-//!    Reported: all succeeded or not, each initiator's time from the start to its last byte
-//!    (p50, p99, max), logins alone (as many `iscsi-inq` at once), tgtd's CPU time and memory,
-//!    and the image's pages in the page cache (fincore): one copy of the working set, whatever
-//!    the number of initiators; the storm starts with none of them cached, as does its floor. The
-//!    floor: as many processes reading the same working set of the file the same way. Goal:
-//!    all succeed; p99 ≤ 2× the floor's p99.
+//!    Three readers, each starting with none of the working set in the page cache, in an order
+//!    that turns from one storm size to the next: discus; the hand-made target, with as many
+//!    CHAP accounts and initiator ACLs (what discus's configuration costs under a storm); and
+//!    as many processes reading the same working set of the file the same way (the floor).
+//!    Reported for each: all succeeded or not, each reader's time from the start to its last
+//!    byte (p50, p99, max), the tgtd's CPU time and memory; then logins alone (as many
+//!    `iscsi-inq` at once) and the image's pages in the page cache (fincore): one copy of the
+//!    working set, whatever the number of initiators. Goal: all succeed; p99 ≤ 2× the floor's.
 //!
-//! Plots (benches/support/plot.rs): completion CDF of each storm beside its floor, and the
-//! aggregate throughput by number of initiators. `cargo test --bench datapath` runs it with
-//! 32 MiB and a storm of 4, so that it cannot rot.
+//! Plots (benches/support/plot.rs): completion CDF of each storm through discus, by hand and
+//! from the file, and the aggregate throughput by number of readers (the storm of 1 gives the
+//! first point, in the storm's shape). `cargo test --bench datapath` runs it with 32 MiB and
+//! storms of 1 and 4, so that it cannot rot.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // benchmarks fail by panicking
 
 #[path = "support/mod.rs"]
@@ -65,8 +68,9 @@ fn main() {
     let size_mib = env_number("DISCUS_BENCH_SIZE_MIB", if full { 1024 } else { 32 });
     let working_set_mib = env_number("DISCUS_BENCH_WORKING_SET_MIB", if full { 256 } else { 8 });
     let storms: Vec<usize> = std::env::var("DISCUS_BENCH_STORM")
-        .unwrap_or_else(|_| if full { "64,256" } else { "4" }.to_owned())
+        .unwrap_or_else(|_| if full { "1,64,256" } else { "1,4" }.to_owned())
         .split(',')
+        .filter(|n| !n.trim().is_empty()) // empty: no storm, the one initiator alone
         .map(|n| n.trim().parse().expect("DISCUS_BENCH_STORM: numbers"))
         .collect();
     let most = storms.iter().copied().max().unwrap_or(0);
@@ -76,11 +80,12 @@ fn main() {
 
     let bench = Bench::new(size_mib, most);
     bench.one_initiator(if full { 10 } else { 2 });
-    let mut plots = Vec::new();
-    for &n in &storms {
-        plots.push(bench.storm(n, working_set_mib));
+    let plots: Vec<Storm> = (storms.iter().enumerate())
+        .map(|(turn, &n)| bench.storm(n, working_set_mib, turn))
+        .collect();
+    if !plots.is_empty() {
+        draw(&plots);
     }
-    draw(&plots, &bench.single);
 }
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -95,14 +100,13 @@ struct Bench {
     /// The file discus serves, as stored: what the floor and the hand-made target read.
     stored: PathBuf,
     jobs: PathBuf,
-    /// Sequential MiB/s of one initiator through discus and of one reader of the file, for the
-    /// throughput plot.
-    single: std::cell::Cell<(f64, f64)>,
+    /// The host PID of the hand-made target's tgtd.
+    hand_tgtd: u32,
 }
 
 impl Bench {
     /// A host with the image, discus serving it to the bench's initiator and to `storm` more,
-    /// each with CHAP of its own, and a tgtd of the admin's with the same file.
+    /// each with CHAP of its own, and a tgtd of the admin's with the same file and accounts.
     fn new(size_mib: usize, storm: usize) -> Self {
         let host = Host::new();
         let image = host.images.join("disk.raw");
@@ -119,69 +123,13 @@ impl Bench {
             start.elapsed().as_secs_f64()
         );
         let stored = host.stored_image(&digest);
-        let bench = Self {
+        let hand_tgtd = configure_by_hand(&host, &stored, storm);
+        Self {
             jobs: host.sandbox.scratch("jobs"),
             host,
             stored,
-            single: std::cell::Cell::new((0.0, 0.0)),
-        };
-        bench.configure_by_hand();
-        bench
-    }
-
-    /// tgtd as Debian's tgt.service starts it (`tgtd -f`, its defaults), and the target an admin
-    /// writes with tgtadm (as /etc/tgt/targets.conf would make it): the LUN with tgt's default
-    /// backing store (rdwr, buffered), read-only, CHAP, one initiator admitted.
-    fn configure_by_hand(&self) {
-        let sandbox = &self.host.sandbox;
-        let log = std::fs::File::create(sandbox.path().join("tgtd-by-hand.log")).expect("log");
-        let tgtd = sandbox
-            .command("tgtd")
-            .args(["-f", "-C", HAND_CONTROL_PORT, "--iscsi"])
-            .arg(format!("portal={HAND_PORTAL}"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("tgtd runs");
-        std::mem::forget(tgtd); // it ends with the sandbox
-        let tgtadm = ["tgtadm", "-C", HAND_CONTROL_PORT, "--lld", "iscsi"];
-        wait_until(
-            Duration::from_secs(30),
-            "the hand-made tgtd answers",
-            || {
-                (sandbox.command(tgtadm[0]).args(&tgtadm[1..]))
-                    .args(["--mode", "target", "--op", "show"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            },
-        );
-        // Each command: its words, then the one value that may hold anything.
-        let admin = |words: &str, value: &str| {
-            let mut args = tgtadm.to_vec();
-            args.extend(words.split_whitespace());
-            args.push(value);
-            let status = (sandbox.command(args[0]).args(&args[1..]))
-                .stdout(Stdio::null())
-                .status()
-                .expect("tgtadm runs");
-            // Not the command line: one of them holds the password.
-            assert!(status.success(), "tgtadm {words} … failed");
-        };
-        let stored = self.stored.display().to_string();
-        admin("--mode target --op new --tid 1 -T", HAND_IQN);
-        admin("--mode logicalunit --op new --tid 1 --lun 1 -b", &stored);
-        admin(
-            "--mode logicalunit --op update --tid 1 --lun 1 --params",
-            "readonly=1",
-        );
-        admin("--mode account --op new --user client --password", PASSWORD);
-        admin("--mode account --op bind --tid 1 --user", "client");
-        admin(
-            "--mode target --op bind --tid 1 --initiator-name",
-            INITIATOR,
-        );
+            hand_tgtd,
+        }
     }
 
     fn discus_lun<'a>(initiator: &'a str, user: &'a str, password: &'a str) -> Source<'a> {
@@ -195,14 +143,14 @@ impl Bench {
         })
     }
 
-    fn hand_lun() -> Source<'static> {
+    fn hand_lun<'a>(initiator: &'a str, user: &'a str, password: &'a str) -> Source<'a> {
         Source::Lun(Login {
             portal: HAND_PORTAL,
             iqn: HAND_IQN,
             lun: 1,
-            initiator: INITIATOR,
-            user: "client",
-            password: PASSWORD,
+            initiator,
+            user,
+            password,
         })
     }
 
@@ -220,7 +168,7 @@ impl Bench {
         let shapes = |source: &Source| fio::one_initiator(source, &seconds);
         let sources = [
             ("floor (the file)", Source::File(&self.stored)),
-            ("tgt by hand", Self::hand_lun()),
+            ("tgt by hand", Self::hand_lun(INITIATOR, "client", PASSWORD)),
             ("discus", Self::discus_lun(INITIATOR, "client", PASSWORD)),
         ];
         // Into the page cache, for every reader alike.
@@ -261,13 +209,11 @@ impl Bench {
             median(discus, |r| r.0) / median(hand, |r| r.0),
             median(discus, |r| r.1) / median(hand, |r| r.1)
         );
-        self.single
-            .set((median(discus, |r| r.0), median(floor, |r| r.0)));
     }
 
-    /// `n` initiators at once, each reading the working set through its own grant, against `n`
-    /// processes reading it from the file.
-    fn storm(&self, n: usize, working_set_mib: usize) -> Storm {
+    /// `n` initiators at once, each reading the working set through its own grant, through
+    /// discus, through the hand-made target and from the file, in an order turned by `turn`.
+    fn storm(&self, n: usize, working_set_mib: usize, turn: usize) -> Storm {
         let size = format!("{working_set_mib}M");
         let shape = [
             ("rw", "randread"),
@@ -279,58 +225,65 @@ impl Bench {
             ("size", size.as_str()),
             ("io_size", size.as_str()),
         ];
-        let tgtd = self.discus_tgtd();
-        // The working set leaves the page cache: the storm's readers bring it back, once.
-        drop_from_page_cache(&self.stored);
-        let cpu_before = cpu_seconds(tgtd);
-
-        let discus: Vec<Job> = (0..n)
-            .map(|i| {
-                let (initiator, user, password) =
-                    (storm_initiator(i), format!("c{i}"), password(i));
-                let source = Self::discus_lun(&initiator, &user, &password);
-                Job::new(&user, &source, &shape)
-            })
+        let mut order = Through::ALL;
+        order.rotate_left(turn % Through::ALL.len());
+        let runs: Vec<Run> = (order.iter())
+            .map(|&through| self.storm_through(through, n, working_set_mib, &shape))
             .collect();
-        let finished = self.at_once(&format!("storm-{n}"), discus, working_set_mib);
-        let cpu = cpu_seconds(tgtd) - cpu_before;
-        let resident = resident_mib(&self.stored);
-        let tgtd_mib = rss_kib(tgtd) as f64 / 1024.0;
-
-        let floor: Vec<Job> = (0..n)
-            .map(|i| Job::new(&format!("f{i}"), &Source::File(&self.stored), &shape))
-            .collect();
-        drop_from_page_cache(&self.stored);
-        let floor_finished = self.at_once(&format!("floor-{n}"), floor, working_set_mib);
         let logins = self.logins(n);
-
-        let ok = finished.iter().filter(|t| t.is_some()).count();
-        let times: Vec<f64> = finished.iter().flatten().copied().collect();
-        let floor_times: Vec<f64> = floor_finished.iter().flatten().copied().collect();
-        let (p50, p99, max) = percentiles(&times);
-        let (f50, f99, fmax) = percentiles(&floor_times);
-        let (l50, l99, lmax) = percentiles(&logins);
-        println!("\nboot storm of {n} initiators, {working_set_mib} MiB each:");
-        println!("  succeeded: {ok} of {n}");
-        println!("  time to the last byte: p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s");
-        println!(
-            "  floor ({n} readers of the file): p50 {f50:.2} s, p99 {f99:.2} s, max {fmax:.2} s"
-        );
-        println!("  p99 / floor p99: {:.2} (goal <= 2)", p99 / f99);
-        println!("  logins alone (iscsi-inq): p50 {l50:.3} s, p99 {l99:.3} s, max {lmax:.3} s");
-        println!(
-            "  tgtd: {cpu:.1} s of CPU, {tgtd_mib:.0} MiB resident; the image's pages in the page \
-             cache: {resident:.0} MiB, one copy of the {working_set_mib} MiB working set for all {n}"
-        );
-        assert_eq!(ok, n, "every initiator of the storm reads its working set");
-        let makespan = |t: &[f64]| t.iter().copied().fold(0.0, f64::max);
-        Storm {
-            n,
-            aggregate_mib_s: (n * working_set_mib) as f64 / makespan(&times),
-            floor_aggregate_mib_s: (n * working_set_mib) as f64 / makespan(&floor_times),
-            times,
-            floor_times,
+        let storm = Storm { n, runs };
+        storm.print(working_set_mib, &logins);
+        for run in &storm.runs {
+            let name = run.through.name();
+            assert_eq!(
+                run.ok, n,
+                "every reader of the storm through {name} reads its working set"
+            );
         }
+        storm
+    }
+
+    /// One storm's readers through one `through`, the working set out of the page cache first.
+    fn storm_through(
+        &self,
+        through: Through,
+        n: usize,
+        working_set_mib: usize,
+        shape: &[(&'static str, &str)],
+    ) -> Run {
+        let tgtd = match through {
+            Through::Discus => Some(self.discus_tgtd()),
+            Through::ByHand => Some(self.hand_tgtd),
+            Through::File => None,
+        };
+        drop_from_page_cache(&self.stored);
+        let cpu_before = tgtd.map(cpu_seconds);
+        let jobs = (0..n).map(|i| self.storm_job(through, i, shape)).collect();
+        let name = format!("storm-{n}-{}", through.tag());
+        let finished = self.at_once(&name, jobs, working_set_mib);
+        let times: Vec<f64> = finished.iter().flatten().copied().collect();
+        let makespan = times.iter().copied().fold(0.0, f64::max);
+        Run {
+            through,
+            ok: times.len(),
+            aggregate_mib_s: (n * working_set_mib) as f64 / makespan,
+            times,
+            tgtd: tgtd
+                .zip(cpu_before)
+                .map(|(pid, before)| (cpu_seconds(pid) - before, rss_kib(pid) as f64 / 1024.0)),
+            cached_mib: resident_mib(&self.stored),
+        }
+    }
+
+    /// Reader `i` of a storm: its own initiator name and CHAP account, or the file.
+    fn storm_job(&self, through: Through, i: usize, shape: &[(&'static str, &str)]) -> Job {
+        let (initiator, user, password) = (storm_initiator(i), format!("c{i}"), password(i));
+        let source = match through {
+            Through::Discus => Self::discus_lun(&initiator, &user, &password),
+            Through::ByHand => Self::hand_lun(&initiator, &user, &password),
+            Through::File => Source::File(&self.stored),
+        };
+        Job::new(&user, &source, shape)
     }
 
     /// Starts one fio per job at the same moment; each one's time from that moment to its exit,
@@ -446,25 +399,106 @@ impl Bench {
     }
 }
 
-struct Storm {
-    n: usize,
-    times: Vec<f64>,
-    floor_times: Vec<f64>,
-    aggregate_mib_s: f64,
-    floor_aggregate_mib_s: f64,
+/// What a storm's readers read through.
+#[derive(Clone, Copy, PartialEq)]
+enum Through {
+    Discus,
+    ByHand,
+    File,
 }
 
-fn draw(storms: &[Storm], single: &std::cell::Cell<(f64, f64)>) {
+impl Through {
+    const ALL: [Self; 3] = [Self::Discus, Self::ByHand, Self::File];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Discus => "discus",
+            Self::ByHand => "tgt by hand",
+            Self::File => "the file (floor)",
+        }
+    }
+
+    /// For file names.
+    fn tag(self) -> &'static str {
+        match self {
+            Self::Discus => "discus",
+            Self::ByHand => "hand",
+            Self::File => "floor",
+        }
+    }
+}
+
+/// One storm through one `Through`.
+struct Run {
+    through: Through,
+    /// Readers that read their whole working set.
+    ok: usize,
+    /// Each successful reader's time from the start to its last byte, in seconds.
+    times: Vec<f64>,
+    /// All readers' bytes over the time the last one took.
+    aggregate_mib_s: f64,
+    /// The serving tgtd's CPU seconds during the storm and its resident MiB after it.
+    tgtd: Option<(f64, f64)>,
+    /// The image's pages in the page cache after the storm, in MiB.
+    cached_mib: f64,
+}
+
+struct Storm {
+    n: usize,
+    /// In the order they ran.
+    runs: Vec<Run>,
+}
+
+impl Storm {
+    fn run(&self, through: Through) -> &Run {
+        (self.runs.iter().find(|r| r.through == through)).expect("every storm reads through all")
+    }
+
+    fn print(&self, working_set_mib: usize, logins: &[f64]) {
+        let n = self.n;
+        println!("\nboot storm of {n} initiators, {working_set_mib} MiB each, in the order run:");
+        println!(
+            "  {:<18} {:>10} {:>7} {:>7} {:>7} {:>9} {:>9} {:>11}",
+            "reader", "succeeded", "p50 s", "p99 s", "max s", "tgtd CPU", "tgtd MiB", "cached MiB"
+        );
+        for run in &self.runs {
+            let (p50, p99, max) = percentiles(&run.times);
+            let (cpu, rss) = run.tgtd.map_or(("-".into(), "-".into()), |(cpu, rss)| {
+                (format!("{cpu:.1} s"), format!("{rss:.0}"))
+            });
+            println!(
+                "  {:<18} {:>10} {p50:>7.2} {p99:>7.2} {max:>7.2} {cpu:>9} {rss:>9} {:>11.0}",
+                run.through.name(),
+                format!("{} of {n}", run.ok),
+                run.cached_mib
+            );
+        }
+        let p99 = |through| percentiles(&self.run(through).times).1;
+        let floor = p99(Through::File);
+        println!(
+            "  p99 / floor p99: discus {:.2} (goal <= 2), tgt by hand {:.2}; discus / by hand {:.2}",
+            p99(Through::Discus) / floor,
+            p99(Through::ByHand) / floor,
+            p99(Through::Discus) / p99(Through::ByHand)
+        );
+        let (l50, l99, lmax) = percentiles(logins);
+        println!("  logins alone (iscsi-inq): p50 {l50:.3} s, p99 {l99:.3} s, max {lmax:.3} s");
+        println!(
+            "  cached MiB: the image's pages in the page cache after each storm, which starts \
+             with none: one copy of the {working_set_mib} MiB working set for all {n}"
+        );
+    }
+}
+
+fn draw(storms: &[Storm]) {
     let mut series = Vec::new();
-    for storm in storms {
-        series.push(plot::Series {
-            label: format!("{} initiators through discus", storm.n),
-            points: plot::cdf(&storm.times),
-        });
-        series.push(plot::Series {
-            label: format!("{} readers of the file (floor)", storm.n),
-            points: plot::cdf(&storm.floor_times),
-        });
+    for storm in storms.iter().filter(|s| s.n > 1) {
+        for through in Through::ALL {
+            series.push(plot::Series {
+                label: format!("{}: {}", storm.n, through.name()),
+                points: plot::cdf(&storm.run(through).times),
+            });
+        }
     }
     let cdf = plot::draw(&plot::Chart {
         file: "datapath-boot-storm-cdf.svg",
@@ -473,30 +507,94 @@ fn draw(storms: &[Storm], single: &std::cell::Cell<(f64, f64)>) {
         y: "share of machines done",
         series,
     });
-    let (one_discus, one_floor) = single.get();
-    let mut discus = vec![(1.0, one_discus)];
-    let mut floor = vec![(1.0, one_floor)];
-    for storm in storms {
-        discus.push((storm.n as f64, storm.aggregate_mib_s));
-        floor.push((storm.n as f64, storm.floor_aggregate_mib_s));
-    }
     let throughput = plot::draw(&plot::Chart {
         file: "datapath-throughput.svg",
-        title: "Aggregate reads on tgt by number of initiators (1: 1 MiB sequential; more: the storm)",
+        title: "Boot storm on tgt: aggregate reads by number of readers",
         x: "initiators (readers)",
         y: "MiB/s",
-        series: vec![
-            plot::Series {
-                label: "through discus".into(),
-                points: discus,
-            },
-            plot::Series {
-                label: "readers of the file (floor)".into(),
-                points: floor,
-            },
-        ],
+        series: (Through::ALL.iter())
+            .map(|&through| plot::Series {
+                label: through.name().into(),
+                points: (storms.iter())
+                    .map(|s| (s.n as f64, s.run(through).aggregate_mib_s))
+                    .collect(),
+            })
+            .collect(),
     });
     println!("\nplots: {}, {}", cdf.display(), throughput.display());
+}
+
+/// tgtd as Debian's tgt.service starts it (`tgtd -f`, its defaults), and the target an admin
+/// writes with tgtadm (as /etc/tgt/targets.conf would make it): the LUN with tgt's default
+/// backing store (rdwr, buffered), read-only, and for the bench's initiator and each of
+/// `storm` more a CHAP account and an initiator ACL. Returns the tgtd's host PID.
+fn configure_by_hand(host: &Host, stored: &Path, storm: usize) -> u32 {
+    let sandbox = &host.sandbox;
+    let log = std::fs::File::create(sandbox.path().join("tgtd-by-hand.log")).expect("log");
+    let nsenter = sandbox
+        .command("tgtd")
+        .args(["-f", "-C", HAND_CONTROL_PORT, "--iscsi"])
+        .arg(format!("portal={HAND_PORTAL}"))
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("tgtd runs");
+    let nsenter_pid = nsenter.id();
+    std::mem::forget(nsenter); // it ends with the sandbox
+    let tgtadm = ["tgtadm", "-C", HAND_CONTROL_PORT, "--lld", "iscsi"];
+    wait_until(
+        Duration::from_secs(30),
+        "the hand-made tgtd answers",
+        || {
+            (sandbox.command(tgtadm[0]).args(&tgtadm[1..]))
+                .args(["--mode", "target", "--op", "show"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    );
+    // Each command: its words, then the one value that may hold anything.
+    let admin = |words: &str, value: &str| {
+        let mut args = tgtadm.to_vec();
+        args.extend(words.split_whitespace());
+        args.push(value);
+        let status = (sandbox.command(args[0]).args(&args[1..]))
+            .stdout(Stdio::null())
+            .status()
+            .expect("tgtadm runs");
+        // Not the command line: one of them holds the password.
+        assert!(status.success(), "tgtadm {words} … failed");
+    };
+    admin("--mode target --op new --tid 1 -T", HAND_IQN);
+    admin(
+        "--mode logicalunit --op new --tid 1 --lun 1 -b",
+        &stored.display().to_string(),
+    );
+    admin(
+        "--mode logicalunit --op update --tid 1 --lun 1 --params",
+        "readonly=1",
+    );
+    let account = |initiator: &str, user: &str, password: &str| {
+        admin(
+            &format!("--mode account --op new --user {user} --password"),
+            password,
+        );
+        admin("--mode account --op bind --tid 1 --user", user);
+        admin(
+            "--mode target --op bind --tid 1 --initiator-name",
+            initiator,
+        );
+    };
+    account(INITIATOR, "client", PASSWORD);
+    for i in 0..storm {
+        account(&storm_initiator(i), &format!("c{i}"), &password(i));
+    }
+    // nsenter forks for the PID namespace: tgtd is its one child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{nsenter_pid}/task/{nsenter_pid}/children"))
+            .expect("nsenter's children");
+    children.trim().parse().expect("tgtd's PID")
 }
 
 fn storm_initiator(i: usize) -> String {

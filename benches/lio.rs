@@ -25,6 +25,7 @@ mod support;
 use bench_support::{incompressible, median, tools};
 use fio::Source;
 use support::initiator::Login;
+use support::lio_by_hand::{ByHand, settings_that_differ};
 use support::lio_vm;
 
 use std::time::Duration;
@@ -84,63 +85,6 @@ fn baseline(n: usize) -> String {
         script.push_str(&target.script());
     }
     script
-}
-
-/// A read-only target made by hand in configfs, as discus makes it and as targetcli would:
-/// buffered fileio, 512-byte blocks, CHAP (`client` / `client-secret`), an ACL per initiator.
-struct ByHand<'a> {
-    name: &'a str,
-    iqn: &'a str,
-    file: &'a str,
-    size: u64,
-    serial: &'a str,
-    initiators: &'a [&'a str],
-}
-
-impl ByHand<'_> {
-    /// Its configfs writes, from `/sys/kernel/config/target` with `core/fileio_3261` made.
-    fn script(&self) -> String {
-        let Self {
-            name,
-            iqn,
-            file,
-            size,
-            serial,
-            ..
-        } = self;
-        let so = format!("core/fileio_3261/{name}");
-        let tpg = format!("iscsi/{iqn}/tpgt_1");
-        let mut script = format!(
-            "mkdir {so}\necho -n fd_dev_name={file},fd_dev_size={size},fd_buffered_io=1 > {so}/control\n\
-             echo -n {file} > {so}/udev_path\necho -n 1 > {so}/enable\n\
-             echo -n {serial} > {so}/wwn/vpd_unit_serial\necho -n 512 > {so}/attrib/block_size\n\
-             mkdir iscsi/{iqn}\nmkdir {tpg}\necho -n discus:lab/{name} > {tpg}/param/TargetAlias\n"
-        );
-        for (attribute, value) in [
-            ("generate_node_acls", 0),
-            ("authentication", 1),
-            ("demo_mode_write_protect", 1),
-            ("prod_mode_write_protect", 1),
-            ("cache_dynamic_acls", 0),
-            ("demo_mode_discovery", 0),
-        ] {
-            script.push_str(&format!("echo -n {value} > {tpg}/attrib/{attribute}\n"));
-        }
-        script.push_str(&format!(
-            "mkdir -p {tpg}/np/0.0.0.0:3260\nmkdir {tpg}/lun/lun_0\n\
-             ln -s /sys/kernel/config/target/{so} {tpg}/lun/lun_0/discus\n"
-        ));
-        for initiator in self.initiators {
-            let acl = format!("{tpg}/acls/{initiator}");
-            script.push_str(&format!(
-                "mkdir {acl}\necho -n client > {acl}/auth/userid\necho -n client-secret > {acl}/auth/password\n\
-                 mkdir {acl}/lun_0\nln -s /sys/kernel/config/target/{tpg}/lun/lun_0 {acl}/lun_0/lun\n\
-                 echo -n 1 > {acl}/lun_0/write_protect\n"
-            ));
-        }
-        script.push_str(&format!("echo -n 1 > {tpg}/enable\n"));
-        script
-    }
 }
 
 /// Runs a command in the guest and returns how long it took there (busybox's `date` has no
@@ -268,20 +212,13 @@ fn datapath(vm: &mut LioVm, mib: usize) {
         serial: "0123456789abcdef0123456789abcdef",
         initiators: &[INITIATOR],
     };
-    std::fs::write(
-        vm.share().join("by-hand.sh"),
-        format!(
-            "set -e\ncd /sys/kernel/config/target\nmkdir -p core/fileio_3261\n{}",
-            by_hand.script()
-        ),
-    )
-    .expect("script");
-    vm.must("sh /host/by-hand.sh");
-    settings_that_differ(
+    by_hand.make(vm);
+    let differ = settings_that_differ(
         vm,
         "iqn.2026-11.dev.discus:data",
         "iqn.2026-11.dev.discus:by-hand",
     );
+    println!("settings in which discus's target and the hand-made one differ: {differ:?}");
 
     let portal = vm.portal();
     let lun = |iqn| {
@@ -335,20 +272,4 @@ fn datapath(vm: &mut LioVm, mib: usize) {
         median_of(1, |r| r.0) / median_of(0, |r| r.0),
         median_of(1, |r| r.1) / median_of(0, |r| r.1)
     );
-}
-
-/// Prints every TPG attribute, iSCSI parameter and storage attribute in which two targets
-/// differ: a setting discus makes that an administrator would not shows here.
-fn settings_that_differ(vm: &LioVm, ours: &str, theirs: &str) {
-    let settings = |iqn: &str| -> std::collections::BTreeSet<String> {
-        let tpg = format!("/sys/kernel/config/target/iscsi/{iqn}/tpgt_1");
-        let listing = vm.must(&format!(
-            "cd {tpg} && grep -r . attrib param 2>/dev/null; \
-             cd $(readlink -f lun/lun_0/*) && grep -r . attrib 2>/dev/null; true"
-        ));
-        listing.lines().map(str::to_owned).collect()
-    };
-    let (a, b) = (settings(ours), settings(theirs));
-    let differ: Vec<_> = a.symmetric_difference(&b).collect();
-    println!("settings in which discus's target and the hand-made one differ: {differ:?}");
 }

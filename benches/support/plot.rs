@@ -22,12 +22,13 @@ pub struct Chart<'a> {
     pub series: Vec<Series>,
 }
 
-const COLOURS: [RGBColor; 5] = [
+const COLOURS: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
 ];
 
 /// Where plots go: `DISCUS_BENCH_PLOTS`, or `plots/` beside the benchmark's build folder.

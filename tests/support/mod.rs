@@ -11,6 +11,7 @@ pub mod docker;
 pub mod http;
 pub mod initiator;
 pub mod kstatus;
+pub mod lio_by_hand;
 pub mod lio_vm;
 pub mod manifests;
 pub mod netboot;
