@@ -162,38 +162,57 @@ impl Bench {
     }
 
     /// Sequential and random reads from the floor, the hand-made target and discus, the median
-    /// of three interleaved rounds; prints the table and the ratios.
+    /// of three interleaved rounds; prints the table, the ratios, and how often each tgtd
+    /// faulted memory in per MiB it served in the last round.
     fn one_initiator(&self, random_seconds: usize) {
         let seconds = random_seconds.to_string();
         let shapes = |source: &Source| fio::one_initiator(source, &seconds);
         let sources = [
-            ("floor (the file)", Source::File(&self.stored)),
-            ("tgt by hand", Self::hand_lun(INITIATOR, "client", PASSWORD)),
-            ("discus", Self::discus_lun(INITIATOR, "client", PASSWORD)),
+            ("floor (the file)", Source::File(&self.stored), None),
+            (
+                "tgt by hand",
+                Self::hand_lun(INITIATOR, "client", PASSWORD),
+                Some(self.hand_tgtd),
+            ),
+            (
+                "discus",
+                Self::discus_lun(INITIATOR, "client", PASSWORD),
+                Some(self.discus_tgtd()),
+            ),
         ];
         // Into the page cache, for every reader alike.
         std::fs::read(&self.stored).expect("warm the page cache");
         let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sources.len()];
+        // Page faults of the serving tgtd, and MiB read, in the last round.
+        let mut faults = vec![(0u64, 0.0f64); sources.len()];
         for round in 0..3 {
-            for (i, (_, source)) in sources.iter().enumerate() {
+            for (i, (_, source, tgtd)) in sources.iter().enumerate() {
+                let before = tgtd.map_or(0, minor_faults);
                 let reads = self.fio(&format!("single-{round}-{i}"), &shapes(source), false);
                 let of = |name: &str| reads.iter().find(|(n, _)| n == name).expect(name).1;
                 results[i].push((
                     of("sequential").bytes_per_second / f64::from(1 << 20),
                     of("random").iops,
                 ));
+                // The last round's: the first ones grow the heap, once.
+                faults[i] = (
+                    tgtd.map_or(0, minor_faults) - before,
+                    reads.iter().map(|(_, r)| r.bytes as f64).sum::<f64>() / f64::from(1 << 20),
+                );
             }
         }
         let median =
             |i: usize, pick: fn(&(f64, f64)) -> f64| median(results[i].iter().map(pick).collect());
         println!("\none initiator, the median of 3 runs:");
         println!(
-            "{:<18} {:>14} {:>14}",
-            "reader", "sequential 1M", "random 4k"
+            "{:<18} {:>14} {:>14} {:>22}",
+            "reader", "sequential 1M", "random 4k", "tgtd page faults/MiB"
         );
-        for (i, (name, _)) in sources.iter().enumerate() {
+        let per_mib = |i: usize| faults[i].0 as f64 / faults[i].1;
+        for (i, (name, _, tgtd)) in sources.iter().enumerate() {
+            let per_mib = tgtd.map_or("-".to_owned(), |_| format!("{:.1}", per_mib(i)));
             println!(
-                "{name:<18} {:>9.0} MiB/s {:>9.0} IOPS",
+                "{name:<18} {:>9.0} MiB/s {:>9.0} IOPS {per_mib:>22}",
                 median(i, |r| r.0),
                 median(i, |r| r.1)
             );
@@ -208,6 +227,12 @@ impl Bench {
             "discus / tgt by hand: sequential {:.2}, random {:.2} (goal >= 1.0 within noise)",
             median(discus, |r| r.0) / median(hand, |r| r.0),
             median(discus, |r| r.1) / median(hand, |r| r.1)
+        );
+        let resident = |i: usize| sources[i].2.map_or(0.0, |pid| rss_kib(pid) as f64 / 1024.0);
+        println!(
+            "tgtd resident after the reads: by hand {:.0} MiB, discus {:.0} MiB",
+            resident(hand),
+            resident(discus)
         );
     }
 
@@ -700,17 +725,24 @@ fn rss_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmRSS")
 }
 
+/// Minor page faults of a process, its threads included.
+fn minor_faults(pid: u32) -> u64 {
+    stat_field(pid, 7) as u64
+}
+
 /// User and system CPU time of a process (its threads included), in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
+    (stat_field(pid, 11) + stat_field(pid, 12)) / 100.0
+}
+
+/// Field `i` of /proc/<pid>/stat after the command's name (0: state), as a number; 0 if
+/// unreadable.
+fn stat_field(pid: u32, i: usize) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .map_or(Vec::new(), |(_, rest)| rest.split(' ').collect());
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    ticks / 100.0
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split(' ').nth(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The host PID of the process that is `inside` in the PID namespace of `holder`'s sandbox.
