@@ -61,6 +61,9 @@ const HAND_IQN: &str = "iqn.2026-11.dev.discus:by-hand";
 const HAND_CONTROL_PORT: &str = "3262";
 const HAND_PORTAL: &str = "127.0.0.1:3262";
 const PASSWORD: &str = "client-secret";
+/// Where discus's target and the hand-made one answer.
+const DISCUS: (&str, &str) = (PORTAL, IQN);
+const BY_HAND: (&str, &str) = (HAND_PORTAL, HAND_IQN);
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --bench datapath` does not: a smoke test.
@@ -124,29 +127,34 @@ impl Bench {
         );
         let stored = host.stored_image(&digest);
         let hand_tgtd = configure_by_hand(&host, &stored, storm);
-        Self {
+        let bench = Self {
             jobs: host.sandbox.scratch("jobs"),
             host,
             stored,
             hand_tgtd,
-        }
+        };
+        // discus's tgtd runs with its malloc tunables (src/backend/tgt/daemon.rs); glibc rewrites
+        // the variable in place at start, so /proc shows its first entry.
+        let environ = std::fs::read(format!("/proc/{}/environ", bench.discus_tgtd()))
+            .expect("tgtd's environment");
+        assert!(
+            (environ.split(|b| *b == 0))
+                .any(|v| v.starts_with(b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304")),
+            "discus's tgtd runs without its malloc tunables"
+        );
+        bench
     }
 
-    fn discus_lun<'a>(initiator: &'a str, user: &'a str, password: &'a str) -> Source<'a> {
+    /// A LUN of the target at `portal` as `iqn`, logged into with CHAP.
+    fn lun<'a>(
+        (portal, iqn): (&'a str, &'a str),
+        initiator: &'a str,
+        user: &'a str,
+        password: &'a str,
+    ) -> Source<'a> {
         Source::Lun(Login {
-            portal: PORTAL,
-            iqn: IQN,
-            lun: 1,
-            initiator,
-            user,
-            password,
-        })
-    }
-
-    fn hand_lun<'a>(initiator: &'a str, user: &'a str, password: &'a str) -> Source<'a> {
-        Source::Lun(Login {
-            portal: HAND_PORTAL,
-            iqn: HAND_IQN,
+            portal,
+            iqn,
             lun: 1,
             initiator,
             user,
@@ -163,7 +171,7 @@ impl Bench {
 
     /// Sequential and random reads from the floor, the hand-made target and discus, the median
     /// of three interleaved rounds; prints the table, the ratios, and how often each tgtd
-    /// faulted memory in per MiB it served in the last round.
+    /// faulted memory in per MiB of the last round's sequential reads.
     fn one_initiator(&self, random_seconds: usize) {
         let seconds = random_seconds.to_string();
         let shapes = |source: &Source| fio::one_initiator(source, &seconds);
@@ -171,34 +179,35 @@ impl Bench {
             ("floor (the file)", Source::File(&self.stored), None),
             (
                 "tgt by hand",
-                Self::hand_lun(INITIATOR, "client", PASSWORD),
+                Self::lun(BY_HAND, INITIATOR, "client", PASSWORD),
                 Some(self.hand_tgtd),
             ),
             (
                 "discus",
-                Self::discus_lun(INITIATOR, "client", PASSWORD),
+                Self::lun(DISCUS, INITIATOR, "client", PASSWORD),
                 Some(self.discus_tgtd()),
             ),
         ];
         // Into the page cache, for every reader alike.
         std::fs::read(&self.stored).expect("warm the page cache");
         let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); sources.len()];
-        // Page faults of the serving tgtd, and MiB read, in the last round.
+        // Page faults of the serving tgtd, and MiB read, in the last round's sequential reads.
         let mut faults = vec![(0u64, 0.0f64); sources.len()];
         for round in 0..3 {
             for (i, (_, source, tgtd)) in sources.iter().enumerate() {
+                let [sequential, random] = shapes(source);
                 let before = tgtd.map_or(0, minor_faults);
-                let reads = self.fio(&format!("single-{round}-{i}"), &shapes(source), false);
-                let of = |name: &str| reads.iter().find(|(n, _)| n == name).expect(name).1;
-                results[i].push((
-                    of("sequential").bytes_per_second / f64::from(1 << 20),
-                    of("random").iops,
-                ));
-                // The last round's: the first ones grow the heap, once.
+                let sequential = self.fio(&format!("sequential-{round}-{i}"), &[sequential], false);
+                // The last round's, of the sequential reads: the first rounds grow the heap.
                 faults[i] = (
                     tgtd.map_or(0, minor_faults) - before,
-                    reads.iter().map(|(_, r)| r.bytes as f64).sum::<f64>() / f64::from(1 << 20),
+                    sequential[0].1.bytes as f64 / f64::from(1 << 20),
                 );
+                let random = self.fio(&format!("random-{round}-{i}"), &[random], false);
+                results[i].push((
+                    sequential[0].1.bytes_per_second / f64::from(1 << 20),
+                    random[0].1.iops,
+                ));
             }
         }
         let median =
@@ -206,7 +215,7 @@ impl Bench {
         println!("\none initiator, the median of 3 runs:");
         println!(
             "{:<18} {:>14} {:>14} {:>22}",
-            "reader", "sequential 1M", "random 4k", "tgtd page faults/MiB"
+            "reader", "sequential 1M", "random 4k", "tgtd faults/MiB seq."
         );
         let per_mib = |i: usize| faults[i].0 as f64 / faults[i].1;
         for (i, (name, _, tgtd)) in sources.iter().enumerate() {
@@ -230,7 +239,8 @@ impl Bench {
         );
         let resident = |i: usize| sources[i].2.map_or(0.0, |pid| rss_kib(pid) as f64 / 1024.0);
         println!(
-            "tgtd resident after the reads: by hand {:.0} MiB, discus {:.0} MiB",
+            "tgtd resident after the reads (what it kept since it started): by hand {:.0} MiB, \
+             discus {:.0} MiB",
             resident(hand),
             resident(discus)
         );
@@ -304,8 +314,8 @@ impl Bench {
     fn storm_job(&self, through: Through, i: usize, shape: &[(&'static str, &str)]) -> Job {
         let (initiator, user, password) = (storm_initiator(i), format!("c{i}"), password(i));
         let source = match through {
-            Through::Discus => Self::discus_lun(&initiator, &user, &password),
-            Through::ByHand => Self::hand_lun(&initiator, &user, &password),
+            Through::Discus => Self::lun(DISCUS, &initiator, &user, &password),
+            Through::ByHand => Self::lun(BY_HAND, &initiator, &user, &password),
             Through::File => Source::File(&self.stored),
         };
         Job::new(&user, &source, shape)
@@ -484,7 +494,7 @@ impl Storm {
         println!("\nboot storm of {n} initiators, {working_set_mib} MiB each, in the order run:");
         println!(
             "  {:<18} {:>10} {:>7} {:>7} {:>7} {:>9} {:>9} {:>11}",
-            "reader", "succeeded", "p50 s", "p99 s", "max s", "tgtd CPU", "tgtd MiB", "cached MiB"
+            "reader", "succeeded", "p50 s", "p99 s", "max s", "tgtd CPU", "tgtd MiB*", "cached MiB"
         );
         for run in &self.runs {
             let (p50, p99, max) = percentiles(&run.times);
@@ -506,6 +516,7 @@ impl Storm {
             p99(Through::ByHand) / floor,
             p99(Through::Discus) / p99(Through::ByHand)
         );
+        println!("  tgtd MiB*: resident after the storm, what it kept since it started");
         let (l50, l99, lmax) = percentiles(logins);
         println!("  logins alone (iscsi-inq): p50 {l50:.3} s, p99 {l99:.3} s, max {lmax:.3} s");
         println!(
@@ -616,10 +627,7 @@ fn configure_by_hand(host: &Host, stored: &Path, storm: usize) -> u32 {
         account(&storm_initiator(i), &format!("c{i}"), &password(i));
     }
     // nsenter forks for the PID namespace: tgtd is its one child.
-    let children =
-        std::fs::read_to_string(format!("/proc/{nsenter_pid}/task/{nsenter_pid}/children"))
-            .expect("nsenter's children");
-    children.trim().parse().expect("tgtd's PID")
+    *support::children(nsenter_pid).first().expect("tgtd's PID")
 }
 
 fn storm_initiator(i: usize) -> String {

@@ -13,6 +13,8 @@
 //!   median of three interleaved rounds. Target: discus within 10% of the hand-made one.
 //!
 //! Times are the guest's, under software emulation: compare the ratios, not the seconds.
+//! `cargo test --bench lio` runs it all once at a small size (5 targets, 8 MiB, one round), so
+//! that it cannot rot.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 #[path = "support/mod.rs"]
@@ -25,7 +27,7 @@ mod support;
 use bench_support::{incompressible, median, tools};
 use fio::Source;
 use support::initiator::Login;
-use support::lio_by_hand::{ByHand, settings_that_differ};
+use support::lio_by_hand::{ByHand, PRELUDE, settings_that_differ};
 use support::lio_vm;
 
 use std::time::Duration;
@@ -67,8 +69,7 @@ fn grant(name: &str, target: usize, client: usize) -> String {
 
 /// The configfs writes discus makes for the same N targets, as a busybox shell script.
 fn baseline(n: usize) -> String {
-    let mut script =
-        String::from("set -e\ncd /sys/kernel/config/target\nmkdir -p iscsi core/fileio_3261\n");
+    let mut script = String::from(PRELUDE);
     for i in 0..n {
         let clients = [
             "iqn.2026-11.dev.discus:client-0",
@@ -76,6 +77,7 @@ fn baseline(n: usize) -> String {
         ];
         let target = ByHand {
             name: &format!("base-{i}"),
+            alias: &format!("discus:lab/base-{i}"),
             iqn: &format!("iqn.2026-11.dev.discus:b{i}"),
             file: "/var/lib/discus/base.raw",
             size: SIZE,
@@ -104,19 +106,40 @@ fn timed(vm: &LioVm, command: &str) -> Duration {
     }
 }
 
+/// How much a run measures: `cargo bench` passes --bench; `cargo test --bench lio` does not,
+/// and runs everything once at a small size, so that nothing here can rot.
+struct Scale {
+    /// fio's rounds through each target, after the one that fills the page cache.
+    rounds: usize,
+    /// Seconds of random reads in each round.
+    random_seconds: &'static str,
+}
+
 fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let scale = if full {
+        Scale {
+            rounds: 3,
+            random_seconds: "10",
+        }
+    } else {
+        Scale {
+            rounds: 1,
+            random_seconds: "1",
+        }
+    };
     let sizes: Vec<usize> = std::env::var("DISCUS_BENCH_SIZES")
-        .unwrap_or_else(|_| "100,300,1000".into())
+        .unwrap_or_else(|_| if full { "100,300,1000" } else { "5" }.into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let datapath_mib: usize = std::env::var("DISCUS_BENCH_DATAPATH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(128);
+        .unwrap_or(if full { 128 } else { 8 });
     let mut vm = LioVm::boot();
     if datapath_mib > 0 {
-        datapath(&mut vm, datapath_mib);
+        datapath(&mut vm, datapath_mib, &scale);
     }
     let image: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
     std::fs::write(vm.share().join("images/small.raw"), &image).expect("image");
@@ -146,7 +169,14 @@ fn main() {
         vm.must(&format!(
             "RUST_LOG=discus=debug {SERVE} --resync-seconds 3600 > /tmp/serve.log 2>&1 &"
         ));
+        let start = std::time::Instant::now();
         while vm.sh("grep -q 'sync pass done' /tmp/serve.log").0 != 0 {
+            // A cold sync of 1000 targets takes some 20 s under TCG.
+            assert!(
+                start.elapsed() < Duration::from_secs(600),
+                "no first pass: {}",
+                vm.must("tail -20 /tmp/serve.log")
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         std::fs::create_dir_all(vm.share().join("staging")).expect("staging");
@@ -177,8 +207,8 @@ fn main() {
 const INITIATOR: &str = "iqn.2026-11.dev.discus:client-0";
 
 /// fio on the host reads one LUN through the guest's LIO: discus's target against one made by
-/// hand over the same stored file; prints the median of three interleaved rounds and the ratio.
-fn datapath(vm: &mut LioVm, mib: usize) {
+/// hand over the same stored file; prints the median of the interleaved rounds and the ratio.
+fn datapath(vm: &mut LioVm, mib: usize, scale: &Scale) {
     vm.reboot();
     let size = mib << 20;
     let image = incompressible(size, b"lio datapath");
@@ -206,6 +236,7 @@ fn datapath(vm: &mut LioVm, mib: usize) {
     assert!(stored.starts_with("/var/lib/discus/"), "{stored}");
     let by_hand = ByHand {
         name: "by-hand",
+        alias: "by-hand",
         iqn: "iqn.2026-11.dev.discus:by-hand",
         file: stored,
         size: size as u64,
@@ -238,7 +269,11 @@ fn datapath(vm: &mut LioVm, mib: usize) {
     let jobs_dir = tempfile::tempdir().expect("scratch");
     let read = |name: &str, source: &Source<'_>| {
         let path = jobs_dir.path().join(format!("{name}.fio"));
-        fio::job_file(&path, &fio::one_initiator(source, "10"), false);
+        fio::job_file(
+            &path,
+            &fio::one_initiator(source, scale.random_seconds),
+            false,
+        );
         let reads = fio::run(std::process::Command::new(tools().join("fio")), &path);
         let of = |job: &str| reads.iter().find(|(n, _)| n == job).expect("job").1;
         (
@@ -249,7 +284,7 @@ fn datapath(vm: &mut LioVm, mib: usize) {
     // The first reading brings the file into the guest's page cache, for both alike.
     read("warm", &sources[0].1);
     let mut results = vec![Vec::new(); sources.len()];
-    for round in 0..3 {
+    for round in 0..scale.rounds {
         for (i, (_, source)) in sources.iter().enumerate() {
             results[i].push(read(&format!("{round}-{i}"), source));
         }
@@ -259,7 +294,10 @@ fn datapath(vm: &mut LioVm, mib: usize) {
     for (i, (name, _)) in sources.iter().enumerate() {
         println!("{name}: every round (MiB/s, IOPS): {:.1?}", results[i]);
     }
-    println!("\none initiator through LIO, {mib} MiB, the median of 3 runs (guest under TCG):");
+    println!(
+        "\none initiator through LIO, {mib} MiB, the median of {} runs (guest under TCG):",
+        scale.rounds
+    );
     for (i, (name, _)) in sources.iter().enumerate() {
         println!(
             "{name:<12} {:>7.1} MiB/s sequential 1M {:>7.0} IOPS random 4k",

@@ -242,12 +242,9 @@ impl Agent {
         let Some(mut child) = self.process.take() else {
             return false;
         };
-        let nsenter = child.id();
-        let inner = std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
-            .unwrap_or_default();
-        for pid in inner.split_whitespace() {
+        for pid in support::children(child.id()) {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", pid])
+                .args(["-TERM", &pid.to_string()])
                 .status();
         }
         let started = Instant::now();

@@ -799,16 +799,19 @@ fn once(vm: &LioVm) {
     }
 }
 
-/// discus sets nothing an administrator would not: beside its target `iqn`, the same target made
-/// by hand in configfs as targetcli makes it (over the same file, with CHAP and ACLs) differs
-/// from it in nothing but its alias. (benches/lio.rs reads both at the same speed.) What is
-/// made here stays until the next reboot.
+/// discus's configuration does not drift from its recipe (tests/support/lio_by_hand.rs:
+/// targetcli's choices and two hardening switches): beside its target `iqn`, the same target
+/// made by hand in configfs over the same file, with CHAP and ACLs for the same initiators,
+/// differs from it in nothing but its alias — no TPG attribute, iSCSI parameter, ACL attribute,
+/// mapped LUN's write protection or storage attribute. (benches/lio.rs reads both at the same
+/// speed.) What is made here stays until the next reboot; its alias is not discus's.
 fn same_settings_as_by_hand(vm: &LioVm, iqn: &str) {
     let file = vm.must(&format!("cat {}/udev_path", backstore(vm, iqn)));
     let size = configfs(vm, &format!("stat -c %s {}", file.trim()));
     let by_hand = "iqn.2001-04.com.example:by-hand";
     ByHand {
         name: "by-hand",
+        alias: "by-hand",
         iqn: by_hand,
         file: file.trim(),
         size: size.trim().parse().expect("a size"),

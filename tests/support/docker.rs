@@ -264,13 +264,7 @@ impl Docker {
 
     /// dockerd's PID, as the host sees it (the nsenter in front of it forked it).
     fn daemon_pid(&self) -> Option<u32> {
-        let nsenter = self.daemon.id();
-        std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
-            .ok()?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
+        super::children(self.daemon.id()).first().copied()
     }
 }
 

@@ -7,24 +7,30 @@ use std::collections::BTreeSet;
 
 use super::lio_vm::LioVm;
 
-/// A read-only target made by hand in configfs, as discus makes it and as targetcli would:
-/// buffered fileio, 512-byte blocks, CHAP (`client` / `client-secret`), an ACL per initiator.
+/// A read-only target made by hand in configfs: targetcli's choices (buffered fileio, 512-byte
+/// blocks, CHAP as `client` / `client-secret`, an ACL per initiator, its LUN mapped
+/// write-protected) and the two hardening switches discus adds to them (no discovery without an
+/// ACL, `prod_mode_write_protect`).
 pub struct ByHand<'a> {
     pub name: &'a str,
     pub iqn: &'a str,
+    /// `discus:<namespace>/<name>` marks a target as discus's (a sync may then remove it): the
+    /// baseline of a cold sync writes what discus writes; a target meant to stay beside discus's
+    /// has an alias of its own.
+    pub alias: &'a str,
     pub file: &'a str,
     pub size: u64,
     pub serial: &'a str,
     pub initiators: &'a [&'a str],
 }
 
+/// What a script of `ByHand::script`s starts with.
+pub const PRELUDE: &str = "set -e\ncd /sys/kernel/config/target\nmkdir -p iscsi core/fileio_3261\n";
+
 impl ByHand<'_> {
     /// Makes it in the guest's configfs, through a script on the shared folder.
     pub fn make(&self, vm: &LioVm) {
-        let script = format!(
-            "set -e\ncd /sys/kernel/config/target\nmkdir -p core/fileio_3261\n{}",
-            self.script()
-        );
+        let script = format!("{PRELUDE}{}", self.script());
         std::fs::write(vm.share().join(format!("{}.sh", self.name)), script).expect("script");
         vm.must(&format!("sh /host/{}.sh", self.name));
     }
@@ -34,6 +40,7 @@ impl ByHand<'_> {
         let Self {
             name,
             iqn,
+            alias,
             file,
             size,
             serial,
@@ -45,7 +52,7 @@ impl ByHand<'_> {
             "mkdir {so}\necho -n fd_dev_name={file},fd_dev_size={size},fd_buffered_io=1 > {so}/control\n\
              echo -n {file} > {so}/udev_path\necho -n 1 > {so}/enable\n\
              echo -n {serial} > {so}/wwn/vpd_unit_serial\necho -n 512 > {so}/attrib/block_size\n\
-             mkdir iscsi/{iqn}\nmkdir {tpg}\necho -n discus:lab/{name} > {tpg}/param/TargetAlias\n"
+             mkdir iscsi/{iqn}\nmkdir {tpg}\necho -n {alias} > {tpg}/param/TargetAlias\n"
         );
         for (attribute, value) in [
             ("generate_node_acls", 0),
@@ -88,20 +95,22 @@ pub fn backstore(vm: &LioVm, iqn: &str) -> String {
     }
 }
 
-/// Every TPG attribute and iSCSI parameter (`attrib/…:value`, `param/…:value`) and every
-/// attribute of LUN 0's storage object (`storage/attrib/…:value`) in which the targets `ours`
-/// and `theirs` in the guest differ.
+/// Every TPG attribute and iSCSI parameter (`attrib/…:value`, `param/…:value`), every ACL's
+/// attributes and the write protection of its LUN 0 (`acls/…:value`), and every attribute of
+/// LUN 0's storage object (`storage/attrib/…:value`) in which the targets `ours` and `theirs` in
+/// the guest differ.
 pub fn settings_that_differ(vm: &LioVm, ours: &str, theirs: &str) -> BTreeSet<String> {
     let settings = |iqn: &str| -> BTreeSet<String> {
         let tpg = format!("/sys/kernel/config/target/iscsi/{iqn}/tpgt_1");
         let listing = vm.must(&format!(
             // Some attributes cannot be read (grep says so and goes on); the folders must be.
-            "cd {tpg} && {{ grep -r . attrib param 2>/dev/null; true; }} && cd {} && \
-             grep -r . attrib 2>/dev/null | sed 's|^|storage/|'",
+            // Never auth/: it holds the passwords.
+            "cd {tpg} && {{ grep -r . attrib param acls/*/attrib acls/*/lun_0/write_protect \
+             2>/dev/null; true; }} && cd {} && grep -r . attrib 2>/dev/null | sed 's|^|storage/|'",
             backstore(vm, iqn)
         ));
         let settings: BTreeSet<String> = listing.lines().map(str::to_owned).collect();
-        for kind in ["attrib/", "param/", "storage/attrib/"] {
+        for kind in ["attrib/", "param/", "acls/", "storage/attrib/"] {
             assert!(
                 settings.iter().any(|s| s.starts_with(kind)),
                 "{iqn}: no {kind} settings read: {listing}"

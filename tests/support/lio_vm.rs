@@ -752,13 +752,9 @@ impl Qemu {
                     if stopping.load(Ordering::SeqCst) {
                         // An nsenter in front of qemu: qemu first (the nsenter, not yet reaped,
                         // still holds it as its child), then the nsenter.
-                        let pid = child.id();
-                        let children =
-                            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                                .unwrap_or_default();
-                        for inner in children.split_whitespace() {
+                        for inner in super::children(child.id()) {
                             let _ = Command::new("kill")
-                                .args(["-KILL", inner])
+                                .args(["-KILL", &inner.to_string()])
                                 .stderr(Stdio::null())
                                 .status();
                         }

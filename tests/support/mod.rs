@@ -29,6 +29,16 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The processes `pid` forked, as `/proc` lists them (none when it is gone): the program an
+/// `nsenter --pid` or `unshare --fork` in front of it started.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// The `discus` binary built for this test run.
 pub fn discus() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_discus"))

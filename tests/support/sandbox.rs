@@ -77,18 +77,18 @@ impl Sandbox {
 
     /// Kills (SIGKILL) the program a `command` started, and reaps the nsenter in front of it.
     pub fn kill(&self, child: &mut Child) {
-        let nsenter = child.id();
-        let inner = std::fs::read_to_string(format!("/proc/{nsenter}/task/{nsenter}/children"))
-            .unwrap_or_default();
-        for pid in inner.split_whitespace() {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        let inner = super::children(child.id());
+        for pid in &inner {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
         let _ = child.kill();
         let _ = child.wait();
         // Gone for good — every thread, and so its files and locks — before the test goes on. A
         // killed process's first thread is a zombie while its other threads still exit.
         let start = Instant::now();
-        for pid in inner.split_whitespace() {
+        for pid in inner {
             let gone = || {
                 let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
                     .map_or(true, |stat| stat.contains(") Z "));
@@ -190,13 +190,7 @@ impl Drop for Sandbox {
 fn sleeper_of(unshare: u32) -> u32 {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(10) {
-        let children = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
-            .unwrap_or_default();
-        if let Some(pid) = children
-            .split_whitespace()
-            .next()
-            .and_then(|p| p.parse().ok())
-        {
+        if let Some(&pid) = super::children(unshare).first() {
             // Wait until it runs `sleep` in its namespaces.
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if comm.trim() == "sleep" {
