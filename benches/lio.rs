@@ -27,7 +27,7 @@ mod support;
 use bench_support::{incompressible, median, tools};
 use fio::Source;
 use support::initiator::Login;
-use support::lio_by_hand::{ByHand, PRELUDE, settings_that_differ};
+use support::lio_by_hand::{ByHand, PRELUDE, backstore, settings_that_differ};
 use support::lio_vm;
 
 use std::time::Duration;
@@ -231,7 +231,10 @@ fn datapath(vm: &mut LioVm, mib: usize, scale: &Scale) {
     );
     vm.must(&format!("{SERVE} --once"));
     // The file discus serves, behind the hand-made target too.
-    let stored = vm.must("cat /sys/kernel/config/target/core/*/*/udev_path");
+    let stored = vm.must(&format!(
+        "cat {}/udev_path",
+        backstore(vm, "iqn.2026-11.dev.discus:data")
+    ));
     let stored = stored.trim();
     assert!(stored.starts_with("/var/lib/discus/"), "{stored}");
     let by_hand = ByHand {
