@@ -567,8 +567,9 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
             async || std::fs::metadata(&part).is_ok_and(|m| m.len() >= 16 << 20),
         )
         .await;
-    host.kill(&mut first);
+    pause(&first);
     let killed_at = std::fs::metadata(&part).expect("the part").len();
+    host.kill(&mut first);
     // …it resumes from there, and goes on when the node's agent restarts under it.
     let second = upload(&uploader)
         .stdout(std::process::Stdio::piped())
@@ -585,10 +586,14 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
             },
         )
         .await;
+    // Held still while the agent restarts, so that the restart lands under its request (unless
+    // every byte arrived already: then the node stores them once it is back, by itself).
+    pause(&second);
     let kubeconfig = cluster.agent_kubeconfig.clone();
     let agent = cluster.agent("node-b");
     agent.kill();
     agent.start_with(&kubeconfig, &[]);
+    go_on(&second);
     let output = second.wait_with_output().expect("discus image upload");
     assert!(
         output.status.success(),
@@ -638,6 +643,21 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
         );
     }
     the_other_node_that_needs_it_fetches_it_from_the_node_that_holds_it(cluster, &digest).await;
+}
+
+/// Stops the program a sandbox's `command` started: nsenter, which waits for it, stops too.
+fn pause(child: &std::process::Child) {
+    for pid in support::children(child.id()) {
+        assert!(support::signal_pid(pid, "STOP"));
+    }
+}
+
+/// Lets a `pause`d program go on: nsenter, once continued, continues its program.
+fn go_on(child: &std::process::Child) {
+    assert!(support::signal(child, "CONT"));
+    for pid in support::children(child.id()) {
+        assert!(support::signal_pid(pid, "CONT"));
+    }
 }
 
 /// node-c comes to need the uploaded image: it fetches it from node-b (which holds the verified

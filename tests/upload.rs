@@ -260,6 +260,52 @@ async fn an_upload_resumes_after_a_restart_from_what_the_node_holds() {
     assert!(entries(&data.join("uploads")).is_empty());
 }
 
+/// A qcow2 image of `raw`, made by qemu-img.
+fn qcow2_of(raw: &[u8], dir: &Path) -> Vec<u8> {
+    let (source, target) = (dir.join("disk.raw"), dir.join("disk.qcow2"));
+    std::fs::write(&source, raw).expect("write");
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .args([&source, &target])
+        .status()
+        .expect("qemu-img");
+    assert!(status.success(), "qemu-img convert");
+    std::fs::read(&target).expect("the qcow2 image")
+}
+
+#[tokio::test]
+async fn an_upload_verified_but_not_stored_before_a_restart_is_stored_without_the_client() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let raw = image_bytes(3 << 20, 7);
+    let image = qcow2_of(&raw, dir.path());
+    let digest = sha256(&image);
+    // What a node killed after every byte arrived and before it stored them leaves behind.
+    std::fs::create_dir_all(data.join("uploads")).expect("mkdir");
+    std::fs::write(data.join("uploads").join(format!("{UID}.part")), &image).expect("write");
+
+    let (job, request) = (
+        importer(&data, UploadOptions::default()),
+        request(UID, &digest),
+    );
+    let stored = tokio::time::timeout(
+        DEADLINE,
+        job.import(&request, &mut ProgressReporter::silent()),
+    )
+    .await
+    .expect("stored without waiting for a client")
+    .expect("stored");
+    assert_eq!(
+        sha256(&std::fs::read(&stored.path).expect("stored")),
+        sha256(&raw)
+    );
+    assert!(
+        entries(&data.join("uploads")).is_empty(),
+        "the upload goes once stored"
+    );
+    assert!(entries(&data.join("tmp")).is_empty());
+}
+
 #[tokio::test]
 async fn bytes_that_do_not_match_are_dropped_and_the_image_awaits_a_new_upload() {
     let dir = tempfile::tempdir().expect("tempdir");

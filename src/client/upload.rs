@@ -57,10 +57,12 @@ pub struct Uploaded {
     pub name: String,
     pub sha256: String,
     pub bytes: u64,
-    /// The nodes that received it; none when it was Ready on a node already and no other
+    /// The nodes that verified what this run sent: by answering, or — when they restarted
+    /// before they could — by storing it. None when it was Ready on a node already and no other
     /// awaited it.
     pub nodes: Vec<String>,
-    /// Where the last request started: more than 0 when it resumed what a node held.
+    /// The furthest a request of this run started into the file: more than 0 when it resumed
+    /// what a node held.
     pub resumed_from: u64,
     pub seconds: f64,
 }
@@ -87,12 +89,14 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
             None => break,
         }
     }
-    let Delivery {
-        nodes,
-        resumed_from,
-        ..
-    } = delivery;
-    let nodes = nodes.into_iter().map(|n| n.node).collect();
+    let mut nodes: Vec<String> = delivery.nodes.into_iter().map(|n| n.node).collect();
+    let unanswered: Vec<String> = (delivery.sent_to.into_iter())
+        .filter(|n| !nodes.contains(n))
+        .collect();
+    if request.wait && !unanswered.is_empty() {
+        nodes.extend(stored_on(&images, &request.key, unanswered).await?);
+    }
+    let resumed_from = delivery.resumed_from;
     Ok(Uploaded {
         namespace: request.key.namespace.clone(),
         name: request.key.name.clone(),
@@ -109,6 +113,9 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
 struct Delivery {
     /// The nodes that verified the bytes.
     nodes: Vec<Delivered>,
+    /// The nodes a request started sending to.
+    sent_to: Vec<String>,
+    /// The furthest a request started into the file.
     resumed_from: u64,
     /// Since when requests fail without progress.
     failing_since: Option<Instant>,
@@ -136,9 +143,24 @@ async fn deliver(
             return Ok(());
         };
         let token = read_token(client, &request.key, deadline).await?;
-        match send(&endpoint, &token, &request.file, bytes, request.progress).await {
-            Ok(Sent::Verified { from }) => {
-                delivery.resumed_from = delivery.resumed_from.max(from);
+        let mut started = None;
+        let sent = send(
+            &endpoint,
+            &token,
+            &request.file,
+            bytes,
+            request.progress,
+            &mut started,
+        )
+        .await;
+        if let Some(from) = started {
+            delivery.resumed_from = delivery.resumed_from.max(from);
+            if !delivery.sent_to.contains(&entry.node) {
+                delivery.sent_to.push(entry.node.clone());
+            }
+        }
+        match sent {
+            Ok(Sent::Verified) => {
                 delivery.nodes.push(Delivered {
                     node: entry.node,
                     certificate_sha256: endpoint.certificate_sha256,
@@ -253,6 +275,18 @@ async fn awaiting_node(
     )))
 }
 
+/// Which of `nodes` hold the image, as status has it now.
+async fn stored_on(
+    images: &Api<DiscImage>,
+    key: &ObjectKey,
+    nodes: Vec<String>,
+) -> Result<Vec<String>, ClientError> {
+    let entries = node_entries(images, key).await?;
+    let ready =
+        |node: &String| (entries.iter()).any(|e| e.node == *node && e.phase == ImagePhase::Ready);
+    Ok(nodes.into_iter().filter(ready).collect())
+}
+
 /// The DiscImage's entries of every node, as status has them now.
 async fn node_entries(
     images: &Api<DiscImage>,
@@ -292,8 +326,8 @@ async fn read_token(
 }
 
 enum Sent {
-    /// Every byte arrived and matched; the request sent them from `from` on.
-    Verified { from: u64 },
+    /// Every byte arrived and matched.
+    Verified,
     /// The node wants more, from where it stands.
     Again,
 }
@@ -312,20 +346,22 @@ pub async fn send_once(
     file: &Path,
     length: u64,
 ) -> Result<(), String> {
-    match send(endpoint, token, file, length, false).await {
-        Ok(Sent::Verified { .. }) => Ok(()),
+    match send(endpoint, token, file, length, false, &mut None).await {
+        Ok(Sent::Verified) => Ok(()),
         Ok(Sent::Again) => Err("the node wants more".into()),
         Err(Failure::Fatal(message) | Failure::Transient(message)) => Err(message),
     }
 }
 
-/// Sends what the node does not hold yet, from where it stands.
+/// Sends what the node does not hold yet, from where it stands (`started`: from where the
+/// request set out).
 async fn send(
     endpoint: &NodeEndpointStatus,
     token: &SecretString,
     file: &Path,
     length: u64,
     progress: bool,
+    started: &mut Option<u64>,
 ) -> Result<Sent, Failure> {
     let tls = pinned_client(&endpoint.certificate_sha256)
         .map_err(|e| Failure::Fatal(format!("the node's published certificate: {e}")))?;
@@ -344,6 +380,7 @@ async fn send(
     let body = file_stream(file, offset, length, progress)
         .await
         .map_err(|e| Failure::Fatal(format!("cannot read {}: {e}", file.display())))?;
+    *started = Some(offset);
     let response = http
         .patch(url)
         .bearer_auth(token.expose_secret())
@@ -357,7 +394,7 @@ async fn send(
     let status = response.status();
     let message = answer_message(response).await;
     match status.as_u16() {
-        201 => Ok(Sent::Verified { from: offset }),
+        201 => Ok(Sent::Verified),
         200 | 408 => Ok(Sent::Again),
         401 | 404 | 409 | 500 | 503 => Err(Failure::Transient(format!("the node said: {message}"))),
         _ => Err(Failure::Fatal(format!(

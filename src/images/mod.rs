@@ -283,6 +283,7 @@ impl Importer {
         // The requester's own source delivered these bytes: if they are stored already (for
         // another namespace), it shares them, without converting again.
         if let Some(stored) = self.store.entitle(&request.sha256, &request.requester)? {
+            written.staging.discard();
             check_stored(&stored, request)?;
             progress.update(Phase::Ready, stored.virtual_size, Some(stored.virtual_size));
             return Ok(stored);
@@ -417,7 +418,6 @@ impl Importer {
             fetch::ensure_space(dir, total.saturating_sub(written))?;
             return Err(error.into());
         }
-        drop(source);
         let (output, served_sha256, size) = hash_file(output).await?;
         if size != info.virtual_size {
             return Err(ImportError::ConvertedSize {
@@ -432,6 +432,8 @@ impl Importer {
             format,
             &request.requester,
         )?;
+        // Not before: an upload's bytes stay until what they became is stored.
+        source.discard();
         tracing::info!(sha256 = %request.sha256, served_sha256 = %served_sha256, format = format.as_str(), "converted the image to raw");
         Ok(stored)
     }

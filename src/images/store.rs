@@ -6,7 +6,8 @@
 //!                              the namespaces entitled to it
 //! tmp/                         work in progress; nothing here is ever served
 //! uploads/<DiscImage uid>.part  an upload received so far, kept across restarts so that it
-//!                              resumes; never served, removed when no DiscImage awaits it
+//!                              resumes (and, once complete, until it is stored); never
+//!                              served, removed when no DiscImage awaits it
 //! ```
 //!
 //! A file reaches `images/` only by a rename after its digest was checked, so a half-written or
@@ -133,7 +134,7 @@ pub struct Staging {
 impl Staging {
     /// The file of an upload in `uploads/`, created if absent, locked for as long as it lives
     /// and positioned at its end. Unlike work in `tmp/`, it stays when dropped, for the upload to
-    /// resume; [`Store::into_work`] makes it work that goes when dropped.
+    /// resume, or to be stored after a restart; [`Staging::discard`] removes it once stored.
     fn kept(path: PathBuf) -> io::Result<Self> {
         let mut file = fs::OpenOptions::new()
             .read(true)
@@ -152,6 +153,19 @@ impl Staging {
 
     pub fn path(&self) -> &Path {
         self.file.path()
+    }
+
+    /// Removes the file now, the complete upload an import has stored included (which dropping
+    /// keeps). What cannot be removed is left to garbage collection.
+    pub fn discard(self) {
+        let path = self.file.path().to_owned();
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a file the import no longer needs; garbage collection will")
+            }
+        }
     }
 
     pub fn file(&self) -> &File {
@@ -245,25 +259,6 @@ impl Store {
         create_dir(&dir)?;
         let path = dir.join(format!("{uid}.part"));
         Staging::kept(path.clone()).at(&path)
-    }
-
-    /// Moves a complete upload into `tmp/`: work like any other, removed when dropped unless
-    /// committed.
-    pub fn into_work(&self, upload: Staging) -> Result<Staging, StoreError> {
-        let dir = self.tmp_dir();
-        create_dir(&dir)?;
-        let (file, kept) = upload.file.into_parts();
-        let from = kept.keep().map_err(|e| e.error).at(&dir)?;
-        let name = from
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
-        let to = dir.join(format!("upload-{}", name.to_string_lossy()));
-        fs::rename(&from, &to).at(&to)?;
-        let work = tempfile::TempPath::try_from_path(&to).at(&to)?;
-        Ok(Staging {
-            file: NamedTempFile::from_parts(file, work),
-        })
     }
 
     /// Removes the partial uploads no DiscImage awaits (unless a process is receiving into one).

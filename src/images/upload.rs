@@ -7,8 +7,10 @@
 //! survives a restart, so that an upload resumes from what the node holds (whose bytes are hashed
 //! once more at the start). When the declared length is reached, the digest is compared with the
 //! one the DiscImage names. Bytes that match move on through the import (inspect, convert,
-//! store); bytes that do not are dropped, the client is told, and the image awaits a new upload.
-//! Nothing here is ever served.
+//! store) from that same file, which goes only once the image is stored: a node that restarts
+//! in between finds every byte again (what it holds hashes to the digest) and stores them
+//! without the client. Bytes that do not match are dropped, the client is told, and the image
+//! awaits a new upload. Nothing here is ever served.
 //!
 //! An append starts only at the offset the node holds (or at zero, to start again), never goes
 //! past the declared length, never starts when the disk cannot hold the rest, and ends when the
@@ -219,7 +221,19 @@ impl Uploads {
         progress: &mut ProgressReporter,
     ) -> Result<Written, UploadError> {
         check_uid(uid)?;
-        let (sink, held) = resume(self.store.upload_file(uid)?, limit).await?;
+        let resumed = resume(self.store.upload_file(uid)?, limit).await?;
+        if resumed.held > 0 && resumed.sha256 == sha256 {
+            // Every byte arrived before a restart, which came before they were stored.
+            let written = resumed.sink.finish().await?;
+            tracing::info!(
+                uid,
+                sha256,
+                bytes = written.bytes,
+                "the upload the node holds is complete and its digest matches"
+            );
+            return Ok(written);
+        }
+        let (sink, held) = (resumed.sink, resumed.held);
         let held = Held {
             bytes: held,
             length: None,
@@ -256,13 +270,8 @@ impl Uploads {
                     bytes = written.bytes,
                     "received an upload whose digest matches"
                 );
-                let staging = self.store.into_work(written.staging)?;
                 let _ = complete.verdict.send(Ok(()));
-                return Ok(Written {
-                    staging,
-                    sha256: written.sha256,
-                    bytes: written.bytes,
-                });
+                return Ok(written);
             }
             tracing::warn!(uid, expected = sha256, actual = %written.sha256, "dropped an upload whose digest does not match");
             let mismatch = UploadError::DigestMismatch {
@@ -516,9 +525,17 @@ async fn wait_for_bytes(
     }
 }
 
+/// An upload's file, opened to go on after what it holds.
+struct Resumed {
+    sink: Sink,
+    held: u64,
+    /// The digest of what it holds.
+    sha256: String,
+}
+
 /// A sink that goes on after what the upload's file holds (hashed again first); a file longer
 /// than any upload may be starts again.
-async fn resume(mut staging: Staging, limit: u64) -> Result<(Sink, u64), UploadError> {
+async fn resume(mut staging: Staging, limit: u64) -> Result<Resumed, UploadError> {
     let (staging, hashed, held) = tokio::task::spawn_blocking(move || {
         let held = staging.file().metadata()?.len();
         if held > limit {
@@ -536,7 +553,12 @@ async fn resume(mut staging: Staging, limit: u64) -> Result<(Sink, u64), UploadE
     if held > 0 {
         tracing::info!(bytes = held, "resuming an upload from what the node holds");
     }
-    Ok((Sink::resume(staging, hashed, held)?, held))
+    let sha256 = hex::encode(hashed.clone().finalize());
+    Ok(Resumed {
+        sink: Sink::resume(staging, hashed, held)?,
+        held,
+        sha256,
+    })
 }
 
 /// An empty upload file, for bytes that did not match.

@@ -66,9 +66,14 @@ pub fn files_in(folder: &str) -> Vec<PathBuf> {
 
 /// Sends signal `name` (`TERM`, `INT`, …) to a process this test started.
 pub fn signal(child: &std::process::Child, name: &str) -> bool {
+    signal_pid(child.id(), name)
+}
+
+/// Sends the signal `name` (e.g. `TERM`) to the process `pid`; whether it was delivered.
+pub fn signal_pid(pid: u32, name: &str) -> bool {
     std::process::Command::new("kill")
         .arg(format!("-{name}"))
-        .arg(child.id().to_string())
+        .arg(pid.to_string())
         .status()
         .is_ok_and(|s| s.success())
 }
