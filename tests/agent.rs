@@ -591,6 +591,8 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
     pause(&second);
     let kubeconfig = cluster.agent_kubeconfig.clone();
     let agent = cluster.agent("node-b");
+    let held_at_restart = std::fs::metadata(&part).map_or(0, |m| m.len());
+    let log_before_restart = agent.log().len();
     agent.kill();
     agent.start_with(&kubeconfig, &[]);
     go_on(&second);
@@ -605,6 +607,19 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
     assert_eq!(uploaded["sha256"], json!(digest));
     assert_eq!(uploaded["nodes"], json!(["node-b"]));
     assert!(uploaded["resumedFrom"].as_u64() > Some(0), "{uploaded}");
+    // Neither the first run's bytes nor those the restarted node held were sent again.
+    let size = uploaded["bytes"].as_u64().expect("bytes");
+    assert!(uploaded["sentBytes"].as_u64() < Some(size), "{uploaded}");
+    let restarted = cluster.agent_ref("node-b").log()[log_before_restart..].to_owned();
+    let kept = restarted.lines().any(|line| {
+        let resumed = line.contains("resuming an upload from what the node holds")
+            && line_number(line, "\"bytes\":") >= Some(held_at_restart);
+        resumed || line.contains("the upload the node holds is complete and its digest matches")
+    });
+    assert!(
+        kept,
+        "node-b kept the {held_at_restart} bytes it held:\n{restarted}"
+    );
     cluster
         .wait_ready_on("DiscImage", "uploaded", &["node-b"])
         .await;
@@ -645,10 +660,22 @@ async fn an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(
     the_other_node_that_needs_it_fetches_it_from_the_node_that_holds_it(cluster, &digest).await;
 }
 
-/// Stops the program a sandbox's `command` started: nsenter, which waits for it, stops too.
+/// Stops the program a sandbox's `command` started. nsenter, which waits for it, stops too once
+/// it sees it stopped: that is waited for, or a `go_on` could reach nsenter first, and nsenter
+/// would then stop for good.
 fn pause(child: &std::process::Child) {
-    for pid in support::children(child.id()) {
+    let program = support::children(child.id());
+    for &pid in &program {
         assert!(support::signal_pid(pid, "STOP"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let running = |pid: u32| process_state(pid).is_some_and(|s| s != 'Z');
+    while process_state(child.id()) != Some('T') && program.iter().any(|&pid| running(pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "nsenter never stopped with its program"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -658,6 +685,21 @@ fn go_on(child: &std::process::Child) {
     for pid in support::children(child.id()) {
         assert!(support::signal_pid(pid, "CONT"));
     }
+}
+
+/// A process's state (`R`, `S`, `T`, `Z`…), if it is there.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// The number after `key` in a log line.
+fn line_number(line: &str, key: &str) -> Option<u64> {
+    let rest = &line[line.find(key)? + key.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// node-c comes to need the uploaded image: it fetches it from node-b (which holds the verified

@@ -307,6 +307,58 @@ async fn an_upload_verified_but_not_stored_before_a_restart_is_stored_without_th
 }
 
 #[tokio::test]
+async fn an_upload_whose_import_fails_after_verification_is_kept_but_never_taken_once_changed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let image = image_bytes(2 << 20, 9);
+    let (digest, length) = (sha256(&image), image.len() as u64);
+    let importer = importer(&data, UploadOptions::default());
+    // Declared qcow2, the bytes are raw: verified, then refused by the inspection.
+    let mut declared_qcow2 = request(UID, &digest);
+    declared_qcow2.format = ImageFormat::Qcow2;
+    let import = |request: ImportRequest| {
+        let importer = Arc::clone(&importer);
+        async move {
+            let mut progress = ProgressReporter::silent();
+            tokio::time::timeout(DEADLINE, importer.import(&request, &mut progress))
+                .await
+                .expect("the import ends")
+        }
+    };
+    let first = tokio::spawn(import(declared_qcow2.clone()));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while importer.uploads().held(UID, &digest).is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never awaited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent = importer
+        .uploads()
+        .append(UID, &digest, 0, length, None, pieces(&image))
+        .await;
+    assert_eq!(sent.expect("every byte"), Appended::Verified);
+    let refused = first
+        .await
+        .expect("task")
+        .expect_err("raw bytes declared qcow2");
+    assert!(refused.to_string().contains("qcow2"), "{refused}");
+    let part = data.join("uploads").join(format!("{UID}.part"));
+    assert_eq!(std::fs::read(&part).expect("kept"), image, "the bytes stay");
+
+    // Tried again, it needs no client: the same answer at once.
+    let again = import(declared_qcow2).await.expect_err("still raw");
+    assert!(again.to_string().contains("qcow2"), "{again}");
+
+    // A byte of the kept file changes: never taken for the verified bytes.
+    let mut rotten = image.clone();
+    rotten[4096] ^= 1;
+    std::fs::write(&part, &rotten).expect("write");
+    // Awaited again (it would not be, had it taken them), holding what the file has.
+    let awaiting = Awaiting::start(Arc::clone(&importer), &digest).await;
+    assert_eq!(awaiting.held().expect("held").bytes, length);
+    assert!(entries(&data.join("images")).is_empty());
+}
+
+#[tokio::test]
 async fn bytes_that_do_not_match_are_dropped_and_the_image_awaits_a_new_upload() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");

@@ -11,6 +11,8 @@
 //! it from a node that holds it (`images::peers`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -64,6 +66,9 @@ pub struct Uploaded {
     /// The furthest a request of this run started into the file: more than 0 when it resumed
     /// what a node held.
     pub resumed_from: u64,
+    /// The bytes this run sent (what requests cut off had read of the file included): less
+    /// than `bytes` when it resumed.
+    pub sent_bytes: u64,
     pub seconds: f64,
 }
 
@@ -90,13 +95,11 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
         }
     }
     let mut nodes: Vec<String> = delivery.nodes.into_iter().map(|n| n.node).collect();
-    let unanswered: Vec<String> = (delivery.sent_to.into_iter())
-        .filter(|n| !nodes.contains(n))
-        .collect();
-    if request.wait && !unanswered.is_empty() {
-        nodes.extend(stored_on(&images, &request.key, unanswered).await?);
+    if request.wait && nodes.is_empty() && !delivery.sent_to.is_empty() {
+        // No node answered, yet one stored what it received (it restarted before answering).
+        nodes = stored_on(&images, &request.key, delivery.sent_to).await;
     }
-    let resumed_from = delivery.resumed_from;
+    let (resumed_from, sent_bytes) = (delivery.resumed_from, delivery.sent.load(Relaxed));
     Ok(Uploaded {
         namespace: request.key.namespace.clone(),
         name: request.key.name.clone(),
@@ -104,6 +107,7 @@ pub async fn upload(client: &Client, request: &UploadRequest) -> Result<Uploaded
         bytes,
         nodes,
         resumed_from,
+        sent_bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
 }
@@ -117,6 +121,8 @@ struct Delivery {
     sent_to: Vec<String>,
     /// The furthest a request started into the file.
     resumed_from: u64,
+    /// The bytes requests read from the file and sent.
+    sent: Arc<AtomicU64>,
     /// Since when requests fail without progress.
     failing_since: Option<Instant>,
 }
@@ -143,17 +149,20 @@ async fn deliver(
             return Ok(());
         };
         let token = read_token(client, &request.key, deadline).await?;
-        let mut started = None;
+        let mut tally = Tally {
+            started: None,
+            sent: Arc::clone(&delivery.sent),
+        };
         let sent = send(
             &endpoint,
             &token,
             &request.file,
             bytes,
             request.progress,
-            &mut started,
+            &mut tally,
         )
         .await;
-        if let Some(from) = started {
+        if let Some(from) = tally.started {
             delivery.resumed_from = delivery.resumed_from.max(from);
             if !delivery.sent_to.contains(&entry.node) {
                 delivery.sent_to.push(entry.node.clone());
@@ -275,16 +284,12 @@ async fn awaiting_node(
     )))
 }
 
-/// Which of `nodes` hold the image, as status has it now.
-async fn stored_on(
-    images: &Api<DiscImage>,
-    key: &ObjectKey,
-    nodes: Vec<String>,
-) -> Result<Vec<String>, ClientError> {
-    let entries = node_entries(images, key).await?;
+/// Which of `nodes` hold the image, as status has it now; none if status cannot be read.
+async fn stored_on(images: &Api<DiscImage>, key: &ObjectKey, nodes: Vec<String>) -> Vec<String> {
+    let entries = node_entries(images, key).await.unwrap_or_default();
     let ready =
         |node: &String| (entries.iter()).any(|e| e.node == *node && e.phase == ImagePhase::Ready);
-    Ok(nodes.into_iter().filter(ready).collect())
+    nodes.into_iter().filter(ready).collect()
 }
 
 /// The DiscImage's entries of every node, as status has them now.
@@ -346,22 +351,31 @@ pub async fn send_once(
     file: &Path,
     length: u64,
 ) -> Result<(), String> {
-    match send(endpoint, token, file, length, false, &mut None).await {
+    let mut tally = Tally::default();
+    match send(endpoint, token, file, length, false, &mut tally).await {
         Ok(Sent::Verified) => Ok(()),
         Ok(Sent::Again) => Err("the node wants more".into()),
         Err(Failure::Fatal(message) | Failure::Transient(message)) => Err(message),
     }
 }
 
-/// Sends what the node does not hold yet, from where it stands (`started`: from where the
-/// request set out).
+/// What one request did, whatever its end.
+#[derive(Default)]
+struct Tally {
+    /// From where it set out, once it did.
+    started: Option<u64>,
+    /// Raised by every byte it read from the file and sent.
+    sent: Arc<AtomicU64>,
+}
+
+/// Sends what the node does not hold yet, from where it stands.
 async fn send(
     endpoint: &NodeEndpointStatus,
     token: &SecretString,
     file: &Path,
     length: u64,
     progress: bool,
-    started: &mut Option<u64>,
+    tally: &mut Tally,
 ) -> Result<Sent, Failure> {
     let tls = pinned_client(&endpoint.certificate_sha256)
         .map_err(|e| Failure::Fatal(format!("the node's published certificate: {e}")))?;
@@ -377,10 +391,11 @@ async fn send(
     } else {
         0
     };
-    let body = file_stream(file, offset, length, progress)
+    let meter = Meter::new(offset, length, progress, Arc::clone(&tally.sent));
+    let body = file_stream(file, meter)
         .await
         .map_err(|e| Failure::Fatal(format!("cannot read {}: {e}", file.display())))?;
-    *started = Some(offset);
+    tally.started = Some(offset);
     let response = http
         .patch(url)
         .bearer_auth(token.expose_secret())
@@ -473,13 +488,10 @@ fn innermost(error: &(dyn std::error::Error + 'static)) -> String {
 /// The file from `offset`, in chunks, telling progress on stderr about once a second.
 async fn file_stream(
     path: &Path,
-    offset: u64,
-    length: u64,
-    progress: bool,
+    meter: Meter,
 ) -> std::io::Result<impl futures::Stream<Item = std::io::Result<Vec<u8>>> + use<>> {
     let mut file = tokio::fs::File::open(path).await?;
-    file.seek(std::io::SeekFrom::Start(offset)).await?;
-    let meter = Meter::new(offset, length, progress);
+    file.seek(std::io::SeekFrom::Start(meter.from)).await?;
     Ok(futures::stream::try_unfold(
         (file, meter),
         |(mut file, mut meter)| async move {
@@ -510,10 +522,12 @@ struct Meter {
     length: u64,
     last: Instant,
     on: bool,
+    /// Every request's bytes, for the run's tally.
+    sent: Arc<AtomicU64>,
 }
 
 impl Meter {
-    fn new(from: u64, length: u64, on: bool) -> Self {
+    fn new(from: u64, length: u64, on: bool, sent: Arc<AtomicU64>) -> Self {
         Self {
             start: Instant::now(),
             from,
@@ -521,11 +535,13 @@ impl Meter {
             length,
             last: Instant::now(),
             on,
+            sent,
         }
     }
 
     fn add(&mut self, n: u64) {
         self.done += n;
+        self.sent.fetch_add(n, Relaxed);
         if self.on && self.last.elapsed() >= Duration::from_secs(1) {
             self.last = Instant::now();
             eprintln!("{}", self.line());

@@ -248,8 +248,9 @@ impl Importer {
         }
     }
 
-    /// Imports one image, or finds it already stored. On any error nothing is left behind and
-    /// the last progress is `Failed`.
+    /// Imports one image, or finds it already stored. On any error the last progress is
+    /// `Failed` and nothing is left behind but an upload's bytes (kept in `uploads/` for the
+    /// import to be tried again without the client).
     pub async fn import(
         &self,
         request: &ImportRequest,

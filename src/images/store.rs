@@ -126,7 +126,8 @@ impl Record {
     }
 }
 
-/// A file being written in `tmp/`. Removed when dropped, unless committed.
+/// A file being written: work in `tmp/`, removed when dropped unless committed, or an upload's
+/// file in `uploads/`, which stays (see [`Staging::kept`]).
 pub struct Staging {
     file: NamedTempFile,
 }
@@ -156,7 +157,8 @@ impl Staging {
     }
 
     /// Removes the file now, the complete upload an import has stored included (which dropping
-    /// keeps). What cannot be removed is left to garbage collection.
+    /// keeps). What cannot be removed is left to garbage collection, which removes the uploads
+    /// of stored images.
     pub fn discard(self) {
         let path = self.file.path().to_owned();
         match fs::remove_file(&path) {
@@ -518,9 +520,7 @@ impl Store {
         served.file_mut().sync_all().at(&staged)?;
         let virtual_size = served.file().metadata().at(&staged)?.len();
         let target = self.image_path(served_sha256);
-        let mut permissions = served.file().metadata().at(&staged)?.permissions();
-        permissions.set_readonly(true);
-        served.file().set_permissions(permissions).at(&staged)?;
+        let writable = served.file().metadata().at(&staged)?.permissions();
         let _lock = self.lock()?;
         if keep_recorded
             && let Some(record) = self.record(sha256)?
@@ -533,11 +533,18 @@ impl Store {
             });
         }
         create_dir(&self.images_dir())?;
+        let mut read_only = writable.clone();
+        read_only.set_readonly(true);
+        served.file().set_permissions(read_only).at(&staged)?;
         // Another import of the same bytes may have won the race; the content is the same.
+        // Not moved, an upload's file stays as it was, for the import to be tried again.
         served
             .file
             .persist(&target)
-            .map_err(|e| e.error)
+            .map_err(|e| {
+                let _ = e.file.as_file().set_permissions(writable);
+                e.error
+            })
             .at(&target)?;
         sync_dir(&self.images_dir())?;
         self.mark_verified(served_sha256);

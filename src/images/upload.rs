@@ -130,6 +130,38 @@ pub struct Uploads {
     options: UploadOptions,
     awaited: Mutex<BTreeMap<String, Arc<Awaited>>>,
     receiving: Arc<Semaphore>,
+    /// Complete uploads this process hashed and found matching, by uid: an import tried again
+    /// after a failure takes the same file as it is, not hashed once more.
+    verified: Mutex<BTreeMap<String, Verified>>,
+}
+
+/// A file whose digest this process checked, as it was then.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Verified {
+    stamp: FileStamp,
+    sha256: String,
+}
+
+/// Which file, and whether it changed: inode, length, modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    length: u64,
+    modified_ns: i128,
+}
+
+impl FileStamp {
+    fn of(file: &std::fs::File) -> io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
+        Ok(Self {
+            device: meta.dev(),
+            inode: meta.ino(),
+            length: meta.len(),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
 }
 
 /// One awaited upload: what it must hash to, and what it received.
@@ -187,6 +219,7 @@ impl Uploads {
             options,
             awaited: Mutex::default(),
             receiving: Arc::new(Semaphore::new(options.concurrent)),
+            verified: Mutex::default(),
         }
     }
 
@@ -211,8 +244,9 @@ impl Uploads {
     }
 
     /// Awaits the upload for the DiscImage `uid` until bytes with `sha256`, at most `limit` of
-    /// them, arrived, and returns them as work in `tmp/`. Bytes that do not match are dropped
-    /// and the wait goes on. Ends only with the bytes, an error of the store, or when dropped.
+    /// them, arrived, and returns them in their file in `uploads/`, which stays when dropped
+    /// (until the image is stored: [`Staging::discard`]). Bytes that do not match are dropped and
+    /// the wait goes on. Ends only with the bytes, an error of the store, or when dropped.
     pub async fn receive(
         &self,
         uid: &str,
@@ -221,9 +255,15 @@ impl Uploads {
         progress: &mut ProgressReporter,
     ) -> Result<Written, UploadError> {
         check_uid(uid)?;
-        let resumed = resume(self.store.upload_file(uid)?, limit).await?;
+        let staging = self.store.upload_file(uid)?;
+        let staging = match self.verified_before(uid, sha256, staging) {
+            Ok(written) => return Ok(written),
+            Err(staging) => staging,
+        };
+        let resumed = resume(staging, limit).await?;
         if resumed.held > 0 && resumed.sha256 == sha256 {
             // Every byte arrived before a restart, which came before they were stored.
+            progress.update(Phase::Verifying, resumed.held, Some(resumed.held));
             let written = resumed.sink.finish().await?;
             tracing::info!(
                 uid,
@@ -231,9 +271,17 @@ impl Uploads {
                 bytes = written.bytes,
                 "the upload the node holds is complete and its digest matches"
             );
+            self.remember(uid, &written);
             return Ok(written);
         }
         let (sink, held) = (resumed.sink, resumed.held);
+        if held > 0 {
+            tracing::info!(
+                uid,
+                bytes = held,
+                "resuming an upload from what the node holds"
+            );
+        }
         let held = Held {
             bytes: held,
             length: None,
@@ -271,6 +319,7 @@ impl Uploads {
                     "received an upload whose digest matches"
                 );
                 let _ = complete.verdict.send(Ok(()));
+                self.remember(uid, &written);
                 return Ok(written);
             }
             tracing::warn!(uid, expected = sha256, actual = %written.sha256, "dropped an upload whose digest does not match");
@@ -291,6 +340,46 @@ impl Uploads {
             }
             // Told once the upload can start over, so that a client starting at once finds it so.
             let _ = complete.verdict.send(Err(mismatch));
+        }
+    }
+
+    /// The upload's file as it is, if this process found it complete and matching before (an
+    /// import tried again after a failure); the file back otherwise.
+    fn verified_before(
+        &self,
+        uid: &str,
+        sha256: &str,
+        staging: Staging,
+    ) -> Result<Written, Staging> {
+        let known = self.verified.lock().get(uid).cloned();
+        let now = FileStamp::of(staging.file()).ok();
+        match known {
+            Some(known) if Some(known.stamp) == now && known.sha256 == sha256 => {
+                tracing::info!(
+                    uid,
+                    sha256,
+                    "taking the upload this process verified before"
+                );
+                Ok(Written {
+                    staging,
+                    sha256: known.sha256,
+                    bytes: known.stamp.length,
+                })
+            }
+            _ => {
+                self.verified.lock().remove(uid);
+                Err(staging)
+            }
+        }
+    }
+
+    fn remember(&self, uid: &str, written: &Written) {
+        if let Ok(stamp) = FileStamp::of(written.staging.file()) {
+            let verified = Verified {
+                stamp,
+                sha256: written.sha256.clone(),
+            };
+            self.verified.lock().insert(uid.to_owned(), verified);
         }
     }
 
@@ -550,9 +639,6 @@ async fn resume(mut staging: Staging, limit: u64) -> Result<Resumed, UploadError
     })
     .await
     .map_err(io::Error::other)??;
-    if held > 0 {
-        tracing::info!(bytes = held, "resuming an upload from what the node holds");
-    }
     let sha256 = hex::encode(hashed.clone().finalize());
     Ok(Resumed {
         sink: Sink::resume(staging, hashed, held)?,

@@ -407,13 +407,18 @@ impl<B: Backend> Syncer<B> {
                 .filter_map(|lun| lun.backing.path().file_stem()?.to_str().map(str::to_owned))
                 .collect(),
         };
+        let importer = self.images.importer();
         for request in requests.values() {
             needed.source(&request.sha256, &request.requester);
-            if let images::Source::Upload { uid } = &request.source {
+            // An upload whose image is stored is done with (a crash may have come between
+            // storing it and removing it); one that cannot be judged is kept.
+            if let images::Source::Upload { uid } = &request.source
+                && !matches!(importer.lookup(request), Ok(Some(_)))
+            {
                 needed.uploads.insert(uid.clone());
             }
         }
-        if let Err(error) = self.images.importer().store().collect_garbage(&needed) {
+        if let Err(error) = importer.store().collect_garbage(&needed) {
             tracing::warn!(%error, "garbage collection failed");
         }
     }
