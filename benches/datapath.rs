@@ -23,9 +23,11 @@
 //!    CHAP accounts and initiator ACLs (what discus's configuration costs under a storm); and
 //!    as many processes reading the same working set of the file the same way (the floor).
 //!    Reported for each: all succeeded or not, each reader's time from the start to its last
-//!    byte (p50, p99, max), the tgtd's CPU time and memory; then logins alone (as many
-//!    `iscsi-inq` at once) and the image's pages in the page cache (fincore): one copy of the
-//!    working set, whatever the number of initiators. Goal: all succeed; p99 ≤ 2× the floor's.
+//!    byte (p50, p99, max), the tgtd's CPU time and memory, where the machine's CPU went
+//!    (tgtd, the readers, everything else, idle: what holds a storm back); then logins alone
+//!    (as many `iscsi-inq` at once) and the image's pages in the page cache (fincore): one copy
+//!    of the working set, whatever the number of initiators. Goal: all succeed; p99 ≤ 2× the
+//!    floor's.
 //!
 //! Plots (benches/support/plot.rs): completion CDF of each storm through discus, by hand and
 //! from the file, and the aggregate throughput by number of readers (the storm of 1 gives the
@@ -293,9 +295,11 @@ impl Bench {
         };
         drop_from_page_cache(&self.stored);
         let cpu_before = tgtd.map(cpu_seconds);
+        let machine_before = MachineCpu::now();
         let jobs = (0..n).map(|i| self.storm_job(through, i, shape)).collect();
         let name = format!("storm-{n}-{}", through.tag());
         let finished = self.at_once(&name, jobs, working_set_mib);
+        let machine = MachineCpu::now().since(&machine_before);
         let times: Vec<f64> = finished.iter().flatten().copied().collect();
         let makespan = times.iter().copied().fold(0.0, f64::max);
         Run {
@@ -306,6 +310,7 @@ impl Bench {
             tgtd: tgtd
                 .zip(cpu_before)
                 .map(|(pid, before)| (cpu_seconds(pid) - before, rss_kib(pid) as f64 / 1024.0)),
+            machine,
             cached_mib: resident_mib(&self.stored),
         }
     }
@@ -474,6 +479,8 @@ struct Run {
     aggregate_mib_s: f64,
     /// The serving tgtd's CPU seconds during the storm and its resident MiB after it.
     tgtd: Option<(f64, f64)>,
+    /// Where the machine's CPU went during the storm.
+    machine: MachineCpu,
     /// The image's pages in the page cache after the storm, in MiB.
     cached_mib: f64,
 }
@@ -517,12 +524,82 @@ impl Storm {
             p99(Through::Discus) / p99(Through::ByHand)
         );
         println!("  tgtd MiB*: resident after the storm, what it kept since it started");
+        self.print_cpu(working_set_mib);
         let (l50, l99, lmax) = percentiles(logins);
         println!("  logins alone (iscsi-inq): p50 {l50:.3} s, p99 {l99:.3} s, max {lmax:.3} s");
         println!(
             "  cached MiB: the image's pages in the page cache after each storm, which starts \
              with none: one copy of the {working_set_mib} MiB working set for all {n}"
         );
+    }
+}
+
+impl Storm {
+    /// Where the machine's CPU went during each storm, by process.
+    fn print_cpu(&self, working_set_mib: usize) {
+        println!(
+            "  CPU seconds during the storm (both cores):\n  {:<18} {:>7} {:>8} {:>8} {:>8} {:>12} {:>11}",
+            "reader", "tgtd", "readers", "rest", "idle", "(softirq)", "busy s/GiB"
+        );
+        let gib = (self.n * working_set_mib) as f64 / 1024.0;
+        for run in &self.runs {
+            let cpu = &run.machine;
+            let tgtd = run.tgtd.map_or(0.0, |(cpu, _)| cpu);
+            let rest = (cpu.busy - tgtd - cpu.readers).max(0.0);
+            println!(
+                "  {:<18} {tgtd:>7.1} {:>8.1} {rest:>8.1} {:>8.1} {:>12.1} {:>11.2}",
+                run.through.name(),
+                cpu.readers,
+                cpu.idle,
+                cpu.softirq,
+                cpu.busy / gib
+            );
+        }
+        println!(
+            "  readers: the fio processes (the initiators, libiscsi in them, or the file's \
+             readers); rest: kernel threads, the agent, everything else; softirq: the kernel's \
+             network and block work, inside the columns before (ticks charged to whoever ran)"
+        );
+    }
+}
+
+/// CPU seconds of the whole machine (all cores, /proc/stat) and of this process's reaped
+/// children — the readers, which each end before the storm does.
+#[derive(Clone, Copy, Debug, Default)]
+struct MachineCpu {
+    busy: f64,
+    softirq: f64,
+    idle: f64,
+    readers: f64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<f64> = (stat.lines().next().unwrap_or_default().split_whitespace())
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let tick = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / 100.0;
+        // user nice system idle iowait irq softirq steal, in ticks of 1/100 s
+        let (user, nice, system, idle, iowait) = (tick(0), tick(1), tick(2), tick(3), tick(4));
+        let (irq, softirq, steal) = (tick(5), tick(6), tick(7));
+        let me = std::process::id();
+        Self {
+            busy: user + nice + system + irq + softirq + steal,
+            softirq: softirq + irq,
+            idle: idle + iowait,
+            readers: (stat_field(me, 13) + stat_field(me, 14)) / 100.0,
+        }
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            busy: self.busy - before.busy,
+            softirq: self.softirq - before.softirq,
+            idle: self.idle - before.idle,
+            readers: self.readers - before.readers,
+        }
     }
 }
 
