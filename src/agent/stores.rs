@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -441,8 +442,7 @@ where
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let stream = watcher(api, config)
         .backoff(watch_backoff())
-        // Nobody reads who wrote which field; thousands of objects' managedFields cost memory.
-        .modify(|object: &mut K| object.meta_mut().managed_fields = None)
+        .modify(|object: &mut K| slim(object.meta_mut()))
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -459,9 +459,44 @@ where
     reader
 }
 
+/// The annotation client-side `kubectl apply` (and tools built on it) keeps the object's last
+/// applied form in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops from an object what nobody here reads and what would cost memory for thousands of
+/// them: who wrote which field (managedFields) and the copy of the whole object client-side
+/// apply keeps in an annotation — for a Secret, a second copy of the secret.
+fn slim(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_nobody_reads_is_not_kept_and_the_rest_is() {
+        let mut secret: Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "chap", "namespace": "lab",
+                "annotations": {
+                    LAST_APPLIED: "{\"data\":{\"password\":\"c2VjcmV0\"}}",
+                    "team": "boot",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+            "data": {"password": "c2VjcmV0"},
+        }))
+        .expect("a Secret");
+        slim(secret.meta_mut());
+        assert_eq!(secret.metadata.managed_fields, None);
+        let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+        assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
+        assert!(secret.data.is_some_and(|d| d.contains_key("password")));
+    }
 
     fn guarded(value: serde_json::Value) -> DeserializeGuard<DiscImage> {
         serde_json::from_value(value).expect("a guard always decodes")
