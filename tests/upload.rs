@@ -91,7 +91,13 @@ struct Awaiting {
 impl Awaiting {
     /// Starts the import and waits until the node awaits the upload.
     async fn start(importer: Arc<Importer>, sha256: &str) -> Self {
-        let (job, request) = (Arc::clone(&importer), request(UID, sha256));
+        Self::start_with(importer, request(UID, sha256)).await
+    }
+
+    /// Starts the import `request` (of `UID`) and waits until the node awaits the upload.
+    async fn start_with(importer: Arc<Importer>, request: ImportRequest) -> Self {
+        let sha256 = request.sha256.clone();
+        let job = Arc::clone(&importer);
         let task =
             tokio::spawn(
                 async move { job.import(&request, &mut ProgressReporter::silent()).await },
@@ -99,7 +105,7 @@ impl Awaiting {
         let awaiting = Self {
             importer,
             task,
-            sha256: sha256.to_owned(),
+            sha256,
         };
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while awaiting.held().is_err() {
@@ -316,27 +322,11 @@ async fn an_upload_whose_import_fails_after_verification_is_kept_but_never_taken
     // Declared qcow2, the bytes are raw: verified, then refused by the inspection.
     let mut declared_qcow2 = request(UID, &digest);
     declared_qcow2.format = ImageFormat::Qcow2;
-    let import = |request: ImportRequest| {
-        let importer = Arc::clone(&importer);
-        async move {
-            let mut progress = ProgressReporter::silent();
-            tokio::time::timeout(DEADLINE, importer.import(&request, &mut progress))
-                .await
-                .expect("the import ends")
-        }
-    };
-    let first = tokio::spawn(import(declared_qcow2.clone()));
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while importer.uploads().held(UID, &digest).is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "never awaited");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let sent = importer
-        .uploads()
-        .append(UID, &digest, 0, length, None, pieces(&image))
-        .await;
+    let first = Awaiting::start_with(Arc::clone(&importer), declared_qcow2.clone()).await;
+    let sent = first.send(0, length, &image).await;
     assert_eq!(sent.expect("every byte"), Appended::Verified);
     let refused = first
+        .task
         .await
         .expect("task")
         .expect_err("raw bytes declared qcow2");
@@ -345,8 +335,12 @@ async fn an_upload_whose_import_fails_after_verification_is_kept_but_never_taken
     assert_eq!(std::fs::read(&part).expect("kept"), image, "the bytes stay");
 
     // Tried again, it needs no client: the same answer at once.
-    let again = import(declared_qcow2).await.expect_err("still raw");
-    assert!(again.to_string().contains("qcow2"), "{again}");
+    let mut progress = ProgressReporter::silent();
+    let again = importer.import(&declared_qcow2, &mut progress);
+    let again = tokio::time::timeout(DEADLINE, again)
+        .await
+        .expect("the import ends");
+    assert!(again.expect_err("still raw").to_string().contains("qcow2"));
 
     // A byte of the kept file changes: never taken for the verified bytes.
     let mut rotten = image.clone();
