@@ -172,6 +172,22 @@ impl Cluster {
         .await;
     }
 
+    /// Waits until the grant's connection lists `count` portals: the lease holder adds a node's
+    /// portal a moment after that node's entry says Ready (a Ready's details are coalesced).
+    async fn wait_for_portals(&self, grant: &str, count: usize) {
+        self.wait_for(
+            &format!("InitiatorAccess {grant}'s connection with {count} portals"),
+            Duration::from_secs(60),
+            async || {
+                let grant = self.object("InitiatorAccess", "demo", grant).await;
+                (grant.pointer("/status/connection/portals"))
+                    .and_then(Value::as_array)
+                    .is_some_and(|p| p.len() == count)
+            },
+        )
+        .await;
+    }
+
     /// The Events (events.k8s.io) in the demo namespace.
     async fn events(&self) -> Vec<Value> {
         let api: Api<k8s_openapi::api::events::v1::Event> =
@@ -858,21 +874,7 @@ async fn each_node_writes_its_own_entry_and_the_lease_holder_the_rest(cluster: &
             .any(|(m, f)| m == "discus-leader" && f.contains("conditions")),
         "{owners:#?}"
     );
-    cluster
-        .wait_for(
-            "a connection with three portals",
-            Duration::from_secs(10),
-            async || {
-                let grant = cluster
-                    .object("InitiatorAccess", "demo", "demo-client")
-                    .await;
-                grant
-                    .pointer("/status/connection/portals")
-                    .and_then(Value::as_array)
-                    .is_some_and(|p| p.len() == 3)
-            },
-        )
-        .await;
+    cluster.wait_for_portals("demo-client", 3).await;
 }
 
 /// A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire), and
@@ -2621,6 +2623,7 @@ async fn a_client_connects_with_open_iscsi(cluster: &Cluster, vm: &support::lio_
     cluster
         .wait_ready_on("InitiatorAccess", "guest", &["lio-node", "tgt-node"])
         .await;
+    cluster.wait_for_portals("guest", 2).await;
     let kubeconfig = cluster
         .plane
         .service_account_kubeconfig("demo", "guest")
