@@ -537,40 +537,50 @@ impl Storm {
 impl Storm {
     /// Where the machine's CPU went during each storm, by process.
     fn print_cpu(&self, working_set_mib: usize) {
+        let cores = self.runs.first().map_or(0, |r| r.machine.cores);
         println!(
-            "  CPU seconds during the storm (both cores):\n  {:<18} {:>7} {:>8} {:>8} {:>8} {:>12} {:>11}",
-            "reader", "tgtd", "readers", "rest", "idle", "(softirq)", "busy s/GiB"
+            "  CPU seconds during the storm ({cores} cores):\n  {:<18} {:>7} {:>8} {:>8} {:>8} {:>12} {:>11} {:>10}",
+            "reader", "tgtd", "readers", "rest", "idle", "(softirq)", "busy s/GiB", "cores x s"
         );
         let gib = (self.n * working_set_mib) as f64 / 1024.0;
         for run in &self.runs {
             let cpu = &run.machine;
             let tgtd = run.tgtd.map_or(0.0, |(cpu, _)| cpu);
-            let rest = (cpu.busy - tgtd - cpu.readers).max(0.0);
+            // Busy is sampled at ticks, processes' times are exact: a small negative rest is
+            // the difference between the two clocks, shown as it is.
+            let rest = cpu.busy - tgtd - cpu.readers;
             println!(
-                "  {:<18} {tgtd:>7.1} {:>8.1} {rest:>8.1} {:>8.1} {:>12.1} {:>11.2}",
+                "  {:<18} {tgtd:>7.1} {:>8.1} {rest:>8.1} {:>8.1} {:>12.1} {:>11.2} {:>10.1}",
                 run.through.name(),
                 cpu.readers,
                 cpu.idle,
                 cpu.softirq,
-                cpu.busy / gib
+                cpu.busy / gib,
+                cpu.available
             );
         }
         println!(
             "  readers: the fio processes (the initiators, libiscsi in them, or the file's \
-             readers); rest: kernel threads, the agent, everything else; softirq: the kernel's \
-             network and block work, inside the columns before (ticks charged to whoever ran)"
+             readers); rest: kernel threads, the agent, everything else; softirq: the part of the \
+             kernel's network and block work that ran as interrupts, inside the columns before \
+             (ticks charged to whoever ran); cores x s: what busy and idle add up to, the \
+             difference being the clocks' sampling"
         );
     }
 }
 
 /// CPU seconds of the whole machine (all cores, /proc/stat) and of this process's reaped
 /// children — the readers, which each end before the storm does.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct MachineCpu {
     busy: f64,
     softirq: f64,
     idle: f64,
     readers: f64,
+    /// Cores times the seconds from one reading to the next: what busy and idle should add to.
+    available: f64,
+    cores: usize,
+    at: Instant,
 }
 
 impl MachineCpu {
@@ -585,11 +595,18 @@ impl MachineCpu {
         let (user, nice, system, idle, iowait) = (tick(0), tick(1), tick(2), tick(3), tick(4));
         let (irq, softirq, steal) = (tick(5), tick(6), tick(7));
         let me = std::process::id();
+        let cores = (stat.lines())
+            .filter(|l| l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit()))
+            .count();
         Self {
             busy: user + nice + system + irq + softirq + steal,
             softirq: softirq + irq,
             idle: idle + iowait,
+            // cutime and cstime: the reaped readers, fio's threads included.
             readers: (stat_field(me, 13) + stat_field(me, 14)) / 100.0,
+            available: 0.0,
+            cores,
+            at: Instant::now(),
         }
     }
 
@@ -599,6 +616,9 @@ impl MachineCpu {
             softirq: self.softirq - before.softirq,
             idle: self.idle - before.idle,
             readers: self.readers - before.readers,
+            available: self.cores as f64 * (self.at - before.at).as_secs_f64(),
+            cores: self.cores,
+            at: self.at,
         }
     }
 }

@@ -474,7 +474,25 @@ pub fn grant_status(
 fn merge_connections(entries: &[AccessNodeStatus]) -> Option<Connection> {
     let mut connections = entries.iter().filter_map(|e| e.connection.as_ref());
     let mut merged = connections.next()?.clone();
-    for other in connections {
+    add_paths(&mut merged, connections);
+    Some(merged)
+}
+
+/// A grant's connection as it stands now: the lease holder's, with the portals of every node
+/// whose own entry says it applied the grant to the same target — the lease holder adds a
+/// node's a moment after that entry (a Ready's details are coalesced). None until the lease
+/// holder wrote one.
+pub fn current_connection(status: &InitiatorAccessStatus) -> Option<Connection> {
+    let mut merged = status.connection.clone()?;
+    let applied = (status.nodes.iter().filter(|e| e.applied)).filter_map(|e| e.connection.as_ref());
+    let same_target: Vec<&Connection> = applied.filter(|c| c.iqn == merged.iqn).collect();
+    add_paths(&mut merged, same_target);
+    Some(merged)
+}
+
+/// Adds the portals and boot URLs of `others` to `merged`, each once.
+fn add_paths<'a>(merged: &mut Connection, others: impl IntoIterator<Item = &'a Connection>) {
+    for other in others {
         merged.portals.extend(other.portals.iter().cloned());
         merged.boot_urls.extend(other.boot_urls.iter().cloned());
     }
@@ -482,7 +500,6 @@ fn merge_connections(entries: &[AccessNodeStatus]) -> Option<Connection> {
     merged.portals.dedup();
     merged.boot_urls.sort();
     merged.boot_urls.dedup();
-    Some(merged)
 }
 
 /// The conditions of an object that is not even well-formed: not Ready, Stalled, with why.
@@ -511,4 +528,50 @@ pub fn is_ready(conditions: &[Condition]) -> bool {
 /// The key of the resource a status belongs to, for callers that index statuses.
 pub fn key_of<K: Resource>(resource: &K) -> ObjectKey {
     object_key(resource.meta())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(node: &str, applied: bool, iqn: &str, portal: &str) -> AccessNodeStatus {
+        AccessNodeStatus {
+            node: node.into(),
+            applied,
+            connection: Some(Connection {
+                iqn: iqn.into(),
+                portals: vec![portal.into()],
+                ..Connection::default()
+            }),
+            ..AccessNodeStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_connection_now_has_every_applied_node_s_portal_of_the_same_target_only() {
+        const IQN: &str = "iqn.2026-11.dev.discus:lab";
+        let status = InitiatorAccessStatus {
+            connection: merge_connections(&[entry("a", true, IQN, "10.0.0.1:3260")]),
+            nodes: vec![
+                entry("a", true, IQN, "10.0.0.1:3260"),
+                // Applied since the lease holder wrote its connection.
+                entry("b", true, IQN, "10.0.0.2:3260"),
+                entry("c", false, IQN, "10.0.0.3:3260"),
+                entry("d", true, "iqn.2026-11.dev.discus:other", "10.0.0.4:3260"),
+            ],
+            ..InitiatorAccessStatus::default()
+        };
+        let now = current_connection(&status).expect("a connection");
+        assert_eq!(now.iqn, IQN);
+        assert_eq!(now.portals, ["10.0.0.1:3260", "10.0.0.2:3260"]);
+        let none = InitiatorAccessStatus {
+            connection: None,
+            ..status
+        };
+        assert_eq!(
+            current_connection(&none),
+            None,
+            "not before the lease holder's"
+        );
+    }
 }

@@ -66,7 +66,7 @@ pub async fn connect(
     let _claim = state::claim(&machine.state_dir, key)?;
     let grant = ready_grant(machine, key, started + deadline).await?;
     let connection = (grant.status.as_ref())
-        .and_then(|s| s.connection.clone())
+        .and_then(crate::status::current_connection)
         .ok_or_else(|| ClientError::Api(format!("InitiatorAccess {key} has no connection yet")))?;
     let chap = credentials(machine, key, &grant).await?;
     machine.iscsiadm.check_iscsid().await?;
