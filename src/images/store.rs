@@ -160,13 +160,8 @@ impl Staging {
     /// keeps). What cannot be removed is left to garbage collection, which removes the uploads
     /// of stored images.
     pub fn discard(self) {
-        let path = self.file.path().to_owned();
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove a file the import no longer needs; garbage collection will")
-            }
+        if let Err(error) = remove_if_present(self.file.path()) {
+            tracing::warn!(%error, "cannot remove a file the import no longer needs; garbage collection will");
         }
     }
 
@@ -518,9 +513,9 @@ impl Store {
     ) -> Result<StoredImage, StoreError> {
         let staged = served.path().to_owned();
         served.file_mut().sync_all().at(&staged)?;
-        let virtual_size = served.file().metadata().at(&staged)?.len();
+        let metadata = served.file().metadata().at(&staged)?;
+        let (virtual_size, writable) = (metadata.len(), metadata.permissions());
         let target = self.image_path(served_sha256);
-        let writable = served.file().metadata().at(&staged)?.permissions();
         let _lock = self.lock()?;
         if keep_recorded
             && let Some(record) = self.record(sha256)?
