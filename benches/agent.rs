@@ -26,9 +26,11 @@
 //! `DISCUS_BENCH_STATUS_SETTLE` (the agents' `--status-settle-seconds`; 0 writes every state),
 //! `DISCUS_BENCH_PROFILE=<seconds>` (kube-apiserver's CPU profile over that many seconds from the
 //! start of the apply, summed up with `go tool pprof`),
-//! `DISCUS_BENCH_KEEP_LOGS=<folder>` (keep the agents' logs). tgtd runs 16 I/O threads per LUN,
-//! each a PID of the host's: three nodes of 1000 targets on one kernel need kernel.pid_max above
-//! its default of 32768 (`sysctl -w kernel.pid_max=4194304`; the bench checks first).
+//! `DISCUS_BENCH_KEEP_LOGS=<folder>` (keep the agents' logs and the apiserver's audit log),
+//! `DISCUS_BENCH_HEAPTRACK=<folder>` (run the third agent under heaptrack, its profile there).
+//! tgtd runs 16 I/O threads per LUN, each a PID of the host's: three nodes of 1000 targets on one
+//! kernel need kernel.pid_max above its default of 32768 (`sysctl -w kernel.pid_max=4194304`;
+//! the bench checks first).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail by panicking
 
 #[path = "support/plot.rs"]
@@ -112,7 +114,9 @@ async fn run(targets: usize, rest: Duration, timeout: Duration) {
         dry_run.as_secs_f64()
     );
     // And stored, where no agent looks: what the apply costs with nobody else writing.
+    let cpu_alone_start = cpu_snapshot(&cluster);
     let alone = cluster.apply_alone(targets);
+    let cpu_alone = cpu_used(&cpu_alone_start, &cpu_snapshot(&cluster));
     eprintln!(
         "kubectl apply in a namespace no agent watches: {:.2} s",
         alone.as_secs_f64()
@@ -256,6 +260,10 @@ async fn run(targets: usize, rest: Duration, timeout: Duration) {
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu_used(&cpu_start, &cpu_ready)
     );
+    println!(
+        "- CPU seconds of the same apply stored where no agent watches ({:.0} s): {cpu_alone}",
+        alone.as_secs_f64()
+    );
     println!("- the apply: {kubectl_writes}");
     println!(
         "- status writes from the apply until settled: {}",
@@ -294,6 +302,7 @@ async fn run(targets: usize, rest: Duration, timeout: Duration) {
         for agent in &cluster.agents {
             std::fs::write(dir.join(format!("{}.log", agent.name)), agent.log()).expect("log");
         }
+        std::fs::copy(cluster.kube.plane.audit_log(), dir.join("audit.log")).expect("audit log");
         println!("- agent logs kept in {}", dir.display());
     }
     for agent in &cluster.agents {
@@ -455,8 +464,22 @@ impl Cluster {
         let (sandbox, address) = self.storage_host(number);
         self.create_node(name, address).await;
         let log = std::fs::File::create(sandbox.path().join("agent.log")).expect("log");
-        let process = sandbox
-            .command(env!("CARGO_BIN_EXE_discus"))
+        // The last node's agent under heaptrack, when asked (its RSS then includes heaptrack's).
+        let heaptrack = (std::env::var_os("DISCUS_BENCH_HEAPTRACK"))
+            .filter(|_| name == "node-c")
+            .map(|dir| PathBuf::from(dir).join(name));
+        let mut command = match &heaptrack {
+            Some(output) => {
+                let mut command = sandbox.command("heaptrack");
+                command
+                    .arg("-o")
+                    .arg(output)
+                    .arg(env!("CARGO_BIN_EXE_discus"));
+                command
+            }
+            None => sandbox.command(env!("CARGO_BIN_EXE_discus")),
+        };
+        let process = command
             .args(["agent", "--node-name", name, "--backend", "tgt"])
             .args(["--data-dir", "/var/lib/discus", "--file-root", DEMO_DIR])
             .args([
@@ -793,12 +816,16 @@ impl Agent {
     }
 
     /// The host PID of the agent itself, not of the nsenter in front of it.
+    /// The agent's process: nsenter's child, or under heaptrack, that script's child.
     fn pid(&self) -> u32 {
         let nsenter = self.process.id();
-        children(nsenter)
-            .into_iter()
-            .next()
-            .expect("the agent runs under nsenter")
+        let child = (children(nsenter).into_iter().next()).expect("the agent runs under nsenter");
+        if comm(child) != "heaptrack" {
+            return child;
+        }
+        (children(child).into_iter())
+            .find(|p| comm(*p) == "discus")
+            .expect("the agent runs under heaptrack")
     }
 
     /// The agent's tgtds (one, unless it had to start another).

@@ -12,8 +12,9 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
@@ -493,6 +494,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     cluster.apply(&demo_manifests());
     the_demo_becomes_current_on_every_node(&cluster, &nodes).await;
     each_node_writes_its_own_entry_and_the_lease_holder_the_rest(&cluster).await;
+    each_heartbeat_carries_its_node_s_labels(&cluster).await;
     every_node_serves_the_same_disc_under_the_same_serial(&cluster);
     let password = a_generated_secret_works_on_every_node(&cluster, &nodes).await;
     a_changed_spec_is_in_progress_until_every_node_caught_up(&cluster).await;
@@ -875,6 +877,37 @@ async fn each_node_writes_its_own_entry_and_the_lease_holder_the_rest(cluster: &
         "{owners:#?}"
     );
     cluster.wait_for_portals("demo-client", 3).await;
+}
+
+/// Every agent's heartbeat Lease carries its Node's labels, from which the lease holder knows
+/// which nodes should serve what (so that a Ready waits for them).
+async fn each_heartbeat_carries_its_node_s_labels(cluster: &Cluster) {
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "discus-system");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let wanted = json!({"discus.dev/storage": "true"});
+    loop {
+        let listed = leases
+            .list(&ListParams::default().labels("discus.dev/heartbeat"))
+            .await
+            .expect("heartbeat Leases");
+        let labels: Vec<(Option<String>, Option<Value>)> = (listed.items.iter())
+            .map(|lease| {
+                let node = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+                let labels = (lease.metadata.annotations.as_ref())
+                    .and_then(|a| a.get("discus.dev/node-labels"))
+                    .and_then(|l| serde_json::from_str(l).ok());
+                (node, labels)
+            })
+            .collect();
+        let carried = |agent: &str| {
+            (labels.iter()).any(|(n, l)| n.as_deref() == Some(agent) && l.as_ref() == Some(&wanted))
+        };
+        if cluster.agents.iter().all(|agent| carried(&agent.name)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "heartbeats: {labels:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire), and

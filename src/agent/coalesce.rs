@@ -9,7 +9,10 @@
 //! out at once: Ready reached, a failure, an expiry, a removal, any loss of Ready, and the
 //! conditions of a new generation. The price: a new object has no status at all until it is
 //! Ready or its first state has lasted that moment (kstatus reads that as Current; docs/agent.md
-//! says so).
+//! says so). One exception to "Ready at once": a Ready that some node which should serve the
+//! object has not reported on yet (`expected`) waits that moment for it — nodes report the
+//! same burst of objects within a second or so of each other, and writing Ready with the first
+//! node and the others' details after cost the lease holder a second write of most objects.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -23,6 +26,9 @@ const STALE: Duration = Duration::from_secs(600);
 pub enum Standing {
     /// Ready: written at once when reached; its changes of detail wait like progress.
     Ready,
+    /// Ready on the nodes that reported, while a node that should serve the object has not:
+    /// waits for it, from the moment it was first wanted, for the settle time at most.
+    Partial,
     /// On its way: written once it has held, or been replaced, for the settle time.
     Passing,
     /// Stalled, failed, expired or removed: for users to act on, written at once.
@@ -34,6 +40,15 @@ pub enum Standing {
 pub struct Coalescer<K> {
     settle: Duration,
     diverged: HashMap<K, Instant>,
+    /// When each object's Ready was first wanted while a node had not reported.
+    partial: HashMap<K, Instant>,
+}
+
+impl Standing {
+    /// Says Ready, to the nodes that reported at least.
+    pub fn is_ready(self) -> bool {
+        matches!(self, Standing::Ready | Standing::Partial)
+    }
 }
 
 /// When a write is due: now, or not before an instant.
@@ -49,6 +64,7 @@ impl<K: Eq + Hash + Clone> Coalescer<K> {
         Self {
             settle,
             diverged: HashMap::new(),
+            partial: HashMap::new(),
         }
     }
 
@@ -65,13 +81,18 @@ impl<K: Eq + Hash + Clone> Coalescer<K> {
         written: Option<Standing>,
         now: Instant,
     ) -> When {
-        let current = written.filter(|w| *w == Standing::Ready).or(current);
-        let since = *self.diverged.entry(key.clone()).or_insert(now);
+        let current = written.filter(|w| w.is_ready()).or(current);
+        let current_ready = current.is_some_and(Standing::is_ready);
+        let mut since = *self.diverged.entry(key.clone()).or_insert(now);
         let waits = match wanted {
             // Progress, unless it is Ready lost.
-            Standing::Passing => current != Some(Standing::Ready),
+            Standing::Passing => !current_ready,
             // Ready still, with other details (one node more, a session).
-            Standing::Ready => current == Some(Standing::Ready),
+            Standing::Ready => current_ready,
+            Standing::Partial => {
+                since = *self.partial.entry(key.clone()).or_insert(now);
+                true
+            }
             Standing::Final => false,
         };
         let at = since + self.settle;
@@ -85,13 +106,15 @@ impl<K: Eq + Hash + Clone> Coalescer<K> {
     /// `key` has the status it wants, or its write went out: the next change waits anew.
     pub fn settled(&mut self, key: &K) {
         self.diverged.remove(key);
+        self.partial.remove(key);
     }
 
     /// Forgets what has waited far longer than any write does: objects deleted while their
     /// write waited. (Were one still there, its next write would only wait anew.)
     pub fn forget_stale(&mut self, now: Instant) {
-        self.diverged
-            .retain(|_, since| now.saturating_duration_since(*since) < STALE);
+        for waits in [&mut self.diverged, &mut self.partial] {
+            waits.retain(|_, since| now.saturating_duration_since(*since) < STALE);
+        }
     }
 }
 
@@ -160,6 +183,43 @@ mod tests {
             );
             coalescer.settled(&"x");
         }
+    }
+
+    #[test]
+    fn a_ready_some_node_has_not_reported_on_waits_for_it_from_its_own_start() {
+        let mut coalescer = Coalescer::new(SETTLE);
+        let start = Instant::now();
+        // On its way for long (its wait ran out long ago, the write was not made yet)…
+        coalescer.due(&"t", Standing::Passing, None, None, start);
+        let first_ready = start + SETTLE * 5;
+        // …then Ready on one node of the three that should serve it: it waits from now.
+        let due = coalescer.due(&"t", Standing::Partial, None, None, first_ready);
+        assert_eq!(due, When::At(first_ready + SETTLE));
+        let later = first_ready + Duration::from_secs(1);
+        let due = coalescer.due(&"t", Standing::Partial, None, None, later);
+        assert_eq!(
+            due,
+            When::At(first_ready + SETTLE),
+            "the wait does not restart"
+        );
+        // Every node reported: Ready goes out at once.
+        assert_eq!(
+            coalescer.due(&"t", Standing::Ready, None, None, later),
+            When::Now
+        );
+        // A node that never reports holds it back for the settle time, no longer.
+        let mut coalescer = Coalescer::new(SETTLE);
+        coalescer.due(&"u", Standing::Partial, None, None, start);
+        assert_eq!(
+            coalescer.due(&"u", Standing::Partial, None, None, start + SETTLE),
+            When::Now
+        );
+        // With no settle time, nothing waits.
+        let mut coalescer = Coalescer::new(Duration::ZERO);
+        assert_eq!(
+            coalescer.due(&"v", Standing::Partial, None, None, start),
+            When::Now
+        );
     }
 
     #[test]

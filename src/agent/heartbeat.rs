@@ -1,6 +1,9 @@
 //! Heartbeats: every agent renews a Lease of its own node, as kubelets do, so that the lease
-//! holder can tell a node whose agent stopped from one that merely has nothing to say.
+//! holder can tell a node whose agent stopped from one that merely has nothing to say. The Lease
+//! also carries the node's labels as the agent last saw them, for the lease holder to know which
+//! nodes should serve what (`expected`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -11,6 +14,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use super::expected::LABELS_ANNOTATION;
 use super::stores::HEARTBEAT_LABEL;
 
 /// The hashed node name used in the Lease's name and label (Lease names are DNS labels; node
@@ -23,21 +27,23 @@ pub fn lease_name(node: &str) -> String {
     format!("discus-node-{}", node_hash(node))
 }
 
-/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`. A
-/// renewal without an answer within half of `valid_for` is given up and tried again: one
-/// answer lost on the way must not make the lease holder think the node is gone.
+/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`, with
+/// the node's `labels` once known. A renewal without an answer within half of `valid_for` is
+/// given up and tried again: one answer lost on the way must not make the lease holder think the
+/// node is gone.
 pub async fn run(
     client: Client,
     namespace: String,
     node: String,
     every: Duration,
     valid_for: Duration,
+    labels: impl Fn() -> Option<BTreeMap<String, String>>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let name = lease_name(&node);
     let params = PatchParams::apply("discus-heartbeat").force();
     loop {
-        let body = json!({
+        let mut body = json!({
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {
@@ -50,6 +56,10 @@ pub async fn run(
                 "renewTime": MicroTime(Timestamp::now()),
             },
         });
+        // Unknown (the Node not listed yet): left out, which drops what an earlier renewal said.
+        if let Some(labels) = labels().and_then(|l| serde_json::to_string(&l).ok()) {
+            body["metadata"]["annotations"] = json!({LABELS_ANNOTATION: labels});
+        }
         let patch = Patch::Apply(&body);
         let renewal = api.patch(&name, &params, &patch);
         match tokio::time::timeout(valid_for / 2, renewal).await {

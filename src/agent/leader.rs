@@ -18,13 +18,16 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::api::initiator_access::HeartbeatStatus;
+use crate::api::disc_image::{DiscImageNodeStatus, DiscImageStatus};
+use crate::api::initiator_access::{AccessNodeStatus, HeartbeatStatus, InitiatorAccessStatus};
+use crate::api::iscsi_target::{IscsiTargetStatus, TargetNodeStatus};
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
 
 use super::apply_status;
 use super::coalesce::{Coalescer, Standing, When, earliest};
+use super::expected::Expected;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::{InFlight, field_manager};
@@ -383,20 +386,26 @@ impl Aggregator {
         // Every target's and grant's spec validated once, for their IQNs and expiries.
         let (targets, grants): (Vec<_>, Vec<_>) =
             (stores.targets().collect(), stores.grants().collect());
+        let images: Vec<_> = stores.images().collect();
         let no_secrets = BTreeMap::new();
         let snapshot = Snapshot::new(
-            [],
+            images.iter().filter_map(|i| i.0.as_ref().ok()),
             targets.iter().filter_map(|t| t.0.as_ref().ok()),
             grants.iter().filter_map(|g| g.0.as_ref().ok()),
             &no_secrets,
         );
+        let heartbeats = stores.heartbeats();
+        let expected = Expected::new(
+            heartbeats.iter().map(|l| l.as_ref()),
+            |node| live(node) == Liveness::Live,
+            &snapshot,
+        );
         let (mut writes, mut held_until) = plan_kind(
             Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer),
-            stores.images(),
+            images.iter().cloned(),
             &mut nodes,
             &live,
-            |image: &DiscImage| image.status.clone().unwrap_or_default(),
-            |status| status.nodes.clone(),
+            |image: &DiscImage| expected.image(&object_key(image.meta())),
             |image, entries, status| status::image_status(image, entries, Some(status), now),
         );
         let (more, held) = plan_kind(
@@ -404,8 +413,7 @@ impl Aggregator {
             targets.iter().cloned(),
             &mut nodes,
             &live,
-            |target: &IscsiTarget| target.status.clone().unwrap_or_default(),
-            |status| status.nodes.clone(),
+            |target: &IscsiTarget| expected.target(&snapshot, &object_key(target.meta())),
             |target, entries, status| {
                 let iqn = snapshot.target_iqn(&object_key(target.meta()), &self.iqn_authority);
                 status::target_status(target, entries, iqn, Some(status), now)
@@ -418,8 +426,7 @@ impl Aggregator {
             grants.iter().cloned(),
             &mut nodes,
             &live,
-            |grant: &InitiatorAccess| grant.status.clone().unwrap_or_default(),
-            |status| status.nodes.clone(),
+            |grant: &InitiatorAccess| expected.grant(&snapshot, &object_key(grant.meta())),
             |grant, entries, status| {
                 let key = object_key(grant.meta());
                 let expired = snapshot.expired(&key, now);
@@ -472,37 +479,62 @@ impl Aggregator {
 }
 
 /// One kind's writes: for each well-formed object, its lost nodes' entries marked, gone nodes'
-/// entries dropped, and its top-level status (from `top`) when that changed; a malformed object
-/// is marked Stalled. Every node with an entry goes to `nodes`.
-fn plan_kind<K, S, E>(
+/// entries dropped, and its top-level status (from `top`) when that changed — a Ready waiting a
+/// moment for the nodes `expected` says should report and have not; a malformed object is
+/// marked Stalled. Every node with an entry goes to `nodes`.
+fn plan_kind<K: Reported>(
     mut writes: Writes<'_>,
     objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
     nodes: &mut BTreeSet<String>,
     live: &dyn Fn(&str) -> Liveness,
-    status_of: impl Fn(&K) -> S,
-    entries_of: impl Fn(&S) -> Vec<E>,
-    mut top: impl FnMut(&K, Vec<E>, &S) -> S,
-) -> (Vec<Write>, Option<Instant>)
-where
-    K: Resource<DynamicType = ()>,
-    S: Serialize,
-    E: NodeEntry + Serialize,
-{
+    expected: impl Fn(&K) -> BTreeSet<String>,
+    mut top: impl FnMut(&K, Vec<K::Entry>, &K::Status) -> K::Status,
+) -> (Vec<Write>, Option<Instant>) {
     for guarded in objects {
         match &guarded.0 {
             Ok(object) => {
-                let status = status_of(object);
-                let entries = entries_of(&status);
+                let status = object.current_status();
+                let entries = K::entries(&status);
                 nodes.extend(entries.iter().map(|e| e.node().to_owned()));
                 let entries = judge(&mut writes, object.meta(), entries, live);
+                let unreported =
+                    (expected(object).iter()).any(|node| !entries.iter().any(|e| e.node() == node));
                 let wanted = top(object, entries, &status);
-                top_level_write(&mut writes, object.meta(), &wanted, &status);
+                top_level_write(&mut writes, object.meta(), &wanted, &status, unreported);
             }
             Err(invalid) => invalid_write(&mut writes, invalid),
         }
     }
     (writes.writes, writes.held_until)
 }
+
+/// A kind whose status holds an entry from each node and a top level the lease holder writes.
+trait Reported: Resource<DynamicType = ()> {
+    type Status: Serialize;
+    type Entry: NodeEntry + Serialize;
+    fn current_status(&self) -> Self::Status;
+    fn entries(status: &Self::Status) -> Vec<Self::Entry>;
+}
+
+/// `Reported` for a kind whose `status` has a `nodes` list.
+macro_rules! reported {
+    ($kind:ty, $status:ty, $entry:ty) => {
+        impl Reported for $kind {
+            type Status = $status;
+            type Entry = $entry;
+            fn current_status(&self) -> $status {
+                self.status.clone().unwrap_or_default()
+            }
+            fn entries(status: &$status) -> Vec<$entry> {
+                status.nodes.clone()
+            }
+        }
+    };
+}
+
+reported!(DiscImage, DiscImageStatus, DiscImageNodeStatus);
+reported!(IscsiTarget, IscsiTargetStatus, TargetNodeStatus);
+reported!(InitiatorAccess, InitiatorAccessStatus, AccessNodeStatus);
 
 /// The entries to aggregate: a live node's as it wrote it, a lost node's marked (in the object
 /// too, as that node's manager), a gone node's removed.
@@ -538,12 +570,14 @@ fn judge<E: NodeEntry + Serialize>(
     kept
 }
 
-/// The top-level status, written when it differs from the object's.
+/// The top-level status, written when it differs from the object's; `unreported`: a node that
+/// should serve the object has no entry in it yet.
 fn top_level_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
     wanted: &S,
     current: &S,
+    unreported: bool,
 ) {
     let key = object_key(meta);
     let (wanted, current) = (top_level(wanted), top_level(current));
@@ -556,9 +590,10 @@ fn top_level_write<S: Serialize>(
             current.get("observedGeneration"),
             wanted.get("observedGeneration"),
         );
-        let standing = match generations {
-            (Some(seen), Some(now)) if seen != now => Standing::Final,
-            _ => top_level_standing(&wanted),
+        let standing = match (generations, top_level_standing(&wanted)) {
+            ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
+            (_, Standing::Ready) if unreported => Standing::Partial,
+            (_, standing) => standing,
         };
         let now = (current.get("conditions")).map(|_| top_level_standing(&current));
         writes.push_when(&key, MANAGER.to_owned(), Some(wanted), standing, now);
@@ -651,7 +686,13 @@ mod tests {
             (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
-        top_level_write(&mut writes, &meta, &status(2, "False"), &status(1, "True"));
+        top_level_write(
+            &mut writes,
+            &meta,
+            &status(2, "False"),
+            &status(1, "True"),
+            false,
+        );
         assert_eq!(
             writes.writes.len(),
             1,
@@ -659,7 +700,27 @@ mod tests {
         );
         // A new object, not Ready yet: its first status waits for the next state.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}));
+        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}), false);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
+    }
+
+    #[test]
+    fn a_ready_waits_for_the_nodes_that_should_serve_and_have_not_reported() {
+        let meta = ObjectMeta {
+            name: Some("t".to_owned()),
+            namespace: Some("lab".to_owned()),
+            ..ObjectMeta::default()
+        };
+        let ready = json!({"observedGeneration": 1,
+                           "conditions": [{"type": "Ready", "status": "True"}]});
+        let (mut in_flight, mut coalescer) =
+            (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        top_level_write(&mut writes, &meta, &ready, &json!({}), true);
+        assert!(writes.writes.is_empty() && writes.held_until.is_some());
+        // Every node that should serve it reported: at once.
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        top_level_write(&mut writes, &meta, &ready, &json!({}), false);
+        assert_eq!(writes.writes.len(), 1);
     }
 }

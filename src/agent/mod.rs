@@ -6,6 +6,7 @@
 mod coalesce;
 mod connection;
 mod events;
+mod expected;
 mod generated_secrets;
 mod heartbeat;
 mod holds;
@@ -142,12 +143,14 @@ impl NodeLoop for AgentLoop {
                 Arc::clone(keys),
             ));
         }
+        let node_stores = Arc::clone(&stores);
         tokio::spawn(heartbeat::run(
             client.clone(),
             options.lease_namespace.clone(),
             node.clone(),
             options.heartbeat,
             options.node_lost_after,
+            move || node_stores.node_facts().map(|facts| facts.labels),
         ));
         tracing::info!(%node, backend = syncer.backend().name(), "waiting for every watch to list");
         let metrics = Arc::clone(syncer.metrics());

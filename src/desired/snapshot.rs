@@ -64,17 +64,23 @@ impl<'a> Snapshot<'a> {
         }
     }
 
+    pub fn target(&self, key: &ObjectKey) -> Option<&Checked<'a, IscsiTarget, ValidTarget>> {
+        self.targets.get(*self.target_index.get(key)?)
+    }
+
+    pub fn grant(&self, key: &ObjectKey) -> Option<&Checked<'a, InitiatorAccess, ValidGrant>> {
+        self.grants.get(*self.grant_index.get(key)?)
+    }
+
     /// The IQN a valid target is served under: `spec.iqn`, or `<authority>:<namespace>.<name>`.
     pub fn target_iqn(&self, target: &ObjectKey, authority: &str) -> Option<String> {
-        let checked = self.targets.get(*self.target_index.get(target)?)?;
-        let valid = checked.valid.as_ref().ok()?;
+        let valid = self.target(target)?.valid.as_ref().ok()?;
         super::targets::effective_iqn(valid, target, authority).ok()
     }
 
     /// When a grant's access ends: its valid `expiresAt`, if any.
     pub fn expires_at(&self, grant: &ObjectKey) -> Option<Timestamp> {
-        let checked = self.grants.get(*self.grant_index.get(grant)?)?;
-        checked.valid.as_ref().ok()?.expires_at
+        self.grant(grant)?.valid.as_ref().ok()?.expires_at
     }
 
     /// Whether a grant is past its `expiresAt` at `now`.
