@@ -815,8 +815,7 @@ impl Agent {
             .collect()
     }
 
-    /// The host PID of the agent itself, not of the nsenter in front of it.
-    /// The agent's process: nsenter's child, or under heaptrack, that script's child.
+    /// The host PID of the agent itself: nsenter's child, or under heaptrack, that script's.
     fn pid(&self) -> u32 {
         let nsenter = self.process.id();
         let child = (children(nsenter).into_iter().next()).expect("the agent runs under nsenter");

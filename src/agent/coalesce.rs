@@ -10,7 +10,9 @@
 //! conditions of a new generation. The price: a new object has no status at all until it is
 //! Ready or its first state has lasted that moment (kstatus reads that as Current; docs/agent.md
 //! says so). One exception to "Ready at once": a Ready that some node which should serve the
-//! object has not reported on yet (`expected`) waits that moment for it — nodes report the
+//! object has not reported on yet (`expected`) waits that moment for it (for a new object, up to
+//! twice that moment without any status: kstatus reads that as Current, as it reads the Ready
+//! the wait holds back) — nodes report the
 //! same burst of objects within a second or so of each other, and writing Ready with the first
 //! node and the others' details after cost the lease holder a second write of most objects.
 
@@ -89,6 +91,8 @@ impl<K: Eq + Hash + Clone> Coalescer<K> {
             Standing::Passing => !current_ready,
             // Ready still, with other details (one node more, a session).
             Standing::Ready => current_ready,
+            // Waits for the nodes from its own start, even for an object without any status:
+            // kstatus reads none as Current, just as it reads the Ready this would write.
             Standing::Partial => {
                 since = *self.partial.entry(key.clone()).or_insert(now);
                 true
@@ -189,52 +193,59 @@ mod tests {
     fn a_ready_some_node_has_not_reported_on_waits_for_it_from_its_own_start() {
         let mut coalescer = Coalescer::new(SETTLE);
         let start = Instant::now();
+        let passing = Some(Standing::Passing);
+        let due = |c: &mut Coalescer<&str>, key, wanted, current, at| {
+            c.due(&key, wanted, current, None, at)
+        };
         // On its way for long (its wait ran out long ago, the write was not made yet)…
-        coalescer.due(&"t", Standing::Passing, None, None, start);
+        due(&mut coalescer, "t", Standing::Passing, passing, start);
         let first_ready = start + SETTLE * 5;
         // …then Ready on one node of the three that should serve it: it waits from now.
-        let due = coalescer.due(&"t", Standing::Partial, None, None, first_ready);
-        assert_eq!(due, When::At(first_ready + SETTLE));
+        let when = due(&mut coalescer, "t", Standing::Partial, passing, first_ready);
+        assert_eq!(when, When::At(first_ready + SETTLE));
         let later = first_ready + Duration::from_secs(1);
-        let due = coalescer.due(&"t", Standing::Partial, None, None, later);
+        let when = due(&mut coalescer, "t", Standing::Partial, passing, later);
         assert_eq!(
-            due,
+            when,
             When::At(first_ready + SETTLE),
             "the wait does not restart"
         );
         // Every node reported: Ready goes out at once.
-        assert_eq!(
-            coalescer.due(&"t", Standing::Ready, None, None, later),
-            When::Now
-        );
+        let when = due(&mut coalescer, "t", Standing::Ready, passing, later);
+        assert_eq!(when, When::Now);
+        // So does an object without any status (kstatus reads none as Current, as it reads the
+        // Ready this holds back).
+        due(&mut coalescer, "new", Standing::Passing, None, start);
+        let first_ready = start + SETTLE * 3 / 4;
+        let when = due(&mut coalescer, "new", Standing::Partial, None, first_ready);
+        assert_eq!(when, When::At(first_ready + SETTLE));
         // A node that never reports holds it back for the settle time, no longer.
-        let mut coalescer = Coalescer::new(SETTLE);
-        coalescer.due(&"u", Standing::Partial, None, None, start);
-        assert_eq!(
-            coalescer.due(&"u", Standing::Partial, None, None, start + SETTLE),
-            When::Now
+        due(&mut coalescer, "u", Standing::Partial, passing, start);
+        let when = due(
+            &mut coalescer,
+            "u",
+            Standing::Partial,
+            passing,
+            start + SETTLE,
         );
+        assert_eq!(when, When::Now);
         // With no settle time, nothing waits.
         let mut coalescer = Coalescer::new(Duration::ZERO);
-        assert_eq!(
-            coalescer.due(&"v", Standing::Partial, None, None, start),
-            When::Now
-        );
+        let when = due(&mut coalescer, "v", Standing::Partial, passing, start);
+        assert_eq!(when, When::Now);
     }
 
     #[test]
     fn a_ready_written_and_not_yet_in_the_store_counts() {
         let mut coalescer = Coalescer::new(SETTLE);
         let now = Instant::now();
-        // The store still shows the progress before it; losing that Ready goes out at once.
-        let due = coalescer.due(
-            &"t",
-            Standing::Passing,
-            Some(Standing::Passing),
-            Some(Standing::Ready),
-            now,
-        );
-        assert_eq!(due, When::Now);
+        // The store still shows the progress before it; losing that Ready goes out at once, and
+        // so does losing a Ready written while a node had not reported.
+        for written in [Standing::Ready, Standing::Partial] {
+            let current = Some(Standing::Passing);
+            let due = coalescer.due(&"t", Standing::Passing, current, Some(written), now);
+            assert_eq!(due, When::Now, "{written:?}");
+        }
     }
 
     #[test]

@@ -3,12 +3,14 @@
 //! object's `nodeSelector` matches. The lease holder uses it for one thing: a Ready that some of
 //! those nodes have not reported on yet waits a moment for them (see `coalesce`), so that the
 //! object's status is written once with every node in it rather than once per node. What a
-//! status says never depends on it: stale labels, or an agent too old to send them, only change
-//! when a write goes out, by the settle time at most.
+//! status says never depends on it: stale labels, an agent too old to send them, or a node that
+//! will not serve after all (a target that lost its IQN to an older one, an agent watching other
+//! namespaces) only change when a write goes out, by the settle time at most.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::core::SelectorExt;
 
 use crate::api::iscsi_target::ValidTarget;
@@ -29,50 +31,24 @@ pub struct Expected {
 }
 
 impl Expected {
-    /// From the heartbeat Leases of the nodes `live` says are live; a Lease without readable
-    /// labels adds no node (nothing waits for it).
+    /// From the heartbeat Leases of the nodes `live` says are live, renewed within their own
+    /// validity by `now` (after a lease holder starts, every node counts as live for a while,
+    /// and nodes long gone would be waited for); a Lease without readable labels adds no node.
     pub fn new<'a>(
         heartbeats: impl IntoIterator<Item = &'a Lease>,
         live: impl Fn(&str) -> bool,
         snapshot: &Snapshot<'_>,
+        now: Timestamp,
     ) -> Self {
-        let nodes: Vec<(String, Labels)> = heartbeats
-            .into_iter()
-            .filter_map(|lease| {
-                let node = lease.spec.as_ref()?.holder_identity.clone()?;
-                let labels = lease
-                    .metadata
-                    .annotations
-                    .as_ref()?
-                    .get(LABELS_ANNOTATION)?;
-                Some((node, serde_json::from_str(labels).ok()?))
-            })
+        let nodes: Vec<(String, Labels)> = (heartbeats.into_iter())
+            .filter_map(|lease| labelled_node(lease, now))
             .filter(|(node, _)| live(node))
             .collect();
-        let mut images: BTreeMap<ObjectKey, BTreeSet<String>> = BTreeMap::new();
-        for (node, labels) in &nodes {
-            for image in &snapshot.images {
-                let Ok(valid) = &image.valid else { continue };
-                if (valid.node_selector.as_ref()).is_some_and(|s| s.matches(labels)) {
-                    images
-                        .entry(image.key.clone())
-                        .or_default()
-                        .insert(node.clone());
-                }
-            }
-            for target in &snapshot.targets {
-                let Ok(valid) = &target.valid else { continue };
-                if selects(valid, labels) {
-                    for lun in &valid.luns {
-                        let image = target.key.sibling(&lun.image);
-                        images.entry(image).or_default().insert(node.clone());
-                    }
-                }
-            }
-        }
+        let images = image_nodes(&nodes, snapshot);
         Self { nodes, images }
     }
 
+    /// The nodes that need a DiscImage.
     pub fn image(&self, key: &ObjectKey) -> BTreeSet<String> {
         self.images.get(key).cloned().unwrap_or_default()
     }
@@ -97,6 +73,50 @@ impl Expected {
     }
 }
 
+/// A heartbeat's node and labels, unless it has none readable or lapsed by `now`.
+fn labelled_node(lease: &Lease, now: Timestamp) -> Option<(String, Labels)> {
+    let spec = lease.spec.as_ref()?;
+    let valid_for = SignedDuration::from_secs(spec.lease_duration_seconds?.into());
+    if spec.renew_time.as_ref()?.0 + valid_for < now {
+        return None;
+    }
+    let labels = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LABELS_ANNOTATION)?;
+    Some((
+        spec.holder_identity.clone()?,
+        serde_json::from_str(labels).ok()?,
+    ))
+}
+
+/// By DiscImage: the nodes its `nodeSelector` selects and those of the targets using it.
+fn image_nodes(
+    nodes: &[(String, Labels)],
+    snapshot: &Snapshot<'_>,
+) -> BTreeMap<ObjectKey, BTreeSet<String>> {
+    let mut images: BTreeMap<ObjectKey, BTreeSet<String>> = BTreeMap::new();
+    for (node, labels) in nodes {
+        let mut need = |image: ObjectKey| images.entry(image).or_default().insert(node.clone());
+        for image in &snapshot.images {
+            let Ok(valid) = &image.valid else { continue };
+            if (valid.node_selector.as_ref()).is_some_and(|s| s.matches(labels)) {
+                need(image.key.clone());
+            }
+        }
+        for target in &snapshot.targets {
+            let Ok(valid) = &target.valid else { continue };
+            if selects(valid, labels) {
+                for lun in &valid.luns {
+                    need(target.key.sibling(&lun.image));
+                }
+            }
+        }
+    }
+    images
+}
+
 fn selects(target: &ValidTarget, labels: &Labels) -> bool {
     (target.node_selector.as_ref()).is_none_or(|selector| selector.matches(labels))
 }
@@ -106,14 +126,16 @@ mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::coordination::v1::LeaseSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
     use serde_json::{Value, json};
 
     use super::*;
     use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 
-    fn heartbeat(node: &str, labels: Option<&str>) -> Lease {
+    const NOW: Timestamp = Timestamp::constant(1_800_000_000, 0);
+
+    /// A heartbeat renewed `ago` seconds before `NOW`, valid for 40.
+    fn heartbeat(node: &str, labels: Option<&str>, ago: i64) -> Lease {
         Lease {
             metadata: ObjectMeta {
                 annotations: labels
@@ -122,6 +144,8 @@ mod tests {
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(node.to_owned()),
+                lease_duration_seconds: Some(40),
+                renew_time: Some(MicroTime(NOW - SignedDuration::from_secs(ago))),
                 ..LeaseSpec::default()
             }),
         }
@@ -145,15 +169,19 @@ mod tests {
             }
             parse::<DiscImage>("DiscImage", name, spec)
         };
+        let rack_b = json!({"matchLabels": {"rack": "b"}});
         let images = vec![
             image("disc", None),
-            image("spare", Some(json!({"matchLabels": {"rack": "b"}}))),
+            image("spare", Some(rack_b.clone())),
+            image("both", Some(rack_b)),
         ];
-        let targets: Vec<IscsiTarget> = vec![parse(
-            "IscsiTarget",
-            "t",
-            json!({"luns": [{"lun": 0, "image": "disc"}], "nodeSelector": {"matchLabels": {"rack": "a"}}}),
-        )];
+        let target = |name: &str, image: &str| -> IscsiTarget {
+            let spec = json!({"luns": [{"lun": 0, "image": image}],
+                              "nodeSelector": {"matchLabels": {"rack": "a"}}});
+            parse("IscsiTarget", name, spec)
+        };
+        // `both` is prefetched on rack b and served from rack a.
+        let targets = vec![target("t", "disc"), target("u", "both")];
         let grants: Vec<InitiatorAccess> = vec![parse(
             "InitiatorAccess",
             "g",
@@ -161,23 +189,27 @@ mod tests {
         )];
         let secrets = BTreeMap::new();
         let snapshot = Snapshot::new(&images, &targets, &grants, &secrets);
+        let rack_a = Some(r#"{"rack":"a"}"#);
         let leases = [
-            heartbeat("a1", Some(r#"{"rack":"a"}"#)),
-            heartbeat("a2", Some(r#"{"rack":"a"}"#)),
-            heartbeat("b1", Some(r#"{"rack":"b"}"#)),
+            heartbeat("a1", rack_a, 0),
+            heartbeat("a2", rack_a, 39),
+            heartbeat("b1", Some(r#"{"rack":"b"}"#), 5),
             // Lost: expected by nobody.
-            heartbeat("a3", Some(r#"{"rack":"a"}"#)),
+            heartbeat("a3", rack_a, 1),
+            // Not renewed within its validity (a holder that just started still calls it live).
+            heartbeat("a4", rack_a, 41),
             // Without labels, or with unreadable ones: nothing waits for it.
-            heartbeat("old", None),
-            heartbeat("odd", Some("rack=a")),
+            heartbeat("old", None, 1),
+            heartbeat("odd", Some("rack=a"), 1),
         ];
-        let expected = Expected::new(&leases, |node| node != "a3", &snapshot);
+        let expected = Expected::new(&leases, |node| node != "a3", &snapshot, NOW);
         let key = |name: &str| ObjectKey::new("lab", name);
         let set = |nodes: &[&str]| nodes.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
         assert_eq!(expected.target(&snapshot, &key("t")), set(&["a1", "a2"]));
         assert_eq!(expected.grant(&snapshot, &key("g")), set(&["a1", "a2"]));
         assert_eq!(expected.image(&key("disc")), set(&["a1", "a2"]));
         assert_eq!(expected.image(&key("spare")), set(&["b1"]));
+        assert_eq!(expected.image(&key("both")), set(&["a1", "a2", "b1"]));
         assert_eq!(expected.target(&snapshot, &key("none")), set(&[]));
     }
 }

@@ -23,6 +23,10 @@ pub fn node_hash(node: &str) -> String {
     hex::encode(Sha256::digest(node.as_bytes()))[..16].to_owned()
 }
 
+/// The most bytes of labels a heartbeat carries: far below the apiserver's limit on annotations
+/// (256 KiB), so that no label set can make a renewal fail; every renewal goes to every agent.
+const LABELS_AT_MOST: usize = 16 * 1024;
+
 pub fn lease_name(node: &str) -> String {
     format!("discus-node-{}", node_hash(node))
 }
@@ -56,8 +60,10 @@ pub async fn run(
                 "renewTime": MicroTime(Timestamp::now()),
             },
         });
-        // Unknown (the Node not listed yet): left out, which drops what an earlier renewal said.
-        if let Some(labels) = labels().and_then(|l| serde_json::to_string(&l).ok()) {
+        // Unknown (the Node not listed yet) or too many to send with every renewal: left out,
+        // which drops what an earlier renewal said (the lease holder then waits for nothing).
+        let labels = labels().and_then(|l| serde_json::to_string(&l).ok());
+        if let Some(labels) = labels.filter(|l| l.len() <= LABELS_AT_MOST) {
             body["metadata"]["annotations"] = json!({LABELS_ANNOTATION: labels});
         }
         let patch = Patch::Apply(&body);

@@ -2,7 +2,7 @@
 //! top-level `observedGeneration` and conditions, merged from every node's entry — under a field
 //! manager of its own, and only when it changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -178,6 +178,8 @@ struct Writes<'a> {
     writes: Vec<Write>,
     /// When the earliest write held back falls due.
     held_until: Option<Instant>,
+    /// Every node with an entry in an object gone over.
+    nodes: BTreeSet<String>,
     now: Instant,
 }
 
@@ -193,6 +195,7 @@ impl<'a> Writes<'a> {
             coalescer,
             writes: Vec::new(),
             held_until: None,
+            nodes: BTreeSet::new(),
             now: Instant::now(),
         }
     }
@@ -377,16 +380,18 @@ impl Aggregator {
     /// The writes due now, and how long until something changes by itself.
     fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Option<Duration>) {
         let clock = Instant::now();
+        let heartbeats = stores.heartbeats();
         let mut liveness = self.liveness.lock();
-        liveness.observe(stores.heartbeats().iter().map(|l| l.as_ref()), clock);
+        liveness.observe(heartbeats.iter().map(|l| l.as_ref()), clock);
         let live = |node: &str| liveness.of(node, clock);
-        let mut in_flight = self.in_flight.lock();
-        let mut coalescer = self.coalescer.lock();
-        let mut nodes: BTreeSet<String> = BTreeSet::new();
-        // Every target's and grant's spec validated once, for their IQNs and expiries.
-        let (targets, grants): (Vec<_>, Vec<_>) =
-            (stores.targets().collect(), stores.grants().collect());
-        let images: Vec<_> = stores.images().collect();
+        let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
+        let mut writes = Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer);
+        // Every spec validated once, for IQNs, expiries and the nodes that should serve it.
+        let (images, targets, grants): (Vec<_>, Vec<_>, Vec<_>) = (
+            stores.images().collect(),
+            stores.targets().collect(),
+            stores.grants().collect(),
+        );
         let no_secrets = BTreeMap::new();
         let snapshot = Snapshot::new(
             images.iter().filter_map(|i| i.0.as_ref().ok()),
@@ -394,24 +399,20 @@ impl Aggregator {
             grants.iter().filter_map(|g| g.0.as_ref().ok()),
             &no_secrets,
         );
-        let heartbeats = stores.heartbeats();
-        let expected = Expected::new(
-            heartbeats.iter().map(|l| l.as_ref()),
-            |node| live(node) == Liveness::Live,
-            &snapshot,
-        );
-        let (mut writes, mut held_until) = plan_kind(
-            Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer),
+        let is_live = |node: &str| live(node) == Liveness::Live;
+        let leases = heartbeats.iter().map(|l| l.as_ref());
+        let expected = Expected::new(leases, is_live, &snapshot, now);
+        plan_kind(
+            &mut writes,
             images.iter().cloned(),
-            &mut nodes,
             &live,
             |image: &DiscImage| expected.image(&object_key(image.meta())),
             |image, entries, status| status::image_status(image, entries, Some(status), now),
         );
-        let (more, held) = plan_kind(
-            Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer),
+        writes.kind = Kind::IscsiTarget;
+        plan_kind(
+            &mut writes,
             targets.iter().cloned(),
-            &mut nodes,
             &live,
             |target: &IscsiTarget| expected.target(&snapshot, &object_key(target.meta())),
             |target, entries, status| {
@@ -419,29 +420,20 @@ impl Aggregator {
                 status::target_status(target, entries, iqn, Some(status), now)
             },
         );
-        writes.extend(more);
-        held_until = earliest(held_until, held);
-        let (more, held) = plan_kind(
-            Writes::new(Kind::InitiatorAccess, &mut in_flight, &mut coalescer),
+        writes.kind = Kind::InitiatorAccess;
+        plan_kind(
+            &mut writes,
             grants.iter().cloned(),
-            &mut nodes,
             &live,
             |grant: &InitiatorAccess| expected.grant(&snapshot, &object_key(grant.meta())),
-            |grant, entries, status| {
-                let key = object_key(grant.meta());
-                let expired = snapshot.expired(&key, now);
-                let heartbeat = grant.spec.heartbeat.as_ref().map(|_| {
-                    let renewal = stores.renewal(&key);
-                    HeartbeatStatus {
-                        holder: renewal.as_ref().and_then(|r| r.holder.clone()),
-                        renew_time: (renewal.and_then(|r| r.renewed)).map(|t| t.to_string()),
-                    }
-                });
-                status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
-            },
+            |grant, entries, status| grant_status(stores, &snapshot, grant, entries, status, now),
         );
-        writes.extend(more);
-        held_until = earliest(held_until, held);
+        let Writes {
+            writes,
+            held_until,
+            nodes,
+            ..
+        } = writes;
         coalescer.forget_stale(clock);
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
@@ -478,34 +470,55 @@ impl Aggregator {
     }
 }
 
+/// A grant's top-level status: merged from its entries, with its expiry and its Lease's holder.
+fn grant_status(
+    stores: &Stores,
+    snapshot: &Snapshot<'_>,
+    grant: &InitiatorAccess,
+    entries: Vec<AccessNodeStatus>,
+    status: &InitiatorAccessStatus,
+    now: Timestamp,
+) -> InitiatorAccessStatus {
+    let key = object_key(grant.meta());
+    let expired = snapshot.expired(&key, now);
+    let heartbeat = grant.spec.heartbeat.as_ref().map(|_| {
+        let renewal = stores.renewal(&key);
+        HeartbeatStatus {
+            holder: renewal.as_ref().and_then(|r| r.holder.clone()),
+            renew_time: (renewal.and_then(|r| r.renewed)).map(|t| t.to_string()),
+        }
+    });
+    status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
+}
+
 /// One kind's writes: for each well-formed object, its lost nodes' entries marked, gone nodes'
 /// entries dropped, and its top-level status (from `top`) when that changed — a Ready waiting a
 /// moment for the nodes `expected` says should report and have not; a malformed object is
-/// marked Stalled. Every node with an entry goes to `nodes`.
+/// marked Stalled. Every node with an entry goes to `writes.nodes`.
 fn plan_kind<K: Reported>(
-    mut writes: Writes<'_>,
+    writes: &mut Writes<'_>,
     objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
-    nodes: &mut BTreeSet<String>,
     live: &dyn Fn(&str) -> Liveness,
     expected: impl Fn(&K) -> BTreeSet<String>,
     mut top: impl FnMut(&K, Vec<K::Entry>, &K::Status) -> K::Status,
-) -> (Vec<Write>, Option<Instant>) {
+) {
     for guarded in objects {
         match &guarded.0 {
             Ok(object) => {
                 let status = object.current_status();
                 let entries = K::entries(&status);
-                nodes.extend(entries.iter().map(|e| e.node().to_owned()));
-                let entries = judge(&mut writes, object.meta(), entries, live);
-                let unreported =
-                    (expected(object).iter()).any(|node| !entries.iter().any(|e| e.node() == node));
+                (writes.nodes).extend(entries.iter().map(|e| e.node().to_owned()));
+                let entries = judge(writes, object.meta(), entries, live);
+                let reported: HashSet<String> =
+                    entries.iter().map(|e| e.node().to_owned()).collect();
                 let wanted = top(object, entries, &status);
-                top_level_write(&mut writes, object.meta(), &wanted, &status, unreported);
+                // Asked only of a Ready about to be written.
+                let unreported = || expected(object).iter().any(|n| !reported.contains(n));
+                top_level_write(writes, object.meta(), &wanted, &status, &unreported);
             }
-            Err(invalid) => invalid_write(&mut writes, invalid),
+            Err(invalid) => invalid_write(writes, invalid),
         }
     }
-    (writes.writes, writes.held_until)
 }
 
 /// A kind whose status holds an entry from each node and a top level the lease holder writes.
@@ -570,14 +583,14 @@ fn judge<E: NodeEntry + Serialize>(
     kept
 }
 
-/// The top-level status, written when it differs from the object's; `unreported`: a node that
-/// should serve the object has no entry in it yet.
+/// The top-level status, written when it differs from the object's; `unreported`: whether a
+/// node that should serve the object has no entry in it yet.
 fn top_level_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
     wanted: &S,
     current: &S,
-    unreported: bool,
+    unreported: &dyn Fn() -> bool,
 ) {
     let key = object_key(meta);
     let (wanted, current) = (top_level(wanted), top_level(current));
@@ -592,7 +605,7 @@ fn top_level_write<S: Serialize>(
         );
         let standing = match (generations, top_level_standing(&wanted)) {
             ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
-            (_, Standing::Ready) if unreported => Standing::Partial,
+            (_, Standing::Ready) if unreported() => Standing::Partial,
             (_, standing) => standing,
         };
         let now = (current.get("conditions")).map(|_| top_level_standing(&current));
@@ -691,7 +704,7 @@ mod tests {
             &meta,
             &status(2, "False"),
             &status(1, "True"),
-            false,
+            &|| false,
         );
         assert_eq!(
             writes.writes.len(),
@@ -700,8 +713,53 @@ mod tests {
         );
         // A new object, not Ready yet: its first status waits for the next state.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}), false);
+        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}), &|| {
+            false
+        });
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
+    }
+
+    #[test]
+    fn a_kind_s_ready_waits_only_while_an_expected_live_node_has_no_entry() {
+        let target: IscsiTarget = serde_json::from_value(json!({
+            "apiVersion": "discus.dev/v1alpha1", "kind": "IscsiTarget",
+            "metadata": {"name": "t", "namespace": "lab", "generation": 1},
+            "spec": {"luns": [{"lun": 0, "image": "disc"}]},
+            "status": {"nodes": [{"node": "a", "ready": true}, {"node": "b", "ready": true},
+                                 {"node": "gone", "ready": true}]},
+        }))
+        .expect("a target");
+        let objects = [Arc::new(DeserializeGuard(Ok(target)))];
+        let live = |node: &str| match node {
+            "gone" => Liveness::Gone,
+            _ => Liveness::Live,
+        };
+        let plan = |expected: &[&str]| {
+            let (mut in_flight, mut coalescer) =
+                (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+            let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+            let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
+            plan_kind(
+                &mut writes,
+                objects.iter().cloned(),
+                &live,
+                |_| expected.clone(),
+                |target, entries, status| {
+                    let iqn = Some("iqn.2026-01.test.lab:t".to_owned());
+                    status::target_status(target, entries, iqn, Some(status), Timestamp::now())
+                },
+            );
+            let managers: Vec<String> = writes.writes.iter().map(|w| w.manager.clone()).collect();
+            (managers, writes.held_until.is_some())
+        };
+        let gone = field_manager("gone");
+        // Every node that should serve it reported (a gone node's entry is removed either way).
+        assert_eq!(
+            plan(&["a", "b"]),
+            (vec![gone.clone(), MANAGER.to_owned()], false)
+        );
+        // Node c should, and has not: Ready waits; the removal does not.
+        assert_eq!(plan(&["a", "b", "c"]), (vec![gone], true));
     }
 
     #[test]
@@ -716,11 +774,11 @@ mod tests {
         let (mut in_flight, mut coalescer) =
             (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &ready, &json!({}), true);
+        top_level_write(&mut writes, &meta, &ready, &json!({}), &|| true);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
         // Every node that should serve it reported: at once.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &ready, &json!({}), false);
+        top_level_write(&mut writes, &meta, &ready, &json!({}), &|| false);
         assert_eq!(writes.writes.len(), 1);
     }
 }
