@@ -216,9 +216,16 @@ fn truncate(mut note: String) -> String {
     note
 }
 
+/// A burst of more events than this is told through a recorder of its own, dropped after it:
+/// kube's recorder keeps every event it published for six minutes (to count repeats as a
+/// series), in a table that never shrinks — after a cold start of 3000 objects, 6 MB for good.
+const BURST_TOLD_APART: usize = 64;
+
 /// This node's recorder, and what it last observed.
 pub struct NodeEvents {
     recorder: Recorder,
+    client: kube::Client,
+    reporter: Reporter,
     node: String,
     last: parking_lot::Mutex<Option<Observed>>,
     metrics: std::sync::Arc<Metrics>,
@@ -231,7 +238,9 @@ impl NodeEvents {
             instance: Some(node.to_owned()),
         };
         Self {
-            recorder: Recorder::new(client, reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            client,
+            reporter,
             node: node.to_owned(),
             last: parking_lot::Mutex::new(None),
             metrics,
@@ -249,9 +258,13 @@ impl NodeEvents {
             *last = Some(now);
             events
         };
+        let recorder = match events.len() > BURST_TOLD_APART {
+            true => &Recorder::new(self.client.clone(), self.reporter.clone()),
+            false => &self.recorder,
+        };
         futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
-                let published = super::bounded(self.recorder.publish(&event, &reference)).await;
+                let published = super::bounded(recorder.publish(&event, &reference)).await;
                 self.metrics.event_published(published.is_ok());
                 if let Err(error) = published {
                     tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");
