@@ -188,9 +188,15 @@ impl Stores {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         let r = &mut snapshot.resources;
-        r.images = valid(&self.images, &mut snapshot.invalid);
-        r.targets = valid(&self.targets, &mut snapshot.invalid);
-        r.grants = valid(&self.grants, &mut snapshot.invalid);
+        r.images = valid(&self.images, &mut snapshot.invalid, DiscImage::clone);
+        // A pass reads no target's status (images' and grants' tell where other nodes stand).
+        let spec_only = |t: &IscsiTarget| IscsiTarget {
+            metadata: t.metadata.clone(),
+            spec: t.spec.clone(),
+            status: None,
+        };
+        r.targets = valid(&self.targets, &mut snapshot.invalid, spec_only);
+        r.grants = valid(&self.grants, &mut snapshot.invalid, InitiatorAccess::clone);
         for store in &self.secrets {
             for secret in store.state() {
                 r.secrets.insert(
@@ -283,16 +289,18 @@ where
     }
 }
 
-/// The well-formed objects of some stores; the others go to `invalid`.
+/// The well-formed objects of some stores, copied as far as `copy` goes; the others go to
+/// `invalid`.
 fn valid<K: Resource<DynamicType = ()> + Clone>(
     stores: &[Store<DeserializeGuard<K>>],
     invalid: &mut Vec<(ObjectId, String)>,
+    copy: impl Fn(&K) -> K,
 ) -> Vec<K> {
     let mut objects = Vec::new();
     for store in stores {
         for guarded in store.state() {
             match &guarded.0 {
-                Ok(object) => objects.push(object.clone()),
+                Ok(object) => objects.push(copy(object)),
                 Err(error) => invalid.push((
                     ObjectId {
                         kind: K::kind(&()).into_owned(),
@@ -519,7 +527,7 @@ mod tests {
         writer.apply_watcher_event(&watcher::Event::Apply(good));
         writer.apply_watcher_event(&watcher::Event::Apply(bad));
         let mut invalid = Vec::new();
-        let images = valid(&[reader], &mut invalid);
+        let images = valid(&[reader], &mut invalid, DiscImage::clone);
         assert_eq!(images.len(), 1);
         assert_eq!(images[0].metadata.name.as_deref(), Some("good"));
         assert_eq!(invalid.len(), 1);

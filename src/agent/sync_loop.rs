@@ -78,11 +78,12 @@ impl<B: Backend + 'static> SyncLoop<'_, B> {
             };
             metrics.waiting(None);
             self.syncer.set_node_facts(facts);
-            let snapshot = self.stores.snapshot();
-            let report = self
-                .syncer
-                .sync(&snapshot.resources, Timestamp::now(), pass)
-                .await;
+            // A copy of every object: gone once the pass is, not kept while the loop waits.
+            let report = {
+                let snapshot = self.stores.snapshot();
+                let now = Timestamp::now();
+                self.syncer.sync(&snapshot.resources, now, pass).await
+            };
             resync.ran(pass);
             let next = report.next_pass(&resync);
             tracing::debug!(targets = report.desired.targets.len(), "sync pass done");
