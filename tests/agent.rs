@@ -328,7 +328,7 @@ impl Agent {
         // Quick liveness: a leader replaced within seconds; nodes judged lost after 20 s of
         // silence, not 4 — on two busy cores a loaded CI run once saw 4 s pass between two of a
         // live node's heartbeats, and the lease holder marked it lost in a test about something
-        // else. The test of lost nodes sets `LOST_NODES_QUICKLY` in `extra`.
+        // else. The test of lost nodes sets `LOST_NODES_QUICKLY` (8 s) in `extra`.
         let liveness = [
             ("--leader-lease-seconds", "3"),
             ("--heartbeat-seconds", "1"),
@@ -2069,9 +2069,9 @@ async fn lost_answers_from_the_apiserver_stall_nothing_and_access_still_ends() {
         .await;
 }
 
-/// Nodes judged lost after 4 s of silence and their entries removed 4 s later: for the test of
-/// lost nodes, whose agents are killed on purpose.
-const LOST_NODES_QUICKLY: [&str; 4] = ["--node-lost-seconds", "4", "--prune-seconds", "4"];
+/// Nodes judged lost after 8 s of silence and their entries removed 4 s later: for the test of
+/// lost nodes, whose agents are killed on purpose (its deadlines are 30 s and more).
+const LOST_NODES_QUICKLY: [&str; 4] = ["--node-lost-seconds", "8", "--prune-seconds", "4"];
 
 /// The agent's options in the API fault tests: watches renewed every 5 s (so that a watch that
 /// stalls shows soon), a full pass every 5 s, and nodes judged lost as in production (after

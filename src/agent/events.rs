@@ -100,7 +100,8 @@ impl Observed {
 }
 
 /// The object an event is about. No resourceVersion: the recorder groups repeats of an event
-/// about the same object into a series, and every status write changes the version.
+/// about the same object into a series (within its life: `EVENTS_PER_RECORDER`), and every
+/// status write changes the version.
 fn reference<K: Resource<DynamicType = ()>>(object: &K) -> ObjectReference {
     let meta = object.meta();
     ObjectReference {
@@ -216,14 +217,16 @@ fn truncate(mut note: String) -> String {
     note
 }
 
-/// A burst of more events than this is told through a recorder of its own, dropped after it:
-/// kube's recorder keeps every event it published for six minutes (to count repeats as a
-/// series), in a table that never shrinks — after a cold start of 3000 objects, 6 MB for good.
-const BURST_TOLD_APART: usize = 64;
+/// How many events a recorder tells before a fresh one takes its place: kube's recorder keeps
+/// every event it published for six minutes (to count repeats as a series) in a table that
+/// never shrinks and goes over all of it at every event — after a cold start of 3000 objects,
+/// 6 MB for good and a quadratic burst. Repeats are counted as a series within one recorder's
+/// life; the next starts new ones.
+const EVENTS_PER_RECORDER: usize = 256;
 
-/// This node's recorder, and what it last observed.
+/// This node's recorder (with how many events it told), and what it last observed.
 pub struct NodeEvents {
-    recorder: Recorder,
+    recorder: parking_lot::Mutex<(Recorder, usize)>,
     client: kube::Client,
     reporter: Reporter,
     node: String,
@@ -238,7 +241,7 @@ impl NodeEvents {
             instance: Some(node.to_owned()),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter.clone()),
+            recorder: parking_lot::Mutex::new((Recorder::new(client.clone(), reporter.clone()), 0)),
             client,
             reporter,
             node: node.to_owned(),
@@ -258,10 +261,7 @@ impl NodeEvents {
             *last = Some(now);
             events
         };
-        let recorder = match events.len() > BURST_TOLD_APART {
-            true => &Recorder::new(self.client.clone(), self.reporter.clone()),
-            false => &self.recorder,
-        };
+        let recorder = &self.recorder_for(events.len());
         futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
                 let published = super::bounded(recorder.publish(&event, &reference)).await;
@@ -271,6 +271,19 @@ impl NodeEvents {
                 }
             })
             .await;
+    }
+}
+
+impl NodeEvents {
+    /// The recorder to tell `count` events with: the current one, or a fresh one in its place
+    /// when it would tell more than `EVENTS_PER_RECORDER`.
+    fn recorder_for(&self, count: usize) -> Recorder {
+        let mut current = self.recorder.lock();
+        if current.1 + count > EVENTS_PER_RECORDER {
+            *current = (Recorder::new(self.client.clone(), self.reporter.clone()), 0);
+        }
+        current.1 += count;
+        current.0.clone()
     }
 }
 

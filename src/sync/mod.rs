@@ -26,6 +26,7 @@ pub use syncer::Syncer;
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub images: Vec<DiscImage>,
+    /// Without their status in the agent (a pass reads none; images' and grants' it does).
     pub targets: Vec<IscsiTarget>,
     pub grants: Vec<InitiatorAccess>,
     pub secrets: BTreeMap<ObjectKey, SecretData>,
