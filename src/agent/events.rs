@@ -272,9 +272,7 @@ impl NodeEvents {
             })
             .await;
     }
-}
 
-impl NodeEvents {
     /// The recorder to tell `count` events with: the current one, or a fresh one in its place
     /// when it would tell more than `EVENTS_PER_RECORDER`.
     fn recorder_for(&self, count: usize) -> Recorder {

@@ -666,6 +666,22 @@ fn top_level<S: Serialize>(status: &S) -> Value {
 mod tests {
     use super::*;
 
+    /// An IscsiTarget's metadata, `lab/t`.
+    fn target_meta() -> ObjectMeta {
+        ObjectMeta {
+            name: Some("t".to_owned()),
+            namespace: Some("lab".to_owned()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    type Flights = HashMap<(Kind, ObjectKey, String), InFlight>;
+
+    /// The lease holder's memory before any write: nothing in flight, nothing waiting.
+    fn nothing_written() -> (Flights, Coalescer<(Kind, ObjectKey, String)>) {
+        (HashMap::new(), Coalescer::new(Duration::from_secs(2)))
+    }
+
     #[test]
     fn what_a_top_level_status_says_decides_when_it_goes_out() {
         let conditions = |pairs: &[(&str, &str)]| {
@@ -686,17 +702,12 @@ mod tests {
 
     #[test]
     fn a_new_generation_goes_out_at_once_and_a_new_object_s_progress_waits() {
-        let meta = ObjectMeta {
-            name: Some("t".to_owned()),
-            namespace: Some("lab".to_owned()),
-            ..ObjectMeta::default()
-        };
+        let meta = target_meta();
         let status = |generation: i64, ready: &str| {
             json!({"observedGeneration": generation,
                    "conditions": [{"type": "Ready", "status": ready}]})
         };
-        let (mut in_flight, mut coalescer) =
-            (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+        let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
         top_level_write(
@@ -735,8 +746,7 @@ mod tests {
             _ => Liveness::Live,
         };
         let plan = |expected: &[&str]| {
-            let (mut in_flight, mut coalescer) =
-                (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+            let (mut in_flight, mut coalescer) = nothing_written();
             let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
             let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
             plan_kind(
@@ -764,15 +774,10 @@ mod tests {
 
     #[test]
     fn a_ready_waits_for_the_nodes_that_should_serve_and_have_not_reported() {
-        let meta = ObjectMeta {
-            name: Some("t".to_owned()),
-            namespace: Some("lab".to_owned()),
-            ..ObjectMeta::default()
-        };
+        let meta = target_meta();
         let ready = json!({"observedGeneration": 1,
                            "conditions": [{"type": "Ready", "status": "True"}]});
-        let (mut in_flight, mut coalescer) =
-            (HashMap::new(), Coalescer::new(Duration::from_secs(2)));
+        let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         top_level_write(&mut writes, &meta, &ready, &json!({}), &|| true);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
