@@ -188,15 +188,21 @@ impl Stores {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         let r = &mut snapshot.resources;
+        // A pass reads no status but images' (where other nodes hold an uploaded image): the
+        // others are copied without theirs, the larger part of a busy cluster's objects.
         r.images = valid(&self.images, &mut snapshot.invalid, DiscImage::clone);
-        // A pass reads no target's status (images' and grants' tell where other nodes stand).
-        let spec_only = |t: &IscsiTarget| IscsiTarget {
+        let target = |t: &IscsiTarget| IscsiTarget {
             metadata: t.metadata.clone(),
             spec: t.spec.clone(),
             status: None,
         };
-        r.targets = valid(&self.targets, &mut snapshot.invalid, spec_only);
-        r.grants = valid(&self.grants, &mut snapshot.invalid, InitiatorAccess::clone);
+        r.targets = valid(&self.targets, &mut snapshot.invalid, target);
+        let grant = |g: &InitiatorAccess| InitiatorAccess {
+            metadata: g.metadata.clone(),
+            spec: g.spec.clone(),
+            status: None,
+        };
+        r.grants = valid(&self.grants, &mut snapshot.invalid, grant);
         for store in &self.secrets {
             for secret in store.state() {
                 r.secrets.insert(

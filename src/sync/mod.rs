@@ -26,8 +26,9 @@ pub use syncer::Syncer;
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
     pub images: Vec<DiscImage>,
-    /// Without their status in the agent (a pass reads none; images' and grants' it does).
+    /// Without their status in the agent (a pass reads none; images' it does).
     pub targets: Vec<IscsiTarget>,
+    /// Without their status in the agent, as targets.
     pub grants: Vec<InitiatorAccess>,
     pub secrets: BTreeMap<ObjectKey, SecretData>,
     /// Some input could not be read and nothing earlier is known of it: what these resources do
