@@ -104,6 +104,24 @@ fn summary(problems: &[&Problem]) -> Option<(String, String)> {
     Some((first.reason.to_string(), message))
 }
 
+/// Whether a node's entry describes the spec of `generation`. An entry without a generation was
+/// written by an agent older than the field: taken as current, as it was then.
+fn current(entry_generation: Option<i64>, generation: Option<i64>) -> bool {
+    match (entry_generation, generation) {
+        (Some(seen), Some(now)) => seen >= now,
+        _ => true,
+    }
+}
+
+/// Why an object every node serves is not Ready yet: `node` has not applied its latest spec.
+fn catching_up(node: &str, generation: Option<i64>) -> (String, String, bool) {
+    let message = format!(
+        "{node}: has not applied generation {} yet",
+        generation.unwrap_or_default()
+    );
+    (Reason::NotConverged.to_string(), message, false)
+}
+
 // --- DiscImage ------------------------------------------------------------------------------
 
 /// This node's entry for an image: its phase here, or nothing when the node does not need it.
@@ -112,6 +130,7 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
     let problems: Vec<&Problem> = report.problems_of(Kind::DiscImage, &key).collect();
     let mut entry = DiscImageNodeStatus {
         node: report.node.clone(),
+        observed_generation: report.generation(Kind::DiscImage, &key),
         ..DiscImageNodeStatus::default()
     };
     if let Some((reason, message)) = summary(&problems) {
@@ -171,8 +190,12 @@ pub fn image_status(
     previous: Option<&DiscImageStatus>,
     now: Timestamp,
 ) -> DiscImageStatus {
-    let stored = entries.iter().find(|e| e.phase == ImagePhase::Ready);
-    let ready = !entries.is_empty() && entries.iter().all(|e| e.phase == ImagePhase::Ready);
+    let generation = image.meta().generation;
+    let is_current = |e: &&DiscImageNodeStatus| current(e.observed_generation, generation);
+    let stored = (entries.iter().filter(is_current)).find(|e| e.phase == ImagePhase::Ready);
+    let served = !entries.is_empty() && entries.iter().all(|e| e.phase == ImagePhase::Ready);
+    let behind = entries.iter().find(|e| !is_current(e));
+    let ready = served && behind.is_none();
     let failed = entries.iter().find(|e| e.phase == ImagePhase::Failed);
     let (reason, message, stalled) = if ready {
         (
@@ -180,6 +203,8 @@ pub fn image_status(
             format!("verified and stored on {} node(s)", entries.len()),
             false,
         )
+    } else if let (true, Some(entry)) = (served, behind) {
+        catching_up(&entry.node, generation)
     } else if let Some(failed) = failed {
         let reason = failed
             .reason
@@ -203,7 +228,6 @@ pub fn image_status(
             false,
         )
     };
-    let generation = image.meta().generation;
     DiscImageStatus {
         observed_generation: generation,
         conditions: conditions(
@@ -229,6 +253,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
     let served = report.served_target(&key);
     let mut entry = TargetNodeStatus {
         node: report.node.clone(),
+        observed_generation: report.generation(Kind::IscsiTarget, &key),
         ..TargetNodeStatus::default()
     };
     if let Some((reason, message)) = summary(&problems) {
@@ -267,14 +292,19 @@ pub fn target_status(
     previous: Option<&IscsiTargetStatus>,
     now: Timestamp,
 ) -> IscsiTargetStatus {
+    let generation = target.meta().generation;
     let ready_count = entries.iter().filter(|e| e.ready).count();
-    let ready = !entries.is_empty() && ready_count == entries.len();
+    let served = !entries.is_empty() && ready_count == entries.len();
+    let behind = (entries.iter()).find(|e| !current(e.observed_generation, generation));
+    let ready = served && behind.is_none();
     let (reason, message, stalled) = if ready {
         (
             Reason::Ready.to_string(),
             format!("served by {ready_count} node(s)"),
             false,
         )
+    } else if let (true, Some(entry)) = (served, behind) {
+        catching_up(&entry.node, generation)
     } else if let Some(entry) = entries.iter().find(|e| !e.ready) {
         let reason = entry
             .reason
@@ -299,7 +329,6 @@ pub fn target_status(
         .collect();
     portals.sort();
     portals.dedup();
-    let generation = target.meta().generation;
     IscsiTargetStatus {
         observed_generation: generation,
         conditions: conditions(
@@ -327,6 +356,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         .partition(|p| p.reason.is_boot());
     let mut entry = AccessNodeStatus {
         node: report.node.clone(),
+        observed_generation: report.generation(Kind::InitiatorAccess, &key),
         ..AccessNodeStatus::default()
     };
     if report.desired.expired.contains(&key) {
@@ -401,8 +431,11 @@ pub fn grant_status(
     previous: Option<&InitiatorAccessStatus>,
     now: Timestamp,
 ) -> InitiatorAccessStatus {
+    let generation = grant.meta().generation;
     let applied = entries.iter().filter(|e| e.applied).count();
-    let ready = !expired && !entries.is_empty() && applied == entries.len();
+    let served = !expired && !entries.is_empty() && applied == entries.len();
+    let behind = (entries.iter()).find(|e| !current(e.observed_generation, generation));
+    let ready = served && behind.is_none();
     let (reason, message, stalled) = if expired {
         (
             Reason::Expired.to_string(),
@@ -418,6 +451,8 @@ pub fn grant_status(
             format!("applied on {applied} node(s)"),
             false,
         )
+    } else if let (true, Some(entry)) = (served, behind) {
+        catching_up(&entry.node, generation)
     } else if let Some(entry) = entries.iter().find(|e| !e.applied) {
         let reason = entry
             .reason
@@ -454,8 +489,8 @@ pub fn grant_status(
             message,
         });
     }
-    let connection = ready.then(|| merge_connections(&entries)).flatten();
-    let generation = grant.meta().generation;
+    // Kept while a node applies a change: until it has, its entry says how to connect there.
+    let connection = served.then(|| merge_connections(&entries)).flatten();
     InitiatorAccessStatus {
         observed_generation: generation,
         conditions: conditions(
@@ -573,5 +608,37 @@ mod tests {
             None,
             "not before the lease holder's"
         );
+    }
+
+    #[test]
+    fn ready_waits_until_every_node_applied_the_latest_spec() {
+        const IQN: &str = "iqn.2026-11.dev.discus:lab";
+        let grant: InitiatorAccess = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discus.dev/v1alpha1", "kind": "InitiatorAccess",
+            "metadata": {"name": "build01", "namespace": "lab", "generation": 2},
+            "spec": {"targetRef": {"name": "lab"}, "initiatorIqn": "iqn.2010-04.org.ipxe:build01"},
+        }))
+        .expect("an InitiatorAccess");
+        let at = |node, generation| AccessNodeStatus {
+            observed_generation: generation,
+            ..entry(node, true, IQN, "10.0.0.1:3260")
+        };
+        let status = |behind| {
+            let entries = vec![at("a", Some(2)), at("b", behind)];
+            grant_status(&grant, entries, false, None, None, Timestamp::now())
+        };
+        let waiting = status(Some(1));
+        assert!(!is_ready(&waiting.conditions));
+        let ready = &waiting.conditions[0];
+        assert_eq!(ready.reason, Reason::NotConverged.as_str());
+        assert_eq!(ready.message, "b: has not applied generation 2 yet");
+        assert_eq!(waiting.observed_generation, Some(2));
+        assert!(
+            waiting.connection.is_some(),
+            "how to connect stays meanwhile"
+        );
+        assert!(is_ready(&status(Some(2)).conditions));
+        // Written by an agent older than the field: taken as it was then.
+        assert!(is_ready(&status(None).conditions));
     }
 }

@@ -12,9 +12,10 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::core::DynamicObject;
 use kube::discovery::ApiResource;
 use serde_json::{Value, json};
@@ -212,6 +213,16 @@ impl Cluster {
     }
 
     async fn object(&self, kind: &str, namespace: &str, name: &str) -> Value {
+        self.api(kind, namespace)
+            .get(name)
+            .await
+            .ok()
+            .and_then(|o| serde_json::to_value(o).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// The API of one of discus's kinds in a namespace.
+    fn api(&self, kind: &str, namespace: &str) -> Api<DynamicObject> {
         let resource = ApiResource {
             group: "discus.dev".into(),
             version: "v1alpha1".into(),
@@ -219,13 +230,7 @@ impl Cluster {
             kind: kind.into(),
             plural: format!("{}s", kind.to_lowercase()).replace("accesss", "accesses"),
         };
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(self.client.clone(), namespace, &resource);
-        api.get(name)
-            .await
-            .ok()
-            .and_then(|o| serde_json::to_value(o).ok())
-            .unwrap_or(Value::Null)
+        Api::namespaced_with(self.client.clone(), namespace, &resource)
     }
 
     /// Waits until `done` holds, or fails with what the agents logged.
@@ -994,35 +999,49 @@ async fn a_generated_secret_works_on_every_node(cluster: &Cluster, nodes: &[&str
     password
 }
 
-/// kstatus: a spec change is InProgress until every node has caught up, then Current again.
+/// kstatus: a spec change is InProgress until every node has applied it, then Current again —
+/// in every version of the object stored in between (a watch from the version before the change
+/// sees each), not only in the one a read happens to find.
 async fn a_changed_spec_is_in_progress_until_every_node_caught_up(cluster: &Cluster) {
+    let api = cluster.api("InitiatorAccess", "demo");
+    let before = api.get("demo-client").await.expect("the grant");
+    let version = before.metadata.resource_version.expect("a resourceVersion");
+    let params = WatchParams::default().fields("metadata.name=demo-client");
+    let mut versions = api.watch(&params, &version).await.expect("a watch").boxed();
     cluster.apply_objects(&[grant(
         "demo-client",
         INITIATOR,
         json!({"expiresAt": "2099-01-01T00:00:00Z"}),
     )]);
-    let changed = cluster
-        .object("InitiatorAccess", "demo", "demo-client")
-        .await;
-    assert_eq!(changed.pointer("/metadata/generation"), Some(&json!(2)));
-    assert_eq!(
-        kstatus::compute(&changed),
-        Kstatus::InProgress,
-        "{changed:#}"
-    );
-    cluster
-        .wait_for(
-            "the changed grant Current",
-            Duration::from_secs(60),
-            async || {
-                let grant = cluster
-                    .object("InitiatorAccess", "demo", "demo-client")
-                    .await;
-                kstatus::compute(&grant) == Kstatus::Current
-                    && grant.pointer("/status/observedGeneration") == Some(&json!(2))
-            },
-        )
-        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut states = Vec::new();
+    while states.last() != Some(&Kstatus::Current) {
+        let event = tokio::time::timeout_at(deadline, versions.next())
+            .await
+            .unwrap_or_else(|_| panic!("not Current within 60 s; seen {states:?}"))
+            .expect("the watch ended")
+            .expect("a watch event");
+        let WatchEvent::Modified(object) = event else {
+            continue;
+        };
+        let object = serde_json::to_value(object).expect("JSON");
+        assert_eq!(object.pointer("/metadata/generation"), Some(&json!(2)));
+        let state = kstatus::compute(&object);
+        if state == Kstatus::Current {
+            let applied: Vec<&Value> = (object.pointer("/status/nodes").and_then(Value::as_array))
+                .into_iter()
+                .flatten()
+                .filter_map(|entry| entry.get("observedGeneration"))
+                .collect();
+            assert_eq!(
+                applied,
+                [&json!(2); 3],
+                "Current before every node applied it: {object:#}"
+            );
+        }
+        states.push(state);
+    }
+    assert_eq!(states.first(), Some(&Kstatus::InProgress), "{states:?}");
 }
 
 /// A spec only a person can fix (the bytes do not match the digest) ends Failed (Stalled), and

@@ -25,7 +25,6 @@ use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
 
-use super::apply_status;
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::expected::Expected;
 use super::generated_secrets;
@@ -33,6 +32,7 @@ use super::liveness::{Liveness, NodeEntry, Tracker};
 use super::node_status::{InFlight, field_manager};
 use super::stores::{Stores, Wakers};
 use super::upload_tokens::{self, Due};
+use super::{StatusBody, apply_status, status_body};
 use crate::credentials::Keys;
 
 /// The field manager of everything the lease holder writes.
@@ -166,7 +166,7 @@ struct Write {
     key: ObjectKey,
     manager: String,
     /// `None` drops what the manager owned.
-    status: Option<Value>,
+    status: Option<StatusBody>,
     standing: Standing,
 }
 
@@ -216,9 +216,9 @@ impl<'a> Writes<'a> {
         current: Option<Standing>,
     ) {
         let flight = (self.kind, key.clone(), manager);
-        let value = status.clone().unwrap_or(Value::Null);
+        let status = status.as_ref().and_then(status_body);
         let written = self.in_flight.get(&flight);
-        if written.is_some_and(|f| f.repeats(&value, self.now)) {
+        if written.is_some_and(|f| f.repeats(status.as_deref(), self.now)) {
             return;
         }
         let written = written.map(InFlight::standing);
@@ -447,19 +447,12 @@ impl Aggregator {
     }
 
     async fn write(&self, write: Write) {
-        let mut body = json!({
-            "apiVersion": crate::api::API_VERSION,
-            "kind": write.kind.as_str(),
-            "metadata": {"name": write.key.name, "namespace": write.key.namespace},
-        });
-        if let Some(status) = &write.status {
-            body["status"] = status.clone();
-        }
-        match apply_status(&self.client, write.kind, &write.key, &write.manager, &body).await {
+        let status = write.status.as_deref();
+        match apply_status(&self.client, write.kind, &write.key, &write.manager, status).await {
             Ok(()) => {
                 let flight = (write.kind, write.key, write.manager);
                 self.coalescer.lock().settled(&flight);
-                let written = InFlight::new(write.status.unwrap_or(Value::Null), write.standing);
+                let written = InFlight::new(write.status, write.standing);
                 self.in_flight.lock().insert(flight, written);
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -634,11 +627,16 @@ fn top_level_standing(status: &Value) -> Standing {
 /// An object that is not even well-formed: not Ready, Stalled, with why.
 fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
     let key = object_key(&invalid.metadata);
+    #[derive(serde::Deserialize)]
+    struct Written {
+        conditions: Vec<Condition>,
+    }
     let previous: Vec<Condition> = writes
         .in_flight
         .get(&(writes.kind, key.clone(), MANAGER.to_owned()))
-        .and_then(|f| f.value().get("conditions"))
-        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .and_then(InFlight::body)
+        .and_then(|body| serde_json::from_str::<Written>(body.get()).ok())
+        .map(|written| written.conditions)
         .unwrap_or_default();
     let conditions = status::invalid_conditions(
         &previous,

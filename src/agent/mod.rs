@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource};
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::backend::Backend;
@@ -220,15 +221,53 @@ async fn bounded<T>(request: impl Future<Output = kube::Result<T>>) -> kube::Res
         })
 }
 
-/// Server-side applies `body` to the status of one object under `manager`.
+/// A status (or one node's entry) as the JSON written. Thousands are kept at a cold start —
+/// planned, and in flight until the store shows them — where a parsed `serde_json::Value` took
+/// several times the memory; they are compared as text (the same value is always written the
+/// same way: struct fields in order, a `Value`'s keys sorted).
+pub type StatusBody = Box<RawValue>;
+
+/// `value` as a status body.
+pub fn status_body(value: &impl Serialize) -> Option<StatusBody> {
+    serde_json::value::to_raw_value(value).ok()
+}
+
+/// What a server-side apply of one object's status sends: the object, and what `manager` says
+/// of its status (nothing drops all the manager owned).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a, S> {
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: ApplyMeta<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<S>,
+}
+
+#[derive(Debug, Serialize)]
+struct ApplyMeta<'a> {
+    name: &'a str,
+    namespace: &'a str,
+}
+
+/// Server-side applies `status` to one object under `manager`.
 async fn apply_status(
     client: &Client,
     kind: Kind,
     key: &ObjectKey,
     manager: &str,
-    body: &Value,
+    status: Option<impl Serialize + std::fmt::Debug>,
 ) -> kube::Result<()> {
     let params = PatchParams::apply(manager).force();
+    let body = &StatusApply {
+        api_version: crate::api::API_VERSION,
+        kind: kind.as_str(),
+        metadata: ApplyMeta {
+            name: &key.name,
+            namespace: &key.namespace,
+        },
+        status,
+    };
     bounded(async {
         match kind {
             Kind::DiscImage => patch::<DiscImage>(client, key, &params, body).await,
@@ -243,7 +282,7 @@ async fn patch<K>(
     client: &Client,
     key: &ObjectKey,
     params: &PatchParams,
-    body: &Value,
+    body: &(impl Serialize + std::fmt::Debug),
 ) -> kube::Result<()>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>

@@ -18,7 +18,7 @@ use kube::core::DeserializeGuard;
 use kube::{Client, Resource};
 use parking_lot::Mutex;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
@@ -29,10 +29,10 @@ use crate::metrics::Metrics;
 use crate::status;
 use crate::sync::NodeReport;
 
-use super::apply_status;
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::events::{Observed, State, Summary};
 use super::stores::Stores;
+use super::{StatusBody, apply_status, status_body};
 
 /// How many status writes are in flight at once.
 const CONCURRENT_WRITES: usize = 16;
@@ -63,19 +63,19 @@ pub struct NodeStatusWriter {
 /// written again, at most once a pass.
 pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
 
-/// A write made (`Null`: an entry removed), until the store shows it or `IN_FLIGHT_FOR` passed.
+/// A write made (`None`: an entry removed), until the store shows it or `IN_FLIGHT_FOR` passed.
 #[derive(Clone, Debug)]
 pub struct InFlight {
-    value: Value,
+    body: Option<StatusBody>,
     /// What it said, for when the next write goes out (`coalesce`).
     standing: Standing,
     at: Instant,
 }
 
 impl InFlight {
-    pub fn new(value: Value, standing: Standing) -> Self {
+    pub fn new(body: Option<StatusBody>, standing: Standing) -> Self {
         Self {
-            value,
+            body,
             standing,
             at: Instant::now(),
         }
@@ -85,13 +85,14 @@ impl InFlight {
         self.standing
     }
 
-    /// Whether writing `value` now would repeat this write while it may still land.
-    pub fn repeats(&self, value: &Value, now: Instant) -> bool {
-        self.value == *value && now.saturating_duration_since(self.at) < IN_FLIGHT_FOR
+    /// Whether writing `body` now would repeat this write while it may still land.
+    pub fn repeats(&self, body: Option<&RawValue>, now: Instant) -> bool {
+        self.body.as_deref().map(RawValue::get) == body.map(RawValue::get)
+            && now.saturating_duration_since(self.at) < IN_FLIGHT_FOR
     }
 
-    pub fn value(&self) -> &Value {
-        &self.value
+    pub fn body(&self) -> Option<&RawValue> {
+        self.body.as_deref()
     }
 }
 
@@ -217,11 +218,16 @@ impl NodeStatusWriter {
                 coalescer.settled(&key);
                 continue;
             }
-            let standing = wanted.as_ref().map_or(Standing::Final, Coalesced::standing);
-            let entry = wanted.and_then(|e| serde_json::to_value(e).ok());
-            let body = entry.clone().unwrap_or(Value::Null);
+            let standing = match (&wanted, &current) {
+                // A new spec applied goes out at once: the lease holder holds Ready back until
+                // every node's entry says it applied it.
+                (Some(w), Some(c)) if w.generation() != c.generation() => Standing::Final,
+                (Some(w), _) => w.standing(),
+                (None, _) => Standing::Final,
+            };
+            let entry = wanted.as_ref().and_then(status_body);
             let written = in_flight.get(&key);
-            if written.is_some_and(|f| f.repeats(&body, out.now)) {
+            if written.is_some_and(|f| f.repeats(entry.as_deref(), out.now)) {
                 continue;
             }
             let current = current.as_ref().map(Coalesced::standing);
@@ -240,21 +246,15 @@ impl NodeStatusWriter {
     }
 
     async fn write(&self, write: Write) -> Outcome {
-        let mut body = json!({
-            "apiVersion": crate::api::API_VERSION,
-            "kind": write.kind.as_str(),
-            "metadata": {"name": write.key.name, "namespace": write.key.namespace},
-        });
         // Without the entry, the apply drops it: this manager owned it alone.
-        if let Some(entry) = &write.entry {
-            body["status"] = json!({"nodes": [entry]});
-        }
-        let result = apply_status(&self.client, write.kind, &write.key, &self.manager, &body).await;
+        let status = (write.entry.as_deref()).map(|entry| NodeEntries { nodes: [entry] });
+        let result =
+            apply_status(&self.client, write.kind, &write.key, &self.manager, status).await;
         self.metrics
             .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
             Ok(()) => {
-                let written = InFlight::new(write.entry.unwrap_or(Value::Null), write.standing);
+                let written = InFlight::new(write.entry, write.standing);
                 let key = (write.kind, write.key);
                 // Out: the next change waits anew. (One that failed is not settled: it is
                 // tried again as the publisher's backoff says, not held once more.)
@@ -288,6 +288,8 @@ struct Collected<'a> {
 /// person can fix at once, even beside a Ready (a grant applied whose boot LUN is missing).
 trait Coalesced {
     fn standing(&self) -> Standing;
+    /// The generation of the spec the entry describes.
+    fn generation(&self) -> Option<i64>;
 }
 
 fn standing_of(state: State, reason: Option<&str>) -> Standing {
@@ -303,11 +305,17 @@ impl Coalesced for TargetNodeStatus {
     fn standing(&self) -> Standing {
         standing_of(self.state(), self.reason.as_deref())
     }
+    fn generation(&self) -> Option<i64> {
+        self.observed_generation
+    }
 }
 
 impl Coalesced for AccessNodeStatus {
     fn standing(&self) -> Standing {
         standing_of(self.state(), self.reason.as_deref())
+    }
+    fn generation(&self) -> Option<i64> {
+        self.observed_generation
     }
 }
 
@@ -318,6 +326,9 @@ impl Coalesced for DiscImageNodeStatus {
             ImagePhase::Failed => Standing::Final,
             _ => standing_of(self.state(), self.reason.as_deref()),
         }
+    }
+    fn generation(&self) -> Option<i64> {
+        self.observed_generation
     }
 }
 
@@ -347,8 +358,14 @@ fn apiserver_unwell(error: &kube::Error) -> bool {
 struct Write {
     kind: Kind,
     key: ObjectKey,
-    entry: Option<Value>,
+    entry: Option<StatusBody>,
     standing: Standing,
+}
+
+/// The status a node applies: its one entry.
+#[derive(Debug, Serialize)]
+struct NodeEntries<'a> {
+    nodes: [&'a RawValue; 1],
 }
 
 #[cfg(test)]
@@ -390,18 +407,24 @@ mod tests {
 
     #[test]
     fn a_write_the_store_never_shows_is_made_again_after_a_while() {
-        let entry = json!({"node": "node-a", "applied": true});
+        let body =
+            |applied| status_body(&serde_json::json!({"node": "node-a", "applied": applied}));
+        let entry = body(true);
         let written = InFlight::new(entry.clone(), Standing::Ready);
         let now = Instant::now();
-        assert!(written.repeats(&entry, now), "just written: in flight");
-        let other = json!({"node": "node-a", "applied": false});
         assert!(
-            !written.repeats(&other, now),
+            written.repeats(entry.as_deref(), now),
+            "just written: in flight"
+        );
+        let other = body(false);
+        assert!(
+            !written.repeats(other.as_deref(), now),
             "another entry is another write"
         );
+        assert!(!written.repeats(None, now), "removing it is another write");
         // Pruned by the lease holder before this node's store showed it: written again.
         let later = now + IN_FLIGHT_FOR;
-        assert!(!written.repeats(&entry, later));
+        assert!(!written.repeats(entry.as_deref(), later));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::api::initiator_access::GRANT_HEARTBEAT_LABEL;
+use crate::api::initiator_access::{GRANT_HEARTBEAT_LABEL, InitiatorAccessStatus};
 use crate::api::rules;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{Holds, NodeFacts, ObjectKey, object_key};
@@ -188,21 +188,12 @@ impl Stores {
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         let r = &mut snapshot.resources;
-        // A pass reads no status but images' (where other nodes hold an uploaded image): the
-        // others are copied without theirs, the larger part of a busy cluster's objects.
+        // A pass reads no status but images' (where other nodes hold an uploaded image) and the
+        // node entries of grants with a boot block (the other nodes' portals for the script):
+        // the rest is copied without, the larger part of a busy cluster's objects.
         r.images = valid(&self.images, &mut snapshot.invalid, DiscImage::clone);
-        let target = |t: &IscsiTarget| IscsiTarget {
-            metadata: t.metadata.clone(),
-            spec: t.spec.clone(),
-            status: None,
-        };
-        r.targets = valid(&self.targets, &mut snapshot.invalid, target);
-        let grant = |g: &InitiatorAccess| InitiatorAccess {
-            metadata: g.metadata.clone(),
-            spec: g.spec.clone(),
-            status: None,
-        };
-        r.grants = valid(&self.grants, &mut snapshot.invalid, grant);
+        r.targets = valid(&self.targets, &mut snapshot.invalid, target_for_pass);
+        r.grants = valid(&self.grants, &mut snapshot.invalid, grant_for_pass);
         for store in &self.secrets {
             for secret in store.state() {
                 r.secrets.insert(
@@ -273,6 +264,30 @@ impl Stores {
 
     pub fn grants(&self) -> impl Iterator<Item = Arc<DeserializeGuard<InitiatorAccess>>> + '_ {
         self.grants.iter().flat_map(Store::state)
+    }
+}
+
+/// What a pass reads of a target: no status.
+fn target_for_pass(target: &IscsiTarget) -> IscsiTarget {
+    IscsiTarget {
+        metadata: target.metadata.clone(),
+        spec: target.spec.clone(),
+        status: None,
+    }
+}
+
+/// What a pass reads of a grant: for one with a boot block, the node entries (the other nodes'
+/// portals, for its script); no other status.
+fn grant_for_pass(grant: &InitiatorAccess) -> InitiatorAccess {
+    let entries =
+        (grant.spec.boot.as_ref().and(grant.status.as_ref())).map(|status| InitiatorAccessStatus {
+            nodes: status.nodes.clone(),
+            ..InitiatorAccessStatus::default()
+        });
+    InitiatorAccess {
+        metadata: grant.metadata.clone(),
+        spec: grant.spec.clone(),
+        status: entries,
     }
 }
 
@@ -510,6 +525,31 @@ mod tests {
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
         assert_eq!(annotations.keys().collect::<Vec<_>>(), ["team"]);
         assert!(secret.data.is_some_and(|d| d.contains_key("password")));
+    }
+
+    #[test]
+    fn a_pass_gets_a_grant_s_node_entries_only_when_it_has_a_boot_block() {
+        let grant = |boot: serde_json::Value| -> InitiatorAccess {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discus.dev/v1alpha1", "kind": "InitiatorAccess",
+                "metadata": {"name": "pxe-1", "namespace": "lab"},
+                "spec": {"targetRef": {"name": "boot"}, "initiatorIqn": "iqn.2010-04.org.ipxe:pxe-1",
+                         "boot": boot},
+                "status": {"observedGeneration": 1, "connection": {"iqn": "iqn.2026-11.dev.discus:lab.boot"},
+                           "nodes": [{"node": "node-b", "applied": true}]},
+            }))
+            .expect("an InitiatorAccess")
+        };
+        let booting = grant_for_pass(&grant(
+            serde_json::json!({"macAddresses": ["52:54:00:12:34:56"]}),
+        ));
+        let status = booting.status.expect("the entries");
+        assert_eq!(status.nodes.len(), 1);
+        assert_eq!(
+            (status.connection, status.observed_generation),
+            (None, None)
+        );
+        assert_eq!(grant_for_pass(&grant(serde_json::Value::Null)).status, None);
     }
 
     fn guarded(value: serde_json::Value) -> DeserializeGuard<DiscImage> {

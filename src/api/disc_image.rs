@@ -201,6 +201,9 @@ pub struct DiscImageStatus {
 #[serde(rename_all = "camelCase")]
 pub struct DiscImageNodeStatus {
     pub node: String,
+    /// The generation of the spec this entry describes: the last its node applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     pub phase: ImagePhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_done: Option<i64>,

@@ -202,6 +202,9 @@ pub struct ConnectionLun {
 #[serde(rename_all = "camelCase")]
 pub struct AccessNodeStatus {
     pub node: String,
+    /// The generation of the spec this entry describes: the last its node applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     pub applied: bool,
     /// Once applied: how to reach the target on this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]

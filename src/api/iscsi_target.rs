@@ -171,6 +171,9 @@ pub struct IscsiTargetStatus {
 #[serde(rename_all = "camelCase")]
 pub struct TargetNodeStatus {
     pub node: String,
+    /// The generation of the spec this entry describes: the last its node applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
     pub ready: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub portals: Vec<String>,

@@ -71,8 +71,8 @@ impl BootTable {
         self.by_mac.values().map(|e| e.grant.clone()).collect()
     }
 
-    /// The boot grants a pass applied. `grants` are the declarations with their status, where
-    /// the other nodes serving a grant report their portals.
+    /// The boot grants a pass applied. `grants` are the declarations, those with a boot block
+    /// with their node entries, where the other nodes serving a grant report their portals.
     pub fn applied(report: &NodeReport, grants: &[InitiatorAccess]) -> Self {
         let elsewhere = portals_elsewhere(&report.node, grants);
         let mut table = Self::default();

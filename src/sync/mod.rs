@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 
 use crate::api::chap::SecretData;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{ObjectKey, Snapshot};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::desired::{Kind, ObjectKey, Snapshot, object_key};
 
 pub use report::{NextPass, NodeReport, Pass, Resync, Unsettled};
 pub use requests::{Receiving, UploadReception};
@@ -28,7 +30,8 @@ pub struct Resources {
     pub images: Vec<DiscImage>,
     /// Without their status in the agent (a pass reads none; images' it does).
     pub targets: Vec<IscsiTarget>,
-    /// Without their status in the agent, as targets.
+    /// In the agent, with no status but the node entries of those with a boot block (the other
+    /// nodes' portals, for their boot scripts).
     pub grants: Vec<InitiatorAccess>,
     pub secrets: BTreeMap<ObjectKey, SecretData>,
     /// Some input could not be read and nothing earlier is known of it: what these resources do
@@ -40,6 +43,15 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Each object's generation (objects from files have none).
+    pub fn generations(&self) -> BTreeMap<(Kind, ObjectKey), i64> {
+        let of = |kind, meta: &ObjectMeta| Some(((kind, object_key(meta)), meta.generation?));
+        let images = (self.images.iter()).filter_map(|i| of(Kind::DiscImage, &i.metadata));
+        let targets = (self.targets.iter()).filter_map(|t| of(Kind::IscsiTarget, &t.metadata));
+        let grants = (self.grants.iter()).filter_map(|g| of(Kind::InitiatorAccess, &g.metadata));
+        images.chain(targets).chain(grants).collect()
+    }
+
     /// Every object's spec validated once: what a pass reads.
     pub fn snapshot(&self) -> Snapshot<'_> {
         Snapshot::new(&self.images, &self.targets, &self.grants, &self.secrets)

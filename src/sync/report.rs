@@ -33,6 +33,8 @@ pub struct NodeReport {
     pub session_since: BTreeMap<SessionKey, Timestamp>,
     /// The UID of each declared grant, for Events about it.
     pub grant_uids: BTreeMap<ObjectKey, String>,
+    /// The generation of each object this pass read: what this node's entries describe.
+    pub generations: BTreeMap<(Kind, ObjectKey), i64>,
     pub images: BTreeMap<ObjectKey, ImageState>,
     /// API LUN → the LUN initiators see.
     pub device_luns: BTreeMap<u32, u32>,
@@ -70,6 +72,11 @@ impl NodeReport {
             backend,
             ..Self::default()
         }
+    }
+
+    /// The generation of an object as this pass read it: what its entry describes.
+    pub fn generation(&self, kind: Kind, key: &ObjectKey) -> Option<i64> {
+        self.generations.get(&(kind, key.clone())).copied()
     }
 
     /// Builds the lookups once the report is complete.
