@@ -108,7 +108,7 @@ fn summary(problems: &[&Problem]) -> Option<(String, String)> {
 /// written by an agent older than the field: taken as current, as it was then.
 fn current(entry_generation: Option<i64>, generation: Option<i64>) -> bool {
     match (entry_generation, generation) {
-        (Some(seen), Some(now)) => seen >= now,
+        (Some(seen), Some(now)) => seen == now,
         _ => true,
     }
 }
@@ -130,7 +130,7 @@ pub fn image_entry(image: &DiscImage, report: &NodeReport) -> Option<DiscImageNo
     let problems: Vec<&Problem> = report.problems_of(Kind::DiscImage, &key).collect();
     let mut entry = DiscImageNodeStatus {
         node: report.node.clone(),
-        observed_generation: report.generation(Kind::DiscImage, &key),
+        observed_generation: report.generation(Kind::DiscImage, image.meta())?,
         ..DiscImageNodeStatus::default()
     };
     if let Some((reason, message)) = summary(&problems) {
@@ -253,7 +253,7 @@ pub fn target_entry(target: &IscsiTarget, report: &NodeReport) -> Option<TargetN
     let served = report.served_target(&key);
     let mut entry = TargetNodeStatus {
         node: report.node.clone(),
-        observed_generation: report.generation(Kind::IscsiTarget, &key),
+        observed_generation: report.generation(Kind::IscsiTarget, target.meta())?,
         ..TargetNodeStatus::default()
     };
     if let Some((reason, message)) = summary(&problems) {
@@ -356,7 +356,7 @@ pub fn grant_entry(grant: &InitiatorAccess, report: &NodeReport) -> Option<Acces
         .partition(|p| p.reason.is_boot());
     let mut entry = AccessNodeStatus {
         node: report.node.clone(),
-        observed_generation: report.generation(Kind::InitiatorAccess, &key),
+        observed_generation: report.generation(Kind::InitiatorAccess, grant.meta())?,
         ..AccessNodeStatus::default()
     };
     if report.desired.expired.contains(&key) {
@@ -608,6 +608,32 @@ mod tests {
             None,
             "not before the lease holder's"
         );
+    }
+
+    #[test]
+    fn a_pass_that_read_another_object_of_the_name_describes_nothing() {
+        let grant = |uid: &str| -> InitiatorAccess {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discus.dev/v1alpha1", "kind": "InitiatorAccess",
+                "metadata": {"name": "build01", "namespace": "lab", "uid": uid, "generation": 1},
+                "spec": {"targetRef": {"name": "lab"}, "initiatorIqn": "iqn.2010-04.org.ipxe:build01"},
+            }))
+            .expect("an InitiatorAccess")
+        };
+        let mut report = NodeReport::new("node-a", "tgt");
+        let read = crate::sync::ObjectRead {
+            uid: Some("before".into()),
+            generation: Some(3),
+        };
+        let key = key_of(&grant("before"));
+        report
+            .read
+            .insert((Kind::InitiatorAccess, key.clone()), read);
+        // Some entry for it: expired, here.
+        report.desired.expired.push(key);
+        assert!(grant_entry(&grant("before"), &report).is_some());
+        // Deleted and made again since the pass: its entry waits for a pass that read it.
+        assert_eq!(grant_entry(&grant("again"), &report), None);
     }
 
     #[test]

@@ -999,9 +999,9 @@ async fn a_generated_secret_works_on_every_node(cluster: &Cluster, nodes: &[&str
     password
 }
 
-/// kstatus: a spec change is InProgress until every node has applied it, then Current again —
-/// in every version of the object stored in between (a watch from the version before the change
-/// sees each), not only in the one a read happens to find.
+/// kstatus: a spec change is not Current until every node has applied it — in every version of
+/// the object stored from the change on (a watch from the version before it sees each), not only
+/// in the one a read happens to find.
 async fn a_changed_spec_is_in_progress_until_every_node_caught_up(cluster: &Cluster) {
     let api = cluster.api("InitiatorAccess", "demo");
     let before = api.get("demo-client").await.expect("the grant");
@@ -1025,7 +1025,10 @@ async fn a_changed_spec_is_in_progress_until_every_node_caught_up(cluster: &Clus
             continue;
         };
         let object = serde_json::to_value(object).expect("JSON");
-        assert_eq!(object.pointer("/metadata/generation"), Some(&json!(2)));
+        // A status write about the spec before (sessions ending, say) may still come.
+        if object.pointer("/metadata/generation") != Some(&json!(2)) {
+            continue;
+        }
         let state = kstatus::compute(&object);
         if state == Kstatus::Current {
             let applied: Vec<&Value> = (object.pointer("/status/nodes").and_then(Value::as_array))
@@ -1041,7 +1044,6 @@ async fn a_changed_spec_is_in_progress_until_every_node_caught_up(cluster: &Clus
         }
         states.push(state);
     }
-    assert_eq!(states.first(), Some(&Kstatus::InProgress), "{states:?}");
 }
 
 /// A spec only a person can fix (the bytes do not match the digest) ends Failed (Stalled), and

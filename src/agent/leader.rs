@@ -216,7 +216,10 @@ impl<'a> Writes<'a> {
         current: Option<Standing>,
     ) {
         let flight = (self.kind, key.clone(), manager);
-        let status = status.as_ref().and_then(status_body);
+        let status = match status.as_ref().map(status_body) {
+            Some(None) => return,
+            status => status.flatten(),
+        };
         let written = self.in_flight.get(&flight);
         if written.is_some_and(|f| f.repeats(status.as_deref(), self.now)) {
             return;

@@ -227,9 +227,14 @@ async fn bounded<T>(request: impl Future<Output = kube::Result<T>>) -> kube::Res
 /// same way: struct fields in order, a `Value`'s keys sorted).
 pub type StatusBody = Box<RawValue>;
 
-/// `value` as a status body.
+/// `value` as a status body; `None` (said in the log) when it cannot be written at all, which
+/// must not read as "nothing to say" (that write would drop all its manager owned).
 pub fn status_body(value: &impl Serialize) -> Option<StatusBody> {
-    serde_json::value::to_raw_value(value).ok()
+    serde_json::value::to_raw_value(value)
+        .inspect_err(
+            |error| tracing::error!(%error, "a status that cannot be serialized is not written"),
+        )
+        .ok()
 }
 
 /// What a server-side apply of one object's status sends: the object, and what `manager` says

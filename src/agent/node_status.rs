@@ -220,12 +220,18 @@ impl NodeStatusWriter {
             }
             let standing = match (&wanted, &current) {
                 // A new spec applied goes out at once: the lease holder holds Ready back until
-                // every node's entry says it applied it.
-                (Some(w), Some(c)) if w.generation() != c.generation() => Standing::Final,
+                // every node's entry says it applied it. (An entry written before entries had
+                // generations gets one like any other change of detail: an upgrade is no burst.)
+                (Some(w), Some(c)) if c.generation().is_some_and(|g| w.generation() != Some(g)) => {
+                    Standing::Final
+                }
                 (Some(w), _) => w.standing(),
                 (None, _) => Standing::Final,
             };
-            let entry = wanted.as_ref().and_then(status_body);
+            let entry = match wanted.as_ref().map(status_body) {
+                Some(None) => continue,
+                entry => entry.flatten(),
+            };
             let written = in_flight.get(&key);
             if written.is_some_and(|f| f.repeats(entry.as_deref(), out.now)) {
                 continue;

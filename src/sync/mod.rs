@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::desired::{Kind, ObjectKey, Snapshot, object_key};
 
-pub use report::{NextPass, NodeReport, Pass, Resync, Unsettled};
+pub use report::{NextPass, NodeReport, ObjectRead, Pass, Resync, Unsettled};
 pub use requests::{Receiving, UploadReception};
 pub use sessions::{GrantRef, SessionChange, key as session_key};
 pub use syncer::Syncer;
@@ -43,12 +43,19 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// Each object's generation (objects from files have none).
-    pub fn generations(&self) -> BTreeMap<(Kind, ObjectKey), i64> {
-        let of = |kind, meta: &ObjectMeta| Some(((kind, object_key(meta)), meta.generation?));
-        let images = (self.images.iter()).filter_map(|i| of(Kind::DiscImage, &i.metadata));
-        let targets = (self.targets.iter()).filter_map(|t| of(Kind::IscsiTarget, &t.metadata));
-        let grants = (self.grants.iter()).filter_map(|g| of(Kind::InitiatorAccess, &g.metadata));
+    /// Which object of each name these are, at which generation (those from files have
+    /// neither uid nor generation).
+    pub fn read(&self) -> BTreeMap<(Kind, ObjectKey), ObjectRead> {
+        let of = |kind, meta: &ObjectMeta| {
+            let read = ObjectRead {
+                uid: meta.uid.clone(),
+                generation: meta.generation,
+            };
+            ((kind, object_key(meta)), read)
+        };
+        let images = (self.images.iter()).map(|i| of(Kind::DiscImage, &i.metadata));
+        let targets = (self.targets.iter()).map(|t| of(Kind::IscsiTarget, &t.metadata));
+        let grants = (self.grants.iter()).map(|g| of(Kind::InitiatorAccess, &g.metadata));
         images.chain(targets).chain(grants).collect()
     }
 

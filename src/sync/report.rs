@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::sessions::SessionKey;
@@ -33,8 +34,8 @@ pub struct NodeReport {
     pub session_since: BTreeMap<SessionKey, Timestamp>,
     /// The UID of each declared grant, for Events about it.
     pub grant_uids: BTreeMap<ObjectKey, String>,
-    /// The generation of each object this pass read: what this node's entries describe.
-    pub generations: BTreeMap<(Kind, ObjectKey), i64>,
+    /// Which object of each name this pass read: what this node's entries describe.
+    pub read: BTreeMap<(Kind, ObjectKey), ObjectRead>,
     pub images: BTreeMap<ObjectKey, ImageState>,
     /// API LUN → the LUN initiators see.
     pub device_luns: BTreeMap<u32, u32>,
@@ -56,6 +57,13 @@ pub struct NodeReport {
     index: ReportIndex,
 }
 
+/// One object a pass read.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectRead {
+    pub uid: Option<String>,
+    pub generation: Option<i64>,
+}
+
 #[derive(Debug, Default)]
 struct ReportIndex {
     target_by_owner: BTreeMap<ObjectKey, usize>,
@@ -74,9 +82,12 @@ impl NodeReport {
         }
     }
 
-    /// The generation of an object as this pass read it: what its entry describes.
-    pub fn generation(&self, kind: Kind, key: &ObjectKey) -> Option<i64> {
-        self.generations.get(&(kind, key.clone())).copied()
+    /// The generation at which this pass read `object` (`Some(None)`: one without generations,
+    /// from a file); `None` when it read none of that name, or another one — deleted and made
+    /// again since, which nothing this pass found describes.
+    pub fn generation(&self, kind: Kind, object: &ObjectMeta) -> Option<Option<i64>> {
+        let read = self.read.get(&(kind, desired::object_key(object)))?;
+        (read.uid == object.uid).then_some(read.generation)
     }
 
     /// Builds the lookups once the report is complete.

@@ -138,7 +138,7 @@ impl<B: Backend> Syncer<B> {
         report.grant_uids = (resources.grants.iter())
             .filter_map(|g| Some((desired::object_key(&g.metadata), g.metadata.uid.clone()?)))
             .collect();
-        report.generations = resources.generations();
+        report.read = resources.read();
         // Every spec validated once, for everything this pass computes.
         let snapshot = resources.snapshot();
         // Until the files served at the start are known, an unchecked image cannot be told
