@@ -438,6 +438,9 @@ impl Aggregator {
             ..
         } = writes;
         coalescer.forget_stale(clock);
+        // What was written for objects deleted since is of no use any more.
+        let present = stores.keys();
+        in_flight.retain(|(kind, key, _), _| present.contains(&(*kind, key.clone())));
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
             .map(|at| at.saturating_duration_since(clock));
@@ -452,10 +455,10 @@ impl Aggregator {
     async fn write(&self, write: Write) {
         let status = write.status.as_deref();
         match apply_status(&self.client, write.kind, &write.key, &write.manager, status).await {
-            Ok(()) => {
+            Ok(version) => {
                 let flight = (write.kind, write.key, write.manager);
                 self.coalescer.lock().settled(&flight);
-                let written = InFlight::new(write.status, write.standing);
+                let written = InFlight::new(write.status, write.standing, version);
                 self.in_flight.lock().insert(flight, written);
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -634,9 +637,14 @@ fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
     struct Written {
         conditions: Vec<Condition>,
     }
-    let previous: Vec<Condition> = writes
-        .in_flight
-        .get(&(writes.kind, key.clone(), MANAGER.to_owned()))
+    let written = (writes.in_flight).get(&(writes.kind, key.clone(), MANAGER.to_owned()));
+    // Its status is not read (it does not decode): unchanged since this wrote it, it still holds
+    // what this wrote, and at rest nothing is written again.
+    let version = invalid.metadata.resource_version.as_deref();
+    if written.is_some_and(|w| w.unchanged_at(version)) {
+        return;
+    }
+    let previous: Vec<Condition> = written
         .and_then(InFlight::body)
         .and_then(|body| serde_json::from_str::<Written>(body.get()).ok())
         .map(|written| written.conditions)
@@ -681,6 +689,38 @@ mod tests {
     /// The lease holder's memory before any write: nothing in flight, nothing waiting.
     fn nothing_written() -> (Flights, Coalescer<(Kind, ObjectKey, String)>) {
         (HashMap::new(), Coalescer::new(Duration::from_secs(2)))
+    }
+
+    #[test]
+    fn a_malformed_object_s_status_is_not_written_again_while_the_object_is_as_it_left_it() {
+        let invalid = |version: &str| InvalidObject {
+            error: "spec.luns: invalid type: integer `5`, expected a sequence".to_owned(),
+            metadata: ObjectMeta {
+                resource_version: Some(version.to_owned()),
+                generation: Some(1),
+                ..target_meta()
+            },
+        };
+        let (mut in_flight, mut coalescer) = nothing_written();
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        invalid_write(&mut writes, &invalid("7"));
+        let Some(write) = writes.writes.pop() else {
+            panic!("Stalled is written at once");
+        };
+        // Landed: the object is at version 8 after it.
+        let flight = (
+            Kind::IscsiTarget,
+            object_key(&target_meta()),
+            MANAGER.to_owned(),
+        );
+        let landed = InFlight::new(write.status, write.standing, Some("8".to_owned()));
+        in_flight.insert(flight, landed);
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
+        invalid_write(&mut writes, &invalid("8"));
+        assert!(writes.writes.is_empty(), "at rest, long after: nothing");
+        invalid_write(&mut writes, &invalid("9"));
+        assert_eq!(writes.writes.len(), 1, "changed since: written again");
     }
 
     #[test]

@@ -255,14 +255,15 @@ struct ApplyMeta<'a> {
     namespace: &'a str,
 }
 
-/// Server-side applies `status` to one object under `manager`.
+/// Server-side applies `status` to one object under `manager`; the object's resourceVersion
+/// after it.
 async fn apply_status(
     client: &Client,
     kind: Kind,
     key: &ObjectKey,
     manager: &str,
     status: Option<impl Serialize + std::fmt::Debug>,
-) -> kube::Result<()> {
+) -> kube::Result<Option<String>> {
     let params = PatchParams::apply(manager).force();
     let body = &StatusApply {
         api_version: crate::api::API_VERSION,
@@ -288,7 +289,7 @@ async fn patch<K>(
     key: &ObjectKey,
     params: &PatchParams,
     body: &(impl Serialize + std::fmt::Debug),
-) -> kube::Result<()>
+) -> kube::Result<Option<String>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -298,5 +299,5 @@ where
     Api::<K>::namespaced(client.clone(), &key.namespace)
         .patch_status(&key.name, params, &Patch::Apply(body))
         .await
-        .map(drop)
+        .map(|object| object.meta().resource_version.clone())
 }

@@ -67,15 +67,18 @@ pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
 #[derive(Clone, Debug)]
 pub struct InFlight {
     body: Option<StatusBody>,
+    /// The object's resourceVersion right after the write.
+    version: Option<String>,
     /// What it said, for when the next write goes out (`coalesce`).
     standing: Standing,
     at: Instant,
 }
 
 impl InFlight {
-    pub fn new(body: Option<StatusBody>, standing: Standing) -> Self {
+    pub fn new(body: Option<StatusBody>, standing: Standing, version: Option<String>) -> Self {
         Self {
             body,
+            version,
             standing,
             at: Instant::now(),
         }
@@ -93,6 +96,11 @@ impl InFlight {
 
     pub fn body(&self) -> Option<&RawValue> {
         self.body.as_deref()
+    }
+
+    /// Whether the object is still as this write left it (`version`: its resourceVersion now).
+    pub fn unchanged_at(&self, version: Option<&str>) -> bool {
+        self.version.is_some() && self.version.as_deref() == version
     }
 }
 
@@ -163,6 +171,9 @@ impl NodeStatusWriter {
             )
         });
         self.coalescer.lock().forget_stale(Instant::now());
+        // What was written for objects deleted since is of no use any more.
+        let present = stores.keys();
+        self.in_flight.lock().retain(|key, _| present.contains(key));
         let total = writes.len();
         let mut results = std::pin::pin!(
             futures::stream::iter(writes)
@@ -259,8 +270,8 @@ impl NodeStatusWriter {
         self.metrics
             .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
         match result {
-            Ok(()) => {
-                let written = InFlight::new(write.entry, write.standing);
+            Ok(version) => {
+                let written = InFlight::new(write.entry, write.standing, version);
                 let key = (write.kind, write.key);
                 // Out: the next change waits anew. (One that failed is not settled: it is
                 // tried again as the publisher's backoff says, not held once more.)
@@ -416,7 +427,7 @@ mod tests {
         let body =
             |applied| status_body(&serde_json::json!({"node": "node-a", "applied": applied}));
         let entry = body(true);
-        let written = InFlight::new(entry.clone(), Standing::Ready);
+        let written = InFlight::new(entry.clone(), Standing::Ready, None);
         let now = Instant::now();
         assert!(
             written.repeats(entry.as_deref(), now),

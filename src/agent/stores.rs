@@ -4,7 +4,7 @@
 //! status change wakes only the lease holder, so that agents writing status do not wake each
 //! other's syncs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -26,7 +26,7 @@ use tokio::sync::Notify;
 use crate::api::initiator_access::{GRANT_HEARTBEAT_LABEL, InitiatorAccessStatus};
 use crate::api::rules;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{Holds, NodeFacts, ObjectKey, object_key};
+use crate::desired::{Holds, Kind, NodeFacts, ObjectKey, object_key};
 use crate::manifests::ObjectId;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
@@ -254,6 +254,16 @@ impl Stores {
         self.heartbeats.state()
     }
 
+    /// Every object of discus's kinds in the stores, well-formed or not.
+    pub fn keys(&self) -> HashSet<(Kind, ObjectKey)> {
+        let images = self.images().map(|g| (Kind::DiscImage, guarded_key(&g)));
+        let targets = self.targets().map(|g| (Kind::IscsiTarget, guarded_key(&g)));
+        let grants = self
+            .grants()
+            .map(|g| (Kind::InitiatorAccess, guarded_key(&g)));
+        images.chain(targets).chain(grants).collect()
+    }
+
     pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
         self.images.iter().flat_map(Store::state)
     }
@@ -264,6 +274,13 @@ impl Stores {
 
     pub fn grants(&self) -> impl Iterator<Item = Arc<DeserializeGuard<InitiatorAccess>>> + '_ {
         self.grants.iter().flat_map(Store::state)
+    }
+}
+
+fn guarded_key<K: Resource>(guarded: &DeserializeGuard<K>) -> ObjectKey {
+    match &guarded.0 {
+        Ok(object) => object_key(object.meta()),
+        Err(invalid) => object_key(&invalid.metadata),
     }
 }
 
