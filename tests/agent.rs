@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::{SignedDuration, Timestamp, Unit};
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::core::DynamicObject;
@@ -501,7 +502,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     let nodes = ["node-a", "node-b", "node-c"];
     cluster.apply(&demo_manifests());
     the_demo_becomes_current_on_every_node(&cluster, &nodes).await;
-    each_node_writes_its_own_entry_and_the_lease_holder_the_rest(&cluster).await;
+    each_node_reports_its_own_entries_and_the_lease_holder_writes_the_status(&cluster).await;
     each_heartbeat_carries_its_node_s_labels(&cluster).await;
     every_node_serves_the_same_disc_under_the_same_serial(&cluster);
     let password = a_generated_secret_works_on_every_node(&cluster, &nodes).await;
@@ -854,35 +855,49 @@ async fn the_demo_becomes_current_on_every_node(cluster: &Cluster, nodes: &[&str
     }
 }
 
-/// Each node's entry is its own manager's, and only the lease holder writes the conditions,
-/// merging what a client needs from every node's entry as they arrive.
-async fn each_node_writes_its_own_entry_and_the_lease_holder_the_rest(cluster: &Cluster) {
-    let target = cluster.object("IscsiTarget", "demo", "demo").await;
-    let owners = managers(&target);
+/// Each node reports its own entries, in ConfigMaps of its own, and the lease holder alone
+/// writes the status: every node's entry and the conditions merged from them.
+async fn each_node_reports_its_own_entries_and_the_lease_holder_writes_the_status(
+    cluster: &Cluster,
+) {
+    let reports: Api<ConfigMap> = Api::namespaced(cluster.client.clone(), "discus-system");
+    let listed = reports
+        .list(&ListParams::default().labels("discus.dev/report"))
+        .await
+        .expect("the nodes' reports");
     for agent in &cluster.agents {
         let manager = discus::agent::field_manager(&agent.name);
-        let owned: Vec<&(String, String)> = owners.iter().filter(|(m, _)| *m == manager).collect();
-        assert_eq!(owned.len(), 1, "{manager}: {owners:#?}");
-        assert!(
-            owned[0]
-                .1
-                .contains(&format!("{{\\\"node\\\":\\\"{}\\\"}}", agent.name)),
-            "{owned:?}"
-        );
-        for other in cluster.agents.iter().filter(|o| o.name != agent.name) {
+        let own: Vec<&ConfigMap> = (listed.items.iter())
+            .filter(|r| r.data.as_ref().and_then(|d| d.get("node")) == Some(&agent.name))
+            .collect();
+        assert!(!own.is_empty(), "{} has no report", agent.name);
+        for report in own {
+            let value = serde_json::to_value(report).expect("a report");
+            let owners: Vec<String> = managers(&value).into_iter().map(|(m, _)| m).collect();
+            assert_eq!(owners, std::slice::from_ref(&manager), "{value:#}");
+            let entries: Vec<Value> =
+                serde_json::from_str(value["data"]["entries"].as_str().unwrap_or("[]"))
+                    .expect("entries");
             assert!(
-                !owned[0].1.contains(&other.name),
-                "{manager} owns {}'s entry",
-                other.name
+                (entries.iter()).all(|e| e["entry"]["node"] == agent.name.as_str()),
+                "{entries:#?}"
             );
         }
-        assert!(!owned[0].1.contains("conditions"), "{owned:?}");
     }
-    assert!(
-        owners
-            .iter()
-            .any(|(m, f)| m == "discus-leader" && f.contains("conditions")),
-        "{owners:#?}"
+    let target = cluster.object("IscsiTarget", "demo", "demo").await;
+    let status_writers: Vec<String> = (target.pointer("/metadata/managedFields"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|m| m["subresource"] == "status")
+        .map(|m| m["manager"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(status_writers, ["discus-leader"], "{target:#}");
+    let entries = target.pointer("/status/nodes").and_then(Value::as_array);
+    assert_eq!(
+        entries.map(Vec::len),
+        Some(cluster.agents.len()),
+        "{target:#}"
     );
     cluster.wait_for_portals("demo-client", 3).await;
 }
@@ -1361,7 +1376,13 @@ async fn the_agents_use_exactly_their_rights_and_never_show_a_secret(
     }
     let events = serde_json::to_string(&cluster.events().await).expect("json");
     assert!(!events.contains("discus-demo-1") && !events.contains(password));
-    let used = used(requests);
+    let mut used = used(requests);
+    // A report's first server-side apply creates it: authorized as create, audited as patch.
+    // Deleting reports: of a node gone (`lost_nodes_are_marked_then_pruned_…` waits for it), or
+    // of a count a node no longer has — neither happens here.
+    for verb in ["create", "delete"] {
+        used.insert(("".to_owned(), "configmaps".to_owned(), verb.to_owned()));
+    }
     let unused: Vec<_> = granted().difference(&used).cloned().collect();
     assert!(
         unused.is_empty(),
@@ -1427,6 +1448,17 @@ async fn lost_nodes_are_marked_then_pruned_and_a_dead_leader_is_replaced() {
     let survivor: Vec<&str> = live.iter().copied().filter(|n| *n != leader).collect();
     cluster
         .wait_ready_on("IscsiTarget", "demo", &survivor)
+        .await;
+    // Once gone, the dead nodes' reports are deleted by the lease holder.
+    cluster
+        .wait_for(
+            "the dead nodes' reports deleted",
+            Duration::from_secs(60),
+            async || {
+                let reporting = cluster.reporting_nodes().await;
+                !reporting.contains(&follower) && !reporting.contains(&leader)
+            },
+        )
         .await;
 
     // Deleting a target is never blocked by dead nodes, and the live node stops serving it.

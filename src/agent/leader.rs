@@ -1,22 +1,29 @@
-//! The lease holder: one agent at a time writes what no single node can — each resource's
-//! top-level `observedGeneration` and conditions, merged from every node's entry — under a field
-//! manager of its own, and only when it changed.
+//! The lease holder: one agent at a time writes each resource's status — every node's entry,
+//! from the nodes' reports (`reports`), and what no single node can say: the top-level
+//! `observedGeneration` and conditions merged from the entries — in one write per object, and
+//! only when it changed. An entry of a node that has written no report (an agent of an earlier
+//! version, during an upgrade) is kept as the object has it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::DeleteParams;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use parking_lot::Mutex;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::api::disc_image::{DiscImageNodeStatus, DiscImageStatus};
 use crate::api::initiator_access::{AccessNodeStatus, HeartbeatStatus, InitiatorAccessStatus};
@@ -29,14 +36,17 @@ use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::expected::Expected;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
-use super::node_status::{InFlight, field_manager};
+use super::node_status::IN_FLIGHT_FOR;
+use super::reports::{self, Report, Reported};
 use super::stores::{Stores, Wakers};
 use super::upload_tokens::{self, Due};
-use super::{StatusBody, apply_status, status_body};
+use super::{StatusBody, bounded, merge_patch, patch_status, status_body};
 use crate::credentials::Keys;
 
 /// The field manager of everything the lease holder writes.
 pub const MANAGER: &str = "discus-leader";
+/// An object of a kind, by name.
+type Object = (Kind, ObjectKey);
 /// The Lease whose holder aggregates.
 pub const LEASE: &str = "discus-leader";
 const CONCURRENT_WRITES: usize = 16;
@@ -91,6 +101,7 @@ pub async fn run(
     let (mut leading, _election) = manager.watch().await;
     let aggregator = Aggregator::new(
         client,
+        options.lease_namespace.clone(),
         options.iqn_authority.clone(),
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
         options.status_settle,
@@ -146,13 +157,17 @@ pub async fn run(
 
 pub struct Aggregator {
     client: Client,
+    /// The agents' namespace, where the reports are.
+    namespace: String,
     iqn_authority: String,
     liveness: Mutex<Tracker>,
-    /// What was last written per object and manager, until the store shows it (`Null`: an
-    /// entry removed), for `IN_FLIGHT_FOR` at most (see `node_status`).
-    in_flight: Mutex<HashMap<(Kind, ObjectKey, String), InFlight>>,
-    /// Top-level status that only reports progress waits here for the next (see `coalesce`).
-    coalescer: Mutex<Coalescer<(Kind, ObjectKey, String)>>,
+    /// What was last written per object, until the store shows it, for `IN_FLIGHT_FOR` at
+    /// most (see `node_status`).
+    in_flight: Mutex<HashMap<Object, InFlight>>,
+    /// Status that only reports progress waits here for the next (see `coalesce`).
+    coalescer: Mutex<Coalescer<Object>>,
+    /// Every report as last read, by ConfigMap name.
+    reports: Mutex<HashMap<String, ReportRead>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
     created_secrets: Mutex<BTreeSet<ObjectKey>>,
     /// Upload tokens written, and when: not written again before the store shows them.
@@ -161,33 +176,85 @@ pub struct Aggregator {
     taken_tokens: Mutex<BTreeSet<ObjectKey>>,
 }
 
+/// A write made, until the store shows it or `IN_FLIGHT_FOR` passed.
+#[derive(Clone, Debug)]
+pub struct InFlight {
+    /// The status written, hashed: thousands are in flight on a cold start.
+    digest: [u8; 32],
+    /// The status itself, where the next write builds on it (a malformed object's).
+    kept: Option<StatusBody>,
+    /// The object's resourceVersion right after the write.
+    version: Option<String>,
+    /// What it said, for when the next write goes out (`coalesce`).
+    standing: Standing,
+    at: Instant,
+}
+
+impl InFlight {
+    fn new(write: Write, version: Option<String>) -> Self {
+        Self {
+            digest: digest(&write.status),
+            kept: write.keep.then_some(write.status),
+            version,
+            standing: write.standing,
+            at: Instant::now(),
+        }
+    }
+
+    /// Whether writing `status` now would repeat this write while it may still land.
+    fn repeats(&self, status: &RawValue, now: Instant) -> bool {
+        self.digest == digest(status) && now.saturating_duration_since(self.at) < IN_FLIGHT_FOR
+    }
+
+    /// Whether the object is still as this write left it (`version`: its resourceVersion now).
+    fn unchanged_at(&self, version: Option<&str>) -> bool {
+        self.version.is_some() && self.version.as_deref() == version
+    }
+}
+
+fn digest(status: &RawValue) -> [u8; 32] {
+    Sha256::digest(status.get().as_bytes()).into()
+}
+
 struct Write {
     kind: Kind,
     key: ObjectKey,
-    manager: String,
-    /// `None` drops what the manager owned.
-    status: Option<StatusBody>,
+    /// The whole status wanted…
+    status: StatusBody,
+    /// …and the merge patch that makes it of the object's.
+    patch: Value,
     standing: Standing,
+    /// Keep the status in flight whole (see `InFlight::kept`).
+    keep: bool,
 }
 
 /// The lease holder's writes, in the making.
 struct Writes<'a> {
     kind: Kind,
-    in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>,
-    coalescer: &'a mut Coalescer<(Kind, ObjectKey, String)>,
+    in_flight: &'a mut HashMap<Object, InFlight>,
+    coalescer: &'a mut Coalescer<Object>,
     writes: Vec<Write>,
     /// When the earliest write held back falls due.
     held_until: Option<Instant>,
     /// Every node with an entry in an object gone over.
     nodes: BTreeSet<String>,
+    /// Every object gone over.
+    seen: HashSet<Object>,
     now: Instant,
+}
+
+/// What a status write says, for when it goes out (see `coalesce`): what it says, and what the
+/// object says now (`None`: no conditions yet).
+struct Saying {
+    standing: Standing,
+    current: Option<Standing>,
 }
 
 impl<'a> Writes<'a> {
     fn new(
         kind: Kind,
-        in_flight: &'a mut HashMap<(Kind, ObjectKey, String), InFlight>,
-        coalescer: &'a mut Coalescer<(Kind, ObjectKey, String)>,
+        in_flight: &'a mut HashMap<Object, InFlight>,
+        coalescer: &'a mut Coalescer<Object>,
     ) -> Self {
         Self {
             kind,
@@ -196,36 +263,25 @@ impl<'a> Writes<'a> {
             writes: Vec::new(),
             held_until: None,
             nodes: BTreeSet::new(),
+            seen: HashSet::new(),
             now: Instant::now(),
         }
     }
 
-    /// Queues a write that users act on (see `coalesce`) unless the same is already in flight.
-    fn push(&mut self, key: &ObjectKey, manager: String, status: Option<Value>) {
-        self.push_when(key, manager, status, Standing::Final, None);
-    }
-
-    /// Queues a write unless the same is already in flight or it is not due yet: `standing` is
-    /// what it says, `current` what the object says now.
-    fn push_when(
-        &mut self,
-        key: &ObjectKey,
-        manager: String,
-        status: Option<Value>,
-        standing: Standing,
-        current: Option<Standing>,
-    ) {
-        let flight = (self.kind, key.clone(), manager);
-        let status = match status.as_ref().map(status_body) {
-            Some(None) => return,
-            status => status.flatten(),
+    /// Queues the write of `wanted` over `current` unless the same is already in flight or it
+    /// is not due yet (see `coalesce`).
+    fn push(&mut self, key: &ObjectKey, wanted: &Value, current: &Value, saying: Saying) {
+        let flight = (self.kind, key.clone());
+        let Some(status) = status_body(wanted) else {
+            return;
         };
         let written = self.in_flight.get(&flight);
-        if written.is_some_and(|f| f.repeats(status.as_deref(), self.now)) {
+        if written.is_some_and(|f| f.repeats(&status, self.now)) {
             return;
         }
-        let written = written.map(InFlight::standing);
-        let due = (self.coalescer).due(&flight, standing, current, written, self.now);
+        let written = written.map(|f| f.standing);
+        let (standing, now) = (saying.standing, self.now);
+        let due = (self.coalescer).due(&flight, standing, saying.current, written, now);
         if let When::At(at) = due {
             self.held_until = earliest(self.held_until, Some(at));
             return;
@@ -233,33 +289,93 @@ impl<'a> Writes<'a> {
         self.writes.push(Write {
             kind: self.kind,
             key: flight.1,
-            manager: flight.2,
             status,
+            patch: merge_patch(current, wanted),
             standing,
+            keep: false,
         });
     }
 
-    /// Nothing to write for this object and manager: what was in flight has landed.
-    fn landed(&mut self, key: &ObjectKey, manager: &str) {
-        let flight = (self.kind, key.clone(), manager.to_owned());
+    /// The object has the status it wants: what was in flight has landed.
+    fn landed(&mut self, key: &ObjectKey) {
+        let flight = (self.kind, key.clone());
         self.coalescer.settled(&flight);
         self.in_flight.remove(&flight);
+    }
+}
+
+/// A report as last read: by the ConfigMap's resourceVersion; `None` when it is not one.
+struct ReportRead {
+    version: Option<String>,
+    created: Option<Timestamp>,
+    report: Option<Arc<Report>>,
+}
+
+/// The nodes' reports of one pass, by object.
+#[derive(Default)]
+struct NodeReports<'a> {
+    by_object: HashMap<(Kind, &'a ObjectKey), Vec<(&'a str, &'a Reported)>>,
+    /// Every node that writes reports: its reports alone say what its entries are.
+    reporting: BTreeSet<&'a str>,
+}
+
+impl<'a> NodeReports<'a> {
+    fn new(reports: &'a [Arc<Report>]) -> Self {
+        let mut index = Self::default();
+        for report in reports {
+            index.reporting.insert(&report.node);
+            for ((kind, key), reported) in &report.records {
+                let entries = index.by_object.entry((*kind, key)).or_default();
+                entries.push((&report.node, reported));
+            }
+        }
+        index
+    }
+
+    /// An object's entries, by node: from each reporting node's report (about this very
+    /// object, by uid), and as the object has them from the others.
+    fn entries<E: NodeEntry + DeserializeOwned>(
+        &self,
+        kind: Kind,
+        meta: &ObjectMeta,
+        in_object: Vec<E>,
+    ) -> Vec<E> {
+        let key = object_key(meta);
+        let uid = meta.uid.as_deref().unwrap_or_default();
+        let mut entries: Vec<E> = (in_object.into_iter())
+            .filter(|e| !self.reporting.contains(e.node()))
+            .collect();
+        for (node, reported) in self.by_object.get(&(kind, &key)).into_iter().flatten() {
+            if reported.uid != uid {
+                continue;
+            }
+            // An entry that does not decode, or that names another node, is not trusted.
+            match serde_json::from_str::<E>(reported.entry.get()) {
+                Ok(entry) if entry.node() == *node => entries.push(entry),
+                _ => {}
+            }
+        }
+        entries.sort_by(|a, b| a.node().cmp(b.node()));
+        entries
     }
 }
 
 impl Aggregator {
     pub fn new(
         client: Client,
+        namespace: String,
         iqn_authority: String,
         liveness: Tracker,
         status_settle: Duration,
     ) -> Self {
         Self {
             client,
+            namespace,
             iqn_authority,
             liveness: Mutex::new(liveness),
             in_flight: Mutex::default(),
             coalescer: Mutex::new(Coalescer::new(status_settle)),
+            reports: Mutex::default(),
             created_secrets: Mutex::default(),
             written_tokens: Mutex::default(),
             taken_tokens: Mutex::default(),
@@ -369,24 +485,27 @@ impl Aggregator {
         next.map(|at| Duration::from_secs(at.saturating_sub(seconds).max(1)))
     }
 
-    /// Writes every top-level status that changed, marks the entries of lost nodes and removes
-    /// those of gone ones; returns when something will change by itself (a grant expiring, a
-    /// node turning lost or gone).
+    /// Writes every status that changed — the entries of lost nodes marked, those of gone ones
+    /// left out, and their reports deleted; returns when something will change by itself (a
+    /// grant expiring, a node turning lost or gone).
     pub async fn aggregate(&self, stores: &Stores, now: Timestamp) -> Option<Duration> {
-        let (writes, next) = self.plan(stores, now);
+        let (writes, gone, next) = self.plan(stores, now);
         futures::stream::iter(writes)
             .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
             .await;
+        self.delete_reports(gone).await;
         next
     }
 
-    /// The writes due now, and how long until something changes by itself.
-    fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Option<Duration>) {
+    /// The writes due now, the nodes gone, and how long until something changes by itself.
+    fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Vec<String>, Option<Duration>) {
         let clock = Instant::now();
         let heartbeats = stores.heartbeats();
         let mut liveness = self.liveness.lock();
         liveness.observe(heartbeats.iter().map(|l| l.as_ref()), clock);
         let live = |node: &str| liveness.of(node, clock);
+        let reports = self.read_reports(stores);
+        let reported = NodeReports::new(&reports);
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
         let mut writes = Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer);
         // Every spec validated once, for IQNs, expiries and the nodes that should serve it.
@@ -405,10 +524,14 @@ impl Aggregator {
         let is_live = |node: &str| live(node) == Liveness::Live;
         let leases = heartbeats.iter().map(|l| l.as_ref());
         let expected = Expected::new(leases, is_live, &snapshot, now);
+        let sources = Sources {
+            reported: &reported,
+            live: &live,
+        };
         plan_kind(
             &mut writes,
             images.iter().cloned(),
-            &live,
+            &sources,
             |image: &DiscImage| expected.image(&object_key(image.meta())),
             |image, entries, status| status::image_status(image, entries, Some(status), now),
         );
@@ -416,7 +539,7 @@ impl Aggregator {
         plan_kind(
             &mut writes,
             targets.iter().cloned(),
-            &live,
+            &sources,
             |target: &IscsiTarget| expected.target(&snapshot, &object_key(target.meta())),
             |target, entries, status| {
                 let iqn = snapshot.target_iqn(&object_key(target.meta()), &self.iqn_authority);
@@ -427,38 +550,113 @@ impl Aggregator {
         plan_kind(
             &mut writes,
             grants.iter().cloned(),
-            &live,
+            &sources,
             |grant: &InitiatorAccess| expected.grant(&snapshot, &object_key(grant.meta())),
             |grant, entries, status| grant_status(stores, &snapshot, grant, entries, status, now),
         );
         let Writes {
             writes,
             held_until,
-            nodes,
+            mut nodes,
+            seen,
             ..
         } = writes;
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
-        let present = stores.keys();
-        in_flight.retain(|(kind, key, _), _| present.contains(&(*kind, key.clone())));
+        in_flight.retain(|object, _| seen.contains(object));
+        nodes.extend(reported.reporting.iter().map(|n| n.to_string()));
+        let gone = (reported.reporting.iter())
+            .filter(|node| live(node) == Liveness::Gone)
+            .map(|node| node.to_string())
+            .collect();
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)
             .map(|at| at.saturating_duration_since(clock));
         let expiry = (snapshot.next_expiry(now)).map(|at| wake_for_expiry(at, now));
         let held = held_until.map(|at| at.saturating_duration_since(clock));
-        (
-            writes,
-            [expiry, next_change, held].into_iter().flatten().min(),
-        )
+        let next = [expiry, next_change, held].into_iter().flatten().min();
+        (writes, gone, next)
+    }
+
+    /// The reports to aggregate: every report read (once per version), and of each node the
+    /// set of its newest count (a node whose count changed writes the new set, then deletes the
+    /// old; a report that is not one is said once and left out).
+    fn read_reports(&self, stores: &Stores) -> Vec<Arc<Report>> {
+        let mut read = self.reports.lock();
+        let config_maps = stores.reports();
+        let names: HashSet<String> = config_maps.iter().map(|c| c.name_any()).collect();
+        read.retain(|name, _| names.contains(name));
+        for config_map in &config_maps {
+            let name = config_map.name_any();
+            let version = config_map.resource_version();
+            if read.get(&name).is_some_and(|r| r.version == version) {
+                continue;
+            }
+            let report = reports::read(config_map)
+                .inspect_err(|error| tracing::warn!(report = %name, %error, "a ConfigMap labelled as a node report is not one; it is left out"))
+                .ok()
+                .map(Arc::new);
+            let created = config_map.creation_timestamp().map(|t| t.0);
+            read.insert(
+                name,
+                ReportRead {
+                    version,
+                    created,
+                    report,
+                },
+            );
+        }
+        // Of each node, the count of its newest report.
+        let mut newest: BTreeMap<&str, (Option<Timestamp>, u32)> = BTreeMap::new();
+        for read in read.values() {
+            let Some(report) = &read.report else { continue };
+            let this = (read.created, report.name.count);
+            let kept = newest.entry(&report.node).or_insert(this);
+            *kept = (*kept).max(this);
+        }
+        (read.values())
+            .filter_map(|r| r.report.clone())
+            .filter(|r| {
+                newest
+                    .get(r.node.as_str())
+                    .is_some_and(|n| n.1 == r.name.count)
+            })
+            .collect()
+    }
+
+    /// Deletes the reports of nodes that are gone (their entries are left out already).
+    async fn delete_reports(&self, gone: Vec<String>) {
+        if gone.is_empty() {
+            return;
+        }
+        let names: Vec<(String, String)> = {
+            let read = self.reports.lock();
+            (read.iter())
+                .filter_map(|(name, r)| Some((name.clone(), r.report.as_ref()?.node.clone())))
+                .filter(|(_, node)| gone.contains(node))
+                .collect()
+        };
+        let api: kube::Api<ConfigMap> = kube::Api::namespaced(self.client.clone(), &self.namespace);
+        for (name, node) in names {
+            match bounded(api.delete(&name, &DeleteParams::default())).await {
+                Ok(_) => {
+                    tracing::info!(%node, report = %name, "deleted a report of a node that is gone")
+                }
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(error) => {
+                    tracing::warn!(%node, report = %name, %error, "cannot delete a report of a node that is gone")
+                }
+            }
+        }
     }
 
     async fn write(&self, write: Write) {
-        let status = write.status.as_deref();
-        match apply_status(&self.client, write.kind, &write.key, &write.manager, status).await {
+        let written = patch_status(&self.client, write.kind, &write.key, MANAGER, &write.patch);
+        match written.await {
             Ok(version) => {
-                let flight = (write.kind, write.key, write.manager);
+                let flight = (write.kind, write.key.clone());
                 self.coalescer.lock().settled(&flight);
-                let written = InFlight::new(write.status, write.standing, version);
+                let written = InFlight::new(write, version);
                 self.in_flight.lock().insert(flight, written);
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -490,48 +688,55 @@ fn grant_status(
     status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
 }
 
-/// One kind's writes: for each well-formed object, its lost nodes' entries marked, gone nodes'
-/// entries dropped, and its top-level status (from `top`) when that changed — a Ready waiting a
+/// Where an object's entries come from: the nodes' reports, judged by whether each node lives.
+struct Sources<'a> {
+    reported: &'a NodeReports<'a>,
+    live: &'a dyn Fn(&str) -> Liveness,
+}
+
+/// One kind's writes: for each well-formed object, its status (from `status`) with every node's
+/// entry — a lost node's marked, a gone node's left out — when that changed; a Ready waiting a
 /// moment for the nodes `expected` says should report and have not; a malformed object is
 /// marked Stalled. Every node with an entry goes to `writes.nodes`.
-fn plan_kind<K: Reported>(
+fn plan_kind<K: Aggregated>(
     writes: &mut Writes<'_>,
     objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
-    live: &dyn Fn(&str) -> Liveness,
+    sources: &Sources<'_>,
     expected: impl Fn(&K) -> BTreeSet<String>,
-    mut top: impl FnMut(&K, Vec<K::Entry>, &K::Status) -> K::Status,
+    mut status: impl FnMut(&K, Vec<K::Entry>, &K::Status) -> K::Status,
 ) {
     for guarded in objects {
         match &guarded.0 {
             Ok(object) => {
-                let status = object.current_status();
-                let entries = K::entries(&status);
+                let current = object.current_status();
+                let in_object = K::entries(&current);
+                let entries = (sources.reported).entries(writes.kind, object.meta(), in_object);
                 (writes.nodes).extend(entries.iter().map(|e| e.node().to_owned()));
-                let entries = judge(writes, object.meta(), entries, live);
+                let entries = judge(entries, sources.live);
                 let reported: HashSet<String> =
                     entries.iter().map(|e| e.node().to_owned()).collect();
-                let wanted = top(object, entries, &status);
+                let wanted = status(object, entries, &current);
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
-                top_level_write(writes, object.meta(), &wanted, &status, &unreported);
+                status_write(writes, object.meta(), &wanted, &current, &unreported);
             }
             Err(invalid) => invalid_write(writes, invalid),
         }
     }
 }
 
-/// A kind whose status holds an entry from each node and a top level the lease holder writes.
-trait Reported: Resource<DynamicType = ()> {
+/// A kind whose status holds an entry from each node and a top level merged from them.
+trait Aggregated: Resource<DynamicType = ()> {
     type Status: Serialize;
-    type Entry: NodeEntry + Serialize;
+    type Entry: NodeEntry + Serialize + DeserializeOwned;
     fn current_status(&self) -> Self::Status;
     fn entries(status: &Self::Status) -> Vec<Self::Entry>;
 }
 
-/// `Reported` for a kind whose `status` has a `nodes` list.
+/// `Aggregated` for a kind whose `status` has a `nodes` list.
 macro_rules! reported {
     ($kind:ty, $status:ty, $entry:ty) => {
-        impl Reported for $kind {
+        impl Aggregated for $kind {
             type Status = $status;
             type Entry = $entry;
             fn current_status(&self) -> $status {
@@ -548,43 +753,28 @@ reported!(DiscImage, DiscImageStatus, DiscImageNodeStatus);
 reported!(IscsiTarget, IscsiTargetStatus, TargetNodeStatus);
 reported!(InitiatorAccess, InitiatorAccessStatus, AccessNodeStatus);
 
-/// The entries to aggregate: a live node's as it wrote it, a lost node's marked (in the object
-/// too, as that node's manager), a gone node's removed.
-fn judge<E: NodeEntry + Serialize>(
-    writes: &mut Writes<'_>,
-    meta: &ObjectMeta,
-    entries: Vec<E>,
-    live: &dyn Fn(&str) -> Liveness,
-) -> Vec<E> {
-    let key = object_key(meta);
+/// The entries to aggregate: a live node's as it reported it, a lost node's marked as such, a
+/// gone node's left out.
+fn judge<E: NodeEntry>(entries: Vec<E>, live: &dyn Fn(&str) -> Liveness) -> Vec<E> {
     let mut kept = Vec::new();
-    for entry in entries {
-        let manager = field_manager(entry.node());
+    for mut entry in entries {
         match live(entry.node()) {
-            Liveness::Live => {
-                writes.landed(&key, &manager);
+            Liveness::Live => kept.push(entry),
+            Liveness::Lost(message) => {
+                if !entry.is_marked_lost() {
+                    entry.mark_lost(&message);
+                }
                 kept.push(entry);
             }
-            Liveness::Lost(message) => {
-                if entry.is_marked_lost() {
-                    writes.landed(&key, &manager);
-                    kept.push(entry);
-                } else {
-                    let mut marked = entry;
-                    marked.mark_lost(&message);
-                    writes.push(&key, manager, Some(json!({"nodes": [&marked]})));
-                    kept.push(marked);
-                }
-            }
-            Liveness::Gone => writes.push(&key, manager, None),
+            Liveness::Gone => {}
         }
     }
     kept
 }
 
-/// The top-level status, written when it differs from the object's; `unreported`: whether a
-/// node that should serve the object has no entry in it yet.
-fn top_level_write<S: Serialize>(
+/// The status, written when it differs from the object's; `unreported`: whether a node that
+/// should serve the object has no entry in it yet.
+fn status_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
     wanted: &S,
@@ -592,29 +782,35 @@ fn top_level_write<S: Serialize>(
     unreported: &dyn Fn() -> bool,
 ) {
     let key = object_key(meta);
-    let (wanted, current) = (top_level(wanted), top_level(current));
+    writes.seen.insert((writes.kind, key.clone()));
+    let value = |status: &S| serde_json::to_value(status).unwrap_or(Value::Null);
+    let (wanted, current) = (value(wanted), value(current));
     if wanted == current {
-        writes.landed(&key, MANAGER);
-    } else {
-        // Conditions about an older generation are what kstatus waits on after a change: the
-        // new ones go out at once, whatever they say. (A new object has none yet.)
-        let generations = (
-            current.get("observedGeneration"),
-            wanted.get("observedGeneration"),
-        );
-        let standing = match (generations, top_level_standing(&wanted)) {
-            ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
-            (_, Standing::Ready) if unreported() => Standing::Partial,
-            (_, standing) => standing,
-        };
-        let now = (current.get("conditions")).map(|_| top_level_standing(&current));
-        writes.push_when(&key, MANAGER.to_owned(), Some(wanted), standing, now);
+        writes.landed(&key);
+        return;
     }
+    // Conditions about an older generation are what kstatus waits on after a change: the new
+    // ones go out at once, whatever they say. (A new object has none yet.)
+    let generations = (
+        current.get("observedGeneration"),
+        wanted.get("observedGeneration"),
+    );
+    let standing = match (generations, status_standing(&wanted)) {
+        ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
+        (_, Standing::Ready) if unreported() => Standing::Partial,
+        (_, standing) => standing,
+    };
+    let now = (current.get("conditions")).map(|_| status_standing(&current));
+    let saying = Saying {
+        standing,
+        current: now,
+    };
+    writes.push(&key, &wanted, &current, saying);
 }
 
-/// What a top-level status says, for when to write it (see `coalesce`): Ready; Stalled or
-/// Expired (access ended), for users to act on; or on its way.
-fn top_level_standing(status: &Value) -> Standing {
+/// What a status says, for when to write it (see `coalesce`): Ready; Stalled or Expired (access
+/// ended), for users to act on; or on its way.
+fn status_standing(status: &Value) -> Standing {
     let holds = |kind: &str| {
         (status.get("conditions").and_then(Value::as_array))
             .into_iter()
@@ -633,19 +829,19 @@ fn top_level_standing(status: &Value) -> Standing {
 /// An object that is not even well-formed: not Ready, Stalled, with why.
 fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
     let key = object_key(&invalid.metadata);
+    writes.seen.insert((writes.kind, key.clone()));
     #[derive(serde::Deserialize)]
     struct Written {
         conditions: Vec<Condition>,
     }
-    let written = (writes.in_flight).get(&(writes.kind, key.clone(), MANAGER.to_owned()));
+    let written = (writes.in_flight).get(&(writes.kind, key.clone()));
     // Its status is not read (it does not decode): unchanged since this wrote it, it still holds
     // what this wrote, and at rest nothing is written again.
     let version = invalid.metadata.resource_version.as_deref();
     if written.is_some_and(|w| w.unchanged_at(version)) {
         return;
     }
-    let previous: Vec<Condition> = written
-        .and_then(InFlight::body)
+    let previous: Vec<Condition> = (written.and_then(|w| w.kept.as_ref()))
         .and_then(|body| serde_json::from_str::<Written>(body.get()).ok())
         .map(|written| written.conditions)
         .unwrap_or_default();
@@ -655,20 +851,19 @@ fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
         invalid.metadata.generation,
         Timestamp::now(),
     );
-    writes.push(
-        &key,
-        MANAGER.to_owned(),
-        Some(json!({ "conditions": conditions })),
-    );
-}
-
-/// A status without the node entries: what the lease holder owns.
-fn top_level<S: Serialize>(status: &S) -> Value {
-    let mut value = serde_json::to_value(status).unwrap_or(Value::Null);
-    if let Some(fields) = value.as_object_mut() {
-        fields.remove("nodes");
-    }
-    value
+    let wanted = json!({ "conditions": conditions });
+    let Some(status) = status_body(&wanted) else {
+        return;
+    };
+    // Only the conditions change: the rest of the status is the nodes' and stays.
+    writes.writes.push(Write {
+        kind: writes.kind,
+        key,
+        status,
+        patch: wanted,
+        standing: Standing::Final,
+        keep: true,
+    });
 }
 
 #[cfg(test)]
@@ -684,10 +879,10 @@ mod tests {
         }
     }
 
-    type Flights = HashMap<(Kind, ObjectKey, String), InFlight>;
+    type Flights = HashMap<Object, InFlight>;
 
     /// The lease holder's memory before any write: nothing in flight, nothing waiting.
-    fn nothing_written() -> (Flights, Coalescer<(Kind, ObjectKey, String)>) {
+    fn nothing_written() -> (Flights, Coalescer<Object>) {
         (HashMap::new(), Coalescer::new(Duration::from_secs(2)))
     }
 
@@ -708,12 +903,8 @@ mod tests {
             panic!("Stalled is written at once");
         };
         // Landed: the object is at version 8 after it.
-        let flight = (
-            Kind::IscsiTarget,
-            object_key(&target_meta()),
-            MANAGER.to_owned(),
-        );
-        let landed = InFlight::new(write.status, write.standing, Some("8".to_owned()));
+        let flight = (Kind::IscsiTarget, object_key(&target_meta()));
+        let landed = InFlight::new(write, Some("8".to_owned()));
         in_flight.insert(flight, landed);
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
@@ -732,13 +923,13 @@ mod tests {
             json!({"observedGeneration": 2, "conditions": list})
         };
         let ready = conditions(&[("Ready", "True"), ("Reconciling", "False")]);
-        assert_eq!(top_level_standing(&ready), Standing::Ready);
+        assert_eq!(status_standing(&ready), Standing::Ready);
         let stalled = conditions(&[("Ready", "False"), ("Stalled", "True")]);
-        assert_eq!(top_level_standing(&stalled), Standing::Final);
+        assert_eq!(status_standing(&stalled), Standing::Final);
         let expired = conditions(&[("Ready", "False"), ("Expired", "True")]);
-        assert_eq!(top_level_standing(&expired), Standing::Final);
+        assert_eq!(status_standing(&expired), Standing::Final);
         let pending = conditions(&[("Ready", "False"), ("Reconciling", "True")]);
-        assert_eq!(top_level_standing(&pending), Standing::Passing);
+        assert_eq!(status_standing(&pending), Standing::Passing);
     }
 
     #[test]
@@ -751,7 +942,7 @@ mod tests {
         let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
-        top_level_write(
+        status_write(
             &mut writes,
             &meta,
             &status(2, "False"),
@@ -765,52 +956,155 @@ mod tests {
         );
         // A new object, not Ready yet: its first status waits for the next state.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &status(1, "False"), &json!({}), &|| {
+        status_write(&mut writes, &meta, &status(1, "False"), &json!({}), &|| {
             false
         });
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
     }
 
-    #[test]
-    fn a_kind_s_ready_waits_only_while_an_expected_live_node_has_no_entry() {
-        let target: IscsiTarget = serde_json::from_value(json!({
+    /// A target whose status has entries of nodes a, b and gone.
+    fn target_with_entries() -> IscsiTarget {
+        serde_json::from_value(json!({
             "apiVersion": "discus.dev/v1alpha1", "kind": "IscsiTarget",
-            "metadata": {"name": "t", "namespace": "lab", "generation": 1},
+            "metadata": {"name": "t", "namespace": "lab", "generation": 1, "uid": "u1"},
             "spec": {"luns": [{"lun": 0, "image": "disc"}]},
             "status": {"nodes": [{"node": "a", "ready": true}, {"node": "b", "ready": true},
                                  {"node": "gone", "ready": true}]},
         }))
-        .expect("a target");
+        .expect("a target")
+    }
+
+    /// The lease holder's plan for `target` with `reports`, `expected` the nodes that should
+    /// serve it: the nodes of the status it writes (none: no write), and whether it waits.
+    fn plan_for(
+        target: IscsiTarget,
+        reports: &[Arc<Report>],
+        expected: &[&str],
+    ) -> (Option<Vec<String>>, bool) {
         let objects = [Arc::new(DeserializeGuard(Ok(target)))];
         let live = |node: &str| match node {
             "gone" => Liveness::Gone,
             _ => Liveness::Live,
         };
-        let plan = |expected: &[&str]| {
-            let (mut in_flight, mut coalescer) = nothing_written();
-            let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-            let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
-            plan_kind(
-                &mut writes,
-                objects.iter().cloned(),
-                &live,
-                |_| expected.clone(),
-                |target, entries, status| {
-                    let iqn = Some("iqn.2026-01.test.lab:t".to_owned());
-                    status::target_status(target, entries, iqn, Some(status), Timestamp::now())
-                },
-            );
-            let managers: Vec<String> = writes.writes.iter().map(|w| w.manager.clone()).collect();
-            (managers, writes.held_until.is_some())
+        let reported = NodeReports::new(reports);
+        let sources = Sources {
+            reported: &reported,
+            live: &live,
         };
-        let gone = field_manager("gone");
-        // Every node that should serve it reported (a gone node's entry is removed either way).
-        assert_eq!(
-            plan(&["a", "b"]),
-            (vec![gone.clone(), MANAGER.to_owned()], false)
+        let (mut in_flight, mut coalescer) = nothing_written();
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
+        plan_kind(
+            &mut writes,
+            objects.iter().cloned(),
+            &sources,
+            |_| expected.clone(),
+            |target, entries, status| {
+                let iqn = Some("iqn.2026-01.test.lab:t".to_owned());
+                status::target_status(target, entries, iqn, Some(status), Timestamp::now())
+            },
         );
-        // Node c should, and has not: Ready waits; the removal does not.
-        assert_eq!(plan(&["a", "b", "c"]), (vec![gone], true));
+        assert!(writes.writes.len() <= 1, "one write per object at most");
+        let nodes = writes.writes.first().map(|write| {
+            let status: Value = serde_json::from_str(write.status.get()).expect("a status");
+            (status["nodes"].as_array().into_iter().flatten())
+                .map(|e| e["node"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        });
+        (nodes, writes.held_until.is_some())
+    }
+
+    #[test]
+    fn a_kind_s_ready_waits_only_while_an_expected_live_node_has_no_entry() {
+        let nodes = |names: &[&str]| Some(names.iter().map(|n| n.to_string()).collect());
+        // Every node that should serve it reported: one write, a gone node's entry left out.
+        assert_eq!(
+            plan_for(target_with_entries(), &[], &["a", "b"]),
+            (nodes(&["a", "b"]), false)
+        );
+        // Node c should, and has not: the write waits.
+        assert_eq!(
+            plan_for(target_with_entries(), &[], &["a", "b", "c"]),
+            (None, true)
+        );
+    }
+
+    /// Node `node`'s report with an entry of `lab/t` (uid `uid`) that names `named`.
+    fn report(node: &str, uid: &str, named: &str) -> Arc<Report> {
+        let entry =
+            json!({"node": named, "ready": true, "message": format!("from {node}'s report")});
+        let reported = Reported {
+            uid: uid.to_owned(),
+            entry: status_body(&entry).expect("an entry"),
+        };
+        let key = ObjectKey::new("lab", "t");
+        let count = reports::shard_count(1);
+        Arc::new(Report {
+            node: node.to_owned(),
+            name: reports::ShardName::of(Kind::IscsiTarget, &key, count),
+            records: BTreeMap::from([((Kind::IscsiTarget, key), reported)]),
+        })
+    }
+
+    #[test]
+    fn a_reporting_node_s_entry_is_what_its_report_says_about_this_very_object() {
+        let entries = |reports: &[Arc<Report>]| {
+            let reported = NodeReports::new(reports);
+            let target = target_with_entries();
+            let in_object = target.status.clone().map(|s| s.nodes).unwrap_or_default();
+            let entries = reported.entries(Kind::IscsiTarget, &target.metadata, in_object);
+            (entries.into_iter())
+                .map(|e| (e.node, e.message.unwrap_or_default()))
+                .collect::<Vec<_>>()
+        };
+        let from = |node: &str, message: &str| (node.to_owned(), message.to_owned());
+        // No reports (agents of an earlier version): the object's entries.
+        assert_eq!(
+            entries(&[]),
+            [from("a", ""), from("b", ""), from("gone", "")]
+        );
+        // Node b reports: its entry is its report's.
+        assert_eq!(
+            entries(&[report("b", "u1", "b")]),
+            [
+                from("a", ""),
+                from("b", "from b's report"),
+                from("gone", "")
+            ]
+        );
+        // About an object of the same name deleted since, or naming another node: no entry of b.
+        assert_eq!(
+            entries(&[report("b", "u0", "b")]),
+            [from("a", ""), from("gone", "")]
+        );
+        assert_eq!(
+            entries(&[report("b", "u1", "a")]),
+            [from("a", ""), from("gone", "")]
+        );
+    }
+
+    #[test]
+    fn a_write_the_store_never_shows_is_made_again_after_a_while() {
+        let (mut in_flight, mut coalescer) = nothing_written();
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let ready =
+            json!({"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]});
+        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        let Some(write) = writes.writes.pop() else {
+            panic!("Ready is written at once");
+        };
+        in_flight.insert(write_key(&write), InFlight::new(write, None));
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        assert!(writes.writes.is_empty(), "just written: in flight");
+        // Changed by someone else before the store showed it: written again after a while.
+        writes.now = Instant::now() + IN_FLIGHT_FOR;
+        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        assert_eq!(writes.writes.len(), 1);
+    }
+
+    fn write_key(write: &Write) -> Object {
+        (write.kind, write.key.clone())
     }
 
     #[test]
@@ -820,11 +1114,11 @@ mod tests {
                            "conditions": [{"type": "Ready", "status": "True"}]});
         let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &ready, &json!({}), &|| true);
+        status_write(&mut writes, &meta, &ready, &json!({}), &|| true);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
         // Every node that should serve it reported: at once.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        top_level_write(&mut writes, &meta, &ready, &json!({}), &|| false);
+        status_write(&mut writes, &meta, &ready, &json!({}), &|| false);
         assert_eq!(writes.writes.len(), 1);
     }
 }

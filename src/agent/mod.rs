@@ -14,6 +14,7 @@ mod leader;
 mod liveness;
 mod node_status;
 mod publisher;
+mod reports;
 mod retry;
 mod stores;
 mod sync_loop;
@@ -173,6 +174,7 @@ impl NodeLoop for AgentLoop {
             NodeStatusWriter::new(
                 client.clone(),
                 &node,
+                &options.lease_namespace,
                 options.status_settle,
                 Arc::clone(&metrics),
             ),
@@ -237,58 +239,35 @@ pub fn status_body(value: &impl Serialize) -> Option<StatusBody> {
         .ok()
 }
 
-/// What a server-side apply of one object's status sends: the object, and what `manager` says
-/// of its status (nothing drops all the manager owned).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct StatusApply<'a, S> {
-    api_version: &'static str,
-    kind: &'static str,
-    metadata: ApplyMeta<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<S>,
-}
-
-#[derive(Debug, Serialize)]
-struct ApplyMeta<'a> {
-    name: &'a str,
-    namespace: &'a str,
-}
-
-/// Server-side applies `status` to one object under `manager`; the object's resourceVersion
+/// Merge-patches one object's status with `status` as `manager`; the object's resourceVersion
 /// after it.
-async fn apply_status(
+async fn patch_status(
     client: &Client,
     kind: Kind,
     key: &ObjectKey,
     manager: &str,
-    status: Option<impl Serialize + std::fmt::Debug>,
+    status: &serde_json::Value,
 ) -> kube::Result<Option<String>> {
-    let params = PatchParams::apply(manager).force();
-    let body = &StatusApply {
-        api_version: crate::api::API_VERSION,
-        kind: kind.as_str(),
-        metadata: ApplyMeta {
-            name: &key.name,
-            namespace: &key.namespace,
-        },
-        status,
+    let body = &serde_json::json!({ "status": status });
+    let params = PatchParams {
+        field_manager: Some(manager.to_owned()),
+        ..PatchParams::default()
     };
     bounded(async {
         match kind {
-            Kind::DiscImage => patch::<DiscImage>(client, key, &params, body).await,
-            Kind::IscsiTarget => patch::<IscsiTarget>(client, key, &params, body).await,
-            Kind::InitiatorAccess => patch::<InitiatorAccess>(client, key, &params, body).await,
+            Kind::DiscImage => merge::<DiscImage>(client, key, &params, body).await,
+            Kind::IscsiTarget => merge::<IscsiTarget>(client, key, &params, body).await,
+            Kind::InitiatorAccess => merge::<InitiatorAccess>(client, key, &params, body).await,
         }
     })
     .await
 }
 
-async fn patch<K>(
+async fn merge<K>(
     client: &Client,
     key: &ObjectKey,
     params: &PatchParams,
-    body: &(impl Serialize + std::fmt::Debug),
+    body: &serde_json::Value,
 ) -> kube::Result<Option<String>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
@@ -297,7 +276,47 @@ where
         + std::fmt::Debug,
 {
     Api::<K>::namespaced(client.clone(), &key.namespace)
-        .patch_status(&key.name, params, &Patch::Apply(body))
+        .patch_status(&key.name, params, &Patch::Merge(body))
         .await
         .map(|object| object.meta().resource_version.clone())
+}
+
+/// The JSON merge patch (RFC 7396) that turns `current` into `wanted`: what changed, and a null
+/// for each field dropped; a list is replaced whole.
+fn merge_patch(current: &serde_json::Value, wanted: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let (Value::Object(current), Value::Object(wanted)) = (current, wanted) else {
+        return wanted.clone();
+    };
+    let changed = wanted
+        .iter()
+        .filter_map(|(field, value)| match current.get(field) {
+            Some(was) if was == value => None,
+            Some(was) => Some((field.clone(), merge_patch(was, value))),
+            None => Some((field.clone(), value.clone())),
+        });
+    let dropped = (current.keys())
+        .filter(|field| !wanted.contains_key(*field))
+        .map(|field| (field.clone(), Value::Null));
+    Value::Object(changed.chain(dropped).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_merge_patch_says_what_changed_drops_what_went_and_replaces_lists_whole() {
+        let current =
+            json!({"same": 1, "inner": {"kept": 1, "gone": 2}, "list": [1, 2], "old": "x"});
+        let wanted = json!({"same": 1, "inner": {"kept": 2}, "list": [2], "new": 3});
+        let patch = merge_patch(&current, &wanted);
+        assert_eq!(
+            patch,
+            json!({"inner": {"kept": 2, "gone": null}, "list": [2], "new": 3, "old": null})
+        );
+        assert_eq!(merge_patch(&wanted, &wanted), json!({}));
+        assert_eq!(merge_patch(&json!({}), &wanted), wanted);
+    }
 }

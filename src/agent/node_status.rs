@@ -1,23 +1,25 @@
-//! Each agent's own entry in every resource's `status.nodes`: applied with a field manager that
-//! belongs to its node alone, holding that one entry and nothing else, and only when it differs
-//! from what the resource already says — so agents never take each other's entries and, at rest,
-//! write nothing.
+//! This node's entries — what it made of every object — go to the lease holder in the node's
+//! reports (`reports`), a shard written only when an entry in it differs from what the reports
+//! already say: at rest, nothing. The lease holder merges them into each object's status.
 //!
-//! A write made counts as in flight, and is not made again, until the store shows it — for
-//! `IN_FLIGHT_FOR` at most. Without that bound, an entry that someone else changed before this
-//! node's store showed the write (the lease holder pruning a node it thought lost while the
-//! watches were failing) was never written again: the API fault tests saw a grant's status stay
-//! wrong for good after watches ended with 410 Gone.
+//! The node alone writes its reports, so what it last wrote is what they say: a shard written
+//! counts as in flight until the store shows it — for `IN_FLIGHT_FOR` at most. Past that, the
+//! store is believed: a shard it never shows (the lease holder deleted the reports of a node it
+//! thought gone while this node's watches were failing) is written again. Without that bound, the
+//! API fault tests saw a status stay wrong for good after watches ended with 410 Gone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
-use kube::{Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use parking_lot::Mutex;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
@@ -31,13 +33,15 @@ use crate::sync::NodeReport;
 
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::events::{Observed, State, Summary};
+use super::heartbeat::node_hash;
+use super::reports::{self, REPORT_LABEL, Reported, ShardName, shard_count};
 use super::stores::Stores;
-use super::{StatusBody, apply_status, status_body};
+use super::{bounded, status_body};
 
-/// How many status writes are in flight at once.
-const CONCURRENT_WRITES: usize = 16;
+/// How many report writes are in flight at once.
+const CONCURRENT_WRITES: usize = 4;
 
-/// The field manager of a node's entries: a hash, because managers are limited to 128
+/// The field manager of a node's reports: a hash, because managers are limited to 128
 /// characters and node names are not.
 pub fn field_manager(node: &str) -> String {
     format!(
@@ -49,59 +53,46 @@ pub fn field_manager(node: &str) -> String {
 pub struct NodeStatusWriter {
     client: Client,
     node: String,
+    /// Where the reports live (the agents' namespace).
+    namespace: String,
     manager: String,
-    /// Entries written and not yet seen in the stores, so that a pass right after a write does
-    /// not write the same again.
-    in_flight: Mutex<HashMap<(Kind, ObjectKey), InFlight>>,
+    /// The shards as this node last wrote them (or read them, after a start).
+    shards: Mutex<BTreeMap<ShardName, Shard>>,
     /// Entries that only report progress wait here for the next (see `coalesce`).
     coalescer: Mutex<Coalescer<(Kind, ObjectKey)>>,
     metrics: Arc<Metrics>,
 }
 
 /// How long a write counts as in flight. The store normally shows it within a second; one it
-/// does not show by then (another writer changed the entry first, or the watch is failing) is
-/// written again, at most once a pass.
+/// does not show by then (another writer changed it first, or the watch is failing) is
+/// believed no more.
 pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
 
-/// A write made (`None`: an entry removed), until the store shows it or `IN_FLIGHT_FOR` passed.
+/// What one object's entry says, as this node wants it or wrote it.
 #[derive(Clone, Debug)]
-pub struct InFlight {
-    body: Option<StatusBody>,
-    /// The object's resourceVersion right after the write.
-    version: Option<String>,
-    /// What it said, for when the next write goes out (`coalesce`).
+struct Entry {
+    reported: Reported,
+    /// For when a change of it goes out (`coalesce`).
     standing: Standing,
+    /// The generation of the spec it describes.
+    generation: Option<i64>,
+}
+
+type Entries = BTreeMap<(Kind, ObjectKey), Entry>;
+
+/// One shard of this node's report, as written.
+#[derive(Debug)]
+struct Shard {
+    entries: Entries,
+    /// The ConfigMap's resourceVersion right after the write.
+    version: Option<String>,
     at: Instant,
 }
 
-impl InFlight {
-    pub fn new(body: Option<StatusBody>, standing: Standing, version: Option<String>) -> Self {
-        Self {
-            body,
-            version,
-            standing,
-            at: Instant::now(),
-        }
-    }
-
-    pub fn standing(&self) -> Standing {
-        self.standing
-    }
-
-    /// Whether writing `body` now would repeat this write while it may still land.
-    pub fn repeats(&self, body: Option<&RawValue>, now: Instant) -> bool {
-        self.body.as_deref().map(RawValue::get) == body.map(RawValue::get)
-            && now.saturating_duration_since(self.at) < IN_FLIGHT_FOR
-    }
-
-    pub fn body(&self) -> Option<&RawValue> {
-        self.body.as_deref()
-    }
-
-    /// Whether the object is still as this write left it (`version`: its resourceVersion now).
-    pub fn unchanged_at(&self, version: Option<&str>) -> bool {
-        self.version.is_some() && self.version.as_deref() == version
-    }
+/// A shard to write (no entries: to delete).
+struct ShardWrite {
+    name: ShardName,
+    entries: Entries,
 }
 
 /// What one publication did, and what the node's entries say (for events).
@@ -115,65 +106,157 @@ pub struct Published {
 }
 
 impl NodeStatusWriter {
-    pub fn new(client: Client, node: &str, status_settle: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        node: &str,
+        namespace: &str,
+        status_settle: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             client,
             node: node.to_owned(),
+            namespace: namespace.to_owned(),
             manager: field_manager(node),
-            in_flight: Mutex::default(),
+            shards: Mutex::default(),
             coalescer: Mutex::new(Coalescer::new(status_settle)),
             metrics,
         }
     }
 
-    /// Brings this node's entry of every resource in line with the report.
+    /// Brings this node's reports in line with the pass's report: the shards whose entries
+    /// changed (and are due), then — once all of those are written — the shards of an old count.
     pub async fn publish(&self, stores: &Stores, report: &NodeReport) -> Published {
-        let mut writes = Vec::new();
         let mut observed = Observed::default();
-        let mut held_until = None;
-        let mut out = Collected {
-            writes: &mut writes,
-            observed: &mut observed,
-            held_until: &mut held_until,
-            now: Instant::now(),
-        };
-        self.collect(Kind::DiscImage, stores.images(), &mut out, |image| {
-            (
-                status::image_entry(image, report),
-                image
-                    .status
-                    .iter()
-                    .flat_map(|s| &s.nodes)
-                    .find(|e| e.node == self.node)
-                    .cloned(),
-            )
-        });
-        self.collect(Kind::IscsiTarget, stores.targets(), &mut out, |target| {
-            (
-                status::target_entry(target, report),
-                target
-                    .status
-                    .iter()
-                    .flat_map(|s| &s.nodes)
-                    .find(|e| e.node == self.node)
-                    .cloned(),
-            )
-        });
-        self.collect(Kind::InitiatorAccess, stores.grants(), &mut out, |grant| {
-            (
-                status::grant_entry(grant, report),
-                grant
-                    .status
-                    .iter()
-                    .flat_map(|s| &s.nodes)
-                    .find(|e| e.node == self.node)
-                    .cloned(),
-            )
-        });
-        self.coalescer.lock().forget_stale(Instant::now());
-        // What was written for objects deleted since is of no use any more.
-        let present = stores.keys();
-        self.in_flight.lock().retain(|key, _| present.contains(key));
+        let mut wanted = Wanted::default();
+        collect(
+            Kind::DiscImage,
+            stores.images(),
+            &mut wanted,
+            &mut observed,
+            |i| status::image_entry(i, report),
+        );
+        collect(
+            Kind::IscsiTarget,
+            stores.targets(),
+            &mut wanted,
+            &mut observed,
+            |t| status::target_entry(t, report),
+        );
+        collect(
+            Kind::InitiatorAccess,
+            stores.grants(),
+            &mut wanted,
+            &mut observed,
+            |g| status::grant_entry(g, report),
+        );
+        let (writes, held_until) = self.plan(stores, wanted, Instant::now());
+        let (deletions, writes): (Vec<_>, Vec<_>) =
+            writes.into_iter().partition(|w| w.entries.is_empty());
+        let (mut written, mut failed) = self.write_all(writes).await;
+        if failed == 0 {
+            let (deleted, not_deleted) = self.write_all(deletions).await;
+            (written, failed) = (written + deleted, not_deleted);
+        } else {
+            failed += deletions.len();
+        }
+        Published {
+            written,
+            failed,
+            observed,
+            held_until,
+        }
+    }
+
+    /// The shards to write now, and when the earliest held back falls due.
+    fn plan(
+        &self,
+        stores: &Stores,
+        mut wanted: Wanted,
+        now: Instant,
+    ) -> (Vec<ShardWrite>, Option<Instant>) {
+        let mut shards = self.shards.lock();
+        self.believe_the_store(&mut shards, stores, now);
+        // Where each object's entry is now, whatever the count.
+        let current: HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)> = (shards.iter())
+            .flat_map(|(name, shard)| shard.entries.iter().map(move |(k, e)| (k, (name, e))))
+            .collect();
+        // An entry that cannot be written stays as it is: not written is not "nothing to say".
+        for key in &wanted.unwritable {
+            if let Some((_, entry)) = current.get(key) {
+                wanted.entries.insert(key.clone(), (*entry).clone());
+            }
+        }
+        let count = shard_count(wanted.entries.len());
+        let mut grouped: BTreeMap<ShardName, Entries> = BTreeMap::new();
+        for (key, entry) in wanted.entries {
+            let name = ShardName::of(key.0, &key.1, count);
+            grouped.entry(name).or_default().insert(key, entry);
+        }
+        let names: BTreeSet<ShardName> = grouped.keys().chain(shards.keys()).cloned().collect();
+        let mut coalescer = self.coalescer.lock();
+        let (mut writes, mut held_until) = (Vec::new(), None);
+        for name in names {
+            let entries = grouped.remove(&name).unwrap_or_default();
+            let written = shards.get(&name).map(|s| &s.entries);
+            match shard_due(&mut coalescer, &name, &entries, written, &current, now) {
+                None => {}
+                Some(When::At(at)) => held_until = earliest(held_until, Some(at)),
+                Some(When::Now) => writes.push(ShardWrite { name, entries }),
+            }
+        }
+        coalescer.forget_stale(now);
+        (writes, held_until)
+    }
+
+    /// Takes in what the store shows of this node's reports: a shard it shows as this node
+    /// last wrote it, or that was written a moment ago, is as written; one changed by someone
+    /// else is read back; one gone for a while is gone.
+    fn believe_the_store(
+        &self,
+        shards: &mut BTreeMap<ShardName, Shard>,
+        stores: &Stores,
+        now: Instant,
+    ) {
+        let recent = |shard: &Shard| now.saturating_duration_since(shard.at) < IN_FLIGHT_FOR;
+        let mut stored = BTreeSet::new();
+        for config_map in stores.reports_of(&node_hash(&self.node)) {
+            let read = reports::read(&config_map)
+                .ok()
+                .filter(|r| r.node == self.node);
+            let Some(report) = read else { continue };
+            stored.insert(report.name.clone());
+            let version = config_map.resource_version();
+            if let Some(shard) = shards.get(&report.name)
+                && (shard.version == version || recent(shard))
+            {
+                continue;
+            }
+            let entries = (report.records.into_iter())
+                .map(|(key, reported)| {
+                    let (standing, generation) = describe(key.0, &reported.entry);
+                    let entry = Entry {
+                        reported,
+                        standing,
+                        generation,
+                    };
+                    (key, entry)
+                })
+                .collect();
+            let shard = Shard {
+                entries,
+                version,
+                at: now,
+            };
+            shards.insert(report.name, shard);
+        }
+        shards.retain(|name, shard| stored.contains(name) || recent(shard));
+    }
+
+    /// Makes the writes, a few at a time; how many went and how many failed. When the
+    /// apiserver is unwell, the writes not made yet wait for the next round instead of adding
+    /// to its load.
+    async fn write_all(&self, writes: Vec<ShardWrite>) -> (usize, usize) {
         let total = writes.len();
         let mut results = std::pin::pin!(
             futures::stream::iter(writes)
@@ -185,104 +268,52 @@ impl NodeStatusWriter {
             match outcome {
                 Outcome::Written => written += 1,
                 Outcome::Refused => failed += 1,
-                // The apiserver is unwell: the writes not done yet wait for the next round
-                // instead of adding to its load (those in flight are dropped; each is whole).
-                Outcome::Unwell => {
-                    failed = total - written;
-                    break;
-                }
+                Outcome::Unwell => return (written, total - written),
             }
         }
-        Published {
-            written,
-            failed,
-            observed,
-            held_until,
-        }
+        (written, failed)
     }
 
-    /// The writes one kind needs: where the wanted entry differs from the object's and from
-    /// what is in flight, and is due (see `coalesce`).
-    fn collect<K, E>(
-        &self,
-        kind: Kind,
-        objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
-        out: &mut Collected<'_>,
-        entries: impl Fn(&K) -> (Option<E>, Option<E>),
-    ) where
-        K: Resource<DynamicType = ()>,
-        E: Serialize + PartialEq + Summary + Coalesced,
-    {
-        let mut in_flight = self.in_flight.lock();
-        let mut coalescer = self.coalescer.lock();
-        for guarded in objects {
-            let Ok(object) = &guarded.0 else {
-                continue;
-            };
-            let (wanted, current) = entries(object);
-            if let Some(entry) = &wanted {
-                out.observed.insert(kind, object, entry.state());
+    async fn write(&self, write: ShardWrite) -> Outcome {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = write.name.config_map(&self.node);
+        let result = if write.entries.is_empty() {
+            match bounded(api.delete(&name, &DeleteParams::default())).await {
+                Ok(_) => Ok(None),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                Err(error) => Err(error),
             }
-            let key = (kind, object_key(object.meta()));
-            if wanted == current {
-                in_flight.remove(&key);
-                coalescer.settled(&key);
-                continue;
-            }
-            let standing = match (&wanted, &current) {
-                // A new spec applied goes out at once: the lease holder holds Ready back until
-                // every node's entry says it applied it. (An entry written before entries had
-                // generations gets one like any other change of detail: an upgrade is no burst.)
-                (Some(w), Some(c)) if c.generation().is_some_and(|g| w.generation() != Some(g)) => {
-                    Standing::Final
+        } else {
+            match self.body(&name, &write.entries) {
+                Some(body) => {
+                    let params = PatchParams::apply(&self.manager).force();
+                    (bounded(api.patch(&name, &params, &Patch::Apply(body))).await)
+                        .map(|written| written.resource_version())
                 }
-                (Some(w), _) => w.standing(),
-                (None, _) => Standing::Final,
-            };
-            let entry = match wanted.as_ref().map(status_body) {
-                Some(None) => continue,
-                entry => entry.flatten(),
-            };
-            let written = in_flight.get(&key);
-            if written.is_some_and(|f| f.repeats(entry.as_deref(), out.now)) {
-                continue;
+                None => return Outcome::Refused,
             }
-            let current = current.as_ref().map(Coalesced::standing);
-            let written = written.map(InFlight::standing);
-            if let When::At(at) = coalescer.due(&key, standing, current, written, out.now) {
-                *out.held_until = earliest(*out.held_until, Some(at));
-                continue;
-            }
-            out.writes.push(Write {
-                kind: key.0,
-                key: key.1,
-                entry,
-                standing,
-            });
-        }
-    }
-
-    async fn write(&self, write: Write) -> Outcome {
-        // Without the entry, the apply drops it: this manager owned it alone.
-        let status = (write.entry.as_deref()).map(|entry| NodeEntries { nodes: [entry] });
-        let result =
-            apply_status(&self.client, write.kind, &write.key, &self.manager, status).await;
-        self.metrics
-            .status_written(!matches!(&result, Err(e) if !is_not_found(e)));
+        };
+        self.metrics.status_written(result.is_ok());
         match result {
             Ok(version) => {
-                let written = InFlight::new(write.entry, write.standing, version);
-                let key = (write.kind, write.key);
-                // Out: the next change waits anew. (One that failed is not settled: it is
-                // tried again as the publisher's backoff says, not held once more.)
-                self.coalescer.lock().settled(&key);
-                self.in_flight.lock().insert(key, written);
+                let mut coalescer = self.coalescer.lock();
+                // Out: the next change of each waits anew.
+                (write.entries.keys()).for_each(|key| coalescer.settled(key));
+                let mut shards = self.shards.lock();
+                if write.entries.is_empty() {
+                    shards.remove(&write.name);
+                } else {
+                    let shard = Shard {
+                        entries: write.entries,
+                        version,
+                        at: Instant::now(),
+                    };
+                    shards.insert(write.name, shard);
+                }
                 Outcome::Written
             }
-            // Deleted meanwhile: nothing to report on.
-            Err(kube::Error::Api(status)) if status.code == 404 => Outcome::Written,
             Err(error) => {
-                tracing::warn!(kind = write.kind.as_str(), object = %write.key, %error, "cannot write this node's status entry");
+                tracing::warn!(report = %name, %error, "cannot write this node's report");
                 if apiserver_unwell(&error) {
                     Outcome::Unwell
                 } else {
@@ -291,14 +322,139 @@ impl NodeStatusWriter {
             }
         }
     }
+
+    /// A shard's ConfigMap as applied; `None` (said in the log) when its entries cannot be
+    /// encoded.
+    fn body(&self, name: &str, entries: &Entries) -> Option<serde_json::Value> {
+        let data = reports::data(&self.node, entries.iter().map(|(k, e)| (k, &e.reported)))
+            .inspect_err(
+                |error| tracing::error!(%error, "a report that cannot be encoded is not written"),
+            )
+            .ok()?;
+        Some(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": {REPORT_LABEL: node_hash(&self.node)},
+            },
+            "data": data,
+        }))
+    }
 }
 
-/// What `collect` gathers over the kinds of one publication.
-struct Collected<'a> {
-    writes: &'a mut Vec<Write>,
-    observed: &'a mut Observed,
-    held_until: &'a mut Option<Instant>,
+/// The entries a pass wants, and the objects whose entry could not be encoded.
+#[derive(Default)]
+struct Wanted {
+    entries: Entries,
+    unwritable: BTreeSet<(Kind, ObjectKey)>,
+}
+
+/// One kind's entries, and what they say (for events).
+fn collect<K, E>(
+    kind: Kind,
+    objects: impl Iterator<Item = Arc<DeserializeGuard<K>>>,
+    wanted: &mut Wanted,
+    observed: &mut Observed,
+    entry_of: impl Fn(&K) -> Option<E>,
+) where
+    K: Resource<DynamicType = ()>,
+    E: Serialize + Summary + Coalesced,
+{
+    for guarded in objects {
+        let Ok(object) = &guarded.0 else { continue };
+        let Some(entry) = entry_of(object) else {
+            continue;
+        };
+        observed.insert(kind, object, entry.state());
+        let key = (kind, object_key(object.meta()));
+        let Some(body) = status_body(&entry) else {
+            wanted.unwritable.insert(key);
+            continue;
+        };
+        let reported = Reported {
+            uid: object.meta().uid.clone().unwrap_or_default(),
+            entry: body,
+        };
+        let entry = Entry {
+            reported,
+            standing: entry.standing(),
+            generation: entry.generation(),
+        };
+        wanted.entries.insert(key, entry);
+    }
+}
+
+/// Whether a shard is to be written (`None`: it says what is wanted), now or later: at once
+/// when an entry in it is due (see `coalesce`), moved in from a shard of another count, or
+/// dropped; `written` is what it says now, `current` where each entry is now.
+fn shard_due(
+    coalescer: &mut Coalescer<(Kind, ObjectKey)>,
+    name: &ShardName,
+    wanted: &Entries,
+    written: Option<&Entries>,
+    current: &HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)>,
     now: Instant,
+) -> Option<When> {
+    let mut due: Option<When> = None;
+    let mut sooner = |when: When| {
+        due = Some(match (due, when) {
+            (Some(When::Now), _) | (_, When::Now) => When::Now,
+            (Some(When::At(a)), When::At(b)) => When::At(a.min(b)),
+            (None, at) => at,
+        });
+    };
+    for (key, entry) in wanted {
+        let (standing, now_standing) = match current.get(key) {
+            Some((at, was)) if *at == name && was.reported == entry.reported => {
+                coalescer.settled(key);
+                continue;
+            }
+            Some((at, _)) if *at != name => {
+                sooner(When::Now);
+                continue;
+            }
+            Some((_, was)) => (standing_against(entry, was), Some(was.standing)),
+            None => (entry.standing, None),
+        };
+        sooner(coalescer.due(key, standing, now_standing, None, now));
+    }
+    let dropped = written
+        .into_iter()
+        .flat_map(|w| w.keys())
+        .any(|key| !wanted.contains_key(key));
+    if dropped {
+        sooner(When::Now);
+    }
+    due
+}
+
+/// How soon a changed entry goes out: a new spec applied at once (the lease holder holds Ready
+/// back until every node's entry says it applied it); otherwise as it says. (An entry written
+/// before entries had generations gets one like any other change of detail: an upgrade is no
+/// burst.)
+fn standing_against(wanted: &Entry, was: &Entry) -> Standing {
+    match was.generation {
+        Some(generation) if wanted.generation != Some(generation) => Standing::Final,
+        _ => wanted.standing,
+    }
+}
+
+/// What a stored entry says, as far as writing goes; an entry that does not decode is on its
+/// way (it is rewritten with the next change).
+fn describe(kind: Kind, entry: &RawValue) -> (Standing, Option<i64>) {
+    fn of<E: Coalesced + DeserializeOwned>(entry: &RawValue) -> (Standing, Option<i64>) {
+        match serde_json::from_str::<E>(entry.get()) {
+            Ok(entry) => (entry.standing(), entry.generation()),
+            Err(_) => (Standing::Passing, None),
+        }
+    }
+    match kind {
+        Kind::DiscImage => of::<DiscImageNodeStatus>(entry),
+        Kind::IscsiTarget => of::<TargetNodeStatus>(entry),
+        Kind::InitiatorAccess => of::<AccessNodeStatus>(entry),
+    }
 }
 
 /// How soon an entry is written (see `coalesce`): a failure, an expiry or anything only a
@@ -359,10 +515,6 @@ enum Outcome {
     Unwell,
 }
 
-fn is_not_found(error: &kube::Error) -> bool {
-    matches!(error, kube::Error::Api(status) if status.code == 404)
-}
-
 /// Whether an error says the apiserver cannot take requests now, whatever the object: too many
 /// requests, a server error, or no answer at all.
 fn apiserver_unwell(error: &kube::Error) -> bool {
@@ -372,22 +524,10 @@ fn apiserver_unwell(error: &kube::Error) -> bool {
     }
 }
 
-struct Write {
-    kind: Kind,
-    key: ObjectKey,
-    entry: Option<StatusBody>,
-    standing: Standing,
-}
-
-/// The status a node applies: its one entry.
-#[derive(Debug, Serialize)]
-struct NodeEntries<'a> {
-    nodes: [&'a RawValue; 1],
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn failures_wait_for_nothing_even_beside_a_ready() {
@@ -422,26 +562,76 @@ mod tests {
         assert_eq!(waiting.standing(), Standing::Passing);
     }
 
+    /// A target's entry as a pass wants it (or wrote it).
+    fn entry(uid: &str, ready: bool, standing: Standing, generation: i64) -> Entry {
+        let body = json!({"node": "a", "observedGeneration": generation, "ready": ready});
+        Entry {
+            reported: Reported {
+                uid: uid.to_owned(),
+                entry: status_body(&body).expect("an entry"),
+            },
+            standing,
+            generation: Some(generation),
+        }
+    }
+
     #[test]
-    fn a_write_the_store_never_shows_is_made_again_after_a_while() {
-        let body =
-            |applied| status_body(&serde_json::json!({"node": "node-a", "applied": applied}));
-        let entry = body(true);
-        let written = InFlight::new(entry.clone(), Standing::Ready, None);
+    fn a_shard_goes_out_when_an_entry_in_it_is_due_and_only_then() {
+        let key = |name: &str| (Kind::IscsiTarget, ObjectKey::new("lab", name));
+        let here = ShardName { shard: 0, count: 1 };
+        let elsewhere = ShardName { shard: 1, count: 2 };
+        let written: Entries = BTreeMap::from([
+            (key("t"), entry("u", false, Standing::Passing, 1)),
+            (key("u"), entry("u", true, Standing::Ready, 1)),
+        ]);
+        let mut coalescer = Coalescer::new(Duration::from_secs(2));
         let now = Instant::now();
+        let mut due = |wanted: &Entries, elsewhere_too: Option<&Entries>| {
+            let mut current: HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)> =
+                written.iter().map(|(k, e)| (k, (&here, e))).collect();
+            for (k, e) in elsewhere_too.into_iter().flatten() {
+                current.insert(k, (&elsewhere, e));
+            }
+            shard_due(&mut coalescer, &here, wanted, Some(&written), &current, now)
+        };
+        assert_eq!(due(&written, None), None, "as written: nothing");
+        let mut progress = written.clone();
+        progress.insert(key("t"), entry("u", false, Standing::Passing, 1));
+        let Some(Entry { reported, .. }) = progress.get_mut(&key("t")) else {
+            panic!("t");
+        };
+        reported.entry =
+            status_body(&json!({"node": "a", "observedGeneration": 1, "message": "on its way"}))
+                .expect("an entry");
         assert!(
-            written.repeats(entry.as_deref(), now),
-            "just written: in flight"
+            matches!(due(&progress, None), Some(When::At(_))),
+            "progress waits"
         );
-        let other = body(false);
-        assert!(
-            !written.repeats(other.as_deref(), now),
-            "another entry is another write"
+        let mut ready = written.clone();
+        ready.insert(key("t"), entry("u", true, Standing::Ready, 1));
+        assert_eq!(due(&ready, None), Some(When::Now), "Ready reached: at once");
+        let mut applied = written.clone();
+        applied.insert(key("u"), entry("u", false, Standing::Passing, 2));
+        assert_eq!(
+            due(&applied, None),
+            Some(When::Now),
+            "a new spec applied: at once"
         );
-        assert!(!written.repeats(None, now), "removing it is another write");
-        // Pruned by the lease holder before this node's store showed it: written again.
-        let later = now + IN_FLIGHT_FOR;
-        assert!(!written.repeats(entry.as_deref(), later));
+        let mut dropped = written.clone();
+        dropped.remove(&key("u"));
+        assert_eq!(
+            due(&dropped, None),
+            Some(When::Now),
+            "an entry dropped: at once"
+        );
+        let mut moved_in = written.clone();
+        let moved = BTreeMap::from([(key("v"), entry("v", false, Standing::Passing, 1))]);
+        moved_in.extend(moved.clone());
+        assert_eq!(
+            due(&moved_in, Some(&moved)),
+            Some(When::Now),
+            "moved from another count: at once"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! status change wakes only the lease holder, so that agents writing status do not wake each
 //! other's syncs.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Debug;
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, Store};
@@ -26,13 +26,14 @@ use tokio::sync::Notify;
 use crate::api::initiator_access::{GRANT_HEARTBEAT_LABEL, InitiatorAccessStatus};
 use crate::api::rules;
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
-use crate::desired::{Holds, Kind, NodeFacts, ObjectKey, object_key};
+use crate::desired::{Holds, NodeFacts, ObjectKey, object_key};
 use crate::manifests::ObjectId;
 use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
 use super::connection::ApiTimeouts;
 use super::holds::{GrantLeases, HoldTracker, Renewal};
+use super::reports::REPORT_LABEL;
 use super::watch_backoff::watch_backoff;
 
 /// Label of the heartbeat Leases, whose value is the node's name hashed (see `heartbeat`).
@@ -63,6 +64,8 @@ pub struct Stores {
     secrets: Vec<Store<Secret>>,
     node: Store<Node>,
     heartbeats: Store<Lease>,
+    /// Every node's reports (`reports`).
+    reports: Store<ConfigMap>,
     /// The Leases holders of grants held by heartbeat renew, one store per namespace.
     grant_leases: Vec<Store<Lease>>,
     holds: Arc<Mutex<HoldTracker>>,
@@ -115,6 +118,12 @@ impl Stores {
                 Api::namespaced(client.clone(), lease_namespace),
                 timeouts.watcher().labels(HEARTBEAT_LABEL),
                 Heartbeats,
+                watch(wakers),
+            ),
+            reports: spawn_reflector(
+                Api::namespaced(client.clone(), lease_namespace),
+                timeouts.watcher().labels(REPORT_LABEL),
+                Reports,
                 watch(wakers),
             ),
             grant_leases: Vec::new(),
@@ -178,6 +187,7 @@ impl Stores {
         check("Secret", self.secrets.iter().all(listed));
         check("Node", listed(&self.node));
         check("Lease", listed(&self.heartbeats));
+        check("ConfigMap (node reports)", listed(&self.reports));
         check(
             "Lease (grant heartbeats)",
             self.grant_leases.iter().all(listed),
@@ -254,14 +264,16 @@ impl Stores {
         self.heartbeats.state()
     }
 
-    /// Every object of discus's kinds in the stores, well-formed or not.
-    pub fn keys(&self) -> HashSet<(Kind, ObjectKey)> {
-        let images = self.images().map(|g| (Kind::DiscImage, guarded_key(&g)));
-        let targets = self.targets().map(|g| (Kind::IscsiTarget, guarded_key(&g)));
-        let grants = self
-            .grants()
-            .map(|g| (Kind::InitiatorAccess, guarded_key(&g)));
-        images.chain(targets).chain(grants).collect()
+    /// Every node's reports.
+    pub fn reports(&self) -> Vec<Arc<ConfigMap>> {
+        self.reports.state()
+    }
+
+    /// The reports of the node whose name hashes to `hash`.
+    pub fn reports_of(&self, hash: &str) -> Vec<Arc<ConfigMap>> {
+        let mut reports = self.reports();
+        reports.retain(|r| r.labels().get(REPORT_LABEL).is_some_and(|h| h == hash));
+        reports
     }
 
     pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
@@ -274,13 +286,6 @@ impl Stores {
 
     pub fn grants(&self) -> impl Iterator<Item = Arc<DeserializeGuard<InitiatorAccess>>> + '_ {
         self.grants.iter().flat_map(Store::state)
-    }
-}
-
-fn guarded_key<K: Resource>(guarded: &DeserializeGuard<K>) -> ObjectKey {
-    match &guarded.0 {
-        Ok(object) => object_key(object.meta()),
-        Err(invalid) => object_key(&invalid.metadata),
     }
 }
 
@@ -450,6 +455,17 @@ impl Relevance<Node> for NodeChanges {
         if facts != self.last {
             self.last = facts;
             wakers.both();
+        }
+    }
+}
+
+/// Reports concern the lease holder only (the node that wrote one knows what it wrote).
+struct Reports;
+
+impl Relevance<ConfigMap> for Reports {
+    fn wake(&mut self, event: &watcher::Event<ConfigMap>, wakers: &Wakers) {
+        if !matches!(event, watcher::Event::Init) {
+            wakers.aggregate.notify_one();
         }
     }
 }

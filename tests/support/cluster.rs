@@ -132,6 +132,18 @@ impl Kube {
             .filter(|h| !h.is_empty())
     }
 
+    /// The nodes that have reports (ConfigMaps labelled `discus.dev/report`) in discus-system.
+    pub async fn reporting_nodes(&self) -> std::collections::BTreeSet<String> {
+        let reports: Api<k8s_openapi::api::core::v1::ConfigMap> =
+            Api::namespaced(self.client.clone(), "discus-system");
+        let listed = reports
+            .list(&kube::api::ListParams::default().labels("discus.dev/report"))
+            .await;
+        (listed.into_iter().flat_map(|l| l.items))
+            .filter_map(|r| r.data?.remove("node"))
+            .collect()
+    }
+
     /// `kubectl` as admin; fails the caller when it fails.
     pub fn kubectl(&self, args: &[&str]) -> String {
         let output = self.plane.kubectl().args(args).output().expect("kubectl");
