@@ -540,8 +540,8 @@ async fn upgrade_changes_a_crd(cluster: &RealCluster) {
     .await;
 }
 
-/// `helm uninstall`: the agent and its RBAC go; the CRDs, the resources, the Leases and the
-/// generated Secret stay; on the node no process of discus's is left (tgtd lived in the Pod), the
+/// `helm uninstall`: the agent and its RBAC go; the CRDs, the resources, the Leases, the node's
+/// reports and the generated Secret stay; on the node no process of discus's is left (tgtd lived in the Pod), the
 /// portal is closed, and the data directory keeps the images. `discus teardown` from a
 /// `kubectl debug node` Pod — docs/install.md's way to clear a node — finds nothing left to remove.
 async fn uninstall_leaves_what_the_docs_say(cluster: &RealCluster) {
@@ -592,6 +592,18 @@ async fn uninstall_leaves_what_the_docs_say(cluster: &RealCluster) {
     ] {
         assert!(!get(cluster, &kept).is_null(), "{kept:?} should stay");
     }
+    let reports = get(
+        cluster,
+        &[
+            "configmaps",
+            "-n",
+            "discus-system",
+            "-l",
+            "discus.dev/report",
+        ],
+    );
+    let reports = reports["items"].as_array().map_or(0, Vec::len);
+    assert!(reports > 0, "the node's reports should stay");
 
     let processes = cluster.node.processes();
     assert!(

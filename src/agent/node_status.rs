@@ -89,10 +89,11 @@ struct Shard {
     at: Instant,
 }
 
-/// A shard to write (no entries: to delete).
+/// A shard to write, or to delete (one of a count the node no longer has).
 struct ShardWrite {
     name: ShardName,
     entries: Entries,
+    delete: bool,
 }
 
 /// What one publication did, and what the node's entries say (for events).
@@ -151,8 +152,7 @@ impl NodeStatusWriter {
             |g| status::grant_entry(g, report),
         );
         let (writes, held_until) = self.plan(stores, wanted, Instant::now());
-        let (deletions, writes): (Vec<_>, Vec<_>) =
-            writes.into_iter().partition(|w| w.entries.is_empty());
+        let (deletions, writes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| w.delete);
         let (mut written, mut failed) = self.write_all(writes).await;
         if failed == 0 {
             let (deleted, not_deleted) = self.write_all(deletions).await;
@@ -193,16 +193,33 @@ impl NodeStatusWriter {
             let name = ShardName::of(key.0, &key.1, count);
             grouped.entry(name).or_default().insert(key, entry);
         }
-        let names: BTreeSet<ShardName> = grouped.keys().chain(shards.keys()).cloned().collect();
+        // Every shard of the count is written, even without entries: a node with reports is
+        // one whose reports say what its entries are (see `leader`), none included.
+        let names: BTreeSet<ShardName> = (0..count)
+            .map(|shard| ShardName { shard, count })
+            .chain(shards.keys().cloned())
+            .collect();
         let mut coalescer = self.coalescer.lock();
         let (mut writes, mut held_until) = (Vec::new(), None);
         for name in names {
             let entries = grouped.remove(&name).unwrap_or_default();
-            let written = shards.get(&name).map(|s| &s.entries);
-            match shard_due(&mut coalescer, &name, &entries, written, &current, now) {
+            let delete = name.count != count;
+            let due = match shards.get(&name) {
+                _ if delete => Some(When::Now),
+                None => Some(When::Now),
+                Some(shard) => {
+                    let written = Some(&shard.entries);
+                    shard_due(&mut coalescer, &name, &entries, written, &current, now)
+                }
+            };
+            match due {
                 None => {}
                 Some(When::At(at)) => held_until = earliest(held_until, Some(at)),
-                Some(When::Now) => writes.push(ShardWrite { name, entries }),
+                Some(When::Now) => writes.push(ShardWrite {
+                    name,
+                    entries,
+                    delete,
+                }),
             }
         }
         coalescer.forget_stale(now);
@@ -277,7 +294,7 @@ impl NodeStatusWriter {
     async fn write(&self, write: ShardWrite) -> Outcome {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = write.name.config_map(&self.node);
-        let result = if write.entries.is_empty() {
+        let result = if write.delete {
             match bounded(api.delete(&name, &DeleteParams::default())).await {
                 Ok(_) => Ok(None),
                 Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
@@ -300,7 +317,7 @@ impl NodeStatusWriter {
                 // Out: the next change of each waits anew.
                 (write.entries.keys()).for_each(|key| coalescer.settled(key));
                 let mut shards = self.shards.lock();
-                if write.entries.is_empty() {
+                if write.delete {
                     shards.remove(&write.name);
                 } else {
                     let shard = Shard {

@@ -44,7 +44,7 @@ pub const HEARTBEAT_LABEL: &str = "discus.dev/heartbeat";
 pub struct Wakers {
     /// Something the desired state depends on changed.
     pub sync: Arc<Notify>,
-    /// Something the lease holder aggregates changed (status entries, specs).
+    /// Something the lease holder aggregates changed (nodes' reports, specs, status).
     pub aggregate: Arc<Notify>,
     /// A heartbeat Lease changed: the lease holder checks whether a node came back.
     pub heartbeat: Arc<Notify>,
