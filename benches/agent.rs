@@ -11,7 +11,7 @@
 //!   to generation) with an entry for each of the three nodes;
 //! - each agent's resident memory at that point;
 //! - once settled, a minute at rest: each agent's requests to the apiserver (from the audit log,
-//!   told apart by source address), its writes to discus.dev objects (target: 0) and to Leases;
+//!   told apart by source address), its status writes — to discus.dev objects and its reports (target: 0) — and to Leases;
 //! - the baseline, in the same run: the same manifests served by `discus serve --once` with the
 //!   same tgt backend in one host of its own, from start to every status file Ready.
 //!
@@ -653,7 +653,7 @@ impl Cluster {
         }
     }
 
-    /// Waits until no agent has written to a discus object for `QUIET` (at most five minutes);
+    /// Waits until no agent has written status (objects or reports) for `QUIET` (at most five minutes);
     /// how long that took.
     async fn settle(&mut self) -> Duration {
         let start = Instant::now();
@@ -665,7 +665,7 @@ impl Cluster {
                 .audit
                 .events
                 .values()
-                .filter(|e| e.user == AGENT_USER && e.group == "discus.dev" && e.is_write())
+                .filter(|e| e.is_status_write())
                 .map(|e| e.received)
                 .max();
             let quiet_since = last_write.map(|t| Timestamp::now().duration_since(t));
@@ -691,7 +691,7 @@ impl Cluster {
                     e.user == AGENT_USER && e.source == ip && e.received >= from && e.received < to
                 }) {
                     counts.requests += 1;
-                    if event.is_write() && event.group == "discus.dev" {
+                    if event.is_status_write() {
                         counts.discus_writes += 1;
                     }
                     if event.is_write() && event.group == "coordination.k8s.io" {
@@ -747,7 +747,7 @@ impl Cluster {
             if event.user_agent.starts_with("kubectl") && event.verb == "patch" {
                 writes.kubectl.push(since(event));
             }
-            if event.user != AGENT_USER || event.group != "discus.dev" || !event.is_write() {
+            if !event.is_status_write() {
                 continue;
             }
             let ip = event.source.as_str();
@@ -1045,7 +1045,7 @@ impl Profile {
 /// The agents' writes to discus objects in a span of time.
 #[derive(Default)]
 struct StatusWrites {
-    /// Per agent: writes of its node's entries, and of top-level status as the lease holder.
+    /// Per agent: writes of its node's entries (its reports), and of status as the lease holder.
     by_agent: Vec<(usize, usize)>,
     /// How many (object, field manager) pairs were written once, twice, …
     repeats: BTreeMap<usize, usize>,
@@ -1071,7 +1071,7 @@ impl StatusWrites {
             .zip(&self.by_agent)
             .map(|(a, (entries, top))| {
                 format!(
-                    "{} {entries} of its entries ({:.2} per object) and {top} as lease holder",
+                    "{} {entries} of its reports ({:.3} per object) and {top} as lease holder",
                     a.name,
                     *entries as f64 / objects as f64
                 )
@@ -1163,6 +1163,13 @@ struct Request {
 impl Request {
     fn is_write(&self) -> bool {
         !matches!(self.verb.as_str(), "get" | "list" | "watch")
+    }
+
+    /// A write of status: to a discus object, or to a node's report of its entries.
+    fn is_status_write(&self) -> bool {
+        self.user == AGENT_USER
+            && self.is_write()
+            && (self.group == "discus.dev" || self.resource == "configmaps")
     }
 }
 

@@ -16,7 +16,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -33,11 +33,12 @@ use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::status;
 
 use super::coalesce::{Coalescer, Standing, When, earliest};
+use super::connection::ApiTimeouts;
 use super::expected::Expected;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
-use super::node_status::IN_FLIGHT_FOR;
-use super::reports::{self, Report, Reported};
+use super::node_status::{Coalesced, IN_FLIGHT_FOR};
+use super::reports::{AllReports, Report, Reported};
 use super::stores::{Stores, Wakers};
 use super::upload_tokens::{self, Due};
 use super::{StatusBody, bounded, merge_patch, patch_status, status_body};
@@ -70,6 +71,8 @@ pub struct LeaderOptions {
     pub upload_keys: Option<Arc<Keys>>,
     /// How long top-level status that only reports progress waits for the next (`coalesce`).
     pub status_settle: Duration,
+    /// How long a watch of the nodes' reports lasts before it is renewed.
+    pub api_timeouts: ApiTimeouts,
 }
 
 /// Competes for the lease for ever; while holding it, aggregates whenever something changed.
@@ -100,7 +103,7 @@ pub async fn run(
     };
     let (mut leading, _election) = manager.watch().await;
     let aggregator = Aggregator::new(
-        client,
+        client.clone(),
         options.lease_namespace.clone(),
         options.iqn_authority.clone(),
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
@@ -108,6 +111,8 @@ pub async fn run(
     );
     stores.ready().await;
     let mut was_holding = false;
+    // Every node's reports, watched while this agent holds the lease.
+    let mut reports: Option<AllReports> = None;
     loop {
         let holding = *leading.borrow_and_update();
         if holding != was_holding {
@@ -115,20 +120,37 @@ pub async fn run(
             was_holding = holding;
         }
         if !holding {
+            reports = None;
             if leading.changed().await.is_err() {
                 tracing::warn!("the leader election stopped");
                 return;
             }
             continue;
         }
+        let reports = reports.get_or_insert_with(|| {
+            let (namespace, timeouts) = (&options.lease_namespace, &options.api_timeouts);
+            AllReports::watch(
+                client.clone(),
+                namespace,
+                timeouts,
+                wakers.aggregate.clone(),
+            )
+        });
         aggregator.generate_secrets(&stores).await;
         let tokens_due = match &options.upload_keys {
             Some(keys) => aggregator.upload_tokens(&stores, keys).await,
             None => None,
         };
-        let wait = aggregator
-            .aggregate(&stores, Timestamp::now())
-            .await
+        // Before the reports are listed, no node seems to report: wait for them.
+        let aggregated = match reports.listed() {
+            true => {
+                aggregator
+                    .aggregate(&stores, reports, Timestamp::now())
+                    .await
+            }
+            false => Some(Duration::from_millis(100)),
+        };
+        let wait = aggregated
             .unwrap_or(Duration::from_secs(60))
             .min(tokens_due.unwrap_or(Duration::MAX));
         let deadline = tokio::time::Instant::now() + wait;
@@ -166,8 +188,6 @@ pub struct Aggregator {
     in_flight: Mutex<HashMap<Object, InFlight>>,
     /// Status that only reports progress waits here for the next (see `coalesce`).
     coalescer: Mutex<Coalescer<Object>>,
-    /// Every report as last read, by ConfigMap name.
-    reports: Mutex<HashMap<String, ReportRead>>,
     /// Secrets created and not yet seen in the store, so that each is created once.
     created_secrets: Mutex<BTreeSet<ObjectKey>>,
     /// Upload tokens written, and when: not written again before the store shows them.
@@ -193,8 +213,8 @@ pub struct InFlight {
 impl InFlight {
     fn new(write: Write, version: Option<String>) -> Self {
         Self {
-            digest: digest(&write.status),
-            kept: write.keep.then_some(write.status),
+            digest: write.digest,
+            kept: write.kept,
             version,
             standing: write.standing,
             at: Instant::now(),
@@ -219,13 +239,13 @@ fn digest(status: &RawValue) -> [u8; 32] {
 struct Write {
     kind: Kind,
     key: ObjectKey,
-    /// The whole status wanted…
-    status: StatusBody,
-    /// …and the merge patch that makes it of the object's.
-    patch: Value,
+    /// The merge patch that makes the object's status the one wanted…
+    patch: StatusBody,
+    /// …which is this, hashed…
+    digest: [u8; 32],
+    /// …and kept whole where the next write builds on it (see `InFlight::kept`).
+    kept: Option<StatusBody>,
     standing: Standing,
-    /// Keep the status in flight whole (see `InFlight::kept`).
-    keep: bool,
 }
 
 /// The lease holder's writes, in the making.
@@ -286,13 +306,16 @@ impl<'a> Writes<'a> {
             self.held_until = earliest(self.held_until, Some(at));
             return;
         }
+        let Some(patch) = status_body(&merge_patch(current, wanted)) else {
+            return;
+        };
         self.writes.push(Write {
             kind: self.kind,
             key: flight.1,
-            status,
-            patch: merge_patch(current, wanted),
+            patch,
+            digest: digest(&status),
+            kept: None,
             standing,
-            keep: false,
         });
     }
 
@@ -302,13 +325,6 @@ impl<'a> Writes<'a> {
         self.coalescer.settled(&flight);
         self.in_flight.remove(&flight);
     }
-}
-
-/// A report as last read: by the ConfigMap's resourceVersion; `None` when it is not one.
-struct ReportRead {
-    version: Option<String>,
-    created: Option<Timestamp>,
-    report: Option<Arc<Report>>,
 }
 
 /// The nodes' reports of one pass, by object.
@@ -333,20 +349,27 @@ impl<'a> NodeReports<'a> {
     }
 
     /// An object's entries, by node: from each reporting node's report (about this very
-    /// object, by uid), and as the object has them from the others.
+    /// object, by uid), and as the object has them from the others — and from a node marked lost
+    /// there that may still be dead (`unconfirmed`: a new lease holder has not seen it renew its
+    /// heartbeat yet), lest a dead node's portals come back with each change of holder.
     fn entries<E: NodeEntry + DeserializeOwned>(
         &self,
         kind: Kind,
         meta: &ObjectMeta,
         in_object: Vec<E>,
+        unconfirmed: &dyn Fn(&str) -> bool,
     ) -> Vec<E> {
         let key = object_key(meta);
         let uid = meta.uid.as_deref().unwrap_or_default();
         let mut entries: Vec<E> = (in_object.into_iter())
-            .filter(|e| !self.reporting.contains(e.node()))
+            .filter(|e| {
+                let lost = e.is_marked_lost() && unconfirmed(e.node());
+                !self.reporting.contains(e.node()) || lost
+            })
             .collect();
+        let kept: HashSet<String> = entries.iter().map(|e| e.node().to_owned()).collect();
         for (node, reported) in self.by_object.get(&(kind, &key)).into_iter().flatten() {
-            if reported.uid != uid {
+            if reported.uid != uid || kept.contains(*node) {
                 continue;
             }
             // An entry that does not decode, or that names another node, is not trusted.
@@ -375,7 +398,6 @@ impl Aggregator {
             liveness: Mutex::new(liveness),
             in_flight: Mutex::default(),
             coalescer: Mutex::new(Coalescer::new(status_settle)),
-            reports: Mutex::default(),
             created_secrets: Mutex::default(),
             written_tokens: Mutex::default(),
             taken_tokens: Mutex::default(),
@@ -488,24 +510,33 @@ impl Aggregator {
     /// Writes every status that changed — the entries of lost nodes marked, those of gone ones
     /// left out, and their reports deleted; returns when something will change by itself (a
     /// grant expiring, a node turning lost or gone).
-    pub async fn aggregate(&self, stores: &Stores, now: Timestamp) -> Option<Duration> {
-        let (writes, gone, next) = self.plan(stores, now);
+    pub async fn aggregate(
+        &self,
+        stores: &Stores,
+        reports: &AllReports,
+        now: Timestamp,
+    ) -> Option<Duration> {
+        let (writes, gone, next) = self.plan(stores, &reports.newest(), now);
         futures::stream::iter(writes)
             .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
             .await;
-        self.delete_reports(gone).await;
+        self.delete_reports(reports.names_of(&gone)).await;
         next
     }
 
     /// The writes due now, the nodes gone, and how long until something changes by itself.
-    fn plan(&self, stores: &Stores, now: Timestamp) -> (Vec<Write>, Vec<String>, Option<Duration>) {
+    fn plan(
+        &self,
+        stores: &Stores,
+        reports: &[Arc<Report>],
+        now: Timestamp,
+    ) -> (Vec<Write>, Vec<String>, Option<Duration>) {
         let clock = Instant::now();
         let heartbeats = stores.heartbeats();
         let mut liveness = self.liveness.lock();
         liveness.observe(heartbeats.iter().map(|l| l.as_ref()), clock);
         let live = |node: &str| liveness.of(node, clock);
-        let reports = self.read_reports(stores);
-        let reported = NodeReports::new(&reports);
+        let reported = NodeReports::new(reports);
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
         let mut writes = Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer);
         // Every spec validated once, for IQNs, expiries and the nodes that should serve it.
@@ -524,9 +555,11 @@ impl Aggregator {
         let is_live = |node: &str| live(node) == Liveness::Live;
         let leases = heartbeats.iter().map(|l| l.as_ref());
         let expected = Expected::new(leases, is_live, &snapshot, now);
+        let unconfirmed = |node: &str| !liveness.seen_renewing(node);
         let sources = Sources {
             reported: &reported,
             live: &live,
+            unconfirmed: &unconfirmed,
         };
         plan_kind(
             &mut writes,
@@ -578,64 +611,12 @@ impl Aggregator {
         (writes, gone, next)
     }
 
-    /// The reports to aggregate: every report read (once per version), and of each node the
-    /// set of its newest count (a node whose count changed writes the new set, then deletes the
-    /// old; a report that is not one is said once and left out).
-    fn read_reports(&self, stores: &Stores) -> Vec<Arc<Report>> {
-        let mut read = self.reports.lock();
-        let config_maps = stores.reports();
-        let names: HashSet<String> = config_maps.iter().map(|c| c.name_any()).collect();
-        read.retain(|name, _| names.contains(name));
-        for config_map in &config_maps {
-            let name = config_map.name_any();
-            let version = config_map.resource_version();
-            if read.get(&name).is_some_and(|r| r.version == version) {
-                continue;
-            }
-            let report = reports::read(config_map)
-                .inspect_err(|error| tracing::warn!(report = %name, %error, "a ConfigMap labelled as a node report is not one; it is left out"))
-                .ok()
-                .map(Arc::new);
-            let created = config_map.creation_timestamp().map(|t| t.0);
-            read.insert(
-                name,
-                ReportRead {
-                    version,
-                    created,
-                    report,
-                },
-            );
-        }
-        // Of each node, the count of its newest report.
-        let mut newest: BTreeMap<&str, (Option<Timestamp>, u32)> = BTreeMap::new();
-        for read in read.values() {
-            let Some(report) = &read.report else { continue };
-            let this = (read.created, report.name.count);
-            let kept = newest.entry(&report.node).or_insert(this);
-            *kept = (*kept).max(this);
-        }
-        (read.values())
-            .filter_map(|r| r.report.clone())
-            .filter(|r| {
-                newest
-                    .get(r.node.as_str())
-                    .is_some_and(|n| n.1 == r.name.count)
-            })
-            .collect()
-    }
-
-    /// Deletes the reports of nodes that are gone (their entries are left out already).
-    async fn delete_reports(&self, gone: Vec<String>) {
-        if gone.is_empty() {
+    /// Deletes the reports (ConfigMap name, node) of nodes that are gone (their entries are
+    /// left out already).
+    async fn delete_reports(&self, names: Vec<(String, String)>) {
+        if names.is_empty() {
             return;
         }
-        let names: Vec<(String, String)> = {
-            let read = self.reports.lock();
-            (read.iter())
-                .filter_map(|(name, r)| Some((name.clone(), r.report.as_ref()?.node.clone())))
-                .filter(|(_, node)| gone.contains(node))
-                .collect()
-        };
         let api: kube::Api<ConfigMap> = kube::Api::namespaced(self.client.clone(), &self.namespace);
         for (name, node) in names {
             match bounded(api.delete(&name, &DeleteParams::default())).await {
@@ -688,10 +669,12 @@ fn grant_status(
     status::grant_status(grant, entries, expired, heartbeat, Some(status), now)
 }
 
-/// Where an object's entries come from: the nodes' reports, judged by whether each node lives.
+/// Where an object's entries come from: the nodes' reports, judged by whether each node lives
+/// (and whether this holder saw it renew its heartbeat).
 struct Sources<'a> {
     reported: &'a NodeReports<'a>,
     live: &'a dyn Fn(&str) -> Liveness,
+    unconfirmed: &'a dyn Fn(&str) -> bool,
 }
 
 /// One kind's writes: for each well-formed object, its status (from `status`) with every node's
@@ -710,15 +693,26 @@ fn plan_kind<K: Aggregated>(
             Ok(object) => {
                 let current = object.current_status();
                 let in_object = K::entries(&current);
-                let entries = (sources.reported).entries(writes.kind, object.meta(), in_object);
+                let entries = (sources.reported).entries(
+                    writes.kind,
+                    object.meta(),
+                    in_object,
+                    sources.unconfirmed,
+                );
                 (writes.nodes).extend(entries.iter().map(|e| e.node().to_owned()));
                 let entries = judge(entries, sources.live);
                 let reported: HashSet<String> =
                     entries.iter().map(|e| e.node().to_owned()).collect();
+                // A node's failure, expiry or anything only a person can fix goes out at once,
+                // even beside a Ready, as the node sent it.
+                let was = K::entries(&current);
+                let urgent =
+                    (entries.iter()).any(|e| e.standing() == Standing::Final && !was.contains(e));
                 let wanted = status(object, entries, &current);
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
-                status_write(writes, object.meta(), &wanted, &current, &unreported);
+                let (meta, urgent) = (object.meta(), urgent);
+                status_write(writes, meta, &wanted, &current, &unreported, urgent);
             }
             Err(invalid) => invalid_write(writes, invalid),
         }
@@ -728,7 +722,7 @@ fn plan_kind<K: Aggregated>(
 /// A kind whose status holds an entry from each node and a top level merged from them.
 trait Aggregated: Resource<DynamicType = ()> {
     type Status: Serialize;
-    type Entry: NodeEntry + Serialize + DeserializeOwned;
+    type Entry: NodeEntry + Serialize + DeserializeOwned + Coalesced + PartialEq;
     fn current_status(&self) -> Self::Status;
     fn entries(status: &Self::Status) -> Vec<Self::Entry>;
 }
@@ -773,18 +767,24 @@ fn judge<E: NodeEntry>(entries: Vec<E>, live: &dyn Fn(&str) -> Liveness) -> Vec<
 }
 
 /// The status, written when it differs from the object's; `unreported`: whether a node that
-/// should serve the object has no entry in it yet.
+/// should serve the object has no entry in it yet; `urgent`: whether an entry says what users
+/// act on.
 fn status_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
     wanted: &S,
     current: &S,
     unreported: &dyn Fn() -> bool,
+    urgent: bool,
 ) {
     let key = object_key(meta);
     writes.seen.insert((writes.kind, key.clone()));
-    let value = |status: &S| serde_json::to_value(status).unwrap_or(Value::Null);
-    let (wanted, current) = (value(wanted), value(current));
+    let value = |status: &S| serde_json::to_value(status);
+    // Not written at all rather than written as nothing (said in the log).
+    let (Ok(wanted), Ok(current)) = (value(wanted), value(current)) else {
+        tracing::error!(object = %key, "a status that cannot be serialized is not written");
+        return;
+    };
     if wanted == current {
         writes.landed(&key);
         return;
@@ -796,6 +796,7 @@ fn status_write<S: Serialize>(
         wanted.get("observedGeneration"),
     );
     let standing = match (generations, status_standing(&wanted)) {
+        _ if urgent => Standing::Final,
         ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
         (_, Standing::Ready) if unreported() => Standing::Partial,
         (_, standing) => standing,
@@ -859,10 +860,10 @@ fn invalid_write(writes: &mut Writes<'_>, invalid: &InvalidObject) {
     writes.writes.push(Write {
         kind: writes.kind,
         key,
-        status,
-        patch: wanted,
+        patch: status.clone(),
+        digest: digest(&status),
+        kept: Some(status),
         standing: Standing::Final,
-        keep: true,
     });
 }
 
@@ -948,6 +949,7 @@ mod tests {
             &status(2, "False"),
             &status(1, "True"),
             &|| false,
+            false,
         );
         assert_eq!(
             writes.writes.len(),
@@ -956,9 +958,14 @@ mod tests {
         );
         // A new object, not Ready yet: its first status waits for the next state.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        status_write(&mut writes, &meta, &status(1, "False"), &json!({}), &|| {
-            false
-        });
+        status_write(
+            &mut writes,
+            &meta,
+            &status(1, "False"),
+            &json!({}),
+            &|| false,
+            false,
+        );
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
     }
 
@@ -990,6 +997,7 @@ mod tests {
         let sources = Sources {
             reported: &reported,
             live: &live,
+            unconfirmed: &|_| false,
         };
         let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
@@ -1006,7 +1014,7 @@ mod tests {
         );
         assert!(writes.writes.len() <= 1, "one write per object at most");
         let nodes = writes.writes.first().map(|write| {
-            let status: Value = serde_json::from_str(write.status.get()).expect("a status");
+            let status: Value = serde_json::from_str(write.patch.get()).expect("a status");
             (status["nodes"].as_array().into_iter().flatten())
                 .map(|e| e["node"].as_str().unwrap_or_default().to_owned())
                 .collect()
@@ -1038,10 +1046,11 @@ mod tests {
             entry: status_body(&entry).expect("an entry"),
         };
         let key = ObjectKey::new("lab", "t");
-        let count = reports::shard_count(1);
+        let count = super::super::reports::shard_count(1, None);
         Arc::new(Report {
             node: node.to_owned(),
-            name: reports::ShardName::of(Kind::IscsiTarget, &key, count),
+            name: super::super::reports::ShardName::of(Kind::IscsiTarget, &key, count),
+            set: Timestamp::now(),
             records: BTreeMap::from([((Kind::IscsiTarget, key), reported)]),
         })
     }
@@ -1052,7 +1061,8 @@ mod tests {
             let reported = NodeReports::new(reports);
             let target = target_with_entries();
             let in_object = target.status.clone().map(|s| s.nodes).unwrap_or_default();
-            let entries = reported.entries(Kind::IscsiTarget, &target.metadata, in_object);
+            let entries =
+                reported.entries(Kind::IscsiTarget, &target.metadata, in_object, &|_| false);
             (entries.into_iter())
                 .map(|e| (e.node, e.message.unwrap_or_default()))
                 .collect::<Vec<_>>()
@@ -1081,6 +1091,32 @@ mod tests {
             entries(&[report("b", "u1", "a")]),
             [from("a", ""), from("gone", "")]
         );
+        // Marked lost in the object by an earlier holder: kept so until this holder sees node b
+        // renew its heartbeat, then its report's.
+        let mut target = target_with_entries();
+        let in_object: Vec<TargetNodeStatus> = (target.status.take().into_iter())
+            .flat_map(|s| s.nodes)
+            .map(|mut e| {
+                if e.node == "b" {
+                    e.mark_lost("b is silent");
+                }
+                e
+            })
+            .collect();
+        let reports = [report("b", "u1", "b")];
+        let reported = NodeReports::new(&reports);
+        let b = |unconfirmed: bool| {
+            let entries = reported.entries(
+                Kind::IscsiTarget,
+                &target.metadata,
+                in_object.clone(),
+                &|_| unconfirmed,
+            );
+            let b = entries.into_iter().find(|e| e.node == "b");
+            b.is_some_and(|e| e.is_marked_lost())
+        };
+        assert!(b(true), "a new holder keeps the mark");
+        assert!(!b(false), "renewing again: the report's");
     }
 
     #[test]
@@ -1089,17 +1125,38 @@ mod tests {
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
         let ready =
             json!({"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]});
-        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        status_write(
+            &mut writes,
+            &target_meta(),
+            &ready,
+            &json!({}),
+            &|| false,
+            false,
+        );
         let Some(write) = writes.writes.pop() else {
             panic!("Ready is written at once");
         };
         in_flight.insert(write_key(&write), InFlight::new(write, None));
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        status_write(
+            &mut writes,
+            &target_meta(),
+            &ready,
+            &json!({}),
+            &|| false,
+            false,
+        );
         assert!(writes.writes.is_empty(), "just written: in flight");
         // Changed by someone else before the store showed it: written again after a while.
         writes.now = Instant::now() + IN_FLIGHT_FOR;
-        status_write(&mut writes, &target_meta(), &ready, &json!({}), &|| false);
+        status_write(
+            &mut writes,
+            &target_meta(),
+            &ready,
+            &json!({}),
+            &|| false,
+            false,
+        );
         assert_eq!(writes.writes.len(), 1);
     }
 
@@ -1114,11 +1171,11 @@ mod tests {
                            "conditions": [{"type": "Ready", "status": "True"}]});
         let (mut in_flight, mut coalescer) = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        status_write(&mut writes, &meta, &ready, &json!({}), &|| true);
+        status_write(&mut writes, &meta, &ready, &json!({}), &|| true, false);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
         // Every node that should serve it reported: at once.
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
-        status_write(&mut writes, &meta, &ready, &json!({}), &|| false);
+        status_write(&mut writes, &meta, &ready, &json!({}), &|| false, false);
         assert_eq!(writes.writes.len(), 1);
     }
 }

@@ -31,6 +31,8 @@ pub struct Tracker {
     prune_after: Duration,
     /// Per node: the last renew time seen, and when the holder saw it change.
     seen: HashMap<String, (Option<String>, Instant)>,
+    /// The nodes whose heartbeat the holder saw renewed: live for certain, not merely new to it.
+    renewing: std::collections::HashSet<String>,
 }
 
 impl Tracker {
@@ -40,6 +42,7 @@ impl Tracker {
             lost_after,
             prune_after,
             seen: HashMap::new(),
+            renewing: std::collections::HashSet::new(),
         }
     }
 
@@ -62,6 +65,7 @@ impl Tracker {
                 Some((last, at)) if *last != renewed => {
                     *last = renewed;
                     *at = now;
+                    self.renewing.insert(node.clone());
                 }
                 Some(_) => {}
                 None => {
@@ -92,6 +96,12 @@ impl Tracker {
         } else {
             Liveness::Gone
         }
+    }
+
+    /// Whether the holder saw `node`'s heartbeat renewed, not only present: a holder new to the
+    /// lease takes a node it has just seen for live until `lost_after`, even one long dead.
+    pub fn seen_renewing(&self, node: &str) -> bool {
+        self.renewing.contains(node)
     }
 
     /// The next moment a node's liveness changes, if any does.

@@ -136,6 +136,7 @@ impl NodeLoop for AgentLoop {
                 prune_after: options.prune_after,
                 upload_keys: options.upload_keys.clone(),
                 status_settle: options.status_settle,
+                api_timeouts: options.api_timeouts,
             },
         ));
         if let Some(keys) = &options.upload_keys {
@@ -246,9 +247,9 @@ async fn patch_status(
     kind: Kind,
     key: &ObjectKey,
     manager: &str,
-    status: &serde_json::Value,
+    status: &RawValue,
 ) -> kube::Result<Option<String>> {
-    let body = &serde_json::json!({ "status": status });
+    let body = &StatusPatch { status };
     let params = PatchParams {
         field_manager: Some(manager.to_owned()),
         ..PatchParams::default()
@@ -263,11 +264,17 @@ async fn patch_status(
     .await
 }
 
+/// A merge patch of an object's status.
+#[derive(Debug, Serialize)]
+struct StatusPatch<'a> {
+    status: &'a RawValue,
+}
+
 async fn merge<K>(
     client: &Client,
     key: &ObjectKey,
     params: &PatchParams,
-    body: &serde_json::Value,
+    body: &StatusPatch<'_>,
 ) -> kube::Result<Option<String>>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>

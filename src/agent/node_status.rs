@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -34,7 +35,7 @@ use crate::sync::NodeReport;
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::events::{Observed, State, Summary};
 use super::heartbeat::node_hash;
-use super::reports::{self, REPORT_LABEL, Reported, ShardName, shard_count};
+use super::reports::{self, REPORT_LABEL, Reported, SHARD_BYTES_AT_MOST, ShardName};
 use super::stores::Stores;
 use super::{bounded, status_body};
 
@@ -56,8 +57,8 @@ pub struct NodeStatusWriter {
     /// Where the reports live (the agents' namespace).
     namespace: String,
     manager: String,
-    /// The shards as this node last wrote them (or read them, after a start).
-    shards: Mutex<BTreeMap<ShardName, Shard>>,
+    /// The reports as this node last wrote them (or read them, after a start).
+    written: Mutex<Written>,
     /// Entries that only report progress wait here for the next (see `coalesce`).
     coalescer: Mutex<Coalescer<(Kind, ObjectKey)>>,
     metrics: Arc<Metrics>,
@@ -68,30 +69,65 @@ pub struct NodeStatusWriter {
 /// believed no more.
 pub const IN_FLIGHT_FOR: Duration = Duration::from_secs(15);
 
-/// What one object's entry says, as this node wants it or wrote it.
+/// One object's entry as this node wants it.
 #[derive(Clone, Debug)]
 struct Entry {
     reported: Reported,
+    stamp: Stamp,
+}
+
+/// What an entry says, in short: all a node keeps of the entries it wrote (thousands of them).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Stamp {
+    /// The object's uid and the entry, hashed.
+    digest: [u8; 32],
     /// For when a change of it goes out (`coalesce`).
     standing: Standing,
     /// The generation of the spec it describes.
     generation: Option<i64>,
 }
 
+impl Stamp {
+    fn of(reported: &Reported, standing: Standing, generation: Option<i64>) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(reported.uid.as_bytes());
+        hash.update([0]);
+        hash.update(reported.entry.get().as_bytes());
+        Self {
+            digest: hash.finalize().into(),
+            standing,
+            generation,
+        }
+    }
+}
+
 type Entries = BTreeMap<(Kind, ObjectKey), Entry>;
+type Stamps = BTreeMap<(Kind, ObjectKey), Stamp>;
+
+/// This node's reports as written.
+#[derive(Debug, Default)]
+struct Written {
+    shards: BTreeMap<ShardName, Shard>,
+    /// The count of shards written now, and since when (see `reports`).
+    set: Option<(u32, Timestamp)>,
+    /// Shards deleted, and when: not taken for present while the store still shows them.
+    deleted: HashMap<ShardName, Instant>,
+}
 
 /// One shard of this node's report, as written.
 #[derive(Debug)]
 struct Shard {
-    entries: Entries,
+    stamps: Stamps,
+    set: Timestamp,
     /// The ConfigMap's resourceVersion right after the write.
     version: Option<String>,
     at: Instant,
 }
 
-/// A shard to write, or to delete (one of a count the node no longer has).
+/// A shard to write with its entries, or to delete (one of a count the node no longer has).
 struct ShardWrite {
     name: ShardName,
+    set: Timestamp,
     entries: Entries,
     delete: bool,
 }
@@ -119,7 +155,7 @@ impl NodeStatusWriter {
             node: node.to_owned(),
             namespace: namespace.to_owned(),
             manager: field_manager(node),
-            shards: Mutex::default(),
+            written: Mutex::default(),
             coalescer: Mutex::new(Coalescer::new(status_settle)),
             metrics,
         }
@@ -151,7 +187,16 @@ impl NodeStatusWriter {
             &mut observed,
             |g| status::grant_entry(g, report),
         );
-        let (writes, held_until) = self.plan(stores, wanted, Instant::now());
+        let Some(own) = stores.own_reports() else {
+            // What the reports say now is not known yet: tried again shortly.
+            tracing::debug!("this node's reports are not listed yet");
+            return Published {
+                failed: 1,
+                observed,
+                ..Published::default()
+            };
+        };
+        let (writes, held_until) = self.plan(&own, wanted, Instant::now());
         let (deletions, writes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| w.delete);
         let (mut written, mut failed) = self.write_all(writes).await;
         if failed == 0 {
@@ -171,52 +216,47 @@ impl NodeStatusWriter {
     /// The shards to write now, and when the earliest held back falls due.
     fn plan(
         &self,
-        stores: &Stores,
-        mut wanted: Wanted,
+        own: &[Arc<ConfigMap>],
+        wanted: Wanted,
         now: Instant,
     ) -> (Vec<ShardWrite>, Option<Instant>) {
-        let mut shards = self.shards.lock();
-        self.believe_the_store(&mut shards, stores, now);
-        // Where each object's entry is now, whatever the count.
-        let current: HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)> = (shards.iter())
-            .flat_map(|(name, shard)| shard.entries.iter().map(move |(k, e)| (k, (name, e))))
+        let mut written = self.written.lock();
+        self.believe_the_store(&mut written, own, now);
+        let current = written.set.map(|(count, _)| count);
+        let count = count_for(&wanted, current);
+        let set = written.set_for(count);
+        // A shard with an entry that cannot be encoded is not written: not written is not
+        // "nothing to say" (said in the log).
+        let held: BTreeSet<ShardName> = (wanted.unwritable.iter())
+            .map(|(kind, key)| ShardName::of(*kind, key, count))
             .collect();
-        // An entry that cannot be written stays as it is: not written is not "nothing to say".
-        for key in &wanted.unwritable {
-            if let Some((_, entry)) = current.get(key) {
-                wanted.entries.insert(key.clone(), (*entry).clone());
-            }
-        }
-        let count = shard_count(wanted.entries.len());
-        let mut grouped: BTreeMap<ShardName, Entries> = BTreeMap::new();
-        for (key, entry) in wanted.entries {
-            let name = ShardName::of(key.0, &key.1, count);
-            grouped.entry(name).or_default().insert(key, entry);
-        }
+        let mut grouped = group(wanted.entries, count);
         // Every shard of the count is written, even without entries: a node with reports is
         // one whose reports say what its entries are (see `leader`), none included.
         let names: BTreeSet<ShardName> = (0..count)
             .map(|shard| ShardName { shard, count })
-            .chain(shards.keys().cloned())
+            .chain(written.shards.keys().cloned())
             .collect();
         let mut coalescer = self.coalescer.lock();
         let (mut writes, mut held_until) = (Vec::new(), None);
         for name in names {
             let entries = grouped.remove(&name).unwrap_or_default();
             let delete = name.count != count;
-            let due = match shards.get(&name) {
+            let due = match written.shards.get(&name) {
                 _ if delete => Some(When::Now),
-                None => Some(When::Now),
-                Some(shard) => {
-                    let written = Some(&shard.entries);
-                    shard_due(&mut coalescer, &name, &entries, written, &current, now)
+                _ if held.contains(&name) => None,
+                Some(shard) if shard.set == set => {
+                    shard_due(&mut coalescer, &entries, &shard.stamps, now)
                 }
+                // Not written yet, or of an older set of the same count.
+                _ => Some(When::Now),
             };
             match due {
                 None => {}
                 Some(When::At(at)) => held_until = earliest(held_until, Some(at)),
                 Some(When::Now) => writes.push(ShardWrite {
                     name,
+                    set,
                     entries,
                     delete,
                 }),
@@ -228,46 +268,41 @@ impl NodeStatusWriter {
 
     /// Takes in what the store shows of this node's reports: a shard it shows as this node
     /// last wrote it, or that was written a moment ago, is as written; one changed by someone
-    /// else is read back; one gone for a while is gone.
-    fn believe_the_store(
-        &self,
-        shards: &mut BTreeMap<ShardName, Shard>,
-        stores: &Stores,
-        now: Instant,
-    ) {
-        let recent = |shard: &Shard| now.saturating_duration_since(shard.at) < IN_FLIGHT_FOR;
+    /// else is read back; one gone for a while is gone; one deleted a moment ago stays gone.
+    fn believe_the_store(&self, written: &mut Written, own: &[Arc<ConfigMap>], now: Instant) {
+        let recent = |at: Instant| now.saturating_duration_since(at) < IN_FLIGHT_FOR;
+        written.deleted.retain(|_, at| recent(*at));
         let mut stored = BTreeSet::new();
-        for config_map in stores.reports_of(&node_hash(&self.node)) {
-            let read = reports::read(&config_map)
+        for config_map in own {
+            let read = reports::read(config_map)
                 .ok()
                 .filter(|r| r.node == self.node);
             let Some(report) = read else { continue };
+            if written.deleted.contains_key(&report.name) {
+                continue;
+            }
             stored.insert(report.name.clone());
             let version = config_map.resource_version();
-            if let Some(shard) = shards.get(&report.name)
-                && (shard.version == version || recent(shard))
+            if let Some(shard) = written.shards.get(&report.name)
+                && (shard.version == version || recent(shard.at))
             {
                 continue;
             }
-            let entries = (report.records.into_iter())
+            let stamps = (report.records.into_iter())
                 .map(|(key, reported)| {
                     let (standing, generation) = describe(key.0, &reported.entry);
-                    let entry = Entry {
-                        reported,
-                        standing,
-                        generation,
-                    };
-                    (key, entry)
+                    (key, Stamp::of(&reported, standing, generation))
                 })
                 .collect();
             let shard = Shard {
-                entries,
+                stamps,
+                set: report.set,
                 version,
                 at: now,
             };
-            shards.insert(report.name, shard);
+            written.shards.insert(report.name, shard);
         }
-        shards.retain(|name, shard| stored.contains(name) || recent(shard));
+        (written.shards).retain(|name, shard| stored.contains(name) || recent(shard.at));
     }
 
     /// Makes the writes, a few at a time; how many went and how many failed. When the
@@ -301,7 +336,7 @@ impl NodeStatusWriter {
                 Err(error) => Err(error),
             }
         } else {
-            match self.body(&name, &write.entries) {
+            match self.body(&name, write.set, &write.entries) {
                 Some(body) => {
                     let params = PatchParams::apply(&self.manager).force();
                     (bounded(api.patch(&name, &params, &Patch::Apply(body))).await)
@@ -313,20 +348,11 @@ impl NodeStatusWriter {
         self.metrics.status_written(result.is_ok());
         match result {
             Ok(version) => {
-                let mut coalescer = self.coalescer.lock();
+                let keys: Vec<(Kind, ObjectKey)> = write.entries.keys().cloned().collect();
+                self.written.lock().took(write, version);
                 // Out: the next change of each waits anew.
-                (write.entries.keys()).for_each(|key| coalescer.settled(key));
-                let mut shards = self.shards.lock();
-                if write.delete {
-                    shards.remove(&write.name);
-                } else {
-                    let shard = Shard {
-                        entries: write.entries,
-                        version,
-                        at: Instant::now(),
-                    };
-                    shards.insert(write.name, shard);
-                }
+                let mut coalescer = self.coalescer.lock();
+                keys.iter().for_each(|key| coalescer.settled(key));
                 Outcome::Written
             }
             Err(error) => {
@@ -342,8 +368,9 @@ impl NodeStatusWriter {
 
     /// A shard's ConfigMap as applied; `None` (said in the log) when its entries cannot be
     /// encoded.
-    fn body(&self, name: &str, entries: &Entries) -> Option<serde_json::Value> {
-        let data = reports::data(&self.node, entries.iter().map(|(k, e)| (k, &e.reported)))
+    fn body(&self, name: &str, set: Timestamp, entries: &Entries) -> Option<serde_json::Value> {
+        let records = entries.iter().map(|(k, e)| (k, &e.reported));
+        let data = reports::data(&self.node, set, records)
             .inspect_err(
                 |error| tracing::error!(%error, "a report that cannot be encoded is not written"),
             )
@@ -394,67 +421,126 @@ fn collect<K, E>(
             uid: object.meta().uid.clone().unwrap_or_default(),
             entry: body,
         };
-        let entry = Entry {
-            reported,
-            standing: entry.standing(),
-            generation: entry.generation(),
-        };
-        wanted.entries.insert(key, entry);
+        let stamp = Stamp::of(&reported, entry.standing(), entry.generation());
+        wanted.entries.insert(key, Entry { reported, stamp });
     }
 }
 
-/// Whether a shard is to be written (`None`: it says what is wanted), now or later: at once
-/// when an entry in it is due (see `coalesce`), moved in from a shard of another count, or
-/// dropped; `written` is what it says now, `current` where each entry is now.
+/// Whether a shard is to be written (`None`: it says what is wanted), now or later: at once when
+/// an entry in it is due (see `coalesce`) or dropped; `written` is what it says now.
 fn shard_due(
     coalescer: &mut Coalescer<(Kind, ObjectKey)>,
-    name: &ShardName,
     wanted: &Entries,
-    written: Option<&Entries>,
-    current: &HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)>,
+    written: &Stamps,
     now: Instant,
 ) -> Option<When> {
     let mut due: Option<When> = None;
-    let mut sooner = |when: When| {
+    for (key, entry) in wanted {
+        let (standing, now_standing) = match written.get(key) {
+            Some(was) if was.digest == entry.stamp.digest => {
+                coalescer.settled(key);
+                continue;
+            }
+            Some(was) => (standing_against(entry, was), Some(was.standing)),
+            None => (entry.stamp.standing, None),
+        };
+        let when = coalescer.due(key, standing, now_standing, None, now);
         due = Some(match (due, when) {
             (Some(When::Now), _) | (_, When::Now) => When::Now,
             (Some(When::At(a)), When::At(b)) => When::At(a.min(b)),
             (None, at) => at,
         });
-    };
-    for (key, entry) in wanted {
-        let (standing, now_standing) = match current.get(key) {
-            Some((at, was)) if *at == name && was.reported == entry.reported => {
-                coalescer.settled(key);
-                continue;
-            }
-            Some((at, _)) if *at != name => {
-                sooner(When::Now);
-                continue;
-            }
-            Some((_, was)) => (standing_against(entry, was), Some(was.standing)),
-            None => (entry.standing, None),
-        };
-        sooner(coalescer.due(key, standing, now_standing, None, now));
     }
-    let dropped = written
-        .into_iter()
-        .flat_map(|w| w.keys())
-        .any(|key| !wanted.contains_key(key));
-    if dropped {
-        sooner(When::Now);
+    if written.keys().any(|key| !wanted.contains_key(key)) {
+        due = Some(When::Now);
     }
     due
+}
+
+/// The count of shards for `wanted`, writing `current` now: by the number of entries, then
+/// doubled while a shard would be too large.
+fn count_for(wanted: &Wanted, current: Option<u32>) -> u32 {
+    let entries = wanted.entries.len() + wanted.unwritable.len();
+    let mut count = reports::shard_count(entries, current);
+    while count < reports::SHARDS_AT_MOST
+        && largest_shard(&wanted.entries, count) > SHARD_BYTES_AT_MOST
+    {
+        count *= 2;
+    }
+    count
+}
+
+/// How many bytes of entries the largest of `count` shards would hold.
+fn largest_shard(entries: &Entries, count: u32) -> usize {
+    let mut bytes: HashMap<u32, usize> = HashMap::new();
+    for ((kind, key), entry) in entries {
+        let size = entry.reported.entry.get().len() + key.namespace.len() + key.name.len() + 64;
+        *bytes
+            .entry(reports::shard_of(*kind, key, count))
+            .or_default() += size;
+    }
+    bytes.into_values().max().unwrap_or(0)
+}
+
+/// The entries of each shard of `count`.
+fn group(entries: Entries, count: u32) -> BTreeMap<ShardName, Entries> {
+    let mut grouped: BTreeMap<ShardName, Entries> = BTreeMap::new();
+    for (key, entry) in entries {
+        let name = ShardName::of(key.0, &key.1, count);
+        grouped.entry(name).or_default().insert(key, entry);
+    }
+    grouped
+}
+
+impl Written {
+    /// Since when the node writes `count` shards: as before if it did; else, after a start,
+    /// as the stored shards of that count say if they all say the same; else from now.
+    fn set_for(&mut self, count: u32) -> Timestamp {
+        if let Some((current, since)) = self.set
+            && current == count
+        {
+            return since;
+        }
+        let stored: BTreeSet<Timestamp> = (self.shards.iter())
+            .filter(|(name, _)| name.count == count)
+            .map(|(_, shard)| shard.set)
+            .collect();
+        let since = match (stored.len(), stored.first()) {
+            (1, Some(since)) if self.set.is_none() => *since,
+            _ => Timestamp::now(),
+        };
+        self.set = Some((count, since));
+        since
+    }
+
+    /// A write made: the shard says what it wrote, or is gone.
+    fn took(&mut self, write: ShardWrite, version: Option<String>) {
+        if write.delete {
+            self.shards.remove(&write.name);
+            self.deleted.insert(write.name, Instant::now());
+            return;
+        }
+        let stamps = (write.entries.into_iter())
+            .map(|(key, entry)| (key, entry.stamp))
+            .collect();
+        let shard = Shard {
+            stamps,
+            set: write.set,
+            version,
+            at: Instant::now(),
+        };
+        self.shards.insert(write.name, shard);
+    }
 }
 
 /// How soon a changed entry goes out: a new spec applied at once (the lease holder holds Ready
 /// back until every node's entry says it applied it); otherwise as it says. (An entry written
 /// before entries had generations gets one like any other change of detail: an upgrade is no
 /// burst.)
-fn standing_against(wanted: &Entry, was: &Entry) -> Standing {
+fn standing_against(wanted: &Entry, was: &Stamp) -> Standing {
     match was.generation {
-        Some(generation) if wanted.generation != Some(generation) => Standing::Final,
-        _ => wanted.standing,
+        Some(generation) if wanted.stamp.generation != Some(generation) => Standing::Final,
+        _ => wanted.stamp.standing,
     }
 }
 
@@ -476,7 +562,7 @@ fn describe(kind: Kind, entry: &RawValue) -> (Standing, Option<i64>) {
 
 /// How soon an entry is written (see `coalesce`): a failure, an expiry or anything only a
 /// person can fix at once, even beside a Ready (a grant applied whose boot LUN is missing).
-trait Coalesced {
+pub trait Coalesced {
     fn standing(&self) -> Standing;
     /// The generation of the spec the entry describes.
     fn generation(&self) -> Option<i64>;
@@ -579,76 +665,96 @@ mod tests {
         assert_eq!(waiting.standing(), Standing::Passing);
     }
 
-    /// A target's entry as a pass wants it (or wrote it).
-    fn entry(uid: &str, ready: bool, standing: Standing, generation: i64) -> Entry {
-        let body = json!({"node": "a", "observedGeneration": generation, "ready": ready});
-        Entry {
-            reported: Reported {
-                uid: uid.to_owned(),
-                entry: status_body(&body).expect("an entry"),
-            },
-            standing,
-            generation: Some(generation),
-        }
+    /// A target's entry as a pass wants it, saying `message`.
+    fn entry(uid: &str, message: &str, standing: Standing, generation: i64) -> Entry {
+        let body = json!({"node": "a", "observedGeneration": generation, "message": message});
+        let reported = Reported {
+            uid: uid.to_owned(),
+            entry: status_body(&body).expect("an entry"),
+        };
+        let stamp = Stamp::of(&reported, standing, Some(generation));
+        Entry { reported, stamp }
     }
 
     #[test]
     fn a_shard_goes_out_when_an_entry_in_it_is_due_and_only_then() {
         let key = |name: &str| (Kind::IscsiTarget, ObjectKey::new("lab", name));
-        let here = ShardName { shard: 0, count: 1 };
-        let elsewhere = ShardName { shard: 1, count: 2 };
-        let written: Entries = BTreeMap::from([
-            (key("t"), entry("u", false, Standing::Passing, 1)),
-            (key("u"), entry("u", true, Standing::Ready, 1)),
+        let wanted_before: Entries = BTreeMap::from([
+            (key("t"), entry("u", "waiting", Standing::Passing, 1)),
+            (key("u"), entry("u", "ready", Standing::Ready, 1)),
         ]);
+        let written: Stamps = (wanted_before.iter())
+            .map(|(k, e)| (k.clone(), e.stamp))
+            .collect();
         let mut coalescer = Coalescer::new(Duration::from_secs(2));
         let now = Instant::now();
-        let mut due = |wanted: &Entries, elsewhere_too: Option<&Entries>| {
-            let mut current: HashMap<&(Kind, ObjectKey), (&ShardName, &Entry)> =
-                written.iter().map(|(k, e)| (k, (&here, e))).collect();
-            for (k, e) in elsewhere_too.into_iter().flatten() {
-                current.insert(k, (&elsewhere, e));
-            }
-            shard_due(&mut coalescer, &here, wanted, Some(&written), &current, now)
+        let mut due = |wanted: &Entries| shard_due(&mut coalescer, wanted, &written, now);
+        assert_eq!(due(&wanted_before), None, "as written: nothing");
+        let with = |name: &str, changed: Entry| {
+            let mut wanted = wanted_before.clone();
+            wanted.insert(key(name), changed);
+            wanted
         };
-        assert_eq!(due(&written, None), None, "as written: nothing");
-        let mut progress = written.clone();
-        progress.insert(key("t"), entry("u", false, Standing::Passing, 1));
-        let Some(Entry { reported, .. }) = progress.get_mut(&key("t")) else {
-            panic!("t");
-        };
-        reported.entry =
-            status_body(&json!({"node": "a", "observedGeneration": 1, "message": "on its way"}))
-                .expect("an entry");
+        let progress = with("t", entry("u", "still waiting", Standing::Passing, 1));
         assert!(
-            matches!(due(&progress, None), Some(When::At(_))),
+            matches!(due(&progress), Some(When::At(_))),
             "progress waits"
         );
-        let mut ready = written.clone();
-        ready.insert(key("t"), entry("u", true, Standing::Ready, 1));
-        assert_eq!(due(&ready, None), Some(When::Now), "Ready reached: at once");
-        let mut applied = written.clone();
-        applied.insert(key("u"), entry("u", false, Standing::Passing, 2));
+        let ready = with("t", entry("u", "ready", Standing::Ready, 1));
+        assert_eq!(due(&ready), Some(When::Now), "Ready reached: at once");
+        let applied = with("u", entry("u", "applying", Standing::Passing, 2));
         assert_eq!(
-            due(&applied, None),
+            due(&applied),
             Some(When::Now),
             "a new spec applied: at once"
         );
-        let mut dropped = written.clone();
+        let mut dropped = wanted_before.clone();
         dropped.remove(&key("u"));
-        assert_eq!(
-            due(&dropped, None),
-            Some(When::Now),
-            "an entry dropped: at once"
-        );
-        let mut moved_in = written.clone();
-        let moved = BTreeMap::from([(key("v"), entry("v", false, Standing::Passing, 1))]);
-        moved_in.extend(moved.clone());
-        assert_eq!(
-            due(&moved_in, Some(&moved)),
-            Some(When::Now),
-            "moved from another count: at once"
-        );
+        assert_eq!(due(&dropped), Some(When::Now), "an entry dropped: at once");
+    }
+
+    #[test]
+    fn a_node_keeps_its_set_across_a_restart_and_starts_a_new_one_with_a_new_count() {
+        let set = Timestamp::from_second(1).expect("a time");
+        let stored = |index, count| {
+            let shard = Shard {
+                stamps: Stamps::new(),
+                set,
+                version: None,
+                at: Instant::now(),
+            };
+            (
+                ShardName {
+                    shard: index,
+                    count,
+                },
+                shard,
+            )
+        };
+        // Restarted with the set of one shard stored: the same set.
+        let mut written = Written {
+            shards: BTreeMap::from([stored(0, 1)]),
+            ..Written::default()
+        };
+        assert_eq!(written.set_for(1), set);
+        // Two shards now: a new set, kept while the count stays.
+        let grown = written.set_for(2);
+        assert!(grown > set);
+        assert_eq!(written.set_for(2), grown);
+        // Entries that would make a shard too large make the count grow.
+        let big = "x".repeat(SHARD_BYTES_AT_MOST / 2);
+        let wanted = Wanted {
+            entries: (0..4)
+                .map(|n| (key_of(n), entry("u", &big, Standing::Ready, 1)))
+                .collect(),
+            unwritable: BTreeSet::new(),
+        };
+        assert!(count_for(&wanted, None) >= 2);
+        assert!(largest_shard(&wanted.entries, count_for(&wanted, None)) <= SHARD_BYTES_AT_MOST);
+    }
+
+    fn key_of(n: u32) -> (Kind, ObjectKey) {
+        (Kind::IscsiTarget, ObjectKey::new("lab", format!("t{n}")))
     }
 
     #[test]

@@ -32,6 +32,7 @@ use crate::metrics::{ErrorKind, Metrics};
 use crate::sync::Resources;
 
 use super::connection::ApiTimeouts;
+use super::heartbeat::node_hash;
 use super::holds::{GrantLeases, HoldTracker, Renewal};
 use super::reports::REPORT_LABEL;
 use super::watch_backoff::watch_backoff;
@@ -64,7 +65,7 @@ pub struct Stores {
     secrets: Vec<Store<Secret>>,
     node: Store<Node>,
     heartbeats: Store<Lease>,
-    /// Every node's reports (`reports`).
+    /// This node's reports (`reports`; the lease holder watches every node's itself).
     reports: Store<ConfigMap>,
     /// The Leases holders of grants held by heartbeat renew, one store per namespace.
     grant_leases: Vec<Store<Lease>>,
@@ -122,8 +123,10 @@ impl Stores {
             ),
             reports: spawn_reflector(
                 Api::namespaced(client.clone(), lease_namespace),
-                timeouts.watcher().labels(REPORT_LABEL),
-                Reports,
+                timeouts
+                    .watcher()
+                    .labels(&format!("{REPORT_LABEL}={}", node_hash(node_name))),
+                OwnReports,
                 watch(wakers),
             ),
             grant_leases: Vec::new(),
@@ -187,7 +190,6 @@ impl Stores {
         check("Secret", self.secrets.iter().all(listed));
         check("Node", listed(&self.node));
         check("Lease", listed(&self.heartbeats));
-        check("ConfigMap (node reports)", listed(&self.reports));
         check(
             "Lease (grant heartbeats)",
             self.grant_leases.iter().all(listed),
@@ -264,16 +266,10 @@ impl Stores {
         self.heartbeats.state()
     }
 
-    /// Every node's reports.
-    pub fn reports(&self) -> Vec<Arc<ConfigMap>> {
-        self.reports.state()
-    }
-
-    /// The reports of the node whose name hashes to `hash`.
-    pub fn reports_of(&self, hash: &str) -> Vec<Arc<ConfigMap>> {
-        let mut reports = self.reports();
-        reports.retain(|r| r.labels().get(REPORT_LABEL).is_some_and(|h| h == hash));
-        reports
+    /// This node's reports, once listed: a pass needs none (their watch failing must not stop
+    /// a pass, nor with it the end of an expiring grant), only the next publication.
+    pub fn own_reports(&self) -> Option<Vec<Arc<ConfigMap>>> {
+        listed(&self.reports).then(|| self.reports.state())
     }
 
     pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
@@ -459,15 +455,12 @@ impl Relevance<Node> for NodeChanges {
     }
 }
 
-/// Reports concern the lease holder only (the node that wrote one knows what it wrote).
-struct Reports;
+/// A node's own reports wake nobody: it knows what it wrote, and reads them when it next
+/// publishes.
+struct OwnReports;
 
-impl Relevance<ConfigMap> for Reports {
-    fn wake(&mut self, event: &watcher::Event<ConfigMap>, wakers: &Wakers) {
-        if !matches!(event, watcher::Event::Init) {
-            wakers.aggregate.notify_one();
-        }
-    }
+impl Relevance<ConfigMap> for OwnReports {
+    fn wake(&mut self, _: &watcher::Event<ConfigMap>, _: &Wakers) {}
 }
 
 /// Heartbeats concern the lease holder only.

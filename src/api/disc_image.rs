@@ -191,7 +191,7 @@ pub struct DiscImageStatus {
     /// The digest of the raw bytes that are served; equal to `sha256` for iso and raw images.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub served_sha256: Option<String>,
-    /// One entry per storage node, each written by that node's agent.
+    /// One entry per storage node, as that node's agent reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
     pub nodes: Vec<DiscImageNodeStatus>,

@@ -149,7 +149,7 @@ pub struct InitiatorAccessStatus {
     /// For a grant held by heartbeat: its Lease's holder and last renewal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat: Option<HeartbeatStatus>,
-    /// One entry per storage node, each written by that node's agent.
+    /// One entry per storage node, as that node's agent reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
     pub nodes: Vec<AccessNodeStatus>,

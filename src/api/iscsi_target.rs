@@ -161,7 +161,7 @@ pub struct IscsiTargetStatus {
     /// Nodes serving the target out of nodes that should, for example `2/3`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_nodes: Option<String>,
-    /// One entry per storage node, each written by that node's agent.
+    /// One entry per storage node, as that node's agent reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["node".into()]))]
     pub nodes: Vec<TargetNodeStatus>,
