@@ -45,10 +45,7 @@ const CONCURRENT_WRITES: usize = 4;
 /// The field manager of a node's reports: a hash, because managers are limited to 128
 /// characters and node names are not.
 pub fn field_manager(node: &str) -> String {
-    format!(
-        "discus-node-{}",
-        &hex::encode(Sha256::digest(node.as_bytes()))[..16]
-    )
+    format!("discus-node-{}", node_hash(node))
 }
 
 pub struct NodeStatusWriter {
