@@ -117,6 +117,9 @@ pub async fn run(
         let holding = *leading.borrow_and_update();
         if holding != was_holding {
             tracing::info!(identity = %options.identity, holding, "leader lease");
+            if holding {
+                aggregator.liveness.lock().restart(Instant::now());
+            }
             was_holding = holding;
         }
         if !holding {
@@ -141,14 +144,15 @@ pub async fn run(
             Some(keys) => aggregator.upload_tokens(&stores, keys).await,
             None => None,
         };
-        // Before the reports are listed, no node seems to report: wait for them.
+        // Before the reports are listed, no node seems to report: wait for them (their listing
+        // wakes the aggregation).
         let aggregated = match reports.listed() {
             true => {
                 aggregator
                     .aggregate(&stores, reports, Timestamp::now())
                     .await
             }
-            false => Some(Duration::from_millis(100)),
+            false => None,
         };
         let wait = aggregated
             .unwrap_or(Duration::from_secs(60))
@@ -516,7 +520,7 @@ impl Aggregator {
         reports: &AllReports,
         now: Timestamp,
     ) -> Option<Duration> {
-        let (writes, gone, next) = self.plan(stores, &reports.newest(), now);
+        let (writes, gone, next) = self.plan(stores, &reports.newest(), &reports.nodes(), now);
         futures::stream::iter(writes)
             .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
             .await;
@@ -529,6 +533,7 @@ impl Aggregator {
         &self,
         stores: &Stores,
         reports: &[Arc<Report>],
+        reporting: &BTreeSet<String>,
         now: Timestamp,
     ) -> (Vec<Write>, Vec<String>, Option<Duration>) {
         let clock = Instant::now();
@@ -597,10 +602,10 @@ impl Aggregator {
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
         in_flight.retain(|object, _| seen.contains(object));
-        nodes.extend(reported.reporting.iter().map(|n| n.to_string()));
-        let gone = (reported.reporting.iter())
+        nodes.extend(reporting.iter().cloned());
+        let gone = (reporting.iter())
             .filter(|node| live(node) == Liveness::Gone)
-            .map(|node| node.to_string())
+            .cloned()
             .collect();
         let next_change = liveness
             .next_change(nodes.iter().map(String::as_str), clock)

@@ -65,7 +65,8 @@ impl Tracker {
                 Some((last, at)) if *last != renewed => {
                     *last = renewed;
                     *at = now;
-                    self.renewing.insert(node.clone());
+                    // Seen renewing for the first time: a lost mark it kept may go.
+                    revived |= self.renewing.insert(node.clone());
                 }
                 Some(_) => {}
                 None => {
@@ -96,6 +97,14 @@ impl Tracker {
         } else {
             Liveness::Gone
         }
+    }
+
+    /// Forgets every heartbeat seen, as a holder taking the lease again must: what it saw while
+    /// it held the lease before tells nothing of what happened since.
+    pub fn restart(&mut self, now: Instant) {
+        self.started = now;
+        self.seen.clear();
+        self.renewing.clear();
     }
 
     /// Whether the holder saw `node`'s heartbeat renewed, not only present: a holder new to the
@@ -248,7 +257,11 @@ mod tests {
             "a new node"
         );
         assert!(
-            !tracker.observe(&[lease("a", "2026-11-21T12:00:10Z")], start + s(10)),
+            tracker.observe(&[lease("a", "2026-11-21T12:00:10Z")], start + s(10)),
+            "its first renewal seen: a lost mark kept for it may go"
+        );
+        assert!(
+            !tracker.observe(&[lease("a", "2026-11-21T12:00:20Z")], start + s(20)),
             "a renewal of a live node"
         );
         // Silent past lost_after, then renewed: back.

@@ -193,9 +193,11 @@ impl NodeStatusWriter {
                 ..Published::default()
             };
         };
-        let (writes, held_until) = self.plan(&own, wanted, Instant::now());
+        let (writes, held_until, held) = self.plan(&own, wanted, Instant::now());
         let (deletions, writes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| w.delete);
         let (mut written, mut failed) = self.write_all(writes).await;
+        // A shard held back is one not written: the old set stays until the new one is whole.
+        failed += held;
         if failed == 0 {
             let (deleted, not_deleted) = self.write_all(deletions).await;
             (written, failed) = (written + deleted, not_deleted);
@@ -210,16 +212,17 @@ impl NodeStatusWriter {
         }
     }
 
-    /// The shards to write now, and when the earliest held back falls due.
+    /// The shards to write now, when the earliest held back falls due, and how many shards hold
+    /// an entry that cannot be encoded.
     fn plan(
         &self,
         own: &[Arc<ConfigMap>],
         wanted: Wanted,
         now: Instant,
-    ) -> (Vec<ShardWrite>, Option<Instant>) {
+    ) -> (Vec<ShardWrite>, Option<Instant>, usize) {
         let mut written = self.written.lock();
         self.believe_the_store(&mut written, own, now);
-        let current = written.set.map(|(count, _)| count);
+        let current = written.count();
         let count = count_for(&wanted, current);
         let set = written.set_for(count);
         // A shard with an entry that cannot be encoded is not written: not written is not
@@ -260,7 +263,7 @@ impl NodeStatusWriter {
             }
         }
         coalescer.forget_stale(now);
-        (writes, held_until)
+        (writes, held_until, held.len())
     }
 
     /// Takes in what the store shows of this node's reports: a shard it shows as this node
@@ -458,25 +461,35 @@ fn shard_due(
 /// doubled while a shard would be too large.
 fn count_for(wanted: &Wanted, current: Option<u32>) -> u32 {
     let entries = wanted.entries.len() + wanted.unwritable.len();
+    let largest = |count| largest_shard(&wanted.entries, count);
     let mut count = reports::shard_count(entries, current);
-    while count < reports::SHARDS_AT_MOST
-        && largest_shard(&wanted.entries, count) > SHARD_BYTES_AT_MOST
-    {
+    // Doubled while the largest shard is too large and holds more than one entry: an entry too
+    // large on its own is left in a shard of its own, not chased through ever more shards.
+    while count < reports::SHARDS_AT_MOST && {
+        let (bytes, held) = largest(count);
+        bytes > SHARD_BYTES_AT_MOST && held > 1
+    } {
         count *= 2;
     }
-    count
+    // Fewer shards than now only with room to spare, lest a size near the bound change the set
+    // at every crossing.
+    match current {
+        Some(current) if current > count && largest(count).0 > SHARD_BYTES_AT_MOST / 2 => current,
+        _ => count,
+    }
 }
 
-/// How many bytes of entries the largest of `count` shards would hold.
-fn largest_shard(entries: &Entries, count: u32) -> usize {
-    let mut bytes: HashMap<u32, usize> = HashMap::new();
+/// How many bytes of entries the largest of `count` shards would hold, and how many entries.
+fn largest_shard(entries: &Entries, count: u32) -> (usize, usize) {
+    let mut shards: HashMap<u32, (usize, usize)> = HashMap::new();
     for ((kind, key), entry) in entries {
         let size = entry.reported.entry.get().len() + key.namespace.len() + key.name.len() + 64;
-        *bytes
+        let shard = shards
             .entry(reports::shard_of(*kind, key, count))
-            .or_default() += size;
+            .or_default();
+        *shard = (shard.0 + size, shard.1 + 1);
     }
-    bytes.into_values().max().unwrap_or(0)
+    shards.into_values().max().unwrap_or((0, 0))
 }
 
 /// The entries of each shard of `count`.
@@ -498,16 +511,26 @@ impl Written {
         {
             return since;
         }
-        let stored: BTreeSet<Timestamp> = (self.shards.iter())
+        // The stored shards of that count, when they are a whole set of one stamp (after a
+        // start, or back to a count whose set was not deleted yet): rewritten in place, that set
+        // stays whole throughout, where a new stamp would leave no whole set until all were.
+        let stored: BTreeMap<u32, Timestamp> = (self.shards.iter())
             .filter(|(name, _)| name.count == count)
-            .map(|(_, shard)| shard.set)
+            .map(|(name, shard)| (name.shard, shard.set))
             .collect();
-        let since = match (stored.len(), stored.first()) {
-            (1, Some(since)) if self.set.is_none() => *since,
+        let stamps: BTreeSet<&Timestamp> = stored.values().collect();
+        let since = match stamps.first() {
+            Some(since) if stamps.len() == 1 && stored.len() == count as usize => **since,
             _ => Timestamp::now(),
         };
         self.set = Some((count, since));
         since
+    }
+
+    /// The count written now; after a start, that of the newest stored set.
+    fn count(&self) -> Option<u32> {
+        let newest = self.shards.iter().max_by_key(|(_, shard)| shard.set);
+        (self.set.map(|(count, _)| count)).or(newest.map(|(name, _)| name.count))
     }
 
     /// A write made: the shard says what it wrote, or is gone.
@@ -747,7 +770,15 @@ mod tests {
             unwritable: BTreeSet::new(),
         };
         assert!(count_for(&wanted, None) >= 2);
-        assert!(largest_shard(&wanted.entries, count_for(&wanted, None)) <= SHARD_BYTES_AT_MOST);
+        let count = count_for(&wanted, None);
+        assert!(largest_shard(&wanted.entries, count).0 <= SHARD_BYTES_AT_MOST);
+        // One entry too large alone: a shard of its own, not ever more shards.
+        let huge = "x".repeat(SHARD_BYTES_AT_MOST * 2);
+        let mut wanted = wanted;
+        (wanted.entries).insert(key_of(9), entry("u", &huge, Standing::Ready, 1));
+        let count = count_for(&wanted, None);
+        assert!(count <= 32, "{count}");
+        assert_eq!(largest_shard(&wanted.entries, count).1, 1);
     }
 
     fn key_of(n: u32) -> (Kind, ObjectKey) {

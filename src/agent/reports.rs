@@ -276,6 +276,15 @@ impl AllReports {
         newest_sets(read.values().filter_map(|r| r.report.clone()))
     }
 
+    /// Every node with a report, whole set or not (a node gone has its reports deleted
+    /// whatever they are).
+    pub fn nodes(&self) -> std::collections::BTreeSet<String> {
+        let read = self.read.lock();
+        (read.values())
+            .filter_map(|r| Some(r.report.as_ref()?.node.clone()))
+            .collect()
+    }
+
     /// The ConfigMap names of the reports of `nodes`.
     pub fn names_of(&self, nodes: &[String]) -> Vec<(String, String)> {
         let read = self.read.lock();
