@@ -1377,12 +1377,7 @@ async fn the_agents_use_exactly_their_rights_and_never_show_a_secret(
     let events = serde_json::to_string(&cluster.events().await).expect("json");
     assert!(!events.contains("discus-demo-1") && !events.contains(password));
     let mut used = used(requests);
-    // A report's first server-side apply creates it: authorized as create, audited as patch.
-    // Deleting reports: of a node gone (`lost_nodes_are_marked_then_pruned_…` waits for it), or
-    // of a count a node no longer has — neither happens here.
-    for verb in ["create", "delete"] {
-        used.insert(("".to_owned(), "configmaps".to_owned(), verb.to_owned()));
-    }
+    used.extend(support::rbac::proven_elsewhere());
     let unused: Vec<_> = granted().difference(&used).cloned().collect();
     assert!(
         unused.is_empty(),

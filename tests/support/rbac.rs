@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub type Permission = (String, String, String);
 
@@ -35,26 +35,36 @@ pub fn granted(documents: &[Value]) -> BTreeSet<Permission> {
     granted
 }
 
-/// What audit events (requests) used.
+/// What audit events (requests) used. A server-side apply that created its object (201) needed
+/// the right to create as well as to patch.
 pub fn used(requests: &[Value]) -> BTreeSet<Permission> {
-    requests
-        .iter()
-        .filter_map(|e| {
-            let resource = e.pointer("/objectRef/resource")?.as_str()?;
-            let resource = match e.pointer("/objectRef/subresource").and_then(Value::as_str) {
-                Some(sub) => format!("{resource}/{sub}"),
-                None => resource.to_owned(),
-            };
-            Some((
-                e.pointer("/objectRef/apiGroup")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
-                resource,
-                e["verb"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
+    let mut used = BTreeSet::new();
+    for e in requests {
+        let Some(resource) = e.pointer("/objectRef/resource").and_then(Value::as_str) else {
+            continue;
+        };
+        let resource = match e.pointer("/objectRef/subresource").and_then(Value::as_str) {
+            Some(sub) => format!("{resource}/{sub}"),
+            None => resource.to_owned(),
+        };
+        let group = (e.pointer("/objectRef/apiGroup").and_then(Value::as_str)).unwrap_or_default();
+        let Some(verb) = e["verb"].as_str() else {
+            continue;
+        };
+        let created = verb == "patch" && e.pointer("/responseStatus/code") == Some(&json!(201));
+        if created {
+            used.insert((group.to_owned(), resource.clone(), "create".to_owned()));
+        }
+        used.insert((group.to_owned(), resource, verb.to_owned()));
+    }
+    used
+}
+
+/// Rights a test's cluster does not use and another test proves: deleting a node's reports,
+/// which a node does when its count of shards changes and the lease holder when a node is gone
+/// (`lost_nodes_are_marked_then_pruned_and_a_dead_leader_is_replaced` waits for it).
+pub fn proven_elsewhere() -> BTreeSet<Permission> {
+    BTreeSet::from([(String::new(), "configmaps".to_owned(), "delete".to_owned())])
 }
 
 /// Requests the apiserver refused (403).
