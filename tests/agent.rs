@@ -512,6 +512,7 @@ async fn three_agents_serve_the_same_image_and_each_reports_its_own_node() {
     every_node_boots_a_card_through_every_node_and_tells_it(&cluster).await;
     each_agent_says_how_it_is(&cluster);
     an_image_uploaded_by_a_user_rbac_allows_is_stored_where_it_is_needed(&mut cluster).await;
+    an_older_crd_costs_two_writes_and_a_warning(&cluster).await;
     let requests = nothing_is_written_at_rest(&cluster).await;
     the_agents_use_exactly_their_rights_and_never_show_a_secret(&cluster, &requests, &password)
         .await;
@@ -1346,6 +1347,62 @@ async fn nothing_is_written_at_rest(cluster: &Cluster) -> Vec<Value> {
     assert_eq!(discus_writes, 0, "writes at rest");
 
     requests
+}
+
+/// A CRD older than the agents (installed with `crds.install: false` and not upgraded): here the
+/// grants' without their nodes' `observedGeneration`, which the apiserver then drops from every
+/// status written. The lease holder tells so in its log and stops writing what never shows: the
+/// check of writes at rest that follows would fail on a write every 15 s.
+async fn an_older_crd_costs_two_writes_and_a_warning(cluster: &Cluster) {
+    let crd = (discus::api::all_crds().into_iter())
+        .find(|crd| crd.spec.names.kind == "InitiatorAccess")
+        .expect("the InitiatorAccess CRD");
+    let mut crd = serde_json::to_value(crd).expect("JSON");
+    let entry = "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/nodes/items/properties";
+    (crd.pointer_mut(entry).and_then(Value::as_object_mut))
+        .and_then(|properties| properties.remove("observedGeneration"))
+        .expect("the entries' observedGeneration in the CRD");
+    cluster.apply_objects(&[crd]);
+    // A new generation of the grant: each node reports it applied, and the apiserver drops that.
+    cluster.apply_objects(&[grant(
+        "demo-client",
+        INITIATOR,
+        json!({"expiresAt": "2098-01-01T00:00:00Z"}),
+    )]);
+    cluster
+        .wait_for(
+            "the grant Current at its new generation, the entries' observedGeneration dropped",
+            Duration::from_secs(60),
+            async || {
+                let grant = cluster
+                    .object("InitiatorAccess", "demo", "demo-client")
+                    .await;
+                let generation = grant.pointer("/metadata/generation");
+                let entries = (grant.pointer("/status/nodes").and_then(Value::as_array))
+                    .cloned()
+                    .unwrap_or_default();
+                kstatus::compute(&grant) == Kstatus::Current
+                    && grant.pointer("/status/observedGeneration") == generation
+                    && entries.len() == 3
+                    && entries
+                        .iter()
+                        .all(|e| e.get("observedGeneration").is_none())
+            },
+        )
+        .await;
+    let warning = "the apiserver keeps less of these objects' status than was written";
+    cluster
+        .wait_for(
+            "the lease holder's warning",
+            Duration::from_secs(90),
+            async || {
+                cluster
+                    .agents
+                    .iter()
+                    .any(|agent| agent.log().contains(warning))
+            },
+        )
+        .await;
 }
 
 /// Least privilege: nothing the agents asked for was refused, and every permission the shipped

@@ -209,6 +209,8 @@ pub struct InFlight {
     kept: Option<StatusBody>,
     /// The object's resourceVersion right after the write.
     version: Option<String>,
+    /// The merge patch sent, hashed.
+    patch: [u8; 32],
     /// What it said, for when the next write goes out (`coalesce`).
     standing: Standing,
     at: Instant,
@@ -218,6 +220,7 @@ impl InFlight {
     fn new(write: Write, version: Option<String>) -> Self {
         Self {
             digest: write.digest,
+            patch: digest(&write.patch),
             kept: write.kept,
             version,
             standing: write.standing,
@@ -264,6 +267,8 @@ struct Writes<'a> {
     nodes: BTreeSet<String>,
     /// Every object gone over.
     seen: HashSet<Object>,
+    /// Objects whose status the apiserver keeps otherwise than it was written (see `push`).
+    kept_otherwise: usize,
     now: Instant,
 }
 
@@ -288,19 +293,38 @@ impl<'a> Writes<'a> {
             held_until: None,
             nodes: BTreeSet::new(),
             seen: HashSet::new(),
+            kept_otherwise: 0,
             now: Instant::now(),
         }
     }
 
-    /// Queues the write of `wanted` over `current` unless the same is already in flight or it
-    /// is not due yet (see `coalesce`).
-    fn push(&mut self, key: &ObjectKey, wanted: &Value, current: &Value, saying: Saying) {
+    /// Queues the write of `wanted` over `current` (the object at `version`) unless the same is
+    /// already in flight, would change nothing, or is not due yet (see `coalesce`).
+    fn push(
+        &mut self,
+        key: &ObjectKey,
+        version: Option<&str>,
+        wanted: &Value,
+        current: &Value,
+        saying: Saying,
+    ) {
         let flight = (self.kind, key.clone());
         let Some(status) = status_body(wanted) else {
             return;
         };
         let written = self.in_flight.get(&flight);
         if written.is_some_and(|f| f.repeats(&status, self.now)) {
+            return;
+        }
+        // The object is as the last write left it, and yet not as wanted: the apiserver kept
+        // less of the status than it was sent (CRDs older than this agent prune what they do
+        // not know). The same patch again would change nothing; without this, every object
+        // would be written again each time `IN_FLIGHT_FOR` passed.
+        let sent = (written.filter(|f| f.unchanged_at(version))).map(|f| f.patch);
+        if sent.is_some_and(|sent| {
+            status_body(&merge_patch(current, wanted)).is_some_and(|patch| digest(&patch) == sent)
+        }) {
+            self.kept_otherwise += 1;
             return;
         }
         let written = written.map(|f| f.standing);
@@ -597,8 +621,17 @@ impl Aggregator {
             held_until,
             mut nodes,
             seen,
+            kept_otherwise,
             ..
         } = writes;
+        if kept_otherwise > 0 {
+            tracing::warn!(
+                objects = kept_otherwise,
+                "the apiserver keeps less of these objects' status than was written, and \
+                 they are not written again: are the CRDs older than this agent? See \
+                 docs/install.md#upgrades-and-the-crds"
+            );
+        }
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
         in_flight.retain(|object, _| seen.contains(object));
@@ -811,7 +844,8 @@ fn status_write<S: Serialize>(
         standing,
         current: now,
     };
-    writes.push(&key, &wanted, &current, saying);
+    let version = meta.resource_version.as_deref();
+    writes.push(&key, version, &wanted, &current, saying);
 }
 
 /// What a status says, for when to write it (see `coalesce`): Ready; Stalled or Expired (access
@@ -918,6 +952,50 @@ mod tests {
         assert!(writes.writes.is_empty(), "at rest, long after: nothing");
         invalid_write(&mut writes, &invalid("9"));
         assert_eq!(writes.writes.len(), 1, "changed since: written again");
+    }
+
+    #[test]
+    fn a_status_the_apiserver_keeps_otherwise_is_written_at_most_twice() {
+        let meta_at = |version: &str| ObjectMeta {
+            resource_version: Some(version.to_owned()),
+            ..target_meta()
+        };
+        // A CRD older than the agent prunes each node's observedGeneration.
+        let wanted = json!({"observedGeneration": 1,
+                            "nodes": [{"node": "a", "ready": true, "observedGeneration": 1}]});
+        let kept = json!({"observedGeneration": 1, "nodes": [{"node": "a", "ready": true}]});
+        let flight = (Kind::IscsiTarget, object_key(&target_meta()));
+        let (mut in_flight, mut coalescer) = nothing_written();
+        let mut pass = |version: &str, current: &Value, in_flight: &mut Flights| {
+            let mut writes = Writes::new(Kind::IscsiTarget, in_flight, &mut coalescer);
+            // Long after any write: none of them counts as in flight any more.
+            writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
+            status_write(
+                &mut writes,
+                &meta_at(version),
+                &wanted,
+                current,
+                &|| false,
+                true,
+            );
+            (writes.writes.pop(), writes.kept_otherwise)
+        };
+        let (Some(first), 0) = pass("7", &json!({}), &mut in_flight) else {
+            panic!("a new object's status is written");
+        };
+        in_flight.insert(flight.clone(), InFlight::new(first, Some("8".to_owned())));
+        // The store shows the write, pruned: the patch now differs (the nodes' list, whole).
+        let (Some(second), 0) = pass("8", &kept, &mut in_flight) else {
+            panic!("written once more: the first write's patch was made against another status");
+        };
+        // Which changes nothing: the object stays at version 8.
+        in_flight.insert(flight, InFlight::new(second, Some("8".to_owned())));
+        let (None, 1) = pass("8", &kept, &mut in_flight) else {
+            panic!("the same patch to the same object is not sent again");
+        };
+        let (Some(_), 0) = pass("9", &kept, &mut in_flight) else {
+            panic!("changed since: written again");
+        };
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub struct Published {
     pub observed: Observed,
     /// When the earliest entry held back falls due: publish again then.
     pub held_until: Option<Instant>,
+    /// This node's reports were not listed yet, so nothing was planned: publish again once they
+    /// are. Not a failure of the apiserver's, so no reason to back off.
+    pub unlisted: bool,
 }
 
 impl NodeStatusWriter {
@@ -188,7 +191,7 @@ impl NodeStatusWriter {
             // What the reports say now is not known yet: tried again shortly.
             tracing::debug!("this node's reports are not listed yet");
             return Published {
-                failed: 1,
+                unlisted: true,
                 observed,
                 ..Published::default()
             };
@@ -209,6 +212,7 @@ impl NodeStatusWriter {
             failed,
             observed,
             held_until,
+            unlisted: false,
         }
     }
 

@@ -6,7 +6,8 @@
 //! (sooner with a newer report, which the sync loop makes at most once a pass): a long fault
 //! costs the apiserver a few writes a minute, not a round of every pending write every 2 s.
 //! Entries that only report progress are held back a moment (`coalesce`); the task publishes
-//! again when the first of them falls due.
+//! again when the first of them falls due. Right after a start, before this node's reports are
+//! listed, nothing can be planned: the task waits for the listing, which is no failure.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +69,15 @@ async fn publish(
                 failed = published.failed,
                 "status published"
             );
+            if published.unlisted {
+                // Nothing failed: publish as soon as the reports are listed (or a newer
+                // report comes), without backing off.
+                tokio::select! {
+                    changed = reports.changed() => if changed.is_err() { return },
+                    () = stores.own_reports_listed() => {}
+                }
+                continue;
+            }
             if published.failed == 0 {
                 retry = RETRY;
                 break;

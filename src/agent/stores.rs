@@ -272,6 +272,13 @@ impl Stores {
         listed(&self.reports).then(|| self.reports.state())
     }
 
+    /// Returns once this node's reports are listed (never, if their watch has ended).
+    pub async fn own_reports_listed(&self) {
+        if self.reports.wait_until_ready().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
         self.images.iter().flat_map(Store::state)
     }
