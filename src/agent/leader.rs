@@ -198,7 +198,13 @@ pub struct Aggregator {
     written_tokens: Mutex<BTreeMap<ObjectKey, Instant>>,
     /// Token Secret names taken by Secrets discus did not make, told once each.
     taken_tokens: Mutex<BTreeSet<ObjectKey>>,
+    /// How many objects' status the apiserver keeps otherwise than written, as last told.
+    kept_otherwise_told: Mutex<usize>,
 }
+
+/// How long a status the apiserver keeps otherwise than it was written (see `Writes::push`)
+/// is not written again.
+const KEPT_OTHERWISE_FOR: Duration = Duration::from_secs(10 * 60);
 
 /// A write made, until the store shows it or `IN_FLIGHT_FOR` passed.
 #[derive(Clone, Debug)]
@@ -268,7 +274,7 @@ struct Writes<'a> {
     /// Every object gone over.
     seen: HashSet<Object>,
     /// Objects whose status the apiserver keeps otherwise than it was written (see `push`).
-    kept_otherwise: usize,
+    kept_otherwise: BTreeSet<Object>,
     now: Instant,
 }
 
@@ -293,7 +299,7 @@ impl<'a> Writes<'a> {
             held_until: None,
             nodes: BTreeSet::new(),
             seen: HashSet::new(),
-            kept_otherwise: 0,
+            kept_otherwise: BTreeSet::new(),
             now: Instant::now(),
         }
     }
@@ -318,13 +324,18 @@ impl<'a> Writes<'a> {
         }
         // The object is as the last write left it, and yet not as wanted: the apiserver kept
         // less of the status than it was sent (CRDs older than this agent prune what they do
-        // not know). The same patch again would change nothing; without this, every object
-        // would be written again each time `IN_FLIGHT_FOR` passed.
-        let sent = (written.filter(|f| f.unchanged_at(version))).map(|f| f.patch);
+        // not know). The same patch again would change nothing, for a while: without this,
+        // every object would be written again each time `IN_FLIGHT_FOR` passed; with it, once
+        // every `KEPT_OTHERWISE_FOR`, which also heals the status once the CRDs are upgraded
+        // (that changes no object).
+        let sent = written
+            .filter(|f| f.unchanged_at(version))
+            .filter(|f| self.now.saturating_duration_since(f.at) < KEPT_OTHERWISE_FOR)
+            .map(|f| f.patch);
         if sent.is_some_and(|sent| {
             status_body(&merge_patch(current, wanted)).is_some_and(|patch| digest(&patch) == sent)
         }) {
-            self.kept_otherwise += 1;
+            self.kept_otherwise.insert(flight);
             return;
         }
         let written = written.map(|f| f.standing);
@@ -429,6 +440,7 @@ impl Aggregator {
             created_secrets: Mutex::default(),
             written_tokens: Mutex::default(),
             taken_tokens: Mutex::default(),
+            kept_otherwise_told: Mutex::default(),
         }
     }
 
@@ -624,14 +636,7 @@ impl Aggregator {
             kept_otherwise,
             ..
         } = writes;
-        if kept_otherwise > 0 {
-            tracing::warn!(
-                objects = kept_otherwise,
-                "the apiserver keeps less of these objects' status than was written, and \
-                 they are not written again: are the CRDs older than this agent? See \
-                 docs/install.md#upgrades-and-the-crds"
-            );
-        }
+        self.tell_kept_otherwise(&kept_otherwise);
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
         in_flight.retain(|object, _| seen.contains(object));
@@ -667,6 +672,27 @@ impl Aggregator {
                 }
             }
         }
+    }
+
+    /// Says, when their number changes, how many objects' status the apiserver keeps
+    /// otherwise than it was written (see `Writes::push`).
+    fn tell_kept_otherwise(&self, objects: &BTreeSet<Object>) {
+        let mut told = self.kept_otherwise_told.lock();
+        if *told == objects.len() {
+            return;
+        }
+        *told = objects.len();
+        let Some((kind, example)) = objects.first() else {
+            tracing::info!("the apiserver keeps every status as it was written again");
+            return;
+        };
+        tracing::warn!(
+            objects = objects.len(),
+            example = %format_args!("{} {example}", kind.as_str()),
+            "the apiserver keeps less of these objects' status than was written; each is \
+             written again every 10 minutes at most: are the CRDs older than this agent? \
+             See docs/install.md#upgrades-and-the-crds"
+        );
     }
 
     async fn write(&self, write: Write) {
@@ -955,47 +981,68 @@ mod tests {
     }
 
     #[test]
-    fn a_status_the_apiserver_keeps_otherwise_is_written_at_most_twice() {
+    fn a_status_the_apiserver_keeps_otherwise_is_written_twice_then_once_in_a_long_while() {
         let meta_at = |version: &str| ObjectMeta {
             resource_version: Some(version.to_owned()),
             ..target_meta()
         };
         // A CRD older than the agent prunes each node's observedGeneration.
-        let wanted = json!({"observedGeneration": 1,
-                            "nodes": [{"node": "a", "ready": true, "observedGeneration": 1}]});
+        let status = |ready: bool| {
+            json!({"observedGeneration": 1,
+                   "nodes": [{"node": "a", "ready": ready, "observedGeneration": 1}]})
+        };
+        let (wanted, other) = (status(true), status(false));
         let kept = json!({"observedGeneration": 1, "nodes": [{"node": "a", "ready": true}]});
         let flight = (Kind::IscsiTarget, object_key(&target_meta()));
         let (mut in_flight, mut coalescer) = nothing_written();
-        let mut pass = |version: &str, current: &Value, in_flight: &mut Flights| {
-            let mut writes = Writes::new(Kind::IscsiTarget, in_flight, &mut coalescer);
+        let mut pass = |version: &str, current: &Value, wanted: &Value, after: Duration| {
+            let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
             // Long after any write: none of them counts as in flight any more.
-            writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
+            writes.now = Instant::now() + after;
             status_write(
                 &mut writes,
                 &meta_at(version),
-                &wanted,
+                wanted,
                 current,
                 &|| false,
                 true,
             );
-            (writes.writes.pop(), writes.kept_otherwise)
+            let (written, kept_otherwise) = (writes.writes.pop(), writes.kept_otherwise.len());
+            let sent = written.is_some();
+            // Landed, the object left at version 8 (a patch that changes nothing keeps it).
+            if let Some(write) = written {
+                in_flight.insert(flight.clone(), InFlight::new(write, Some("8".to_owned())));
+            }
+            (sent, kept_otherwise)
         };
-        let (Some(first), 0) = pass("7", &json!({}), &mut in_flight) else {
-            panic!("a new object's status is written");
-        };
-        in_flight.insert(flight.clone(), InFlight::new(first, Some("8".to_owned())));
+        let a_while = 2 * super::super::node_status::IN_FLIGHT_FOR;
+        assert_eq!(pass("7", &json!({}), &wanted, a_while), (true, 0), "new");
         // The store shows the write, pruned: the patch now differs (the nodes' list, whole).
-        let (Some(second), 0) = pass("8", &kept, &mut in_flight) else {
-            panic!("written once more: the first write's patch was made against another status");
-        };
-        // Which changes nothing: the object stays at version 8.
-        in_flight.insert(flight, InFlight::new(second, Some("8".to_owned())));
-        let (None, 1) = pass("8", &kept, &mut in_flight) else {
-            panic!("the same patch to the same object is not sent again");
-        };
-        let (Some(_), 0) = pass("9", &kept, &mut in_flight) else {
-            panic!("changed since: written again");
-        };
+        let second = pass("8", &kept, &wanted, a_while);
+        assert_eq!(
+            second,
+            (true, 0),
+            "the first patch was made against another status"
+        );
+        let third = pass("8", &kept, &wanted, a_while);
+        assert_eq!(
+            third,
+            (false, 1),
+            "the same patch to the same object: not sent"
+        );
+        let changed = pass("9", &kept, &wanted, a_while);
+        assert_eq!(changed, (true, 0), "the object changed since: written");
+        let other_status = pass("8", &kept, &other, a_while);
+        assert_eq!(other_status, (true, 0), "another status wanted: written");
+        assert_eq!(pass("8", &kept, &wanted, a_while), (true, 0), "back");
+        assert_eq!(pass("8", &kept, &wanted, a_while), (false, 1));
+        let much_later = a_while + KEPT_OTHERWISE_FOR;
+        let healing = pass("8", &kept, &wanted, much_later);
+        assert_eq!(
+            healing,
+            (true, 0),
+            "in a long while: written (newer CRDs heal it)"
+        );
     }
 
     #[test]

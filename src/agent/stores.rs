@@ -272,11 +272,9 @@ impl Stores {
         listed(&self.reports).then(|| self.reports.state())
     }
 
-    /// Returns once this node's reports are listed (never, if their watch has ended).
+    /// Returns once this node's reports are listed (or their watch has ended, as `listed`).
     pub async fn own_reports_listed(&self) {
-        if self.reports.wait_until_ready().await.is_err() {
-            std::future::pending::<()>().await;
-        }
+        let _ended = self.reports.wait_until_ready().await;
     }
 
     pub fn images(&self) -> impl Iterator<Item = Arc<DeserializeGuard<DiscImage>>> + '_ {
