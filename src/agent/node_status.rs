@@ -121,12 +121,22 @@ struct Shard {
     at: Instant,
 }
 
-/// A shard to write with its entries, or to delete (one of a count the node no longer has).
-struct ShardWrite {
-    name: ShardName,
-    set: Timestamp,
-    entries: Entries,
-    delete: bool,
+/// A shard to write with its entries, or one of a count the node no longer has, to delete.
+enum ShardWrite {
+    Put {
+        name: ShardName,
+        set: Timestamp,
+        entries: Entries,
+    },
+    Delete(ShardName),
+}
+
+impl ShardWrite {
+    fn name(&self) -> &ShardName {
+        match self {
+            Self::Put { name, .. } | Self::Delete(name) => name,
+        }
+    }
 }
 
 /// What one publication did, and what the node's entries say (for events).
@@ -197,7 +207,9 @@ impl NodeStatusWriter {
             };
         };
         let (writes, held_until, held) = self.plan(&own, wanted, Instant::now());
-        let (deletions, writes): (Vec<_>, Vec<_>) = writes.into_iter().partition(|w| w.delete);
+        let (deletions, writes): (Vec<_>, Vec<_>) = writes
+            .into_iter()
+            .partition(|w| matches!(w, ShardWrite::Delete(_)));
         let (mut written, mut failed) = self.write_all(writes).await;
         // A shard held back is one not written: the old set stays until the new one is whole.
         failed += held;
@@ -244,10 +256,12 @@ impl NodeStatusWriter {
         let mut coalescer = self.coalescer.lock();
         let (mut writes, mut held_until) = (Vec::new(), None);
         for name in names {
+            if name.count != count {
+                writes.push(ShardWrite::Delete(name));
+                continue;
+            }
             let entries = grouped.remove(&name).unwrap_or_default();
-            let delete = name.count != count;
             let due = match written.shards.get(&name) {
-                _ if delete => Some(When::Now),
                 _ if held.contains(&name) => None,
                 Some(shard) if shard.set == set => {
                     shard_due(&mut coalescer, &entries, &shard.stamps, now)
@@ -258,12 +272,7 @@ impl NodeStatusWriter {
             match due {
                 None => {}
                 Some(When::At(at)) => held_until = earliest(held_until, Some(at)),
-                Some(When::Now) => writes.push(ShardWrite {
-                    name,
-                    set,
-                    entries,
-                    delete,
-                }),
+                Some(When::Now) => writes.push(ShardWrite::Put { name, set, entries }),
             }
         }
         coalescer.forget_stale(now);
@@ -332,27 +341,31 @@ impl NodeStatusWriter {
 
     async fn write(&self, write: ShardWrite) -> Outcome {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
-        let name = write.name.config_map(&self.node);
-        let result = if write.delete {
-            match bounded(api.delete(&name, &DeleteParams::default())).await {
-                Ok(_) => Ok(None),
-                Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
-                Err(error) => Err(error),
+        let name = write.name().config_map(&self.node);
+        let result = match &write {
+            ShardWrite::Delete(_) => {
+                match bounded(api.delete(&name, &DeleteParams::default())).await {
+                    Ok(_) => Ok(None),
+                    Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                    Err(error) => Err(error),
+                }
             }
-        } else {
-            match self.body(&name, write.set, &write.entries) {
+            ShardWrite::Put { set, entries, .. } => match self.body(&name, *set, entries) {
                 Some(body) => {
                     let params = PatchParams::apply(&self.manager).force();
                     (bounded(api.patch(&name, &params, &Patch::Apply(body))).await)
                         .map(|written| written.resource_version())
                 }
                 None => return Outcome::Refused,
-            }
+            },
         };
         self.metrics.status_written(result.is_ok());
         match result {
             Ok(version) => {
-                let keys: Vec<(Kind, ObjectKey)> = write.entries.keys().cloned().collect();
+                let keys: Vec<(Kind, ObjectKey)> = match &write {
+                    ShardWrite::Put { entries, .. } => entries.keys().cloned().collect(),
+                    ShardWrite::Delete(_) => Vec::new(),
+                };
                 self.written.lock().took(write, version);
                 // Out: the next change of each waits anew.
                 let mut coalescer = self.coalescer.lock();
@@ -539,21 +552,24 @@ impl Written {
 
     /// A write made: the shard says what it wrote, or is gone.
     fn took(&mut self, write: ShardWrite, version: Option<String>) {
-        if write.delete {
-            self.shards.remove(&write.name);
-            self.deleted.insert(write.name, Instant::now());
-            return;
-        }
-        let stamps = (write.entries.into_iter())
+        let (name, set, entries) = match write {
+            ShardWrite::Delete(name) => {
+                self.shards.remove(&name);
+                self.deleted.insert(name, Instant::now());
+                return;
+            }
+            ShardWrite::Put { name, set, entries } => (name, set, entries),
+        };
+        let stamps = (entries.into_iter())
             .map(|(key, entry)| (key, entry.stamp))
             .collect();
         let shard = Shard {
             stamps,
-            set: write.set,
+            set,
             version,
             at: Instant::now(),
         };
-        self.shards.insert(write.name, shard);
+        self.shards.insert(name, shard);
     }
 }
 
