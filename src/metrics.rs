@@ -107,6 +107,22 @@ struct ScrubLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusWriteLabels {
+    /// `report` (this node's entries, in its ConfigMaps) or `object` (an object's whole
+    /// status, written by the lease holder).
+    to: &'static str,
+}
+
+/// Where a status write goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusWrite {
+    /// This node's report (`agent::reports`).
+    Report,
+    /// An object's status, by the lease holder.
+    Object,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BootLabels {
     /// `served`, `asked_for_mac`, `rate_limited`, or why no script was served.
     result: &'static str,
@@ -132,7 +148,7 @@ pub struct Metrics {
     scrubbed: Family<ScrubLabels, Counter>,
     scrubbed_bytes: Counter,
     boot_requests: Family<BootLabels, Counter>,
-    status_writes: Counter,
+    status_writes: Family<StatusWriteLabels, Counter>,
     events: Counter,
     health: Mutex<Health>,
 }
@@ -259,10 +275,11 @@ impl Metrics {
             "Requests to the boot endpoint, by what they got",
             boot_requests.clone(),
         );
-        let status_writes = Counter::default();
+        let status_writes = Family::<StatusWriteLabels, Counter>::default();
         registry.register(
             "status_writes",
-            "Status writes to the apiserver (zero at rest)",
+            "Status writes to the apiserver: this node's reports, objects' status by the lease \
+             holder (zero at rest)",
             status_writes.clone(),
         );
         let events = Counter::default();
@@ -375,9 +392,15 @@ impl Metrics {
             .inc();
     }
 
-    pub fn status_written(&self, ok: bool) {
+    pub fn status_written(&self, to: StatusWrite, ok: bool) {
         if ok {
-            self.status_writes.inc();
+            let to = match to {
+                StatusWrite::Report => "report",
+                StatusWrite::Object => "object",
+            };
+            self.status_writes
+                .get_or_create(&StatusWriteLabels { to })
+                .inc();
         } else {
             self.error(ErrorKind::StatusWrite);
         }

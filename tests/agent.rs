@@ -1327,7 +1327,14 @@ fn each_agent_says_how_it_is(cluster: &Cluster) {
                 agent.name
             );
         }
+        assert!(metrics.contains("discus_status_writes_total{to=\"report\"}"));
     }
+    // The objects' status, by the lease holder (it may have moved: one at least).
+    let object_writes = "discus_status_writes_total{to=\"object\"}";
+    assert!(
+        (cluster.agents.iter()).any(|agent| agent.get("/metrics").1.contains(object_writes)),
+        "no agent counts status writes to objects"
+    );
 }
 
 /// No churn: once settled, a minute with nothing changing costs no write to discus objects.

@@ -30,6 +30,7 @@ use crate::api::initiator_access::{AccessNodeStatus, HeartbeatStatus, InitiatorA
 use crate::api::iscsi_target::{IscsiTargetStatus, TargetNodeStatus};
 use crate::api::{DiscImage, InitiatorAccess, IscsiTarget};
 use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
+use crate::metrics::{Metrics, StatusWrite};
 use crate::status;
 
 use super::coalesce::{Coalescer, Standing, When, earliest};
@@ -84,6 +85,7 @@ pub async fn run(
     stores: Arc<Stores>,
     wakers: Wakers,
     options: LeaderOptions,
+    metrics: Arc<Metrics>,
 ) {
     let manager = loop {
         let built = LeaseManagerBuilder::new(lease_client.clone(), LEASE)
@@ -108,6 +110,7 @@ pub async fn run(
         options.iqn_authority.clone(),
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
         options.status_settle,
+        metrics,
     );
     stores.ready().await;
     let mut was_holding = false;
@@ -200,6 +203,7 @@ pub struct Aggregator {
     taken_tokens: Mutex<BTreeSet<ObjectKey>>,
     /// How many objects' status the apiserver keeps otherwise than written, as last told.
     kept_otherwise_told: Mutex<usize>,
+    metrics: Arc<Metrics>,
 }
 
 /// How long a status the apiserver keeps otherwise than it was written (see `Writes::push`)
@@ -429,6 +433,7 @@ impl Aggregator {
         iqn_authority: String,
         liveness: Tracker,
         status_settle: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             client,
@@ -441,6 +446,7 @@ impl Aggregator {
             written_tokens: Mutex::default(),
             taken_tokens: Mutex::default(),
             kept_otherwise_told: Mutex::default(),
+            metrics,
         }
     }
 
@@ -697,7 +703,11 @@ impl Aggregator {
 
     async fn write(&self, write: Write) {
         let written = patch_status(&self.client, write.kind, &write.key, MANAGER, &write.patch);
-        match written.await {
+        let written = written.await;
+        if !matches!(&written, Err(kube::Error::Api(status)) if status.code == 404) {
+            (self.metrics).status_written(StatusWrite::Object, written.is_ok());
+        }
+        match written {
             Ok(version) => {
                 let flight = (write.kind, write.key.clone());
                 self.coalescer.lock().settled(&flight);

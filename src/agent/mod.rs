@@ -138,6 +138,7 @@ impl NodeLoop for AgentLoop {
                 status_settle: options.status_settle,
                 api_timeouts: options.api_timeouts,
             },
+            Arc::clone(syncer.metrics()),
         ));
         if let Some(keys) = &options.upload_keys {
             tokio::spawn(upload_tokens::maintain_key(

@@ -28,7 +28,7 @@ use crate::api::disc_image::{DiscImageNodeStatus, ImagePhase};
 use crate::api::initiator_access::AccessNodeStatus;
 use crate::api::iscsi_target::TargetNodeStatus;
 use crate::desired::{Kind, ObjectKey, object_key};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StatusWrite};
 use crate::status;
 use crate::sync::NodeReport;
 
@@ -359,7 +359,7 @@ impl NodeStatusWriter {
                 None => return Outcome::Refused,
             },
         };
-        self.metrics.status_written(result.is_ok());
+        (self.metrics).status_written(StatusWrite::Report, result.is_ok());
         match result {
             Ok(version) => {
                 let keys: Vec<(Kind, ObjectKey)> = match &write {
