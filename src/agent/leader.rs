@@ -336,9 +336,11 @@ impl<'a> Writes<'a> {
             .filter(|f| f.unchanged_at(version))
             .filter(|f| self.now.saturating_duration_since(f.at) < KEPT_OTHERWISE_FOR)
             .map(|f| f.patch);
-        if sent.is_some_and(|sent| {
-            status_body(&merge_patch(current, wanted)).is_some_and(|patch| digest(&patch) == sent)
-        }) {
+        // The patch, made once: here when it is compared, below otherwise.
+        let patch = sent.map(|_| status_body(&merge_patch(current, wanted)));
+        if let (Some(sent), Some(Some(patch))) = (sent, &patch)
+            && digest(patch) == sent
+        {
             self.kept_otherwise.insert(flight);
             return;
         }
@@ -349,7 +351,8 @@ impl<'a> Writes<'a> {
             self.held_until = earliest(self.held_until, Some(at));
             return;
         }
-        let Some(patch) = status_body(&merge_patch(current, wanted)) else {
+        let patch = patch.unwrap_or_else(|| status_body(&merge_patch(current, wanted)));
+        let Some(patch) = patch else {
             return;
         };
         self.writes.push(Write {
@@ -1025,7 +1028,7 @@ mod tests {
             }
             (sent, kept_otherwise)
         };
-        let a_while = 2 * super::super::node_status::IN_FLIGHT_FOR;
+        let a_while = 2 * IN_FLIGHT_FOR;
         assert_eq!(pass("7", &json!({}), &wanted, a_while), (true, 0), "new");
         // The store shows the write, pruned: the patch now differs (the nodes' list, whole).
         let second = pass("8", &kept, &wanted, a_while);
