@@ -9,13 +9,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
+use kube::runtime::events::Event;
 use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use parking_lot::Mutex;
@@ -35,6 +36,7 @@ use crate::status;
 
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::connection::ApiTimeouts;
+use super::events::{self, Arrivals, State, Summary, Teller};
 use super::expected::Expected;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
@@ -108,6 +110,7 @@ pub async fn run(
         client.clone(),
         options.lease_namespace.clone(),
         options.iqn_authority.clone(),
+        &options.identity,
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
         options.status_settle,
         metrics,
@@ -122,6 +125,7 @@ pub async fn run(
             tracing::info!(identity = %options.identity, holding, "leader lease");
             if holding {
                 aggregator.liveness.lock().restart(Instant::now());
+                aggregator.arrivals.lock().clear();
             }
             was_holding = holding;
         }
@@ -203,6 +207,9 @@ pub struct Aggregator {
     taken_tokens: Mutex<BTreeSet<ObjectKey>>,
     /// How many objects' status the apiserver keeps otherwise than written, as last told.
     kept_otherwise_told: Mutex<usize>,
+    /// The nodes each object was told to have reached (see `events`).
+    arrivals: Mutex<Arrivals>,
+    teller: Teller,
     metrics: Arc<Metrics>,
 }
 
@@ -265,6 +272,17 @@ struct Write {
     standing: Standing,
 }
 
+/// What one pass of the lease holder does.
+struct Plan {
+    writes: Vec<Write>,
+    /// Arrivals to tell (see `events`).
+    events: Vec<(ObjectReference, Event)>,
+    /// Nodes gone, whose reports are deleted.
+    gone: Vec<String>,
+    /// How long until something changes by itself.
+    next: Option<Duration>,
+}
+
 /// The lease holder's writes, in the making.
 struct Writes<'a> {
     kind: Kind,
@@ -279,6 +297,9 @@ struct Writes<'a> {
     seen: HashSet<Object>,
     /// Objects whose status the apiserver keeps otherwise than it was written (see `push`).
     kept_otherwise: BTreeSet<Object>,
+    /// The nodes each object was told to have reached, and the arrivals to tell now.
+    arrivals: Arrivals,
+    events: Vec<(ObjectReference, Event)>,
     now: Instant,
 }
 
@@ -304,12 +325,15 @@ impl<'a> Writes<'a> {
             nodes: BTreeSet::new(),
             seen: HashSet::new(),
             kept_otherwise: BTreeSet::new(),
+            arrivals: Arrivals::default(),
+            events: Vec::new(),
             now: Instant::now(),
         }
     }
 
     /// Queues the write of `wanted` over `current` (the object at `version`) unless the same is
-    /// already in flight, would change nothing, or is not due yet (see `coalesce`).
+    /// already in flight, would change nothing, or is not due yet (see `coalesce`); whether
+    /// `wanted` stands now (written, or in flight), rather than held back or not written.
     fn push(
         &mut self,
         key: &ObjectKey,
@@ -317,14 +341,14 @@ impl<'a> Writes<'a> {
         wanted: &Value,
         current: &Value,
         saying: Saying,
-    ) {
+    ) -> bool {
         let flight = (self.kind, key.clone());
         let Some(status) = status_body(wanted) else {
-            return;
+            return false;
         };
         let written = self.in_flight.get(&flight);
         if written.is_some_and(|f| f.repeats(&status, self.now)) {
-            return;
+            return true;
         }
         // The object is as the last write left it, and yet not as wanted: the apiserver kept
         // less of the status than it was sent (CRDs older than this agent prune what they do
@@ -342,18 +366,18 @@ impl<'a> Writes<'a> {
             && digest(patch) == sent
         {
             self.kept_otherwise.insert(flight);
-            return;
+            return true;
         }
         let written = written.map(|f| f.standing);
         let (standing, now) = (saying.standing, self.now);
         let due = (self.coalescer).due(&flight, standing, saying.current, written, now);
         if let When::At(at) = due {
             self.held_until = earliest(self.held_until, Some(at));
-            return;
+            return false;
         }
         let patch = patch.unwrap_or_else(|| status_body(&merge_patch(current, wanted)));
         let Some(patch) = patch else {
-            return;
+            return false;
         };
         self.writes.push(Write {
             kind: self.kind,
@@ -363,6 +387,7 @@ impl<'a> Writes<'a> {
             kept: None,
             standing,
         });
+        true
     }
 
     /// The object has the status it wants: what was in flight has landed.
@@ -434,11 +459,14 @@ impl Aggregator {
         client: Client,
         namespace: String,
         iqn_authority: String,
+        identity: &str,
         liveness: Tracker,
         status_settle: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            teller: Teller::new(client.clone(), identity, Arc::clone(&metrics)),
+            arrivals: Mutex::default(),
             client,
             namespace,
             iqn_authority,
@@ -565,12 +593,13 @@ impl Aggregator {
         reports: &AllReports,
         now: Timestamp,
     ) -> Option<Duration> {
-        let (writes, gone, next) = self.plan(stores, &reports.newest(), &reports.nodes(), now);
-        futures::stream::iter(writes)
+        let plan = self.plan(stores, &reports.newest(), &reports.nodes(), now);
+        futures::stream::iter(plan.writes)
             .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
             .await;
-        self.delete_reports(reports.names_of(&gone)).await;
-        next
+        self.teller.tell_each(plan.events).await;
+        self.delete_reports(reports.names_of(&plan.gone)).await;
+        plan.next
     }
 
     /// The writes due now, the nodes gone, and how long until something changes by itself.
@@ -580,7 +609,7 @@ impl Aggregator {
         reports: &[Arc<Report>],
         reporting: &BTreeSet<String>,
         now: Timestamp,
-    ) -> (Vec<Write>, Vec<String>, Option<Duration>) {
+    ) -> Plan {
         let clock = Instant::now();
         let heartbeats = stores.heartbeats();
         let mut liveness = self.liveness.lock();
@@ -588,7 +617,9 @@ impl Aggregator {
         let live = |node: &str| liveness.of(node, clock);
         let reported = NodeReports::new(reports);
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
+        let mut arrivals = self.arrivals.lock();
         let mut writes = Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer);
+        writes.arrivals = std::mem::take(&mut *arrivals);
         // Every spec validated once, for IQNs, expiries and the nodes that should serve it.
         let (images, targets, grants): (Vec<_>, Vec<_>, Vec<_>) = (
             stores.images().collect(),
@@ -643,8 +674,12 @@ impl Aggregator {
             mut nodes,
             seen,
             kept_otherwise,
+            arrivals: mut told,
+            events,
             ..
         } = writes;
+        told.retain(|object| seen.contains(object));
+        *arrivals = told;
         self.tell_kept_otherwise(&kept_otherwise);
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
@@ -660,7 +695,12 @@ impl Aggregator {
         let expiry = (snapshot.next_expiry(now)).map(|at| wake_for_expiry(at, now));
         let held = held_until.map(|at| at.saturating_duration_since(clock));
         let next = [expiry, next_change, held].into_iter().flatten().min();
-        (writes, gone, next)
+        Plan {
+            writes,
+            events,
+            gone,
+            next,
+        }
     }
 
     /// Deletes the reports (ConfigMap name, node) of nodes that are gone (their entries are
@@ -780,6 +820,7 @@ fn plan_kind<K: Aggregated>(
                 let entries = judge(entries, sources.live);
                 let reported: HashSet<String> =
                     entries.iter().map(|e| e.node().to_owned()).collect();
+                let reached = reached_nodes(&entries);
                 // A node's failure, expiry or anything only a person can fix goes out at once,
                 // even beside a Ready, as the node sent it.
                 let was = K::entries(&current);
@@ -789,17 +830,47 @@ fn plan_kind<K: Aggregated>(
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
                 let (meta, urgent) = (object.meta(), urgent);
-                status_write(writes, meta, &wanted, &current, &unreported, urgent);
+                let says = status_write(writes, meta, &wanted, &current, &unreported, urgent);
+                if let Some(says) = says {
+                    let stored = || reached_nodes(&K::entries(&current));
+                    tell_arrivals(writes, object, stored, &reached, says == Standing::Ready);
+                }
             }
             Err(invalid) => invalid_write(writes, invalid),
         }
     }
 }
 
+/// The nodes whose entries say the object reached them (served, applied, verified), sorted.
+fn reached_nodes<E: NodeEntry + Summary>(entries: &[E]) -> Vec<String> {
+    let mut nodes: Vec<String> = (entries.iter())
+        .filter(|e| e.state() == State::Good)
+        .map(|e| e.node().to_owned())
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// The Event of the nodes `object` newly reached, once its status says Ready (see `events`).
+fn tell_arrivals<K: Resource<DynamicType = ()>>(
+    writes: &mut Writes<'_>,
+    object: &K,
+    stored: impl FnOnce() -> Vec<String>,
+    reached: &[String],
+    ready: bool,
+) {
+    let key = (writes.kind, object_key(object.meta()));
+    let arrived = writes.arrivals.arrived(&key, stored, reached, ready);
+    if !arrived.is_empty() {
+        let event = events::arrival(writes.kind, &arrived);
+        writes.events.push((events::reference(object), event));
+    }
+}
+
 /// A kind whose status holds an entry from each node and a top level merged from them.
 trait Aggregated: Resource<DynamicType = ()> {
     type Status: Serialize;
-    type Entry: NodeEntry + Serialize + DeserializeOwned + Coalesced + PartialEq;
+    type Entry: NodeEntry + Summary + Serialize + DeserializeOwned + Coalesced + PartialEq;
     fn current_status(&self) -> Self::Status;
     fn entries(status: &Self::Status) -> Vec<Self::Entry>;
 }
@@ -845,7 +916,8 @@ fn judge<E: NodeEntry>(entries: Vec<E>, live: &dyn Fn(&str) -> Liveness) -> Vec<
 
 /// The status, written when it differs from the object's; `unreported`: whether a node that
 /// should serve the object has no entry in it yet; `urgent`: whether an entry says what users
-/// act on.
+/// act on. What the status says (Ready or not), when it stands now: written, in flight, or
+/// the object's already — not when held back.
 fn status_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
@@ -853,18 +925,19 @@ fn status_write<S: Serialize>(
     current: &S,
     unreported: &dyn Fn() -> bool,
     urgent: bool,
-) {
+) -> Option<Standing> {
     let key = object_key(meta);
     writes.seen.insert((writes.kind, key.clone()));
     let value = |status: &S| serde_json::to_value(status);
     // Not written at all rather than written as nothing (said in the log).
     let (Ok(wanted), Ok(current)) = (value(wanted), value(current)) else {
         tracing::error!(object = %key, "a status that cannot be serialized is not written");
-        return;
+        return None;
     };
+    let says = status_standing(&wanted);
     if wanted == current {
         writes.landed(&key);
-        return;
+        return Some(says);
     }
     // Conditions about an older generation are what kstatus waits on after a change: the new
     // ones go out at once, whatever they say. (A new object has none yet.)
@@ -872,7 +945,7 @@ fn status_write<S: Serialize>(
         current.get("observedGeneration"),
         wanted.get("observedGeneration"),
     );
-    let standing = match (generations, status_standing(&wanted)) {
+    let standing = match (generations, says) {
         _ if urgent => Standing::Final,
         ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
         (_, Standing::Ready) if unreported() => Standing::Partial,
@@ -884,7 +957,8 @@ fn status_write<S: Serialize>(
         current: now,
     };
     let version = meta.resource_version.as_deref();
-    writes.push(&key, version, &wanted, &current, saying);
+    let stands = writes.push(&key, version, &wanted, &current, saying);
+    stands.then_some(says)
 }
 
 /// What a status says, for when to write it (see `coalesce`): Ready; Stalled or Expired (access
@@ -1125,12 +1199,13 @@ mod tests {
     }
 
     /// The lease holder's plan for `target` with `reports`, `expected` the nodes that should
-    /// serve it: the nodes of the status it writes (none: no write), and whether it waits.
+    /// serve it: the nodes of the status it writes (none: no write), whether it waits, and the
+    /// notes of the Events it tells.
     fn plan_for(
         target: IscsiTarget,
         reports: &[Arc<Report>],
         expected: &[&str],
-    ) -> (Option<Vec<String>>, bool) {
+    ) -> (Option<Vec<String>>, bool, Vec<String>) {
         let objects = [Arc::new(DeserializeGuard(Ok(target)))];
         let live = |node: &str| match node {
             "gone" => Liveness::Gone,
@@ -1162,22 +1237,41 @@ mod tests {
                 .map(|e| e["node"].as_str().unwrap_or_default().to_owned())
                 .collect()
         });
-        (nodes, writes.held_until.is_some())
+        let told = (writes.events.iter())
+            .filter_map(|(_, event)| event.note.clone())
+            .collect();
+        (nodes, writes.held_until.is_some(), told)
     }
 
     #[test]
     fn a_kind_s_ready_waits_only_while_an_expected_live_node_has_no_entry() {
         let nodes = |names: &[&str]| Some(names.iter().map(|n| n.to_string()).collect());
         // Every node that should serve it reported: one write, a gone node's entry left out.
+        // Served on a and b already as stored: nothing told.
         assert_eq!(
             plan_for(target_with_entries(), &[], &["a", "b"]),
-            (nodes(&["a", "b"]), false)
+            (nodes(&["a", "b"]), false, vec![])
         );
         // Node c should, and has not: the write waits.
         assert_eq!(
             plan_for(target_with_entries(), &[], &["a", "b", "c"]),
-            (None, true)
+            (None, true, vec![])
         );
+    }
+
+    #[test]
+    fn a_new_object_ready_on_every_node_is_told_served_once_naming_them_all() {
+        let mut target = target_with_entries();
+        target.status = None;
+        let reports: Vec<_> = (["a", "b", "c"].iter())
+            .map(|n| report(n, "u1", n))
+            .collect();
+        let (nodes, held, told) = plan_for(target.clone(), &reports, &["a", "b", "c"]);
+        assert_eq!((nodes.map(|n| n.len()), held), (Some(3), false));
+        assert_eq!(told, ["served on nodes a, b, c"]);
+        // Node d should serve it too: neither the Ready nor its Event goes out yet.
+        let (nodes, held, told) = plan_for(target, &reports, &["a", "b", "c", "d"]);
+        assert_eq!((nodes, held, told), (None, true, vec![]));
     }
 
     /// Node `node`'s report with an entry of `lab/t` (uid `uid`) that names `named`.
