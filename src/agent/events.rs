@@ -1,17 +1,15 @@
 //! Kubernetes Events (events.k8s.io) for what a person watching `kubectl describe` wants to know:
 //! a target served or removed, a grant applied, revoked or expired, an image verified or failed.
 //!
-//! Arrivals — a target served, a grant applied, an image verified — are told by the lease holder,
-//! once per object for all the nodes it reached (`Arrivals`), when the object's status says
-//! Ready: on a cold start of 3000 objects on three nodes, one Event per object and node made
-//! 9000 creates, the apiserver's largest cost then. What only a node can say — a problem on that
+//! Arrivals — a target served, a grant applied, an image verified — the lease holder tells, per
+//! object for all the nodes it reached (`arrivals`). What only a node can say — a problem on that
 //! node, an expiry it carried out, a target it no longer serves — each node tells itself, from
 //! changes of its own entries between passes, so each change is told once; states that resolve
-//! themselves (an image downloading) tell nothing. The first pass after a start (of a node, or of
-//! a lease holder) sets the baseline and tells nothing either: a restart does not repeat the
-//! story of every resource.
+//! themselves (an image downloading) tell nothing. The first pass after a start sets the
+//! baseline and tells nothing either: a restart does not repeat the story of every resource.
+//! `Teller` tells them all, in series or each as an Event of its own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -29,7 +27,7 @@ use crate::reasons::{EventReason, Kind, Reason};
 use crate::status;
 use crate::sync::SessionChange;
 
-const CONCURRENT_EVENTS: usize = 8;
+pub const CONCURRENT_EVENTS: usize = 8;
 
 /// Where a resource stands on this node, as far as events go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,7 +190,7 @@ fn left(kind: Kind, node: &str, now: Option<&State>) -> Option<Event> {
     }
 }
 
-fn normal(reason: EventReason, note: String) -> Event {
+pub fn normal(reason: EventReason, note: String) -> Event {
     Event {
         type_: EventType::Normal,
         reason: reason.as_str().into(),
@@ -203,7 +201,7 @@ fn normal(reason: EventReason, note: String) -> Event {
 }
 
 /// Notes are limited to 1 kB.
-fn truncate(mut note: String) -> String {
+pub fn truncate(mut note: String) -> String {
     if note.len() > 1000 {
         let mut end = 1000;
         while !note.is_char_boundary(end) {
@@ -212,81 +210,6 @@ fn truncate(mut note: String) -> String {
         note.truncate(end);
     }
     note
-}
-
-/// The Event the lease holder tells when an object reached `nodes` (served, applied, verified).
-pub fn arrival(kind: Kind, nodes: &[String]) -> Event {
-    let on = match nodes {
-        [node] => format!("node {node}"),
-        nodes => format!("nodes {}", nodes.join(", ")),
-    };
-    let (reason, note) = match kind {
-        Kind::IscsiTarget => (EventReason::Served, format!("served on {on}")),
-        Kind::InitiatorAccess => (EventReason::Applied, format!("access applied on {on}")),
-        Kind::DiscImage => (
-            EventReason::Verified,
-            format!("digest verified; ready to serve on {on}"),
-        ),
-    };
-    normal(reason, truncate(note))
-}
-
-/// What the lease holder told of each object: the nodes it said the object reached. An arrival
-/// is told once the object's status says Ready — so a cold start tells one Event per object,
-/// naming every node — and a node that arrives later (a new node, one that recovered) is told
-/// when it does. An object first seen counts as told as its stored status stands: a new lease
-/// holder does not tell again what the last one told.
-#[derive(Debug, Default)]
-pub struct Arrivals {
-    /// By object, the nodes told, sorted.
-    told: HashMap<(Kind, ObjectKey), Vec<Box<str>>>,
-}
-
-impl Arrivals {
-    /// The nodes to tell an object reached, now that its status stands with `reached` (the
-    /// nodes whose entries are good, sorted) and says Ready (`ready`) or not; `stored`: the
-    /// nodes reached in the status the object has, asked of an object first seen.
-    pub fn arrived(
-        &mut self,
-        object: &(Kind, ObjectKey),
-        stored: impl FnOnce() -> Vec<String>,
-        reached: &[String],
-        ready: bool,
-    ) -> Vec<String> {
-        if !self.told.contains_key(object) {
-            let mut stored: Vec<Box<str>> = (stored().into_iter()).map(Into::into).collect();
-            stored.sort();
-            self.told.insert(object.clone(), stored);
-        }
-        let Some(told) = self.told.get_mut(object) else {
-            return Vec::new();
-        };
-        let was_told =
-            |told: &[Box<str>], node: &str| told.binary_search_by(|t| (**t).cmp(node)).is_ok();
-        if !ready {
-            // Not told yet, or no longer reached: told when it is (again) and Ready.
-            told.retain(|node| reached.binary_search_by(|r| r.as_str().cmp(node)).is_ok());
-            return Vec::new();
-        }
-        let new: Vec<String> = (reached.iter())
-            .filter(|node| !was_told(told, node))
-            .cloned()
-            .collect();
-        if !new.is_empty() || told.len() != reached.len() {
-            *told = reached.iter().map(|node| node.as_str().into()).collect();
-        }
-        new
-    }
-
-    /// Forgets the objects for which `keep` says no (deleted ones).
-    pub fn retain(&mut self, keep: impl Fn(&(Kind, ObjectKey)) -> bool) {
-        self.told.retain(|object, _| keep(object));
-    }
-
-    /// Forgets all: a holder that lost the lease and takes it again starts from what is stored.
-    pub fn clear(&mut self) {
-        self.told.clear();
-    }
 }
 
 /// How many events a recorder tells before a fresh one takes its place: kube's recorder keeps
@@ -324,29 +247,31 @@ impl Teller {
     pub async fn tell_in_series(&self, events: Vec<(ObjectReference, Event)>) {
         let recorder = &self.recorder_for(events.len());
         futures::stream::iter(events)
-            .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| {
-                self.publish(recorder, reference, event)
-            })
-            .await;
-    }
-
-    /// Tells `events`, each an Event of its own: in a series, a repeat's note (which nodes,
-    /// which address, how long) would be lost.
-    pub async fn tell_each(&self, events: Vec<(ObjectReference, Event)>) {
-        futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
-                let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-                self.publish(&recorder, reference, event).await;
+                self.publish(recorder, &reference, &event).await;
             })
             .await;
     }
 
-    async fn publish(&self, recorder: &Recorder, reference: ObjectReference, event: Event) {
-        let published = super::bounded(recorder.publish(&event, &reference)).await;
+    /// Tells one event as an Event of its own (in a series, a repeat's note — which nodes,
+    /// which address, how long — would be lost); whether it was told.
+    pub async fn tell_one(&self, reference: &ObjectReference, event: &Event) -> bool {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        self.publish(&recorder, reference, event).await
+    }
+
+    async fn publish(
+        &self,
+        recorder: &Recorder,
+        reference: &ObjectReference,
+        event: &Event,
+    ) -> bool {
+        let published = super::bounded(recorder.publish(event, reference)).await;
         self.metrics.event_published(published.is_ok());
-        if let Err(error) = published {
+        if let Err(error) = &published {
             tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");
         }
+        published.is_ok()
     }
 
     /// The recorder to tell `count` events with: the current one, or a fresh one in its place
@@ -477,7 +402,7 @@ pub async fn tell<N: GrantNews>(
             uid: uid.map(str::to_owned),
             ..ObjectReference::default()
         };
-        teller.tell_each(vec![(reference, item.event(&node))]).await;
+        teller.tell_one(&reference, &item.event(&node)).await;
     }
 }
 
@@ -573,49 +498,6 @@ mod tests {
             [("iso".into(), "ImportFailed".into())]
         );
         assert!(told(&ready, &Observed::default()).is_empty());
-    }
-
-    fn nodes(names: &[&str]) -> Vec<String> {
-        names.iter().map(|n| n.to_string()).collect()
-    }
-
-    #[test]
-    fn an_arrival_is_told_once_ready_for_every_node_reached_then_per_node() {
-        let mut arrivals = Arrivals::default();
-        let object = (Kind::IscsiTarget, ObjectKey::new("lab", "boot"));
-        let new = || Vec::new();
-        assert!(
-            (arrivals.arrived(&object, new, &nodes(&["a", "b"]), false)).is_empty(),
-            "not Ready yet: nothing"
-        );
-        let all = nodes(&["a", "b", "c"]);
-        assert_eq!(arrivals.arrived(&object, new, &all, true), all, "once");
-        assert!(arrivals.arrived(&object, new, &all, true).is_empty());
-        let more = nodes(&["a", "b", "c", "d"]);
-        assert_eq!(arrivals.arrived(&object, new, &more, true), ["d"]);
-        // b fails, and the object is not Ready; b recovers.
-        let without_b = nodes(&["a", "c", "d"]);
-        assert!((arrivals.arrived(&object, new, &without_b, false)).is_empty());
-        assert_eq!(arrivals.arrived(&object, new, &more, true), ["b"]);
-        // b leaves while the object stays Ready (no longer placed there), and comes back.
-        assert!((arrivals.arrived(&object, new, &without_b, true)).is_empty());
-        assert_eq!(arrivals.arrived(&object, new, &more, true), ["b"]);
-        arrivals.retain(|_| false);
-        assert!(arrivals.told.is_empty(), "a deleted object is forgotten");
-    }
-
-    #[test]
-    fn a_new_lease_holder_does_not_tell_what_the_status_stored_says() {
-        let mut arrivals = Arrivals::default();
-        let object = (Kind::InitiatorAccess, ObjectKey::new("lab", "client"));
-        let stored = || nodes(&["b", "a"]);
-        let reached = nodes(&["a", "b", "c"]);
-        assert_eq!(arrivals.arrived(&object, stored, &reached, true), ["c"]);
-        let event = arrival(Kind::InitiatorAccess, &nodes(&["c"]));
-        assert_eq!(event.reason, "Applied");
-        assert_eq!(event.note.as_deref(), Some("access applied on node c"));
-        let event = arrival(Kind::IscsiTarget, &reached);
-        assert_eq!(event.note.as_deref(), Some("served on nodes a, b, c"));
     }
 
     #[test]

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::DeleteParams;
 use kube::core::DeserializeGuard;
 use kube::core::error_boundary::InvalidObject;
-use kube::runtime::events::Event;
 use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use parking_lot::Mutex;
@@ -34,9 +33,10 @@ use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::metrics::{Metrics, StatusWrite};
 use crate::status;
 
+use super::arrivals::{Arrival, Arrivals, Reach, Telling};
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::connection::ApiTimeouts;
-use super::events::{self, Arrivals, State, Summary, Teller};
+use super::events::{self, State, Summary, Teller};
 use super::expected::Expected;
 use super::generated_secrets;
 use super::liveness::{Liveness, NodeEntry, Tracker};
@@ -207,9 +207,10 @@ pub struct Aggregator {
     taken_tokens: Mutex<BTreeSet<ObjectKey>>,
     /// How many objects' status the apiserver keeps otherwise than written, as last told.
     kept_otherwise_told: Mutex<usize>,
-    /// The nodes each object was told to have reached (see `events`).
-    arrivals: Mutex<Arrivals>,
-    teller: Teller,
+    /// The nodes each object was told to have reached, and the task that tells them (see
+    /// `arrivals`).
+    arrivals: Arc<Mutex<Arrivals>>,
+    telling: Telling,
     metrics: Arc<Metrics>,
 }
 
@@ -275,8 +276,8 @@ struct Write {
 /// What one pass of the lease holder does.
 struct Plan {
     writes: Vec<Write>,
-    /// Arrivals to tell (see `events`).
-    events: Vec<(ObjectReference, Event)>,
+    /// Arrivals to tell once their status is written (see `arrivals`).
+    arrivals: Vec<Arrival>,
     /// Nodes gone, whose reports are deleted.
     gone: Vec<String>,
     /// How long until something changes by itself.
@@ -298,8 +299,8 @@ struct Writes<'a> {
     /// Objects whose status the apiserver keeps otherwise than it was written (see `push`).
     kept_otherwise: BTreeSet<Object>,
     /// The nodes each object was told to have reached, and the arrivals to tell now.
-    arrivals: Arrivals,
-    events: Vec<(ObjectReference, Event)>,
+    arrivals: &'a mut Arrivals,
+    arrivals_due: Vec<Arrival>,
     now: Instant,
 }
 
@@ -315,6 +316,7 @@ impl<'a> Writes<'a> {
         kind: Kind,
         in_flight: &'a mut HashMap<Object, InFlight>,
         coalescer: &'a mut Coalescer<Object>,
+        arrivals: &'a mut Arrivals,
     ) -> Self {
         Self {
             kind,
@@ -325,15 +327,14 @@ impl<'a> Writes<'a> {
             nodes: BTreeSet::new(),
             seen: HashSet::new(),
             kept_otherwise: BTreeSet::new(),
-            arrivals: Arrivals::default(),
-            events: Vec::new(),
+            arrivals,
+            arrivals_due: Vec::new(),
             now: Instant::now(),
         }
     }
 
     /// Queues the write of `wanted` over `current` (the object at `version`) unless the same is
-    /// already in flight, would change nothing, or is not due yet (see `coalesce`); whether
-    /// `wanted` stands now (written, or in flight), rather than held back or not written.
+    /// already in flight, would change nothing, or is not due yet (see `coalesce`).
     fn push(
         &mut self,
         key: &ObjectKey,
@@ -341,14 +342,14 @@ impl<'a> Writes<'a> {
         wanted: &Value,
         current: &Value,
         saying: Saying,
-    ) -> bool {
+    ) -> Outcome {
         let flight = (self.kind, key.clone());
         let Some(status) = status_body(wanted) else {
-            return false;
+            return Outcome::Held;
         };
         let written = self.in_flight.get(&flight);
         if written.is_some_and(|f| f.repeats(&status, self.now)) {
-            return true;
+            return Outcome::Stands;
         }
         // The object is as the last write left it, and yet not as wanted: the apiserver kept
         // less of the status than it was sent (CRDs older than this agent prune what they do
@@ -366,18 +367,18 @@ impl<'a> Writes<'a> {
             && digest(patch) == sent
         {
             self.kept_otherwise.insert(flight);
-            return true;
+            return Outcome::Stands;
         }
         let written = written.map(|f| f.standing);
         let (standing, now) = (saying.standing, self.now);
         let due = (self.coalescer).due(&flight, standing, saying.current, written, now);
         if let When::At(at) = due {
             self.held_until = earliest(self.held_until, Some(at));
-            return false;
+            return Outcome::Held;
         }
         let patch = patch.unwrap_or_else(|| status_body(&merge_patch(current, wanted)));
         let Some(patch) = patch else {
-            return false;
+            return Outcome::Held;
         };
         self.writes.push(Write {
             kind: self.kind,
@@ -387,7 +388,7 @@ impl<'a> Writes<'a> {
             kept: None,
             standing,
         });
-        true
+        Outcome::Stands
     }
 
     /// The object has the status it wants: what was in flight has landed.
@@ -464,9 +465,11 @@ impl Aggregator {
         status_settle: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let arrivals = Arc::default();
+        let teller = Teller::new(client.clone(), identity, Arc::clone(&metrics));
         Self {
-            teller: Teller::new(client.clone(), identity, Arc::clone(&metrics)),
-            arrivals: Mutex::default(),
+            telling: Telling::start(teller, Arc::clone(&arrivals)),
+            arrivals,
             client,
             namespace,
             iqn_authority,
@@ -594,10 +597,22 @@ impl Aggregator {
         now: Timestamp,
     ) -> Option<Duration> {
         let plan = self.plan(stores, &reports.newest(), &reports.nodes(), now);
-        futures::stream::iter(plan.writes)
-            .for_each_concurrent(CONCURRENT_WRITES, |write| self.write(write))
+        let failed: HashSet<Object> = futures::stream::iter(plan.writes)
+            .map(|write| async move {
+                let object = (write.kind, write.key.clone());
+                (!self.write(write).await).then_some(object)
+            })
+            .buffer_unordered(CONCURRENT_WRITES)
+            .filter_map(|failed| async move { failed })
+            .collect()
             .await;
-        self.teller.tell_each(plan.events).await;
+        // An arrival is told once its status is written; a later pass tells the others.
+        let (due, not_written): (Vec<_>, Vec<_>) =
+            (plan.arrivals.into_iter()).partition(|arrival| !failed.contains(&arrival.object));
+        for arrival in not_written {
+            (self.arrivals.lock()).untell(&arrival.object, &arrival.uid, &arrival.nodes);
+        }
+        self.telling.tell(due);
         self.delete_reports(reports.names_of(&plan.gone)).await;
         plan.next
     }
@@ -618,8 +633,12 @@ impl Aggregator {
         let reported = NodeReports::new(reports);
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
         let mut arrivals = self.arrivals.lock();
-        let mut writes = Writes::new(Kind::DiscImage, &mut in_flight, &mut coalescer);
-        writes.arrivals = std::mem::take(&mut *arrivals);
+        let mut writes = Writes::new(
+            Kind::DiscImage,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         // Every spec validated once, for IQNs, expiries and the nodes that should serve it.
         let (images, targets, grants): (Vec<_>, Vec<_>, Vec<_>) = (
             stores.images().collect(),
@@ -674,12 +693,10 @@ impl Aggregator {
             mut nodes,
             seen,
             kept_otherwise,
-            arrivals: mut told,
-            events,
+            arrivals_due,
             ..
         } = writes;
-        told.retain(|object| seen.contains(object));
-        *arrivals = told;
+        arrivals.retain(|object| seen.contains(object));
         self.tell_kept_otherwise(&kept_otherwise);
         coalescer.forget_stale(clock);
         // What was written for objects deleted since is of no use any more.
@@ -697,7 +714,7 @@ impl Aggregator {
         let next = [expiry, next_change, held].into_iter().flatten().min();
         Plan {
             writes,
-            events,
+            arrivals: arrivals_due,
             gone,
             next,
         }
@@ -744,7 +761,8 @@ impl Aggregator {
         );
     }
 
-    async fn write(&self, write: Write) {
+    /// Writes a status; whether it was written.
+    async fn write(&self, write: Write) -> bool {
         let written = patch_status(&self.client, write.kind, &write.key, MANAGER, &write.patch);
         let written = written.await;
         if !matches!(&written, Err(kube::Error::Api(status)) if status.code == 404) {
@@ -756,10 +774,12 @@ impl Aggregator {
                 self.coalescer.lock().settled(&flight);
                 let written = InFlight::new(write, version);
                 self.in_flight.lock().insert(flight, written);
+                true
             }
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => false,
             Err(error) => {
                 tracing::warn!(kind = write.kind.as_str(), object = %write.key, %error, "cannot write status");
+                false
             }
         }
     }
@@ -820,7 +840,8 @@ fn plan_kind<K: Aggregated>(
                 let entries = judge(entries, sources.live);
                 let reported: HashSet<String> =
                     entries.iter().map(|e| e.node().to_owned()).collect();
-                let reached = reached_nodes(&entries);
+                let generation = object.meta().generation;
+                let (reached, settled) = reach_of(&entries, generation);
                 // A node's failure, expiry or anything only a person can fix goes out at once,
                 // even beside a Ready, as the node sent it.
                 let was = K::entries(&current);
@@ -830,10 +851,15 @@ fn plan_kind<K: Aggregated>(
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
                 let (meta, urgent) = (object.meta(), urgent);
-                let says = status_write(writes, meta, &wanted, &current, &unreported, urgent);
-                if let Some(says) = says {
-                    let stored = || reached_nodes(&K::entries(&current));
-                    tell_arrivals(writes, object, stored, &reached, says == Standing::Ready);
+                let outcome = status_write(writes, meta, &wanted, &current, &unreported, urgent);
+                if outcome == Outcome::Stands {
+                    // What the status stored says, when it had settled, was told.
+                    let stored = || match reach_of(&K::entries(&current), generation) {
+                        (nodes, true) => nodes,
+                        (_, false) => Vec::new(),
+                    };
+                    let settled = || settled && !unreported();
+                    tell_arrivals(writes, object, &reached, stored, settled);
                 }
             }
             Err(invalid) => invalid_write(writes, invalid),
@@ -841,29 +867,48 @@ fn plan_kind<K: Aggregated>(
     }
 }
 
-/// The nodes whose entries say the object reached them (served, applied, verified), sorted.
-fn reached_nodes<E: NodeEntry + Summary>(entries: &[E]) -> Vec<String> {
+/// Where `entries` stand at `generation`, for arrivals: the nodes reached (good there, sorted),
+/// and whether every entry has settled there — none on its way, none behind (a lost node's
+/// aside). An entry without a generation counts as current: CRDs older than the agents prune it.
+fn reach_of<E: NodeEntry + Summary + Coalesced>(
+    entries: &[E],
+    generation: Option<i64>,
+) -> (Vec<String>, bool) {
+    let current = |e: &E| e.generation().is_none() || e.generation() == generation;
     let mut nodes: Vec<String> = (entries.iter())
-        .filter(|e| e.state() == State::Good)
+        .filter(|e| current(e) && e.state() == State::Good)
         .map(|e| e.node().to_owned())
         .collect();
     nodes.sort();
-    nodes
+    let settled =
+        (entries.iter()).all(|e| e.is_marked_lost() || (current(e) && e.state() != State::Pending));
+    (nodes, settled)
 }
 
-/// The Event of the nodes `object` newly reached, once its status says Ready (see `events`).
+/// Queues the arrival of the nodes `object` newly reached, once it settled (see `arrivals`).
 fn tell_arrivals<K: Resource<DynamicType = ()>>(
     writes: &mut Writes<'_>,
     object: &K,
-    stored: impl FnOnce() -> Vec<String>,
     reached: &[String],
-    ready: bool,
+    stored: impl FnOnce() -> Vec<String>,
+    settled: impl FnOnce() -> bool,
 ) {
-    let key = (writes.kind, object_key(object.meta()));
-    let arrived = writes.arrivals.arrived(&key, stored, reached, ready);
-    if !arrived.is_empty() {
-        let event = events::arrival(writes.kind, &arrived);
-        writes.events.push((events::reference(object), event));
+    let meta = object.meta();
+    let key = (writes.kind, object_key(meta));
+    let uid = meta.uid.as_deref().unwrap_or_default();
+    let now = Reach {
+        uid,
+        generation: meta.generation,
+        nodes: reached,
+    };
+    let nodes = writes.arrivals.arrived(&key, &now, stored, settled);
+    if !nodes.is_empty() {
+        writes.arrivals_due.push(Arrival {
+            object: key,
+            uid: uid.to_owned(),
+            nodes,
+            reference: events::reference(object),
+        });
     }
 }
 
@@ -914,10 +959,17 @@ fn judge<E: NodeEntry>(entries: Vec<E>, live: &dyn Fn(&str) -> Liveness) -> Vec<
     kept
 }
 
+/// Whether a status stands now — written, in flight, or the object's already — or is held back
+/// (or not written at all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Stands,
+    Held,
+}
+
 /// The status, written when it differs from the object's; `unreported`: whether a node that
 /// should serve the object has no entry in it yet; `urgent`: whether an entry says what users
-/// act on. What the status says (Ready or not), when it stands now: written, in flight, or
-/// the object's already — not when held back.
+/// act on.
 fn status_write<S: Serialize>(
     writes: &mut Writes<'_>,
     meta: &ObjectMeta,
@@ -925,19 +977,18 @@ fn status_write<S: Serialize>(
     current: &S,
     unreported: &dyn Fn() -> bool,
     urgent: bool,
-) -> Option<Standing> {
+) -> Outcome {
     let key = object_key(meta);
     writes.seen.insert((writes.kind, key.clone()));
     let value = |status: &S| serde_json::to_value(status);
     // Not written at all rather than written as nothing (said in the log).
     let (Ok(wanted), Ok(current)) = (value(wanted), value(current)) else {
         tracing::error!(object = %key, "a status that cannot be serialized is not written");
-        return None;
+        return Outcome::Held;
     };
-    let says = status_standing(&wanted);
     if wanted == current {
         writes.landed(&key);
-        return Some(says);
+        return Outcome::Stands;
     }
     // Conditions about an older generation are what kstatus waits on after a change: the new
     // ones go out at once, whatever they say. (A new object has none yet.)
@@ -945,7 +996,7 @@ fn status_write<S: Serialize>(
         current.get("observedGeneration"),
         wanted.get("observedGeneration"),
     );
-    let standing = match (generations, says) {
+    let standing = match (generations, status_standing(&wanted)) {
         _ if urgent => Standing::Final,
         ((Some(seen), Some(now)), _) if seen != now => Standing::Final,
         (_, Standing::Ready) if unreported() => Standing::Partial,
@@ -957,8 +1008,7 @@ fn status_write<S: Serialize>(
         current: now,
     };
     let version = meta.resource_version.as_deref();
-    let stands = writes.push(&key, version, &wanted, &current, saying);
-    stands.then_some(says)
+    writes.push(&key, version, &wanted, &current, saying)
 }
 
 /// What a status says, for when to write it (see `coalesce`): Ready; Stalled or Expired (access
@@ -1034,9 +1084,11 @@ mod tests {
 
     type Flights = HashMap<Object, InFlight>;
 
-    /// The lease holder's memory before any write: nothing in flight, nothing waiting.
-    fn nothing_written() -> (Flights, Coalescer<Object>) {
-        (HashMap::new(), Coalescer::new(Duration::from_secs(2)))
+    /// The lease holder's memory before any write: nothing in flight, nothing waiting, nothing
+    /// told.
+    fn nothing_written() -> (Flights, Coalescer<Object>, Arrivals) {
+        let coalescer = Coalescer::new(Duration::from_secs(2));
+        (HashMap::new(), coalescer, Arrivals::default())
     }
 
     #[test]
@@ -1049,8 +1101,13 @@ mod tests {
                 ..target_meta()
             },
         };
-        let (mut in_flight, mut coalescer) = nothing_written();
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         invalid_write(&mut writes, &invalid("7"));
         let Some(write) = writes.writes.pop() else {
             panic!("Stalled is written at once");
@@ -1059,7 +1116,12 @@ mod tests {
         let flight = (Kind::IscsiTarget, object_key(&target_meta()));
         let landed = InFlight::new(write, Some("8".to_owned()));
         in_flight.insert(flight, landed);
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
         invalid_write(&mut writes, &invalid("8"));
         assert!(writes.writes.is_empty(), "at rest, long after: nothing");
@@ -1081,9 +1143,14 @@ mod tests {
         let (wanted, other) = (status(true), status(false));
         let kept = json!({"observedGeneration": 1, "nodes": [{"node": "a", "ready": true}]});
         let flight = (Kind::IscsiTarget, object_key(&target_meta()));
-        let (mut in_flight, mut coalescer) = nothing_written();
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
         let mut pass = |version: &str, current: &Value, wanted: &Value, after: Duration| {
-            let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+            let mut writes = Writes::new(
+                Kind::IscsiTarget,
+                &mut in_flight,
+                &mut coalescer,
+                &mut arrivals,
+            );
             // Long after any write: none of them counts as in flight any more.
             writes.now = Instant::now() + after;
             status_write(
@@ -1157,8 +1224,13 @@ mod tests {
             json!({"observedGeneration": generation,
                    "conditions": [{"type": "Ready", "status": ready}]})
         };
-        let (mut in_flight, mut coalescer) = nothing_written();
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
         status_write(
             &mut writes,
@@ -1174,7 +1246,12 @@ mod tests {
             "the new generation's conditions, at once"
         );
         // A new object, not Ready yet: its first status waits for the next state.
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         status_write(
             &mut writes,
             &meta,
@@ -1217,8 +1294,13 @@ mod tests {
             live: &live,
             unconfirmed: &|_| false,
         };
-        let (mut in_flight, mut coalescer) = nothing_written();
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
         plan_kind(
             &mut writes,
@@ -1237,8 +1319,8 @@ mod tests {
                 .map(|e| e["node"].as_str().unwrap_or_default().to_owned())
                 .collect()
         });
-        let told = (writes.events.iter())
-            .filter_map(|(_, event)| event.note.clone())
+        let told = (writes.arrivals_due.iter())
+            .filter_map(|arrival| arrival.event().note)
             .collect();
         (nodes, writes.held_until.is_some(), told)
     }
@@ -1358,8 +1440,13 @@ mod tests {
 
     #[test]
     fn a_write_the_store_never_shows_is_made_again_after_a_while() {
-        let (mut in_flight, mut coalescer) = nothing_written();
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         let ready =
             json!({"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]});
         status_write(
@@ -1374,7 +1461,12 @@ mod tests {
             panic!("Ready is written at once");
         };
         in_flight.insert(write_key(&write), InFlight::new(write, None));
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         status_write(
             &mut writes,
             &target_meta(),
@@ -1406,12 +1498,22 @@ mod tests {
         let meta = target_meta();
         let ready = json!({"observedGeneration": 1,
                            "conditions": [{"type": "Ready", "status": "True"}]});
-        let (mut in_flight, mut coalescer) = nothing_written();
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         status_write(&mut writes, &meta, &ready, &json!({}), &|| true, false);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
         // Every node that should serve it reported: at once.
-        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer);
+        let mut writes = Writes::new(
+            Kind::IscsiTarget,
+            &mut in_flight,
+            &mut coalescer,
+            &mut arrivals,
+        );
         status_write(&mut writes, &meta, &ready, &json!({}), &|| false, false);
         assert_eq!(writes.writes.len(), 1);
     }

@@ -3,6 +3,7 @@
 //! holding the leader lease writes what concerns every node. Nothing here waits on the apiserver
 //! without a deadline (`connection`), and the sync loop does not wait on it at all (`sync_loop`).
 
+mod arrivals;
 mod coalesce;
 mod connection;
 mod events;
