@@ -903,6 +903,7 @@ fn tell_arrivals<K: Resource<DynamicType = ()>>(
     };
     let nodes = writes.arrivals.arrived(&key, &now, stored, settled);
     if !nodes.is_empty() {
+        tracing::debug!(kind = key.0.as_str(), object = %key.1, ?nodes, generation = meta.generation, "arrival");
         writes.arrivals_due.push(Arrival {
             object: key,
             uid: uid.to_owned(),
