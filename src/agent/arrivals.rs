@@ -6,35 +6,43 @@
 //! The lease holder remembers, per object, the nodes it told (`Arrivals`). A node counts as
 //! reached when its entry is good at the object's generation; the nodes newly reached are told
 //! once the object has settled — no node on its way or behind (a lost node's entry aside), no
-//! node that should have an entry without one — so a cold start tells each object once, a node
-//! that arrives later (added, recovered) is told when it does, and a new generation reached
-//! everywhere is told again. An object first seen counts as told as its stored status stands
-//! when that had settled: a new lease holder does not repeat what the last one told.
+//! node that should have an entry without one — or has not settled for `UNSETTLED_AT_MOST` (a
+//! node that keeps failing does not silence the others). So a cold start tells each object once,
+//! a node that arrives later (added, recovered) is told when it does, and a new generation
+//! reached everywhere is told again. An object first seen counts as told as its stored status
+//! stands when that had settled: a new lease holder does not repeat what the last one told.
 //!
 //! Telling goes on beside the lease holder's passes (`Telling`): a burst of thousands of Events
 //! does not hold back the next status writes. An arrival whose status write failed, or whose
-//! Event could not be told, is taken back and told by a later pass; one still being told when
-//! the agent stops is lost.
+//! Event the apiserver could not take then (no answer, 429, 5xx), is taken back and told by a
+//! later pass; one it refused (403, 422) is not tried again. One still being told when the agent
+//! stops or loses the lease is lost, rather than told twice by two holders.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::Event;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::desired::{Kind, ObjectKey};
 use crate::reasons::EventReason;
 
 use super::events::{CONCURRENT_EVENTS, Teller, normal, truncate};
+use super::node_status::apiserver_unwell;
 
 /// An object of a kind, by name.
 pub type Object = (Kind, ObjectKey);
 
 /// A note names this many bytes of nodes at most, then says how many more.
 const NAMES_AT_MOST: usize = 800;
+/// The nodes reached are told after this long even if the object has not settled.
+pub const UNSETTLED_AT_MOST: Duration = Duration::from_secs(60);
+/// Arrivals the apiserver could not take are taken back after this long.
+const TAKEN_BACK_AFTER: Duration = Duration::from_secs(5);
 
 /// The nodes told of one object: of which object (by uid) and generation.
 #[derive(Debug)]
@@ -43,6 +51,19 @@ struct Told {
     generation: Option<i64>,
     /// Sorted.
     nodes: Vec<Box<str>>,
+    /// Since when a node reached waits for the object to settle.
+    waiting_since: Option<Instant>,
+}
+
+impl Told {
+    fn new(now: &Reach<'_>, nodes: Vec<Box<str>>) -> Self {
+        Self {
+            uid: now.uid.to_owned(),
+            generation: now.generation,
+            nodes,
+            waiting_since: None,
+        }
+    }
 }
 
 /// Where an object stands now, for its arrivals.
@@ -51,6 +72,10 @@ pub struct Reach<'a> {
     pub generation: Option<i64>,
     /// The nodes whose entries are good at `generation`, sorted.
     pub nodes: &'a [String],
+    /// Whether the object's status stands (written, or its already), rather than held back:
+    /// nothing is told before.
+    pub stands: bool,
+    pub at: Instant,
 }
 
 /// What the lease holder told of each object.
@@ -61,9 +86,8 @@ pub struct Arrivals {
 
 impl Arrivals {
     /// The nodes to tell `object` reached, counted as told from now on (`untell` takes them
-    /// back). `stored`: the nodes reached in the status the object has, when it had settled,
-    /// asked of an object first seen; `settled`: whether the object has settled, asked only when
-    /// a node is new.
+    /// back). `stored`: what the status the object has says was told, asked of an object first
+    /// seen; `settled`: whether the object has settled, asked only when a node is new.
     pub fn arrived(
         &mut self,
         object: &Object,
@@ -74,23 +98,14 @@ impl Arrivals {
         if !self.told.contains_key(object) {
             let mut nodes: Vec<Box<str>> = stored().into_iter().map(Into::into).collect();
             nodes.sort();
-            let told = Told {
-                uid: now.uid.to_owned(),
-                generation: now.generation,
-                nodes,
-            };
-            self.told.insert(object.clone(), told);
+            self.told.insert(object.clone(), Told::new(now, nodes));
         }
         let Some(told) = self.told.get_mut(object) else {
             return Vec::new();
         };
         if told.uid != now.uid || told.generation != now.generation {
             // Another object of the same name, or a new spec: nothing of it told yet.
-            *told = Told {
-                uid: now.uid.to_owned(),
-                generation: now.generation,
-                nodes: Vec::new(),
-            };
+            *told = Told::new(now, Vec::new());
         }
         let reached = |node: &str| now.nodes.binary_search_by(|n| n.as_str().cmp(node)).is_ok();
         // A node no longer reached is told again when it is.
@@ -100,18 +115,30 @@ impl Arrivals {
             .filter(|node| !was_told(node))
             .cloned()
             .collect();
-        if new.is_empty() || !settled() {
+        if new.is_empty() {
+            told.waiting_since = None;
+            return Vec::new();
+        }
+        if !now.stands {
+            return Vec::new();
+        }
+        let since = *told.waiting_since.get_or_insert(now.at);
+        if !settled() && now.at.saturating_duration_since(since) < UNSETTLED_AT_MOST {
             return Vec::new();
         }
         told.nodes = now.nodes.iter().map(|node| node.as_str().into()).collect();
+        told.waiting_since = None;
         new
     }
 
-    /// Takes back an arrival that was not told: a later pass tells it.
-    pub fn untell(&mut self, object: &Object, uid: &str, nodes: &[String]) {
-        if let Some(told) = self.told.get_mut(object).filter(|told| told.uid == uid) {
-            told.nodes
-                .retain(|node| !nodes.iter().any(|n| n.as_str() == &**node));
+    /// Takes back an arrival that was not told, unless the object moved on since (another uid
+    /// or generation): a later pass tells it.
+    pub fn untell(&mut self, arrival: &Arrival) {
+        let told = (self.told.get_mut(&arrival.object))
+            .filter(|told| told.uid == arrival.uid && told.generation == arrival.generation);
+        if let Some(told) = told {
+            let not_told = |node: &str| arrival.nodes.iter().any(|n| n.as_str() == node);
+            told.nodes.retain(|node| !not_told(node));
         }
     }
 
@@ -130,6 +157,7 @@ impl Arrivals {
 pub struct Arrival {
     pub object: Object,
     pub uid: String,
+    pub generation: Option<i64>,
     /// The nodes newly reached.
     pub nodes: Vec<String>,
     pub reference: ObjectReference,
@@ -175,17 +203,30 @@ fn named(nodes: &[String]) -> String {
     }
 }
 
-/// Tells arrivals beside the lease holder's passes, taking back those it could not tell.
-#[derive(Clone)]
+/// Tells arrivals beside the lease holder's passes, while it holds the lease; hands back those
+/// the apiserver could not take then.
 pub struct Telling {
     queue: mpsc::UnboundedSender<Vec<Arrival>>,
+    taken_back: Mutex<mpsc::UnboundedReceiver<Arrival>>,
 }
 
 impl Telling {
-    pub fn start(teller: Teller, arrivals: Arc<Mutex<Arrivals>>) -> Self {
+    /// Tells as `teller` while `leading` says this agent holds the lease; `wake` starts the pass
+    /// that tells again what was taken back.
+    pub fn start(teller: Teller, leading: watch::Receiver<bool>, wake: Arc<Notify>) -> Self {
         let (queue, batches) = mpsc::unbounded_channel();
-        tokio::spawn(tell(batches, teller, arrivals));
-        Self { queue }
+        let (back, taken_back) = mpsc::unbounded_channel();
+        let task = Task {
+            teller,
+            leading,
+            back,
+            wake,
+        };
+        tokio::spawn(task.run(batches));
+        Self {
+            queue,
+            taken_back: Mutex::new(taken_back),
+        }
     }
 
     /// Queues `arrivals` to be told.
@@ -194,25 +235,56 @@ impl Telling {
             tracing::warn!("the arrivals' Events are no longer told");
         }
     }
+
+    /// The arrivals not told since the last call, to take back.
+    pub fn taken_back(&self) -> Vec<Arrival> {
+        let mut taken_back = self.taken_back.lock();
+        std::iter::from_fn(|| taken_back.try_recv().ok()).collect()
+    }
 }
 
-async fn tell(
-    mut batches: mpsc::UnboundedReceiver<Vec<Arrival>>,
+struct Task {
     teller: Teller,
-    arrivals: Arc<Mutex<Arrivals>>,
-) {
-    while let Some(batch) = batches.recv().await {
-        futures::stream::iter(batch)
-            .for_each_concurrent(CONCURRENT_EVENTS, |arrival| {
-                let (teller, arrivals) = (&teller, &arrivals);
-                async move {
-                    if !teller.tell_one(&arrival.reference, &arrival.event()).await {
-                        let (object, uid) = (&arrival.object, &arrival.uid);
-                        arrivals.lock().untell(object, uid, &arrival.nodes);
-                    }
-                }
-            })
-            .await;
+    leading: watch::Receiver<bool>,
+    back: mpsc::UnboundedSender<Arrival>,
+    wake: Arc<Notify>,
+}
+
+impl Task {
+    async fn run(self, mut batches: mpsc::UnboundedReceiver<Vec<Arrival>>) {
+        while let Some(batch) = batches.recv().await {
+            let not_told: Vec<Arrival> = futures::stream::iter(batch)
+                .map(|arrival| self.tell(arrival))
+                .buffer_unordered(CONCURRENT_EVENTS)
+                .filter_map(std::future::ready)
+                .collect()
+                .await;
+            if not_told.is_empty() {
+                continue;
+            }
+            tokio::time::sleep(TAKEN_BACK_AFTER).await;
+            for arrival in not_told {
+                // The receiver lives as long as the lease holder's aggregator.
+                let _ = self.back.send(arrival);
+            }
+            self.wake.notify_one();
+        }
+    }
+
+    /// Tells one arrival, unless the lease is lost; the arrival back when the apiserver could
+    /// not take it then.
+    async fn tell(&self, arrival: Arrival) -> Option<Arrival> {
+        if !*self.leading.borrow() {
+            return None;
+        }
+        match self
+            .teller
+            .tell_one(&arrival.reference, &arrival.event())
+            .await
+        {
+            Err(error) if apiserver_unwell(&error) => Some(arrival),
+            _ => None,
+        }
     }
 }
 
@@ -229,6 +301,18 @@ mod tests {
             uid: "u1",
             generation: Some(generation),
             nodes,
+            stands: true,
+            at: Instant::now(),
+        }
+    }
+
+    fn arrival(kind: Kind, generation: i64, names: Vec<String>) -> Arrival {
+        Arrival {
+            object: (kind, ObjectKey::new("lab", "x")),
+            uid: "u1".into(),
+            generation: Some(generation),
+            nodes: names,
+            reference: ObjectReference::default(),
         }
     }
 
@@ -264,7 +348,16 @@ mod tests {
             more
         );
         // Not told after all: told by a later pass.
-        arrivals.untell(&object, "u1", &nodes(&["c"]));
+        let not_told = |generation| Arrival {
+            object: object.clone(),
+            ..arrival(Kind::IscsiTarget, generation, nodes(&["c"]))
+        };
+        arrivals.untell(&not_told(1));
+        assert!(
+            (arrivals.arrived(&object, &reach(&more, 2), new, settled)).is_empty(),
+            "an older generation's failure takes nothing back"
+        );
+        arrivals.untell(&not_told(2));
         assert_eq!(
             arrivals.arrived(&object, &reach(&more, 2), new, settled),
             ["c"]
@@ -286,7 +379,10 @@ mod tests {
             ..reach(&all, 1)
         };
         assert_eq!(arrivals.arrived(&object, &again, stored, || true), all);
-        arrivals.untell(&object, "u1", &all);
+        arrivals.untell(&Arrival {
+            object: object.clone(),
+            ..arrival(Kind::InitiatorAccess, 1, all.clone())
+        });
         assert!(
             (arrivals.arrived(&object, &again, stored, || true)).is_empty(),
             "the old object's failures do not touch the new one"
@@ -294,13 +390,23 @@ mod tests {
     }
 
     #[test]
-    fn the_event_names_the_nodes_and_how_many_more_past_a_kilobyte() {
-        let arrival = |kind, names: Vec<String>| Arrival {
-            object: (kind, ObjectKey::new("lab", "x")),
-            uid: "u1".into(),
-            nodes: names,
-            reference: ObjectReference::default(),
+    fn a_node_that_never_settles_does_not_silence_the_others_for_long() {
+        let mut arrivals = Arrivals::default();
+        let object = (Kind::DiscImage, ObjectKey::new("lab", "iso"));
+        let two = nodes(&["a", "b"]);
+        let start = reach(&two, 1);
+        let never = || false;
+        assert!((arrivals.arrived(&object, &start, Vec::new, never)).is_empty());
+        let later = Reach {
+            at: start.at + UNSETTLED_AT_MOST,
+            ..reach(&two, 1)
         };
+        assert_eq!(arrivals.arrived(&object, &later, Vec::new, never), two);
+    }
+
+    #[test]
+    fn the_event_names_the_nodes_and_how_many_more_past_a_kilobyte() {
+        let arrival = |kind, names| arrival(kind, 1, names);
         let event = arrival(Kind::InitiatorAccess, nodes(&["c"])).event();
         assert_eq!(event.reason, "Applied");
         assert_eq!(event.note.as_deref(), Some("access applied on node c"));

@@ -248,14 +248,14 @@ impl Teller {
         let recorder = &self.recorder_for(events.len());
         futures::stream::iter(events)
             .for_each_concurrent(CONCURRENT_EVENTS, |(reference, event)| async move {
-                self.publish(recorder, &reference, &event).await;
+                let _ = self.publish(recorder, &reference, &event).await;
             })
             .await;
     }
 
     /// Tells one event as an Event of its own (in a series, a repeat's note — which nodes,
-    /// which address, how long — would be lost); whether it was told.
-    pub async fn tell_one(&self, reference: &ObjectReference, event: &Event) -> bool {
+    /// which address, how long — would be lost).
+    pub async fn tell_one(&self, reference: &ObjectReference, event: &Event) -> kube::Result<()> {
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         self.publish(&recorder, reference, event).await
     }
@@ -265,13 +265,13 @@ impl Teller {
         recorder: &Recorder,
         reference: &ObjectReference,
         event: &Event,
-    ) -> bool {
+    ) -> kube::Result<()> {
         let published = super::bounded(recorder.publish(event, reference)).await;
         self.metrics.event_published(published.is_ok());
         if let Err(error) = &published {
             tracing::warn!(reason = %event.reason, object = ?reference.name, %error, "cannot publish an event");
         }
-        published.is_ok()
+        published
     }
 
     /// The recorder to tell `count` events with: the current one, or a fresh one in its place
@@ -402,7 +402,8 @@ pub async fn tell<N: GrantNews>(
             uid: uid.map(str::to_owned),
             ..ObjectReference::default()
         };
-        teller.tell_one(&reference, &item.event(&node)).await;
+        // A failure is in the log (`publish`); the news is not told again.
+        let _ = teller.tell_one(&reference, &item.event(&node)).await;
     }
 }
 

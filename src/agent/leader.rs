@@ -33,7 +33,7 @@ use crate::desired::{Kind, ObjectKey, Snapshot, object_key, wake_for_expiry};
 use crate::metrics::{Metrics, StatusWrite};
 use crate::status;
 
-use super::arrivals::{Arrival, Arrivals, Reach, Telling};
+use super::arrivals::{Arrival, Arrivals, Object, Reach, Telling};
 use super::coalesce::{Coalescer, Standing, When, earliest};
 use super::connection::ApiTimeouts;
 use super::events::{self, State, Summary, Teller};
@@ -49,8 +49,6 @@ use crate::credentials::Keys;
 
 /// The field manager of everything the lease holder writes.
 pub const MANAGER: &str = "discus-leader";
-/// An object of a kind, by name.
-type Object = (Kind, ObjectKey);
 /// The Lease whose holder aggregates.
 pub const LEASE: &str = "discus-leader";
 const CONCURRENT_WRITES: usize = 16;
@@ -106,11 +104,13 @@ pub async fn run(
         }
     };
     let (mut leading, _election) = manager.watch().await;
+    let teller = Teller::new(client.clone(), &options.identity, Arc::clone(&metrics));
+    let telling = Telling::start(teller, leading.clone(), wakers.aggregate.clone());
     let aggregator = Aggregator::new(
         client.clone(),
         options.lease_namespace.clone(),
         options.iqn_authority.clone(),
-        &options.identity,
+        telling,
         Tracker::new(Instant::now(), options.node_lost_after, options.prune_after),
         options.status_settle,
         metrics,
@@ -209,7 +209,7 @@ pub struct Aggregator {
     kept_otherwise_told: Mutex<usize>,
     /// The nodes each object was told to have reached, and the task that tells them (see
     /// `arrivals`).
-    arrivals: Arc<Mutex<Arrivals>>,
+    arrivals: Mutex<Arrivals>,
     telling: Telling,
     metrics: Arc<Metrics>,
 }
@@ -277,7 +277,7 @@ struct Write {
 struct Plan {
     writes: Vec<Write>,
     /// Arrivals to tell once their status is written (see `arrivals`).
-    arrivals: Vec<Arrival>,
+    arrivals_due: Vec<Arrival>,
     /// Nodes gone, whose reports are deleted.
     gone: Vec<String>,
     /// How long until something changes by itself.
@@ -299,7 +299,7 @@ struct Writes<'a> {
     /// Objects whose status the apiserver keeps otherwise than it was written (see `push`).
     kept_otherwise: BTreeSet<Object>,
     /// The nodes each object was told to have reached, and the arrivals to tell now.
-    arrivals: &'a mut Arrivals,
+    told: &'a mut Arrivals,
     arrivals_due: Vec<Arrival>,
     now: Instant,
 }
@@ -316,7 +316,7 @@ impl<'a> Writes<'a> {
         kind: Kind,
         in_flight: &'a mut HashMap<Object, InFlight>,
         coalescer: &'a mut Coalescer<Object>,
-        arrivals: &'a mut Arrivals,
+        told: &'a mut Arrivals,
     ) -> Self {
         Self {
             kind,
@@ -327,7 +327,7 @@ impl<'a> Writes<'a> {
             nodes: BTreeSet::new(),
             seen: HashSet::new(),
             kept_otherwise: BTreeSet::new(),
-            arrivals,
+            told,
             arrivals_due: Vec::new(),
             now: Instant::now(),
         }
@@ -342,14 +342,14 @@ impl<'a> Writes<'a> {
         wanted: &Value,
         current: &Value,
         saying: Saying,
-    ) -> Outcome {
+    ) -> StatusNow {
         let flight = (self.kind, key.clone());
         let Some(status) = status_body(wanted) else {
-            return Outcome::Held;
+            return StatusNow::Held;
         };
         let written = self.in_flight.get(&flight);
         if written.is_some_and(|f| f.repeats(&status, self.now)) {
-            return Outcome::Stands;
+            return StatusNow::Stands;
         }
         // The object is as the last write left it, and yet not as wanted: the apiserver kept
         // less of the status than it was sent (CRDs older than this agent prune what they do
@@ -367,18 +367,18 @@ impl<'a> Writes<'a> {
             && digest(patch) == sent
         {
             self.kept_otherwise.insert(flight);
-            return Outcome::Stands;
+            return StatusNow::Stands;
         }
         let written = written.map(|f| f.standing);
         let (standing, now) = (saying.standing, self.now);
         let due = (self.coalescer).due(&flight, standing, saying.current, written, now);
         if let When::At(at) = due {
             self.held_until = earliest(self.held_until, Some(at));
-            return Outcome::Held;
+            return StatusNow::Held;
         }
         let patch = patch.unwrap_or_else(|| status_body(&merge_patch(current, wanted)));
         let Some(patch) = patch else {
-            return Outcome::Held;
+            return StatusNow::Held;
         };
         self.writes.push(Write {
             kind: self.kind,
@@ -388,7 +388,7 @@ impl<'a> Writes<'a> {
             kept: None,
             standing,
         });
-        Outcome::Stands
+        StatusNow::Stands
     }
 
     /// The object has the status it wants: what was in flight has landed.
@@ -460,16 +460,14 @@ impl Aggregator {
         client: Client,
         namespace: String,
         iqn_authority: String,
-        identity: &str,
+        telling: Telling,
         liveness: Tracker,
         status_settle: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let arrivals = Arc::default();
-        let teller = Teller::new(client.clone(), identity, Arc::clone(&metrics));
         Self {
-            telling: Telling::start(teller, Arc::clone(&arrivals)),
-            arrivals,
+            telling,
+            arrivals: Mutex::default(),
             client,
             namespace,
             iqn_authority,
@@ -608,9 +606,9 @@ impl Aggregator {
             .await;
         // An arrival is told once its status is written; a later pass tells the others.
         let (due, not_written): (Vec<_>, Vec<_>) =
-            (plan.arrivals.into_iter()).partition(|arrival| !failed.contains(&arrival.object));
-        for arrival in not_written {
-            (self.arrivals.lock()).untell(&arrival.object, &arrival.uid, &arrival.nodes);
+            (plan.arrivals_due.into_iter()).partition(|arrival| !failed.contains(&arrival.object));
+        for arrival in &not_written {
+            self.arrivals.lock().untell(arrival);
         }
         self.telling.tell(due);
         self.delete_reports(reports.names_of(&plan.gone)).await;
@@ -633,6 +631,9 @@ impl Aggregator {
         let reported = NodeReports::new(reports);
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
         let mut arrivals = self.arrivals.lock();
+        for arrival in self.telling.taken_back() {
+            arrivals.untell(&arrival);
+        }
         let mut writes = Writes::new(
             Kind::DiscImage,
             &mut in_flight,
@@ -714,7 +715,7 @@ impl Aggregator {
         let next = [expiry, next_change, held].into_iter().flatten().min();
         Plan {
             writes,
-            arrivals: arrivals_due,
+            arrivals_due,
             gone,
             next,
         }
@@ -851,16 +852,11 @@ fn plan_kind<K: Aggregated>(
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
                 let (meta, urgent) = (object.meta(), urgent);
-                let outcome = status_write(writes, meta, &wanted, &current, &unreported, urgent);
-                if outcome == Outcome::Stands {
-                    // What the status stored says, when it had settled, was told.
-                    let stored = || match reach_of(&K::entries(&current), generation) {
-                        (nodes, true) => nodes,
-                        (_, false) => Vec::new(),
-                    };
-                    let settled = || settled && !unreported();
-                    tell_arrivals(writes, object, &reached, stored, settled);
-                }
+                let now = status_write(writes, meta, &wanted, &current, &unreported, urgent);
+                let stands = now == StatusNow::Stands;
+                let stored = || told_in(&was, generation, &expected(object));
+                let all_settled = || settled && !unreported();
+                queue_arrival(writes, object, (&reached, stands), stored, all_settled);
             }
             Err(invalid) => invalid_write(writes, invalid),
         }
@@ -885,11 +881,26 @@ fn reach_of<E: NodeEntry + Summary + Coalesced>(
     (nodes, settled)
 }
 
-/// Queues the arrival of the nodes `object` newly reached, once it settled (see `arrivals`).
-fn tell_arrivals<K: Resource<DynamicType = ()>>(
+/// What a stored status says was told (by an earlier lease holder): the nodes it reached, when
+/// every node that should serve the object was in it and it had settled; else nothing.
+fn told_in<E: NodeEntry + Summary + Coalesced>(
+    stored: &[E],
+    generation: Option<i64>,
+    expected: &BTreeSet<String>,
+) -> Vec<String> {
+    let has_entry = |node: &String| stored.iter().any(|e| e.node() == node);
+    match reach_of(stored, generation) {
+        (nodes, true) if expected.iter().all(has_entry) => nodes,
+        _ => Vec::new(),
+    }
+}
+
+/// Queues the arrival of the nodes `object` newly reached (`reached`, and whether its status
+/// stands now), once it settled (see `arrivals`).
+fn queue_arrival<K: Resource<DynamicType = ()>>(
     writes: &mut Writes<'_>,
     object: &K,
-    reached: &[String],
+    (reached, stands): (&[String], bool),
     stored: impl FnOnce() -> Vec<String>,
     settled: impl FnOnce() -> bool,
 ) {
@@ -900,13 +911,16 @@ fn tell_arrivals<K: Resource<DynamicType = ()>>(
         uid,
         generation: meta.generation,
         nodes: reached,
+        stands,
+        at: writes.now,
     };
-    let nodes = writes.arrivals.arrived(&key, &now, stored, settled);
+    let nodes = writes.told.arrived(&key, &now, stored, settled);
     if !nodes.is_empty() {
         tracing::debug!(kind = key.0.as_str(), object = %key.1, ?nodes, generation = meta.generation, "arrival");
         writes.arrivals_due.push(Arrival {
             object: key,
             uid: uid.to_owned(),
+            generation: meta.generation,
             nodes,
             reference: events::reference(object),
         });
@@ -963,7 +977,7 @@ fn judge<E: NodeEntry>(entries: Vec<E>, live: &dyn Fn(&str) -> Liveness) -> Vec<
 /// Whether a status stands now — written, in flight, or the object's already — or is held back
 /// (or not written at all).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+enum StatusNow {
     Stands,
     Held,
 }
@@ -978,18 +992,18 @@ fn status_write<S: Serialize>(
     current: &S,
     unreported: &dyn Fn() -> bool,
     urgent: bool,
-) -> Outcome {
+) -> StatusNow {
     let key = object_key(meta);
     writes.seen.insert((writes.kind, key.clone()));
     let value = |status: &S| serde_json::to_value(status);
     // Not written at all rather than written as nothing (said in the log).
     let (Ok(wanted), Ok(current)) = (value(wanted), value(current)) else {
         tracing::error!(object = %key, "a status that cannot be serialized is not written");
-        return Outcome::Held;
+        return StatusNow::Held;
     };
     if wanted == current {
         writes.landed(&key);
-        return Outcome::Stands;
+        return StatusNow::Stands;
     }
     // Conditions about an older generation are what kstatus waits on after a change: the new
     // ones go out at once, whatever they say. (A new object has none yet.)
@@ -1284,6 +1298,16 @@ mod tests {
         reports: &[Arc<Report>],
         expected: &[&str],
     ) -> (Option<Vec<String>>, bool, Vec<String>) {
+        plan_told(target, reports, expected, &mut Arrivals::default())
+    }
+
+    /// `plan_for`, with what was `told` before.
+    fn plan_told(
+        target: IscsiTarget,
+        reports: &[Arc<Report>],
+        expected: &[&str],
+        told: &mut Arrivals,
+    ) -> (Option<Vec<String>>, bool, Vec<String>) {
         let objects = [Arc::new(DeserializeGuard(Ok(target)))];
         let live = |node: &str| match node {
             "gone" => Liveness::Gone,
@@ -1295,13 +1319,8 @@ mod tests {
             live: &live,
             unconfirmed: &|_| false,
         };
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let (mut in_flight, mut coalescer, _) = nothing_written();
+        let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer, told);
         let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
         plan_kind(
             &mut writes,
@@ -1355,6 +1374,26 @@ mod tests {
         // Node d should serve it too: neither the Ready nor its Event goes out yet.
         let (nodes, held, told) = plan_for(target, &reports, &["a", "b", "c", "d"]);
         assert_eq!((nodes, held, told), (None, true, vec![]));
+    }
+
+    #[test]
+    fn a_new_lease_holder_counts_a_stored_status_as_told_only_when_every_node_was_in_it() {
+        // Stored: served on a and b (and a gone node). c should serve it and has no entry yet:
+        // the last holder told nothing, so neither does the stored status count as told…
+        let reports: Vec<_> = (["a", "b"].iter()).map(|n| report(n, "u1", n)).collect();
+        let mut told = Arrivals::default();
+        let expected = ["a", "b", "c"];
+        let first = plan_told(target_with_entries(), &reports, &expected, &mut told);
+        assert_eq!(first.2, Vec::<String>::new(), "c has not reported");
+        // …and once c reports, every node is told.
+        let reports: Vec<_> = (["a", "b", "c"].iter())
+            .map(|n| report(n, "u1", n))
+            .collect();
+        let (_, _, notes) = plan_told(target_with_entries(), &reports, &expected, &mut told);
+        assert_eq!(notes, ["served on nodes a, b, c"]);
+        // Every node that should serve it in the stored status: told already, by the last holder.
+        let (_, _, notes) = plan_for(target_with_entries(), &reports[..2], &["a", "b"]);
+        assert!(notes.is_empty(), "{notes:?}");
     }
 
     /// Node `node`'s report with an entry of `lab/t` (uid `uid`) that names `named`.

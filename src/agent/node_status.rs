@@ -660,7 +660,7 @@ enum Outcome {
 
 /// Whether an error says the apiserver cannot take requests now, whatever the object: too many
 /// requests, a server error, or no answer at all.
-fn apiserver_unwell(error: &kube::Error) -> bool {
+pub fn apiserver_unwell(error: &kube::Error) -> bool {
     match error {
         kube::Error::Api(status) => status.code == 429 || status.code >= 500,
         _ => true,
