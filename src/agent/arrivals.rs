@@ -7,16 +7,18 @@
 //! reached when its entry is good at the object's generation; the nodes newly reached are told
 //! once the object has settled — no node on its way or behind (a lost node's entry aside), no
 //! node that should have an entry without one — or has not settled for `UNSETTLED_AT_MOST` (a
-//! node that keeps failing does not silence the others). So a cold start tells each object once,
+//! node that keeps failing, or a download that takes long, does not silence the others). So a cold start tells each object once,
 //! a node that arrives later (added, recovered) is told when it does, and a new generation
 //! reached everywhere is told again. An object first seen counts as told as its stored status
 //! stands when that had settled: a new lease holder does not repeat what the last one told.
 //!
 //! Telling goes on beside the lease holder's passes (`Telling`): a burst of thousands of Events
-//! does not hold back the next status writes. An arrival whose status write failed, or whose
-//! Event the apiserver could not take then (no answer, 429, 5xx), is taken back and told by a
-//! later pass; one it refused (403, 422) is not tried again. One still being told when the agent
-//! stops or loses the lease is lost, rather than told twice by two holders.
+//! does not hold back the next status writes. An arrival whose status write failed is told by a
+//! later pass; one whose Event the apiserver answered 429 or 5xx is tried again a few seconds
+//! later, `TELLS_AT_MOST` times in all. One it refused (403, 422), or that got no answer (it may
+//! have been stored), is not. One still being told when the agent stops or loses the lease is
+//! lost; a new holder tells again what the stored status does not show as told (see `told_in`
+//! in `leader`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,7 +42,9 @@ pub type Object = (Kind, ObjectKey);
 /// A note names this many bytes of nodes at most, then says how many more.
 const NAMES_AT_MOST: usize = 800;
 /// The nodes reached are told after this long even if the object has not settled.
-pub const UNSETTLED_AT_MOST: Duration = Duration::from_secs(60);
+pub const UNSETTLED_AT_MOST: Duration = Duration::from_secs(5 * 60);
+/// An arrival the apiserver answered 429 or 5xx is told this many times at most.
+const TELLS_AT_MOST: u8 = 3;
 /// Arrivals the apiserver could not take are taken back after this long.
 const TAKEN_BACK_AFTER: Duration = Duration::from_secs(5);
 
@@ -53,6 +57,8 @@ struct Told {
     nodes: Vec<Box<str>>,
     /// Since when a node reached waits for the object to settle.
     waiting_since: Option<Instant>,
+    /// How many times the apiserver could not take an Event of this generation.
+    failed_tells: u8,
 }
 
 impl Told {
@@ -62,6 +68,7 @@ impl Told {
             generation: now.generation,
             nodes,
             waiting_since: None,
+            failed_tells: 0,
         }
     }
 }
@@ -72,7 +79,7 @@ pub struct Reach<'a> {
     pub generation: Option<i64>,
     /// The nodes whose entries are good at `generation`, sorted.
     pub nodes: &'a [String],
-    /// Whether the object's status stands (written, or its already), rather than held back:
+    /// Whether the object's status stands (written, or the object's already), rather than held back:
     /// nothing is told before.
     pub stands: bool,
     pub at: Instant,
@@ -134,12 +141,31 @@ impl Arrivals {
     /// Takes back an arrival that was not told, unless the object moved on since (another uid
     /// or generation): a later pass tells it.
     pub fn untell(&mut self, arrival: &Arrival) {
-        let told = (self.told.get_mut(&arrival.object))
-            .filter(|told| told.uid == arrival.uid && told.generation == arrival.generation);
-        if let Some(told) = told {
+        if let Some(told) = self.told_of(arrival) {
             let not_told = |node: &str| arrival.nodes.iter().any(|n| n.as_str() == node);
             told.nodes.retain(|node| !not_told(node));
         }
+    }
+
+    /// An arrival whose Event the apiserver could not take: taken back (`untell`), unless its
+    /// object's Events of this generation failed `TELLS_AT_MOST` times already.
+    pub fn not_told(&mut self, arrival: &Arrival) {
+        let Some(told) = self.told_of(arrival) else {
+            return;
+        };
+        told.failed_tells = told.failed_tells.saturating_add(1);
+        if told.failed_tells < TELLS_AT_MOST {
+            self.untell(arrival);
+        } else {
+            let object = &arrival.object.1;
+            tracing::warn!(%object, nodes = ?arrival.nodes, "an arrival not told, given up");
+        }
+    }
+
+    /// What was told of `arrival`'s object, when it is still the same object and generation.
+    fn told_of(&mut self, arrival: &Arrival) -> Option<&mut Told> {
+        (self.told.get_mut(&arrival.object))
+            .filter(|told| told.uid == arrival.uid && told.generation == arrival.generation)
     }
 
     /// Forgets the objects for which `keep` says no (deleted ones).
@@ -259,30 +285,38 @@ impl Task {
                 .filter_map(std::future::ready)
                 .collect()
                 .await;
-            if not_told.is_empty() {
-                continue;
+            if !not_told.is_empty() {
+                tokio::spawn(self.hand_back(not_told));
             }
-            tokio::time::sleep(TAKEN_BACK_AFTER).await;
-            for arrival in not_told {
-                // The receiver lives as long as the lease holder's aggregator.
-                let _ = self.back.send(arrival);
-            }
-            self.wake.notify_one();
         }
     }
 
-    /// Tells one arrival, unless the lease is lost; the arrival back when the apiserver could
-    /// not take it then.
+    /// Hands `not_told` back a few seconds later (unless the lease was lost meanwhile), and
+    /// wakes the pass that tells them again.
+    fn hand_back(&self, not_told: Vec<Arrival>) -> impl Future<Output = ()> + 'static {
+        let (leading, back, wake) = (self.leading.clone(), self.back.clone(), self.wake.clone());
+        async move {
+            tokio::time::sleep(TAKEN_BACK_AFTER).await;
+            if !*leading.borrow() {
+                return;
+            }
+            for arrival in not_told {
+                // The receiver lives as long as the lease holder's aggregator.
+                let _ = back.send(arrival);
+            }
+            wake.notify_one();
+        }
+    }
+
+    /// Tells one arrival, unless the lease is lost; the arrival back when the apiserver
+    /// answered 429 or 5xx (not when it gave no answer: the Event may be stored).
     async fn tell(&self, arrival: Arrival) -> Option<Arrival> {
         if !*self.leading.borrow() {
             return None;
         }
-        match self
-            .teller
-            .tell_one(&arrival.reference, &arrival.event())
-            .await
-        {
-            Err(error) if apiserver_unwell(&error) => Some(arrival),
+        let event = arrival.event();
+        match self.teller.tell_one(&arrival.reference, &event).await {
+            Err(error @ kube::Error::Api(_)) if apiserver_unwell(&error) => Some(arrival),
             _ => None,
         }
     }
@@ -387,6 +421,26 @@ mod tests {
             (arrivals.arrived(&object, &again, stored, || true)).is_empty(),
             "the old object's failures do not touch the new one"
         );
+    }
+
+    #[test]
+    fn an_event_the_apiserver_cannot_take_is_told_again_a_few_times_then_given_up() {
+        let mut arrivals = Arrivals::default();
+        let all = nodes(&["a", "b"]);
+        let (new, settled) = (Vec::new, || true);
+        let failed = arrival(Kind::IscsiTarget, 1, all.clone());
+        let object = failed.object.clone();
+        assert_eq!(
+            arrivals.arrived(&object, &reach(&all, 1), new, settled),
+            all
+        );
+        for _ in 1..TELLS_AT_MOST {
+            arrivals.not_told(&failed);
+            let again = arrivals.arrived(&object, &reach(&all, 1), new, settled);
+            assert_eq!(again, all, "told again");
+        }
+        arrivals.not_told(&failed);
+        assert!((arrivals.arrived(&object, &reach(&all, 1), new, settled)).is_empty());
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub async fn run(
             tracing::info!(identity = %options.identity, holding, "leader lease");
             if holding {
                 aggregator.liveness.lock().restart(Instant::now());
+                // What the last term could not tell is the stored status's to show.
+                let _ = aggregator.telling.taken_back();
                 aggregator.arrivals.lock().clear();
             }
             was_holding = holding;
@@ -632,7 +634,7 @@ impl Aggregator {
         let (mut in_flight, mut coalescer) = (self.in_flight.lock(), self.coalescer.lock());
         let mut arrivals = self.arrivals.lock();
         for arrival in self.telling.taken_back() {
-            arrivals.untell(&arrival);
+            arrivals.not_told(&arrival);
         }
         let mut writes = Writes::new(
             Kind::DiscImage,
@@ -852,8 +854,8 @@ fn plan_kind<K: Aggregated>(
                 // Asked only of a Ready about to be written.
                 let unreported = || expected(object).iter().any(|n| !reported.contains(n));
                 let (meta, urgent) = (object.meta(), urgent);
-                let now = status_write(writes, meta, &wanted, &current, &unreported, urgent);
-                let stands = now == StatusNow::Stands;
+                let status = status_write(writes, meta, &wanted, &current, &unreported, urgent);
+                let stands = status == StatusNow::Stands;
                 let stored = || told_in(&was, generation, &expected(object));
                 let all_settled = || settled && !unreported();
                 queue_arrival(writes, object, (&reached, stands), stored, all_settled);
