@@ -1101,11 +1101,33 @@ mod tests {
 
     type Flights = HashMap<Object, InFlight>;
 
+    /// What the lease holder keeps from pass to pass.
+    struct Memory {
+        in_flight: Flights,
+        coalescer: Coalescer<Object>,
+        arrivals: Arrivals,
+    }
+
+    impl Memory {
+        /// A pass's writes of IscsiTargets over this memory.
+        fn writes(&mut self) -> Writes<'_> {
+            let Self {
+                in_flight,
+                coalescer,
+                arrivals,
+            } = self;
+            Writes::new(Kind::IscsiTarget, in_flight, coalescer, arrivals)
+        }
+    }
+
     /// The lease holder's memory before any write: nothing in flight, nothing waiting, nothing
     /// told.
-    fn nothing_written() -> (Flights, Coalescer<Object>, Arrivals) {
-        let coalescer = Coalescer::new(Duration::from_secs(2));
-        (HashMap::new(), coalescer, Arrivals::default())
+    fn nothing_written() -> Memory {
+        Memory {
+            in_flight: HashMap::new(),
+            coalescer: Coalescer::new(Duration::from_secs(2)),
+            arrivals: Arrivals::default(),
+        }
     }
 
     #[test]
@@ -1118,13 +1140,8 @@ mod tests {
                 ..target_meta()
             },
         };
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut memory = nothing_written();
+        let mut writes = memory.writes();
         invalid_write(&mut writes, &invalid("7"));
         let Some(write) = writes.writes.pop() else {
             panic!("Stalled is written at once");
@@ -1132,13 +1149,8 @@ mod tests {
         // Landed: the object is at version 8 after it.
         let flight = (Kind::IscsiTarget, object_key(&target_meta()));
         let landed = InFlight::new(write, Some("8".to_owned()));
-        in_flight.insert(flight, landed);
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        memory.in_flight.insert(flight, landed);
+        let mut writes = memory.writes();
         writes.now = Instant::now() + 2 * super::super::node_status::IN_FLIGHT_FOR;
         invalid_write(&mut writes, &invalid("8"));
         assert!(writes.writes.is_empty(), "at rest, long after: nothing");
@@ -1160,14 +1172,9 @@ mod tests {
         let (wanted, other) = (status(true), status(false));
         let kept = json!({"observedGeneration": 1, "nodes": [{"node": "a", "ready": true}]});
         let flight = (Kind::IscsiTarget, object_key(&target_meta()));
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
+        let mut memory = nothing_written();
         let mut pass = |version: &str, current: &Value, wanted: &Value, after: Duration| {
-            let mut writes = Writes::new(
-                Kind::IscsiTarget,
-                &mut in_flight,
-                &mut coalescer,
-                &mut arrivals,
-            );
+            let mut writes = memory.writes();
             // Long after any write: none of them counts as in flight any more.
             writes.now = Instant::now() + after;
             status_write(
@@ -1182,7 +1189,9 @@ mod tests {
             let sent = written.is_some();
             // Landed, the object left at version 8 (a patch that changes nothing keeps it).
             if let Some(write) = written {
-                in_flight.insert(flight.clone(), InFlight::new(write, Some("8".to_owned())));
+                memory
+                    .in_flight
+                    .insert(flight.clone(), InFlight::new(write, Some("8".to_owned())));
             }
             (sent, kept_otherwise)
         };
@@ -1241,13 +1250,8 @@ mod tests {
             json!({"observedGeneration": generation,
                    "conditions": [{"type": "Ready", "status": ready}]})
         };
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut memory = nothing_written();
+        let mut writes = memory.writes();
         // Ready at generation 1; the spec changed, and generation 2 is not Ready yet.
         status_write(
             &mut writes,
@@ -1263,12 +1267,7 @@ mod tests {
             "the new generation's conditions, at once"
         );
         // A new object, not Ready yet: its first status waits for the next state.
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut writes = memory.writes();
         status_write(
             &mut writes,
             &meta,
@@ -1321,7 +1320,11 @@ mod tests {
             live: &live,
             unconfirmed: &|_| false,
         };
-        let (mut in_flight, mut coalescer, _) = nothing_written();
+        let Memory {
+            mut in_flight,
+            mut coalescer,
+            ..
+        } = nothing_written();
         let mut writes = Writes::new(Kind::IscsiTarget, &mut in_flight, &mut coalescer, told);
         let expected: BTreeSet<String> = expected.iter().map(|n| n.to_string()).collect();
         plan_kind(
@@ -1482,13 +1485,8 @@ mod tests {
 
     #[test]
     fn a_write_the_store_never_shows_is_made_again_after_a_while() {
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut memory = nothing_written();
+        let mut writes = memory.writes();
         let ready =
             json!({"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]});
         status_write(
@@ -1502,13 +1500,10 @@ mod tests {
         let Some(write) = writes.writes.pop() else {
             panic!("Ready is written at once");
         };
-        in_flight.insert(write_key(&write), InFlight::new(write, None));
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        memory
+            .in_flight
+            .insert(write_key(&write), InFlight::new(write, None));
+        let mut writes = memory.writes();
         status_write(
             &mut writes,
             &target_meta(),
@@ -1540,22 +1535,12 @@ mod tests {
         let meta = target_meta();
         let ready = json!({"observedGeneration": 1,
                            "conditions": [{"type": "Ready", "status": "True"}]});
-        let (mut in_flight, mut coalescer, mut arrivals) = nothing_written();
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut memory = nothing_written();
+        let mut writes = memory.writes();
         status_write(&mut writes, &meta, &ready, &json!({}), &|| true, false);
         assert!(writes.writes.is_empty() && writes.held_until.is_some());
         // Every node that should serve it reported: at once.
-        let mut writes = Writes::new(
-            Kind::IscsiTarget,
-            &mut in_flight,
-            &mut coalescer,
-            &mut arrivals,
-        );
+        let mut writes = memory.writes();
         status_write(&mut writes, &meta, &ready, &json!({}), &|| false, false);
         assert_eq!(writes.writes.len(), 1);
     }
