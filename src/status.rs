@@ -106,7 +106,7 @@ fn summary(problems: &[&Problem]) -> Option<(String, String)> {
 
 /// Whether a node's entry describes the spec of `generation`. An entry without a generation was
 /// written by an agent older than the field: taken as current, as it was then.
-fn current(entry_generation: Option<i64>, generation: Option<i64>) -> bool {
+pub fn current(entry_generation: Option<i64>, generation: Option<i64>) -> bool {
     match (entry_generation, generation) {
         (Some(seen), Some(now)) => seen == now,
         _ => true,

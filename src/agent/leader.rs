@@ -867,12 +867,13 @@ fn plan_kind<K: Aggregated>(
 
 /// Where `entries` stand at `generation`, for arrivals: the nodes reached (good there, sorted),
 /// and whether every entry has settled there — none on its way, none behind (a lost node's
-/// aside). An entry without a generation counts as current: CRDs older than the agents prune it.
+/// aside). Current as the status's conditions judge it (`status::current`): an entry without a
+/// generation counts as current, as CRDs older than the agents prune it.
 fn reach_of<E: NodeEntry + Summary + Coalesced>(
     entries: &[E],
     generation: Option<i64>,
 ) -> (Vec<String>, bool) {
-    let current = |e: &E| e.generation().is_none() || e.generation() == generation;
+    let current = |e: &E| status::current(e.generation(), generation);
     let mut nodes: Vec<String> = (entries.iter())
         .filter(|e| current(e) && e.state() == State::Good)
         .map(|e| e.node().to_owned())
