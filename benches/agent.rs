@@ -27,7 +27,11 @@
 //! `DISCUS_BENCH_PROFILE=<seconds>` (kube-apiserver's CPU profile over that many seconds from the
 //! start of the apply, summed up with `go tool pprof`),
 //! `DISCUS_BENCH_KEEP_LOGS=<folder>` (keep the agents' logs and the apiserver's audit log),
-//! `DISCUS_BENCH_HEAPTRACK=<folder>` (run the third agent under heaptrack, its profile there).
+//! `DISCUS_BENCH_RUST_LOG` (the agents' `RUST_LOG`, `discus=debug` by default: keep that level,
+//! the bench waits for its lines; `discus=debug,discus::agent::leader=trace` shows every
+//! status write the lease holder makes, and why),
+//! `DISCUS_BENCH_HEAPTRACK=<folder>` (run the lease holder under heaptrack, its profile there:
+//! node-a's agent, which then takes the lease before the others start).
 //! tgtd runs 16 I/O threads per LUN, each a PID of the host's: three nodes of 1000 targets on one
 //! kernel need kernel.pid_max above its default of 32768 (`sysctl -w kernel.pid_max=4194304`;
 //! the bench checks first).
@@ -58,6 +62,9 @@ use support::sandbox::Sandbox;
 
 const NAMESPACE: &str = "bench";
 const AGENT_USER: &str = "system:serviceaccount:discus-system:discus-agent";
+/// The agent run under heaptrack with `DISCUS_BENCH_HEAPTRACK`, the lease holder.
+const PROFILED: &str = "node-a";
+
 /// The lease holder's field manager (src/agent/leader.rs).
 const LEADER_MANAGER: &str = "discus-leader";
 const DEMO_ISO_SHA256: &str = "ad0d2d0256c2a826232a63c44422745af135642c0aceaed052216215868e4795";
@@ -123,6 +130,10 @@ async fn run(targets: usize, rest: Duration, timeout: Duration) {
     );
     for (name, number) in NODES {
         cluster.add_node(name, number).await;
+        // Slowed by heaptrack, it would seldom win the lease from the others.
+        if name == PROFILED && std::env::var_os("DISCUS_BENCH_HEAPTRACK").is_some() {
+            cluster.wait_for_agents_idle().await;
+        }
     }
     cluster.wait_for_agents_idle().await;
     let leader = cluster.leader().await;
@@ -464,9 +475,9 @@ impl Cluster {
         let (sandbox, address) = self.storage_host(number);
         self.create_node(name, address).await;
         let log = std::fs::File::create(sandbox.path().join("agent.log")).expect("log");
-        // The last node's agent under heaptrack, when asked (its RSS then includes heaptrack's).
+        // The lease holder's agent under heaptrack, when asked (its RSS then includes heaptrack's).
         let heaptrack = (std::env::var_os("DISCUS_BENCH_HEAPTRACK"))
-            .filter(|_| name == "node-c")
+            .filter(|_| name == PROFILED)
             .map(|dir| PathBuf::from(dir).join(name));
         let mut command = match &heaptrack {
             Some(output) => {
@@ -496,7 +507,10 @@ impl Cluster {
             )
             .env("KUBECONFIG", &self.agent_kubeconfig)
             // Debug adds one line per sync pass, which the bench waits for.
-            .env("RUST_LOG", "discus=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("DISCUS_BENCH_RUST_LOG").unwrap_or("discus=debug".into()),
+            )
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

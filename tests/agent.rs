@@ -922,25 +922,14 @@ async fn each_node_reports_its_own_entries_and_the_lease_holder_writes_the_statu
 /// Every agent's heartbeat Lease carries its Node's labels, from which the lease holder knows
 /// which nodes should serve what (so that a Ready waits for them).
 async fn each_heartbeat_carries_its_node_s_labels(cluster: &Cluster) {
-    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "discus-system");
-    let deadline = Instant::now() + Duration::from_secs(30);
     let wanted = json!({"discus.dev/storage": "true"});
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let listed = leases
-            .list(&ListParams::default().labels("discus.dev/heartbeat"))
-            .await
-            .expect("heartbeat Leases");
-        let labels: Vec<(Option<String>, Option<Value>)> = (listed.items.iter())
-            .map(|lease| {
-                let node = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
-                let labels = (lease.metadata.annotations.as_ref())
-                    .and_then(|a| a.get("discus.dev/node-labels"))
-                    .and_then(|l| serde_json::from_str(l).ok());
-                (node, labels)
-            })
-            .collect();
+        let labels = heartbeat_labels(cluster).await;
         let carried = |agent: &str| {
-            (labels.iter()).any(|(n, l)| n.as_deref() == Some(agent) && l.as_ref() == Some(&wanted))
+            labels
+                .get(agent)
+                .is_some_and(|l| *l == Some(wanted.clone()))
         };
         if cluster.agents.iter().all(|agent| carried(&agent.name)) {
             return;
@@ -948,6 +937,24 @@ async fn each_heartbeat_carries_its_node_s_labels(cluster: &Cluster) {
         assert!(Instant::now() < deadline, "heartbeats: {labels:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The labels each node's heartbeat Lease carries (`None`: none readable).
+async fn heartbeat_labels(cluster: &Cluster) -> BTreeMap<String, Option<Value>> {
+    let leases: Api<Lease> = Api::namespaced(cluster.client.clone(), "discus-system");
+    let listed = leases
+        .list(&ListParams::default().labels("discus.dev/heartbeat"))
+        .await
+        .expect("heartbeat Leases");
+    (listed.items.iter())
+        .filter_map(|lease| {
+            let node = lease.spec.as_ref()?.holder_identity.clone()?;
+            let labels = (lease.metadata.annotations.as_ref())
+                .and_then(|a| a.get("discus.dev/node-labels"))
+                .and_then(|l| serde_json::from_str(l).ok());
+            Some((node, labels))
+        })
+        .collect()
 }
 
 /// A real initiator reads the image from every node (tgt: API LUN 0 is LUN 1 on the wire), and
@@ -1586,6 +1593,36 @@ async fn lost_nodes_are_marked_then_pruned_and_a_dead_leader_is_replaced() {
             },
         )
         .await;
+
+    a_heartbeat_carries_new_labels_long_before_its_next_renewal(&mut cluster, &kubeconfig).await;
+}
+
+/// An agent starts before its Node is listed, so its first heartbeat carries no labels; it
+/// renews at once when it learns them, and again when the Node is relabelled — not a heartbeat
+/// interval later (a minute here), during which the lease holder would not count the node among
+/// those an object waits for.
+async fn a_heartbeat_carries_new_labels_long_before_its_next_renewal(
+    cluster: &mut Cluster,
+    kubeconfig: &Path,
+) {
+    let slow = ["--heartbeat-seconds", "60", "--node-lost-seconds", "180"];
+    cluster.add_node_with("node-d", 24, kubeconfig, &slow).await;
+    let carried = async |wanted: Value| {
+        let labels = heartbeat_labels(cluster).await;
+        labels.get("node-d") == Some(&Some(wanted))
+    };
+    let storage = json!({"discus.dev/storage": "true"});
+    let within = Duration::from_secs(20);
+    (cluster.wait_for("node-d's labels in its heartbeat", within, async || {
+        carried(storage.clone()).await
+    }))
+    .await;
+    cluster.kubectl(&["label", "node", "node-d", "rack=r2"]);
+    let relabelled = json!({"discus.dev/storage": "true", "rack": "r2"});
+    (cluster.wait_for("node-d's new label in its heartbeat", within, async || {
+        carried(relabelled.clone()).await
+    }))
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 //! nodes should serve what (`expected`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,6 +14,8 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::expected::LABELS_ANNOTATION;
 use super::stores::HEARTBEAT_LABEL;
@@ -31,51 +34,78 @@ pub fn lease_name(node: &str) -> String {
     format!("discus-node-{}", node_hash(node))
 }
 
-/// Renews this node's Lease every `every` for ever, saying it stays valid for `valid_for`, with
-/// the node's `labels` once known. A renewal without an answer within half of `valid_for` is
-/// given up and tried again: one answer lost on the way must not make the lease holder think the
-/// node is gone.
+/// How often a heartbeat is renewed, and how long each renewal says it stays valid.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub every: Duration,
+    pub valid_for: Duration,
+}
+
+/// Renews this node's Lease every `timing.every` for ever, saying it stays valid for
+/// `timing.valid_for`, with the node's `labels` once known — and at once when they change from
+/// what the last renewal carried (`node_changed` wakes it): an agent starts before its Node is
+/// listed, and the lease holder should not wait a whole interval to know which nodes serve what.
+/// A renewal without an answer within half of `valid_for` is given up and tried again: one
+/// answer lost on the way must not make the lease holder think the node is gone.
 pub async fn run(
     client: Client,
     namespace: String,
     node: String,
-    every: Duration,
-    valid_for: Duration,
+    timing: Timing,
+    node_changed: Arc<Notify>,
     labels: impl Fn() -> Option<BTreeMap<String, String>>,
 ) {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
-    let name = lease_name(&node);
-    let params = PatchParams::apply("discus-heartbeat").force();
+    let carried = || carried_labels(labels());
     loop {
-        let mut body = json!({
-            "apiVersion": "coordination.k8s.io/v1",
-            "kind": "Lease",
-            "metadata": {
-                "name": name,
-                "labels": {HEARTBEAT_LABEL: node_hash(&node)},
-            },
-            "spec": {
-                "holderIdentity": node,
-                "leaseDurationSeconds": valid_for.as_secs(),
-                "renewTime": MicroTime(Timestamp::now()),
-            },
-        });
-        // Unknown (the Node not listed yet) or too many to send with every renewal: left out,
-        // which drops what an earlier renewal said (the lease holder then waits for nothing).
-        let labels = labels().and_then(|l| serde_json::to_string(&l).ok());
-        if let Some(labels) = labels.filter(|l| l.len() <= LABELS_AT_MOST) {
-            body["metadata"]["annotations"] = json!({LABELS_ANNOTATION: labels});
+        let sent = carried();
+        renew(&api, &node, timing.valid_for, sent.as_deref()).await;
+        let next = Instant::now() + timing.every;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => break,
+                () = node_changed.notified() => if carried() != sent { break },
+            }
         }
-        let patch = Patch::Apply(&body);
-        let renewal = api.patch(&name, &params, &patch);
-        match tokio::time::timeout(valid_for / 2, renewal).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "cannot renew this node's heartbeat"),
-            Err(_) => tracing::warn!(
-                "cannot renew this node's heartbeat: no answer from the apiserver within {}s",
-                (valid_for / 2).as_secs_f32()
-            ),
-        }
-        tokio::time::sleep(every).await;
+    }
+}
+
+/// The labels as a renewal carries them: unknown (the Node not listed yet) or too many to send
+/// with every renewal are left out, which drops what an earlier renewal said (the lease holder
+/// then waits for nothing).
+fn carried_labels(labels: Option<BTreeMap<String, String>>) -> Option<String> {
+    let labels = labels.and_then(|l| serde_json::to_string(&l).ok());
+    labels.filter(|l| l.len() <= LABELS_AT_MOST)
+}
+
+/// One renewal, given up after half of `valid_for` (said in the log, as a failure is).
+async fn renew(api: &Api<Lease>, node: &str, valid_for: Duration, labels: Option<&str>) {
+    let name = lease_name(node);
+    let mut body = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": name,
+            "labels": {HEARTBEAT_LABEL: node_hash(node)},
+        },
+        "spec": {
+            "holderIdentity": node,
+            "leaseDurationSeconds": valid_for.as_secs(),
+            "renewTime": MicroTime(Timestamp::now()),
+        },
+    });
+    if let Some(labels) = labels {
+        body["metadata"]["annotations"] = json!({LABELS_ANNOTATION: labels});
+    }
+    let params = PatchParams::apply("discus-heartbeat").force();
+    let patch = Patch::Apply(&body);
+    let renewal = api.patch(&name, &params, &patch);
+    match tokio::time::timeout(valid_for / 2, renewal).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => tracing::warn!(%error, "cannot renew this node's heartbeat"),
+        Err(_) => tracing::warn!(
+            "cannot renew this node's heartbeat: no answer from the apiserver within {}s",
+            (valid_for / 2).as_secs_f32()
+        ),
     }
 }

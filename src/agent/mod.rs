@@ -153,8 +153,11 @@ impl NodeLoop for AgentLoop {
             client.clone(),
             options.lease_namespace.clone(),
             node.clone(),
-            options.heartbeat,
-            options.node_lost_after,
+            heartbeat::Timing {
+                every: options.heartbeat,
+                valid_for: options.node_lost_after,
+            },
+            wakers.node.clone(),
             move || node_stores.node_facts().map(|facts| facts.labels),
         ));
         tracing::info!(%node, backend = syncer.backend().name(), "waiting for every watch to list");

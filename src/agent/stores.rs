@@ -49,6 +49,8 @@ pub struct Wakers {
     pub aggregate: Arc<Notify>,
     /// A heartbeat Lease changed: the lease holder checks whether a node came back.
     pub heartbeat: Arc<Notify>,
+    /// This node's labels or addresses changed, or became known: its heartbeat says so at once.
+    pub node: Arc<Notify>,
 }
 
 impl Wakers {
@@ -456,6 +458,7 @@ impl Relevance<Node> for NodeChanges {
         if facts != self.last {
             self.last = facts;
             wakers.both();
+            wakers.node.notify_one();
         }
     }
 }
