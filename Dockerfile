@@ -28,6 +28,9 @@ ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG DISCUS_BINARY=compiled
 
 FROM ${RUST_IMAGE} AS compiled
+# make: jemalloc, discus's allocator, is built from C sources with it.
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin discus \
