@@ -31,7 +31,8 @@
 //! the bench waits for its lines; `discus=debug,discus::agent::leader=trace` shows every
 //! status write the lease holder makes, and why),
 //! `DISCUS_BENCH_HEAPTRACK=<folder>` (run the lease holder under heaptrack, its profile there:
-//! node-a's agent, which then takes the lease before the others start).
+//! node-a's agent, which then takes the lease before the others start; heaptrack sees glibc's
+//! allocator only, so with `--no-default-features`, which leaves jemalloc out).
 //! tgtd runs 16 I/O threads per LUN, each a PID of the host's: three nodes of 1000 targets on one
 //! kernel need kernel.pid_max above its default of 32768 (`sysctl -w kernel.pid_max=4194304`;
 //! the bench checks first).
@@ -479,6 +480,10 @@ impl Cluster {
         let heaptrack = (std::env::var_os("DISCUS_BENCH_HEAPTRACK"))
             .filter(|_| name == PROFILED)
             .map(|dir| PathBuf::from(dir).join(name));
+        assert!(
+            heaptrack.is_none() || !cfg!(feature = "jemalloc"),
+            "heaptrack sees glibc's allocator only: run the bench with --no-default-features"
+        );
         let mut command = match &heaptrack {
             Some(output) => {
                 let mut command = sandbox.command("heaptrack");

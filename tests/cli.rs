@@ -176,3 +176,27 @@ fn a_name_cannot_forge_a_line_of_validate_s_output() {
     );
     assert!(printed.contains("a\\nFORGED"), "shown escaped: {printed}");
 }
+
+/// The binary has the allocator's settings of .cargo/config.toml built in (a build that missed
+/// them would keep freed memory ten seconds in eight arenas: docs/performance.md). jemalloc says
+/// what it runs with when asked to print its statistics at exit.
+#[cfg(feature = "jemalloc")]
+#[test]
+fn the_allocator_runs_with_the_settings_of_the_repository() {
+    let config = std::fs::read_to_string(repo().join(".cargo/config.toml")).expect("config");
+    let built_in = (config.lines())
+        .find_map(|line| line.strip_prefix("JEMALLOC_SYS_WITH_MALLOC_CONF = "))
+        .expect("JEMALLOC_SYS_WITH_MALLOC_CONF in .cargo/config.toml");
+    let output = (discus().arg("--version"))
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .expect("runs");
+    assert!(output.status.success());
+    let stats = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stats.contains(&format!("config.malloc_conf: {built_in}")),
+        "jemalloc's settings, not those of .cargo/config.toml ({built_in}):\n{stats}"
+    );
+    // …and took them (a setting jemalloc could not read would be left at its default).
+    assert!(stats.contains("opt.background_thread: true"), "{stats}");
+}

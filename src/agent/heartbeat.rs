@@ -42,8 +42,8 @@ pub struct Timing {
 }
 
 /// Renews this node's Lease every `timing.every` for ever, saying it stays valid for
-/// `timing.valid_for`, with the node's `labels` once known — and at once when they change from
-/// what the last renewal carried (`node_changed` wakes it): an agent starts before its Node is
+/// `timing.valid_for`, with the node's `labels` once known — and within a second when they
+/// change from what the last renewal carried (`node_changed` wakes it): an agent starts before its Node is
 /// listed, and the lease holder should not wait a whole interval to know which nodes serve what.
 /// A renewal without an answer within half of `valid_for` is given up and tried again: one
 /// answer lost on the way must not make the lease holder think the node is gone.
@@ -58,14 +58,35 @@ pub async fn run(
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let carried = || carried_labels(labels());
     loop {
-        let sent = carried();
-        renew(&api, &node, timing.valid_for, sent.as_deref()).await;
-        let next = Instant::now() + timing.every;
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep_until(next) => break,
-                () = node_changed.notified() => if carried() != sent { break },
-            }
+        let carrying = carried();
+        let renewed = renew(&api, &node, timing.valid_for, carrying.as_deref()).await;
+        // What the Lease says, as far as this agent knows: after a failure, any change renews.
+        let stands = renewed.then_some(carrying);
+        let changed = || Some(carried()) != stands;
+        until_due(Instant::now(), timing.every, &node_changed, changed).await;
+    }
+}
+
+/// Renewals for a change of labels come this far apart at least: a controller that relabels a
+/// node in several patches makes one or two, not a burst (each goes to every agent's watch).
+const EARLY_AT_MOST: Duration = Duration::from_secs(1);
+
+/// Until the next renewal is due: `every` after the last (`renewed_at`), or — a moment after it
+/// at least — once `node_changed` wakes it and the labels have `changed`.
+async fn until_due(
+    renewed_at: Instant,
+    every: Duration,
+    node_changed: &Notify,
+    changed: impl Fn() -> bool,
+) {
+    let next = renewed_at + every;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => return,
+            () = node_changed.notified() => if changed() {
+                tokio::time::sleep_until(next.min(renewed_at + EARLY_AT_MOST)).await;
+                return;
+            },
         }
     }
 }
@@ -78,8 +99,9 @@ fn carried_labels(labels: Option<BTreeMap<String, String>>) -> Option<String> {
     labels.filter(|l| l.len() <= LABELS_AT_MOST)
 }
 
-/// One renewal, given up after half of `valid_for` (said in the log, as a failure is).
-async fn renew(api: &Api<Lease>, node: &str, valid_for: Duration, labels: Option<&str>) {
+/// One renewal, given up after half of `valid_for` (said in the log, as a failure is); whether
+/// it was made.
+async fn renew(api: &Api<Lease>, node: &str, valid_for: Duration, labels: Option<&str>) -> bool {
     let name = lease_name(node);
     let mut body = json!({
         "apiVersion": "coordination.k8s.io/v1",
@@ -101,11 +123,57 @@ async fn renew(api: &Api<Lease>, node: &str, valid_for: Duration, labels: Option
     let patch = Patch::Apply(&body);
     let renewal = api.patch(&name, &params, &patch);
     match tokio::time::timeout(valid_for / 2, renewal).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => return true,
         Ok(Err(error)) => tracing::warn!(%error, "cannot renew this node's heartbeat"),
         Err(_) => tracing::warn!(
             "cannot renew this node's heartbeat: no answer from the apiserver within {}s",
             (valid_for / 2).as_secs_f32()
         ),
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// How long `until_due` waits from `renewed_at`, with a wake at `woken` (after it) and the
+    /// labels changed or not by then.
+    async fn waited(woken: Duration, changed: bool) -> Duration {
+        let node_changed = Notify::new();
+        let differs = AtomicBool::new(false);
+        let renewed_at = Instant::now();
+        let wait = until_due(renewed_at, EVERY, &node_changed, || {
+            differs.load(Ordering::SeqCst)
+        });
+        let wake = async {
+            tokio::time::sleep(woken).await;
+            differs.store(changed, Ordering::SeqCst);
+            node_changed.notify_one();
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = wait => {}
+            () = wake => {}
+        }
+        renewed_at.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn new_labels_are_renewed_within_a_second_and_a_wake_without_them_waits_on() {
+        // Labels known 100 ms after a renewal: the next one a second after the last.
+        let new_labels = waited(Duration::from_millis(100), true).await;
+        assert_eq!(new_labels, EARLY_AT_MOST);
+        // Known later than that: at once.
+        assert_eq!(
+            waited(Duration::from_secs(3), true).await,
+            Duration::from_secs(3)
+        );
+        // A wake that changes nothing (an address, a relist): the interval.
+        assert_eq!(waited(Duration::from_secs(3), false).await, EVERY);
     }
 }

@@ -382,7 +382,8 @@ impl<'a> Writes<'a> {
         let Some(patch) = patch else {
             return StatusNow::Held;
         };
-        tracing::trace!(kind = ?self.kind, object = %key, ?standing, current = ?saying.current, "status write due");
+        let (kind, current) = (self.kind, saying.current);
+        tracing::trace!(?kind, object = %key, ?standing, ?current, "status write due");
         self.writes.push(Write {
             kind: self.kind,
             key: flight.1,

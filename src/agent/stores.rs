@@ -450,8 +450,10 @@ impl Relevance<Node> for NodeChanges {
             }
             watcher::Event::Delete(_) => None,
             watcher::Event::Init => return,
+            // The store holds what a (re)list brought only from here on.
             watcher::Event::InitDone => {
                 wakers.both();
+                wakers.node.notify_one();
                 return;
             }
         };
