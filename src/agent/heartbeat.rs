@@ -63,7 +63,7 @@ pub async fn run(
         // What the Lease says, as far as this agent knows: after a failure, any change renews.
         let stands = renewed.then_some(carrying);
         let changed = || Some(carried()) != stands;
-        until_due(Instant::now(), timing.every, &node_changed, changed).await;
+        until_due(timing.every, &node_changed, changed).await;
     }
 }
 
@@ -71,14 +71,10 @@ pub async fn run(
 /// node in several patches makes one or two, not a burst (each goes to every agent's watch).
 const EARLY_AT_MOST: Duration = Duration::from_secs(1);
 
-/// Until the next renewal is due: `every` after the last (`renewed_at`), or — a moment after it
-/// at least — once `node_changed` wakes it and the labels have `changed`.
-async fn until_due(
-    renewed_at: Instant,
-    every: Duration,
-    node_changed: &Notify,
-    changed: impl Fn() -> bool,
-) {
+/// Until the next renewal is due, counted from the one just made: `every` from now, or — a
+/// moment from now at least — once `node_changed` wakes it and the labels have `changed`.
+async fn until_due(every: Duration, node_changed: &Notify, changed: impl Fn() -> bool) {
+    let renewed_at = Instant::now();
     let next = renewed_at + every;
     loop {
         tokio::select! {
@@ -141,15 +137,12 @@ mod tests {
 
     const EVERY: Duration = Duration::from_secs(10);
 
-    /// How long `until_due` waits from `renewed_at`, with a wake at `woken` (after it) and the
-    /// labels changed or not by then.
+    /// How long `until_due` waits, with a wake at `woken` and the labels changed or not by then.
     async fn waited(woken: Duration, changed: bool) -> Duration {
         let node_changed = Notify::new();
         let differs = AtomicBool::new(false);
-        let renewed_at = Instant::now();
-        let wait = until_due(renewed_at, EVERY, &node_changed, || {
-            differs.load(Ordering::SeqCst)
-        });
+        let started = Instant::now();
+        let wait = until_due(EVERY, &node_changed, || differs.load(Ordering::SeqCst));
         let wake = async {
             tokio::time::sleep(woken).await;
             differs.store(changed, Ordering::SeqCst);
@@ -160,7 +153,7 @@ mod tests {
             () = wait => {}
             () = wake => {}
         }
-        renewed_at.elapsed()
+        started.elapsed()
     }
 
     #[tokio::test(start_paused = true)]

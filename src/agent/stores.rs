@@ -49,7 +49,8 @@ pub struct Wakers {
     pub aggregate: Arc<Notify>,
     /// A heartbeat Lease changed: the lease holder checks whether a node came back.
     pub heartbeat: Arc<Notify>,
-    /// This node's labels or addresses changed, or became known: its heartbeat says so at once.
+    /// This node's labels or addresses changed, or became known: its heartbeat tells new labels
+    /// within a second.
     pub node: Arc<Notify>,
 }
 
